@@ -1,0 +1,7 @@
+"""Keras callbacks that measure what the batch size does: gradient noise, BatchNorm statistics, learning dynamics."""
+
+from callbacks.bn_stats import BatchNormStatistics
+from callbacks.dynamics import LearningDynamics
+from callbacks.precise_bn import PreciseBN, batch_norm_inputs, precise_bn
+
+__all__ = ["BatchNormStatistics", "LearningDynamics", "PreciseBN", "batch_norm_inputs", "precise_bn"]

@@ -1,0 +1,245 @@
+"""BatchNorm statistics during training: batch vs moving statistics, moving-average drift, per-layer tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from callbacks.precise_bn import batch_norm_inputs, side_model
+from pipeline.config import InputError
+
+logger = logging.getLogger(__name__)
+
+# Per-layer quantities of one measurement, in the order of the markdown table.
+QUANTITIES = (
+    "mean_rel_error",
+    "var_rel_error",
+    "moving_mean_drift",
+    "moving_variance_drift",
+    "moving_mean_avg",
+    "moving_mean_min",
+    "moving_mean_max",
+    "moving_variance_avg",
+    "moving_variance_min",
+    "moving_variance_max",
+)
+
+
+def normalization_groups(batch_size: tf.Tensor, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Group id of each example and number of groups: one group, or ghost batch norm's virtual batches.
+
+    Virtual batches as models.norm.GhostBatchNormalization cuts them: G = max(B // V, 1) runs of V consecutive
+    examples, the B mod V remaining examples joining the last one.
+    """
+    if not virtual_batch_size:
+        return tf.zeros([batch_size], tf.int32), tf.constant(1)
+    groups = tf.maximum(batch_size // virtual_batch_size, 1)
+    return tf.minimum(tf.range(batch_size) // virtual_batch_size, groups - 1), groups
+
+
+def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-group, per-channel mean and biased variance of `x` over examples and positions, shape (G, C) each."""
+    x = tf.cast(x, tf.float32)
+    rank = len(x.shape)
+    axis = axis % rank
+    x = tf.transpose(x, [0] + [i for i in range(1, rank) if i != axis] + [axis]) if axis != rank - 1 else x
+    x = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])  # (B, positions, C)
+    group_of, groups = normalization_groups(tf.shape(x)[0], virtual_batch_size)
+    sizes = tf.math.unsorted_segment_sum(tf.ones_like(group_of, tf.float32), group_of, groups)[:, None]
+    mean = tf.math.unsorted_segment_sum(tf.reduce_mean(x, axis=1), group_of, groups) / sizes
+    # Two passes (mean first, then squared deviations), so that large means do not cost float32 precision.
+    deviation = x - tf.gather(mean, group_of)[:, None, :]
+    variance = tf.math.unsorted_segment_sum(tf.reduce_mean(tf.square(deviation), axis=1), group_of, groups) / sizes
+    return mean, variance
+
+
+class BatchNormStatistics(keras.callbacks.Callback):
+    """Every `every_n_steps` steps, compares each BN layer's batch statistics with its moving statistics.
+
+    A fresh batch from this callback's own pass over `dataset` goes through the model as training does
+    (training=True: upstream BN layers normalize with batch statistics, dropout is on), by a stateless call, so
+    the moving statistics are not updated by the measurement. For a layer with C channels, batch statistics
+    mu_B, var_B (biased, as BN uses them) and moving statistics mu, var:
+
+        mean_rel_error = mean_c |mu_B,c - mu_c| / sqrt(var_c + eps)
+        var_rel_error  = mean_c |var_B,c - var_c| / (var_c + eps)    = mean_c |(var_B,c + eps)/(var_c + eps) - 1|
+
+    These are how far the normalized output in training, (x - mu_B) / sqrt(var_B + eps), is shifted and scaled
+    from the one in inference, (x - mu) / sqrt(var + eps): a shift in units of the moving standard deviation
+    (dividing by |mu_c| would blow up for channels with mean near 0, where a shift still matters, and hide shifts
+    in channels with a large mean), and a relative change of the squared scale. They grow as the batch shrinks
+    (Ioffe 2017, "Batch Renormalization"; Wu and Johnson 2021, "Rethinking 'Batch' in BatchNorm"), which is what
+    makes BN unreliable at small batch. For GhostBatchNormalization the statistics are those of each virtual batch
+    and the errors are averaged over the virtual batches. Drift since the previous measurement (the start of
+    training for the first one) is the RMS change per channel: ||mu_t - mu_prev|| / sqrt(C), same for var.
+
+    Writes scalars `bn/<layer>/{mean_rel_error, var_rel_error, moving_mean_drift, moving_variance_drift,
+    moving_mean_avg|min|max, moving_variance_avg|min|max}`, histograms `bn/<layer>/moving_mean` and
+    `bn/<layer>/moving_variance`, and the averages over layers `bn/mean_rel_error`, `bn/var_rel_error` (also put
+    into the batch logs) to TensorBoard; at the end of training, after a last measurement, `bn_stats.json` (every
+    measurement per layer) and `bn_stats.md` (a per-layer table).
+
+    Args:
+        dataset: a tf.data.Dataset of training batches, (x, y), (x, y, sample_weight) or x; repeated as needed.
+        every_n_steps: training steps between measurements.
+        log_dir: TensorBoard directory, or None for none.
+        out_dir: directory for bn_stats.json and bn_stats.md, or None for none.
+
+    Attributes:
+        history: {layer name: [measurement dict with "step" and QUANTITIES]}.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, every_n_steps: int = 100, log_dir: str | None = None,
+                 out_dir: str | None = None):
+        super().__init__()
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, (int, np.integer)) or every_n_steps < 1:
+            raise InputError(f"--bn-stats-every: must be a positive number of steps, got {every_n_steps!r}")
+        self.dataset = dataset
+        self.every_n_steps = int(every_n_steps)
+        self.log_dir = log_dir
+        self.out_dir = out_dir
+        self.history: dict[str, list[dict]] = {}
+        self._layers: list = []
+
+    def on_train_begin(self, logs=None):
+        pairs = batch_norm_inputs(self.model)
+        self._layers = [layer for layer, _ in pairs]
+        if not pairs:
+            logger.warning("BatchNormStatistics: model '%s' has no BatchNormalization layer; nothing to measure.",
+                           self.model.name)
+            return
+        self._measure_function = self._compile(side_model(self.model, [tensor for _, tensor in pairs]))
+        self._batches = iter(self.dataset.repeat())
+        self._previous = {layer.name: self._moving(layer) for layer in self._layers}
+        self.history = {layer.name: [] for layer in self._layers}
+        self._writer = tf.summary.create_file_writer(self.log_dir) if self.log_dir else None
+        self._write_function = self._compile_writer() if self.log_dir else None
+        optimizer = getattr(self.model, "optimizer", None)
+        self._step = int(optimizer.iterations) if optimizer is not None else 0  # continues a resumed run's count
+        self._last_measured = None
+
+    def _compile(self, side: keras.Model):
+        layers = self._layers
+
+        @tf.function(reduce_retracing=True)
+        def measure(x):
+            trainable = [v.value for v in side.trainable_variables]
+            non_trainable = [v.value for v in side.non_trainable_variables]
+            # The updated moving statistics that a training call would assign are returned and dropped.
+            outputs, _ = side.stateless_call(trainable, non_trainable, x, training=True)
+            return [
+                group_moments(output, layer.axis, getattr(layer, "virtual_batch_size", None))
+                for output, layer in zip(tf.nest.flatten(outputs), layers)
+            ]
+
+        return measure
+
+    def _compile_writer(self):
+        # One graph for all summaries: written eagerly, a ResNet-20's ~230 summaries cost more than the measurement.
+        @tf.function
+        def write(values, summary, step):
+            with self._writer.as_default(step=step):
+                for i, layer in enumerate(self._layers):
+                    for j, key in enumerate(QUANTITIES):
+                        tf.summary.scalar(f"bn/{layer.name}/{key}", values[i, j])
+                    tf.summary.histogram(f"bn/{layer.name}/moving_mean", layer.moving_mean.value)
+                    tf.summary.histogram(f"bn/{layer.name}/moving_variance", layer.moving_variance.value)
+                tf.summary.scalar("bn/mean_rel_error", summary[0])
+                tf.summary.scalar("bn/var_rel_error", summary[1])
+
+        return write
+
+    @staticmethod
+    def _moving(layer) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(layer.moving_mean.numpy(), np.float64), np.asarray(layer.moving_variance.numpy(), np.float64)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._layers:
+            return
+        self._step += 1
+        if self._step % self.every_n_steps == 0:
+            summary = self.measure()
+            if logs is not None:
+                logs.update(summary)
+
+    def measure(self) -> dict[str, float]:
+        """Takes one measurement on the next batch; returns the averages over layers, keyed as in the logs."""
+        element = next(self._batches)
+        x = element[0] if isinstance(element, (tuple, list)) else element
+        step, rows = self._step, {}
+        for layer, (batch_mean, batch_variance) in zip(self._layers, self._measure_function(x)):
+            mean, variance = self._moving(layer)
+            previous_mean, previous_variance = self._previous[layer.name]
+            self._previous[layer.name] = mean, variance
+            scale = variance + layer.epsilon
+            rows[layer.name] = row = {
+                "step": step,
+                # Per-channel errors, averaged over channels and then over (virtual) batches.
+                "mean_rel_error": float(np.mean(np.abs(batch_mean.numpy() - mean) / np.sqrt(scale))),
+                "var_rel_error": float(np.mean(np.abs(batch_variance.numpy() - variance) / scale)),
+                "moving_mean_drift": float(np.linalg.norm(mean - previous_mean) / np.sqrt(mean.size)),
+                "moving_variance_drift": float(np.linalg.norm(variance - previous_variance) / np.sqrt(mean.size)),
+            }
+            for name, values in (("moving_mean", mean), ("moving_variance", variance)):
+                row.update({f"{name}_avg": float(values.mean()), f"{name}_min": float(values.min()),
+                            f"{name}_max": float(values.max())})
+            self.history[layer.name].append(row)
+        summary = {f"bn/{key}": float(np.mean([row[key] for row in rows.values()])) for key in QUANTITIES[:2]}
+        if self._writer is not None:
+            values = [[rows[layer.name][key] for key in QUANTITIES] for layer in self._layers]
+            self._write_function(tf.constant(values, tf.float32), tf.constant(list(summary.values()), tf.float32),
+                                 tf.constant(step, tf.int64))
+        self._last_measured = step
+        return summary
+
+    def on_train_end(self, logs=None):
+        if not self._layers:
+            return
+        if self._last_measured != self._step:
+            self.measure()  # so that the tables describe the statistics the run ends with
+        if self._writer is not None:
+            self._writer.close()
+        if self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
+            with open(os.path.join(self.out_dir, "bn_stats.json"), "w") as f:
+                json.dump(self.table(), f, indent=1)
+            with open(os.path.join(self.out_dir, "bn_stats.md"), "w") as f:
+                f.write(self.markdown())
+
+    def table(self) -> dict:
+        """Per layer: channels, every measurement, the final one and the run's average errors."""
+        layers = {}
+        for layer in self._layers:
+            rows = self.history[layer.name]
+            layers[layer.name] = {
+                "channels": int(layer.moving_mean.shape[0]),
+                "virtual_batch_size": getattr(layer, "virtual_batch_size", None),
+                "final": rows[-1],
+                "run_mean": {key: float(np.mean([row[key] for row in rows])) for key in QUANTITIES[:2]},
+                "measurements": rows,
+            }
+        return {"every_n_steps": self.every_n_steps, "layers": layers}
+
+    def markdown(self) -> str:
+        """The per-layer table of bn_stats.md: final measurement, run averages, moving-variance range."""
+        lines = [
+            f"# BatchNorm statistics (final step {self._step}, every {self.every_n_steps} steps)",
+            "",
+            "Errors: batch vs moving statistics, mean shift in moving-std units and relative variance error.",
+            "",
+            "| layer | channels | mean rel error | var rel error | run mean rel error | run var rel error "
+            "| moving mean drift | moving var drift | moving var min | moving var max |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, entry in self.table()["layers"].items():
+            final, run = entry["final"], entry["run_mean"]
+            values = [final["mean_rel_error"], final["var_rel_error"], run["mean_rel_error"], run["var_rel_error"],
+                      final["moving_mean_drift"], final["moving_variance_drift"], final["moving_variance_min"],
+                      final["moving_variance_max"]]
+            lines.append(f"| {name} | {entry['channels']} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
+        return "\n".join(lines) + "\n"

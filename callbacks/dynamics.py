@@ -1,0 +1,298 @@
+"""Learning dynamics on a fixed subset: per-class accuracy and forgetting events, with galleries at the end."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+
+import keras
+import numpy as np
+import tensorflow as tf
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pipeline.config import InputError
+
+PREDICT_BATCH = 256  # examples per predict_on_batch call during a look
+MAX_LEGEND_CLASSES = 20  # the accuracy plot names classes in a legend only up to this many
+
+
+class LearningDynamics(keras.callbacks.Callback):
+    """Per-class accuracy and example forgetting on a fixed subset of training examples.
+
+    At each look (every epoch end, or every `every_n_steps` training steps) the model classifies the subset in
+    inference mode. With acc_i^t = 1[argmax_k p_k(x_i; theta_t) = y_i] at look t, a forgetting event of example i
+    is a look with acc_i^{t-1} = 1 and acc_i^t = 0 (Toneva et al. 2019, "An Empirical Study of Example Forgetting
+    during Deep Neural Network Learning", sec. 2). Toneva et al. look at each example when it is in a minibatch;
+    here all examples are looked at together, so every example is sampled at the same steps.
+
+    Counts are the real number of events. An example never classified correctly has 0 events and
+    `first_learned_look` None; Toneva et al. rank such examples as forgotten infinitely often, which
+    forgetting.json allows with inf where `first_learned_look` is None. The forgotten gallery shows only
+    examples with at least one event, because never-learned ones are already misclassified and shown there.
+
+    With `every_n_steps`, looks fall on steps that are multiples of it, plus one at the end of training if the
+    last step is not one; steps are counted from the optimizer's `iterations` at each epoch start. State is
+    kept across fit() calls, so a run split into several fits is counted as one; use a new instance per run.
+    Put this callback before CSVLogger and TensorBoard so that they see the keys it adds to the epoch logs.
+
+    Outputs: epoch logs get "dynamics/forgetting_events" (total so far) and "dynamics/subset_accuracy" (NaN
+    before the first look). In `log_dir`, each look writes scalars "dynamics/class_accuracy/<class>",
+    "dynamics/subset_accuracy" and "dynamics/forgetting_events" at the training step, and training's end
+    writes images "dynamics/gallery_forgotten", "dynamics/gallery_misclassified" and
+    "dynamics/class_accuracy_plot". `out_dir` gets forgetting.json, gallery_forgotten.png,
+    gallery_misclassified.png and class_accuracy.png at training's end.
+    """
+
+    def __init__(self, x, y, class_names=None, every_n_steps=None, log_dir=None, out_dir=None, max_gallery=25):
+        """Creates the callback.
+
+        Args:
+            x: the subset's inputs, as the model takes them (raw pixels, shape (n, H, W, C)).
+            y: the subset's integer labels, shape (n,) or (n, 1).
+            class_names: one name per model output; None names classes "0", "1", ...
+            every_n_steps: training steps between looks; None looks at every epoch end.
+            log_dir: TensorBoard directory for scalars and images; None writes none.
+            out_dir: directory for forgetting.json and the PNGs; None writes none.
+            max_gallery: most examples shown in each gallery.
+        """
+        super().__init__()
+        x, y = np.asarray(x), np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise InputError(f"LearningDynamics y: must be integer class ids of shape (n,), got {y.dtype} {y.shape}")
+        if len(x) != len(y) or len(y) == 0:
+            raise InputError(f"LearningDynamics x, y: need the same number (> 0) of examples, got {len(x)}, {len(y)}")
+        if y.min() < 0 or (class_names is not None and y.max() >= len(class_names)):
+            raise InputError(f"LearningDynamics y: labels must lie in [0, len(class_names)), got {y.min()}..{y.max()}")
+        if every_n_steps is not None:
+            _check_positive("every_n_steps", every_n_steps)
+        _check_positive("max_gallery", max_gallery)
+        self.x, self.y = x, y.astype(np.int32)
+        self.class_names = None if class_names is None else [str(name) for name in class_names]
+        self.every_n_steps, self.log_dir, self.out_dir, self.max_gallery = every_n_steps, log_dir, out_dir, max_gallery
+        # Per look.
+        self.look_steps, self.look_epochs, self.subset_accuracy, self.class_accuracy = [], [], [], []
+        # Per example; `correct`, `predictions` and `confidence` are those of the latest look.
+        self.forgetting_events = np.zeros(len(y), np.int64)
+        self.first_learned_look = np.full(len(y), -1, np.int64)
+        self.correct = self.predictions = self.confidence = None
+        self._step = self._epoch_start_step = self._epoch = 0
+        self._next_look_step = every_n_steps
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        if self.log_dir and self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Re-reading the optimizer's counter keeps steps right after a resume or across several fit() calls.
+        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
+        if iterations is not None:
+            self._step = int(iterations)
+        self._epoch, self._epoch_start_step = epoch, self._step
+        if self.every_n_steps:
+            self._next_look_step = (self._step // self.every_n_steps + 1) * self.every_n_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        # `batch` is the last step of the execution just run, counted from 0 within the epoch.
+        self._step = self._epoch_start_step + batch + 1
+        if self.every_n_steps and self._step >= self._next_look_step:
+            self.look()
+            self._next_look_step = (self._step // self.every_n_steps + 1) * self.every_n_steps
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.every_n_steps:
+            self.look()
+        if logs is not None:
+            logs["dynamics/forgetting_events"] = int(self.forgetting_events.sum())
+            logs["dynamics/subset_accuracy"] = self.subset_accuracy[-1] if self.subset_accuracy else math.nan
+
+    def on_train_end(self, logs=None):
+        if not self.look_steps or self._step > self.look_steps[-1]:
+            self.look()
+        if not self.out_dir and self._writer is None:
+            return  # rendering costs about a second; nobody would see it
+        pngs = {
+            "gallery_forgotten": self._gallery_png(forgotten=True),
+            "gallery_misclassified": self._gallery_png(forgotten=False),
+            "class_accuracy": self._class_accuracy_png(),
+        }
+        if self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
+            _write_atomic(os.path.join(self.out_dir, "forgetting.json"), json.dumps(self.summary(), indent=1).encode())
+            for name, png in pngs.items():
+                _write_atomic(os.path.join(self.out_dir, f"{name}.png"), png)
+        if self._writer is not None:
+            with self._writer.as_default(step=self._step):
+                tf.summary.image("dynamics/gallery_forgotten", _decode(pngs["gallery_forgotten"]))
+                tf.summary.image("dynamics/gallery_misclassified", _decode(pngs["gallery_misclassified"]))
+                tf.summary.image("dynamics/class_accuracy_plot", _decode(pngs["class_accuracy"]))
+            self._writer.close()
+            self._writer = None
+
+    def look(self) -> None:
+        """Classifies the subset with the current model and records the look at the current training step."""
+        # predict_on_batch reuses Keras's compiled predict function; model.predict costs ~0.1 s more per call.
+        batches = (self.x[i : i + PREDICT_BATCH] for i in range(0, len(self.x), PREDICT_BATCH))
+        probabilities = np.concatenate([np.asarray(self.model.predict_on_batch(batch)) for batch in batches])
+        if probabilities.ndim != 2 or len(probabilities) != len(self.y):
+            shape = probabilities.shape
+            raise InputError(f"LearningDynamics: the model needs one output of shape (n, classes), got {shape}")
+        self._record(probabilities)
+
+    def _record(self, probabilities: np.ndarray) -> None:
+        num_classes = probabilities.shape[1]
+        if self.class_names is None:
+            self.class_names = [str(k) for k in range(num_classes)]
+        if len(self.class_names) != num_classes or self.y.max() >= num_classes:
+            raise InputError(
+                f"LearningDynamics class_names, y: the model has {num_classes} outputs, but there are "
+                f"{len(self.class_names)} class names and labels up to {self.y.max()}"
+            )
+        predictions = probabilities.argmax(axis=1)
+        correct = predictions == self.y
+        if self.correct is not None:
+            self.forgetting_events += self.correct & ~correct
+        self.first_learned_look[(self.first_learned_look < 0) & correct] = len(self.look_steps)
+        counts = np.bincount(self.y, minlength=num_classes)
+        hits = np.bincount(self.y, weights=correct, minlength=num_classes)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            class_accuracy = np.where(counts > 0, hits / counts, np.nan)  # NaN: class absent from the subset
+        self.correct, self.predictions = correct, predictions
+        self.confidence = probabilities[np.arange(len(predictions)), predictions].astype(np.float64)
+        self.look_steps.append(self._step)
+        self.look_epochs.append(self._epoch)
+        self.subset_accuracy.append(float(correct.mean()))
+        self.class_accuracy.append(class_accuracy)
+        if self._writer is not None:
+            with self._writer.as_default(step=self._step):
+                for name, accuracy in zip(self.class_names, class_accuracy):
+                    if not np.isnan(accuracy):
+                        tf.summary.scalar(f"dynamics/class_accuracy/{_tag(name)}", accuracy)
+                tf.summary.scalar("dynamics/subset_accuracy", self.subset_accuracy[-1])
+                tf.summary.scalar("dynamics/forgetting_events", int(self.forgetting_events.sum()))
+
+    def summary(self) -> dict:
+        """Everything recorded so far, as written to forgetting.json (NaN as null).
+
+        Returns:
+            A JSON-serializable dict: per-look steps, epochs and accuracies, per-class accuracy histories,
+            and per-example labels, forgetting counts, first-learned looks and final predictions.
+        """
+        learned = self.first_learned_look >= 0
+        names = self.class_names or []
+        history = np.array(self.class_accuracy).reshape(len(self.look_steps), len(names))
+        return {
+            "definition": "forgetting event: correct at one look, incorrect at the next (Toneva et al. 2019)",
+            "every_n_steps": self.every_n_steps,  # null: one look per epoch end
+            "num_examples": len(self.y),
+            "class_names": names,
+            "looks": {"step": self.look_steps, "epoch": self.look_epochs, "subset_accuracy": self.subset_accuracy},
+            "class_accuracy": {name: _nan_to_none(history[:, k]) for k, name in enumerate(names)},
+            "class_counts": {name: int(n) for name, n in zip(names, np.bincount(self.y, minlength=len(names)))},
+            "forgetting_events_total": int(self.forgetting_events.sum()),
+            "num_forgotten": int((self.forgetting_events > 0).sum()),
+            "num_unforgettable": int((learned & (self.forgetting_events == 0)).sum()),
+            "num_never_learned": int((~learned).sum()),
+            "examples": {
+                "label": self.y.tolist(),
+                "forgetting_events": self.forgetting_events.tolist(),
+                "first_learned_look": [int(t) if t >= 0 else None for t in self.first_learned_look],
+                "first_learned_step": [self.look_steps[t] if t >= 0 else None for t in self.first_learned_look],
+                "final_correct": None if self.correct is None else self.correct.tolist(),
+                "final_prediction": None if self.predictions is None else self.predictions.tolist(),
+                "final_confidence": None if self.confidence is None else _nan_to_none(self.confidence),
+            },
+        }
+
+    def _gallery_png(self, forgotten: bool) -> bytes:
+        """Most-forgotten examples (most events first), or misclassified ones (most confident first)."""
+        if forgotten:
+            chosen = np.flatnonzero(self.forgetting_events > 0)
+            chosen = chosen[np.lexsort((chosen, self.correct[chosen], -self.forgetting_events[chosen]))]
+            title = f"Most-forgotten examples: {len(chosen)} of {len(self.y)} forgotten at least once"
+        else:
+            chosen = np.flatnonzero(~self.correct)
+            chosen = chosen[np.argsort(-self.confidence[chosen], kind="stable")]
+            title = f"Misclassified at step {self.look_steps[-1]}: {len(chosen)} of {len(self.y)}"
+        chosen = chosen[: self.max_gallery]
+        columns = max(1, math.ceil(math.sqrt(len(chosen))))
+        rows = max(1, math.ceil(len(chosen) / columns))
+        figure = Figure(figsize=(max(4.0, 1.7 * columns), 0.6 + 1.9 * rows), dpi=100)
+        figure.suptitle(title, fontsize=9)
+        if len(chosen) == 0:
+            figure.text(0.5, 0.5, "none", ha="center", va="center")
+        for position, i in enumerate(chosen):
+            axes = figure.add_subplot(rows, columns, position + 1)
+            axes.imshow(_display_image(self.x[i]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            events = "never learned" if self.first_learned_look[i] < 0 else f"forgotten {self.forgetting_events[i]}"
+            true, predicted = self.class_names[self.y[i]], self.class_names[self.predictions[i]]
+            axes.set_title(f"true {true} / pred {predicted}\n{events}", fontsize=6)
+            axes.set_axis_off()
+        figure.tight_layout()
+        return _png(figure)
+
+    def _class_accuracy_png(self) -> bytes:
+        """Per-class accuracy over training, one line per class, and the whole subset's accuracy dashed."""
+        figure = Figure(figsize=(8, 4.5), dpi=100)
+        axes = figure.add_subplot(1, 1, 1)
+        history = np.array(self.class_accuracy)
+        marker = "." if len(self.look_steps) <= 50 else None
+        for k, name in enumerate(self.class_names):
+            axes.plot(self.look_steps, history[:, k], marker=marker, linewidth=1, label=name)
+        axes.plot(self.look_steps, self.subset_accuracy, "k--", linewidth=2, label="all")
+        axes.set(xlabel="training step", ylabel="accuracy on the fixed subset", ylim=(0, 1.02))
+        axes.set_title(f"Per-class accuracy on {len(self.y)} training examples", fontsize=10)
+        axes.grid(alpha=0.3)
+        if len(self.class_names) <= MAX_LEGEND_CLASSES:
+            axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        figure.tight_layout()
+        return _png(figure)
+
+
+def _display_image(image: np.ndarray) -> np.ndarray:
+    """One example as (H, W) or (H, W, 3) in [0, 1], scaled by its own min and max."""
+    image = np.asarray(image, np.float64)
+    if image.ndim == 1:  # flat features: a square image if the length is a square, else one row
+        side = math.isqrt(image.size)
+        image = image.reshape(side, side) if side * side == image.size else image[None, :]
+    if image.ndim == 3 and image.shape[-1] != 3:
+        image = image[..., 0]  # grayscale (H, W, 1); other channel counts show their first channel
+    low, high = np.nanmin(image), np.nanmax(image)
+    return (image - low) / (high - low) if high > low else np.zeros_like(image)
+
+
+def _png(figure: Figure) -> bytes:
+    # The Agg canvas renders without pyplot, so the user's global matplotlib backend is left alone.
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _decode(png: bytes) -> tf.Tensor:
+    return tf.image.decode_png(png, channels=3)[tf.newaxis]
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"LearningDynamics {name}: must be a positive integer, got {value!r}")
+
+
+def _tag(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+def _nan_to_none(values) -> list:
+    return [None if math.isnan(v) else float(v) for v in values]
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)

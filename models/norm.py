@@ -1,0 +1,160 @@
+"""Normalization layers the models can be built with, and the raw-pixel input that every model starts from."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from pipeline.config import NORMS, InputError
+
+# Group normalization uses the largest of these group counts that divides the channels and leaves at least
+# two channels per group (Wu & He 2018 use G = 32 on ResNet-50, whose narrowest layers have 64 channels).
+GROUP_COUNTS = (32, 16, 8, 4, 2, 1)
+
+
+def group_count(channels: int) -> int:
+    """Groups of group normalization for `channels` channels: 16 -> 8, 32 -> 16, 64 -> 32, 3 -> 1.
+
+    The largest G in (32, 16, 8, 4, 2, 1) with channels % G == 0 and channels / G >= 2; 1 when none fits.
+    """
+    for groups in GROUP_COUNTS:
+        if channels % groups == 0 and channels // groups >= 2:
+            return groups
+    return 1
+
+
+def normalization(
+    kind: str,
+    channels: int,
+    *,
+    ghost_batch: int = 8,
+    bn_momentum: float = 0.9,
+    dense: bool = False,
+    name: str | None = None,
+) -> keras.layers.Layer:
+    """A normalization layer for features with `channels` channels on the last axis.
+
+    Args:
+        kind: batch | ghost | group | layer | none.
+            batch: keras BatchNormalization (Ioffe & Szegedy 2015), statistics over the batch (and H, W).
+            ghost: GhostBatchNormalization, statistics over virtual batches of `ghost_batch` examples.
+            group: keras GroupNormalization (Wu & He 2018) with `group_count(channels)` groups.
+            layer: for conv features GroupNormalization(groups=1), i.e. statistics over (H, W, C) of each
+                example as in Wu & He's Figure 2; for dense features keras LayerNormalization over the units.
+                Both learn one scale and offset per channel.
+            none: keras Identity.
+        channels: size of the last axis of the features the layer will normalize.
+        ghost_batch: examples per virtual batch of ghost batch norm.
+        bn_momentum: moving-average momentum of batch and ghost batch norm.
+        dense: True for (batch, units) features after a Dense layer, False for (batch, H, W, C) conv features.
+        name: layer name.
+
+    Returns:
+        An unbuilt keras layer.
+    """
+    if kind == "batch":
+        return keras.layers.BatchNormalization(momentum=bn_momentum, name=name)
+    if kind == "ghost":
+        return GhostBatchNormalization(virtual_batch_size=ghost_batch, momentum=bn_momentum, name=name)
+    if kind == "group":
+        return keras.layers.GroupNormalization(groups=group_count(channels), name=name)
+    if kind == "layer":
+        return keras.layers.LayerNormalization(name=name) if dense else keras.layers.GroupNormalization(1, name=name)
+    if kind == "none":
+        return keras.layers.Identity(name=name)
+    raise InputError(f"--norm: got {kind!r}; choose one of {', '.join(NORMS)}")
+
+
+def raw_pixel_input(input_shape, mean=None, variance=None):
+    """The model's input of raw pixels and, when the training split's statistics are given, their normalization.
+
+    Args:
+        input_shape: (height, width, channels) of one example.
+        mean: per-channel mean of the raw training pixels, shape (channels,), or None.
+        variance: per-channel variance of the raw training pixels, shape (channels,), or None.
+
+    Returns:
+        (inputs, x): the keras.Input named "images" and the tensor the model continues from,
+        x = (inputs - mean) / sqrt(variance) per channel (keras Normalization, axis=-1) or the inputs.
+    """
+    if (mean is None) != (variance is None):
+        raise ValueError("give both mean and variance of the training pixels, or neither")
+    inputs = keras.Input(shape=tuple(input_shape), name="images")
+    if mean is None:
+        return inputs, inputs
+    return inputs, keras.layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(inputs)
+
+
+@keras.saving.register_keras_serializable(package="batchscope")
+class GhostBatchNormalization(keras.layers.BatchNormalization):
+    """Batch normalization over virtual ("ghost") batches (Hoffer et al. 2017, "Train longer, generalize better").
+
+    In training, the batch of B examples is cut, in order, into G = max(floor(B / V), 1) virtual batches of
+    V = `virtual_batch_size` consecutive examples; the B mod V remaining examples join the last virtual batch
+    (B = 20, V = 8 gives virtual batches of 8 and 12), so no virtual batch is smaller than V and B <= V is
+    plain batch norm. Each virtual batch g is normalized with its own statistics over its examples (and H, W):
+
+        y = gamma * (x - mu_g) / sqrt(var_g + epsilon) + beta        (var_g biased, as in keras BN)
+
+    and the moving statistics follow the example-weighted average of the virtual batches' statistics:
+
+        mu = sum_g n_g mu_g / B   (= the batch mean),   var = sum_g n_g var_g / B   (pooled within-batch variance)
+        moving_mean <- momentum * moving_mean + (1 - momentum) * mu
+        moving_variance <- momentum * moving_variance + (1 - momentum) * var
+
+    With equal virtual batches this is the plain average of their statistics, as in tf.keras' former
+    `virtual_batch_size`. In inference the layer is keras BatchNormalization (moving statistics), so unlike
+    that option (keras#15790) it accepts any batch size. It reuses BatchNormalization's weights (gamma, beta,
+    moving_mean, moving_variance), so tools that look for BatchNormalization layers find this one too.
+    Masks, renorm and synchronized statistics are not supported.
+    """
+
+    def __init__(self, virtual_batch_size: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        if int(virtual_batch_size) != virtual_batch_size or virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be a positive integer, got {virtual_batch_size!r}")
+        if self.renorm or self.synchronized:
+            raise ValueError("GhostBatchNormalization does not support renorm or synchronized")
+        self.virtual_batch_size = int(virtual_batch_size)
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            raise ValueError("GhostBatchNormalization does not support masks")
+        if not (training and self.trainable):
+            return super().call(inputs, training=False)
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        rank = len(x.shape)
+        axis = self.axis % rank
+        per_example_axes = [i for i in range(1, rank) if i != axis]
+
+        # Virtual batch of each example: 0..G-1 in order, the remainder in the last one.
+        batch = ops.shape(x)[0]
+        groups = ops.maximum(batch // self.virtual_batch_size, 1)
+        group_of = ops.minimum(ops.arange(batch) // self.virtual_batch_size, groups - 1)
+        group_size = ops.segment_sum(ops.ones_like(group_of, dtype=x.dtype), group_of, sorted=True)[:, None]
+
+        def per_group_mean(per_example):  # (B, C) -> (G, C) -> back to (B, C), each example its group's value
+            return ops.take(ops.segment_sum(per_example, group_of, sorted=True) / group_size, group_of, axis=0)
+
+        def broadcast(per_example):  # (B, C) -> shape that broadcasts against x
+            for i in per_example_axes:
+                per_example = ops.expand_dims(per_example, i)
+            return per_example
+
+        mean = per_group_mean(ops.mean(x, axis=per_example_axes))
+        variance = per_group_mean(ops.mean(ops.square(x - broadcast(mean)), axis=per_example_axes))
+
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + ops.mean(mean, axis=0) * (1.0 - momentum))
+        self.moving_variance.assign(self.moving_variance * momentum + ops.mean(variance, axis=0) * (1.0 - momentum))
+
+        scale = ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            scale = scale * ops.cast(self.gamma, x.dtype)
+        offset = -mean * scale
+        if self.center:
+            offset = offset + ops.cast(self.beta, x.dtype)
+        return ops.cast(x * broadcast(scale) + broadcast(offset), self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "virtual_batch_size": self.virtual_batch_size}

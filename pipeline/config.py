@@ -1,0 +1,219 @@
+"""The one frozen configuration of a run: fields, presets, validation, JSON load and save."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+MODEL_NAMES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "cnn", "mlp")
+NORMS = ("batch", "ghost", "group", "layer", "none")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine")
+LR_SCALINGS = ("none", "linear", "sqrt")
+AUGMENTS = ("auto", "none", "crop-flip")
+
+
+class InputError(ValueError):
+    """A bad flag, file or config value; entry points print it on one line and exit with code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that decides a run. CLI flags map 1:1 to these fields (`--warmup-epochs` -> warmup_epochs)."""
+
+    # Data.
+    dataset: str = "digits"  # digits | a TFDS name (cifar10, mnist, ...) | folder:PATH | npz:PATH
+    data_dir: str = ""  # prepared TFDS data directory ("" = TFDS default, ~/tensorflow_datasets)
+    download: bool = False  # let TFDS download a dataset that is not prepared (needs network)
+    val_fraction: float = 0.1  # fraction of train held out for validation when a dataset has none
+    augment: str = "auto"  # auto (crop-flip for 32x32 colour images, none otherwise) | none | crop-flip
+    # Model.
+    model: str = "resnet20"
+    norm: str = "batch"  # batch | ghost | group | layer | none
+    ghost_batch: int = 8  # examples per virtual batch of ghost batch norm (Hoffer et al. 2017)
+    bn_momentum: float = 0.9  # moving-average momentum of BatchNormalization (Keras default is 0.99)
+    # Optimization.
+    batch: int = 32  # examples per step (per optimizer update: batch * accumulate)
+    epochs: int = 30  # passes over the training split
+    max_steps: int = 0  # stop after this many steps (0: no limit); a sweep's step or example budget
+    optimizer: str = "sgd"  # sgd | nesterov | adam | adamw
+    momentum: float = 0.9  # SGD/Nesterov momentum
+    lr: float = 0.1  # peak learning rate at --base-batch examples per step (see effective_lr)
+    lr_scaling: str = "none"  # none | linear | sqrt: how lr follows batch / base_batch (Goyal et al. 2017)
+    base_batch: int = 32  # batch size at which --lr is the learning rate
+    schedule: str = "cosine"  # constant | step | multistep | exponential | cosine
+    warmup_epochs: float = 0.0  # linear warmup from ~0 to the peak learning rate, in epochs
+    step_epochs: float = 10.0  # schedule=step: multiply by gamma every this many epochs (Caffe's stepsize)
+    milestones: str = ""  # schedule=multistep: comma-separated epochs, e.g. "15,25"
+    gamma: float = 0.1  # step/multistep factor; per-epoch factor for exponential
+    weight_decay: float = 5e-4  # decoupled weight decay of the optimizer (not on biases or norm parameters)
+    accumulate: int = 1  # average gradients over this many batches before each update
+    batch_schedule: str = ""  # e.g. "32@0,128@10": batch 32 from epoch 0, 128 from epoch 10 (Smith et al. 2018)
+    # Evaluation and instruments.
+    precise_bn_samples: int = 8192  # training examples for the precise-BN pass before evaluation (0: off)
+    grad_stats_every: int = -1  # steps between gradient-statistics measurements (0: off, -1: automatic)
+    bn_stats_every: int = -1  # steps between BN-statistics measurements (0: off, -1: automatic)
+    dynamics: bool = True  # per-class accuracy and forgetting events on a fixed subset
+    target_accuracy: float = 0.0  # record steps and time until validation accuracy first reaches this
+    # Run.
+    seed: int = 0
+    deterministic: bool = False  # bit-reproducible ops (tf.config.experimental.enable_op_determinism)
+    run_dir: str = ""  # "" = runs/<time>-<model>-b<batch>
+    resume: bool = False  # continue the run in run_dir from its last checkpoint
+    overwrite: bool = False  # replace a finished run in run_dir
+    export: bool = True  # write a SavedModel in TF Serving layout under <run_dir>/export
+    verbose: int = -1  # Keras fit verbosity (-1: progress bar on a terminal, one line per epoch otherwise)
+
+    @property
+    def effective_lr(self) -> float:
+        """Peak learning rate after the batch-size scaling rule.
+
+        lr * (batch / base_batch) for linear scaling (Goyal et al. 2017) and lr * sqrt(batch / base_batch)
+        for square-root scaling (Krizhevsky 2014; Hoffer et al. 2017). The batch is the update's batch,
+        batch * accumulate.
+        """
+        ratio = self.batch * self.accumulate / self.base_batch
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
+
+    @property
+    def milestone_epochs(self) -> tuple[float, ...]:
+        return tuple(float(m) for m in self.milestones.split(",") if m.strip())
+
+    @property
+    def batch_phases(self) -> tuple[tuple[int, int], ...]:
+        """The batch schedule as ((first_epoch, batch), ...), or ((0, batch),) when there is none."""
+        if not self.batch_schedule:
+            return ((0, self.batch),)
+        phases = []
+        for item in self.batch_schedule.split(","):
+            batch, epoch = item.split("@")
+            phases.append((int(epoch), int(batch)))
+        return tuple(phases)
+
+
+def default() -> Config:
+    """The README's run: ResNet-20 with batch norm on the bundled digits."""
+    return Config()
+
+
+def smoke() -> Config:
+    """A run of a few seconds for tests: a small CNN, two epochs, instruments at every few steps."""
+    return dataclasses.replace(
+        Config(),
+        model="cnn",
+        epochs=2,
+        batch=64,
+        precise_bn_samples=256,
+        grad_stats_every=5,
+        bn_stats_every=5,
+        verbose=0,
+    )
+
+
+def _check(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+        raise InputError(f"--{flag.replace('_', '-')}: {message}")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def validate(config: Config) -> Config:
+    """Checks every field that can be checked without reading data; raises InputError naming the flag."""
+    c = config
+    _check(bool(c.dataset), "dataset", "must not be empty; use digits, a TFDS name, folder:PATH or npz:PATH")
+    _check(_finite(c.val_fraction) and 0 < c.val_fraction < 1, "val_fraction", "must be in (0, 1)")
+    _check(c.augment in AUGMENTS, "augment", f"got {c.augment!r}; choose one of {', '.join(AUGMENTS)}")
+    _check(c.model in MODEL_NAMES, "model", f"got {c.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    _check(c.norm in NORMS, "norm", f"got {c.norm!r}; choose one of {', '.join(NORMS)}")
+    _check(c.ghost_batch >= 1, "ghost_batch", "must be a positive integer")
+    _check(_finite(c.bn_momentum) and 0 <= c.bn_momentum < 1, "bn_momentum", "must be in [0, 1)")
+    _check(c.batch >= 1, "batch", f"got {c.batch}; must be a positive integer")
+    _check(c.epochs >= 1, "epochs", f"got {c.epochs}; must be a positive integer")
+    _check(c.max_steps >= 0, "max_steps", "must be >= 0 (0: no limit)")
+    _check(c.optimizer in OPTIMIZERS, "optimizer", f"got {c.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    _check(_finite(c.momentum) and 0 <= c.momentum < 1, "momentum", "must be in [0, 1)")
+    _check(_finite(c.lr) and c.lr > 0, "lr", f"got {c.lr}; must be a finite number > 0")
+    _check(c.lr_scaling in LR_SCALINGS, "lr_scaling", f"got {c.lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}")
+    _check(c.base_batch >= 1, "base_batch", "must be a positive integer")
+    _check(c.schedule in SCHEDULES, "schedule", f"got {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    _check(_finite(c.warmup_epochs) and 0 <= c.warmup_epochs < c.epochs, "warmup_epochs", "must be in [0, --epochs)")
+    _check(_finite(c.step_epochs) and c.step_epochs > 0, "step_epochs", "must be a number > 0")
+    _check(_finite(c.gamma) and 0 < c.gamma <= 1, "gamma", "must be in (0, 1]")
+    try:
+        milestones = c.milestone_epochs
+    except ValueError:
+        milestones = None
+    _check(
+        milestones is not None and list(milestones) == sorted(set(milestones)) and all(m > 0 for m in milestones),
+        "milestones",
+        f"got {c.milestones!r}; use increasing positive epochs separated by commas, e.g. 15,25",
+    )
+    _check(c.schedule != "multistep" or bool(milestones), "milestones", "schedule multistep needs --milestones, e.g. 15,25")
+    _check(_finite(c.weight_decay) and c.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
+    _check(c.accumulate >= 1, "accumulate", "must be a positive integer")
+    try:
+        phases = c.batch_phases
+    except ValueError:
+        phases = None
+    _check(
+        phases is not None
+        and phases[0][0] == 0
+        and all(b >= 1 for _, b in phases)
+        and all(e1 < e2 for (e1, _), (e2, _) in zip(phases, phases[1:]))
+        and phases[-1][0] < c.epochs,
+        "batch_schedule",
+        f"got {c.batch_schedule!r}; use BATCH@EPOCH items with increasing epochs below --epochs, the first at 0, "
+        "e.g. 32@0,128@10",
+    )
+    _check(c.precise_bn_samples >= 0, "precise_bn_samples", "must be >= 0 (0: off)")
+    _check(c.grad_stats_every >= -1, "grad_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
+    _check(c.bn_stats_every >= -1, "bn_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
+    _check(_finite(c.target_accuracy) and 0 <= c.target_accuracy <= 1, "target_accuracy", "must be in [0, 1]")
+    _check(c.seed >= 0, "seed", "must be an integer >= 0")
+    _check(not (c.resume and c.overwrite), "resume", "cannot be combined with --overwrite")
+    return c
+
+
+def from_dict(values: dict, base: Config | None = None, source: str = "config") -> Config:
+    """Builds a Config from a dict, refusing unknown keys and values of the wrong type."""
+    base = base or Config()
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    changes = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise InputError(f"{source}: unknown field {key!r}; known fields are {', '.join(fields)}")
+        expected = type(getattr(base, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise InputError(f"{source}: field {key!r} must be {expected.__name__}, got {value!r}")
+        changes[key] = value
+    return dataclasses.replace(base, **changes)
+
+
+def load_json(path: str) -> Config:
+    """Reads a config file written by save_json (or by hand); the resolved config of a run loads back."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except OSError as e:
+        raise InputError(f"--config: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"--config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"--config: {path} must hold a JSON object of config fields")
+    values = values.get("config", values)  # A run's config.json nests the fields under "config".
+    return from_dict(values, source=f"--config {path}")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def default_run_dir(config: Config, now: str) -> str:
+    """runs/<time>-<model>-b<batch>, the place a run writes to when --run-dir is not given."""
+    return os.path.join("runs", f"{now}-{config.model}-b{config.batch}")

@@ -1,0 +1,374 @@
+"""Input data: digits, TFDS, folder: and npz: sources held in memory, and the tf.data pipelines over them."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+from sklearn.model_selection import train_test_split
+
+from pipeline.config import AUGMENTS, Config, InputError
+
+SPLIT_SEED = 1234  # Decides which examples are train, val and test; constant so that --seed never moves them.
+TEST_FRACTION = 0.2  # Share of all examples held out for test when a source has no test split.
+PAD = 4  # Pixels of zero padding on each side before the random crop (He et al. 2016, sec. 4.2).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+ACCEPTED = "digits, a TFDS image-classification name (cifar10, mnist, fashion_mnist, ...), folder:PATH or npz:PATH"
+SPLITS = ("train", "val", "test")
+
+
+def decode_image(contents: tf.Tensor) -> tf.Tensor:
+    """Decodes PNG, JPEG, BMP, GIF (its first frame) or WebP bytes to a uint8 (H, W, C) image."""
+    return tf.io.decode_image(contents, expand_animations=False)
+
+
+def crop_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Pads PAD zero pixels on each side, crops a random window of the original size and flips it left-right
+    with probability 1/2 (the CIFAR augmentation of He et al. 2016, sec. 4.2).
+
+    Args:
+        image: float32 (H, W, C) raw pixels.
+        seed: int64 (2,) stateless seed; the same seed gives the same crop and flip, eagerly or in a graph.
+
+    Returns:
+        The augmented float32 (H, W, C) image.
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    padded = tf.pad(image, [[PAD, PAD], [PAD, PAD], [0, 0]])
+    image = tf.image.stateless_random_crop(padded, tf.shape(image), seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def gather(images: tf.Tensor, labels: tf.Tensor, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The examples at indices (one index or a batch of them) as float32 raw pixels and int32 labels."""
+    return tf.cast(tf.gather(images, indices), tf.float32), tf.gather(labels, indices)
+
+
+def train_epoch(images, labels, batch_size: int, seed, epoch, augment: bool) -> tf.data.Dataset:
+    """One epoch of training batches in which every random choice is a function of (seed, epoch) only.
+
+    Pipeline: pixels decoded at load time and held in memory (the cache) -> a full-dataset shuffle, a stateless
+    permutation keyed by (seed, epoch) -> if augment, crop_flip per example, seeded by (seed, epoch, example
+    index) -> batch, dropping the remainder (unaugmented batches are gathered whole, ~10x faster) -> float32.
+    Nothing depends on the global TF seed or on how often a dataset was iterated, so epoch e of a resumed run
+    repeats epoch e of the original bit for bit.
+
+    Args:
+        images: (N, H, W, C) uint8 or float32 tensor of raw pixels.
+        labels: (N,) int32 tensor.
+        batch_size: examples per batch.
+        seed: the run's seed (int or int64 scalar tensor).
+        epoch: the epoch number (int or int64 scalar tensor, read when the dataset is iterated).
+        augment: whether to apply crop_flip.
+
+    Returns:
+        A dataset of (x float32 (B, H, W, C), y int32 (B,)) batches, floor(N / batch_size) of them.
+    """
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(labels, out_type=tf.int64)[0]), seed=key)
+
+    def augmented_example(index):
+        image, label = gather(images, labels, index)
+        return crop_flip(image, tf.random.experimental.stateless_fold_in(key, index)), label
+
+    dataset = tf.data.Dataset.from_tensor_slices(order)
+    if augment:
+        dataset = dataset.map(augmented_example, num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    return dataset.map(lambda indices: gather(images, labels, indices), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Data:
+    """Train, val and test splits held in memory as raw pixels, with their statistics and tf.data pipelines.
+
+    mean and variance are per channel over (N, H, W) of the raw training pixels, the population variance
+    (ddof=0) as keras.layers.Normalization.adapt computes it. augmentation is what train_dataset(augment=True)
+    applies: "crop-flip" or "none".
+    """
+
+    source: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: list[str]
+    num_train: int
+    num_val: int
+    num_test: int
+    mean: np.ndarray
+    variance: np.ndarray
+    augmentation: str
+    epoch_variable: tf.Variable = dataclasses.field(repr=False)
+    splits: dict[str, tuple[tf.Tensor, tf.Tensor]] = dataclasses.field(repr=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch that datasets from train_dataset(epoch=None) yield when next iterated."""
+        self.epoch_variable.assign(epoch)
+
+    def train_dataset(self, batch_size: int, *, seed: int, augment: bool = True, epoch: int | None = None):
+        """One epoch of shuffled, augmented training batches (see train_epoch); the remainder is dropped.
+
+        Args:
+            batch_size: examples per batch.
+            seed: the run's seed; the order and augmentation depend only on (seed, epoch).
+            augment: apply the dataset's augmentation (self.augmentation); False gives plain shuffled batches.
+            epoch: the epoch to yield; None reads self.epoch_variable each time an iterator is created, so one
+                dataset given to Model.fit yields epoch e when a callback calls set_epoch(e) in on_epoch_begin.
+
+        Returns:
+            A prefetched dataset of (x float32 (B, H, W, C), y int32 (B,)) with num_train // batch_size batches.
+        """
+        images, labels = self.splits["train"]
+        augment = augment and self.augmentation == "crop-flip"
+        if epoch is None:
+
+            def current_epoch(_):
+                return train_epoch(images, labels, batch_size, seed, self.epoch_variable.read_value(), augment)
+
+            # flat_map calls its function each time an iterator is created, so the variable is read then, not now.
+            dataset = tf.data.Dataset.from_tensors(0).flat_map(current_epoch)
+        else:
+            dataset = train_epoch(images, labels, batch_size, seed, epoch, augment)
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(self.num_train // batch_size))
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    def eval_dataset(self, split: str, batch_size: int) -> tf.data.Dataset:
+        """Batches of a split in its stored order, not augmented, keeping the last partial batch.
+
+        Args:
+            split: "train", "val" or "test".
+            batch_size: examples per batch.
+
+        Returns:
+            A prefetched dataset of (x float32 (B, H, W, C), y int32 (B,)).
+        """
+        images, labels = self._split(split)
+        dataset = tf.data.Dataset.range(len(labels)).batch(batch_size)
+        dataset = dataset.map(lambda indices: gather(images, labels, indices), num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split as numpy: (x float32 (N, H, W, C) raw pixels, y int32 (N,)), in eval_dataset's order."""
+        images, labels = self._split(split)
+        return images.numpy().astype(np.float32), labels.numpy().astype(np.int32)
+
+    def _split(self, split: str) -> tuple[tf.Tensor, tf.Tensor]:
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        return self.splits[split]
+
+
+def load(config: Config) -> Data:
+    """Reads config.dataset into memory and splits it into train, val and test.
+
+    Sources: "digits" (sklearn's bundled 8x8 digits, values 0..16), a TFDS image-classification name (cifar10,
+    mnist, ...; read from config.data_dir, downloaded only with config.download), "folder:PATH" (one subfolder
+    of PNG/JPEG images per class) and "npz:PATH" (arrays x_train, y_train, x_test, y_test, optional x_val,
+    y_val and class_names). All splits are held in memory, which suits the small-image datasets this project
+    measures. Splits a source lacks are carved out with a stratified split under the constant SPLIT_SEED:
+    test is TEST_FRACTION of all examples, val is config.val_fraction of the rest.
+
+    Args:
+        config: the run's Config; uses dataset, data_dir, download, val_fraction and augment.
+
+    Returns:
+        The Data.
+
+    Raises:
+        InputError: naming the flag or file, for an unknown, unprepared or malformed dataset.
+    """
+    source = config.dataset
+    if not source:
+        raise InputError(f"--dataset: must not be empty; use {ACCEPTED}")
+    if source == "digits":
+        splits, class_names = _digits()
+    elif source.startswith("folder:"):
+        splits, class_names = _folder(source.removeprefix("folder:"))
+    elif source.startswith("npz:"):
+        splits, class_names = _npz(source.removeprefix("npz:"))
+    else:
+        splits, class_names = _tfds(source, config)
+    for split in ("test", "val"):
+        if split not in splits:
+            fraction = TEST_FRACTION if split == "test" else config.val_fraction
+            splits["train"], splits[split] = _hold_out(*splits["train"], fraction, source)
+    images = splits["train"][0]
+    mean, variance = _channel_stats(images)
+    return Data(
+        source=source,
+        input_shape=tuple(int(d) for d in images.shape[1:]),
+        num_classes=len(class_names),
+        class_names=list(class_names),
+        num_train=len(splits["train"][1]),
+        num_val=len(splits["val"][1]),
+        num_test=len(splits["test"][1]),
+        mean=mean,
+        variance=variance,
+        augmentation=_augmentation(config.augment, images.shape[1:]),
+        epoch_variable=tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch"),
+        splits={split: (tf.constant(x), tf.constant(y, tf.int32)) for split, (x, y) in splits.items()},
+    )
+
+
+def _augmentation(augment: str, shape: tuple[int, ...]) -> str:
+    if augment not in AUGMENTS:
+        raise InputError(f"--augment: got {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    if augment == "auto":
+        height, width, channels = shape
+        return "crop-flip" if height >= 32 and width >= 32 and channels == 3 else "none"
+    return augment
+
+
+def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and population variance over (N, H, W), accumulated in float64 in chunks."""
+    mean = images.mean(axis=(0, 1, 2), dtype=np.float64)
+    squares = sum(
+        ((images[i : i + 4096] - mean) ** 2).sum(axis=(0, 1, 2)) for i in range(0, len(images), 4096)
+    )
+    return mean.astype(np.float32), (squares / (images.size // images.shape[-1])).astype(np.float32)
+
+
+def _hold_out(images, labels, fraction: float, source: str):
+    """Splits off `fraction` of the examples, stratified by label where every class has enough examples."""
+    indices = np.arange(len(labels))
+    for stratify in (labels, None):  # sklearn refuses to stratify a class of one, or fewer held out than classes.
+        try:
+            keep, held = train_test_split(indices, test_size=fraction, random_state=SPLIT_SEED, stratify=stratify)
+            break
+        except ValueError:
+            continue
+    else:
+        raise InputError(f"--dataset: {source} has too few examples ({len(labels)}) to split {fraction:.0%} off")
+    keep, held = np.sort(keep), np.sort(held)
+    return (images[keep], labels[keep]), (images[held], labels[held])
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32)[..., np.newaxis]  # (1797, 8, 8, 1), values 0..16.
+    return {"train": (images, digits.target.astype(np.int32))}, [str(d) for d in range(10)]
+
+
+def _tfds(name: str, config: Config):
+    import tensorflow_datasets as tfds
+
+    data_dir = config.data_dir or None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except (ValueError, AssertionError) as e:  # An unknown name, or a version or config the dataset lacks.
+        raise InputError(f"--dataset: unknown dataset {name!r} ({str(e).splitlines()[0]}); use {ACCEPTED}") from None
+    info = builder.info
+    image_key, label_key = info.supervised_keys if info.supervised_keys else (None, None)
+    image = info.features[image_key] if isinstance(image_key, str) else None
+    label = info.features[label_key] if isinstance(label_key, str) else None
+    if not isinstance(image, tfds.features.Image) or not isinstance(label, tfds.features.ClassLabel):
+        raise InputError(f"--dataset: TFDS dataset {name!r} is not an image classification dataset; use {ACCEPTED}")
+    if None in image.shape:
+        raise InputError(f"--dataset: TFDS dataset {name!r} has images of varying size {image.shape}; resize them "
+                         "and pass folder:PATH or npz:PATH")
+    available = set(info.splits) or {"train", "test"}  # A builder that is not prepared (or is mocked) lists none.
+    if "train" not in available:
+        raise InputError(f"--dataset: TFDS dataset {name!r} has no train split, only {', '.join(sorted(available))}")
+    wanted = {"train": "train"}
+    if "test" in available:
+        wanted["test"] = "test"
+        if "validation" in available:
+            wanted["val"] = "validation"
+    elif "validation" in available:
+        wanted["test"] = "validation"
+    try:
+        datasets = tfds.load(name, split=list(wanted.values()), as_supervised=True, data_dir=data_dir,
+                             download=config.download)
+    except AssertionError:  # TFDS's way of saying that the data is not prepared and may not be downloaded.
+        where = config.data_dir or "the TFDS default directory (~/tensorflow_datasets)"
+        raise InputError(
+            f"--dataset: TFDS dataset {name!r} is not prepared in {where}; on a machine with network run "
+            f"`tfds build {name} --data_dir DIR`, copy DIR here and pass --data-dir DIR, or pass --download"
+        ) from None
+    splits = {}
+    for split, dataset in zip(wanted, datasets):
+        batches = list(tfds.as_numpy(dataset.batch(4096)))
+        images, labels = zip(*batches)
+        splits[split] = (np.concatenate(images), np.concatenate(labels).astype(np.int32))
+    return splits, list(label.names)
+
+
+def _folder(path: str):
+    if not os.path.isdir(path):
+        raise InputError(f"--dataset: folder:{path} is not a directory; folder:PATH needs one subfolder per class")
+    class_names = sorted(d for d in os.listdir(path) if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
+    if not class_names:
+        raise InputError(f"--dataset: folder:{path} has no class subfolders; put each class's images in its own one")
+    images, labels, first = [], [], None
+    for label, class_name in enumerate(class_names):
+        folder = os.path.join(path, class_name)
+        files = sorted(f for f in os.listdir(folder) if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise InputError(f"--dataset: class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        for file in (os.path.join(folder, f) for f in files):
+            try:
+                image = decode_image(tf.io.read_file(file)).numpy()
+            except tf.errors.OpError as e:
+                reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message.splitlines()[0]).strip()  # Drop TF's op names.
+                raise InputError(f"--dataset: cannot decode image {file}: {reason}") from None
+            first = first or (file, image.shape)
+            if image.shape != first[1]:
+                raise InputError(f"--dataset: image {file} has shape {image.shape}; expected {first[1]} like "
+                                 f"{first[0]}")
+            images.append(image)
+            labels.append(label)
+    return {"train": (np.stack(images), np.array(labels, np.int32))}, class_names
+
+
+def _npz(path: str):
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise InputError(f"--dataset: cannot read npz:{path}: {e.strerror or e}") from None
+    except ValueError:  # NumPy takes a file that is neither .npy nor .npz for a pickle, which it refuses.
+        raise InputError(f"--dataset: npz:{path} is not a NumPy .npz archive; write one with np.savez") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(f"--dataset: npz:{path} is one array; save x_train, y_train, x_test, y_test with np.savez")
+    with archive:
+        keys = set(archive.files)
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in keys]
+        if ("x_val" in keys) != ("y_val" in keys):
+            missing.append("y_val" if "x_val" in keys else "x_val")
+        if missing:
+            raise InputError(f"--dataset: npz:{path} lacks {', '.join(missing)}; it needs x_train, y_train, x_test, "
+                             "y_test (x_val, y_val and class_names optional)")
+        try:
+            arrays = {key: archive[key] for key in keys}
+        except ValueError:  # allow_pickle=False refuses object arrays.
+            raise InputError(f"--dataset: npz:{path} holds pickled Python objects; save numeric arrays") from None
+    splits = {s: _npz_split(arrays[f"x_{s}"], arrays[f"y_{s}"], s, path) for s in SPLITS if f"x_{s}" in keys}
+    class_names = [str(c) for c in arrays["class_names"]] if "class_names" in keys else None
+    shapes = {s: x.shape[1:] for s, (x, _) in splits.items()}
+    if len(set(shapes.values())) > 1:
+        raise InputError(f"--dataset: npz:{path} has images of different shapes across splits: {shapes}")
+    num_classes = max(int(y.max()) for _, y in splits.values()) + 1
+    if class_names is not None and len(class_names) < num_classes:
+        raise InputError(f"--dataset: npz:{path} has labels up to {num_classes - 1} but only {len(class_names)} "
+                         "class_names")
+    return splits, class_names or [str(c) for c in range(num_classes)]
+
+
+def _npz_split(x: np.ndarray, y: np.ndarray, split: str, path: str):
+    where = f"--dataset: npz:{path}"
+    if x.dtype.kind not in "uif" or x.ndim not in (3, 4):
+        raise InputError(f"{where}: x_{split} is {x.dtype} {x.shape}; it must be numeric (N, H, W) or (N, H, W, C)")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise InputError(f"{where}: x_{split} holds NaN or infinite values")
+    y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y  # Keras' datasets store labels as (N, 1).
+    if y.ndim != 1 or len(y) != len(x) or len(y) == 0:
+        raise InputError(f"{where}: y_{split} has shape {y.shape} for x_{split} of shape {x.shape}; it needs one "
+                         "label per image and at least one image")
+    if y.dtype.kind not in "iu" or y.min() < 0:
+        raise InputError(f"{where}: y_{split} must hold integer class ids >= 0, got {y.dtype} from {y.min()}")
+    x = x[..., np.newaxis] if x.ndim == 3 else x
+    return (x if x.dtype == np.uint8 else x.astype(np.float32)), y.astype(np.int32)

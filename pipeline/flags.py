@@ -1,0 +1,78 @@
+"""Command-line flags generated from the Config fields, so that every flag maps 1:1 to a field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+
+from pipeline import config as config_lib
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message):
+        # argparse says "argument --batch: invalid int value: 'x'"; keep it to the flag and the reason.
+        message = re.sub(r"^argument ", "", message)
+        message = message.replace("invalid int value", "expected an integer, got").replace(
+            "invalid float value", "expected a number, got"
+        )
+        self.exit(2, f"error: {message}\n")
+
+
+def _field_help() -> dict[str, str]:
+    """The comment after each field in config.py is its help text (one source of truth)."""
+    import inspect
+
+    source = inspect.getsource(config_lib.Config)
+    helps = {}
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+): [^=]+= .*?  # (.*)$", line)
+        if match:
+            helps[match.group(1)] = match.group(2)
+    return helps
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Adds one flag per Config field; values default to SUPPRESS so only flags given are seen."""
+    helps = _field_help()
+    for field in dataclasses.fields(config_lib.Config):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        help_text = f"{helps.get(field.name, '')} (default: {default!r})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=type(default).__name__.upper(),
+                                help=help_text)
+
+
+def parse(argv, description: str, extra=None) -> tuple[config_lib.Config, argparse.Namespace]:
+    """Parses argv into a validated Config; `--config FILE.json` is read first and flags override it.
+
+    Args:
+      argv: arguments without the program name (None: sys.argv[1:]).
+      description: the --help text.
+      extra: optional function adding entry-point specific flags; they are returned in the namespace
+        and not part of the Config.
+    Returns:
+      (config, namespace of all parsed flags).
+    Raises:
+      InputError: a value is out of range or the config file is bad.
+    """
+    parser = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.json", help="read the config from this JSON file; flags override it")
+    skip = extra(parser) if extra else ()
+    add_config_flags(parser, skip=skip or ())
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    base = config_lib.load_json(args.config) if args.config else config_lib.Config()
+    fields = {f.name for f in dataclasses.fields(config_lib.Config)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields}
+    config = config_lib.from_dict(overrides, base=base, source="flags")
+    return config_lib.validate(config), args

@@ -1,0 +1,563 @@
+"""The batch-size report of a sweep directory: report.json, report.md, PNG plots and TensorBoard HParams data.
+
+`python -m pipeline.report SWEEP_DIR` rebuilds it from the run directories alone (config.json, summary.json,
+grad_stats.jsonl, bn_stats.json of each <SWEEP_DIR>/runs/*), as pipeline.sweep does at its end.
+
+Steps to target follow S(B) = S_min (1 + B_crit / B) (McCandlish et al. 2018: their trade-off
+(S / S_min - 1)(E / E_min - 1) = 1 with E = B S examples and B_crit = E_min / S_min): S is linear in 1/B, S = a + b / B with S_min = a and B_crit = b / a, so the fit is a
+least-squares line, weighted by 1/S so that every batch size counts by its relative error. B_crit is shown
+beside the measured simple noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8), the
+run's mean of callbacks.GradientStatistics' "grad/noise_scale_ema". The minibatch gradient's standard
+deviation falls as sigma / sqrt(B); its log-log slope against B is fitted beside -0.5. Means and standard
+deviations are over seeds (sample std, ddof=1; none for a single seed); accuracies, times and instruments
+come from completed runs, the target metrics from completed runs that reached the target. Targets are checked
+at epoch ends, where train() evaluates, so steps to target have a resolution of one epoch (N / B steps).
+Time per step is the median over the epochs after the first (whose time includes tracing and compilation), with
+each epoch's validation and instruments; time to target is steps to target times that time per step, so that
+one-time start-up costs do not decide which batch is fastest (the run's own clock, start-up included, is kept as
+wall_time_to_target_s in report.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pipeline.config import InputError
+
+# (key in a run row, column title, number format) of the report's table, in order.
+COLUMNS = (
+    ("lr", "lr", "{:.3g}"),
+    ("test_accuracy", "test acc", "{:.4f}"),
+    ("generalization_gap", "train - test", "{:+.4f}"),
+    ("steps_to_target", "steps to target", "{:.0f}"),
+    ("epochs_to_target", "epochs to target", "{:.1f}"),
+    ("time_to_target_s", "time to target (s)", "{:.1f}"),
+    ("time_per_step_ms", "time/step (ms)", "{:.2f}"),
+    ("examples_per_sec", "examples/s", "{:.0f}"),
+    ("grad_std", "grad std", "{:.3g}"),
+    ("noise_scale", "B_simple", "{:.3g}"),
+    ("bn_var_rel_error", "BN var error", "{:.3g}"),
+)
+TARGET_KEYS = ("steps_to_target", "epochs_to_target", "time_to_target_s", "wall_time_to_target_s")
+METRICS = ("test_accuracy", "train_accuracy", "val_accuracy", "generalization_gap", "time_per_step_ms",
+           "examples_per_sec", "wall_time_s", "grad_std", "noise_scale", "bn_mean_rel_error", "bn_var_rel_error",
+           "lr") + TARGET_KEYS
+DIMINISHING = 0.5  # a doubling that buys less than half the perfect-scaling step reduction (in log terms)
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def steady_time_per_step(history: list[dict]) -> float | None:
+    """Median seconds per step over the epochs after the first, whose time includes tracing; None without epochs.
+
+    An epoch's time includes its end-of-epoch validation and instruments, as the run spent it.
+    """
+    times = [(r.get("train_epoch_time_s", r["epoch_time_s"]), r["step"] - (previous["step"] if previous else 0))
+             for previous, r in zip([None] + history[:-1], history)]
+    steady = [t / n for t, n in (times[1:] or times) if n > 0]
+    return float(np.median(steady)) if steady else None
+
+
+def read_run(run_dir: str) -> dict | None:
+    """One row of the report from a run directory, or None if the run has not written its config."""
+    recorded = _read_json(os.path.join(run_dir, "config.json"))
+    if not recorded:
+        return None
+    config, summary = recorded["config"], _read_json(os.path.join(run_dir, "summary.json")) or {}
+    batch = config["batch"] * config.get("accumulate", 1)
+    row = {"name": os.path.basename(run_dir), "norm": config["norm"], "batch": batch, "seed": config["seed"],
+           "status": summary.get("status", "unfinished"), "reason": summary.get("reason", ""),
+           "lr": recorded.get("effective_lr", config["lr"]), "momentum": config.get("momentum"),
+           "warmup_epochs": config.get("warmup_epochs"), "target": config.get("target_accuracy") or None}
+    for key in ("test_accuracy", "train_accuracy", "val_accuracy", "steps", "epochs", "wall_time_s") + TARGET_KEYS:
+        row[key] = summary.get(key)
+    train, test = row["train_accuracy"], row["test_accuracy"]
+    row["generalization_gap"] = train - test if train is not None and test is not None else None
+    seconds = steady_time_per_step(_read_jsonl(os.path.join(run_dir, "metrics.jsonl")))
+    seconds = seconds or summary.get("time_per_step_s")
+    row["time_per_step_ms"] = 1000 * seconds if seconds else None
+    row["examples_per_sec"] = batch / seconds if seconds else None
+    row["wall_time_to_target_s"] = row["time_to_target_s"]
+    row["time_to_target_s"] = row["steps_to_target"] * seconds if seconds and row["steps_to_target"] else None
+    grad = [r for r in _read_jsonl(os.path.join(run_dir, "grad_stats.jsonl")) if "step" in r]
+    stds = [r for r in grad if r.get("grad/batch_std") is not None]
+    # The first measurement: the runs of one seed start from the same weights, so this compares batch sizes
+    # at (nearly) the same point of training.
+    row["grad_std"] = stds[0]["grad/batch_std"] if stds else None
+    row["grad_std_step"] = stds[0]["step"] if stds else None
+    noise = [(r["step"] * batch, r["grad/noise_scale_ema"]) for r in grad
+             if r.get("grad/noise_scale_ema") is not None and math.isfinite(r["grad/noise_scale_ema"])]
+    row["noise_curve"] = noise
+    row["noise_scale"] = float(np.mean([v for _, v in noise])) if noise else None
+    layers = (_read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("layers", {})
+    for key in ("mean_rel_error", "var_rel_error"):
+        values = [layer["final"][key] for layer in layers.values() if key in layer.get("final", {})]
+        row[f"bn_{key}"] = float(np.mean(values)) if values else None
+    return row
+
+
+def _stats(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per (norm, batch): mean, std and count over seeds of every metric, and run counts by outcome."""
+    groups = {}
+    for row in sorted(rows, key=lambda r: (r["norm"], r["batch"], r["seed"])):
+        groups.setdefault((row["norm"], row["batch"]), []).append(row)
+    result = []
+    for (norm, batch), members in groups.items():
+        completed = [r for r in members if r["status"] == "completed"]
+        reached = [r for r in completed if r["steps_to_target"] is not None]
+        group = {"norm": norm, "batch": batch, "runs": len(members), "completed": len(completed),
+                 "failed": [r["name"] for r in members if r["status"] == "failed"], "reached": len(reached)}
+        for key in METRICS:
+            group[key] = _stats([r[key] for r in (reached if key in TARGET_KEYS else completed)])
+        result.append(group)
+    return result
+
+
+def fit_steps_to_target(batches, steps) -> dict | None:
+    """Fits S(B) = S_min (1 + B_crit / B) as S = a + b / B, least squares weighted by 1 / S.
+
+    Returns {"s_min", "b_crit", "e_min", "points", "valid"}, valid when S_min > 0 and B_crit >= 0, or None for
+    fewer than two batch sizes.
+    """
+    batches, steps = np.asarray(batches, float), np.asarray(steps, float)
+    if len(set(batches.tolist())) < 2:
+        return None
+    design = np.stack([np.ones_like(batches), 1 / batches], axis=1) / steps[:, None]
+    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(steps), rcond=None)
+    valid = bool(a > 0 and b >= 0)
+    b_crit = float(b / a) if a > 0 else None
+    return {"s_min": float(a), "b_crit": b_crit, "e_min": float(b) if valid else None, "points": len(batches),
+            "valid": valid}
+
+
+def fit_power_law(batches, values) -> dict | None:
+    """log(value) = log(c) + slope * log(B) by least squares; {"slope", "c"}, or None for fewer than 2 points."""
+    batches, values = np.asarray(batches, float), np.asarray(values, float)
+    if len(set(batches.tolist())) < 2 or np.any(values <= 0):
+        return None
+    slope, intercept = np.polyfit(np.log(batches), np.log(values), 1)
+    return {"slope": float(slope), "c": float(np.exp(intercept))}
+
+
+def _series(groups, norm, key, require_all_reached=False):
+    points = [(g["batch"], g[key]["mean"]) for g in groups if g["norm"] == norm and g[key]["mean"] is not None
+              and (not require_all_reached or g["reached"] == g["completed"])]
+    return [b for b, _ in points], [v for _, v in points]
+
+
+def fits(groups: list[dict]) -> dict:
+    """Per norm: the S(B) fit, the gradient-std power law and the mean measured B_simple."""
+    result = {}
+    for norm in sorted({g["norm"] for g in groups}, key=lambda n: [g["norm"] for g in groups].index(n)):
+        noise = _series(groups, norm, "noise_scale")[1]
+        result[norm] = {
+            "steps_to_target": fit_steps_to_target(*_series(groups, norm, "steps_to_target", True)),
+            "grad_std": fit_power_law(*_series(groups, norm, "grad_std")),
+            "b_simple": float(np.mean(noise)) if noise else None,
+        }
+    return result
+
+
+def _mean(groups, norm, batch, key):
+    group = next((g for g in groups if g["norm"] == norm and g["batch"] == batch), None)
+    return group[key] if group else {"mean": None, "std": None, "n": 0}
+
+
+def findings(report: dict) -> list[str]:
+    """Sentences about this sweep, each computed from its numbers."""
+    groups, target, out = report["groups"], report["target_accuracy"], []
+    names = {"batch": "BatchNorm", "group": "GroupNorm", "ghost": "ghost BatchNorm", "layer": "LayerNorm", "none": "no normalization"}
+    for norm, fit in report["fits"].items():
+        mine = [g for g in groups if g["norm"] == norm]
+        prefix = f"{names.get(norm, norm)}: " if len(report["fits"]) > 1 else ""
+        if target:
+            reached = [g for g in mine if g["time_to_target_s"]["mean"] is not None]
+            if reached:
+                fastest = min(reached, key=lambda g: g["time_to_target_s"]["mean"])
+                fewest = min(reached, key=lambda g: g["steps_to_target"]["mean"])
+                out.append(f"{prefix}batch {fastest['batch']} reached {target:.0%} validation accuracy in the least "
+                           f"wall time ({fastest['time_to_target_s']['mean']:.1f} s: steps to target x time per step); "
+                           f"batch {fewest['batch']} took the fewest steps ({fewest['steps_to_target']['mean']:.0f}).")
+            missed = [g["batch"] for g in mine if 0 < g["completed"] and g["reached"] < g["completed"]]
+            if missed:
+                out.append(f"{prefix}batch {', '.join(map(str, missed))} did not reach {target:.0%} in every "
+                           "completed run within the budget.")
+            batches, steps = _series(groups, norm, "steps_to_target", True)
+            for (b1, s1), (b2, s2) in zip(zip(batches, steps), zip(batches[1:], steps[1:])):
+                efficiency = math.log(s1 / s2) / math.log(b2 / b1) if s2 > 0 else 0.0
+                if efficiency < DIMINISHING:
+                    out.append(f"{prefix}diminishing returns begin at batch {b1}: going to {b2} cut the steps to "
+                               f"target from {s1:.0f} to {s2:.0f} ({1 - s2 / s1:.0%} fewer; perfect scaling: "
+                               f"{1 - b1 / b2:.0%}).")
+                    break
+            else:
+                if len(batches) > 1:
+                    out.append(f"{prefix}steps to target fell at least half as fast as perfect scaling up to the "
+                               f"largest batch that reached the target ({batches[-1]}): no diminishing returns yet.")
+            s_fit = fit["steps_to_target"]
+            if s_fit and s_fit["valid"]:
+                noise = f"; the measured B_simple averaged {fit['b_simple']:.3g}" if fit["b_simple"] else ""
+                out.append(f"{prefix}the fit S(B) = S_min (1 + B_crit / B) gives S_min = {s_fit['s_min']:.0f} steps "
+                           f"and B_crit = {s_fit['b_crit']:.3g}{noise}.")
+        best = max((g for g in mine if g["test_accuracy"]["mean"] is not None),
+                   key=lambda g: g["test_accuracy"]["mean"], default=None)
+        if best:
+            gaps = [g for g in mine if g["generalization_gap"]["mean"] is not None]
+            widest = max(gaps, key=lambda g: g["generalization_gap"]["mean"])
+            out.append(f"{prefix}the best test accuracy was {best['test_accuracy']['mean']:.4f} at batch {best['batch']}; "
+                       f"the widest generalization gap (train - test) was {widest['generalization_gap']['mean']:+.4f} "
+                       f"at batch {widest['batch']}.")
+        if fit["grad_std"]:
+            out.append(f"{prefix}the gradient's standard deviation fell as B^{fit['grad_std']['slope']:.2f} "
+                       "(sigma / sqrt(B) predicts B^-0.50).")
+        times = _series(groups, norm, "time_per_step_ms")
+        if len(times[0]) > 1:
+            out.append(f"{prefix}a step at batch {times[0][-1]} took {times[1][-1] / times[1][0]:.1f}x as long as at "
+                       f"batch {times[0][0]}, for {times[0][-1] / times[0][0]:.0f}x the examples.")
+    if "batch" in report["fits"] and "group" in report["fits"]:
+        common = sorted({g["batch"] for g in groups if g["norm"] == "batch" and g["test_accuracy"]["mean"] is not None}
+                        & {g["batch"] for g in groups if g["norm"] == "group" and g["test_accuracy"]["mean"] is not None})
+        if common:
+            b = common[0]
+            bn, gn = _mean(groups, "batch", b, "test_accuracy"), _mean(groups, "group", b, "test_accuracy")
+            noise = math.hypot(bn["std"] or 0.0, gn["std"] or 0.0)
+            verdict = ("fell behind" if bn["mean"] < gn["mean"] - noise else
+                       "did not fall behind" if bn["mean"] >= gn["mean"] else "was behind only within seed noise of")
+            out.append(f"At the smallest batch ({b}), BatchNorm {verdict} GroupNorm: test accuracy "
+                       f"{bn['mean']:.4f} vs {gn['mean']:.4f}"
+                       + (f" (seed std combined {noise:.4f})." if noise else " (one seed: no seed noise estimate)."))
+    bn_norms = [n for n in report["fits"] if len(_series(groups, n, "bn_var_rel_error")[0]) > 1]
+    for norm in bn_norms:
+        batches, errors = _series(groups, norm, "bn_var_rel_error")
+        out.append(f"{names.get(norm, norm)}'s batch-vs-moving variance discrepancy was {errors[0]:.3g} at batch "
+                   f"{batches[0]} and {errors[-1]:.3g} at batch {batches[-1]}.")
+    failed = [name for g in groups for name in g["failed"]]
+    if failed:
+        out.append(f"{len(failed)} run(s) failed: {', '.join(failed)} (see each run's summary.json).")
+    return out
+
+
+def _cell(stat: dict, fmt: str, reached: str = "") -> str:
+    if stat["mean"] is None:
+        return "–" + reached
+    text = fmt.format(stat["mean"]) + (f" ± {fmt.format(stat['std']).lstrip('+')}" if stat["std"] is not None else "")
+    return text + reached
+
+
+def headline(report: dict) -> str:
+    """The report's table in markdown: one row per (norm, batch), mean ± std over seeds."""
+    lines = ["| norm | batch | " + " | ".join(title for _, title, _ in COLUMNS) + " | runs |",
+             "|---|---:|" + "---:|" * len(COLUMNS) + "---|"]
+    for g in report["groups"]:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            reached = f" ({g['reached']}/{g['runs']})" if key in TARGET_KEYS and g["reached"] < g["runs"] else ""
+            stat = g[key] if key != "lr" else g[key] | {"std": None}  # the lr is set, not measured
+            cells.append(_cell(stat, fmt, reached))
+        status = f"{g['completed']}/{g['runs']} completed" + (f", {len(g['failed'])} failed" if g["failed"] else "")
+        lines.append(f"| {g['norm']} | {g['batch']} | " + " | ".join(cells) + f" | {status} |")
+    return "\n".join(lines)
+
+
+def _figure(panels: int = 1):
+    figure = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
+
+
+def _errorbar(axes, groups, norm, key, label, log=False, **style):
+    points = [(g["batch"], g[key]["mean"], g[key]["std"] or 0.0) for g in groups
+              if g["norm"] == norm and g[key]["mean"] is not None and (g[key]["mean"] > 0 or not log)]
+    if points:
+        batches, means, stds = zip(*points)
+        axes.errorbar(batches, means, yerr=stds, marker="o", capsize=3, label=label, **style)
+    return bool(points)
+
+
+def _legend(axes, fontsize=8):
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=fontsize)
+
+
+def _log2_batch_axis(axes, groups):
+    axes.set_xscale("log", base=2)
+    batches = sorted({g["batch"] for g in groups})
+    axes.set_xticks(batches, [str(b) for b in batches])
+    axes.set_xlabel("batch size B")
+    axes.grid(True, which="both", alpha=0.3)
+
+
+def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
+    """Writes the PNGs that the sweep has data for; returns {name: file name in sweep_dir}."""
+    groups, norms, written = report["groups"], list(report["fits"]), {}
+
+    def save(figure, name):
+        figure.savefig(os.path.join(sweep_dir, f"{name}.png"), dpi=110)
+        written[name] = f"{name}.png"
+
+    figure, (axes,) = _figure()
+    for i, norm in enumerate(norms):
+        _errorbar(axes, groups, norm, "test_accuracy", f"{norm}: test", color=f"C{i}")
+        _errorbar(axes, groups, norm, "train_accuracy", f"{norm}: train", color=f"C{i}", linestyle="--", alpha=0.6)
+    _log2_batch_axis(axes, groups)
+    axes.set(ylabel="accuracy (mean ± std over seeds)", title="Final accuracy; the gap is train - test")
+    _legend(axes, 8)
+    save(figure, "accuracy")
+
+    if any(g["steps_to_target"]["mean"] is not None for g in groups):
+        figure, (steps_axes, time_axes) = _figure(2)
+        for i, norm in enumerate(norms):
+            _errorbar(steps_axes, groups, norm, "steps_to_target", norm, log=True, color=f"C{i}", linestyle="none")
+            _errorbar(time_axes, groups, norm, "time_to_target_s", norm, log=True, color=f"C{i}")
+            fit = report["fits"][norm]["steps_to_target"]
+            if fit and fit["valid"]:
+                b = np.geomspace(min(g["batch"] for g in groups), max(g["batch"] for g in groups), 100)
+                steps_axes.plot(b, fit["s_min"] * (1 + fit["b_crit"] / b), color=f"C{i}", alpha=0.7,
+                                label=f"{norm}: S_min={fit['s_min']:.0f}, B_crit={fit['b_crit']:.3g}")
+                steps_axes.axvline(fit["b_crit"], color=f"C{i}", linestyle=":", alpha=0.7)
+            b_simple = report["fits"][norm]["b_simple"]
+            if b_simple:
+                steps_axes.axvline(b_simple, color=f"C{i}", linestyle="-.", alpha=0.5, label=f"{norm}: B_simple={b_simple:.3g}")
+        for axes in (steps_axes, time_axes):
+            _log2_batch_axis(axes, groups)
+            axes.set_yscale("log")
+            _legend(axes, 7)
+        steps_axes.set(ylabel="steps to target", title=f"Steps to {report['target_accuracy']:.0%} val acc; S(B) fit")
+        time_axes.set(ylabel="wall time to target (s)", title="Training time to target")
+        save(figure, "steps_to_target")
+
+    if any(g["grad_std"]["mean"] is not None for g in groups):
+        figure, (axes,) = _figure()
+        for i, norm in enumerate(norms):
+            batches, stds = _series(groups, norm, "grad_std")
+            if not batches:
+                continue
+            axes.plot(batches, stds, "o", color=f"C{i}", label=f"{norm}: measured")
+            fit = report["fits"][norm]["grad_std"]
+            if fit:
+                b = np.asarray(batches, float)
+                axes.plot(b, fit["c"] * b ** fit["slope"], color=f"C{i}", label=f"{norm}: fit slope {fit['slope']:.2f}")
+                anchor = np.exp(np.mean(np.log(stds))) * (b / np.exp(np.mean(np.log(b)))) ** -0.5
+                axes.plot(b, anchor, color="gray", linestyle="--", label="slope -0.50 (sigma / sqrt(B))" if i == 0 else None)
+        _log2_batch_axis(axes, groups)
+        axes.set_yscale("log")
+        axes.set(ylabel="std of the minibatch gradient", title="Gradient noise vs batch size (first measurement)")
+        _legend(axes, 8)
+        save(figure, "grad_std")
+
+    curves = [r for r in rows if r["noise_curve"] and r["status"] == "completed"]
+    if curves:
+        figure, panels = _figure(len(norms))
+        batches = sorted({r["batch"] for r in curves})
+        for axes, norm in zip(panels, norms):
+            for r in (r for r in curves if r["norm"] == norm and r["seed"] == min(c["seed"] for c in curves)):
+                x, y = zip(*r["noise_curve"])
+                axes.plot(x, y, color=f"C{batches.index(r['batch']) % 10}", label=f"B={r['batch']}")
+            axes.set(xlabel="examples seen", ylabel="B_simple (EMA)", title=f"Gradient noise scale, {norm}", yscale="log")
+            axes.grid(True, alpha=0.3)
+            _legend(axes, 7)
+        save(figure, "noise_scale")
+
+    bn_norms = [n for n in norms if _series(groups, n, "bn_var_rel_error")[0]]
+    if bn_norms:
+        figure, (axes,) = _figure()
+        for i, norm in enumerate(bn_norms):
+            _errorbar(axes, groups, norm, "bn_mean_rel_error", f"{norm}: mean", log=True, color=f"C{i}")
+            _errorbar(axes, groups, norm, "bn_var_rel_error", f"{norm}: variance", log=True, color=f"C{i}", linestyle="--")
+        _log2_batch_axis(axes, groups)
+        axes.set_yscale("log")
+        axes.set(ylabel="relative error, batch vs moving", title="BN batch statistics vs moving averages (final)")
+        _legend(axes, 8)
+        save(figure, "bn_discrepancy")
+
+    figure, (step_axes, rate_axes) = _figure(2)
+    for i, norm in enumerate(norms):
+        _errorbar(step_axes, groups, norm, "time_per_step_ms", norm, log=True, color=f"C{i}")
+        _errorbar(rate_axes, groups, norm, "examples_per_sec", norm, log=True, color=f"C{i}")
+    for axes, label in ((step_axes, "time per step (ms)"), (rate_axes, "training examples / s")):
+        _log2_batch_axis(axes, groups)
+        axes.set(ylabel=label, yscale="log" if axes.has_data() else "linear")
+        _legend(axes, 8)
+    save(figure, "throughput")
+
+    if report["tuning"]:
+        figure, (axes,) = _figure()
+        for i, (project, trials) in enumerate(report["tuning"].items()):
+            done = sorted((t["values"]["lr"], t["score"]) for t in trials if t["score"] is not None)
+            if done:
+                axes.plot(*zip(*done), "o-", color=f"C{i % 10}", alpha=0.8, label=project)
+        axes.set(xscale="log", xlabel="learning rate", ylabel="validation accuracy", title="Tuning trials per batch")
+        axes.grid(True, alpha=0.3)
+        _legend(axes, 7)
+        save(figure, "tuning")
+    return written
+
+
+def write_hparams(rows: list[dict], sweep_dir: str) -> str:
+    """TensorBoard HParams data, one session per run, under <sweep_dir>/tensorboard (rewritten each time)."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    log_dir = os.path.join(sweep_dir, "tensorboard")
+    shutil.rmtree(log_dir, ignore_errors=True)
+    params = {
+        "norm": hp.HParam("norm", hp.Discrete(sorted({r["norm"] for r in rows}))),
+        "batch": hp.HParam("batch", hp.Discrete(sorted({r["batch"] for r in rows}))),
+        "seed": hp.HParam("seed", hp.Discrete(sorted({r["seed"] for r in rows}))),
+        "lr": hp.HParam("lr", hp.RealInterval(min(r["lr"] for r in rows), max(r["lr"] for r in rows))),
+        "status": hp.HParam("status", hp.Discrete(sorted({r["status"] for r in rows}))),
+    }
+    metrics = [key for key in METRICS if key != "lr"]
+    with tf.summary.create_file_writer(log_dir).as_default():
+        hp.hparams_config(hparams=list(params.values()), metrics=[hp.Metric(m) for m in metrics])
+    for row in rows:
+        with tf.summary.create_file_writer(os.path.join(log_dir, row["name"])).as_default():
+            hp.hparams({params[k]: row[k] for k in params}, trial_id=row["name"])
+            for key in metrics:
+                if row[key] is not None:
+                    tf.summary.scalar(key, row[key], step=0)
+    return log_dir
+
+
+def fits_markdown(report: dict) -> str:
+    """Per norm: the S(B) fit, measured B_simple and the gradient-std slope, as a markdown table."""
+    lines = ["| norm | S_min (steps) | B_crit | E_min (examples) | B_simple (measured) | grad std slope (theory -0.5) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for norm, fit in report["fits"].items():
+        s = fit["steps_to_target"] or {}
+        cells = [f"{s['s_min']:.0f}", f"{s['b_crit']:.3g}", f"{s['e_min']:.3g}"] if s.get("valid") else ["–"] * 3
+        cells.append(f"{fit['b_simple']:.3g}" if fit["b_simple"] else "–")
+        cells.append(f"{fit['grad_std']['slope']:.3f}" if fit["grad_std"] else "–")
+        lines.append(f"| {norm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict, plot_files: dict[str, str]) -> str:
+    sweep = report["sweep"]
+    config, budget = sweep.get("config", {}), sweep.get("budget", {})
+    setting = (f"Dataset {config.get('dataset', '?')}, model {config.get('model', '?')}, budget {budget.get('amount', '?')} "
+               f"{budget.get('kind', '')} per run, target {report['target_accuracy']:.0%} validation accuracy, seeds "
+               f"{', '.join(map(str, sweep.get('seeds', [])))}, lr {config.get('lr', '?')} at batch "
+               f"{config.get('base_batch', '?')} scaled {config.get('lr_scaling', '?')}"
+               + (f", tuned per batch by {sweep['tuner']} search" if sweep.get("tuner") else "") + ".")
+    lines = [
+        "# Batch-size study", "", setting, "",
+        "## Findings", "", *[f"- {s}" for s in report["findings"]], "",
+        "## Per batch size (mean ± std over seeds)", "", headline(report), "",
+        "Steps and epochs to target: first epoch end with validation accuracy >= target; time to target: steps to "
+        "target x time per step; (k/n): runs that reached it. time/step: median over epochs after the first "
+        "(tracing excluded), with validation and instruments. grad std: first measurement. B_simple: run mean of "
+        "the noise scale. BN var error: final batch-vs-moving variance discrepancy, mean over layers.", "",
+        "## Fits", "", fits_markdown(report),
+    ]
+    if report["tuning"]:
+        lines += ["", "## Tuning (best trial per batch size)", "", "| search | trials | best val acc | best lr |", "|---|---:|---:|---:|"]
+        for project, trials in report["tuning"].items():
+            scored = [t for t in trials if t["score"] is not None]
+            best = max(scored, key=lambda t: t["score"], default=None)
+            lines.append(f"| {project} | {len(trials)} | " + (f"{best['score']:.4f} | {best['values']['lr']:.3g} |" if best else "– | – |"))
+    failed = [r for r in report["runs"] if r["status"] != "completed"]
+    if failed:
+        lines += ["", "## Runs not completed", ""] + [f"- {r['name']}: {r['status']} {r['reason']}" for r in failed]
+    lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in plot_files.items()]
+    lines += ["", f"TensorBoard: `tensorboard --logdir {report['sweep_dir']}` (HParams dashboard: tensorboard/; "
+              "training curves: runs/*/tensorboard)."]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
+    """Reads every run of a sweep, writes report.json, report.md, the PNGs and HParams data; returns the report.
+
+    Raises:
+      InputError: sweep_dir holds no runs.
+    """
+    from pipeline import tuning
+
+    run_dirs = sorted(os.path.join(sweep_dir, "runs", d) for d in os.listdir(os.path.join(sweep_dir, "runs"))) \
+        if os.path.isdir(os.path.join(sweep_dir, "runs")) else []
+    rows = [row for row in map(read_run, run_dirs) if row]
+    if not rows:
+        raise InputError(f"sweep directory {sweep_dir} holds no runs (expected {os.path.join(sweep_dir, 'runs', '*')})")
+    sweep = _read_json(os.path.join(sweep_dir, "sweep.json")) or {"config": {}}
+    groups = aggregate(rows)
+    report = {"sweep_dir": sweep_dir, "sweep": sweep, "target_accuracy": max(r["target"] or 0 for r in rows),
+              "groups": groups, "fits": fits(groups), "tuning": tuning.read_trials(sweep_dir),
+              "runs": [{k: v for k, v in r.items() if k != "noise_curve"} for r in rows]}
+    report["findings"] = findings(report)
+    report["plots"] = plots(report, rows, sweep_dir)
+    if tensorboard:
+        report["tensorboard"] = write_hparams(rows, sweep_dir)
+    with open(os.path.join(sweep_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(markdown(report, report["plots"]))
+    from pipeline import rundir
+
+    rundir.write_json_atomic(os.path.join(sweep_dir, "report.json"), report)
+    return report
+
+
+def load_report(sweep_dir: str) -> dict:
+    """report.json of a sweep, rebuilt first if it is missing or older than a run's summary.json."""
+    path = os.path.join(sweep_dir, "report.json")
+    summaries = [os.path.join(sweep_dir, "runs", d, "summary.json") for d in
+                 (os.listdir(os.path.join(sweep_dir, "runs")) if os.path.isdir(os.path.join(sweep_dir, "runs")) else [])]
+    newest = max((os.path.getmtime(p) for p in summaries if os.path.exists(p)), default=0.0)
+    if not os.path.exists(path) or os.path.getmtime(path) < newest:
+        return build_report(sweep_dir)
+    return _read_json(path)
+
+
+def show(sweep_dir: str, name: str):
+    """A plot of the report for a notebook: an IPython Image, or a Markdown note when the sweep has no such data."""
+    from IPython.display import Image, Markdown
+
+    path = os.path.join(sweep_dir, f"{name}.png")
+    return Image(filename=path) if os.path.exists(path) else Markdown(f"*(no {name} plot: this sweep has no data for it)*")
+
+
+def main(argv=None) -> int:
+    """`python -m pipeline.report SWEEP_DIR`: rebuilds the report and prints its table."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m pipeline.report SWEEP_DIR", file=sys.stderr)
+        return 2
+    try:
+        report = build_report(argv[0])
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(headline(report))
+    print("\n".join(f"- {s}" for s in report["findings"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

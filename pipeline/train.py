@@ -1,0 +1,236 @@
+"""Trains, evaluates and exports one model: `python -m pipeline.train --batch 32`.
+
+This file only wires the stages (config -> data -> model -> fit with callbacks -> precise BN -> evaluate
+-> export); each stage lives in its own module so that it can be tested and used from a notebook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+from pipeline import config as config_lib
+from pipeline import flags, rundir
+from pipeline.config import Config, InputError
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run reports; written to <run_dir>/summary.json."""
+
+    status: str  # completed | failed | interrupted
+    run_dir: str
+    reason: str = ""
+    train_accuracy: float | None = None  # inference mode, on the whole training split
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    steps: int = 0  # batches trained (optimizer updates are steps / accumulate)
+    epochs: int = 0
+    wall_time_s: float = 0.0  # this process, from start to summary
+    train_time_s: float = 0.0  # time inside training epochs, summed over resumed attempts
+    examples_per_sec: float = 0.0
+    time_per_step_s: float = 0.0
+    export_path: str | None = None
+    bn_statistics: str = ""  # which statistics the evaluated and exported model uses
+    target_accuracy: float | None = None
+    steps_to_target: int | None = None  # first epoch end at which val_accuracy >= target_accuracy
+    epochs_to_target: int | None = None
+    time_to_target_s: float | None = None
+    final_logs: dict = dataclasses.field(default_factory=dict)  # last epoch's logs (incl. instruments)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised from inside fit so that no later callback (BackupAndRestore) saves non-finite weights."""
+
+
+def _history(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _fill_from_history(summary: Summary, history: list[dict], target: float) -> None:
+    """Steps, epochs, training time and time-to-target from metrics.jsonl, which survives resumes."""
+    if not history:
+        return
+    summary.steps = history[-1]["step"]
+    summary.epochs = history[-1]["epoch"] + 1
+    summary.train_time_s = sum(r["epoch_time_s"] for r in history)
+    # Throughput leaves out the first epoch, which includes tracing and compiling the train step.
+    steady = history[1:] or history
+    seconds = sum(r["epoch_time_s"] for r in steady)
+    summary.examples_per_sec = sum(r["examples_per_sec"] * r["epoch_time_s"] for r in steady) / max(seconds, 1e-9)
+    steps = steady[-1]["step"] - (history[0]["step"] if len(history) > 1 else 0)
+    summary.time_per_step_s = seconds / max(steps, 1)
+    summary.final_logs = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+    if target > 0:
+        summary.target_accuracy = target
+        elapsed = 0.0
+        for record in history:
+            elapsed += record["epoch_time_s"]
+            if record.get("val_accuracy", -1) >= target:
+                summary.steps_to_target = record["step"]
+                summary.epochs_to_target = record["epoch"] + 1
+                summary.time_to_target_s = elapsed
+                break
+
+
+def _interval(flag: int, steps_per_epoch: int) -> int:
+    """Steps between measurements: the flag, or for -1 once per epoch (benchmarks/instrument_overhead.py
+    measures that all instruments together then cost under 5% of epoch time)."""
+    return steps_per_epoch if flag == -1 else flag
+
+
+def _callbacks(config, data, model, run_dir, steps_per_epoch, metrics_logger):
+    """The callback list, in order: instruments first, so that loggers after them see their values."""
+    import keras
+
+    import callbacks as instruments
+
+    class SetEpoch(keras.callbacks.Callback):
+        # The training data of epoch e depends only on (seed, e), so a resumed run sees the same batches.
+        def on_epoch_begin(self, epoch, logs=None):
+            data.set_epoch(epoch)
+
+    class StopOnNonFinite(keras.callbacks.Callback):
+        # Keras' TerminateOnNaN lets the epoch end, and BackupAndRestore would then save NaN weights.
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                raise NonFiniteLoss(f"loss became {float(loss)} at batch {batch}; the last good checkpoint is kept")
+
+    class StopAtMaxSteps(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if config.max_steps and int(self.model.optimizer._iterations.numpy()) >= config.max_steps:
+                self.model.stop_training = True
+
+    tensorboard_dir = os.path.join(run_dir, "tensorboard")
+    instrument_data = data.train_dataset(config.batch, seed=config.seed + 1, augment=True, epoch=0)
+    grad_every = _interval(config.grad_stats_every, steps_per_epoch)
+    bn_every = _interval(config.bn_stats_every, steps_per_epoch)
+    has_bn = bool(instruments.batch_norm_inputs(model))
+    result = [SetEpoch(), StopOnNonFinite(), StopAtMaxSteps()]
+    if grad_every and False:
+        result.append(instruments.GradientStatistics(
+            instrument_data, every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
+            log_dir=tensorboard_dir, out_path=os.path.join(run_dir, "grad_stats.jsonl")))
+    if bn_every and has_bn:
+        result.append(instruments.BatchNormStatistics(
+            instrument_data, every_n_steps=bn_every, log_dir=tensorboard_dir, out_dir=run_dir))
+    if config.dynamics:
+        x, y = data.arrays("train")
+        subset = min(len(x), 1000)
+        result.append(instruments.LearningDynamics(
+            x[:subset], y[:subset], class_names=data.class_names, log_dir=tensorboard_dir,
+            out_dir=os.path.join(run_dir, "dynamics")))
+    result += [
+        metrics_logger,
+        keras.callbacks.TensorBoard(tensorboard_dir, write_graph=False),
+        keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True),
+        # Saved at every epoch end; not deleted at the end, so a NaN stop keeps the last good epoch.
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "checkpoints"), delete_checkpoint=False),
+    ]
+    return result
+
+
+def train(config: Config) -> Summary:
+    """Runs one training job described by `config` and returns its summary (also in summary.json).
+
+    Raises:
+      InputError: the config, the data or the run directory is unusable.
+    """
+    config = config_lib.validate(config)
+    # With a batch schedule, --batch is the first phase's batch (the lr scaling rule refers to it).
+    config = dataclasses.replace(config, batch=config.batch_phases[0][1])
+    run_dir = config.run_dir or config_lib.default_run_dir(config, time.strftime("%Y%m%d-%H%M%S"))
+    config = dataclasses.replace(config, run_dir=run_dir)
+    rundir.prepare(config, run_dir)
+    started = time.perf_counter()
+
+    import keras
+    import tensorflow as tf
+
+    from callbacks import batch_norm_inputs, precise_bn
+    from models import build_model
+    from pipeline import data as data_lib
+    from pipeline import export as export_lib
+    from pipeline import optim
+
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    data = data_lib.load(config)
+    for _, batch in config.batch_phases:
+        if batch > data.num_train:
+            raise InputError(f"--batch: {batch} is larger than the training split ({data.num_train} examples)")
+    rundir.write_config(config, run_dir)
+
+    model = build_model(config.model, data.input_shape, data.num_classes, config.norm, mean=data.mean,
+                        variance=data.variance, ghost_batch=config.ghost_batch, bn_momentum=config.bn_momentum)
+    phases = [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases]
+    model.compile(optimizer=optim.build_optimizer(config, phases), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    metrics_logger = rundir.metrics_logger(run_dir, config.batch)
+    callbacks = _callbacks(config, data, model, run_dir, phases[0][1], metrics_logger)
+    verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
+    summary = Summary(status="completed", run_dir=run_dir)
+    val = data.eval_dataset("val", config.batch)
+    try:
+        for i, (first_epoch, batch) in enumerate(config.batch_phases):
+            last_epoch = config.batch_phases[i + 1][0] if i + 1 < len(config.batch_phases) else config.epochs
+            metrics_logger.examples_per_step = batch
+            model.fit(data.train_dataset(batch, seed=config.seed), validation_data=val, initial_epoch=first_epoch,
+                      epochs=last_epoch, callbacks=callbacks, verbose=verbose)
+            if model.stop_training:
+                break
+    except NonFiniteLoss as e:
+        summary.status, summary.reason = "failed", str(e)
+    except KeyboardInterrupt:
+        summary.status, summary.reason = "interrupted", "stopped by the user (Ctrl-C); run again with --resume"
+
+    _fill_from_history(summary, _history(run_dir), config.target_accuracy)
+    if summary.status == "completed":
+        if batch_norm_inputs(model) and config.precise_bn_samples:
+            num = min(config.precise_bn_samples, data.num_train)
+            precise_bn(model, data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0), num)
+            summary.bn_statistics = f"precise BN: population statistics over {num} training examples"
+        elif batch_norm_inputs(model):
+            summary.bn_statistics = "moving averages from training (--precise-bn-samples 0)"
+        else:
+            summary.bn_statistics = "no batch-norm layers"
+        for split in ("train", "val", "test"):
+            loss, accuracy = model.evaluate(data.eval_dataset(split, max(config.batch, 256)), verbose=0)
+            setattr(summary, f"{split}_accuracy", float(accuracy))
+            if split == "test":
+                summary.test_loss = float(loss)
+        if config.export:
+            summary.export_path = export_lib.export_model(model, os.path.join(run_dir, "export"), config.model)
+    summary.wall_time_s = time.perf_counter() - started
+    rundir.write_json_atomic(os.path.join(run_dir, "summary.json"), dataclasses.asdict(summary))
+    return summary
+
+
+def main(argv=None) -> int:
+    """Parses flags, trains, prints the summary; bad input exits with code 2 and one line."""
+    try:
+        config, _ = flags.parse(argv, description=__doc__.splitlines()[0])
+        summary = train(config)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    keys = ("status", "test_accuracy", "val_accuracy", "train_accuracy", "steps", "wall_time_s", "export_path")
+    print(json.dumps({k: getattr(summary, k) for k in keys} | {"run_dir": summary.run_dir}, default=str))
+    if summary.status == "failed":
+        print(f"run failed: {summary.reason}", file=sys.stderr)
+    return {"completed": 0, "failed": 1, "interrupted": 130}[summary.status]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The train command line: bad input ends with one line naming the flag or file and exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(*args, cwd=REPO, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--batch", "0"], ["--batch", "positive"]),
+        (["--batch", "-3"], ["--batch"]),
+        (["--batch", "2.5"], ["--batch", "integer"]),
+        (["--batch", "many"], ["--batch", "integer"]),
+        (["--model", "resnet7"], ["--model", "resnet20"]),
+        (["--norm", "instance"], ["--norm", "group"]),
+        (["--optimizer", "lbfgs"], ["--optimizer", "adam"]),
+        (["--schedule", "poly"], ["--schedule", "cosine"]),
+        (["--lr", "0"], ["--lr"]),
+        (["--lr", "-1"], ["--lr"]),
+        (["--lr", "nan"], ["--lr", "finite"]),
+        (["--lr", "inf"], ["--lr", "finite"]),
+        (["--epochs", "0"], ["--epochs"]),
+        (["--schedule", "multistep"], ["--milestones"]),
+        (["--batch-schedule", "32@5,64@2"], ["--batch-schedule"]),
+        (["--no-such-flag", "1"], ["no-such-flag"]),
+        (["--config", "/nonexistent/config.json"], ["--config", "/nonexistent/config.json"]),
+    ],
+)
+def test_bad_flags(args, words):
+    started = time.perf_counter()
+    assert_one_line_error(run_train(*args), *words)
+    assert time.perf_counter() - started < 60  # a failure bound (no TensorFlow import needed), not a benchmark
+
+
+def test_bad_config_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"batch": "big"}))
+    assert_one_line_error(run_train("--config", str(path)), "batch", "int")
+    path.write_text(json.dumps({"btach": 32}))
+    assert_one_line_error(run_train("--config", str(path)), "btach")
+    path.write_text("{not json")
+    assert_one_line_error(run_train("--config", str(path)), "--config", "JSON")
+
+
+def test_unwritable_run_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    assert_one_line_error(run_train("--run-dir", str(blocker / "run")), "--run-dir")
+
+
+def test_finished_run_needs_resume_or_overwrite(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
+    assert_one_line_error(run_train("--run-dir", str(run_dir)), "--run-dir", "--overwrite")
+    (run_dir / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    assert_one_line_error(run_train("--run-dir", str(run_dir)), "--run-dir", "--resume")
+
+
+@pytest.mark.parametrize(
+    "make_args, words",
+    [
+        (lambda tmp: ["--batch", "100000"], ["--batch", "larger than the training split"]),
+        (lambda tmp: ["--dataset", "no_such_dataset_xyz"], ["--dataset", "no_such_dataset_xyz"]),
+        (lambda tmp: ["--dataset", f"npz:{tmp}/missing.npz"], ["missing.npz"]),
+        (lambda tmp: ["--dataset", f"npz:{tmp}/bad_keys.npz"], ["bad_keys.npz", "x_test"]),
+        (lambda tmp: ["--dataset", f"npz:{tmp}/bad_labels.npz"], ["bad_labels.npz"]),
+        (lambda tmp: ["--dataset", f"folder:{tmp}/corrupt"], ["broken.png"]),
+        (lambda tmp: ["--dataset", f"folder:{tmp}/empty_class"], ["b"]),
+    ],
+)
+def test_bad_data(tmp_path, make_args, words):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "bad_keys.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(10))
+    np.savez(tmp_path / "bad_labels.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(9, int),
+             x_test=np.zeros((5, 4, 4)), y_test=np.zeros(5, int))
+    import tensorflow as tf
+
+    for folder, classes in (("corrupt", ("a", "b")), ("empty_class", ("a", "b"))):
+        for name in classes:
+            os.makedirs(tmp_path / folder / name)
+            if folder == "empty_class" and name == "b":
+                continue
+            for i in range(6):
+                image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                (tmp_path / folder / name / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    (tmp_path / "corrupt" / "a" / "broken.png").write_bytes(b"this is not a png")
+    result = run_train(*make_args(tmp_path), "--run-dir", str(tmp_path / "run"), "--epochs", "1")
+    assert_one_line_error(result, *words)

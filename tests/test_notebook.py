@@ -1,0 +1,40 @@
+"""The batch-size notebook runs from top to bottom on a tiny real sweep (nbclient), so that it never rots."""
+
+import dataclasses
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+from pipeline import config as config_lib
+from pipeline import rundir, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(REPO, "notebooks", "batch_size_study.ipynb")
+
+
+def test_notebook_runs_on_a_tiny_sweep(tmp_path, monkeypatch):
+    out = str(tmp_path / "sweep")
+    config = dataclasses.replace(config_lib.smoke(), export=False, dynamics=False, precise_bn_samples=64,
+                                 target_accuracy=0.3)
+    # 2000 examples: 31 steps at batch 64 and 15 at batch 128, each over 2 epochs of 20 and 10 steps.
+    sweep.sweep(config, (64, 128), out=out, budget=sweep.Budget("examples", 2000))
+    assert [rundir.read_summary(os.path.join(out, "runs", f"batch-b{b}-s0"))["steps"] for b in (64, 128)] == [31, 15]
+    for batch in (64, 128):  # the instruments wrote what the report reads
+        assert os.path.getsize(os.path.join(out, "runs", f"batch-b{batch}-s0", "grad_stats.jsonl")) > 0
+        assert os.path.getsize(os.path.join(out, "runs", f"batch-b{batch}-s0", "bn_stats.json")) > 0
+
+    monkeypatch.setenv("BATCHSCOPE_SWEEP_DIR", out)  # the kernel inherits the environment
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
+    assert len(images) >= 4  # grad_std, steps_to_target, throughput, accuracy, noise_scale, bn_discrepancy
+    texts = "".join(o.data.get("text/markdown", "") for o in outputs if o.output_type == "display_data")
+    assert "| batch | 64 |" in texts and "| batch | 128 |" in texts
+    assert os.path.exists(os.path.join(out, "report.md"))
+    # The notebook leaves the committed file untouched: no outputs are saved back.
+    assert all(not cell.get("outputs") for cell in nbformat.read(NOTEBOOK, as_version=4).cells
+               if cell.cell_type == "code")

@@ -1,0 +1,160 @@
+"""The sweep report on hand-written run directories with known numbers: fits, statistics, findings, files."""
+
+import glob
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import report as report_lib
+
+S_MIN, B_CRIT = 1000.0, 64.0  # steps to target follow S(B) = S_MIN (1 + B_CRIT / B) exactly
+BATCHES = (8, 16, 32, 64, 128)
+SEEDS = (0, 1, 2)
+SIGMA = 3.0  # gradient std = SIGMA / sqrt(B)
+
+
+def accuracy(norm, batch, seed):
+    """Test accuracies with seed noise; BatchNorm is clearly worse at batch 8."""
+    base = 0.90 if (norm == "batch" and batch == 8) else 0.95 + 0.001 * math.log2(batch)
+    return base + 0.002 * (seed - 1) + 0.001 * seed**2
+
+
+def time_per_step(batch):
+    return 0.01 + 0.0004 * batch  # s; with S(B), batch 32 reaches the target in the least time
+
+
+def write_run(sweep_dir, norm, batch, seed, status="completed"):
+    run_dir = os.path.join(sweep_dir, "runs", f"{norm}-b{batch}-s{seed}")
+    os.makedirs(run_dir)
+    config = {"norm": norm, "batch": batch, "seed": seed, "lr": 0.1, "accumulate": 1, "momentum": 0.9,
+              "warmup_epochs": 0.0, "target_accuracy": 0.9}
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"config": config, "effective_lr": 0.1 * batch / 32}, f)
+    # Seeds move steps to target by -7, 0, +7 steps: the mean over seeds is exactly S(B).
+    steps = S_MIN * (1 + B_CRIT / batch) + 7 * (seed - 1)
+    summary = {"status": status, "reason": "loss became nan" if status == "failed" else "",
+               "train_accuracy": accuracy(norm, batch, seed) + 0.01 * (seed + 1), "test_accuracy": accuracy(norm, batch, seed),
+               "val_accuracy": 0.95, "steps": 20000, "epochs": 30, "wall_time_s": 100.0,
+               "time_per_step_s": time_per_step(batch), "examples_per_sec": batch / time_per_step(batch),
+               "steps_to_target": steps, "epochs_to_target": steps * batch / 1293,
+               "time_to_target_s": steps * time_per_step(batch)}
+    if status == "failed":
+        summary.update(test_accuracy=None, train_accuracy=None, val_accuracy=None, steps_to_target=None)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(run_dir, "grad_stats.jsonl"), "w") as f:
+        for step in (0, 50, 100):
+            f.write(json.dumps({"step": step, "grad/batch_std": SIGMA / math.sqrt(batch) * (1 + step / 100),
+                                "grad/noise_scale_ema": 10.0 + step / 10 + seed, "grad/trace_cov": 1.0,
+                                "grad/norm_sq": 0.1}) + "\n")
+    if norm == "batch":
+        layers = {f"bn{i}": {"final": {"mean_rel_error": (i + 1) / batch, "var_rel_error": 2 * (i + 1) / batch}}
+                  for i in range(2)}
+        with open(os.path.join(run_dir, "bn_stats.json"), "w") as f:
+            json.dump({"every_n_steps": 5, "layers": layers}, f)
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    for norm in ("batch", "group"):
+        for batch in BATCHES:
+            for seed in SEEDS:
+                write_run(str(tmp_path), norm, batch, seed)
+    write_run(str(tmp_path), "batch", 256, 0, status="failed")
+    with open(tmp_path / "sweep.json", "w") as f:
+        json.dump({"batches": list(BATCHES), "norms": ["batch", "group"], "seeds": list(SEEDS),
+                   "budget": {"kind": "epochs", "amount": 30}, "tuner": None,
+                   "config": {"dataset": "digits", "model": "cnn", "lr": 0.1, "base_batch": 32, "lr_scaling": "linear"}}, f)
+    return str(tmp_path)
+
+
+def test_fit_recovers_known_critical_batch():
+    batches = np.array([4, 8, 16, 32, 64, 128, 256, 512])
+    for s_min, b_crit in ((1000.0, 64.0), (37.5, 3.0), (5e4, 900.0)):
+        fit = report_lib.fit_steps_to_target(batches, [s_min * (1 + b_crit / b) for b in batches])
+        assert fit["valid"]
+        assert fit["s_min"] == pytest.approx(s_min, rel=1e-9)
+        assert fit["b_crit"] == pytest.approx(b_crit, rel=1e-9)
+        assert fit["e_min"] == pytest.approx(s_min * b_crit, rel=1e-9)
+    assert report_lib.fit_steps_to_target([32], [100.0]) is None
+
+
+def test_power_law_slope():
+    batches = [8, 16, 32, 64, 128, 256]
+    fit = report_lib.fit_power_law(batches, [2.5 / math.sqrt(b) for b in batches])
+    assert fit["slope"] == pytest.approx(-0.5, abs=1e-12)
+    assert fit["c"] == pytest.approx(2.5, rel=1e-12)
+
+
+def test_report_numbers(sweep_dir):
+    report = report_lib.build_report(sweep_dir)
+    groups = {(g["norm"], g["batch"]): g for g in report["groups"]}
+    for norm in ("batch", "group"):
+        for batch in BATCHES:
+            group = groups[norm, batch]
+            tests = [accuracy(norm, batch, s) for s in SEEDS]
+            trains = [accuracy(norm, batch, s) + 0.01 * (s + 1) for s in SEEDS]
+            assert group["test_accuracy"]["mean"] == pytest.approx(np.mean(tests), abs=1e-12)
+            assert group["test_accuracy"]["std"] == pytest.approx(np.std(tests, ddof=1), abs=1e-12)
+            gaps = np.subtract(trains, tests)
+            assert group["generalization_gap"]["mean"] == pytest.approx(gaps.mean(), abs=1e-12)
+            assert group["time_per_step_ms"]["mean"] == pytest.approx(1000 * time_per_step(batch))
+            assert group["grad_std"]["mean"] == pytest.approx(SIGMA / math.sqrt(batch))
+            assert group["noise_scale"]["mean"] == pytest.approx(np.mean([np.mean([10 + st / 10 + s for st in (0, 50, 100)]) for s in SEEDS]))
+            assert group["reached"] == 3
+        fit = report["fits"][norm]
+        assert fit["steps_to_target"]["s_min"] == pytest.approx(S_MIN, rel=1e-9)
+        assert fit["steps_to_target"]["b_crit"] == pytest.approx(B_CRIT, rel=1e-9)
+        assert fit["grad_std"]["slope"] == pytest.approx(-0.5, abs=1e-9)
+    assert groups["batch", 8]["bn_var_rel_error"]["mean"] == pytest.approx(np.mean([2 / 8, 4 / 8]))
+    assert groups["group", 8]["bn_var_rel_error"]["mean"] is None
+    assert groups["batch", 256]["completed"] == 0 and groups["batch", 256]["failed"] == ["batch-b256-s0"]
+
+    text = "\n".join(report["findings"])
+    assert "batch 32 reached 90% validation accuracy in the least wall time (68.4 s" in text
+    assert "batch 128 took the fewest steps" in text
+    assert "diminishing returns begin at batch 64" in text
+    assert "BatchNorm fell behind GroupNorm" in text
+    assert "B^-0.50" in text
+    assert "batch-b256-s0" in text
+
+    for name in ("accuracy", "steps_to_target", "grad_std", "noise_scale", "bn_discrepancy", "throughput"):
+        assert os.path.getsize(os.path.join(sweep_dir, f"{name}.png")) > 1000
+    with open(os.path.join(sweep_dir, "report.json")) as f:
+        assert json.load(f)["fits"]["batch"]["steps_to_target"]["b_crit"] == pytest.approx(B_CRIT)
+    with open(os.path.join(sweep_dir, "report.md")) as f:
+        markdown = f.read()
+    assert "| batch | 8 |" in markdown and "batch-b256-s0: failed loss became nan" in markdown
+
+
+def test_hparams_sessions(sweep_dir):
+    import tensorflow as tf
+
+    report_lib.build_report(sweep_dir)
+    files = glob.glob(os.path.join(sweep_dir, "tensorboard", "**", "events.out.tfevents.*"), recursive=True)
+    sessions, metrics = set(), set()
+    for path in files:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams" and value.tag == "_hparams_/session_start_info":
+                    sessions.add(os.path.basename(os.path.dirname(path)))
+                elif value.tag == "test_accuracy":
+                    metrics.add(os.path.basename(os.path.dirname(path)))
+    assert len(sessions) == len(BATCHES) * len(SEEDS) * 2 + 1
+    assert "group-b16-s2" in metrics and "batch-b256-s0" not in metrics
+
+
+def test_single_seed_has_no_std(tmp_path):
+    for batch in (16, 64):
+        write_run(str(tmp_path), "group", batch, 0)
+    report = report_lib.build_report(str(tmp_path), tensorboard=False)
+    assert all(g["test_accuracy"]["std"] is None for g in report["groups"])
+    assert "± " not in report_lib.headline(report)
+
+
+def test_empty_sweep_dir(tmp_path):
+    with pytest.raises(report_lib.InputError, match="holds no runs"):
+        report_lib.build_report(str(tmp_path))

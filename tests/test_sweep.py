@@ -1,0 +1,229 @@
+"""Batch-size sweeps: runs, skips finished runs, resumes interrupted ones, records failures, tunes, rejects bad flags."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import config as config_lib
+from pipeline import rundir, sweep
+from pipeline import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TRAIN = 1293  # digits: 1797 examples - 20% test - 10% of the rest for validation
+
+
+def tiny_config(**changes):
+    return dataclasses.replace(config_lib.smoke(), export=False, dynamics=False, precise_bn_samples=64,
+                               target_accuracy=0.3, **changes)
+
+
+def record_calls(monkeypatch, fake=None):
+    """Replaces train() by a wrapper (around the real one, or `fake`) that records each call's config."""
+    calls, real = [], train_lib.train
+
+    def wrapper(config):
+        calls.append(config)
+        return (fake or real)(config)
+
+    monkeypatch.setattr(train_lib, "train", wrapper)
+    return calls
+
+
+def fake_train(config, val_accuracy=None, status="completed"):
+    """Writes the files of a run without training: config.json and summary.json."""
+    os.makedirs(config.run_dir, exist_ok=True)
+    rundir.write_json_atomic(os.path.join(config.run_dir, "config.json"),
+                             {"config": config_lib.to_dict(config), "effective_lr": config.effective_lr})
+    accuracy = val_accuracy(config) if val_accuracy else 0.9
+    summary = train_lib.Summary(status=status, run_dir=config.run_dir, steps=10, epochs=config.epochs,
+                                val_accuracy=accuracy if status == "completed" else None,
+                                test_accuracy=accuracy if status == "completed" else None,
+                                train_accuracy=accuracy if status == "completed" else None,
+                                reason="loss became nan" if status == "failed" else "")
+    rundir.write_json_atomic(os.path.join(config.run_dir, "summary.json"), dataclasses.asdict(summary))
+    return summary
+
+
+def test_budget_conversion_matches_counting_steps():
+    config = tiny_config()
+    for kind, amount, batch in (("steps", 50, 128), ("steps", 55, 128), ("steps", 7, 8), ("examples", 10000, 128),
+                                ("examples", 5000, 64), ("epochs", 3, 16)):
+        run = sweep.Budget(kind, amount).apply(config, batch, NUM_TRAIN)
+        wanted = amount if kind == "steps" else amount // batch if kind == "examples" else None
+        # Brute force: train whole epochs of NUM_TRAIN // batch steps, stopping at the wanted step.
+        steps, epochs = 0, 0
+        while (wanted is None and epochs < amount) or (wanted is not None and steps < wanted):
+            epochs += 1
+            steps = min(steps + NUM_TRAIN // batch, wanted if wanted is not None else math.inf)
+        assert run.epochs == epochs, (kind, amount, batch)
+        assert (run.max_steps or run.epochs * (NUM_TRAIN // batch)) == steps, (kind, amount, batch)
+
+
+def test_sweep_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
+    out = str(tmp_path / "sweep")
+    calls = record_calls(monkeypatch)
+    # Ctrl-C at the end of epoch 1 of batch 256, after epoch 0's checkpoint is saved.
+    real_logger = rundir.metrics_logger
+
+    def interrupting_logger(run_dir, examples_per_step):
+        callback = real_logger(run_dir, examples_per_step)
+        on_epoch_end = callback.on_epoch_end
+
+        def end(epoch, logs=None):
+            on_epoch_end(epoch, logs)
+            if epoch == 1 and "b256" in run_dir:
+                raise KeyboardInterrupt
+
+        callback.on_epoch_end = end
+        return callback
+
+    monkeypatch.setattr(rundir, "metrics_logger", interrupting_logger)
+    arguments = dict(batches=(128, 256), norms=("batch",), seeds=(0,), out=out, budget=sweep.Budget("epochs", 2))
+    config = tiny_config(grad_stats_every=0, bn_stats_every=0)  # instruments are tested with the notebook's sweep
+    with pytest.raises(KeyboardInterrupt):
+        sweep.sweep(config, **arguments)
+    interrupted = os.path.join(out, "runs", "batch-b256-s0")
+    assert rundir.read_summary(interrupted)["status"] == "interrupted"
+    assert rundir.read_summary(os.path.join(out, "runs", "batch-b128-s0"))["status"] == "completed"
+    with open(os.path.join(interrupted, "metrics.jsonl")) as f:
+        first_epoch = f.readline()
+
+    monkeypatch.setattr(rundir, "metrics_logger", real_logger)
+    calls.clear()
+    sweep.sweep(config, **arguments, report=False)
+    assert [(c.batch, c.resume) for c in calls] == [(256, True)]
+    summary = rundir.read_summary(interrupted)
+    assert summary["status"] == "completed" and summary["steps"] == 2 * (NUM_TRAIN // 256)
+    with open(os.path.join(interrupted, "metrics.jsonl")) as f:
+        lines = f.readlines()
+    assert lines[0] == first_epoch  # epoch 0 was restored from its checkpoint, not trained again
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+    calls.clear()
+    mtimes = {d: os.path.getmtime(os.path.join(out, "runs", d, "summary.json")) for d in os.listdir(os.path.join(out, "runs"))}
+    report = sweep.sweep(config, **arguments)
+    assert calls == []
+    assert mtimes == {d: os.path.getmtime(os.path.join(out, "runs", d, "summary.json")) for d in mtimes}
+    assert [g["batch"] for g in report["groups"]] == [128, 256]
+    assert os.path.exists(os.path.join(out, "report.md")) and os.path.exists(os.path.join(out, "sweep.json"))
+
+
+def test_failed_runs_are_recorded_and_not_repeated(tmp_path, monkeypatch):
+    def flaky(config):
+        if config.batch == 64:
+            raise RuntimeError("OOM when allocating tensor with shape [64,4096]")
+        return fake_train(config, status="failed" if config.batch == 32 else "completed")
+
+    calls = record_calls(monkeypatch, flaky)
+    out = str(tmp_path / "sweep")
+    report = sweep.sweep(tiny_config(), (16, 32, 64), out=out, budget=sweep.Budget("epochs", 1))
+    assert len(calls) == 3
+    statuses = {r["batch"]: (r["status"], r["reason"]) for r in report["runs"]}
+    assert statuses[16][0] == "completed"
+    assert statuses[32] == ("failed", "loss became nan")
+    assert statuses[64] == ("failed", "RuntimeError: OOM when allocating tensor with shape [64,4096]")
+    assert "OOM" in open(os.path.join(out, "runs", "batch-b64-s0", "error.txt")).read()
+    assert any("batch-b32-s0" in finding and "batch-b64-s0" in finding for finding in report["findings"])
+    calls.clear()
+    sweep.sweep(tiny_config(), (16, 32, 64), out=out, budget=sweep.Budget("epochs", 1), report=False)
+    assert calls == []
+
+
+def test_changed_settings_are_refused(tmp_path, monkeypatch):
+    record_calls(monkeypatch, fake_train)
+    out = str(tmp_path / "sweep")
+    sweep.sweep(tiny_config(), (32,), out=out, budget=sweep.Budget("epochs", 1), report=False)
+    with pytest.raises(config_lib.InputError, match=r"--out: .*batch-b32-s0 was run with lr=0.1, this sweep asks for 0.2"):
+        sweep.sweep(tiny_config(lr=0.2), (32,), out=out, budget=sweep.Budget("epochs", 1), report=False)
+    # --overwrite runs it again with the new settings.
+    sweep.sweep(tiny_config(lr=0.2, overwrite=True), (32,), out=out, budget=sweep.Budget("epochs", 1), report=False)
+    with open(os.path.join(out, "runs", "batch-b32-s0", "config.json")) as f:
+        assert json.load(f)["config"]["lr"] == 0.2
+
+
+def test_linear_scaling_and_warmup_per_run(tmp_path, monkeypatch):
+    calls = record_calls(monkeypatch, fake_train)
+    config = tiny_config(lr=0.05, lr_scaling="linear", base_batch=32)
+    sweep.sweep(config, (16, 128), norms=("batch", "group"), seeds=(0, 1), out=str(tmp_path),
+                budget=sweep.Budget("epochs", 9), warmup_fraction=sweep.WARMUP_FRACTION, report=False)
+    assert [(c.norm, c.batch, c.seed) for c in calls] == [
+        (n, b, s) for n in ("batch", "group") for b in (16, 128) for s in (0, 1)]
+    for c in calls:
+        assert c.effective_lr == pytest.approx(0.05 * c.batch / 32)
+        assert c.warmup_epochs == pytest.approx(9 * 5 / 90) and c.epochs == 9
+        assert c.run_dir == os.path.join(str(tmp_path), "runs", f"{c.norm}-b{c.batch}-s{c.seed}")
+
+
+def best_at_lr(peak):
+    """A fake objective: validation accuracy highest at lr = peak, falling with |log(lr / peak)|."""
+    return lambda config: 0.99 - 0.1 * abs(math.log(config.lr / peak))
+
+
+def test_tuner_picks_each_batch_its_best_lr(tmp_path, monkeypatch):
+    calls = record_calls(monkeypatch, lambda c: fake_train(c, best_at_lr(0.01 * c.batch / 16)))
+    out = str(tmp_path)
+    report = sweep.sweep(tiny_config(lr=0.02), (16, 64), out=out, budget=sweep.Budget("epochs", 1),
+                         tuner="random", max_trials=4)
+    trials = [c for c in calls if c.run_dir.startswith(os.path.join(out, "tuner"))]
+    finals = [c for c in calls if c.run_dir.startswith(os.path.join(out, "runs"))]
+    assert len(trials) == 8 and len(finals) == 2
+    for final in finals:
+        mine = [t for t in trials if f"b{final.batch}" in t.run_dir]
+        best = max(mine, key=best_at_lr(0.01 * final.batch / 16))
+        assert all(0.002 <= t.lr <= 0.2 for t in mine)  # a factor 10 around the (unscaled) lr 0.02
+        assert final.lr == pytest.approx(best.lr) and final.lr_scaling == "none"
+    assert os.path.exists(os.path.join(out, "tuner", "batch-b16", "trial_0", "trial.json"))
+    assert sorted(report["tuning"]) == ["batch-b16", "batch-b64"] and "tuning" in report["plots"]
+    calls.clear()  # A finished search is reloaded, not repeated.
+    sweep.sweep(tiny_config(lr=0.02), (16, 64), out=out, budget=sweep.Budget("epochs", 1), tuner="random",
+                max_trials=4, report=False)
+    assert calls == []
+
+
+def test_hyperband_trains_rounds_of_the_epoch_budget(tmp_path, monkeypatch):
+    calls = record_calls(monkeypatch, lambda c: fake_train(c, best_at_lr(0.05)))
+    sweep.sweep(tiny_config(), (32,), out=str(tmp_path), budget=sweep.Budget("epochs", 9), tuner="hyperband",
+                tune=("lr", "momentum", "warmup"), report=False)
+    trials = [c for c in calls if c.run_dir.startswith(os.path.join(str(tmp_path), "tuner"))]
+    assert {c.epochs for c in trials} <= {1, 3, 9} and max(c.epochs for c in trials) == 9 and len(trials) > 3
+    assert len({c.momentum for c in trials}) > 1 and all(0.5 <= c.momentum <= 0.99 for c in trials)
+    assert all(0 <= c.warmup_epochs <= 0.3 * c.epochs for c in trials)
+    assert calls[-1].epochs == 9 and calls[-1].run_dir == os.path.join(str(tmp_path), "runs", "batch-b32-s0")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch", "8,x"], ["--batch", "8,16,32"]),
+    (["--batch", "0,8"], ["--batch", "positive"]),
+    (["--norm", "batch,instance"], ["--norm", "group"]),
+    (["--seeds", "0"], ["--seeds", "positive"]),
+    (["--budget-epochs", "3", "--budget-steps", "10"], ["--budget-steps", "--budget-epochs"]),
+    (["--target-accuracy", "1.5"], ["--target-accuracy", "[0, 1]"]),
+    (["--base-lr", "-1"], ["--base-lr", "> 0"]),
+    (["--tuner", "grid"], ["--tuner", "random"]),
+    (["--tune", "momentum"], ["--tune", "lr"]),
+    (["--optimizer", "lbfgs"], ["--optimizer", "adam"]),
+])
+def test_bad_flags_exit_2_with_one_line(args, words, capsys):
+    try:
+        code = sweep.main(args)  # bad values: InputError, printed by main
+    except SystemExit as e:  # malformed flags: argparse, through flags.Parser
+        code = e.code
+    assert code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    assert sweep.main(["--batch", "8,4096", "--out", str(tmp_path)]) == 2  # needs the data to know
+    assert capsys.readouterr().err == "error: --batch: 4096 is larger than the training split (1293 examples)\n"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--norm", "batch,instance", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.startswith("error: --norm: got 'batch,instance'") and result.stderr.count("\n") == 1
