@@ -2,6 +2,8 @@
 
 from callbacks.bn_stats import BatchNormStatistics
 from callbacks.dynamics import LearningDynamics
+from callbacks.gradient_stats import GradientStatistics
 from callbacks.precise_bn import PreciseBN, batch_norm_inputs, precise_bn
 
-__all__ = ["BatchNormStatistics", "LearningDynamics", "PreciseBN", "batch_norm_inputs", "precise_bn"]
+__all__ = ["BatchNormStatistics", "GradientStatistics", "LearningDynamics", "PreciseBN", "batch_norm_inputs",
+           "precise_bn"]

@@ -16,26 +16,31 @@ same formulas restricted to one variable give the per-variable values; the total
 |G|^2 and tr(Sigma), not of ratios. A ratio of two noisy estimates is biased, so the smoothed keys (*_ema) are
 derived from bias-corrected exponential moving averages of |G|^2 and tr(Sigma) (the ratio of averages, app. A).
 
-The measurement has no side effects on training: the model runs under `keras.StatelessScope` (what
-`Model.stateless_call` uses), so BatchNormalization moving statistics, dropout seed state and metric updates are
-discarded; the optimizer is never called; batches come from the callback's own iterator. That iterator must be
-over a dataset OBJECT of its own, e.g. `data.train_dataset(batch, seed=seed + 1)`: iterators of one tf.data
-object share its shuffle seed generator, so iterating the very object passed to `fit` changes the order of the
-training's next epochs. With BatchNormalization each micro-batch is normalized with its own statistics (ghost
-batch norm at size b), so Sigma is the noise at micro-batch size b, extrapolated by 1 / B; set
-micro_batch_size=B (and micro_batches >= 2, drawing several batches) to measure the noise of BN at B exactly.
-Dropout masks differ between micro-batches and measurements. Decoupled weight decay (optimizer weight_decay) is
-not part of the loss, so it is not in |G|^2.
+The measurement has no side effects on training: the model and its compiled loss run in one
+`keras.StatelessScope` (the mechanism of `Model.stateless_call`; one scope so that compute_loss also sees the
+layers' add_loss and regularization losses), which discards BatchNormalization moving statistics, dropout seed
+state and metric updates; the optimizer is never called; batches come from the callback's own iterator. That
+iterator must be over a dataset OBJECT of its own, e.g. `data.train_dataset(batch, seed=seed + 1)`: iterators
+of one tf.data object share its shuffle seed generator, so iterating the object passed to `fit` would change the
+order of the training's later epochs. With BatchNormalization each micro-batch is normalized with its own
+statistics (ghost batch norm at size b), so Sigma is the noise at micro-batch size b, extrapolated by 1 / B; set
+micro_batch_size=B and micro_batches >= 2 (several batches, M times the cost) to measure it with BN at B.
+Dropout masks differ between micro-batches and measurements. Decoupled weight decay (the optimizer's
+weight_decay) is not part of the loss, so it is not in |G|^2. Steps are batches, counted from the optimizer's
+iterations at the start of fit.
 
-Speed: the M micro-batch gradients are one `tf.vectorized_map` inside one `tf.function` traced once. Its
-generic conversion of Conv2DBackpropFilter is a while loop over micro-batches (TensorFlow's pfor, "Fix that!");
-while tracing, this module converts it instead to one batched matmul of image patches (im2col), which made a
-measurement 1.3-2.7x faster than the while loop and faster than a Python loop over micro-batches at M = 8.
+Speed: the M micro-batch gradients are one `tf.vectorized_map` in one `tf.function`, traced once. TensorFlow's
+vectorization turns Conv2DBackpropFilter into a while loop over micro-batches ("Fix that!" in pfor.py); while
+tracing, this module converts it instead to one grouped convolution, which halved the cost on 8x8 inputs and
+matched the loop on 32x32. A measurement of B = 32 examples then costs 0.8-1.1 training steps on 2 CPU cores
+(small CNNs and ResNet-20 on 8x8x1 and 32x32x3), about one forward and backward pass at B: a Python loop over
+micro-batches cost 1.5-3.3 steps, XLA 3-20. Models with dropout vectorize their random ops with a while loop.
 """
 
 import contextlib
 import json
 import math
+import numbers
 import os
 
 import keras
@@ -72,8 +77,10 @@ def estimate(model, x, y, *, micro_batch_size=1, batch_size=None, sample_weight=
     micro_batches = n // micro_batch_size
     _check_micro_batches(micro_batch_size, micro_batches, n)
     gradients = _MicroBatchGradients(model, micro_batch_size, micro_batches)
-    norm_sq, trace, _, _ = gradients(x, y, sample_weight, seed_offset=0)
-    return _record(_derive(norm_sq, trace, batch_size or n), gradients.paths)
+    data = (x, y) if sample_weight is None else (x, y, sample_weight)
+    data = tf.nest.map_structure(lambda t: t[: micro_batches * micro_batch_size], data)
+    norm_sq, trace, _, _ = gradients(data, seed_offset=0)
+    return _record(gradients.paths, (_derive(norm_sq, trace, batch_size or n), ""))
 
 
 def _derive(norm_sq, trace_cov, batch_size):
@@ -89,11 +96,15 @@ def _derive(norm_sq, trace_cov, batch_size):
         }
 
 
-def _record(values, paths, suffix=""):
+def _record(paths, *values_and_suffixes):
     """The totals as {"grad/<key><suffix>": float} plus per-variable values under "variables"."""
-    record = {f"grad/{key}{suffix}": float(value[-1]) for key, value in values.items()}
-    record["variables"] = {path: {key + suffix: float(values[key][i]) for key in values} for i, path in enumerate(paths)}
-    return record
+    record, variables = {}, {path: {} for path in paths}
+    for values, suffix in values_and_suffixes:
+        for key, value in values.items():
+            record[f"grad/{key}{suffix}"] = float(value[-1])
+            for i, path in enumerate(paths):
+                variables[path][key + suffix] = float(value[i])
+    return {**record, "variables": variables}
 
 
 def _check_micro_batches(micro_batch_size, micro_batches, examples):
@@ -105,7 +116,7 @@ def _check_micro_batches(micro_batch_size, micro_batches, examples):
 
 
 class _MicroBatchGradients:
-    """One compiled function: per-variable |g|^2 and tr(Sigma) from M micro-batches, plus per-parameter tensors."""
+    """One compiled function: per-variable |g|^2 and tr(Sigma) from M micro-batches, optionally per parameter."""
 
     def __init__(self, model, micro_batch_size, micro_batches):
         self.model, self.b, self.m = model, micro_batch_size, micro_batches
@@ -113,45 +124,51 @@ class _MicroBatchGradients:
         self._seed_states = [v.path.endswith("seed_generator_state") for v in model.non_trainable_variables]
         self._function = tf.function(self._moments, reduce_retracing=True)
 
-    def __call__(self, x, y, sample_weight, seed_offset):
-        """Returns (|G|^2, tr(Sigma)) as float64 arrays [per variable..., total] and per-parameter mean and std."""
-        examples = self.m * self.b
-        x, y, sample_weight = tf.nest.map_structure(lambda t: t[:examples], (x, y, sample_weight))
-        offsets = tf.range(self.m, dtype=tf.int64) + tf.constant(seed_offset, tf.int64)
+    def __call__(self, data, seed_offset, per_parameter=False):
+        """Statistics of data = (x, y) or (x, y, sample_weight) with exactly M * b examples.
+
+        Returns:
+            (|G|^2, tr(Sigma)) as float64 arrays [per variable..., total], and if per_parameter, the lists of
+            per-parameter mean gradients and per-example gradient standard deviations (else two empty lists).
+        """
         with _per_micro_batch_conv_filter_gradients():
-            mean_sq, deviation_sq, means, stds = self._function(x, y, sample_weight, offsets)
-        deviation_sq = deviation_sq.numpy().astype(np.float64)
-        trace = self.b / (self.m - 1) * deviation_sq
-        norm_sq = mean_sq.numpy().astype(np.float64) - trace / examples
+            # per_parameter is a Python bool: the function is traced once for each value.
+            mean_sq, deviation_sq, means, stds = self._function(data, tf.constant(seed_offset, tf.int64), per_parameter)
+        trace = self.b / (self.m - 1) * deviation_sq.numpy().astype(np.float64)
+        norm_sq = mean_sq.numpy().astype(np.float64) - trace / (self.m * self.b)
         return np.append(norm_sq, norm_sq.sum()), np.append(trace, trace.sum()), means, stds
 
-    def _moments(self, x, y, sample_weight, offsets):
+    def _moments(self, data, seed_offset, per_parameter):
         model = self.model
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
         split = lambda t: tf.reshape(t, [self.m, self.b] + list(t.shape[1:]))  # noqa: E731
 
         def micro_batch_gradient(inputs):
-            xb, yb, wb, offset = inputs
+            (xb, yb, *weights), offset = inputs
             # Distinct dropout masks per micro-batch: shift the counter half of every seed-generator state.
             states = [
                 value + tf.stack([tf.zeros_like(offset), offset]) if is_seed else value
                 for value, is_seed in zip(non_trainable, self._seed_states)
             ]
-            mapping = list(zip(model.trainable_variables, trainable)) + list(zip(model.non_trainable_variables, states))
+            mapping = [*zip(model.trainable_variables, trainable), *zip(model.non_trainable_variables, states)]
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
                 with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
                     y_pred = model(xb, training=True)
-                    loss = model.compute_loss(xb, yb, y_pred, wb, training=True)
+                    loss = model.compute_loss(xb, yb, y_pred, weights[0] if weights else None, training=True)
             return tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-        gradients = tf.vectorized_map(micro_batch_gradient, tf.nest.map_structure(split, (x, y, sample_weight)) + (offsets,))
+        offsets = seed_offset + tf.range(self.m, dtype=tf.int64)
+        gradients = tf.vectorized_map(micro_batch_gradient, (tf.nest.map_structure(split, data), offsets))
         means = [tf.reduce_mean(g, axis=0) for g in gradients]
         deviations = [tf.reduce_sum(tf.square(g - mean), axis=0) for g, mean in zip(gradients, means)]
         mean_sq = tf.stack([tf.reduce_sum(tf.square(mean)) for mean in means])
         deviation_sq = tf.stack([tf.reduce_sum(d) for d in deviations])
-        stds = [tf.sqrt(self.b / (self.m - 1) * d) for d in deviations]  # per-parameter std of one example's gradient
+        if not per_parameter:
+            return mean_sq, deviation_sq, [], []
+        # Per-parameter standard deviation of one example's gradient, sqrt(diag(Sigma)).
+        stds = [tf.sqrt(self.b / (self.m - 1) * d) for d in deviations]
         return mean_sq, deviation_sq, means, stds
 
 
@@ -177,10 +194,12 @@ class GradientStatistics(keras.callbacks.Callback):
         log_dir=None,
         out_path=None,
         histograms=True,
+        histogram_every=10,
     ):
         """Args:
-        dataset: A tf.data.Dataset of training batches (x, y) or (x, y, sample_weight), its own object (not the
-            one passed to fit). It is repeated; batches with too few examples are skipped.
+        dataset: A tf.data.Dataset of training batches (x, y) or (x, y, sample_weight), an object of its own
+            (not the one passed to fit; see the module docstring). It is repeated, and its batches are split or
+            concatenated into micro_batches * micro_batch_size fresh examples per measurement.
         every_n_steps: Steps (batches) between measurements.
         batch_size: The run's batch size B for grad/batch_std and grad/snr (default: the dataset's batch size).
         micro_batch_size: Examples b per micro-batch (default: max(1, B // 8)).
@@ -189,29 +208,33 @@ class GradientStatistics(keras.callbacks.Callback):
         log_dir: TensorBoard directory (events go to log_dir/gradients), or None.
         out_path: JSON-lines file, one record per measurement, or None.
         histograms: Write per-variable histograms to TensorBoard.
+        histogram_every: Write them at every this many measurements (the per-parameter statistics and the
+            histograms cost about as much as the measurement itself).
         """
         super().__init__()
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if not isinstance(every_n_steps, numbers.Integral) or every_n_steps < 1:
             raise InputError(f"--grad-stats-every: must be an integer >= 1 step, got {every_n_steps!r}")
         if not 0.0 <= ema < 1.0:
             raise InputError(f"ema: must be in [0, 1), got {ema!r}")
         dataset_batch = tf.nest.flatten(dataset.element_spec)[0].shape[0]
         self.batch_size = batch_size or dataset_batch
         if not self.batch_size:
-            raise InputError("batch_size: the dataset's batch size is not static; pass batch_size=B")
+            raise InputError("batch_size: the dataset's batch size is not static (no drop_remainder); pass it")
         self.micro_batch_size = micro_batch_size or max(1, self.batch_size // 8)
         self.micro_batches = micro_batches or max(2, self.batch_size // self.micro_batch_size)
         _check_micro_batches(self.micro_batch_size, self.micro_batches, self.micro_batch_size * self.micro_batches)
-        self.dataset, self.every_n_steps, self.ema = dataset, every_n_steps, ema
+        self.dataset, self.every_n_steps, self.ema = dataset, int(every_n_steps), ema
         self.log_dir, self.out_path, self.histograms = log_dir, out_path, histograms
-        self.history = []  # one record per measurement, as written to out_path
+        self.histogram_every = histogram_every
+        self.history = []  # one record per measurement as written to out_path, without the per-variable values
         self._iterator = self._gradients = self._writer = self._write = None
-        self._averages = None  # (EMA of |G|^2, EMA of tr(Sigma), number of measurements)
+        self._average_norm_sq = self._average_trace = 0.0  # moving averages, per variable and total
         self._latest = {}
         self._epoch = 0
 
     def on_train_begin(self, logs=None):
-        self._last_step = int(self.model.optimizer.iterations)
+        # Steps are batches: counted here from the optimizer's count at the start (a resumed run continues it).
+        self._step = self._epoch_start = int(self.model.optimizer.iterations)
         if self._iterator is None:
             self._iterator = iter(self.dataset.repeat())
         if self._gradients is None or self._gradients.model is not self.model:
@@ -222,15 +245,15 @@ class GradientStatistics(keras.callbacks.Callback):
         self._out = open(self.out_path, "a") if self.out_path else None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+        self._epoch, self._epoch_start = epoch, self._step
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
-        if step // self.every_n_steps > self._last_step // self.every_n_steps:
-            record = self._measure(step)
+        # `batch` is the last batch index of the epoch that ran (several with steps_per_execution > 1).
+        previous, self._step = self._step, self._epoch_start + batch + 1
+        if self._step // self.every_n_steps > previous // self.every_n_steps:
+            self._measure(self._step)
             if logs is not None:
-                logs.update({key: value for key, value in record.items() if key.startswith("grad/")})
-        self._last_step = step
+                logs.update(self._latest)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -245,47 +268,37 @@ class GradientStatistics(keras.callbacks.Callback):
             self._writer.flush()
 
     def _measure(self, step):
-        """One measurement at the current weights: updates the averages, writes logs, returns the record."""
-        x, y, sample_weight = self._fresh_examples()
+        """One measurement at the current weights: updates the averages and writes the record everywhere."""
         seed_offset = (len(self.history) + 1) * 1_000_003  # far from the counters the training's dropout reaches
-        norm_sq, trace, means, stds = self._gradients(x, y, sample_weight, seed_offset)
-        if self._averages is None:
-            self._averages = (np.zeros_like(norm_sq), np.zeros_like(trace), 0)
-        average_norm_sq, average_trace, count = self._averages
-        average_norm_sq = self.ema * average_norm_sq + (1 - self.ema) * norm_sq
-        average_trace = self.ema * average_trace + (1 - self.ema) * trace
-        self._averages = (average_norm_sq, average_trace, count + 1)
-        correction = 1 - self.ema ** (count + 1)  # bias correction of a moving average started at zero (Adam)
+        per_parameter = bool(self.log_dir and self.histograms and len(self.history) % self.histogram_every == 0)
+        norm_sq, trace, means, stds = self._gradients(self._fresh_examples(), seed_offset, per_parameter)
+        self._average_norm_sq = self.ema * self._average_norm_sq + (1 - self.ema) * norm_sq
+        self._average_trace = self.ema * self._average_trace + (1 - self.ema) * trace
+        correction = 1 - self.ema ** (len(self.history) + 1)  # of a moving average started at zero (as in Adam)
         raw = _derive(norm_sq, trace, self.batch_size)
-        smoothed = _derive(average_norm_sq / correction, average_trace / correction, self.batch_size)
+        smoothed = _derive(self._average_norm_sq / correction, self._average_trace / correction, self.batch_size)
         record = {"step": step, "epoch": self._epoch, "batch_size": self.batch_size}
         record.update(micro_batch_size=self.micro_batch_size, micro_batches=self.micro_batches)
-        raw_record, smoothed_record = _record(raw, self._gradients.paths), _record(smoothed, self._gradients.paths, "_ema")
-        variables = {path: {**raw_record["variables"][path], **smoothed_record["variables"][path]} for path in self._gradients.paths}
-        record.update({k: v for k, v in raw_record.items() if k != "variables"})
-        record.update({k: v for k, v in smoothed_record.items() if k != "variables"})
-        record["variables"] = variables
+        record.update(_record(self._gradients.paths, (raw, ""), (smoothed, "_ema")))
         self._latest = {k: v for k, v in record.items() if k.startswith("grad/")}
-        self.history.append(record)
+        self.history.append({k: v for k, v in record.items() if k != "variables"})
         if self._out:
             self._out.write(json.dumps(_finite_or_none(record)) + "\n")
             self._out.flush()
         if self._writer:
-            scalars = np.concatenate([raw[key] for key in KEYS] + [smoothed[key] for key in KEYS]).astype(np.float32)
-            self._write(tf.constant(step, tf.int64), scalars, means, stds)
-        return record
+            scalars = np.concatenate([values[key] for values in (raw, smoothed) for key in KEYS])
+            self._write(tf.constant(step, tf.int64), scalars.astype(np.float32), means, stds)
 
     def _fresh_examples(self):
-        """Concatenates fresh batches until micro_batches * micro_batch_size examples (skipping short batches)."""
-        needed, parts = self.micro_batches * self.micro_batch_size, []
-        for _ in range(needed + 100):
-            batch = keras.utils.unpack_x_y_sample_weight(next(self._iterator))
-            parts.append(batch)
-            if sum(int(tf.nest.flatten(p[0])[0].shape[0]) for p in parts) >= needed:
-                break
-        if len(parts) == 1:
+        """(x, y) or (x, y, sample_weight) of exactly micro_batches * micro_batch_size fresh examples."""
+        needed, parts, count = self.micro_batches * self.micro_batch_size, [], 0
+        while count < needed:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(next(self._iterator))
+            parts.append((x, y) if sample_weight is None else (x, y, sample_weight))
+            count += int(tf.nest.flatten(x)[0].shape[0])
+        if len(parts) == 1 and count == needed:
             return parts[0]
-        return tf.nest.map_structure(lambda *ts: None if ts[0] is None else tf.concat(ts, axis=0), *parts)
+        return tf.nest.map_structure(lambda *ts: tf.concat(ts, axis=0)[:needed], *parts)
 
     def _summaries(self, step, scalars, means, stds):
         """Writes all TensorBoard summaries of one measurement in one graph (eager writes cost ~0.1 ms each)."""
@@ -296,7 +309,7 @@ class GradientStatistics(keras.callbacks.Callback):
                 tf.summary.scalar(name, scalars[k * columns + columns - 1])
                 for i, path in enumerate(self._gradients.paths):
                     tf.summary.scalar(f"grad_variables/{path}/{name[5:]}", scalars[k * columns + i])
-            if self.histograms:
+            if means:
                 for path, mean, std in zip(self._gradients.paths, means, stds):
                     tf.summary.histogram(f"grad_mean/{path}", mean)
                     tf.summary.histogram(f"grad_std/{path}", std)
@@ -313,7 +326,11 @@ def _finite_or_none(value):
 
 @contextlib.contextmanager
 def _per_micro_batch_conv_filter_gradients():
-    """While active, vectorized Conv2DBackpropFilter over micro-batches is one im2col matmul, not a while loop."""
+    """While active, Conv2DBackpropFilter vectorized over micro-batches is one grouped op instead of a while loop.
+
+    The M micro-batches (M, b, H, W, C) become M channel groups (b, H, W, M * C) of one grouped convolution, whose
+    filter gradient (kh, kw, C, M * O) holds the M per-micro-batch filter gradients side by side.
+    """
     original = _pfor and _pfor._pfor_converter_registry.get("Conv2DBackpropFilter")
     if original is None:
         yield
@@ -322,24 +339,28 @@ def _per_micro_batch_conv_filter_gradients():
     def convert(pfor_input):
         inputs, inputs_stacked, _ = pfor_input.input(0)
         sizes = tf.get_static_value(pfor_input.unstacked_input(1))
-        padding = pfor_input.get_attr("padding")
-        if not inputs_stacked or sizes is None or pfor_input.get_attr("data_format") != b"NHWC" or padding not in (b"SAME", b"VALID"):
+        if not inputs_stacked or sizes is None or pfor_input.get_attr("data_format") != b"NHWC":
             return original(pfor_input)
         pfor_input.stack_inputs(stack_indices=[2])
-        output_gradients = pfor_input.stacked_input(2)
-        loop_length = pfor_input.pfor.loop_len_vector[0]
-        flat_inputs = tf.reshape(inputs, tf.concat([[-1], tf.shape(inputs)[2:]], axis=0))
-        patches = tf.image.extract_patches(
-            flat_inputs,
-            sizes=[1, int(sizes[0]), int(sizes[1]), 1],
-            strides=list(pfor_input.get_attr("strides")),
-            rates=list(pfor_input.get_attr("dilations")),
-            padding=padding.decode(),
+        height, width, channels, filters = (int(size) for size in sizes)
+        micro_batches = pfor_input.pfor.loop_len_vector[0]
+
+        def groups_to_channels(t):  # (M, b, H, W, C) -> (b, H, W, M * C)
+            t = tf.transpose(t, [1, 2, 3, 0, 4])
+            return tf.reshape(t, tf.concat([tf.shape(t)[:3], [-1]], axis=0))
+
+        gradients = tf.raw_ops.Conv2DBackpropFilter(
+            input=groups_to_channels(inputs),
+            filter_sizes=tf.stack([height, width, channels, micro_batches * filters]),
+            out_backprop=groups_to_channels(pfor_input.stacked_input(2)),
+            strides=pfor_input.get_attr("strides"),
+            padding=pfor_input.get_attr("padding"),
+            explicit_paddings=pfor_input.get_attr("explicit_paddings"),
+            data_format="NHWC",
+            dilations=pfor_input.get_attr("dilations"),
         )
-        patches = tf.reshape(patches, [loop_length, -1, int(np.prod(sizes[:3]))])
-        output_gradients = tf.reshape(output_gradients, [loop_length, -1, int(sizes[3])])
-        filters = tf.matmul(patches, output_gradients, transpose_a=True)
-        return _pfor.wrap(tf.reshape(filters, tf.concat([[loop_length], sizes], axis=0)), True)
+        gradients = tf.transpose(tf.reshape(gradients, [height, width, channels, -1, filters]), [3, 0, 1, 2, 4])
+        return _pfor.wrap(gradients, True)
 
     _pfor._pfor_converter_registry["Conv2DBackpropFilter"] = convert
     try:

@@ -4,22 +4,25 @@
 grad_stats.jsonl, bn_stats.json of each <SWEEP_DIR>/runs/*), as pipeline.sweep does at its end.
 
 Steps to target follow S(B) = S_min (1 + B_crit / B) (McCandlish et al. 2018: their trade-off
-(S / S_min - 1)(E / E_min - 1) = 1 with E = B S examples and B_crit = E_min / S_min): S is linear in 1/B, S = a + b / B with S_min = a and B_crit = b / a, so the fit is a
-least-squares line, weighted by 1/S so that every batch size counts by its relative error. B_crit is shown
-beside the measured simple noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8), the
-run's mean of callbacks.GradientStatistics' "grad/noise_scale_ema". The minibatch gradient's standard
-deviation falls as sigma / sqrt(B); its log-log slope against B is fitted beside -0.5. Means and standard
-deviations are over seeds (sample std, ddof=1; none for a single seed); accuracies, times and instruments
-come from completed runs, the target metrics from completed runs that reached the target. Targets are checked
-at epoch ends, where train() evaluates, so steps to target have a resolution of one epoch (N / B steps).
-Time per step is the median over the epochs after the first (whose time includes tracing and compilation), with
-each epoch's validation and instruments; time to target is steps to target times that time per step, so that
-one-time start-up costs do not decide which batch is fastest (the run's own clock, start-up included, is kept as
-wall_time_to_target_s in report.json).
+(S / S_min - 1)(E / E_min - 1) = 1 with E = B S examples and B_crit = E_min / S_min). S is linear in 1/B,
+S = a + b / B with S_min = a and B_crit = b / a, so the fit is a least-squares line, weighted by 1/S so that
+every batch size counts by its relative error. B_crit is shown beside the measured simple noise scale
+B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8), the run's mean of callbacks.GradientStatistics'
+"grad/noise_scale_ema". The minibatch gradient's standard deviation falls as sigma / sqrt(B); its log-log slope
+against B is fitted beside -0.5.
+
+Means and standard deviations are over seeds (sample std, ddof=1; none for a single seed); accuracies, times
+and instruments come from completed runs, the target metrics from completed runs that reached the target.
+Targets are checked at epoch ends, where train() evaluates, so steps to target have a resolution of one epoch
+(N / B steps). Time per step is the median over the epochs after the first (whose time includes tracing and
+compilation), with each epoch's validation and instruments; time to target is steps to target times that
+time per step, so that one-time start-up costs do not decide which batch is fastest (the run's own clock,
+start-up included, is kept as wall_time_to_target_s in report.json).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -47,10 +50,10 @@ COLUMNS = (
     ("bn_var_rel_error", "BN var error", "{:.3g}"),
 )
 TARGET_KEYS = ("steps_to_target", "epochs_to_target", "time_to_target_s", "wall_time_to_target_s")
-METRICS = ("test_accuracy", "train_accuracy", "val_accuracy", "generalization_gap", "time_per_step_ms",
-           "examples_per_sec", "wall_time_s", "grad_std", "noise_scale", "bn_mean_rel_error", "bn_var_rel_error",
-           "lr") + TARGET_KEYS
-DIMINISHING = 0.5  # a doubling that buys less than half the perfect-scaling step reduction (in log terms)
+METRICS = ("test_accuracy", "train_accuracy", "val_accuracy", "best_val_accuracy", "generalization_gap",
+           "time_per_step_ms", "examples_per_sec", "wall_time_s", "grad_std", "noise_scale", "bn_mean_rel_error",
+           "bn_var_rel_error", "lr") + TARGET_KEYS
+DIMINISHING = 0.5  # scaling efficiency below which a larger batch is past the onset of diminishing returns
 
 
 def _read_json(path: str):
@@ -94,13 +97,17 @@ def read_run(run_dir: str) -> dict | None:
         row[key] = summary.get(key)
     train, test = row["train_accuracy"], row["test_accuracy"]
     row["generalization_gap"] = train - test if train is not None and test is not None else None
-    seconds = steady_time_per_step(_read_jsonl(os.path.join(run_dir, "metrics.jsonl")))
+    history = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
+    seconds = steady_time_per_step(history)
     seconds = seconds or summary.get("time_per_step_s")
     row["time_per_step_ms"] = 1000 * seconds if seconds else None
     row["examples_per_sec"] = batch / seconds if seconds else None
     row["wall_time_to_target_s"] = row["time_to_target_s"]
     row["time_to_target_s"] = row["steps_to_target"] * seconds if seconds and row["steps_to_target"] else None
-    grad = [r for r in _read_jsonl(os.path.join(run_dir, "grad_stats.jsonl")) if "step" in r]
+    # A resumed run measures the steps after its checkpoint again; the last measurement of a step counts.
+    by_step = {r["step"]: r for r in _read_jsonl(os.path.join(run_dir, "grad_stats.jsonl")) if "step" in r}
+    grad = [by_step[step] for step in sorted(by_step)]
     stds = [r for r in grad if r.get("grad/batch_std") is not None]
     # The first measurement: the runs of one seed start from the same weights, so this compares batch sizes
     # at (nearly) the same point of training.
@@ -177,7 +184,7 @@ def _series(groups, norm, key, require_all_reached=False):
 def fits(groups: list[dict]) -> dict:
     """Per norm: the S(B) fit, the gradient-std power law and the mean measured B_simple."""
     result = {}
-    for norm in sorted({g["norm"] for g in groups}, key=lambda n: [g["norm"] for g in groups].index(n)):
+    for norm in dict.fromkeys(g["norm"] for g in groups):
         noise = _series(groups, norm, "noise_scale")[1]
         result[norm] = {
             "steps_to_target": fit_steps_to_target(*_series(groups, norm, "steps_to_target", True)),
@@ -185,6 +192,23 @@ def fits(groups: list[dict]) -> dict:
             "b_simple": float(np.mean(noise)) if noise else None,
         }
     return result
+
+
+def diminishing_returns(batches, steps) -> int | None:
+    """The smallest batch from which every step to a larger measured batch scales less than half as well as perfect.
+
+    The scaling efficiency of going from B1 to B2 is log(S1 / S2) / log(B2 / B1): 1 for perfect scaling (steps
+    halve when the batch doubles), 0 when steps stay the same. Requiring every later step, not just one, to be
+    below DIMINISHING keeps one noisy measurement from deciding.
+    """
+    efficiencies = [math.log(s1 / s2) / math.log(b2 / b1) if s2 > 0 else 0.0
+                    for b1, b2, s1, s2 in zip(batches, batches[1:], steps, steps[1:])]
+    onset = None
+    for i in reversed(range(len(efficiencies))):
+        if efficiencies[i] >= DIMINISHING:
+            break
+        onset = batches[i]
+    return onset
 
 
 def _mean(groups, norm, batch, key):
@@ -195,7 +219,8 @@ def _mean(groups, norm, batch, key):
 def findings(report: dict) -> list[str]:
     """Sentences about this sweep, each computed from its numbers."""
     groups, target, out = report["groups"], report["target_accuracy"], []
-    names = {"batch": "BatchNorm", "group": "GroupNorm", "ghost": "ghost BatchNorm", "layer": "LayerNorm", "none": "no normalization"}
+    names = {"batch": "BatchNorm", "group": "GroupNorm", "ghost": "ghost BatchNorm", "layer": "LayerNorm",
+             "none": "no normalization"}
     for norm, fit in report["fits"].items():
         mine = [g for g in groups if g["norm"] == norm]
         prefix = f"{names.get(norm, norm)}: " if len(report["fits"]) > 1 else ""
@@ -207,22 +232,25 @@ def findings(report: dict) -> list[str]:
                 out.append(f"{prefix}batch {fastest['batch']} reached {target:.0%} validation accuracy in the least "
                            f"wall time ({fastest['time_to_target_s']['mean']:.1f} s: steps to target x time per step); "
                            f"batch {fewest['batch']} took the fewest steps ({fewest['steps_to_target']['mean']:.0f}).")
-            missed = [g["batch"] for g in mine if 0 < g["completed"] and g["reached"] < g["completed"]]
-            if missed:
-                out.append(f"{prefix}batch {', '.join(map(str, missed))} did not reach {target:.0%} in every "
-                           "completed run within the budget.")
+            for g in (g for g in mine if 0 < g["completed"] and g["reached"] < g["completed"]):
+                runs = "" if g["completed"] == 1 else f" in {g['completed'] - g['reached']} of {g['completed']} runs"
+                out.append(f"{prefix}batch {g['batch']} did not reach {target:.0%} within the budget{runs} (best "
+                           f"validation accuracy {g['best_val_accuracy']['mean']:.4f}).")
             batches, steps = _series(groups, norm, "steps_to_target", True)
-            for (b1, s1), (b2, s2) in zip(zip(batches, steps), zip(batches[1:], steps[1:])):
-                efficiency = math.log(s1 / s2) / math.log(b2 / b1) if s2 > 0 else 0.0
-                if efficiency < DIMINISHING:
-                    out.append(f"{prefix}diminishing returns begin at batch {b1}: going to {b2} cut the steps to "
-                               f"target from {s1:.0f} to {s2:.0f} ({1 - s2 / s1:.0%} fewer; perfect scaling: "
-                               f"{1 - b1 / b2:.0%}).")
-                    break
-            else:
-                if len(batches) > 1:
-                    out.append(f"{prefix}steps to target fell at least half as fast as perfect scaling up to the "
-                               f"largest batch that reached the target ({batches[-1]}): no diminishing returns yet.")
+            onset = diminishing_returns(batches, steps)
+            if onset is not None:
+                i = batches.index(onset)
+                out.append(f"{prefix}diminishing returns begin at batch {onset}: from there on, each larger batch cut "
+                           f"the steps to target by less than half as much as perfect scaling would (batch "
+                           f"{batches[i]} -> {batches[i + 1]}: {steps[i]:.0f} -> {steps[i + 1]:.0f} steps, "
+                           f"{1 - steps[i + 1] / steps[i]:.0%} fewer; perfect scaling: "
+                           f"{1 - batches[i] / batches[i + 1]:.0%}).")
+            elif len(batches) > 1:
+                beyond = [g["batch"] for g in mine if g["batch"] > batches[-1] and g["completed"]]
+                out.append(f"{prefix}steps to target kept falling at least half as fast as perfect scaling up to "
+                           f"batch {batches[-1]}, the largest that reached the target" +
+                           (f"; batch {', '.join(map(str, beyond))} did not reach it in every run." if beyond else
+                            ": no diminishing returns yet."))
             s_fit = fit["steps_to_target"]
             if s_fit and s_fit["valid"]:
                 noise = f"; the measured B_simple averaged {fit['b_simple']:.3g}" if fit["b_simple"] else ""
@@ -233,9 +261,9 @@ def findings(report: dict) -> list[str]:
         if best:
             gaps = [g for g in mine if g["generalization_gap"]["mean"] is not None]
             widest = max(gaps, key=lambda g: g["generalization_gap"]["mean"])
-            out.append(f"{prefix}the best test accuracy was {best['test_accuracy']['mean']:.4f} at batch {best['batch']}; "
-                       f"the widest generalization gap (train - test) was {widest['generalization_gap']['mean']:+.4f} "
-                       f"at batch {widest['batch']}.")
+            out.append(f"{prefix}the best test accuracy was {best['test_accuracy']['mean']:.4f} at batch "
+                       f"{best['batch']}; the widest generalization gap (train - test) was "
+                       f"{widest['generalization_gap']['mean']:+.4f} at batch {widest['batch']}.")
         if fit["grad_std"]:
             out.append(f"{prefix}the gradient's standard deviation fell as B^{fit['grad_std']['slope']:.2f} "
                        "(sigma / sqrt(B) predicts B^-0.50).")
@@ -244,8 +272,9 @@ def findings(report: dict) -> list[str]:
             out.append(f"{prefix}a step at batch {times[0][-1]} took {times[1][-1] / times[1][0]:.1f}x as long as at "
                        f"batch {times[0][0]}, for {times[0][-1] / times[0][0]:.0f}x the examples.")
     if "batch" in report["fits"] and "group" in report["fits"]:
-        common = sorted({g["batch"] for g in groups if g["norm"] == "batch" and g["test_accuracy"]["mean"] is not None}
-                        & {g["batch"] for g in groups if g["norm"] == "group" and g["test_accuracy"]["mean"] is not None})
+        measured = {norm: {g["batch"] for g in groups if g["norm"] == norm and g["test_accuracy"]["mean"] is not None}
+                    for norm in ("batch", "group")}
+        common = sorted(measured["batch"] & measured["group"])
         if common:
             b = common[0]
             bn, gn = _mean(groups, "batch", b, "test_accuracy"), _mean(groups, "group", b, "test_accuracy")
@@ -328,6 +357,10 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
     for i, norm in enumerate(norms):
         _errorbar(axes, groups, norm, "test_accuracy", f"{norm}: test", color=f"C{i}")
         _errorbar(axes, groups, norm, "train_accuracy", f"{norm}: train", color=f"C{i}", linestyle="--", alpha=0.6)
+    failed = sorted({g["batch"] for g in groups if g["failed"]})
+    if failed:  # at the bottom of the axes, whatever the accuracies
+        axes.plot(failed, [0.02] * len(failed), "x", color="red", markersize=10, transform=axes.get_xaxis_transform(),
+                  label="a run failed")
     _log2_batch_axis(axes, groups)
     axes.set(ylabel="accuracy (mean ± std over seeds)", title="Final accuracy; the gap is train - test")
     _legend(axes, 8)
@@ -338,6 +371,10 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
         for i, norm in enumerate(norms):
             _errorbar(steps_axes, groups, norm, "steps_to_target", norm, log=True, color=f"C{i}", linestyle="none")
             _errorbar(time_axes, groups, norm, "time_to_target_s", norm, log=True, color=f"C{i}")
+            missed = [g["batch"] for g in groups if g["norm"] == norm and g["completed"] and not g["reached"]]
+            if missed:  # at the top of the axes: these batch sizes never reached the target
+                steps_axes.plot(missed, [0.97] * len(missed), "^", color=f"C{i}", markersize=9, fillstyle="none",
+                                transform=steps_axes.get_xaxis_transform(), label=f"{norm}: target not reached")
             fit = report["fits"][norm]["steps_to_target"]
             if fit and fit["valid"]:
                 b = np.geomspace(min(g["batch"] for g in groups), max(g["batch"] for g in groups), 100)
@@ -346,13 +383,14 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
                 steps_axes.axvline(fit["b_crit"], color=f"C{i}", linestyle=":", alpha=0.7)
             b_simple = report["fits"][norm]["b_simple"]
             if b_simple:
-                steps_axes.axvline(b_simple, color=f"C{i}", linestyle="-.", alpha=0.5, label=f"{norm}: B_simple={b_simple:.3g}")
+                steps_axes.axvline(b_simple, color=f"C{i}", linestyle="-.", alpha=0.5,
+                                   label=f"{norm}: B_simple={b_simple:.3g}")
         for axes in (steps_axes, time_axes):
             _log2_batch_axis(axes, groups)
             axes.set_yscale("log")
             _legend(axes, 7)
         steps_axes.set(ylabel="steps to target", title=f"Steps to {report['target_accuracy']:.0%} val acc; S(B) fit")
-        time_axes.set(ylabel="wall time to target (s)", title="Training time to target")
+        time_axes.set(ylabel="time to target (s)", title="Time to target: steps x time per step")
         save(figure, "steps_to_target")
 
     if any(g["grad_std"]["mean"] is not None for g in groups):
@@ -367,14 +405,15 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
                 b = np.asarray(batches, float)
                 axes.plot(b, fit["c"] * b ** fit["slope"], color=f"C{i}", label=f"{norm}: fit slope {fit['slope']:.2f}")
                 anchor = np.exp(np.mean(np.log(stds))) * (b / np.exp(np.mean(np.log(b)))) ** -0.5
-                axes.plot(b, anchor, color="gray", linestyle="--", label="slope -0.50 (sigma / sqrt(B))" if i == 0 else None)
+                axes.plot(b, anchor, color="gray", linestyle="--",
+                          label="slope -0.50 (sigma / sqrt(B))" if i == 0 else None)
         _log2_batch_axis(axes, groups)
         axes.set_yscale("log")
         axes.set(ylabel="std of the minibatch gradient", title="Gradient noise vs batch size (first measurement)")
         _legend(axes, 8)
         save(figure, "grad_std")
 
-    curves = [r for r in rows if r["noise_curve"] and r["status"] == "completed"]
+    curves = sorted((r for r in rows if r["noise_curve"] and r["status"] == "completed"), key=lambda r: r["batch"])
     if curves:
         figure, panels = _figure(len(norms))
         batches = sorted({r["batch"] for r in curves})
@@ -382,7 +421,8 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
             for r in (r for r in curves if r["norm"] == norm and r["seed"] == min(c["seed"] for c in curves)):
                 x, y = zip(*r["noise_curve"])
                 axes.plot(x, y, color=f"C{batches.index(r['batch']) % 10}", label=f"B={r['batch']}")
-            axes.set(xlabel="examples seen", ylabel="B_simple (EMA)", title=f"Gradient noise scale, {norm}", yscale="log")
+            axes.set(xlabel="examples seen", ylabel="B_simple (EMA)", title=f"Gradient noise scale, {norm}",
+                     yscale="log")
             axes.grid(True, alpha=0.3)
             _legend(axes, 7)
         save(figure, "noise_scale")
@@ -392,7 +432,8 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
         figure, (axes,) = _figure()
         for i, norm in enumerate(bn_norms):
             _errorbar(axes, groups, norm, "bn_mean_rel_error", f"{norm}: mean", log=True, color=f"C{i}")
-            _errorbar(axes, groups, norm, "bn_var_rel_error", f"{norm}: variance", log=True, color=f"C{i}", linestyle="--")
+            _errorbar(axes, groups, norm, "bn_var_rel_error", f"{norm}: variance", log=True, color=f"C{i}",
+                      linestyle="--")
         _log2_batch_axis(axes, groups)
         axes.set_yscale("log")
         axes.set(ylabel="relative error, batch vs moving", title="BN batch statistics vs moving averages (final)")
@@ -403,9 +444,10 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
     for i, norm in enumerate(norms):
         _errorbar(step_axes, groups, norm, "time_per_step_ms", norm, log=True, color=f"C{i}")
         _errorbar(rate_axes, groups, norm, "examples_per_sec", norm, log=True, color=f"C{i}")
-    for axes, label in ((step_axes, "time per step (ms)"), (rate_axes, "training examples / s")):
+    for axes, label, title in ((step_axes, "time per step (ms)", "Time per step (median over epochs 2+)"),
+                               (rate_axes, "training examples / s", "Throughput")):
         _log2_batch_axis(axes, groups)
-        axes.set(ylabel=label, yscale="log" if axes.has_data() else "linear")
+        axes.set(ylabel=label, title=title, yscale="log" if axes.has_data() else "linear")
         _legend(axes, 8)
     save(figure, "throughput")
 
@@ -450,8 +492,8 @@ def write_hparams(rows: list[dict], sweep_dir: str) -> str:
 
 def fits_markdown(report: dict) -> str:
     """Per norm: the S(B) fit, measured B_simple and the gradient-std slope, as a markdown table."""
-    lines = ["| norm | S_min (steps) | B_crit | E_min (examples) | B_simple (measured) | grad std slope (theory -0.5) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| norm | S_min (steps) | B_crit | E_min (examples) | B_simple (measured) | grad std slope "
+             "(theory -0.5) |", "|---|---:|---:|---:|---:|---:|"]
     for norm, fit in report["fits"].items():
         s = fit["steps_to_target"] or {}
         cells = [f"{s['s_min']:.0f}", f"{s['b_crit']:.3g}", f"{s['e_min']:.3g}"] if s.get("valid") else ["–"] * 3
@@ -464,11 +506,12 @@ def fits_markdown(report: dict) -> str:
 def markdown(report: dict, plot_files: dict[str, str]) -> str:
     sweep = report["sweep"]
     config, budget = sweep.get("config", {}), sweep.get("budget", {})
-    setting = (f"Dataset {config.get('dataset', '?')}, model {config.get('model', '?')}, budget {budget.get('amount', '?')} "
-               f"{budget.get('kind', '')} per run, target {report['target_accuracy']:.0%} validation accuracy, seeds "
-               f"{', '.join(map(str, sweep.get('seeds', [])))}, lr {config.get('lr', '?')} at batch "
-               f"{config.get('base_batch', '?')} scaled {config.get('lr_scaling', '?')}"
-               + (f", tuned per batch by {sweep['tuner']} search" if sweep.get("tuner") else "") + ".")
+    seeds = ", ".join(map(str, sweep.get("seeds", [])))
+    tuned = f", tuned per batch by {sweep['tuner']} search" if sweep.get("tuner") else ""
+    setting = (f"Dataset {config.get('dataset', '?')}, model {config.get('model', '?')}, budget "
+               f"{budget.get('amount', '?')} {budget.get('kind', '')} per run, target {report['target_accuracy']:.0%} "
+               f"validation accuracy, seeds {seeds}, lr {config.get('lr', '?')} at batch "
+               f"{config.get('base_batch', '?')} scaled {config.get('lr_scaling', '?')}{tuned}.")
     lines = [
         "# Batch-size study", "", setting, "",
         "## Findings", "", *[f"- {s}" for s in report["findings"]], "",
@@ -480,11 +523,13 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
         "## Fits", "", fits_markdown(report),
     ]
     if report["tuning"]:
-        lines += ["", "## Tuning (best trial per batch size)", "", "| search | trials | best val acc | best lr |", "|---|---:|---:|---:|"]
+        lines += ["", "## Tuning (best trial per batch size)", "", "| search | trials | best val acc | best lr |",
+                  "|---|---:|---:|---:|"]
         for project, trials in report["tuning"].items():
             scored = [t for t in trials if t["score"] is not None]
             best = max(scored, key=lambda t: t["score"], default=None)
-            lines.append(f"| {project} | {len(trials)} | " + (f"{best['score']:.4f} | {best['values']['lr']:.3g} |" if best else "– | – |"))
+            cells = f"{best['score']:.4f} | {best['values']['lr']:.3g} |" if best else "– | – |"
+            lines.append(f"| {project} | {len(trials)} | {cells}")
     failed = [r for r in report["runs"] if r["status"] != "completed"]
     if failed:
         lines += ["", "## Runs not completed", ""] + [f"- {r['name']}: {r['status']} {r['reason']}" for r in failed]
@@ -502,9 +547,7 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     """
     from pipeline import tuning
 
-    run_dirs = sorted(os.path.join(sweep_dir, "runs", d) for d in os.listdir(os.path.join(sweep_dir, "runs"))) \
-        if os.path.isdir(os.path.join(sweep_dir, "runs")) else []
-    rows = [row for row in map(read_run, run_dirs) if row]
+    rows = [row for row in map(read_run, sorted(glob.glob(os.path.join(sweep_dir, "runs", "*")))) if row]
     if not rows:
         raise InputError(f"sweep directory {sweep_dir} holds no runs (expected {os.path.join(sweep_dir, 'runs', '*')})")
     sweep = _read_json(os.path.join(sweep_dir, "sweep.json")) or {"config": {}}
@@ -527,9 +570,8 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
 def load_report(sweep_dir: str) -> dict:
     """report.json of a sweep, rebuilt first if it is missing or older than a run's summary.json."""
     path = os.path.join(sweep_dir, "report.json")
-    summaries = [os.path.join(sweep_dir, "runs", d, "summary.json") for d in
-                 (os.listdir(os.path.join(sweep_dir, "runs")) if os.path.isdir(os.path.join(sweep_dir, "runs")) else [])]
-    newest = max((os.path.getmtime(p) for p in summaries if os.path.exists(p)), default=0.0)
+    summaries = glob.glob(os.path.join(sweep_dir, "runs", "*", "summary.json"))
+    newest = max(map(os.path.getmtime, summaries), default=0.0)
     if not os.path.exists(path) or os.path.getmtime(path) < newest:
         return build_report(sweep_dir)
     return _read_json(path)
@@ -540,7 +582,9 @@ def show(sweep_dir: str, name: str):
     from IPython.display import Image, Markdown
 
     path = os.path.join(sweep_dir, f"{name}.png")
-    return Image(filename=path) if os.path.exists(path) else Markdown(f"*(no {name} plot: this sweep has no data for it)*")
+    if not os.path.exists(path):
+        return Markdown(f"*(no {name} plot: this sweep has no data for it)*")
+    return Image(filename=path)
 
 
 def main(argv=None) -> int:

@@ -2,8 +2,9 @@
 
 Every (norm, batch, seed) combination is one in-process call of pipeline.train.train() with its own run
 directory <out>/runs/<norm>-b<batch>-s<seed>. Running the same command again skips finished runs (completed,
-or failed, e.g. diverged: a failure is a result) and resumes unfinished ones from their last checkpoint, so a
-sweep stopped with Ctrl-C or by a crash continues where it stopped. The report (pipeline/report.py) is written
+or diverged: a failure is a result) and resumes the others from their last checkpoint (interrupted, killed, or
+stopped by an error such as running out of memory, recorded in the run's error.txt), so a sweep stopped by
+Ctrl-C or a crash continues where it stopped. The report (pipeline/report.py) is written
 to <out> at the end: report.md, report.json, PNG plots and TensorBoard HParams data
 (`tensorboard --logdir <out>`).
 
@@ -38,14 +39,12 @@ from pipeline.config import Config, InputError
 
 DEFAULT_BATCHES = (8, 16, 32, 64, 128, 256)
 DEFAULT_BUDGET_EPOCHS = 12  # measured: the default sweep on digits takes about 10 minutes on 2 CPU cores
-DEFAULT_TARGET = 0.95  # validation accuracy that the digits CNN reaches at every batch within the budget
-DEFAULT_MODEL = "cnn"  # ResNet-20 at batch 8 alone would take most of a 15-minute budget on 2 CPU cores
+DEFAULT_TARGET = 0.98  # validation accuracy on digits that ResNet-20 reaches in a few epochs, but not at every batch
 DEFAULT_BASE_LR = 0.05  # peak lr at --base-batch 32 for SGD with momentum 0.9 (linear scaling: 0.4 at 256)
 DEFAULT_SCALING = "linear"
 WARMUP_FRACTION = 5 / 90  # share of each run's epochs spent warming up under a scaling rule (Goyal et al. 2017)
 BUDGET_KINDS = ("epochs", "steps", "examples")
-# Fields that the sweep sets per run, or that the user sets through sweep flags, so that two sweeps of the same
-# out directory can be compared field by field.
+# Config fields that say where and how a run is started, not what it computes: a finished run may differ in them.
 PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose")
 
 
@@ -63,68 +62,44 @@ class Budget:
             return dataclasses.replace(config, epochs=self.amount, max_steps=0)
         max_steps = self.amount if self.kind == "steps" else max(1, self.amount // batch)
         epochs = math.ceil(max_steps / steps_per_epoch)
-        # A budget of whole epochs needs no early stop.
-        return dataclasses.replace(config, epochs=epochs, max_steps=0 if max_steps == epochs * steps_per_epoch else max_steps)
+        if max_steps == epochs * steps_per_epoch:
+            max_steps = 0  # A budget of whole epochs needs no early stop.
+        return dataclasses.replace(config, epochs=epochs, max_steps=max_steps)
 
 
 def run_name(norm: str, batch: int, seed: int) -> str:
     return f"{norm}-b{batch}-s{seed}"
 
 
-def _positive_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(item) for item in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1 or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"got {text!r}; use distinct positive integers separated by commas, e.g. 8,16,32")
-    return tuple(sorted(values))
+def _flag_type(convert, valid, accepted: str):
+    """An argparse type: converts the text and checks the value, or fails naming what is accepted."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}; {accepted}")
+        return value
+
+    return parse
 
 
-def _norms(text: str) -> tuple[str, ...]:
-    values = tuple(item.strip() for item in text.split(","))
-    bad = [v for v in values if v not in config_lib.NORMS]
-    if bad or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(
-            f"got {text!r}; use distinct names from {', '.join(config_lib.NORMS)} separated by commas, e.g. batch,group")
-    return values
+def _items(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(","))
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"got {text!r}; must be a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"got {text!r}; must be a finite number > 0")
-    return value
-
-
-def _accuracy(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"got {text!r}; must be a number in [0, 1] (0: no target)")
-    return value
-
-
-def _tuned(text: str) -> tuple[str, ...]:
-    values = tuple(item.strip() for item in text.split(","))
-    if "lr" not in values or any(v not in ("lr", "momentum", "warmup") for v in values):
-        raise argparse.ArgumentTypeError(f"got {text!r}; use lr plus optionally momentum and warmup, e.g. lr,momentum")
-    return values
+_batches = _flag_type(lambda t: tuple(sorted(int(i) for i in _items(t))),
+                      lambda v: min(v) >= 1 and len(set(v)) == len(v),
+                      "use distinct positive integers separated by commas, e.g. 8,16,32")
+_norms = _flag_type(_items, lambda v: set(v) <= set(config_lib.NORMS) and len(set(v)) == len(v),
+                    f"use distinct names from {', '.join(config_lib.NORMS)} separated by commas, e.g. batch,group")
+_positive_int = _flag_type(int, lambda v: v >= 1, "must be a positive integer")
+_positive_float = _flag_type(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+_accuracy = _flag_type(float, lambda v: 0 <= v <= 1, "must be a number in [0, 1] (0: no target)")
+_tuned = _flag_type(_items, lambda v: "lr" in v and set(v) <= {"lr", "momentum", "warmup"},
+                    "use lr plus optionally momentum and warmup, e.g. lr,momentum")
 
 
 def add_sweep_flags(parser: argparse.ArgumentParser) -> tuple[str, ...]:
@@ -133,63 +108,55 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> tuple[str, ...]:
     Their destinations are not Config field names, so that flags.parse does not read them as Config values.
     """
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--batch", dest="batches", type=_positive_ints, default=",".join(map(str, DEFAULT_BATCHES)), metavar="LIST",
-                       help="batch sizes, e.g. 8,16,32,64,128,256")
+    sweep.add_argument("--batch", dest="batches", type=_batches, default=",".join(map(str, DEFAULT_BATCHES)),
+                       metavar="LIST", help="batch sizes, e.g. 8,16,32,64,128,256")
     sweep.add_argument("--norm", dest="norms", type=_norms, default="batch", metavar="LIST",
                        help=f"normalizations, each run at every batch size, from {', '.join(config_lib.NORMS)}")
-    sweep.add_argument("--seeds", type=_at_least_one, default=1, metavar="N", help="seeds 0..N-1 per (norm, batch)")
-    sweep.add_argument("--model", dest="sweep_model", choices=config_lib.MODEL_NAMES, default=argparse.SUPPRESS, help=f"the model (default: {DEFAULT_MODEL})")
+    sweep.add_argument("--seeds", type=_positive_int, default=1, metavar="N", help="seeds 0..N-1 per (norm, batch)")
     sweep.add_argument("--base-lr", "--lr", type=_positive_float, default=argparse.SUPPRESS, metavar="FLOAT",
-                       help=f"peak learning rate at --base-batch examples per step, Config.lr (default: {DEFAULT_BASE_LR})")
-    sweep.add_argument("--lr-scaling", dest="sweep_lr_scaling", choices=config_lib.LR_SCALINGS, default=argparse.SUPPRESS,
+                       help=f"peak learning rate at --base-batch examples per step (default: {DEFAULT_BASE_LR})")
+    sweep.add_argument("--lr-scaling", dest="sweep_lr_scaling", choices=config_lib.LR_SCALINGS,
+                       default=argparse.SUPPRESS,
                        help="how the learning rate follows the batch: none, linear (Goyal et al. 2017) or sqrt "
                             f"(default: {DEFAULT_SCALING})")
     budget = sweep.add_mutually_exclusive_group()
-    budget.add_argument("--budget-epochs", "--epochs", type=_at_least_one, default=argparse.SUPPRESS, metavar="N",
+    budget.add_argument("--budget-epochs", "--epochs", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
                         help=f"epochs per run, the same examples for every batch (default: {DEFAULT_BUDGET_EPOCHS})")
-    budget.add_argument("--budget-steps", "--max-steps", type=_at_least_one, default=argparse.SUPPRESS, metavar="N",
+    budget.add_argument("--budget-steps", "--max-steps", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
                         help="optimizer steps per run, the same for every batch")
-    budget.add_argument("--budget-examples", type=_at_least_one, default=argparse.SUPPRESS, metavar="N",
+    budget.add_argument("--budget-examples", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
                         help="training examples per run: max_steps = N // batch")
-    sweep.add_argument("--target-accuracy", dest="sweep_target_accuracy", type=_accuracy, default=argparse.SUPPRESS, metavar="FLOAT",
+    sweep.add_argument("--target-accuracy", dest="sweep_target_accuracy", type=_accuracy, default=argparse.SUPPRESS,
+                       metavar="FLOAT",
                        help="validation accuracy whose steps, epochs and time to reach are measured, 0: none "
                             f"(default: {DEFAULT_TARGET})")
-    sweep.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR", help="sweep directory (default: sweeps/<dataset>-<model>)")
+    sweep.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR",
+                       help="sweep directory (default: sweeps/<dataset>-<model>)")
     sweep.add_argument("--tuner", choices=("random", "bayesian", "hyperband"), default=argparse.SUPPRESS,
                        help="tune the learning rate separately for every batch size with keras-tuner")
-    sweep.add_argument("--max-trials", type=_at_least_one, default=8, metavar="N",
+    sweep.add_argument("--max-trials", type=_positive_int, default=8, metavar="N",
                        help="tuning trials per batch size (random, bayesian)")
     sweep.add_argument("--tune", type=_tuned, default="lr", metavar="LIST",
                        help="hyperparameters to tune: lr, and optionally momentum and warmup")
-    return ("batch", "norm", "seed", "model", "lr", "lr_scaling", "epochs", "max_steps", "target_accuracy",
+    return ("batch", "norm", "seed", "lr", "lr_scaling", "epochs", "max_steps", "target_accuracy",
             "run_dir", "resume")
 
 
-def _changed_field(run_dir: str, config: Config) -> str | None:
-    """The first config field in which the run recorded in run_dir differs from `config`, or None."""
+def changed_field(run_dir: str, config: Config) -> tuple[str, object] | None:
+    """(field, recorded value) of the first field in which the run in run_dir differs from `config`, or None."""
     try:
         with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
             recorded = json.load(f)["config"]
     except (OSError, ValueError, KeyError):
         return None  # Stopped before writing its config: nothing to compare, it starts afresh.
     wanted = config_lib.to_dict(config)
-    return next((k for k in wanted if k not in PER_RUN_FIELDS and k in recorded and recorded[k] != wanted[k]), None)
+    changed = [k for k in wanted if k not in PER_RUN_FIELDS and k in recorded and recorded[k] != wanted[k]]
+    return (changed[0], recorded[changed[0]]) if changed else None
 
 
 def same_config(run_dir: str, config: Config) -> bool:
     """Whether run_dir holds no run, or a run of this config (which may then be skipped or resumed)."""
-    return _changed_field(run_dir, config) is None
-
-
-def _check_same_config(run_dir: str, config: Config) -> None:
-    """Refuses to skip or resume a run whose recorded config differs from the one this sweep asks for."""
-    key = _changed_field(run_dir, config)
-    if key is not None:
-        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-            recorded = json.load(f)["config"][key]
-        raise InputError(
-            f"--out: {run_dir} was run with {key}={recorded!r}, this sweep asks for {getattr(config, key)!r}; "
-            "use a new --out, or pass --overwrite to run the sweep again")
+    return changed_field(run_dir, config) is None
 
 
 def run_configs(config: Config, batches, norms, seeds, budget: Budget, num_train: int,
@@ -212,12 +179,17 @@ def run_one(config: Config, run_dir: str) -> dict:
     """Trains one run unless it is finished; resumes it if unfinished. Returns its summary.json contents.
 
     An exception inside the run other than bad input (e.g. out of memory at a large batch) is recorded as a
-    failed run with the error, and the sweep goes on.
+    failed run with the traceback in error.txt, and the sweep goes on; the next sweep tries that run again.
     """
     summary = rundir.read_summary(run_dir)
     if not config.overwrite:
-        _check_same_config(run_dir, config)
-        if summary and summary.get("status") in ("completed", "failed"):
+        changed = changed_field(run_dir, config)
+        if changed:
+            raise InputError(f"--out: {run_dir} was run with {changed[0]}={changed[1]!r}, this sweep asks for "
+                             f"{getattr(config, changed[0])!r}; use a new --out, or pass --overwrite to run it again")
+        # A diverged run is a result; a run that raised an error (error.txt) is tried again.
+        crashed = os.path.exists(os.path.join(run_dir, "error.txt"))
+        if summary and (summary.get("status") == "completed" or (summary.get("status") == "failed" and not crashed)):
             return summary | {"skipped": True}
     started = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
     config = dataclasses.replace(config, run_dir=run_dir, resume=started and not config.overwrite)
@@ -232,8 +204,9 @@ def run_one(config: Config, run_dir: str) -> dict:
                                      {"config": config_lib.to_dict(config), "effective_lr": config.effective_lr})
         with open(os.path.join(run_dir, "error.txt"), "w", encoding="utf-8") as f:
             f.write(traceback.format_exc())
+        message = str(e).splitlines()[0] if str(e) else ""
         result = dataclasses.asdict(train_lib.Summary(status="failed", run_dir=run_dir,
-                                                      reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+                                                      reason=f"{type(e).__name__}: {message}"))
         rundir.write_json_atomic(os.path.join(run_dir, "summary.json"), result)
     if result["status"] == "interrupted":
         raise KeyboardInterrupt
@@ -310,9 +283,9 @@ def main(argv=None) -> int:
         kind = next((k for k, v in kinds.items() if v is not None), "epochs")
         budget = Budget(kind, kinds[kind] or (config.epochs if args.config else DEFAULT_BUDGET_EPOCHS))
         # Precedence: sweep flags, then a --config file, then the sweep's defaults (which suit digits on a CPU).
-        defaults = {} if args.config else {"model": DEFAULT_MODEL, "lr": DEFAULT_BASE_LR, "lr_scaling": DEFAULT_SCALING,
+        defaults = {} if args.config else {"lr": DEFAULT_BASE_LR, "lr_scaling": DEFAULT_SCALING,
                                            "target_accuracy": DEFAULT_TARGET}
-        chosen = {"model": given.get("sweep_model"), "lr": given.get("base_lr"),
+        chosen = {"lr": given.get("base_lr"),
                   "lr_scaling": given.get("sweep_lr_scaling"), "target_accuracy": given.get("sweep_target_accuracy")}
         config = config_lib.validate(dataclasses.replace(
             config, **(defaults | {k: v for k, v in chosen.items() if v is not None}),

@@ -82,17 +82,51 @@ def _fill_from_history(summary: Summary, history: list[dict], target: float) -> 
                 break
 
 
-def _interval(flag: int, steps_per_epoch: int) -> int:
-    """Steps between measurements: the flag, or for -1 once per epoch (benchmarks/instrument_overhead.py
-    measures that all instruments together then cost under 5% of epoch time)."""
-    return steps_per_epoch if flag == -1 else flag
+# Automatic interval of the gradient and BN statistics, in steps. One measurement costs about 1-1.5 training
+# steps at any batch size (benchmarks/instrument_overhead.py), so every 100 steps each costs ~1.5%.
+AUTO_INTERVAL = 100
+# Training examples whose predictions LearningDynamics follows at each epoch end (Toneva et al. 2019 use the
+# whole set). A look costs ~0.1 of a training step per example, so a fifth of the training set costs ~2% of an
+# epoch; at most 1000 examples.
+DYNAMICS_FRACTION, DYNAMICS_MAX = 0.2, 1000
 
 
-def _callbacks(config, data, model, run_dir, steps_per_epoch, metrics_logger):
+def _interval(flag: int) -> int:
+    """Steps between measurements: the flag, or AUTO_INTERVAL for -1."""
+    return AUTO_INTERVAL if flag == -1 else flag
+
+
+def instruments(config: Config, data, model, run_dir: str) -> list:
+    """The measuring callbacks that config turns on: gradient and BN statistics, learning dynamics.
+
+    They draw their batches from a dataset object of their own (seed + 1), never from the training iterator.
+    """
+    import callbacks
+
+    tensorboard_dir = os.path.join(run_dir, "tensorboard")
+    instrument_data = data.train_dataset(config.batch, seed=config.seed + 1, augment=True, epoch=0)
+    grad_every = _interval(config.grad_stats_every)
+    bn_every = _interval(config.bn_stats_every)
+    result = []
+    if grad_every:
+        result.append(callbacks.GradientStatistics(
+            instrument_data, every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
+            log_dir=tensorboard_dir, out_path=os.path.join(run_dir, "grad_stats.jsonl")))
+    if bn_every and callbacks.batch_norm_inputs(model):
+        result.append(callbacks.BatchNormStatistics(
+            instrument_data, every_n_steps=bn_every, log_dir=tensorboard_dir, out_dir=run_dir))
+    if config.dynamics:
+        x, y = data.arrays("train")
+        subset = min(DYNAMICS_MAX, max(1, int(len(x) * DYNAMICS_FRACTION)))
+        result.append(callbacks.LearningDynamics(
+            x[:subset], y[:subset], class_names=data.class_names, log_dir=tensorboard_dir,
+            out_dir=os.path.join(run_dir, "dynamics")))
+    return result
+
+
+def _callbacks(config, data, model, run_dir, metrics_logger):
     """The callback list, in order: instruments first, so that loggers after them see their values."""
     import keras
-
-    import callbacks as instruments
 
     class SetEpoch(keras.callbacks.Callback):
         # The training data of epoch e depends only on (seed, e), so a resumed run sees the same batches.
@@ -111,25 +145,8 @@ def _callbacks(config, data, model, run_dir, steps_per_epoch, metrics_logger):
             if config.max_steps and int(self.model.optimizer._iterations.numpy()) >= config.max_steps:
                 self.model.stop_training = True
 
-    tensorboard_dir = os.path.join(run_dir, "tensorboard")
-    instrument_data = data.train_dataset(config.batch, seed=config.seed + 1, augment=True, epoch=0)
-    grad_every = _interval(config.grad_stats_every, steps_per_epoch)
-    bn_every = _interval(config.bn_stats_every, steps_per_epoch)
-    has_bn = bool(instruments.batch_norm_inputs(model))
     result = [SetEpoch(), StopOnNonFinite(), StopAtMaxSteps()]
-    if grad_every and False:
-        result.append(instruments.GradientStatistics(
-            instrument_data, every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
-            log_dir=tensorboard_dir, out_path=os.path.join(run_dir, "grad_stats.jsonl")))
-    if bn_every and has_bn:
-        result.append(instruments.BatchNormStatistics(
-            instrument_data, every_n_steps=bn_every, log_dir=tensorboard_dir, out_dir=run_dir))
-    if config.dynamics:
-        x, y = data.arrays("train")
-        subset = min(len(x), 1000)
-        result.append(instruments.LearningDynamics(
-            x[:subset], y[:subset], class_names=data.class_names, log_dir=tensorboard_dir,
-            out_dir=os.path.join(run_dir, "dynamics")))
+    result += instruments(config, data, model, run_dir)
     result += [
         metrics_logger,
         keras.callbacks.TensorBoard(tensorboard_dir, write_graph=False),
@@ -178,7 +195,7 @@ def train(config: Config) -> Summary:
     model.compile(optimizer=optim.build_optimizer(config, phases), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     metrics_logger = rundir.metrics_logger(run_dir, config.batch)
-    callbacks = _callbacks(config, data, model, run_dir, phases[0][1], metrics_logger)
+    callbacks = _callbacks(config, data, model, run_dir, metrics_logger)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     summary = Summary(status="completed", run_dir=run_dir)
     val = data.eval_dataset("val", config.batch)

@@ -17,9 +17,10 @@ scratch (no weights are carried between rounds), and a step budget is scaled by 
 Distributed tuning (keras-tuner's chief/worker mode). Start the same sweep command, with --out on a shared
 filesystem, once as the chief and once per worker (TUNER_ID unique per worker):
 
-    KERASTUNER_TUNER_ID=chief   KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000 python -m pipeline.sweep --tuner bayesian --out /shared/sweep
-    KERASTUNER_TUNER_ID=tuner0  KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000 python -m pipeline.sweep --tuner bayesian --out /shared/sweep
-    KERASTUNER_TUNER_ID=tuner1  ...
+    export KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000   # the chief's address, on every machine
+    KERASTUNER_TUNER_ID=chief  python -m pipeline.sweep --tuner bayesian --out /shared/sweep   # on 10.0.0.1
+    KERASTUNER_TUNER_ID=tuner0 python -m pipeline.sweep --tuner bayesian --out /shared/sweep   # on a worker
+    KERASTUNER_TUNER_ID=tuner1 python -m pipeline.sweep --tuner bayesian --out /shared/sweep   # on another
 
 The chief runs the oracle and the workers run the trials. The searches go one after another in the sweep's
 (norm, batch) order, search i on port KERASTUNER_ORACLE_PORT + i, so that a worker that finishes one search
@@ -54,7 +55,8 @@ def search_space(config: Config, tune=("lr",)):
     if "momentum" in tune:
         hp.Float("one_minus_momentum", 0.01, 0.5, sampling="log", default=1 - config.momentum)
     if "warmup" in tune:
-        hp.Float("warmup_fraction", 0.0, MAX_WARMUP_FRACTION, default=min(config.warmup_epochs / config.epochs, MAX_WARMUP_FRACTION))
+        fraction = min(config.warmup_epochs / config.epochs, MAX_WARMUP_FRACTION)
+        hp.Float("warmup_fraction", 0.0, MAX_WARMUP_FRACTION, default=fraction)
     return hp
 
 
@@ -89,7 +91,8 @@ def _tuner_class():
             config = trial_config(self.config, trial.hyperparameters.values)
             run_dir = os.path.join(self.get_trial_dir(trial.trial_id), "run")
             # A stale run from an earlier search with other values is replaced, not resumed.
-            config = dataclasses.replace(config, overwrite=not sweep_lib.same_config(run_dir, config))
+            stale = not sweep_lib.same_config(run_dir, config)
+            config = dataclasses.replace(config, overwrite=config.overwrite or stale)
             try:
                 summary = sweep_lib.run_one(config, run_dir)
             except InputError as e:
@@ -132,13 +135,15 @@ def search(config: Config, kind: str, directory: str, project: str, *, max_trial
     from keras_tuner.src.distribute import utils as dist_utils
 
     TrainTuner, BadInput = _tuner_class()
+    worker = dist_utils.has_chief_oracle() and not dist_utils.is_chief_oracle()
+    # --overwrite starts the search again; only the chief (or a lone process) deletes the shared project.
     tuner = TrainTuner(_oracle(kind, config, search_space(config, tune), max_trials), config, directory=directory,
-                       project_name=project)
+                       project_name=project, overwrite=config.overwrite and not worker)
     try:
         tuner.search()
     except BadInput as e:
         raise e.__cause__ from None
-    if dist_utils.has_chief_oracle() and not dist_utils.is_chief_oracle():
+    if worker:
         return {}
     best = tuner.oracle.get_best_trials(1)
     if not best or best[0].status != "COMPLETED":

@@ -36,7 +36,8 @@ def write_run(sweep_dir, norm, batch, seed, status="completed"):
     # Seeds move steps to target by -7, 0, +7 steps: the mean over seeds is exactly S(B).
     steps = S_MIN * (1 + B_CRIT / batch) + 7 * (seed - 1)
     summary = {"status": status, "reason": "loss became nan" if status == "failed" else "",
-               "train_accuracy": accuracy(norm, batch, seed) + 0.01 * (seed + 1), "test_accuracy": accuracy(norm, batch, seed),
+               "train_accuracy": accuracy(norm, batch, seed) + 0.01 * (seed + 1),
+               "test_accuracy": accuracy(norm, batch, seed),
                "val_accuracy": 0.95, "steps": 20000, "epochs": 30, "wall_time_s": 100.0,
                "time_per_step_s": time_per_step(batch), "examples_per_sec": batch / time_per_step(batch),
                "steps_to_target": steps, "epochs_to_target": steps * batch / 1293,
@@ -67,7 +68,8 @@ def sweep_dir(tmp_path):
     with open(tmp_path / "sweep.json", "w") as f:
         json.dump({"batches": list(BATCHES), "norms": ["batch", "group"], "seeds": list(SEEDS),
                    "budget": {"kind": "epochs", "amount": 30}, "tuner": None,
-                   "config": {"dataset": "digits", "model": "cnn", "lr": 0.1, "base_batch": 32, "lr_scaling": "linear"}}, f)
+                   "config": {"dataset": "digits", "model": "cnn", "lr": 0.1, "base_batch": 32,
+                              "lr_scaling": "linear"}}, f)
     return str(tmp_path)
 
 
@@ -80,6 +82,14 @@ def test_fit_recovers_known_critical_batch():
         assert fit["b_crit"] == pytest.approx(b_crit, rel=1e-9)
         assert fit["e_min"] == pytest.approx(s_min * b_crit, rel=1e-9)
     assert report_lib.fit_steps_to_target([32], [100.0]) is None
+
+
+def test_diminishing_returns_needs_every_later_step_to_scale_badly():
+    # Efficiencies: 8->16 perfect, 16->32 none (one noisy point), 32->64 perfect, then 0.2 and 0.
+    batches, steps = [8, 16, 32, 64, 128, 256], [160, 80, 80, 40, 40 / 2**0.2, 40 / 2**0.2]
+    assert report_lib.diminishing_returns(batches, steps) == 64
+    assert report_lib.diminishing_returns(batches[:4], steps[:4]) is None
+    assert report_lib.diminishing_returns([8, 16], [100, 100]) == 8
 
 
 def test_power_law_slope():
@@ -103,7 +113,8 @@ def test_report_numbers(sweep_dir):
             assert group["generalization_gap"]["mean"] == pytest.approx(gaps.mean(), abs=1e-12)
             assert group["time_per_step_ms"]["mean"] == pytest.approx(1000 * time_per_step(batch))
             assert group["grad_std"]["mean"] == pytest.approx(SIGMA / math.sqrt(batch))
-            assert group["noise_scale"]["mean"] == pytest.approx(np.mean([np.mean([10 + st / 10 + s for st in (0, 50, 100)]) for s in SEEDS]))
+            run_means = [np.mean([10 + step / 10 + s for step in (0, 50, 100)]) for s in SEEDS]
+            assert group["noise_scale"]["mean"] == pytest.approx(np.mean(run_means))
             assert group["reached"] == 3
         fit = report["fits"][norm]
         assert fit["steps_to_target"]["s_min"] == pytest.approx(S_MIN, rel=1e-9)

@@ -1,0 +1,287 @@
+"""Tests of callbacks.gradient_stats against brute-force gradients computed one example or one batch at a time."""
+
+import csv
+import glob
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from callbacks import gradient_stats
+from pipeline.config import InputError
+
+
+def _softmax_regression(features, classes):
+    inputs = keras.Input((features,))
+    normal = keras.initializers.RandomNormal(stddev=1.0)  # far from the optimum: B_simple ~ 20 for W and b
+    dense = keras.layers.Dense(classes, activation="softmax", kernel_initializer=normal, bias_initializer=normal)
+    outputs = dense(inputs)
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    return model
+
+
+def _softmax_data(examples, features=10, classes=3, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(examples, features)).astype(np.float32)
+    teacher = rng.normal(size=(features, classes))
+    y = np.argmax(x @ teacher + rng.gumbel(size=(examples, classes)), axis=1).astype(np.int32)
+    return x, y
+
+
+def _softmax_per_example_gradients(model, x, y):
+    """Analytic cross-entropy gradients, one example at a time: dW = x (p - e_y)^T, db = p - e_y."""
+    kernel, bias = (v.numpy().astype(np.float64) for v in model.trainable_variables)
+    kernels, biases = [], []
+    for xi, yi in zip(x.astype(np.float64), y):
+        logits = xi @ kernel + bias
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        p[yi] -= 1.0
+        kernels.append(np.outer(xi, p))
+        biases.append(p)
+    kernel_path, bias_path = (v.path for v in model.trainable_variables)
+    return {kernel_path: np.array(kernels), bias_path: np.array(biases)}
+
+
+def _brute_force(per_example, ddof):
+    """|G|^2 and tr(Sigma) per variable and in total from per-example gradients {path: (N, ...)}."""
+    out = {}
+    for path, g in per_example.items():
+        g = g.reshape(len(g), -1)
+        out[path] = (np.sum(g.mean(axis=0) ** 2), np.sum(g.var(axis=0, ddof=ddof)))
+    out["total"] = tuple(sum(v[i] for v in out.values()) for i in (0, 1))
+    return out
+
+
+def test_per_example_estimates_match_softmax_regression_brute_force():
+    x, y = _softmax_data(1024)
+    model = _softmax_regression(10, 3)
+    truth = _brute_force(_softmax_per_example_gradients(model, x, y), ddof=1)
+    # b = 1 on all N examples: tr(Sigma) is the sample covariance trace, and |G|^2 is |mean gradient|^2 debiased by
+    # tr(Sigma) / N, which is below 3% of it here, so it matches the mean gradient of the N examples within 5%.
+    stats = gradient_stats.estimate(model, x, y, micro_batch_size=1)
+    norm_sq, trace = truth["total"]
+    assert trace / len(x) < 0.03 * norm_sq
+    assert stats["grad/trace_cov"] == pytest.approx(trace, rel=1e-3)
+    assert stats["grad/norm_sq"] == pytest.approx(norm_sq, rel=0.05)
+    assert stats["grad/noise_scale"] == pytest.approx(trace / norm_sq, rel=0.05)
+    assert stats["grad/batch_std"] == pytest.approx(math.sqrt(trace / len(x)), rel=1e-3)
+    for path, values in stats["variables"].items():
+        mean_sq, variance = truth[path]
+        assert variance / len(x) < 0.03 * mean_sq
+        assert values["trace_cov"] == pytest.approx(variance, rel=1e-3)
+        assert values["norm_sq"] == pytest.approx(mean_sq, rel=0.05)
+        assert values["noise_scale"] == pytest.approx(variance / mean_sq, rel=0.05)
+
+
+def test_micro_batch_estimates_match_softmax_regression_brute_force():
+    # The N examples are the population: G is their mean gradient and Sigma their covariance. Micro-batches of 4
+    # (M = 2048) estimate tr(Sigma) with 2047 degrees of freedom; |G|^2 differs from |G|^2 of the population by the
+    # debiasing term tr(Sigma) / N, below 1% here.
+    x, y = _softmax_data(8192, seed=2)
+    model = _softmax_regression(10, 3)
+    truth = _brute_force(_softmax_per_example_gradients(model, x, y), ddof=0)
+    stats = gradient_stats.estimate(model, x, y, micro_batch_size=4, batch_size=32)
+    norm_sq, trace = truth["total"]
+    assert stats["grad/trace_cov"] == pytest.approx(trace, rel=0.05)
+    assert stats["grad/norm_sq"] == pytest.approx(norm_sq, rel=0.05)
+    assert stats["grad/noise_scale"] == pytest.approx(trace / norm_sq, rel=0.05)
+    assert stats["grad/snr"] == pytest.approx(norm_sq / (trace / 32), rel=0.05)
+    for path, values in stats["variables"].items():
+        assert values["trace_cov"] == pytest.approx(truth[path][1], rel=0.05)
+        assert values["norm_sq"] == pytest.approx(truth[path][0], rel=0.05)
+
+
+def test_per_example_estimates_match_linear_regression_gradient_tape_loop():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(512, 6)).astype(np.float32)
+    y = (x @ rng.normal(size=(6, 2)) + 0.3 * rng.normal(size=(512, 2))).astype(np.float32)
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.compile("sgd", "mse")
+    per_example = {v.path: [] for v in model.trainable_variables}
+    for i in range(len(x)):  # one example at a time, plain Keras call and tape: no micro-batches, no vectorization
+        with tf.GradientTape() as tape:
+            loss = keras.losses.mean_squared_error(y[i : i + 1], model(x[i : i + 1]))
+        for v, g in zip(model.trainable_variables, tape.gradient(loss, model.trainable_variables)):
+            per_example[v.path].append(g.numpy())
+    truth = _brute_force({k: np.array(v, np.float64) for k, v in per_example.items()}, ddof=1)
+    stats = gradient_stats.estimate(model, x, y, micro_batch_size=1)
+    assert truth["total"][1] / len(x) < 0.03 * truth["total"][0]
+    assert stats["grad/trace_cov"] == pytest.approx(truth["total"][1], rel=1e-3)
+    assert stats["grad/norm_sq"] == pytest.approx(truth["total"][0], rel=0.05)
+
+
+def test_per_example_estimates_match_cnn_gradient_tape_loop():
+    # Strided, dilated, "same" and "valid" convolutions: the vectorized per-micro-batch filter gradients (a grouped
+    # convolution) must equal gradients taken one example at a time.
+    inputs = keras.Input((9, 9, 2))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = keras.layers.Conv2D(3, (3, 2), dilation_rate=2, activation="relu")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(x)))
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(48, 9, 9, 2)).astype(np.float32)
+    y = rng.integers(0, 3, size=48).astype(np.int32)
+    per_example = {v.path: [] for v in model.trainable_variables}
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.sparse_categorical_crossentropy(y[i : i + 1], model(x[i : i + 1]))
+        for v, g in zip(model.trainable_variables, tape.gradient(loss, model.trainable_variables)):
+            per_example[v.path].append(g.numpy())
+    truth = _brute_force({k: np.array(v, np.float64) for k, v in per_example.items()}, ddof=1)
+    stats = gradient_stats.estimate(model, x, y, micro_batch_size=1)
+    for path, values in stats["variables"].items():
+        assert values["trace_cov"] == pytest.approx(truth[path][1], rel=1e-3), path
+
+
+def test_dropout_masks_differ_between_micro_batches():
+    # Identical examples: any spread of the micro-batch gradients comes from dropout masks.
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dropout(0.5)(keras.layers.Dense(16, activation="relu")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(hidden))
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    seed_states = [v.numpy() for v in model.non_trainable_variables]
+    x, y = np.ones((32, 6), np.float32), np.zeros(32, np.int32)
+    assert gradient_stats.estimate(model, x, y, micro_batch_size=1)["grad/trace_cov"] > 0.01  # 0 if masks repeat
+    for value, v in zip(seed_states, model.non_trainable_variables):
+        np.testing.assert_array_equal(value, v.numpy())
+
+
+def _small_cnn(batch_norm=False, dropout=0.0):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(momentum=0.5)(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout)(x)
+    return keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
+
+
+def _image_data(examples, seed=4):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, size=(examples, 8, 8, 1)).astype(np.float32)
+    y = (2 * (x[:, :4].mean(axis=(1, 2, 3)) > 0.5) + (x[:, :, :4].mean(axis=(1, 2, 3)) > 0.5)).astype(np.int32)
+    return x, y
+
+
+def test_mini_batch_gradient_std_matches_many_real_mini_batches():
+    x, y = _image_data(1024)
+    model = _small_cnn()
+    model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")  # lr 0: the weights stay put
+    rng = np.random.default_rng(5)
+
+    @tf.function(reduce_retracing=True)
+    def flat_gradient(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(yb, model(xb, training=True)))
+        return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(loss, model.trainable_variables)], 0)
+
+    measured = {}
+    for batch in (8, 32, 128):  # real mini-batches drawn with replacement, 200 at each size
+        draws = [flat_gradient(x[i], y[i]).numpy() for i in rng.integers(0, len(x), size=(200, batch))]
+        measured[batch] = math.sqrt(np.sum(np.var(np.array(draws, np.float64), axis=0, ddof=1)))
+    index = rng.integers(0, len(x), size=16 * 256)  # the callback's own batches, also drawn with replacement
+    dataset = tf.data.Dataset.from_tensor_slices((x[index], y[index])).batch(256)
+    callback = gradient_stats.GradientStatistics(
+        dataset, every_n_steps=1, micro_batch_size=4, micro_batches=64, batch_size=32
+    )
+    model.fit(x[:256], y[:256], batch_size=32, epochs=2, callbacks=[callback], verbose=0)
+    assert len(callback.history) == 16
+    assert callback._gradients._function.experimental_get_tracing_count() == 1
+    trace = np.mean([record["grad/trace_cov"] for record in callback.history])
+    for batch, std in measured.items():
+        assert math.sqrt(trace / batch) == pytest.approx(std, rel=0.15), batch
+    assert callback.history[-1]["grad/batch_std_ema"] == pytest.approx(measured[32], rel=0.15)
+
+
+def _fit_bn_model(callbacks):
+    keras.utils.set_random_seed(7)
+    model = _small_cnn(batch_norm=True, dropout=0.25)
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+    model.compile(optimizer, "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = _image_data(192)
+    train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(192, seed=1).batch(16, drop_remainder=True)
+    model.fit(train, epochs=2, callbacks=callbacks, shuffle=False, verbose=0)
+    return model
+
+
+def test_training_is_unchanged_by_measuring_every_step():
+    x, y = _image_data(192, seed=8)
+    own = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(192, seed=2).batch(16, drop_remainder=True)
+    callback = gradient_stats.GradientStatistics(own, every_n_steps=1, micro_batch_size=4)
+    measured, plain = _fit_bn_model([callback]), _fit_bn_model([])
+    assert len(callback.history) == 24
+    assert any("moving_variance" in v.path for v in plain.non_trainable_variables)
+    assert any("seed_generator" in v.path for v in plain.non_trainable_variables)
+    state = lambda model: model.variables + model.optimizer.variables  # noqa: E731
+    for a, b in zip(state(measured), state(plain)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert int(measured.optimizer.iterations) == int(plain.optimizer.iterations) == 24
+
+
+def test_keys_reach_later_callbacks_csv_jsonl_and_tensorboard(tmp_path):
+    x, y = _image_data(128, seed=9)
+    model = _small_cnn()
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    own = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(128, seed=3).batch(16, drop_remainder=True)
+    callback = gradient_stats.GradientStatistics(
+        own, every_n_steps=3, log_dir=str(tmp_path / "tb"), out_path=str(tmp_path / "grad.jsonl")
+    )
+    seen = []  # the batch logs a callback listed after GradientStatistics receives, in order
+    later = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(dict(logs)))
+    stop = keras.callbacks.EarlyStopping(monitor="grad/trace_cov_ema", mode="min", patience=10)
+    csv_logger = keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback, later, stop, csv_logger], verbose=0)
+
+    keys = [f"grad/{key}{suffix}" for key in gradient_stats.KEYS for suffix in ("", "_ema")]
+    measured_steps = [record["step"] for record in callback.history]
+    assert measured_steps == [3, 6, 9, 12, 15]
+    assert [i + 1 for i, logs in enumerate(seen) if set(keys) <= set(logs)] == measured_steps
+    assert seen[14]["grad/snr"] == callback.history[-1]["grad/snr"]
+    # Smoothed noise scale: the ratio of bias-corrected moving averages of tr(Sigma) and |G|^2.
+    weights = 0.1 * 0.9 ** np.arange(4, -1, -1) / (1 - 0.9**5)
+    trace = np.dot(weights, [record["grad/trace_cov"] for record in callback.history])
+    norm_sq = np.dot(weights, [record["grad/norm_sq"] for record in callback.history])
+    assert callback.history[-1]["grad/trace_cov_ema"] == pytest.approx(trace, rel=1e-9)
+    assert callback.history[-1]["grad/batch_std_ema"] == pytest.approx(math.sqrt(trace / 16), rel=1e-9)
+    if norm_sq > 0:
+        assert callback.history[-1]["grad/noise_scale_ema"] == pytest.approx(trace / norm_sq, rel=1e-9)
+    assert math.isfinite(stop.best)
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and set(keys) <= set(rows[0])
+    assert float(rows[1]["grad/trace_cov_ema"]) == pytest.approx(callback.history[-1]["grad/trace_cov_ema"])
+    lines = (tmp_path / "grad.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+    record = json.loads(lines[-1])
+    assert record["step"] == 15 and set(keys) <= set(record)
+    assert set(record["variables"]) == {v.path for v in model.trainable_variables}
+    tags = set()
+    for path in glob.glob(str(tmp_path / "tb" / "gradients" / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    kernel = model.trainable_variables[0].path
+    assert {"grad/noise_scale", "grad/noise_scale_ema", f"grad_mean/{kernel}", f"grad_std/{kernel}"} <= tags
+    assert f"grad_variables/{kernel}/snr" in tags
+    # Two traces: measurements with histograms (every histogram_every-th) and without.
+    assert callback._write.experimental_get_tracing_count() == 2
+
+
+def test_rejects_bad_arguments():
+    examples = tf.data.Dataset.from_tensor_slices((np.zeros((8, 3), np.float32), np.zeros(8, np.int32)))
+    dataset = examples.batch(4, drop_remainder=True)
+    with pytest.raises(InputError, match="batch_size"):
+        gradient_stats.GradientStatistics(examples.batch(4))
+    with pytest.raises(InputError, match="--grad-stats-every"):
+        gradient_stats.GradientStatistics(dataset, every_n_steps=0)
+    with pytest.raises(InputError, match="micro_batch_size"):
+        gradient_stats.GradientStatistics(dataset, micro_batch_size=4, micro_batches=1)
+    with pytest.raises(InputError, match="ema"):
+        gradient_stats.GradientStatistics(dataset, ema=1.0)
