@@ -29,15 +29,13 @@ Dropout masks differ between micro-batches and measurements. Decoupled weight de
 weight_decay) is not part of the loss, so it is not in |G|^2. Steps are batches, counted from the optimizer's
 iterations at the start of fit.
 
-Speed: the M micro-batch gradients are one `tf.vectorized_map` in one `tf.function`, traced once. TensorFlow's
-vectorization turns Conv2DBackpropFilter into a while loop over micro-batches ("Fix that!" in pfor.py); while
-tracing, this module converts it instead to one grouped convolution, which halved the cost on 8x8 inputs and
-matched the loop on 32x32. A measurement of B = 32 examples then costs 0.8-1.1 training steps on 2 CPU cores
-(small CNNs and ResNet-20 on 8x8x1 and 32x32x3), about one forward and backward pass at B: a Python loop over
-micro-batches cost 1.5-3.3 steps, XLA 3-20. Models with dropout vectorize their random ops with a while loop.
+Speed: the M micro-batch gradients are one `tf.map_fn` (a while loop) in one `tf.function`, traced like a
+training step (~2 s for ResNet-20). A `tf.vectorized_map` ran a measurement ~1.5x faster, but tracing it took
+~10 s for ResNet-20, more than the whole measuring cost of a short run. On 2 CPU cores, ResNet-20 on 8x8 digits
+at B = 32 (M = 8 micro-batches of 4), a measurement costs about 3 training steps
+(benchmarks/instrument_overhead.py).
 """
 
-import contextlib
 import json
 import math
 import numbers
@@ -48,11 +46,6 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import InputError
-
-try:  # Private TensorFlow API, used only to speed up tracing; without it the math is the same, just slower.
-    from tensorflow.python.ops.parallel_for import pfor as _pfor
-except ImportError:  # pragma: no cover
-    _pfor = None
 
 KEYS = ("norm_sq", "trace_cov", "noise_scale", "batch_std", "snr")
 
@@ -124,21 +117,20 @@ class _MicroBatchGradients:
         self._seed_states = [v.path.endswith("seed_generator_state") for v in model.non_trainable_variables]
         self._function = tf.function(self._moments, reduce_retracing=True)
 
-    def __call__(self, data, seed_offset, per_parameter=False):
+    def __call__(self, data, seed_offset):
         """Statistics of data = (x, y) or (x, y, sample_weight) with exactly M * b examples.
 
         Returns:
-            (|G|^2, tr(Sigma)) as float64 arrays [per variable..., total], and if per_parameter, the lists of
-            per-parameter mean gradients and per-example gradient standard deviations (else two empty lists).
+            (|G|^2, tr(Sigma)) as float64 arrays [per variable..., total], and the lists of per-parameter mean
+            gradients and per-example gradient standard deviations (cheap next to the gradients; computing them
+            always keeps the function to one trace).
         """
-        with _per_micro_batch_conv_filter_gradients():
-            # per_parameter is a Python bool: the function is traced once for each value.
-            mean_sq, deviation_sq, means, stds = self._function(data, tf.constant(seed_offset, tf.int64), per_parameter)
+        mean_sq, deviation_sq, means, stds = self._function(data, tf.constant(seed_offset, tf.int64))
         trace = self.b / (self.m - 1) * deviation_sq.numpy().astype(np.float64)
         norm_sq = mean_sq.numpy().astype(np.float64) - trace / (self.m * self.b)
         return np.append(norm_sq, norm_sq.sum()), np.append(trace, trace.sum()), means, stds
 
-    def _moments(self, data, seed_offset, per_parameter):
+    def _moments(self, data, seed_offset):
         model = self.model
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
@@ -160,13 +152,14 @@ class _MicroBatchGradients:
             return tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
         offsets = seed_offset + tf.range(self.m, dtype=tf.int64)
-        gradients = tf.vectorized_map(micro_batch_gradient, (tf.nest.map_structure(split, data), offsets))
+        # A while loop over micro-batches, traced once for one micro-batch (see Speed in the module docstring).
+        signature = [tf.TensorSpec(v.shape, v.dtype) for v in trainable]
+        gradients = tf.map_fn(micro_batch_gradient, (tf.nest.map_structure(split, data), offsets),
+                              fn_output_signature=signature, parallel_iterations=2)
         means = [tf.reduce_mean(g, axis=0) for g in gradients]
         deviations = [tf.reduce_sum(tf.square(g - mean), axis=0) for g, mean in zip(gradients, means)]
         mean_sq = tf.stack([tf.reduce_sum(tf.square(mean)) for mean in means])
         deviation_sq = tf.stack([tf.reduce_sum(d) for d in deviations])
-        if not per_parameter:
-            return mean_sq, deviation_sq, [], []
         # Per-parameter standard deviation of one example's gradient, sqrt(diag(Sigma)).
         stds = [tf.sqrt(self.b / (self.m - 1) * d) for d in deviations]
         return mean_sq, deviation_sq, means, stds
@@ -227,7 +220,7 @@ class GradientStatistics(keras.callbacks.Callback):
         self.log_dir, self.out_path, self.histograms = log_dir, out_path, histograms
         self.histogram_every = histogram_every
         self.history = []  # one record per measurement as written to out_path, without the per-variable values
-        self._iterator = self._gradients = self._writer = self._write = None
+        self._iterator = self._gradients = self._writer = None
         self._average_norm_sq = self._average_trace = 0.0  # moving averages, per variable and total
         self._latest = {}
         self._epoch = 0
@@ -241,7 +234,6 @@ class GradientStatistics(keras.callbacks.Callback):
             self._gradients = _MicroBatchGradients(self.model, self.micro_batch_size, self.micro_batches)
         if self.log_dir and self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "gradients"))
-            self._write = tf.function(self._summaries, reduce_retracing=True)
         self._out = open(self.out_path, "a") if self.out_path else None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -270,8 +262,10 @@ class GradientStatistics(keras.callbacks.Callback):
     def _measure(self, step):
         """One measurement at the current weights: updates the averages and writes the record everywhere."""
         seed_offset = (len(self.history) + 1) * 1_000_003  # far from the counters the training's dropout reaches
-        per_parameter = bool(self.log_dir and self.histograms and len(self.history) % self.histogram_every == 0)
-        norm_sq, trace, means, stds = self._gradients(self._fresh_examples(), seed_offset, per_parameter)
+        # Per-variable TensorBoard scalars and histograms at every histogram_every-th measurement (the JSON lines
+        # hold the per-variable values of every measurement).
+        per_parameter = len(self.history) % self.histogram_every == 0
+        norm_sq, trace, means, stds = self._gradients(self._fresh_examples(), seed_offset)
         self._average_norm_sq = self.ema * self._average_norm_sq + (1 - self.ema) * norm_sq
         self._average_trace = self.ema * self._average_trace + (1 - self.ema) * trace
         correction = 1 - self.ema ** (len(self.history) + 1)  # of a moving average started at zero (as in Adam)
@@ -287,7 +281,8 @@ class GradientStatistics(keras.callbacks.Callback):
             self._out.flush()
         if self._writer:
             scalars = np.concatenate([values[key] for values in (raw, smoothed) for key in KEYS])
-            self._write(tf.constant(step, tf.int64), scalars.astype(np.float32), means, stds)
+            histograms = self.histograms and per_parameter
+            self._summaries(step, scalars, means if histograms else [], stds, per_variable=per_parameter)
 
     def _fresh_examples(self):
         """(x, y) or (x, y, sample_weight) of exactly micro_batches * micro_batch_size fresh examples."""
@@ -300,19 +295,23 @@ class GradientStatistics(keras.callbacks.Callback):
             return parts[0]
         return tf.nest.map_structure(lambda *ts: tf.concat(ts, axis=0)[:needed], *parts)
 
-    def _summaries(self, step, scalars, means, stds):
-        """Writes all TensorBoard summaries of one measurement in one graph (eager writes cost ~0.1 ms each)."""
+    def _summaries(self, step, scalars, means, stds, per_variable):
+        """Writes the TensorBoard summaries of one measurement, eagerly.
+
+        Eager writes cost ~0.1 ms a scalar; compiled into one graph they were faster per call but took 3 s
+        (scalars) to 20 s (histograms) to trace for ResNet-20, longer than a short run trains.
+        """
         names = [f"grad/{key}{suffix}" for suffix in ("", "_ema") for key in KEYS]
         columns = len(self._gradients.paths) + 1
         with self._writer.as_default(step=step):
             for k, name in enumerate(names):
                 tf.summary.scalar(name, scalars[k * columns + columns - 1])
-                for i, path in enumerate(self._gradients.paths):
-                    tf.summary.scalar(f"grad_variables/{path}/{name[5:]}", scalars[k * columns + i])
-            if means:
-                for path, mean, std in zip(self._gradients.paths, means, stds):
-                    tf.summary.histogram(f"grad_mean/{path}", mean)
-                    tf.summary.histogram(f"grad_std/{path}", std)
+                if per_variable:
+                    for i, path in enumerate(self._gradients.paths):
+                        tf.summary.scalar(f"grad_variables/{path}/{name[5:]}", scalars[k * columns + i])
+            for path, mean, std in zip(self._gradients.paths, means, stds):
+                tf.summary.histogram(f"grad_mean/{path}", mean)
+                tf.summary.histogram(f"grad_std/{path}", std)
 
 
 def _finite_or_none(value):
@@ -322,48 +321,3 @@ def _finite_or_none(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-@contextlib.contextmanager
-def _per_micro_batch_conv_filter_gradients():
-    """While active, Conv2DBackpropFilter vectorized over micro-batches is one grouped op instead of a while loop.
-
-    The M micro-batches (M, b, H, W, C) become M channel groups (b, H, W, M * C) of one grouped convolution, whose
-    filter gradient (kh, kw, C, M * O) holds the M per-micro-batch filter gradients side by side.
-    """
-    original = _pfor and _pfor._pfor_converter_registry.get("Conv2DBackpropFilter")
-    if original is None:
-        yield
-        return
-
-    def convert(pfor_input):
-        inputs, inputs_stacked, _ = pfor_input.input(0)
-        sizes = tf.get_static_value(pfor_input.unstacked_input(1))
-        if not inputs_stacked or sizes is None or pfor_input.get_attr("data_format") != b"NHWC":
-            return original(pfor_input)
-        pfor_input.stack_inputs(stack_indices=[2])
-        height, width, channels, filters = (int(size) for size in sizes)
-        micro_batches = pfor_input.pfor.loop_len_vector[0]
-
-        def groups_to_channels(t):  # (M, b, H, W, C) -> (b, H, W, M * C)
-            t = tf.transpose(t, [1, 2, 3, 0, 4])
-            return tf.reshape(t, tf.concat([tf.shape(t)[:3], [-1]], axis=0))
-
-        gradients = tf.raw_ops.Conv2DBackpropFilter(
-            input=groups_to_channels(inputs),
-            filter_sizes=tf.stack([height, width, channels, micro_batches * filters]),
-            out_backprop=groups_to_channels(pfor_input.stacked_input(2)),
-            strides=pfor_input.get_attr("strides"),
-            padding=pfor_input.get_attr("padding"),
-            explicit_paddings=pfor_input.get_attr("explicit_paddings"),
-            data_format="NHWC",
-            dilations=pfor_input.get_attr("dilations"),
-        )
-        gradients = tf.transpose(tf.reshape(gradients, [height, width, channels, -1, filters]), [3, 0, 1, 2, 4])
-        return _pfor.wrap(gradients, True)
-
-    _pfor._pfor_converter_registry["Conv2DBackpropFilter"] = convert
-    try:
-        yield
-    finally:
-        _pfor._pfor_converter_registry["Conv2DBackpropFilter"] = original

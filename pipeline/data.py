@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 
 import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
+from pipeline import sources
 from pipeline.config import AUGMENTS, Config, InputError
+from pipeline.sources import ACCEPTED, SPLITS
 
 SPLIT_SEED = 1234  # Decides which examples are train, val and test; constant so that --seed never moves them.
 TEST_FRACTION = 0.2  # Share of all examples held out for test when a source has no test split.
 PAD = 4  # Pixels of zero padding on each side before the random crop (He et al. 2016, sec. 4.2).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-ACCEPTED = "digits, a TFDS image-classification name (cifar10, mnist, fashion_mnist, ...), folder:PATH or npz:PATH"
-SPLITS = ("train", "val", "test")
-
-
-def decode_image(contents: tf.Tensor) -> tf.Tensor:
-    """Decodes PNG, JPEG, BMP, GIF (its first frame) or WebP bytes to a uint8 (H, W, C) image."""
-    return tf.io.decode_image(contents, expand_animations=False)
 
 
 def crop_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -184,13 +176,13 @@ def load(config: Config) -> Data:
     if not source:
         raise InputError(f"--dataset: must not be empty; use {ACCEPTED}")
     if source == "digits":
-        splits, class_names = _digits()
+        splits, class_names = sources.digits()
     elif source.startswith("folder:"):
-        splits, class_names = _folder(source.removeprefix("folder:"))
+        splits, class_names = sources.folder(source.removeprefix("folder:"))
     elif source.startswith("npz:"):
-        splits, class_names = _npz(source.removeprefix("npz:"))
+        splits, class_names = sources.npz(source.removeprefix("npz:"))
     else:
-        splits, class_names = _tfds(source, config)
+        splits, class_names = sources.tfds_dataset(source, config)
     for split in ("test", "val"):
         if split not in splits:
             fraction = TEST_FRACTION if split == "test" else config.val_fraction
@@ -244,131 +236,3 @@ def _hold_out(images, labels, fraction: float, source: str):
         raise InputError(f"--dataset: {source} has too few examples ({len(labels)}) to split {fraction:.0%} off")
     keep, held = np.sort(keep), np.sort(held)
     return (images[keep], labels[keep]), (images[held], labels[held])
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = digits.images.astype(np.float32)[..., np.newaxis]  # (1797, 8, 8, 1), values 0..16.
-    return {"train": (images, digits.target.astype(np.int32))}, [str(d) for d in range(10)]
-
-
-def _tfds(name: str, config: Config):
-    import tensorflow_datasets as tfds
-
-    data_dir = config.data_dir or None
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except (ValueError, AssertionError) as e:  # An unknown name, or a version or config the dataset lacks.
-        raise InputError(f"--dataset: unknown dataset {name!r} ({str(e).splitlines()[0]}); use {ACCEPTED}") from None
-    info = builder.info
-    image_key, label_key = info.supervised_keys if info.supervised_keys else (None, None)
-    image = info.features[image_key] if isinstance(image_key, str) else None
-    label = info.features[label_key] if isinstance(label_key, str) else None
-    if not isinstance(image, tfds.features.Image) or not isinstance(label, tfds.features.ClassLabel):
-        raise InputError(f"--dataset: TFDS dataset {name!r} is not an image classification dataset; use {ACCEPTED}")
-    if None in image.shape:
-        raise InputError(f"--dataset: TFDS dataset {name!r} has images of varying size {image.shape}; resize them "
-                         "and pass folder:PATH or npz:PATH")
-    available = set(info.splits) or {"train", "test"}  # A builder that is not prepared (or is mocked) lists none.
-    if "train" not in available:
-        raise InputError(f"--dataset: TFDS dataset {name!r} has no train split, only {', '.join(sorted(available))}")
-    wanted = {"train": "train"}
-    if "test" in available:
-        wanted["test"] = "test"
-        if "validation" in available:
-            wanted["val"] = "validation"
-    elif "validation" in available:
-        wanted["test"] = "validation"
-    try:
-        datasets = tfds.load(name, split=list(wanted.values()), as_supervised=True, data_dir=data_dir,
-                             download=config.download)
-    except AssertionError:  # TFDS's way of saying that the data is not prepared and may not be downloaded.
-        where = config.data_dir or "the TFDS default directory (~/tensorflow_datasets)"
-        raise InputError(
-            f"--dataset: TFDS dataset {name!r} is not prepared in {where}; on a machine with network run "
-            f"`tfds build {name} --data_dir DIR`, copy DIR here and pass --data-dir DIR, or pass --download"
-        ) from None
-    splits = {}
-    for split, dataset in zip(wanted, datasets):
-        batches = list(tfds.as_numpy(dataset.batch(4096)))
-        images, labels = zip(*batches)
-        splits[split] = (np.concatenate(images), np.concatenate(labels).astype(np.int32))
-    return splits, list(label.names)
-
-
-def _folder(path: str):
-    if not os.path.isdir(path):
-        raise InputError(f"--dataset: folder:{path} is not a directory; folder:PATH needs one subfolder per class")
-    class_names = sorted(d for d in os.listdir(path) if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
-    if not class_names:
-        raise InputError(f"--dataset: folder:{path} has no class subfolders; put each class's images in its own one")
-    images, labels, first = [], [], None
-    for label, class_name in enumerate(class_names):
-        folder = os.path.join(path, class_name)
-        files = sorted(f for f in os.listdir(folder) if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise InputError(f"--dataset: class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        for file in (os.path.join(folder, f) for f in files):
-            try:
-                image = decode_image(tf.io.read_file(file)).numpy()
-            except tf.errors.OpError as e:
-                reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message.splitlines()[0]).strip()  # Drop TF's op names.
-                raise InputError(f"--dataset: cannot decode image {file}: {reason}") from None
-            first = first or (file, image.shape)
-            if image.shape != first[1]:
-                raise InputError(f"--dataset: image {file} has shape {image.shape}; expected {first[1]} like "
-                                 f"{first[0]}")
-            images.append(image)
-            labels.append(label)
-    return {"train": (np.stack(images), np.array(labels, np.int32))}, class_names
-
-
-def _npz(path: str):
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except OSError as e:
-        raise InputError(f"--dataset: cannot read npz:{path}: {e.strerror or e}") from None
-    except ValueError:  # NumPy takes a file that is neither .npy nor .npz for a pickle, which it refuses.
-        raise InputError(f"--dataset: npz:{path} is not a NumPy .npz archive; write one with np.savez") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise InputError(f"--dataset: npz:{path} is one array; save x_train, y_train, x_test, y_test with np.savez")
-    with archive:
-        keys = set(archive.files)
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in keys]
-        if ("x_val" in keys) != ("y_val" in keys):
-            missing.append("y_val" if "x_val" in keys else "x_val")
-        if missing:
-            raise InputError(f"--dataset: npz:{path} lacks {', '.join(missing)}; it needs x_train, y_train, x_test, "
-                             "y_test (x_val, y_val and class_names optional)")
-        try:
-            arrays = {key: archive[key] for key in keys}
-        except ValueError:  # allow_pickle=False refuses object arrays.
-            raise InputError(f"--dataset: npz:{path} holds pickled Python objects; save numeric arrays") from None
-    splits = {s: _npz_split(arrays[f"x_{s}"], arrays[f"y_{s}"], s, path) for s in SPLITS if f"x_{s}" in keys}
-    class_names = [str(c) for c in arrays["class_names"]] if "class_names" in keys else None
-    shapes = {s: x.shape[1:] for s, (x, _) in splits.items()}
-    if len(set(shapes.values())) > 1:
-        raise InputError(f"--dataset: npz:{path} has images of different shapes across splits: {shapes}")
-    num_classes = max(int(y.max()) for _, y in splits.values()) + 1
-    if class_names is not None and len(class_names) < num_classes:
-        raise InputError(f"--dataset: npz:{path} has labels up to {num_classes - 1} but only {len(class_names)} "
-                         "class_names")
-    return splits, class_names or [str(c) for c in range(num_classes)]
-
-
-def _npz_split(x: np.ndarray, y: np.ndarray, split: str, path: str):
-    where = f"--dataset: npz:{path}"
-    if x.dtype.kind not in "uif" or x.ndim not in (3, 4):
-        raise InputError(f"{where}: x_{split} is {x.dtype} {x.shape}; it must be numeric (N, H, W) or (N, H, W, C)")
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise InputError(f"{where}: x_{split} holds NaN or infinite values")
-    y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y  # Keras' datasets store labels as (N, 1).
-    if y.ndim != 1 or len(y) != len(x) or len(y) == 0:
-        raise InputError(f"{where}: y_{split} has shape {y.shape} for x_{split} of shape {x.shape}; it needs one "
-                         "label per image and at least one image")
-    if y.dtype.kind not in "iu" or y.min() < 0:
-        raise InputError(f"{where}: y_{split} must hold integer class ids >= 0, got {y.dtype} from {y.min()}")
-    x = x[..., np.newaxis] if x.ndim == 3 else x
-    return (x if x.dtype == np.uint8 else x.astype(np.float32)), y.astype(np.int32)

@@ -7,17 +7,19 @@ Steps to target follow S(B) = S_min (1 + B_crit / B) (McCandlish et al. 2018: th
 (S / S_min - 1)(E / E_min - 1) = 1 with E = B S examples and B_crit = E_min / S_min). S is linear in 1/B,
 S = a + b / B with S_min = a and B_crit = b / a, so the fit is a least-squares line, weighted by 1/S so that
 every batch size counts by its relative error. B_crit is shown beside the measured simple noise scale
-B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8), the run's mean of callbacks.GradientStatistics'
-"grad/noise_scale_ema". The minibatch gradient's standard deviation falls as sigma / sqrt(B); its log-log slope
-against B is fitted beside -0.5.
+B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8), per run the ratio of its mean tr(Sigma) to its mean
+|G|^2 over callbacks.GradientStatistics' measurements (a ratio of averages, their app. A; per norm, the mean over
+runs). The minibatch gradient's standard deviation falls as sigma / sqrt(B); per run it is the root mean square
+of "grad/batch_std" over the measurements, which the sweep places at the same fractions of every run's budget,
+and its log-log slope against B is fitted beside -0.5.
 
 Means and standard deviations are over seeds (sample std, ddof=1; none for a single seed); accuracies, times
 and instruments come from completed runs, the target metrics from completed runs that reached the target.
 Targets are checked at epoch ends, where train() evaluates, so steps to target have a resolution of one epoch
 (N / B steps). Time per step is the median over the epochs after the first (whose time includes tracing and
-compilation), with each epoch's validation and instruments; time to target is steps to target times that
-time per step, so that one-time start-up costs do not decide which batch is fastest (the run's own clock,
-start-up included, is kept as wall_time_to_target_s in report.json).
+compilation) that hold no instrument measurement, each with its validation; time to target is steps to target
+times that time per step, so that one-time start-up costs do not decide which batch is fastest (the run's own
+clock, start-up and instruments included, is kept as wall_time_to_target_s in report.json).
 """
 
 from __future__ import annotations
@@ -71,15 +73,21 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def steady_time_per_step(history: list[dict]) -> float | None:
+def steady_time_per_step(history: list[dict], measured_steps=()) -> float | None:
     """Median seconds per step over the epochs after the first, whose time includes tracing; None without epochs.
 
-    An epoch's time includes its end-of-epoch validation and instruments, as the run spent it.
+    An epoch's time includes its end-of-epoch validation. Epochs holding a gradient or BN measurement (a step in
+    measured_steps) are left out when others remain: a measurement costs about a training step, which would
+    slow the few steps of a large batch's epoch noticeably.
     """
-    times = [(r.get("train_epoch_time_s", r["epoch_time_s"]), r["step"] - (previous["step"] if previous else 0))
-             for previous, r in zip([None] + history[:-1], history)]
-    steady = [t / n for t, n in (times[1:] or times) if n > 0]
-    return float(np.median(steady)) if steady else None
+    spans, previous = [], 0  # (seconds, first step exclusive, last step) of each epoch
+    for record in history:
+        spans.append((record.get("train_epoch_time_s", record["epoch_time_s"]), previous, record["step"]))
+        previous = record["step"]
+    spans = spans[1:] or spans
+    clean = [span for span in spans if not any(span[1] < step <= span[2] for step in measured_steps)]
+    per_step = [seconds / (last - first) for seconds, first, last in clean or spans if last > first]
+    return float(np.median(per_step)) if per_step else None
 
 
 def read_run(run_dir: str) -> dict | None:
@@ -97,27 +105,29 @@ def read_run(run_dir: str) -> dict | None:
         row[key] = summary.get(key)
     train, test = row["train_accuracy"], row["test_accuracy"]
     row["generalization_gap"] = train - test if train is not None and test is not None else None
+    # A resumed run measures the steps after its checkpoint again; the last measurement of a step counts.
+    by_step = {r["step"]: r for r in _read_jsonl(os.path.join(run_dir, "grad_stats.jsonl")) if "step" in r}
+    grad = [by_step[step] for step in sorted(by_step)]
+    layers = (_read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("layers", {})
+    bn_steps = {m["step"] for layer in layers.values() for m in layer.get("measurements", [])}
+
     history = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
-    seconds = steady_time_per_step(history)
-    seconds = seconds or summary.get("time_per_step_s")
+    seconds = steady_time_per_step(history, set(by_step) | bn_steps) or summary.get("time_per_step_s")
     row["time_per_step_ms"] = 1000 * seconds if seconds else None
     row["examples_per_sec"] = batch / seconds if seconds else None
     row["wall_time_to_target_s"] = row["time_to_target_s"]
     row["time_to_target_s"] = row["steps_to_target"] * seconds if seconds and row["steps_to_target"] else None
-    # A resumed run measures the steps after its checkpoint again; the last measurement of a step counts.
-    by_step = {r["step"]: r for r in _read_jsonl(os.path.join(run_dir, "grad_stats.jsonl")) if "step" in r}
-    grad = [by_step[step] for step in sorted(by_step)]
-    stds = [r for r in grad if r.get("grad/batch_std") is not None]
-    # The first measurement: the runs of one seed start from the same weights, so this compares batch sizes
-    # at (nearly) the same point of training.
-    row["grad_std"] = stds[0]["grad/batch_std"] if stds else None
-    row["grad_std_step"] = stds[0]["step"] if stds else None
-    noise = [(r["step"] * batch, r["grad/noise_scale_ema"]) for r in grad
-             if r.get("grad/noise_scale_ema") is not None and math.isfinite(r["grad/noise_scale_ema"])]
-    row["noise_curve"] = noise
-    row["noise_scale"] = float(np.mean([v for _, v in noise])) if noise else None
-    layers = (_read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("layers", {})
+
+    # Over the run's measurements, which the sweep spreads over the same fractions of every run's budget.
+    stds = [r["grad/batch_std"] for r in grad if r.get("grad/batch_std") is not None]
+    row["grad_std"] = float(np.sqrt(np.mean(np.square(stds)))) if stds else None
+    both = [(r["grad/trace_cov"], r["grad/norm_sq"]) for r in grad
+            if r.get("grad/trace_cov") is not None and r.get("grad/norm_sq") is not None]
+    trace, norm_sq = np.mean(both, axis=0) if both else (None, None)
+    row["noise_scale"] = float(trace / norm_sq) if both and norm_sq > 0 else None
+    row["noise_curve"] = [(r["step"] * batch, r["grad/noise_scale_ema"]) for r in grad
+                          if r.get("grad/noise_scale_ema") is not None and math.isfinite(r["grad/noise_scale_ema"])]
     for key in ("mean_rel_error", "var_rel_error"):
         values = [layer["final"][key] for layer in layers.values() if key in layer.get("final", {})]
         row[f"bn_{key}"] = float(np.mean(values)) if values else None
@@ -234,8 +244,9 @@ def findings(report: dict) -> list[str]:
                            f"batch {fewest['batch']} took the fewest steps ({fewest['steps_to_target']['mean']:.0f}).")
             for g in (g for g in mine if 0 < g["completed"] and g["reached"] < g["completed"]):
                 runs = "" if g["completed"] == 1 else f" in {g['completed'] - g['reached']} of {g['completed']} runs"
-                out.append(f"{prefix}batch {g['batch']} did not reach {target:.0%} within the budget{runs} (best "
-                           f"validation accuracy {g['best_val_accuracy']['mean']:.4f}).")
+                best = g["best_val_accuracy"]["mean"]
+                out.append(f"{prefix}batch {g['batch']} did not reach {target:.0%} within the budget{runs}"
+                           + (f" (best validation accuracy {best:.4f})." if best is not None else "."))
             batches, steps = _series(groups, norm, "steps_to_target", True)
             onset = diminishing_returns(batches, steps)
             if onset is not None:
@@ -409,7 +420,7 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
                           label="slope -0.50 (sigma / sqrt(B))" if i == 0 else None)
         _log2_batch_axis(axes, groups)
         axes.set_yscale("log")
-        axes.set(ylabel="std of the minibatch gradient", title="Gradient noise vs batch size (first measurement)")
+        axes.set(ylabel="std of the minibatch gradient (RMS over the run)", title="Gradient noise vs batch size")
         _legend(axes, 8)
         save(figure, "grad_std")
 
@@ -517,9 +528,10 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
         "## Findings", "", *[f"- {s}" for s in report["findings"]], "",
         "## Per batch size (mean ± std over seeds)", "", headline(report), "",
         "Steps and epochs to target: first epoch end with validation accuracy >= target; time to target: steps to "
-        "target x time per step; (k/n): runs that reached it. time/step: median over epochs after the first "
-        "(tracing excluded), with validation and instruments. grad std: first measurement. B_simple: run mean of "
-        "the noise scale. BN var error: final batch-vs-moving variance discrepancy, mean over layers.", "",
+        "target x time per step; (k/n): runs that reached it. time/step: median over the epochs after the first "
+        "that hold no instrument measurement, validation included. grad std: RMS over the run's measurements. "
+        "B_simple: mean tr(Sigma) / mean |G|^2 over the run. BN var error: final batch-vs-moving variance "
+        "discrepancy, mean over layers.", "",
         "## Fits", "", fits_markdown(report),
     ]
     if report["tuning"]:

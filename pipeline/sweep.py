@@ -14,6 +14,9 @@ max_steps = examples // batch). A step or example budget sets Config.epochs to t
 it, ceil(max_steps / (num_train // batch)), and stops at max_steps; the schedule (cosine by default) spans
 those whole epochs, so the learning rate has not quite decayed to its end value at max_steps.
 
+Instruments: with automatic intervals (--grad-stats-every -1, --bn-stats-every -1), every run measures its
+gradient and BatchNorm statistics MEASUREMENTS_PER_RUN times, evenly over its budget.
+
 Learning rate: --base-lr is the learning rate at --base-batch examples per step, scaled to each batch by
 --lr-scaling: linear, lr = base_lr * B / base_batch (Goyal et al. 2017), or sqrt, lr = base_lr *
 sqrt(B / base_batch). With a scaling rule and no --warmup-epochs, each run warms up linearly over the first
@@ -43,6 +46,10 @@ DEFAULT_TARGET = 0.98  # validation accuracy on digits that ResNet-20 reaches in
 DEFAULT_BASE_LR = 0.05  # peak lr at --base-batch 32 for SGD with momentum 0.9 (linear scaling: 0.4 at 256)
 DEFAULT_SCALING = "linear"
 WARMUP_FRACTION = 5 / 90  # share of each run's epochs spent warming up under a scaling rule (Goyal et al. 2017)
+# Gradient and BN measurements per run when their interval is automatic (-1): the same number at every batch size,
+# at the same fractions of the budget, instead of train's fixed step interval that leaves the few steps of a
+# large batch unmeasured. Few enough that most epochs hold none, so that the report times steps on those.
+MEASUREMENTS_PER_RUN = 8
 BUDGET_KINDS = ("epochs", "steps", "examples")
 # Config fields that say where and how a run is started, not what it computes: a finished run may differ in them.
 PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose")
@@ -171,6 +178,10 @@ def run_configs(config: Config, batches, norms, seeds, budget: Budget, num_train
                 run = budget.apply(dataclasses.replace(config, norm=norm, batch=batch, seed=seed), batch, num_train)
                 if warmup_fraction is not None:
                     run = dataclasses.replace(run, warmup_epochs=warmup_fraction * run.epochs)
+                interval = max(1, (run.max_steps or run.epochs * (num_train // batch)) // MEASUREMENTS_PER_RUN)
+                run = dataclasses.replace(
+                    run, grad_stats_every=interval if run.grad_stats_every == -1 else run.grad_stats_every,
+                    bn_stats_every=interval if run.bn_stats_every == -1 else run.bn_stats_every)
                 configs.append(config_lib.validate(run))
     return configs
 
@@ -188,9 +199,12 @@ def run_one(config: Config, run_dir: str) -> dict:
             raise InputError(f"--out: {run_dir} was run with {changed[0]}={changed[1]!r}, this sweep asks for "
                              f"{getattr(config, changed[0])!r}; use a new --out, or pass --overwrite to run it again")
         # A diverged run is a result; a run that raised an error (error.txt) is tried again.
-        crashed = os.path.exists(os.path.join(run_dir, "error.txt"))
+        error_file = os.path.join(run_dir, "error.txt")
+        crashed = os.path.exists(error_file)
         if summary and (summary.get("status") == "completed" or (summary.get("status") == "failed" and not crashed)):
             return summary | {"skipped": True}
+        if crashed:
+            os.remove(error_file)
     started = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
     config = dataclasses.replace(config, run_dir=run_dir, resume=started and not config.overwrite)
     try:
@@ -293,7 +307,8 @@ def main(argv=None) -> int:
         # A scaling rule raises the lr at large batches, where warming up avoids early divergence (Goyal et al.).
         auto_warmup = config.lr_scaling != "none" and "warmup_epochs" not in given and not config.warmup_epochs
         warmup = WARMUP_FRACTION if auto_warmup else None
-        safe_dataset = "".join(c if c.isalnum() or c in "-_" else "_" for c in config.dataset.split("/")[-1])
+        name = config.dataset.rstrip("/").split("/")[-1]
+        safe_dataset = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
         out = given.get("out") or os.path.join("sweeps", f"{safe_dataset}-{config.model}")
         report = sweep(config, args.batches, args.norms, tuple(range(args.seeds)), out, budget=budget,
                        warmup_fraction=warmup, tuner=given.get("tuner"), max_trials=args.max_trials, tune=args.tune)

@@ -149,7 +149,7 @@ def _callbacks(config, data, model, run_dir, metrics_logger):
     result += instruments(config, data, model, run_dir)
     result += [
         metrics_logger,
-        keras.callbacks.TensorBoard(tensorboard_dir, write_graph=False),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), write_graph=False),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True),
         # Saved at every epoch end; not deleted at the end, so a NaN stop keeps the last good epoch.
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "checkpoints"), delete_checkpoint=False),

@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from pipeline import data
+from pipeline import data, sources
 from pipeline.config import Config, InputError
 
 
@@ -184,13 +184,13 @@ def test_decode_image_eagerly_and_in_dataset_map():
     images = np.random.default_rng(1).integers(0, 256, (3, 5, 4, 3), dtype=np.uint8)
     encoded = [tf.io.encode_png(image) for image in images]
     for image, contents in zip(images, encoded):
-        assert np.array_equal(data.decode_image(contents).numpy(), image)
-    in_map = tf.data.Dataset.from_tensor_slices(tf.stack(encoded)).map(data.decode_image)
+        assert np.array_equal(sources.decode_image(contents).numpy(), image)
+    in_map = tf.data.Dataset.from_tensor_slices(tf.stack(encoded)).map(sources.decode_image)
     assert all(np.array_equal(a.numpy(), b) for a, b in zip(in_map, images))
     grey = images[0, :, :, :1]
-    assert np.array_equal(data.decode_image(tf.io.encode_png(grey)).numpy(), grey)
+    assert np.array_equal(sources.decode_image(tf.io.encode_png(grey)).numpy(), grey)
     smooth = np.broadcast_to(np.arange(0, 240, 15, dtype=np.uint8)[:, None, None], (16, 16, 3))  # JPEG suits it.
-    jpeg = data.decode_image(tf.io.encode_jpeg(smooth, quality=100)).numpy()
+    jpeg = sources.decode_image(tf.io.encode_jpeg(smooth, quality=100)).numpy()
     assert jpeg.shape == (16, 16, 3) and np.abs(jpeg.astype(int) - smooth).max() <= 8  # Lossy, but the same image.
 
 

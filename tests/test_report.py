@@ -49,8 +49,8 @@ def write_run(sweep_dir, norm, batch, seed, status="completed"):
     with open(os.path.join(run_dir, "grad_stats.jsonl"), "w") as f:
         for step in (0, 50, 100):
             f.write(json.dumps({"step": step, "grad/batch_std": SIGMA / math.sqrt(batch) * (1 + step / 100),
-                                "grad/noise_scale_ema": 10.0 + step / 10 + seed, "grad/trace_cov": 1.0,
-                                "grad/norm_sq": 0.1}) + "\n")
+                                "grad/noise_scale_ema": 10.0 + step / 10 + seed, "grad/trace_cov": 1.0 + step / 100,
+                                "grad/norm_sq": 0.1 + seed / 10}) + "\n")
     if norm == "batch":
         layers = {f"bn{i}": {"final": {"mean_rel_error": (i + 1) / batch, "var_rel_error": 2 * (i + 1) / batch}}
                   for i in range(2)}
@@ -92,6 +92,14 @@ def test_diminishing_returns_needs_every_later_step_to_scale_badly():
     assert report_lib.diminishing_returns([8, 16], [100, 100]) == 8
 
 
+def test_time_per_step_leaves_out_tracing_and_measured_epochs():
+    history = [{"epoch": e, "step": 10 * (e + 1), "epoch_time_s": t} for e, t in enumerate([10.0, 1.0, 3.0, 1.2])]
+    assert report_lib.steady_time_per_step(history, {25}) == pytest.approx(np.median([1.0 / 10, 1.2 / 10]))
+    assert report_lib.steady_time_per_step(history) == pytest.approx(np.median([0.1, 0.3, 0.12]))
+    assert report_lib.steady_time_per_step(history, {15, 25, 35}) == pytest.approx(0.12)  # all measured: use all
+    assert report_lib.steady_time_per_step(history[:1]) == pytest.approx(1.0)  # one epoch: nothing else to use
+
+
 def test_power_law_slope():
     batches = [8, 16, 32, 64, 128, 256]
     fit = report_lib.fit_power_law(batches, [2.5 / math.sqrt(b) for b in batches])
@@ -112,9 +120,10 @@ def test_report_numbers(sweep_dir):
             gaps = np.subtract(trains, tests)
             assert group["generalization_gap"]["mean"] == pytest.approx(gaps.mean(), abs=1e-12)
             assert group["time_per_step_ms"]["mean"] == pytest.approx(1000 * time_per_step(batch))
-            assert group["grad_std"]["mean"] == pytest.approx(SIGMA / math.sqrt(batch))
-            run_means = [np.mean([10 + step / 10 + s for step in (0, 50, 100)]) for s in SEEDS]
-            assert group["noise_scale"]["mean"] == pytest.approx(np.mean(run_means))
+            stds = [SIGMA / math.sqrt(batch) * (1 + step / 100) for step in (0, 50, 100)]
+            assert group["grad_std"]["mean"] == pytest.approx(math.sqrt(sum(x * x for x in stds) / 3))
+            # B_simple per run: mean trace (1.5) over mean |G|^2 (0.1 + seed / 10); then the mean over seeds.
+            assert group["noise_scale"]["mean"] == pytest.approx(np.mean([1.5 / (0.1 + s / 10) for s in SEEDS]))
             assert group["reached"] == 3
         fit = report["fits"][norm]
         assert fit["steps_to_target"]["s_min"] == pytest.approx(S_MIN, rel=1e-9)
@@ -159,11 +168,21 @@ def test_hparams_sessions(sweep_dir):
 
 
 def test_single_seed_has_no_std(tmp_path):
-    for batch in (16, 64):
+    for batch in (16, 64, 256):
         write_run(str(tmp_path), "group", batch, 0)
+    # Batch 256 completed without reaching the target; its best validation accuracy comes from metrics.jsonl.
+    run_dir = tmp_path / "runs" / "group-b256-s0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps(summary | {"steps_to_target": None, "time_to_target_s": None}))
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "step": 5 * (e + 1), "epoch_time_s": 10.0 if e == 0 else 2.0, "val_accuracy": v}) + "\n"
+        for e, v in enumerate([0.5, 0.85])))  # epoch 0 includes tracing
     report = report_lib.build_report(str(tmp_path), tensorboard=False)
     assert all(g["test_accuracy"]["std"] is None for g in report["groups"])
     assert "± " not in report_lib.headline(report)
+    assert "batch 256 did not reach 90% within the budget (best validation accuracy 0.8500)." in report["findings"]
+    assert report["groups"][-1]["time_per_step_ms"]["mean"] == pytest.approx(1000 * 2.0 / 5)  # epochs 2+ only
+    assert "| group | 256 |" in report_lib.headline(report) and "– (0/1)" in report_lib.headline(report)
 
 
 def test_empty_sweep_dir(tmp_path):

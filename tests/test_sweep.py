@@ -150,7 +150,7 @@ def test_changed_settings_are_refused(tmp_path, monkeypatch):
 
 def test_linear_scaling_and_warmup_per_run(tmp_path, monkeypatch):
     calls = record_calls(monkeypatch, fake_train)
-    config = tiny_config(lr=0.05, lr_scaling="linear", base_batch=32)
+    config = tiny_config(lr=0.05, lr_scaling="linear", base_batch=32, grad_stats_every=-1, bn_stats_every=-1)
     sweep.sweep(config, (16, 128), norms=("batch", "group"), seeds=(0, 1), out=str(tmp_path),
                 budget=sweep.Budget("epochs", 9), warmup_fraction=sweep.WARMUP_FRACTION, report=False)
     assert [(c.norm, c.batch, c.seed) for c in calls] == [
@@ -158,6 +158,8 @@ def test_linear_scaling_and_warmup_per_run(tmp_path, monkeypatch):
     for c in calls:
         assert c.effective_lr == pytest.approx(0.05 * c.batch / 32)
         assert c.warmup_epochs == pytest.approx(9 * 5 / 90) and c.epochs == 9
+        # Automatic instrument intervals: the same number of measurements in every run.
+        assert c.grad_stats_every == c.bn_stats_every == 9 * (NUM_TRAIN // c.batch) // sweep.MEASUREMENTS_PER_RUN
         assert c.run_dir == os.path.join(str(tmp_path), "runs", f"{c.norm}-b{c.batch}-s{c.seed}")
 
 
