@@ -35,6 +35,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline import rundir, tuning
 from pipeline.config import InputError
 
 # (key in a run row, column title, number format) of the report's table, in order.
@@ -221,6 +222,20 @@ def diminishing_returns(batches, steps) -> int | None:
     return onset
 
 
+def _difference_noise(a: dict, b: dict, num_test: int | None) -> float | None:
+    """Standard error of the difference of two mean accuracies: from the seeds (std / sqrt(n)) with several, else
+    the binomial standard error sqrt(p (1 - p) / N) of one run on N test examples."""
+    errors = []
+    for stat in (a, b):
+        if stat["std"] is not None:
+            errors.append(stat["std"] / math.sqrt(stat["n"]))
+        elif num_test:
+            errors.append(math.sqrt(stat["mean"] * (1 - stat["mean"]) / num_test))
+        else:
+            return None
+    return math.hypot(*errors)
+
+
 def _mean(groups, norm, batch, key):
     group = next((g for g in groups if g["norm"] == norm and g["batch"] == batch), None)
     return group[key] if group else {"mean": None, "std": None, "n": 0}
@@ -240,7 +255,7 @@ def findings(report: dict) -> list[str]:
                 fastest = min(reached, key=lambda g: g["time_to_target_s"]["mean"])
                 fewest = min(reached, key=lambda g: g["steps_to_target"]["mean"])
                 out.append(f"{prefix}batch {fastest['batch']} reached {target:.0%} validation accuracy in the least "
-                           f"wall time ({fastest['time_to_target_s']['mean']:.1f} s: steps to target x time per step); "
+                           f"time ({fastest['time_to_target_s']['mean']:.1f} s = steps to target x time per step); "
                            f"batch {fewest['batch']} took the fewest steps ({fewest['steps_to_target']['mean']:.0f}).")
             for g in (g for g in mine if 0 < g["completed"] and g["reached"] < g["completed"]):
                 runs = "" if g["completed"] == 1 else f" in {g['completed'] - g['reached']} of {g['completed']} runs"
@@ -289,17 +304,27 @@ def findings(report: dict) -> list[str]:
         if common:
             b = common[0]
             bn, gn = _mean(groups, "batch", b, "test_accuracy"), _mean(groups, "group", b, "test_accuracy")
-            noise = math.hypot(bn["std"] or 0.0, gn["std"] or 0.0)
-            verdict = ("fell behind" if bn["mean"] < gn["mean"] - noise else
-                       "did not fall behind" if bn["mean"] >= gn["mean"] else "was behind only within seed noise of")
+            noise = _difference_noise(bn, gn, report["sweep"].get("num_test"))
+            gap = gn["mean"] - bn["mean"]
+            if noise is None:
+                verdict, why = ("fell behind" if gap > 0 else "did not fall behind"), " (no noise estimate)"
+            else:
+                verdict = ("fell behind" if gap > 2 * noise else "was ahead of" if gap < -2 * noise else
+                           "was within noise of")
+                why = f" (standard error of the difference {noise:.4f}; a verdict needs 2 of them)"
             out.append(f"At the smallest batch ({b}), BatchNorm {verdict} GroupNorm: test accuracy "
-                       f"{bn['mean']:.4f} vs {gn['mean']:.4f}"
-                       + (f" (seed std combined {noise:.4f})." if noise else " (one seed: no seed noise estimate)."))
+                       f"{bn['mean']:.4f} vs {gn['mean']:.4f}{why}.")
     bn_norms = [n for n in report["fits"] if len(_series(groups, n, "bn_var_rel_error")[0]) > 1]
     for norm in bn_norms:
         batches, errors = _series(groups, norm, "bn_var_rel_error")
         out.append(f"{names.get(norm, norm)}'s batch-vs-moving variance discrepancy was {errors[0]:.3g} at batch "
                    f"{batches[0]} and {errors[-1]:.3g} at batch {batches[-1]}.")
+    for norm, pairs in tuning.best_lrs(report["tuning"]).items():
+        fit = fit_power_law(*zip(*pairs)) if len(pairs) > 1 else None
+        if fit:
+            out.append(f"Tuned per batch size ({names.get(norm, norm)}), the best learning rate grew as "
+                       f"B^{fit['slope']:.2f} (linear scaling: B^1, square-root scaling: B^0.5), from "
+                       f"{pairs[0][1]:.3g} at batch {pairs[0][0]} to {pairs[-1][1]:.3g} at batch {pairs[-1][0]}.")
     failed = [name for g in groups for name in g["failed"]]
     if failed:
         out.append(f"{len(failed)} run(s) failed: {', '.join(failed)} (see each run's summary.json).")
@@ -531,7 +556,11 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
         "target x time per step; (k/n): runs that reached it. time/step: median over the epochs after the first "
         "that hold no instrument measurement, validation included. grad std: RMS over the run's measurements. "
         "B_simple: mean tr(Sigma) / mean |G|^2 over the run. BN var error: final batch-vs-moving variance "
-        "discrepancy, mean over layers.", "",
+        "discrepancy, mean over layers."
+        + (" With batch or ghost norm, the gradient measurement normalizes each of its micro-batches (B / 8 "
+           "examples by default) with that micro-batch's own statistics, so grad std and B_simple include "
+           "BatchNorm's noise at that size (callbacks/gradient_stats.py)."
+           if {"batch", "ghost"} & set(report["fits"]) else ""), "",
         "## Fits", "", fits_markdown(report),
     ]
     if report["tuning"]:
@@ -557,8 +586,6 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     Raises:
       InputError: sweep_dir holds no runs.
     """
-    from pipeline import tuning
-
     rows = [row for row in map(read_run, sorted(glob.glob(os.path.join(sweep_dir, "runs", "*")))) if row]
     if not rows:
         raise InputError(f"sweep directory {sweep_dir} holds no runs (expected {os.path.join(sweep_dir, 'runs', '*')})")
@@ -573,8 +600,6 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
         report["tensorboard"] = write_hparams(rows, sweep_dir)
     with open(os.path.join(sweep_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(markdown(report, report["plots"]))
-    from pipeline import rundir
-
     rundir.write_json_atomic(os.path.join(sweep_dir, "report.json"), report)
     return report
 

@@ -183,10 +183,27 @@ def tune_sweep(configs: list[Config], out: str, kind: str, *, max_trials: int = 
     return tuned
 
 
+def _norm_and_batch(project: str) -> tuple[str, int]:
+    norm, batch = project.rsplit("-b", 1)
+    return norm, int(batch)
+
+
+def best_lrs(searches: dict[str, list[dict]]) -> dict[str, list[tuple[int, float]]]:
+    """Per norm, (batch, learning rate of the best trial) of every search, by batch."""
+    result = {}
+    for project, trials in searches.items():
+        scored = [t for t in trials if t["score"] is not None]
+        if scored:
+            norm, batch = _norm_and_batch(project)
+            result.setdefault(norm, []).append((batch, max(scored, key=lambda t: t["score"])["values"]["lr"]))
+    return {norm: sorted(pairs) for norm, pairs in result.items()}
+
+
 def read_trials(sweep_dir: str) -> dict[str, list[dict]]:
     """Every search's trials, {"<norm>-b<batch>": [{"trial_id", "status", "score", "values"}, ...]}."""
     searches = {}
-    for path in sorted(glob.glob(os.path.join(sweep_dir, "tuner", "*", "trial_*", "trial.json"))):
+    paths = glob.glob(os.path.join(sweep_dir, "tuner", "*", "trial_*", "trial.json"))
+    for path in sorted(paths, key=lambda p: (_norm_and_batch(p.split(os.sep)[-3]), p)):
         with open(path, encoding="utf-8") as f:
             trial = json.load(f)
         project = os.path.basename(os.path.dirname(os.path.dirname(path)))

@@ -134,10 +134,14 @@ def test_report_numbers(sweep_dir):
     assert groups["batch", 256]["completed"] == 0 and groups["batch", 256]["failed"] == ["batch-b256-s0"]
 
     text = "\n".join(report["findings"])
-    assert "batch 32 reached 90% validation accuracy in the least wall time (68.4 s" in text
+    assert "batch 32 reached 90% validation accuracy in the least time (68.4 s = steps to target x time" in text
     assert "batch 128 took the fewest steps" in text
     assert "diminishing returns begin at batch 64" in text
     assert "BatchNorm fell behind GroupNorm" in text
+    # Seed standard errors: sample std / sqrt(3) of each norm's accuracies at batch 8, combined.
+    bn, gn = ([accuracy(norm, 8, s) for s in SEEDS] for norm in ("batch", "group"))
+    noise = math.hypot(np.std(bn, ddof=1) / math.sqrt(3), np.std(gn, ddof=1) / math.sqrt(3))
+    assert f"standard error of the difference {noise:.4f}" in text
     assert "B^-0.50" in text
     assert "batch-b256-s0" in text
 
@@ -188,3 +192,17 @@ def test_single_seed_has_no_std(tmp_path):
 def test_empty_sweep_dir(tmp_path):
     with pytest.raises(report_lib.InputError, match="holds no runs"):
         report_lib.build_report(str(tmp_path))
+
+
+def test_one_seed_compares_norms_within_binomial_noise(tmp_path):
+    for norm, test_accuracy in (("batch", 358 / 360), ("group", 359 / 360)):
+        for batch in (8, 64):
+            write_run(str(tmp_path), norm, batch, 0)
+            path = tmp_path / "runs" / f"{norm}-b{batch}-s0" / "summary.json"
+            path.write_text(json.dumps(json.loads(path.read_text()) | {"test_accuracy": test_accuracy}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"num_test": 360, "config": {}}))
+    report = report_lib.build_report(str(tmp_path), tensorboard=False)
+    # One example apart on 360: the binomial standard errors sqrt(p (1 - p) / 360) combined are larger.
+    noise = math.hypot(math.sqrt(358 / 360 * 2 / 360 / 360), math.sqrt(359 / 360 * 1 / 360 / 360))
+    assert (f"At the smallest batch (8), BatchNorm was within noise of GroupNorm: test accuracy 0.9944 vs 0.9972 "
+            f"(standard error of the difference {noise:.4f}; a verdict needs 2 of them).") in report["findings"]
