@@ -30,7 +30,7 @@ class Config:
     val_fraction: float = 0.1  # fraction of train held out for validation when a dataset has none
     augment: str = "auto"  # auto (crop-flip for 32x32 colour images, none otherwise) | none | crop-flip
     # Model.
-    model: str = "resnet20"
+    model: str = "resnet20"  # resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | cnn | mlp
     norm: str = "batch"  # batch | ghost | group | layer | none
     ghost_batch: int = 8  # examples per virtual batch of ghost batch norm (Hoffer et al. 2017)
     bn_momentum: float = 0.9  # moving-average momentum of BatchNormalization (Keras default is 0.99)

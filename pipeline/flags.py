@@ -73,6 +73,6 @@ def parse(argv, description: str, extra=None) -> tuple[config_lib.Config, argpar
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     base = config_lib.load_json(args.config) if args.config else config_lib.Config()
     fields = {f.name for f in dataclasses.fields(config_lib.Config)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and k not in (skip or ())}
     config = config_lib.from_dict(overrides, base=base, source="flags")
     return config_lib.validate(config), args
