@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -50,9 +49,7 @@ def assert_one_line_error(result, *words):
     ],
 )
 def test_bad_flags(args, words):
-    started = time.perf_counter()
     assert_one_line_error(run_train(*args), *words)
-    assert time.perf_counter() - started < 60  # a failure bound (no TensorFlow import needed), not a benchmark
 
 
 def test_bad_config_file(tmp_path):
