@@ -242,6 +242,9 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Outside fit (data loading, precise BN, export): nothing half-written to keep.
+        print("interrupted; run the same command with --resume to continue", file=sys.stderr)
+        return 130
     keys = ("status", "test_accuracy", "val_accuracy", "train_accuracy", "steps", "wall_time_s", "export_path")
     print(json.dumps({k: getattr(summary, k) for k in keys} | {"run_dir": summary.run_dir}, default=str))
     if summary.status == "failed":
