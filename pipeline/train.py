@@ -82,8 +82,8 @@ def _fill_from_history(summary: Summary, history: list[dict], target: float) -> 
                 break
 
 
-# Automatic interval of the gradient and BN statistics, in steps. One measurement costs about 1-1.5 training
-# steps at any batch size (benchmarks/instrument_overhead.py), so every 100 steps each costs ~1.5%.
+# Automatic interval of the gradient and BN statistics, in steps. After a one-time trace of a few seconds, a
+# measurement costs about 1-2 training steps (benchmarks/instrument_overhead.py), so every 100 steps ~1-2% each.
 AUTO_INTERVAL = 100
 # Training examples whose predictions LearningDynamics follows at each epoch end (Toneva et al. 2019 use the
 # whole set). A look costs ~0.1 of a training step per example, so a fifth of the training set costs ~2% of an
