@@ -32,9 +32,8 @@ import shutil
 import sys
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from pipeline.plots import plots, series
 from pipeline import rundir, tuning
 from pipeline.config import InputError
 
@@ -186,20 +185,14 @@ def fit_power_law(batches, values) -> dict | None:
     return {"slope": float(slope), "c": float(np.exp(intercept))}
 
 
-def _series(groups, norm, key, require_all_reached=False):
-    points = [(g["batch"], g[key]["mean"]) for g in groups if g["norm"] == norm and g[key]["mean"] is not None
-              and (not require_all_reached or g["reached"] == g["completed"])]
-    return [b for b, _ in points], [v for _, v in points]
-
-
 def fits(groups: list[dict]) -> dict:
     """Per norm: the S(B) fit, the gradient-std power law and the mean measured B_simple."""
     result = {}
     for norm in dict.fromkeys(g["norm"] for g in groups):
-        noise = _series(groups, norm, "noise_scale")[1]
+        noise = series(groups, norm, "noise_scale")[1]
         result[norm] = {
-            "steps_to_target": fit_steps_to_target(*_series(groups, norm, "steps_to_target", True)),
-            "grad_std": fit_power_law(*_series(groups, norm, "grad_std")),
+            "steps_to_target": fit_steps_to_target(*series(groups, norm, "steps_to_target", True)),
+            "grad_std": fit_power_law(*series(groups, norm, "grad_std")),
             "b_simple": float(np.mean(noise)) if noise else None,
         }
     return result
@@ -262,7 +255,7 @@ def findings(report: dict) -> list[str]:
                 best = g["best_val_accuracy"]["mean"]
                 out.append(f"{prefix}batch {g['batch']} did not reach {target:.0%} within the budget{runs}"
                            + (f" (best validation accuracy {best:.4f})." if best is not None else "."))
-            batches, steps = _series(groups, norm, "steps_to_target", True)
+            batches, steps = series(groups, norm, "steps_to_target", True)
             onset = diminishing_returns(batches, steps)
             if onset is not None:
                 i = batches.index(onset)
@@ -293,7 +286,7 @@ def findings(report: dict) -> list[str]:
         if fit["grad_std"]:
             out.append(f"{prefix}the gradient's standard deviation fell as B^{fit['grad_std']['slope']:.2f} "
                        "(sigma / sqrt(B) predicts B^-0.50).")
-        times = _series(groups, norm, "time_per_step_ms")
+        times = series(groups, norm, "time_per_step_ms")
         if len(times[0]) > 1:
             out.append(f"{prefix}a step at batch {times[0][-1]} took {times[1][-1] / times[1][0]:.1f}x as long as at "
                        f"batch {times[0][0]}, for {times[0][-1] / times[0][0]:.0f}x the examples.")
@@ -314,9 +307,9 @@ def findings(report: dict) -> list[str]:
                 why = f" (standard error of the difference {noise:.4f}; a verdict needs 2 of them)"
             out.append(f"At the smallest batch ({b}), BatchNorm {verdict} GroupNorm: test accuracy "
                        f"{bn['mean']:.4f} vs {gn['mean']:.4f}{why}.")
-    bn_norms = [n for n in report["fits"] if len(_series(groups, n, "bn_var_rel_error")[0]) > 1]
+    bn_norms = [n for n in report["fits"] if len(series(groups, n, "bn_var_rel_error")[0]) > 1]
     for norm in bn_norms:
-        batches, errors = _series(groups, norm, "bn_var_rel_error")
+        batches, errors = series(groups, norm, "bn_var_rel_error")
         out.append(f"{names.get(norm, norm)}'s batch-vs-moving variance discrepancy was {errors[0]:.3g} at batch "
                    f"{batches[0]} and {errors[-1]:.3g} at batch {batches[-1]}.")
     for norm, pairs in tuning.best_lrs(report["tuning"]).items():
@@ -351,153 +344,6 @@ def headline(report: dict) -> str:
         status = f"{g['completed']}/{g['runs']} completed" + (f", {len(g['failed'])} failed" if g["failed"] else "")
         lines.append(f"| {g['norm']} | {g['batch']} | " + " | ".join(cells) + f" | {status} |")
     return "\n".join(lines)
-
-
-def _figure(panels: int = 1):
-    figure = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure, [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
-
-
-def _errorbar(axes, groups, norm, key, label, log=False, **style):
-    points = [(g["batch"], g[key]["mean"], g[key]["std"] or 0.0) for g in groups
-              if g["norm"] == norm and g[key]["mean"] is not None and (g[key]["mean"] > 0 or not log)]
-    if points:
-        batches, means, stds = zip(*points)
-        axes.errorbar(batches, means, yerr=stds, marker="o", capsize=3, label=label, **style)
-    return bool(points)
-
-
-def _legend(axes, fontsize=8):
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=fontsize)
-
-
-def _log2_batch_axis(axes, groups):
-    axes.set_xscale("log", base=2)
-    batches = sorted({g["batch"] for g in groups})
-    axes.set_xticks(batches, [str(b) for b in batches])
-    axes.set_xlabel("batch size B")
-    axes.grid(True, which="both", alpha=0.3)
-
-
-def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
-    """Writes the PNGs that the sweep has data for; returns {name: file name in sweep_dir}."""
-    groups, norms, written = report["groups"], list(report["fits"]), {}
-
-    def save(figure, name):
-        figure.savefig(os.path.join(sweep_dir, f"{name}.png"), dpi=110)
-        written[name] = f"{name}.png"
-
-    figure, (axes,) = _figure()
-    for i, norm in enumerate(norms):
-        _errorbar(axes, groups, norm, "test_accuracy", f"{norm}: test", color=f"C{i}")
-        _errorbar(axes, groups, norm, "train_accuracy", f"{norm}: train", color=f"C{i}", linestyle="--", alpha=0.6)
-    failed = sorted({g["batch"] for g in groups if g["failed"]})
-    if failed:  # at the bottom of the axes, whatever the accuracies
-        axes.plot(failed, [0.02] * len(failed), "x", color="red", markersize=10, transform=axes.get_xaxis_transform(),
-                  label="a run failed")
-    _log2_batch_axis(axes, groups)
-    axes.set(ylabel="accuracy (mean ± std over seeds)", title="Final accuracy; the gap is train - test")
-    _legend(axes, 8)
-    save(figure, "accuracy")
-
-    if any(g["steps_to_target"]["mean"] is not None for g in groups):
-        figure, (steps_axes, time_axes) = _figure(2)
-        for i, norm in enumerate(norms):
-            _errorbar(steps_axes, groups, norm, "steps_to_target", norm, log=True, color=f"C{i}", linestyle="none")
-            _errorbar(time_axes, groups, norm, "time_to_target_s", norm, log=True, color=f"C{i}")
-            missed = [g["batch"] for g in groups if g["norm"] == norm and g["completed"] and not g["reached"]]
-            if missed:  # at the top of the axes: these batch sizes never reached the target
-                steps_axes.plot(missed, [0.97] * len(missed), "^", color=f"C{i}", markersize=9, fillstyle="none",
-                                transform=steps_axes.get_xaxis_transform(), label=f"{norm}: target not reached")
-            fit = report["fits"][norm]["steps_to_target"]
-            if fit and fit["valid"]:
-                b = np.geomspace(min(g["batch"] for g in groups), max(g["batch"] for g in groups), 100)
-                steps_axes.plot(b, fit["s_min"] * (1 + fit["b_crit"] / b), color=f"C{i}", alpha=0.7,
-                                label=f"{norm}: S_min={fit['s_min']:.0f}, B_crit={fit['b_crit']:.3g}")
-                steps_axes.axvline(fit["b_crit"], color=f"C{i}", linestyle=":", alpha=0.7)
-            b_simple = report["fits"][norm]["b_simple"]
-            if b_simple:
-                steps_axes.axvline(b_simple, color=f"C{i}", linestyle="-.", alpha=0.5,
-                                   label=f"{norm}: B_simple={b_simple:.3g}")
-        for axes in (steps_axes, time_axes):
-            _log2_batch_axis(axes, groups)
-            axes.set_yscale("log")
-            _legend(axes, 7)
-        steps_axes.set(ylabel="steps to target", title=f"Steps to {report['target_accuracy']:.0%} val acc; S(B) fit")
-        time_axes.set(ylabel="time to target (s)", title="Time to target: steps x time per step")
-        save(figure, "steps_to_target")
-
-    if any(g["grad_std"]["mean"] is not None for g in groups):
-        figure, (axes,) = _figure()
-        for i, norm in enumerate(norms):
-            batches, stds = _series(groups, norm, "grad_std")
-            if not batches:
-                continue
-            axes.plot(batches, stds, "o", color=f"C{i}", label=f"{norm}: measured")
-            fit = report["fits"][norm]["grad_std"]
-            if fit:
-                b = np.asarray(batches, float)
-                axes.plot(b, fit["c"] * b ** fit["slope"], color=f"C{i}", label=f"{norm}: fit slope {fit['slope']:.2f}")
-                anchor = np.exp(np.mean(np.log(stds))) * (b / np.exp(np.mean(np.log(b)))) ** -0.5
-                axes.plot(b, anchor, color="gray", linestyle="--",
-                          label="slope -0.50 (sigma / sqrt(B))" if i == 0 else None)
-        _log2_batch_axis(axes, groups)
-        axes.set_yscale("log")
-        axes.set(ylabel="std of the minibatch gradient (RMS over the run)", title="Gradient noise vs batch size")
-        _legend(axes, 8)
-        save(figure, "grad_std")
-
-    curves = sorted((r for r in rows if r["noise_curve"] and r["status"] == "completed"), key=lambda r: r["batch"])
-    if curves:
-        figure, panels = _figure(len(norms))
-        batches = sorted({r["batch"] for r in curves})
-        for axes, norm in zip(panels, norms):
-            for r in (r for r in curves if r["norm"] == norm and r["seed"] == min(c["seed"] for c in curves)):
-                x, y = zip(*r["noise_curve"])
-                axes.plot(x, y, color=f"C{batches.index(r['batch']) % 10}", label=f"B={r['batch']}")
-            axes.set(xlabel="examples seen", ylabel="B_simple (EMA)", title=f"Gradient noise scale, {norm}",
-                     yscale="log")
-            axes.grid(True, alpha=0.3)
-            _legend(axes, 7)
-        save(figure, "noise_scale")
-
-    bn_norms = [n for n in norms if _series(groups, n, "bn_var_rel_error")[0]]
-    if bn_norms:
-        figure, (axes,) = _figure()
-        for i, norm in enumerate(bn_norms):
-            _errorbar(axes, groups, norm, "bn_mean_rel_error", f"{norm}: mean", log=True, color=f"C{i}")
-            _errorbar(axes, groups, norm, "bn_var_rel_error", f"{norm}: variance", log=True, color=f"C{i}",
-                      linestyle="--")
-        _log2_batch_axis(axes, groups)
-        axes.set_yscale("log")
-        axes.set(ylabel="relative error, batch vs moving", title="BN batch statistics vs moving averages (final)")
-        _legend(axes, 8)
-        save(figure, "bn_discrepancy")
-
-    figure, (step_axes, rate_axes) = _figure(2)
-    for i, norm in enumerate(norms):
-        _errorbar(step_axes, groups, norm, "time_per_step_ms", norm, log=True, color=f"C{i}")
-        _errorbar(rate_axes, groups, norm, "examples_per_sec", norm, log=True, color=f"C{i}")
-    for axes, label, title in ((step_axes, "time per step (ms)", "Time per step (median over epochs 2+)"),
-                               (rate_axes, "training examples / s", "Throughput")):
-        _log2_batch_axis(axes, groups)
-        axes.set(ylabel=label, title=title, yscale="log" if axes.has_data() else "linear")
-        _legend(axes, 8)
-    save(figure, "throughput")
-
-    if report["tuning"]:
-        figure, (axes,) = _figure()
-        for i, (project, trials) in enumerate(report["tuning"].items()):
-            done = sorted((t["values"]["lr"], t["score"]) for t in trials if t["score"] is not None)
-            if done:
-                axes.plot(*zip(*done), "o-", color=f"C{i % 10}", alpha=0.8, label=project)
-        axes.set(xscale="log", xlabel="learning rate", ylabel="validation accuracy", title="Tuning trials per batch")
-        axes.grid(True, alpha=0.3)
-        _legend(axes, 7)
-        save(figure, "tuning")
-    return written
 
 
 def write_hparams(rows: list[dict], sweep_dir: str) -> str:
