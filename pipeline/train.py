@@ -142,10 +142,10 @@ def _callbacks(config, data, model, run_dir, metrics_logger):
 
     class StopAtMaxSteps(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            if config.max_steps and int(self.model.optimizer._iterations.numpy()) >= config.max_steps:
+            if int(self.model.optimizer._iterations.numpy()) >= config.max_steps:
                 self.model.stop_training = True
 
-    result = [SetEpoch(), StopOnNonFinite(), StopAtMaxSteps()]
+    result = [SetEpoch(), StopOnNonFinite()] + ([StopAtMaxSteps()] if config.max_steps else [])
     result += instruments(config, data, model, run_dir)
     result += [
         metrics_logger,
@@ -214,11 +214,12 @@ def train(config: Config) -> Summary:
 
     _fill_from_history(summary, _history(run_dir), config.target_accuracy)
     if summary.status == "completed":
-        if batch_norm_inputs(model) and config.precise_bn_samples:
+        has_batch_norm = bool(batch_norm_inputs(model))
+        if has_batch_norm and config.precise_bn_samples:
             num = min(config.precise_bn_samples, data.num_train)
             precise_bn(model, data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0), num)
             summary.bn_statistics = f"precise BN: population statistics over {num} training examples"
-        elif batch_norm_inputs(model):
+        elif has_batch_norm:
             summary.bn_statistics = "moving averages from training (--precise-bn-samples 0)"
         else:
             summary.bn_statistics = "no batch-norm layers"

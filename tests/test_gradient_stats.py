@@ -47,6 +47,17 @@ def _softmax_per_example_gradients(model, x, y):
     return {kernel_path: np.array(kernels), bias_path: np.array(biases)}
 
 
+def _tape_per_example_gradients(model, loss_fn, x, y):
+    """Per-example gradients, one example at a time with a plain Keras call and tape (no micro-batches)."""
+    per_example = {v.path: [] for v in model.trainable_variables}
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y[i : i + 1], model(x[i : i + 1]))
+        for v, g in zip(model.trainable_variables, tape.gradient(loss, model.trainable_variables)):
+            per_example[v.path].append(g.numpy())
+    return {k: np.array(v, np.float64) for k, v in per_example.items()}
+
+
 def _brute_force(per_example, ddof):
     """|G|^2 and tr(Sigma) per variable and in total from per-example gradients {path: (N, ...)}."""
     out = {}
@@ -103,13 +114,7 @@ def test_per_example_estimates_match_linear_regression_gradient_tape_loop():
     inputs = keras.Input((6,))
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     model.compile("sgd", "mse")
-    per_example = {v.path: [] for v in model.trainable_variables}
-    for i in range(len(x)):  # one example at a time, plain Keras call and tape: no micro-batches, no vectorization
-        with tf.GradientTape() as tape:
-            loss = keras.losses.mean_squared_error(y[i : i + 1], model(x[i : i + 1]))
-        for v, g in zip(model.trainable_variables, tape.gradient(loss, model.trainable_variables)):
-            per_example[v.path].append(g.numpy())
-    truth = _brute_force({k: np.array(v, np.float64) for k, v in per_example.items()}, ddof=1)
+    truth = _brute_force(_tape_per_example_gradients(model, keras.losses.mean_squared_error, x, y), ddof=1)
     stats = gradient_stats.estimate(model, x, y, micro_batch_size=1)
     assert truth["total"][1] / len(x) < 0.03 * truth["total"][0]
     assert stats["grad/trace_cov"] == pytest.approx(truth["total"][1], rel=1e-3)
@@ -127,13 +132,9 @@ def test_per_example_estimates_match_cnn_gradient_tape_loop():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(48, 9, 9, 2)).astype(np.float32)
     y = rng.integers(0, 3, size=48).astype(np.int32)
-    per_example = {v.path: [] for v in model.trainable_variables}
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = keras.losses.sparse_categorical_crossentropy(y[i : i + 1], model(x[i : i + 1]))
-        for v, g in zip(model.trainable_variables, tape.gradient(loss, model.trainable_variables)):
-            per_example[v.path].append(g.numpy())
-    truth = _brute_force({k: np.array(v, np.float64) for k, v in per_example.items()}, ddof=1)
+    truth = _brute_force(
+        _tape_per_example_gradients(model, keras.losses.sparse_categorical_crossentropy, x, y), ddof=1
+    )
     stats = gradient_stats.estimate(model, x, y, micro_batch_size=1)
     for path, values in stats["variables"].items():
         assert values["trace_cov"] == pytest.approx(truth[path][1], rel=1e-3), path
