@@ -1,10 +1,18 @@
 """Epoch time of plain `fit` against each instrument, at its default interval and at every step, as ratios.
 
-Usage: python benchmarks/instrument_overhead.py [--model resnet20] [--dataset digits] [--batch 32] [--epochs 4]
+Usage: python benchmarks/instrument_overhead.py [--model resnet20] [--dataset digits] [--batch 32] [--epochs 10]
+                                                [--rounds 2]
+       --dataset synthetic:32x32x3 trains on 2048 random images of that shape (CIFAR-sized, for timing only).
 
 All variants train the same model on the same data in one process, interleaved round by round so that machine
-noise hits them alike; the time of a variant is the mean over its epochs after the first (the first includes
-tracing the train step), so it includes every measurement and the one-time tracing of the instruments. Goals (issue "Instruments"): all defaults together <= 1.05x, GradientStatistics at every step <= 2.0x.
+noise hits them alike. Columns:
+  epoch s     mean epoch time over the epochs after the first, measurements included (the first epoch holds the
+              one-time tracing of the train step, and of the instruments, which measure once at step 0);
+  ratio       that mean over plain fit's (plain fit runs first and last in each round; both count);
+  measuring   the instruments' own timer (callbacks.timing): seconds spent measuring per timed epoch, over plain
+              fit's epoch time, i.e. the overhead without the machine's noise between variants;
+  one-time s  first epoch minus plain fit's first epoch: tracing the instruments and measuring at step 0.
+Goals (issue "Instruments"): all defaults together <= 1.05x, GradientStatistics at every step <= 2.0x.
 """
 
 from __future__ import annotations
@@ -29,36 +37,22 @@ VARIANTS = {
     "LearningDynamics, default": dict(OFF, dynamics=True),
     "all instruments, defaults": dict(grad_stats_every=-1, bn_stats_every=-1, dynamics=True),
     "GradientStatistics, every step": dict(OFF, grad_stats_every=1),
-    "GradientStatistics, every step, histograms every step": dict(OFF, grad_stats_every=1),
+    "GradientStatistics, every step, per-variable every step": dict(OFF, grad_stats_every=1),
     "BatchNormStatistics, every step": dict(OFF, bn_stats_every=1),
+    "plain fit, again": OFF,
 }
-
-
-class EpochTimer:
-    def __init__(self):
-        import keras
-
-        timer = self
-
-        class Callback(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                timer.start = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                timer.times.append(time.perf_counter() - timer.start)
-
-        self.times = []
-        self.callback = Callback()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--dataset", default="digits", help="a --dataset of pipeline.train, or synthetic:HxWxC")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=8, help="epochs per round; the first of each is not timed")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per round; the first of each is not timed")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.epochs < 2 or args.rounds < 1:
+        parser.error("--epochs must be >= 2 and --rounds >= 1")
 
     import keras
 
@@ -66,13 +60,30 @@ def main(argv=None) -> int:
     from pipeline import data as data_lib
     from pipeline import optim, train
 
-    base = dataclasses.replace(config_lib.Config(), model=args.model, dataset=args.dataset, batch=args.batch,
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self, instruments):
+            super().__init__()
+            self.instruments, self.times, self.measuring = instruments, [], []
+
+        def _measuring(self):
+            return sum(getattr(instrument, "seconds", 0.0) for instrument in self.instruments)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start, self.start_measuring = time.perf_counter(), self._measuring()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self.start)
+            self.measuring.append(self._measuring() - self.start_measuring)
+
+    scratch = tempfile.TemporaryDirectory()
+    dataset = synthetic(args.dataset, scratch.name) if args.dataset.startswith("synthetic:") else args.dataset
+    base = dataclasses.replace(config_lib.Config(), model=args.model, dataset=dataset, batch=args.batch,
                                epochs=args.epochs)
     data = data_lib.load(base)
     steps_per_epoch = data.num_train // args.batch
     times = {name: [] for name in VARIANTS}
-    VARIANTS["plain fit, again"] = OFF  # plain fit first and last: a drift of the machine shows as a gap
-    times["plain fit, again"] = []
+    first = {name: [] for name in VARIANTS}
+    measuring = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as run_dir:
         for _ in range(args.rounds):
             for name, changes in VARIANTS.items():
@@ -82,21 +93,40 @@ def main(argv=None) -> int:
                                     variance=data.variance, bn_momentum=config.bn_momentum)
                 model.compile(optimizer=optim.build_optimizer(config, [(0, steps_per_epoch)]),
                               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-                timer = EpochTimer()
-                callbacks = train.instruments(config, data, model, run_dir) + [timer.callback]
-                if "histograms every step" in name:
-                    callbacks[0].histogram_every = 1
-                model.fit(data.train_dataset(config.batch, seed=0), epochs=config.epochs, callbacks=callbacks,
-                          verbose=0)
+                instruments = train.instruments(config, data, model, run_dir)
+                if "per-variable every step" in name:
+                    instruments[0].histogram_every = 1
+                timer = EpochTimer(instruments)
+                model.fit(data.train_dataset(config.batch, seed=0), epochs=config.epochs,
+                          callbacks=instruments + [timer], verbose=0)
                 times[name] += timer.times[1:]
+                first[name].append(timer.times[0])
+                measuring[name] += timer.measuring[1:]
     plain = statistics.mean(times["plain fit"] + times["plain fit, again"])
-    print(f"{args.model} on {args.dataset}, batch {args.batch}, {steps_per_epoch} steps per epoch; "
-          f"default interval = {train.AUTO_INTERVAL} steps; mean epoch over {args.rounds} x {args.epochs - 1} epochs; ratios against both plain runs")
-    print(f"{'variant':46s} {'epoch s':>8s} {'ratio':>6s}")
+    plain_first = statistics.mean(first["plain fit"] + first["plain fit, again"])
+    print(f"{args.model} on {args.dataset}, batch {args.batch}, {steps_per_epoch} steps per epoch; default interval "
+          f"= {train.AUTO_INTERVAL} steps; {args.rounds} round(s) x {args.epochs - 1} timed epochs per variant")
+    print(f"{'variant':56s} {'epoch s':>8s} {'ratio':>6s} {'measuring':>9s} {'one-time s':>10s}")
     for name, values in times.items():
         mean = statistics.mean(values)
-        print(f"{name:46s} {mean:8.3f} {mean / plain:6.2f}x")
+        share = statistics.mean(measuring[name]) / plain
+        once = statistics.mean(first[name]) - plain_first
+        print(f"{name:56s} {mean:8.3f} {mean / plain:5.2f}x {share:8.1%} {once:10.1f}")
     return 0
+
+
+def synthetic(spec: str, directory: str) -> str:
+    """npz:PATH of 2048 train and 256 test random uint8 images of shape spec = "synthetic:HxWxC", 10 classes."""
+    import numpy as np
+
+    shape = tuple(int(n) for n in spec.split(":", 1)[1].split("x"))
+    rng = np.random.default_rng(0)
+    arrays = {f"x_{split}": rng.integers(0, 256, (n, *shape), dtype=np.uint8) for split, n in (("train", 2048),
+                                                                                            ("test", 256))}
+    arrays.update(y_train=rng.integers(0, 10, 2048), y_test=rng.integers(0, 10, 256))
+    path = os.path.join(directory, "synthetic.npz")
+    np.savez(path, **arrays)
+    return f"npz:{path}"
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from callbacks.timing import timed
 from pipeline.config import InputError
 
-PREDICT_BATCH = 256  # examples per predict_on_batch call during a look
+PREDICT_BATCH = 1024  # examples per predict_on_batch call during a look (one call for the default subset)
 MAX_LEGEND_CLASSES = 20  # the accuracy plot names classes in a legend only up to this many
 
 
@@ -135,6 +136,7 @@ class LearningDynamics(keras.callbacks.Callback):
             self._writer.close()
             self._writer = None
 
+    @timed
     def look(self) -> None:
         """Classifies the subset with the current model and records the look at the current training step."""
         # predict_on_batch reuses Keras's compiled predict function; model.predict costs ~0.1 s more per call.

@@ -20,20 +20,24 @@ The measurement has no side effects on training: the model and its compiled loss
 `keras.StatelessScope` (the mechanism of `Model.stateless_call`; one scope so that compute_loss also sees the
 layers' add_loss and regularization losses), which discards BatchNormalization moving statistics, dropout seed
 state and metric updates; the optimizer is never called; batches come from the callback's own iterator. That
-iterator must be over a dataset OBJECT of its own, e.g. `data.train_dataset(batch, seed=seed + 1)`: iterators
+iterator must be over a dataset OBJECT of its own, e.g. `data.stream(batch, seed=seed + 1)`: iterators
 of one tf.data object share its shuffle seed generator, so iterating the object passed to `fit` would change the
 order of the training's later epochs. With BatchNormalization each micro-batch is normalized with its own
-statistics (ghost batch norm at size b), so Sigma is the noise at micro-batch size b, extrapolated by 1 / B; set
-micro_batch_size=B and micro_batches >= 2 (several batches, M times the cost) to measure it with BN at B.
+statistics (ghost batch norm at size b), so Sigma is the noise at micro-batch size b (B / 2 by default),
+extrapolated by 1 / B; set micro_batch_size=B and micro_batches >= 2 (M batches per measurement) to measure it
+with BN at B.
 Dropout masks differ between micro-batches and measurements. Decoupled weight decay (the optimizer's
-weight_decay) is not part of the loss, so it is not in |G|^2. Steps are batches, counted from the optimizer's
-iterations at the start of fit.
+weight_decay) is not part of the loss, so it is not in |G|^2. Steps are batches, counted by the optimizer's
+iterations (a resumed run continues its count).
 
-Speed: the M micro-batch gradients are one `tf.map_fn` (a while loop) in one `tf.function`, traced like a
-training step (~2 s for ResNet-20). A `tf.vectorized_map` ran a measurement ~1.5x faster, but tracing it took
-~10 s for ResNet-20, more than the whole measuring cost of a short run. On 2 CPU cores, ResNet-20 on 8x8 digits
-at B = 32 (M = 8 micro-batches of 4), a measurement costs about 3 training steps
-(benchmarks/instrument_overhead.py).
+Speed: a measurement computes the gradients of B fresh examples, as much work as a training step's forward and
+backward pass, so measuring at every step costs at least 1 + (forward + backward) / step, nearly 2x. Up to
+UNROLL micro-batches are independent subgraphs of one `tf.function`, which TensorFlow runs concurrently; more go
+through a `tf.map_fn` while loop (sequential, traced once). The statistics are computed on the flattened (M,
+parameters) gradient matrix, a few ops rather than a few per variable. Measured on 2 CPU cores for ResNet-20 on
+8x8 digits at B = 32: tracing ~1.6 s; a measurement ~15 ms against a ~14 ms training step with the default M = 2
+(M = 8 micro-batches of 4: ~40 ms, and ~43 ms through the while loop). A `tf.vectorized_map` version took ~10 s
+to trace. See benchmarks/instrument_overhead.py for the overhead in training.
 """
 
 import json
@@ -45,9 +49,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from callbacks.timing import timed
 from pipeline.config import InputError
 
 KEYS = ("norm_sq", "trace_cov", "noise_scale", "batch_std", "snr")
+# Micro-batches up to this many are unrolled into independent subgraphs (concurrent, ~1.4 s more tracing each for
+# ResNet-20); more go through a while loop (sequential, one trace).
+UNROLL = 4
 
 
 def estimate(model, x, y, *, micro_batch_size=1, batch_size=None, sample_weight=None):
@@ -72,7 +80,7 @@ def estimate(model, x, y, *, micro_batch_size=1, batch_size=None, sample_weight=
     gradients = _MicroBatchGradients(model, micro_batch_size, micro_batches)
     data = (x, y) if sample_weight is None else (x, y, sample_weight)
     data = tf.nest.map_structure(lambda t: t[: micro_batches * micro_batch_size], data)
-    norm_sq, trace, _, _ = gradients(data, seed_offset=0)
+    norm_sq, trace, _ = gradients(data, seed_offset=0)
     return _record(gradients.paths, (_derive(norm_sq, trace, batch_size or n), ""))
 
 
@@ -114,6 +122,7 @@ class _MicroBatchGradients:
     def __init__(self, model, micro_batch_size, micro_batches):
         self.model, self.b, self.m = model, micro_batch_size, micro_batches
         self.paths = [v.path for v in model.trainable_variables]
+        self.sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
         self._seed_states = [v.path.endswith("seed_generator_state") for v in model.non_trainable_variables]
         self._function = tf.function(self._moments, reduce_retracing=True)
 
@@ -121,14 +130,20 @@ class _MicroBatchGradients:
         """Statistics of data = (x, y) or (x, y, sample_weight) with exactly M * b examples.
 
         Returns:
-            (|G|^2, tr(Sigma)) as float64 arrays [per variable..., total], and the lists of per-parameter mean
-            gradients and per-example gradient standard deviations (cheap next to the gradients; computing them
-            always keeps the function to one trace).
+            (|G|^2, tr(Sigma)) as float64 arrays [per variable..., total], and a function that returns the
+            per-parameter mean gradients and per-example gradient standard deviations sqrt(diag(Sigma)), one array
+            per variable (computed in the same call, converted only when asked for).
         """
-        mean_sq, deviation_sq, means, stds = self._function(data, tf.constant(seed_offset, tf.int64))
+        mean_sq, deviation_sq, mean, deviation = self._function(data, tf.constant(seed_offset, tf.int64))
         trace = self.b / (self.m - 1) * deviation_sq.numpy().astype(np.float64)
         norm_sq = mean_sq.numpy().astype(np.float64) - trace / (self.m * self.b)
-        return np.append(norm_sq, norm_sq.sum()), np.append(trace, trace.sum()), means, stds
+
+        def per_parameter():
+            split = np.cumsum(self.sizes)[:-1]
+            stds = np.sqrt(self.b / (self.m - 1) * deviation.numpy())
+            return np.split(mean.numpy(), split), np.split(stds, split)
+
+        return np.append(norm_sq, norm_sq.sum()), np.append(trace, trace.sum()), per_parameter
 
     def _moments(self, data, seed_offset):
         model = self.model
@@ -137,6 +152,7 @@ class _MicroBatchGradients:
         split = lambda t: tf.reshape(t, [self.m, self.b] + list(t.shape[1:]))  # noqa: E731
 
         def micro_batch_gradient(inputs):
+            """The micro-batch's mean gradient, all variables flattened into one float32 vector."""
             (xb, yb, *weights), offset = inputs
             # Distinct dropout masks per micro-batch: shift the counter half of every seed-generator state.
             states = [
@@ -149,30 +165,38 @@ class _MicroBatchGradients:
                 with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
                     y_pred = model(xb, training=True)
                     loss = model.compute_loss(xb, yb, y_pred, weights[0] if weights else None, training=True)
-            return tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            gradients = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in gradients], 0)
 
-        offsets = seed_offset + tf.range(self.m, dtype=tf.int64)
-        # A while loop over micro-batches, traced once for one micro-batch (see Speed in the module docstring).
-        signature = [tf.TensorSpec(v.shape, v.dtype) for v in trainable]
-        gradients = tf.map_fn(micro_batch_gradient, (tf.nest.map_structure(split, data), offsets),
-                              fn_output_signature=signature, parallel_iterations=2)
-        means = [tf.reduce_mean(g, axis=0) for g in gradients]
-        deviations = [tf.reduce_sum(tf.square(g - mean), axis=0) for g, mean in zip(gradients, means)]
-        mean_sq = tf.stack([tf.reduce_sum(tf.square(mean)) for mean in means])
-        deviation_sq = tf.stack([tf.reduce_sum(d) for d in deviations])
-        # Per-parameter standard deviation of one example's gradient, sqrt(diag(Sigma)).
-        stds = [tf.sqrt(self.b / (self.m - 1) * d) for d in deviations]
-        return mean_sq, deviation_sq, means, stds
+        parts, offsets = tf.nest.map_structure(split, data), seed_offset + tf.range(self.m, dtype=tf.int64)
+        if self.m <= UNROLL:
+            # Independent subgraphs, one per micro-batch: the runtime runs them concurrently (inter-op threads).
+            inputs = [(tf.nest.map_structure(lambda t: t[i], parts), offsets[i]) for i in range(self.m)]  # noqa: B023
+            gradients = tf.stack([micro_batch_gradient(micro_batch) for micro_batch in inputs])
+        else:
+            # A while loop, traced once for one micro-batch.
+            gradients = tf.map_fn(micro_batch_gradient, (parts, offsets), parallel_iterations=2,
+                                  fn_output_signature=tf.TensorSpec([sum(self.sizes)], tf.float32))
+        # On the flat (M, parameters) matrix: a few ops instead of a few per variable (the runtime's cost per op
+        # is what a small model's measurement spends most on).
+        mean = tf.reduce_mean(gradients, axis=0)
+        deviation = tf.reduce_sum(tf.square(gradients - mean), axis=0)
+        variable_of = tf.repeat(tf.range(len(self.sizes)), self.sizes)
+        mean_sq = tf.math.segment_sum(tf.square(mean), variable_of)
+        deviation_sq = tf.math.segment_sum(deviation, variable_of)
+        return mean_sq, deviation_sq, mean, deviation
 
 
 class GradientStatistics(keras.callbacks.Callback):
-    """Every `every_n_steps` steps, measures the gradient statistics of the module docstring on fresh batches.
+    """At step 0 and every `every_n_steps` steps, measures the statistics of the module docstring on fresh batches.
 
-    The raw and smoothed totals go into the batch `logs` of the measured step (Keras passes one logs dict to all
-    callbacks in list order, so callbacks listed after this one see them), into the epoch logs (latest values,
-    NaN before the first measurement, so CSVLogger and EarlyStopping listed after this one can use them), to
-    TensorBoard under log_dir/gradients (totals, per-variable scalars, per-variable histograms of the mean
-    gradient and of the per-example gradient std), and to out_path as one JSON line per measurement.
+    Step 0 (before the first update of a run; not again when a run resumes) is the noise at initialization, and
+    it compiles the measuring function before training starts. The raw and smoothed totals go into the batch
+    `logs` of the measured step (Keras passes one logs dict to all callbacks in list order, so callbacks listed
+    after this one see them), into the epoch logs (latest values, NaN before the first measurement, so CSVLogger
+    and EarlyStopping listed after this one can use them), to TensorBoard under log_dir/gradients (totals,
+    per-variable scalars, per-variable histograms of the mean gradient and of the per-example gradient std), and
+    to out_path as one JSON line per measurement (with the per-variable values at every histogram_every-th one).
     """
 
     def __init__(
@@ -187,7 +211,7 @@ class GradientStatistics(keras.callbacks.Callback):
         log_dir=None,
         out_path=None,
         histograms=True,
-        histogram_every=10,
+        histogram_every=None,
     ):
         """Args:
         dataset: A tf.data.Dataset of training batches (x, y) or (x, y, sample_weight), an object of its own
@@ -195,14 +219,19 @@ class GradientStatistics(keras.callbacks.Callback):
             concatenated into micro_batches * micro_batch_size fresh examples per measurement.
         every_n_steps: Steps (batches) between measurements.
         batch_size: The run's batch size B for grad/batch_std and grad/snr (default: the dataset's batch size).
-        micro_batch_size: Examples b per micro-batch (default: max(1, B // 8)).
-        micro_batches: Micro-batches M per measurement, >= 2 (default: max(2, B // b), i.e. one fresh batch).
+        micro_batch_size: Examples b per micro-batch (default: max(1, B // 2)).
+        micro_batches: Micro-batches M per measurement, >= 2 (default 2: one fresh batch of B examples). The
+            default is the cheapest measurement (about one training step; see Speed) and, with BatchNorm, the one
+            whose micro-batches are closest to the run's batch. Each measurement is then noisy (tr(Sigma) has
+            M - 1 = 1 degree of freedom per independent gradient direction); the moving averages and the
+            averages over a run's measurements are what to read. More micro-batches cost more per measurement.
         ema: Smoothing factor of the moving averages, in [0, 1).
         log_dir: TensorBoard directory (events go to log_dir/gradients), or None.
         out_path: JSON-lines file, one record per measurement, or None.
         histograms: Write per-variable histograms to TensorBoard.
-        histogram_every: Write them at every this many measurements (the per-parameter statistics and the
-            histograms cost about as much as the measurement itself).
+        histogram_every: Per-variable values (JSON, TensorBoard scalars and histograms) at every this many
+            measurements, the first included. Default: every 10th, and at least 100 steps apart (for ResNet-20
+            they cost ~50 ms, about 4 measurements).
         """
         super().__init__()
         if not isinstance(every_n_steps, numbers.Integral) or every_n_steps < 1:
@@ -213,12 +242,12 @@ class GradientStatistics(keras.callbacks.Callback):
         self.batch_size = batch_size or dataset_batch
         if not self.batch_size:
             raise InputError("batch_size: the dataset's batch size is not static (no drop_remainder); pass it")
-        self.micro_batch_size = micro_batch_size or max(1, self.batch_size // 8)
-        self.micro_batches = micro_batches or max(2, self.batch_size // self.micro_batch_size)
+        self.micro_batch_size = micro_batch_size or max(1, self.batch_size // 2)
+        self.micro_batches = micro_batches or 2
         _check_micro_batches(self.micro_batch_size, self.micro_batches, self.micro_batch_size * self.micro_batches)
         self.dataset, self.every_n_steps, self.ema = dataset, int(every_n_steps), ema
         self.log_dir, self.out_path, self.histograms = log_dir, out_path, histograms
-        self.histogram_every = histogram_every
+        self.histogram_every = histogram_every or max(10, math.ceil(100 / self.every_n_steps))
         self.history = []  # one record per measurement as written to out_path, without the per-variable values
         self._iterator = self._gradients = self._writer = None
         self._average_norm_sq = self._average_trace = 0.0  # moving averages, per variable and total
@@ -226,8 +255,6 @@ class GradientStatistics(keras.callbacks.Callback):
         self._epoch = 0
 
     def on_train_begin(self, logs=None):
-        # Steps are batches: counted here from the optimizer's count at the start (a resumed run continues it).
-        self._step = self._epoch_start = int(self.model.optimizer.iterations)
         if self._iterator is None:
             self._iterator = iter(self.dataset.repeat())
         if self._gradients is None or self._gradients.model is not self.model:
@@ -237,7 +264,14 @@ class GradientStatistics(keras.callbacks.Callback):
         self._out = open(self.out_path, "a") if self.out_path else None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch, self._epoch_start = epoch, self._step
+        # Steps are batches, counted by the optimizer. Read here, after every on_train_begin: BackupAndRestore
+        # restores a resumed run's count there.
+        self._epoch, self._epoch_start = epoch, int(self.model.optimizer.iterations)
+        self._step = self._epoch_start
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._step == 0 and not self.history:
+            self._measure(0)
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the last batch index of the epoch that ran (several with steps_per_execution > 1).
@@ -259,13 +293,12 @@ class GradientStatistics(keras.callbacks.Callback):
         if self._writer:
             self._writer.flush()
 
+    @timed
     def _measure(self, step):
         """One measurement at the current weights: updates the averages and writes the record everywhere."""
         seed_offset = (len(self.history) + 1) * 1_000_003  # far from the counters the training's dropout reaches
-        # Per-variable TensorBoard scalars and histograms at every histogram_every-th measurement (the JSON lines
-        # hold the per-variable values of every measurement).
-        per_parameter = len(self.history) % self.histogram_every == 0
-        norm_sq, trace, means, stds = self._gradients(self._fresh_examples(), seed_offset)
+        per_variable = len(self.history) % self.histogram_every == 0
+        norm_sq, trace, per_parameter = self._gradients(self._fresh_examples(), seed_offset)
         self._average_norm_sq = self.ema * self._average_norm_sq + (1 - self.ema) * norm_sq
         self._average_trace = self.ema * self._average_trace + (1 - self.ema) * trace
         correction = 1 - self.ema ** (len(self.history) + 1)  # of a moving average started at zero (as in Adam)
@@ -273,7 +306,9 @@ class GradientStatistics(keras.callbacks.Callback):
         smoothed = _derive(self._average_norm_sq / correction, self._average_trace / correction, self.batch_size)
         record = {"step": step, "epoch": self._epoch, "batch_size": self.batch_size}
         record.update(micro_batch_size=self.micro_batch_size, micro_batches=self.micro_batches)
-        record.update(_record(self._gradients.paths, (raw, ""), (smoothed, "_ema")))
+        record.update(_record(self._gradients.paths if per_variable else [], (raw, ""), (smoothed, "_ema")))
+        if not per_variable:
+            del record["variables"]
         self._latest = {k: v for k, v in record.items() if k.startswith("grad/")}
         self.history.append({k: v for k, v in record.items() if k != "variables"})
         if self._out:
@@ -281,8 +316,8 @@ class GradientStatistics(keras.callbacks.Callback):
             self._out.flush()
         if self._writer:
             scalars = np.concatenate([values[key] for values in (raw, smoothed) for key in KEYS])
-            histograms = self.histograms and per_parameter
-            self._summaries(step, scalars, means if histograms else [], stds, per_variable=per_parameter)
+            histograms = per_parameter() if self.histograms and per_variable else ([], [])
+            self._summaries(step, scalars, *histograms, per_variable=per_variable)
 
     def _fresh_examples(self):
         """(x, y) or (x, y, sample_weight) of exactly micro_batches * micro_batch_size fresh examples."""

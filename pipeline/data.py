@@ -127,6 +127,17 @@ class Data:
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(self.num_train // batch_size))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
+    def stream(self, batch_size: int, *, seed: int, augment: bool = True) -> tf.data.Dataset:
+        """Endless training batches: epoch 0, 1, 2, ... of (seed, epoch), each in its own order (see train_epoch).
+
+        For the instruments: a repeated train_dataset(epoch=k) would show them the same batches every epoch.
+        """
+        images, labels = self.splits["train"]
+        augment = augment and self.augmentation == "crop-flip"
+        epochs = tf.data.Dataset.counter()
+        dataset = epochs.flat_map(lambda epoch: train_epoch(images, labels, batch_size, seed, epoch, augment))
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
     def eval_dataset(self, split: str, batch_size: int) -> tf.data.Dataset:
         """Batches of a split in its stored order, not augmented, keeping the last partial batch.
 

@@ -73,20 +73,18 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def steady_time_per_step(history: list[dict], measured_steps=()) -> float | None:
+def steady_time_per_step(history: list[dict]) -> float | None:
     """Median seconds per step over the epochs after the first, whose time includes tracing; None without epochs.
 
-    An epoch's time includes its end-of-epoch validation. Epochs holding a gradient or BN measurement (a step in
-    measured_steps) are left out when others remain: a measurement costs about a training step, which would
-    slow the few steps of a large batch's epoch noticeably.
+    An epoch's time includes its end-of-epoch validation, not the instruments' measuring (instrument_time_s):
+    the same number of measurements per run would otherwise slow the few steps of a large batch the most.
     """
     spans, previous = [], 0  # (seconds, first step exclusive, last step) of each epoch
     for record in history:
-        spans.append((record.get("train_epoch_time_s", record["epoch_time_s"]), previous, record["step"]))
+        spans.append((record["epoch_time_s"] - record.get("instrument_time_s", 0.0), previous, record["step"]))
         previous = record["step"]
     spans = spans[1:] or spans
-    clean = [span for span in spans if not any(span[1] < step <= span[2] for step in measured_steps)]
-    per_step = [seconds / (last - first) for seconds, first, last in clean or spans if last > first]
+    per_step = [seconds / (last - first) for seconds, first, last in spans if last > first]
     return float(np.median(per_step)) if per_step else None
 
 
@@ -109,11 +107,10 @@ def read_run(run_dir: str) -> dict | None:
     by_step = {r["step"]: r for r in _read_jsonl(os.path.join(run_dir, "grad_stats.jsonl")) if "step" in r}
     grad = [by_step[step] for step in sorted(by_step)]
     layers = (_read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("layers", {})
-    bn_steps = {m["step"] for layer in layers.values() for m in layer.get("measurements", [])}
 
     history = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
-    seconds = steady_time_per_step(history, set(by_step) | bn_steps) or summary.get("time_per_step_s")
+    seconds = steady_time_per_step(history) or summary.get("time_per_step_s")
     row["time_per_step_ms"] = 1000 * seconds if seconds else None
     row["examples_per_sec"] = batch / seconds if seconds else None
     row["wall_time_to_target_s"] = row["time_to_target_s"]
@@ -400,10 +397,10 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
         "## Per batch size (mean ± std over seeds)", "", headline(report), "",
         "Steps and epochs to target: first epoch end with validation accuracy >= target; time to target: steps to "
         "target x time per step; (k/n): runs that reached it. time/step: median over the epochs after the first "
-        "that hold no instrument measurement, validation included. grad std: RMS over the run's measurements. "
+        "without the instruments' measuring time, validation included. grad std: RMS over the run's measurements. "
         "B_simple: mean tr(Sigma) / mean |G|^2 over the run. BN var error: final batch-vs-moving variance "
         "discrepancy, mean over layers."
-        + (" With batch or ghost norm, the gradient measurement normalizes each of its micro-batches (B / 8 "
+        + (" With batch or ghost norm, the gradient measurement normalizes each of its micro-batches (B / 2 "
            "examples by default) with that micro-batch's own statistics, so grad std and B_simple include "
            "BatchNorm's noise at that size (callbacks/gradient_stats.py)."
            if {"batch", "ghost"} & set(report["fits"]) else ""), "",

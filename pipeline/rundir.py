@@ -107,7 +107,9 @@ def metrics_logger(run_dir: str, examples_per_step: int):
 
     It adds `learning_rate` and `examples_per_sec` to the epoch logs, so that TensorBoard and CSVLogger
     (which come after it in the callback list) record them too. On resume, lines of epochs that are
-    run again are dropped first.
+    run again are dropped first. Each line has the epoch's wall time `epoch_time_s` (training, validation,
+    measuring) and `instrument_time_s`, the part of it that the callbacks in `.instruments` (each with a
+    `seconds` total) spent measuring; examples_per_sec leaves that part out.
     """
     import keras
 
@@ -118,6 +120,10 @@ def metrics_logger(run_dir: str, examples_per_step: int):
             super().__init__()
             self.first_epoch = True
             self.examples_per_step = examples_per_step
+            self.instruments = []
+
+        def measuring(self):
+            return sum(getattr(instrument, "seconds", 0.0) for instrument in self.instruments)
 
         def on_epoch_begin(self, epoch, logs=None):
             if self.first_epoch and os.path.exists(path):
@@ -126,17 +132,19 @@ def metrics_logger(run_dir: str, examples_per_step: int):
                 with open(path, "w", encoding="utf-8") as f:
                     f.writelines(kept)
             self.first_epoch = False
-            self.start = time.perf_counter()
+            self.start, self.start_measuring = time.perf_counter(), self.measuring()
             self.start_step = int(self.model.optimizer._iterations.numpy())
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
             seconds = time.perf_counter() - self.start
+            measuring = self.measuring() - self.start_measuring
             optimizer = self.model.optimizer
             step = int(optimizer._iterations.numpy())
             logs["learning_rate"] = last_learning_rate(optimizer)
-            logs["examples_per_sec"] = (step - self.start_step) * self.examples_per_step / max(seconds, 1e-9)
-            record = {"epoch": epoch, "step": step, "epoch_time_s": seconds}
+            training = max(seconds - measuring, 1e-9)
+            logs["examples_per_sec"] = (step - self.start_step) * self.examples_per_step / training
+            record = {"epoch": epoch, "step": step, "epoch_time_s": seconds, "instrument_time_s": measuring}
             record.update({k: float(v) for k, v in logs.items() if _is_number(v)})
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")

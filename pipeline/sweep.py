@@ -48,8 +48,9 @@ DEFAULT_SCALING = "linear"
 WARMUP_FRACTION = 5 / 90  # share of each run's epochs spent warming up under a scaling rule (Goyal et al. 2017)
 # Gradient and BN measurements per run when their interval is automatic (-1): the same number at every batch size,
 # at the same fractions of the budget, instead of train's fixed step interval that leaves the few steps of a
-# large batch unmeasured. Few enough that most epochs hold none, so that the report times steps on those.
-MEASUREMENTS_PER_RUN = 8
+# large batch unmeasured (plus one at step 0). A measurement costs about a training step; the report's time per
+# step leaves the measuring out.
+MEASUREMENTS_PER_RUN = 16
 BUDGET_KINDS = ("epochs", "steps", "examples")
 # Config fields that say where and how a run is started, not what it computes: a finished run may differ in them.
 PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose")

@@ -117,12 +117,12 @@ def test_fit_writes_tensorboard_and_tables(tmp_path, batch):
 
     model.fit(x, y, batch_size=10, epochs=2, verbose=0, callbacks=[callback, RecordLogs()])
 
-    # 8 steps: measured after steps 3 and 6, and once more at the end of training; traced once.
+    # 8 steps: measured before the first step, after steps 3 and 6, and once more at the end; traced once.
     assert callback._measure_function.experimental_get_tracing_count() == 1
     assert seen[2] == seen[5] == ["bn/mean_rel_error", "bn/var_rel_error"] and seen[0] == []
     table = json.loads((tmp_path / "bn_stats.json").read_text())
     assert list(table["layers"]) == ["bn", "ghost"]
-    assert [row["step"] for row in table["layers"]["bn"]["measurements"]] == [3, 6, 8]
+    assert [row["step"] for row in table["layers"]["bn"]["measurements"]] == [0, 3, 6, 8]
     assert table["layers"]["ghost"]["virtual_batch_size"] == 4
     assert table["layers"]["bn"]["channels"] == 3
     np.testing.assert_allclose(table["layers"]["bn"]["final"]["moving_mean_avg"],
@@ -136,6 +136,12 @@ def test_fit_writes_tensorboard_and_tables(tmp_path, batch):
             tags.update(value.tag for value in event.summary.value)
     assert {"bn/bn/mean_rel_error", "bn/ghost/var_rel_error", "bn/bn/moving_mean_drift", "bn/bn/moving_mean",
             "bn/ghost/moving_variance", "bn/mean_rel_error", "bn/var_rel_error"} <= tags
+
+    # A second fit (as a batch schedule runs one per phase) continues the history with the same compiled function.
+    model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[callback])
+    assert callback._measure_function.experimental_get_tracing_count() == 1
+    table = json.loads((tmp_path / "bn_stats.json").read_text())
+    assert [row["step"] for row in table["layers"]["bn"]["measurements"]] == [0, 3, 6, 8, 9, 12]
 
 
 def test_model_without_batch_norm_and_bad_steps(tmp_path):

@@ -112,6 +112,14 @@ def test_train_order_depends_only_on_seed_and_epoch(digits):
     assert not seen - rows(x, y) and sum(seen.values()) == 1293 // 32 * 32  # Distinct train examples, no repeats.
 
 
+def test_stream_is_epoch_after_epoch(digits):
+    per_epoch = 1293 // 32
+    stream = batches(digits.stream(32, seed=1).take(3 * per_epoch))
+    for epoch in range(3):
+        expected = batches(digits.train_dataset(32, seed=1, epoch=epoch))
+        assert same_batches(stream[epoch * per_epoch : (epoch + 1) * per_epoch], expected), epoch
+
+
 def test_epoch_variable_is_read_each_time_the_dataset_is_iterated(digits):
     dataset = digits.train_dataset(64, seed=3, epoch=None)
     digits.set_epoch(3)

@@ -74,3 +74,15 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert summary_a["steps"] == summary_b["steps"] == 5 * (1293 // 64)
     epochs = [json.loads(line)["epoch"] for line in open(killed_dir / "metrics.jsonl")]
     assert epochs == [0, 1, 2, 3, 4]  # epochs redone after the kill are not logged twice
+    # The instruments count steps from the restored optimizer, not from 0 (BackupAndRestore restores after their
+    # on_train_begin): the resumed attempt measures at the uninterrupted run's steps.
+    def grad_steps(run_dir):
+        return [json.loads(line)["step"] for line in open(run_dir / "grad_stats.jsonl")]
+
+    assert sorted(set(grad_steps(killed_dir))) == grad_steps(clean_dir) == [0, *range(7, 5 * 20 + 1, 7)]
+    clean_bn = json.load(open(clean_dir / "bn_stats.json"))["layers"]
+    resumed_bn = json.load(open(killed_dir / "bn_stats.json"))["layers"]
+    first = next(iter(clean_bn))
+    clean_steps = [row["step"] for row in clean_bn[first]["measurements"]]
+    assert clean_steps == [0, *range(7, 100, 7), 100]
+    assert [row["step"] for row in resumed_bn[first]["measurements"]] == [s for s in clean_steps if s > killed_at * 20]

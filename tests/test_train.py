@@ -50,6 +50,14 @@ def test_smoke_run_completes_and_writes_everything(smoke_run):
     lines = [json.loads(l) for l in open(os.path.join(config.run_dir, "metrics.jsonl"))]
     assert [l["epoch"] for l in lines] == [0, 1]
     assert all(l["learning_rate"] > 0 and l["examples_per_sec"] > 0 for l in lines)
+    # Measuring time is recorded per epoch and left out of throughput: examples / (epoch time - measuring).
+    assert all(0 < l["instrument_time_s"] < l["epoch_time_s"] for l in lines)
+    assert summary.instrument_time_s == pytest.approx(sum(l["instrument_time_s"] for l in lines))
+    for l in lines[1:]:
+        steps = 1293 // 64
+        assert l["examples_per_sec"] == pytest.approx(steps * 64 / (l["epoch_time_s"] - l["instrument_time_s"]))
+    grad_steps = [json.loads(l)["step"] for l in open(os.path.join(config.run_dir, "grad_stats.jsonl"))]
+    assert grad_steps == list(range(0, 2 * (1293 // 64) + 1, 5))
     events = os.listdir(os.path.join(config.run_dir, "tensorboard", "train"))
     assert any(name.startswith("events.out.tfevents") for name in events)
 
