@@ -36,8 +36,8 @@ UNROLL micro-batches are independent subgraphs of one `tf.function`, which Tenso
 through a `tf.map_fn` while loop (sequential, traced once). The statistics are computed on the flattened (M,
 parameters) gradient matrix, a few ops rather than a few per variable. Measured on 2 CPU cores for ResNet-20 on
 8x8 digits at B = 32: tracing ~1.6 s; a measurement ~15 ms against a ~14 ms training step with the default M = 2
-(M = 8 micro-batches of 4: ~40 ms, and ~43 ms through the while loop). A `tf.vectorized_map` version took ~10 s
-to trace. See benchmarks/instrument_overhead.py for the overhead in training.
+(M = 8 micro-batches of 4, through the while loop: ~40 ms). A `tf.vectorized_map` version took ~10 s to trace.
+See benchmarks/instrument_overhead.py for the overhead in training.
 """
 
 import json
