@@ -181,9 +181,9 @@ class _MicroBatchGradients:
         # is what a small model's measurement spends most on).
         mean = tf.reduce_mean(gradients, axis=0)
         deviation = tf.reduce_sum(tf.square(gradients - mean), axis=0)
-        variable_of = tf.repeat(tf.range(len(self.sizes)), self.sizes)
-        mean_sq = tf.math.segment_sum(tf.square(mean), variable_of)
-        deviation_sq = tf.math.segment_sum(deviation, variable_of)
+        variable_of = tf.constant(np.repeat(np.arange(len(self.sizes), dtype=np.int32), self.sizes))
+        mean_sq = tf.math.unsorted_segment_sum(tf.square(mean), variable_of, len(self.sizes))
+        deviation_sq = tf.math.unsorted_segment_sum(deviation, variable_of, len(self.sizes))
         return mean_sq, deviation_sq, mean, deviation
 
 
