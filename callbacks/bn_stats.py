@@ -123,7 +123,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
             self.history = {layer.name: [] for layer in self._layers}
             self._writer = tf.summary.create_file_writer(self.log_dir) if self.log_dir else None
             self._last_measured = None
-        self._step = self._iterations()
+        self._step = self._epoch_start = self._iterations()
 
     def _iterations(self) -> int:
         optimizer = getattr(self.model, "optimizer", None)
@@ -131,7 +131,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         # Read after every on_train_begin: BackupAndRestore restores a resumed run's count there.
-        self._step = self._iterations()
+        self._step = self._epoch_start = self._iterations()
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._layers and self._step == 0 and self._last_measured is None:
@@ -176,8 +176,12 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if not self._layers:
             return
-        self._step += 1
-        if self._step % self.every_n_steps == 0:
+        # `batch` is the last batch index of the execution that ran (several steps with steps_per_execution > 1);
+        # Keras overstates it for a short last execution, so a crossed interval is confirmed with the optimizer.
+        previous, self._step = self._step, self._epoch_start + batch + 1
+        if self._step // self.every_n_steps > previous // self.every_n_steps:
+            self._step = self._iterations()
+        if self._step // self.every_n_steps > previous // self.every_n_steps:
             summary = self.measure()
             if logs is not None:
                 logs.update(summary)

@@ -100,8 +100,11 @@ class LearningDynamics(keras.callbacks.Callback):
             self._next_look_step = (self._step // self.every_n_steps + 1) * self.every_n_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the last step of the execution just run, counted from 0 within the epoch.
+        # `batch` is the last step of the execution just run, counted from 0 within the epoch; Keras overstates it
+        # for a short last execution (steps_per_execution > 1), so a due look is confirmed with the optimizer.
         self._step = self._epoch_start_step + batch + 1
+        if self.every_n_steps and self._step >= self._next_look_step:
+            self._step = int(self.model.optimizer.iterations)
         if self.every_n_steps and self._step >= self._next_look_step:
             self.look()
             self._next_look_step = (self._step // self.every_n_steps + 1) * self.every_n_steps

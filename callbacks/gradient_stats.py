@@ -274,8 +274,11 @@ class GradientStatistics(keras.callbacks.Callback):
             self._measure(0)
 
     def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the last batch index of the epoch that ran (several with steps_per_execution > 1).
+        # `batch` is the last batch index of the execution that ran (several steps with steps_per_execution > 1);
+        # Keras overstates it for a short last execution, so a crossed interval is confirmed with the optimizer.
         previous, self._step = self._step, self._epoch_start + batch + 1
+        if self._step // self.every_n_steps > previous // self.every_n_steps:
+            self._step = int(self.model.optimizer.iterations)
         if self._step // self.every_n_steps > previous // self.every_n_steps:
             self._measure(self._step)
             if logs is not None:

@@ -78,6 +78,7 @@ def test_errors_match_numpy_and_leave_moving_statistics_alone(batch):
     before = moving_statistics(model)
 
     logs = {"loss": 1.0}
+    model.optimizer.iterations.assign_add(1)  # as a training step would
     callback.on_train_batch_end(0, logs)
 
     for after, value in zip(moving_statistics(model), before):
@@ -96,6 +97,7 @@ def test_errors_match_numpy_and_leave_moving_statistics_alone(batch):
     delta_mean, delta_variance = np.array([0.3, -0.4, 1.2]), np.array([0.5, 0.0, -0.1])
     layer.moving_mean.assign(layer.moving_mean.numpy() + delta_mean)
     layer.moving_variance.assign(layer.moving_variance.numpy() + delta_variance)
+    model.optimizer.iterations.assign_add(1)
     callback.on_train_batch_end(1, {})
     row = callback.history["bn"][-1]
     np.testing.assert_allclose(row["moving_mean_drift"], np.sqrt(np.mean(delta_mean**2)), rtol=1e-5)
@@ -155,3 +157,14 @@ def test_model_without_batch_norm_and_bad_steps(tmp_path):
     assert callback.history == {} and not (tmp_path / "bn_stats.json").exists()
     with pytest.raises(InputError, match="bn-stats-every"):
         BatchNormStatistics(tf.data.Dataset.from_tensor_slices(x), every_n_steps=0)
+
+
+def test_steps_per_execution_measures_once_per_crossed_interval(batch):
+    # With steps_per_execution=4, Keras calls on_train_batch_end after steps 4, 8 and 10 (the epoch's 10 steps):
+    # every_n_steps=3 is crossed in each, and each measurement is labelled with the step it was taken at.
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy", steps_per_execution=4)
+    x, y = np.concatenate([batch] * 10), np.zeros(100, "int32")
+    callback = BatchNormStatistics(tf.data.Dataset.from_tensor_slices((x, y)).batch(10), every_n_steps=3)
+    model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[callback])
+    assert [row["step"] for row in callback.history["bn"]] == [0, 4, 8, 10]

@@ -312,3 +312,13 @@ def test_rejects_bad_arguments():
         gradient_stats.GradientStatistics(dataset, micro_batch_size=4, micro_batches=1)
     with pytest.raises(InputError, match="ema"):
         gradient_stats.GradientStatistics(dataset, ema=1.0)
+
+
+def test_steps_per_execution_measures_once_per_crossed_interval():
+    x, y = _image_data(160, seed=13)
+    model = _small_cnn()
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy", steps_per_execution=4)
+    own = tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True)
+    callback = gradient_stats.GradientStatistics(own, every_n_steps=3)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[callback], verbose=0)  # 10 steps: executions end at 4, 8, 10
+    assert [record["step"] for record in callback.history] == [0, 4, 8, 10]
