@@ -4,14 +4,17 @@ Usage: python benchmarks/instrument_overhead.py [--model resnet20] [--dataset di
                                                 [--rounds 2]
        --dataset synthetic:32x32x3 trains on 2048 random images of that shape (CIFAR-sized, for timing only).
 
-All variants train the same model on the same data in one process, interleaved round by round so that machine
-noise hits them alike. Columns:
+All variants train the same model on the same data in one process. Plain fit runs before the first variant and
+after every variant, so that each variant is compared with the plain runs next to it: these VMs drift by 10-20%
+over minutes, more than the effects measured. Columns:
   epoch s     mean epoch time over the epochs after the first, measurements included (the first epoch holds the
               one-time tracing of the train step, and of the instruments, which measure once at step 0);
-  ratio       that mean over plain fit's (plain fit runs first and last in each round; both count);
+  ratio       that mean over the mean of the plain runs just before and just after it, averaged over rounds
+              (for plain fit: the slowest plain run over the fastest, i.e. the drift);
   measuring   the instruments' own timer (callbacks.timing): seconds spent measuring per timed epoch, over plain
               fit's epoch time, i.e. the overhead without the machine's noise between variants;
-  one-time s  first epoch minus plain fit's first epoch: tracing the instruments and measuring at step 0.
+  one-time s  first epoch minus the neighbouring plain runs' first epoch: tracing the instruments and measuring
+              at step 0.
 Goals (issue "Instruments"): all defaults together <= 1.05x, GradientStatistics at every step <= 2.0x.
 """
 
@@ -31,7 +34,6 @@ from pipeline import config as config_lib  # noqa: E402
 
 OFF = dict(grad_stats_every=0, bn_stats_every=0, dynamics=False)
 VARIANTS = {
-    "plain fit": OFF,
     "GradientStatistics, default": dict(OFF, grad_stats_every=-1),
     "BatchNormStatistics, default": dict(OFF, bn_stats_every=-1),
     "LearningDynamics, default": dict(OFF, dynamics=True),
@@ -39,7 +41,6 @@ VARIANTS = {
     "GradientStatistics, every step": dict(OFF, grad_stats_every=1),
     "GradientStatistics, every step, per-variable every step": dict(OFF, grad_stats_every=1),
     "BatchNormStatistics, every step": dict(OFF, bn_stats_every=1),
-    "plain fit, again": OFF,
 }
 
 
@@ -81,13 +82,14 @@ def main(argv=None) -> int:
                                epochs=args.epochs)
     data = data_lib.load(base)
     steps_per_epoch = data.num_train // args.batch
-    times = {name: [] for name in VARIANTS}
-    first = {name: [] for name in VARIANTS}
-    measuring = {name: [] for name in VARIANTS}
+    runs = []  # (name, timed epochs, first epoch, measuring per timed epoch) in the order run
     with tempfile.TemporaryDirectory() as run_dir:
         for _ in range(args.rounds):
-            for name, changes in VARIANTS.items():
-                config = dataclasses.replace(base, **changes)
+            order = ["plain fit"]
+            for name in VARIANTS:
+                order += [name, "plain fit"]
+            for name in order:
+                config = dataclasses.replace(base, **VARIANTS.get(name, OFF))
                 keras.utils.set_random_seed(0)
                 model = build_model(config.model, data.input_shape, data.num_classes, config.norm, mean=data.mean,
                                     variance=data.variance, bn_momentum=config.bn_momentum)
@@ -99,19 +101,25 @@ def main(argv=None) -> int:
                 timer = EpochTimer(instruments)
                 model.fit(data.train_dataset(config.batch, seed=0), epochs=config.epochs,
                           callbacks=instruments + [timer], verbose=0)
-                times[name] += timer.times[1:]
-                first[name].append(timer.times[0])
-                measuring[name] += timer.measuring[1:]
-    plain = statistics.mean(times["plain fit"] + times["plain fit, again"])
-    plain_first = statistics.mean(first["plain fit"] + first["plain fit, again"])
+                runs.append((name, timer.times[1:], timer.times[0], timer.measuring[1:]))
     print(f"{args.model} on {args.dataset}, batch {args.batch}, {steps_per_epoch} steps per epoch; default interval "
           f"= {train.AUTO_INTERVAL} steps; {args.rounds} round(s) x {args.epochs - 1} timed epochs per variant")
     print(f"{'variant':56s} {'epoch s':>8s} {'ratio':>6s} {'measuring':>9s} {'one-time s':>10s}")
-    for name, values in times.items():
-        mean = statistics.mean(values)
-        share = statistics.mean(measuring[name]) / plain
-        once = statistics.mean(first[name]) - plain_first
-        print(f"{name:56s} {mean:8.3f} {mean / plain:5.2f}x {share:8.1%} {once:10.1f}")
+    plain = [statistics.mean(times) for name, times, _, _ in runs if name == "plain fit"]
+    print(f"{'plain fit (all runs)':56s} {statistics.mean(plain):8.3f} {max(plain) / min(plain):5.2f}x")
+    for variant in VARIANTS:
+        epochs, ratios, shares, once = [], [], [], []
+        for i, (name, times, first, measuring) in enumerate(runs):
+            if name != variant:
+                continue
+            before, after = runs[i - 1], runs[i + 1]  # the plain runs next to it
+            neighbours = statistics.mean(before[1] + after[1])
+            epochs += times
+            ratios.append(statistics.mean(times) / neighbours)
+            shares.append(statistics.mean(measuring) / neighbours)
+            once.append(first - (before[2] + after[2]) / 2)
+        print(f"{variant:56s} {statistics.mean(epochs):8.3f} {statistics.mean(ratios):5.2f}x "
+              f"{statistics.mean(shares):8.1%} {statistics.mean(once):10.1f}")
     return 0
 
 
