@@ -57,6 +57,7 @@ def main(argv=None) -> int:
 
     import keras
 
+    from callbacks import timing
     from models import build_model
     from pipeline import data as data_lib
     from pipeline import optim, train
@@ -66,18 +67,18 @@ def main(argv=None) -> int:
             super().__init__()
             self.instruments, self.times, self.measuring = instruments, [], []
 
-        def _measuring(self):
-            return sum(getattr(instrument, "seconds", 0.0) for instrument in self.instruments)
-
         def on_epoch_begin(self, epoch, logs=None):
-            self.start, self.start_measuring = time.perf_counter(), self._measuring()
+            self.start, self.start_measuring = time.perf_counter(), timing.seconds(self.instruments)
 
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter() - self.start)
-            self.measuring.append(self._measuring() - self.start_measuring)
+            self.measuring.append(timing.seconds(self.instruments) - self.start_measuring)
 
     scratch = tempfile.TemporaryDirectory()
-    dataset = synthetic(args.dataset, scratch.name) if args.dataset.startswith("synthetic:") else args.dataset
+    try:
+        dataset = synthetic(args.dataset, scratch.name) if args.dataset.startswith("synthetic:") else args.dataset
+    except ValueError as e:
+        parser.error(f"--dataset: {e}")
     base = dataclasses.replace(config_lib.Config(), model=args.model, dataset=dataset, batch=args.batch,
                                epochs=args.epochs)
     data = data_lib.load(base)
@@ -127,7 +128,12 @@ def synthetic(spec: str, directory: str) -> str:
     """npz:PATH of 2048 train and 256 test random uint8 images of shape spec = "synthetic:HxWxC", 10 classes."""
     import numpy as np
 
-    shape = tuple(int(n) for n in spec.split(":", 1)[1].split("x"))
+    try:
+        shape = tuple(int(n) for n in spec.split(":", 1)[1].split("x"))
+    except ValueError:
+        raise ValueError(f"{spec!r} is not synthetic:HxWxC, e.g. synthetic:32x32x3") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{spec!r} is not synthetic:HxWxC, e.g. synthetic:32x32x3")
     rng = np.random.default_rng(0)
     arrays = {f"x_{split}": rng.integers(0, 256, (n, *shape), dtype=np.uint8) for split, n in (("train", 2048),
                                                                                             ("test", 256))}

@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from callbacks.precise_bn import batch_norm_inputs, side_model
+from callbacks.steps import Steps
 from callbacks.timing import timed
 from pipeline.config import InputError
 
@@ -107,6 +108,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
         self.out_dir = out_dir
         self.history: dict[str, list[dict]] = {}
         self._layers: list = []
+        self._compiled_for = None
+        self._steps = Steps(self.every_n_steps)
 
     def on_train_begin(self, logs=None):
         pairs = batch_norm_inputs(self.model)
@@ -115,26 +118,24 @@ class BatchNormStatistics(keras.callbacks.Callback):
             logger.warning("BatchNormStatistics: model '%s' has no BatchNormalization layer; nothing to measure.",
                            self.model.name)
             return
-        if getattr(self, "_compiled_for", None) is not self.model:  # one trace per model, not per fit()
+        if self._compiled_for is not self.model:  # one trace per model, not per fit()
             self._measure_function = self._compile(side_model(self.model, [tensor for _, tensor in pairs]))
             self._compiled_for = self.model
+            # Where each layer's channels start in the concatenated moving statistics, and how many there are.
+            self._channels = np.array([int(layer.moving_mean.shape[0]) for layer in self._layers])
+            self._starts = np.cumsum(self._channels) - self._channels
             self._batches = iter(self.dataset.repeat())
             self._previous = self._moving()
             self.history = {layer.name: [] for layer in self._layers}
             self._writer = tf.summary.create_file_writer(self.log_dir) if self.log_dir else None
             self._last_measured = None
-        self._step = self._epoch_start = self._iterations()
-
-    def _iterations(self) -> int:
-        optimizer = getattr(self.model, "optimizer", None)
-        return int(optimizer.iterations) if optimizer is not None else 0
+        self._steps.epoch_begin(self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
-        # Read after every on_train_begin: BackupAndRestore restores a resumed run's count there.
-        self._step = self._epoch_start = self._iterations()
+        self._steps.epoch_begin(self.model)
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._layers and self._step == 0 and self._last_measured is None:
+        if self._layers and self._steps.step == 0 and self._last_measured is None:
             self.measure()
 
     def _compile(self, side: keras.Model):
@@ -176,12 +177,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if not self._layers:
             return
-        # `batch` is the last batch index of the execution that ran (several steps with steps_per_execution > 1);
-        # Keras overstates it for a short last execution, so a crossed interval is confirmed with the optimizer.
-        previous, self._step = self._step, self._epoch_start + batch + 1
-        if self._step // self.every_n_steps > previous // self.every_n_steps:
-            self._step = self._iterations()
-        if self._step // self.every_n_steps > previous // self.every_n_steps:
+        if self._steps.batch_end(self.model, batch):
             summary = self.measure()
             if logs is not None:
                 logs.update(summary)
@@ -194,12 +190,10 @@ class BatchNormStatistics(keras.callbacks.Callback):
         values, mean, variance = (t.numpy() for t in self._measure_function(x))
         mean, variance = mean.astype(np.float64), variance.astype(np.float64)
         # Drift: RMS change per channel since the previous measurement, per layer.
-        starts = np.cumsum([0] + [int(layer.moving_mean.shape[0]) for layer in self._layers])[:-1]
-        channels = np.diff(np.append(starts, len(mean)))
-        drifts = [np.sqrt(np.add.reduceat(np.square(now - before), starts) / channels)
+        drifts = [np.sqrt(np.add.reduceat(np.square(now - before), self._starts) / self._channels)
                   for now, before in zip((mean, variance), self._previous)]
         self._previous = mean, variance
-        step, rows = self._step, {}
+        step, rows = self._steps.step, {}
         for i, layer in enumerate(self._layers):
             rows[layer.name] = row = {"step": step, "mean_rel_error": float(values[i, 0]),
                                       "var_rel_error": float(values[i, 1]),
@@ -209,7 +203,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
             self.history[layer.name].append(row)
         summary = {f"bn/{key}": float(np.mean(values[:, k])) for k, key in enumerate(QUANTITIES[:2])}
         if self._writer is not None:
-            self._summaries(step, rows, summary, np.split(mean, starts[1:]), np.split(variance, starts[1:]))
+            self._summaries(step, rows, summary, np.split(mean, self._starts[1:]),
+                            np.split(variance, self._starts[1:]))
         self._last_measured = step
         return summary
 
@@ -236,7 +231,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if not self._layers:
             return
-        if self._last_measured != self._step:
+        if self._last_measured != self._steps.step:
             self.measure()  # so that the tables describe the statistics the run ends with
         if self._writer is not None:
             self._writer.flush()  # not closed: a batch schedule runs one fit per phase with this callback
@@ -264,7 +259,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def markdown(self) -> str:
         """The per-layer table of bn_stats.md: final measurement, run averages, moving-variance range."""
         lines = [
-            f"# BatchNorm statistics (final step {self._step}, every {self.every_n_steps} steps)",
+            f"# BatchNorm statistics (final step {self._steps.step}, every {self.every_n_steps} steps)",
             "",
             "Errors: batch vs moving statistics, mean shift in moving-std units and relative variance error.",
             "",

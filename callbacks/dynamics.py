@@ -14,6 +14,7 @@ import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from callbacks.steps import iterations
 from callbacks.timing import timed
 from pipeline.config import InputError
 
@@ -104,7 +105,7 @@ class LearningDynamics(keras.callbacks.Callback):
         # for a short last execution (steps_per_execution > 1), so a due look is confirmed with the optimizer.
         self._step = self._epoch_start_step + batch + 1
         if self.every_n_steps and self._step >= self._next_look_step:
-            self._step = int(self.model.optimizer.iterations)
+            self._step = iterations(self.model)
         if self.every_n_steps and self._step >= self._next_look_step:
             self.look()
             self._next_look_step = (self._step // self.every_n_steps + 1) * self.every_n_steps

@@ -49,6 +49,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from callbacks.steps import Steps
 from callbacks.timing import timed
 from pipeline.config import InputError
 
@@ -248,6 +249,7 @@ class GradientStatistics(keras.callbacks.Callback):
         self.dataset, self.every_n_steps, self.ema = dataset, int(every_n_steps), ema
         self.log_dir, self.out_path, self.histograms = log_dir, out_path, histograms
         self.histogram_every = histogram_every or max(10, math.ceil(100 / self.every_n_steps))
+        self._steps = Steps(self.every_n_steps)
         self.history = []  # one record per measurement as written to out_path, without the per-variable values
         self._iterator = self._gradients = self._writer = None
         self._average_norm_sq = self._average_trace = 0.0  # moving averages, per variable and total
@@ -264,23 +266,16 @@ class GradientStatistics(keras.callbacks.Callback):
         self._out = open(self.out_path, "a") if self.out_path else None
 
     def on_epoch_begin(self, epoch, logs=None):
-        # Steps are batches, counted by the optimizer. Read here, after every on_train_begin: BackupAndRestore
-        # restores a resumed run's count there.
-        self._epoch, self._epoch_start = epoch, int(self.model.optimizer.iterations)
-        self._step = self._epoch_start
+        self._epoch = epoch
+        self._steps.epoch_begin(self.model)
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._step == 0 and not self.history:
+        if self._steps.step == 0 and not self.history:
             self._measure(0)
 
     def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the last batch index of the execution that ran (several steps with steps_per_execution > 1);
-        # Keras overstates it for a short last execution, so a crossed interval is confirmed with the optimizer.
-        previous, self._step = self._step, self._epoch_start + batch + 1
-        if self._step // self.every_n_steps > previous // self.every_n_steps:
-            self._step = int(self.model.optimizer.iterations)
-        if self._step // self.every_n_steps > previous // self.every_n_steps:
-            self._measure(self._step)
+        if self._steps.batch_end(self.model, batch):
+            self._measure(self._steps.step)
             if logs is not None:
                 logs.update(self._latest)
 

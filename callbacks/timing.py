@@ -16,3 +16,8 @@ def timed(method):
             self.seconds = getattr(self, "seconds", 0.0) + time.perf_counter() - started
 
     return wrapper
+
+
+def seconds(instruments) -> float:
+    """The total time the given callbacks have spent in their @timed methods."""
+    return sum(getattr(instrument, "seconds", 0.0) for instrument in instruments)

@@ -123,7 +123,9 @@ def metrics_logger(run_dir: str, examples_per_step: int):
             self.instruments = []
 
         def measuring(self):
-            return sum(getattr(instrument, "seconds", 0.0) for instrument in self.instruments)
+            from callbacks import timing
+
+            return timing.seconds(self.instruments)
 
         def on_epoch_begin(self, epoch, logs=None):
             if self.first_epoch and os.path.exists(path):
