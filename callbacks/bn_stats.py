@@ -10,10 +10,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from callbacks.checked_io import write_atomic
+from callbacks.events import EventWriter
 from callbacks.precise_bn import batch_norm_inputs, side_model
 from callbacks.steps import Steps
 from callbacks.timing import timed
-from pipeline.config import InputError
+from models.norm import virtual_batches
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +34,6 @@ QUANTITIES = (
 )
 
 
-def normalization_groups(batch_size: tf.Tensor, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
-    """Group id of each example and number of groups: one group, or ghost batch norm's virtual batches.
-
-    Virtual batches as models.norm.GhostBatchNormalization cuts them: G = max(B // V, 1) runs of V consecutive
-    examples, the B mod V remaining examples joining the last one.
-    """
-    if not virtual_batch_size:
-        return tf.zeros([batch_size], tf.int32), tf.constant(1)
-    groups = tf.maximum(batch_size // virtual_batch_size, 1)
-    return tf.minimum(tf.range(batch_size) // virtual_batch_size, groups - 1), groups
-
-
 def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-group, per-channel mean and biased variance of `x` over examples and positions, shape (G, C) each."""
     x = tf.cast(x, tf.float32)
@@ -51,7 +41,7 @@ def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tu
     axis = axis % rank
     x = tf.transpose(x, [0] + [i for i in range(1, rank) if i != axis] + [axis]) if axis != rank - 1 else x
     x = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])  # (B, positions, C)
-    group_of, groups = normalization_groups(tf.shape(x)[0], virtual_batch_size)
+    group_of, groups = virtual_batches(tf.shape(x)[0], virtual_batch_size)
     sizes = tf.math.unsorted_segment_sum(tf.ones_like(group_of, tf.float32), group_of, groups)[:, None]
     mean = tf.math.unsorted_segment_sum(tf.reduce_mean(x, axis=1), group_of, groups) / sizes
     # Two passes (mean first, then squared deviations), so that large means do not cost float32 precision.
@@ -100,8 +90,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def __init__(self, dataset: tf.data.Dataset, every_n_steps: int = 100, log_dir: str | None = None,
                  out_dir: str | None = None):
         super().__init__()
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, (int, np.integer)) or every_n_steps < 1:
-            raise InputError(f"--bn-stats-every: must be a positive number of steps, got {every_n_steps!r}")
+        self._steps = Steps(every_n_steps)
         self.dataset = dataset
         self.every_n_steps = int(every_n_steps)
         self.log_dir = log_dir
@@ -109,7 +98,6 @@ class BatchNormStatistics(keras.callbacks.Callback):
         self.history: dict[str, list[dict]] = {}
         self._layers: list = []
         self._compiled_for = None
-        self._steps = Steps(self.every_n_steps)
 
     def on_train_begin(self, logs=None):
         pairs = batch_norm_inputs(self.model)
@@ -127,7 +115,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
             self._batches = iter(self.dataset.repeat())
             self._previous = self._moving()
             self.history = {layer.name: [] for layer in self._layers}
-            self._writer = tf.summary.create_file_writer(self.log_dir) if self.log_dir else None
+            self._writer = EventWriter(self.log_dir) if self.log_dir else None
             self._last_measured = None
         self._steps.epoch_begin(self.model)
 
@@ -209,24 +197,13 @@ class BatchNormStatistics(keras.callbacks.Callback):
         return summary
 
     def _summaries(self, step, rows, summary, means, variances):
-        """Writes a measurement's ~10 scalars and 2 histograms per layer as one event.
-
-        Built in NumPy with TensorBoard's protobuf helpers and written by one op: as tf.summary ops, a ResNet-20's
-        ~230 summaries cost more than the measurement when eager and seconds to trace when compiled.
-        """
-        from tensorboard.plugins.histogram.summary_v2 import histogram_pb
-        from tensorboard.plugins.scalar.summary_v2 import scalar_pb
-
-        event = scalar_pb("bn/mean_rel_error", summary["bn/mean_rel_error"])
-        values = [scalar_pb("bn/var_rel_error", summary["bn/var_rel_error"])]
+        """Writes a measurement's ~10 scalars and 2 histograms per layer as one event (callbacks.events)."""
+        scalars = list(summary.items())
+        histograms = []
         for layer, mean, variance in zip(self._layers, means, variances):
-            values += [scalar_pb(f"bn/{layer.name}/{key}", rows[layer.name][key]) for key in QUANTITIES]
-            values += [histogram_pb(f"bn/{layer.name}/moving_mean", mean),
-                       histogram_pb(f"bn/{layer.name}/moving_variance", variance)]
-        for value in values:
-            event.value.extend(value.value)
-        with self._writer.as_default():
-            tf.summary.experimental.write_raw_pb(event.SerializeToString(), step=step)
+            scalars += [(f"bn/{layer.name}/{key}", rows[layer.name][key]) for key in QUANTITIES]
+            histograms += [(f"bn/{layer.name}/moving_mean", mean), (f"bn/{layer.name}/moving_variance", variance)]
+        self._writer.write(step, scalars, histograms)
 
     def on_train_end(self, logs=None):
         if not self._layers:
@@ -237,10 +214,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
             self._writer.flush()  # not closed: a batch schedule runs one fit per phase with this callback
         if self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
-            with open(os.path.join(self.out_dir, "bn_stats.json"), "w") as f:
-                json.dump(self.table(), f, indent=1)
-            with open(os.path.join(self.out_dir, "bn_stats.md"), "w") as f:
-                f.write(self.markdown())
+            write_atomic(os.path.join(self.out_dir, "bn_stats.json"), json.dumps(self.table(), indent=1))
+            write_atomic(os.path.join(self.out_dir, "bn_stats.md"), self.markdown())
 
     def table(self) -> dict:
         """Per layer: channels, every measurement, the final one and the run's average errors."""

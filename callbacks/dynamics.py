@@ -14,9 +14,9 @@ import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from callbacks.steps import iterations
+from callbacks.checked_io import check_positive_int, finite_or_none, write_atomic
+from callbacks.steps import Steps
 from callbacks.timing import timed
-from pipeline.config import InputError
 
 PREDICT_BATCH = 1024  # examples per predict_on_batch call during a look (one call for the default subset)
 MAX_LEGEND_CLASSES = 20  # the accuracy plot names classes in a legend only up to this many
@@ -66,14 +66,13 @@ class LearningDynamics(keras.callbacks.Callback):
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise InputError(f"LearningDynamics y: must be integer class ids of shape (n,), got {y.dtype} {y.shape}")
+            raise ValueError(f"LearningDynamics y: must be integer class ids of shape (n,), got {y.dtype} {y.shape}")
         if len(x) != len(y) or len(y) == 0:
-            raise InputError(f"LearningDynamics x, y: need the same number (> 0) of examples, got {len(x)}, {len(y)}")
+            raise ValueError(f"LearningDynamics x, y: need the same number (> 0) of examples, got {len(x)}, {len(y)}")
         if y.min() < 0 or (class_names is not None and y.max() >= len(class_names)):
-            raise InputError(f"LearningDynamics y: labels must lie in [0, len(class_names)), got {y.min()}..{y.max()}")
-        if every_n_steps is not None:
-            _check_positive("every_n_steps", every_n_steps)
-        _check_positive("max_gallery", max_gallery)
+            raise ValueError(f"LearningDynamics y: labels must lie in [0, len(class_names)), got {y.min()}..{y.max()}")
+        self._steps = Steps(every_n_steps, name="LearningDynamics every_n_steps")
+        check_positive_int("LearningDynamics max_gallery", max_gallery)
         self.x, self.y = x, y.astype(np.int32)
         self.class_names = None if class_names is None else [str(name) for name in class_names]
         self.every_n_steps, self.log_dir, self.out_dir, self.max_gallery = every_n_steps, log_dir, out_dir, max_gallery
@@ -83,32 +82,25 @@ class LearningDynamics(keras.callbacks.Callback):
         self.forgetting_events = np.zeros(len(y), np.int64)
         self.first_learned_look = np.full(len(y), -1, np.int64)
         self.correct = self.predictions = self.confidence = None
-        self._step = self._epoch_start_step = self._epoch = 0
-        self._next_look_step = every_n_steps
+        self._epoch = 0
         self._writer = None
 
     def on_train_begin(self, logs=None):
         if self.log_dir and self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
+    @property
+    def _step(self) -> int:
+        return self._steps.step
+
     def on_epoch_begin(self, epoch, logs=None):
         # Re-reading the optimizer's counter keeps steps right after a resume or across several fit() calls.
-        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
-        if iterations is not None:
-            self._step = int(iterations)
-        self._epoch, self._epoch_start_step = epoch, self._step
-        if self.every_n_steps:
-            self._next_look_step = (self._step // self.every_n_steps + 1) * self.every_n_steps
+        self._epoch = epoch
+        self._steps.epoch_begin(self.model)
 
     def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the last step of the execution just run, counted from 0 within the epoch; Keras overstates it
-        # for a short last execution (steps_per_execution > 1), so a due look is confirmed with the optimizer.
-        self._step = self._epoch_start_step + batch + 1
-        if self.every_n_steps and self._step >= self._next_look_step:
-            self._step = iterations(self.model)
-        if self.every_n_steps and self._step >= self._next_look_step:
+        if self._steps.batch_end(self.model, batch):
             self.look()
-            self._next_look_step = (self._step // self.every_n_steps + 1) * self.every_n_steps
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.every_n_steps:
@@ -129,9 +121,9 @@ class LearningDynamics(keras.callbacks.Callback):
         }
         if self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
-            _write_atomic(os.path.join(self.out_dir, "forgetting.json"), json.dumps(self.summary(), indent=1).encode())
+            write_atomic(os.path.join(self.out_dir, "forgetting.json"), json.dumps(self.summary(), indent=1).encode())
             for name, png in pngs.items():
-                _write_atomic(os.path.join(self.out_dir, f"{name}.png"), png)
+                write_atomic(os.path.join(self.out_dir, f"{name}.png"), png)
         if self._writer is not None:
             with self._writer.as_default(step=self._step):
                 tf.summary.image("dynamics/gallery_forgotten", _decode(pngs["gallery_forgotten"]))
@@ -148,7 +140,7 @@ class LearningDynamics(keras.callbacks.Callback):
         probabilities = np.concatenate([np.asarray(self.model.predict_on_batch(batch)) for batch in batches])
         if probabilities.ndim != 2 or len(probabilities) != len(self.y):
             shape = probabilities.shape
-            raise InputError(f"LearningDynamics: the model needs one output of shape (n, classes), got {shape}")
+            raise ValueError(f"LearningDynamics: the model needs one output of shape (n, classes), got {shape}")
         self._record(probabilities)
 
     def _record(self, probabilities: np.ndarray) -> None:
@@ -156,7 +148,7 @@ class LearningDynamics(keras.callbacks.Callback):
         if self.class_names is None:
             self.class_names = [str(k) for k in range(num_classes)]
         if len(self.class_names) != num_classes or self.y.max() >= num_classes:
-            raise InputError(
+            raise ValueError(
                 f"LearningDynamics class_names, y: the model has {num_classes} outputs, but there are "
                 f"{len(self.class_names)} class names and labels up to {self.y.max()}"
             )
@@ -199,7 +191,7 @@ class LearningDynamics(keras.callbacks.Callback):
             "num_examples": len(self.y),
             "class_names": names,
             "looks": {"step": self.look_steps, "epoch": self.look_epochs, "subset_accuracy": self.subset_accuracy},
-            "class_accuracy": {name: _nan_to_none(history[:, k]) for k, name in enumerate(names)},
+            "class_accuracy": {name: finite_or_none(history[:, k]) for k, name in enumerate(names)},
             "class_counts": {name: int(n) for name, n in zip(names, np.bincount(self.y, minlength=len(names)))},
             "forgetting_events_total": int(self.forgetting_events.sum()),
             "num_forgotten": int((self.forgetting_events > 0).sum()),
@@ -212,7 +204,7 @@ class LearningDynamics(keras.callbacks.Callback):
                 "first_learned_step": [self.look_steps[t] if t >= 0 else None for t in self.first_learned_look],
                 "final_correct": None if self.correct is None else self.correct.tolist(),
                 "final_prediction": None if self.predictions is None else self.predictions.tolist(),
-                "final_confidence": None if self.confidence is None else _nan_to_none(self.confidence),
+                "final_confidence": None if self.confidence is None else finite_or_none(self.confidence),
             },
         }
 
@@ -285,20 +277,5 @@ def _decode(png: bytes) -> tf.Tensor:
     return tf.image.decode_png(png, channels=3)[tf.newaxis]
 
 
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"LearningDynamics {name}: must be a positive integer, got {value!r}")
-
-
 def _tag(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
-
-
-def _nan_to_none(values) -> list:
-    return [None if math.isnan(v) else float(v) for v in values]
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)

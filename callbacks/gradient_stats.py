@@ -42,16 +42,16 @@ See benchmarks/instrument_overhead.py for the overhead in training.
 
 import json
 import math
-import numbers
 import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from callbacks.checked_io import finite_or_none
+from callbacks.events import EventWriter
 from callbacks.steps import Steps
 from callbacks.timing import timed
-from pipeline.config import InputError
 
 KEYS = ("norm_sq", "trace_cov", "noise_scale", "batch_std", "snr")
 # Micro-batches up to this many are unrolled into independent subgraphs (concurrent, ~1.4 s more tracing each for
@@ -111,7 +111,7 @@ def _record(paths, *values_and_suffixes):
 
 def _check_micro_batches(micro_batch_size, micro_batches, examples):
     if micro_batch_size < 1 or micro_batches < 2:
-        raise InputError(
+        raise ValueError(
             f"micro_batch_size: needs at least 2 micro-batches of >= 1 example, got {micro_batches} of "
             f"{micro_batch_size} from {examples} examples; lower micro_batch_size or raise micro_batches"
         )
@@ -235,21 +235,19 @@ class GradientStatistics(keras.callbacks.Callback):
             they cost ~50 ms, about 4 measurements).
         """
         super().__init__()
-        if not isinstance(every_n_steps, numbers.Integral) or every_n_steps < 1:
-            raise InputError(f"--grad-stats-every: must be an integer >= 1 step, got {every_n_steps!r}")
+        self._steps = Steps(every_n_steps)
         if not 0.0 <= ema < 1.0:
-            raise InputError(f"ema: must be in [0, 1), got {ema!r}")
+            raise ValueError(f"ema: must be in [0, 1), got {ema!r}")
         dataset_batch = tf.nest.flatten(dataset.element_spec)[0].shape[0]
         self.batch_size = batch_size or dataset_batch
         if not self.batch_size:
-            raise InputError("batch_size: the dataset's batch size is not static (no drop_remainder); pass it")
+            raise ValueError("batch_size: the dataset's batch size is not static (no drop_remainder); pass it")
         self.micro_batch_size = micro_batch_size or max(1, self.batch_size // 2)
         self.micro_batches = micro_batches or 2
         _check_micro_batches(self.micro_batch_size, self.micro_batches, self.micro_batch_size * self.micro_batches)
         self.dataset, self.every_n_steps, self.ema = dataset, int(every_n_steps), ema
         self.log_dir, self.out_path, self.histograms = log_dir, out_path, histograms
         self.histogram_every = histogram_every or max(10, math.ceil(100 / self.every_n_steps))
-        self._steps = Steps(self.every_n_steps)
         self.history = []  # one record per measurement as written to out_path, without the per-variable values
         self._iterator = self._gradients = self._writer = None
         self._average_norm_sq = self._average_trace = 0.0  # moving averages, per variable and total
@@ -262,7 +260,7 @@ class GradientStatistics(keras.callbacks.Callback):
         if self._gradients is None or self._gradients.model is not self.model:
             self._gradients = _MicroBatchGradients(self.model, self.micro_batch_size, self.micro_batches)
         if self.log_dir and self._writer is None:
-            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "gradients"))
+            self._writer = EventWriter(os.path.join(self.log_dir, "gradients"))
         self._out = open(self.out_path, "a") if self.out_path else None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -310,7 +308,7 @@ class GradientStatistics(keras.callbacks.Callback):
         self._latest = {k: v for k, v in record.items() if k.startswith("grad/")}
         self.history.append({k: v for k, v in record.items() if k != "variables"})
         if self._out:
-            self._out.write(json.dumps(_finite_or_none(record)) + "\n")
+            self._out.write(json.dumps(finite_or_none(record)) + "\n")
             self._out.flush()
         if self._writer:
             scalars = np.concatenate([values[key] for values in (raw, smoothed) for key in KEYS])
@@ -329,37 +327,16 @@ class GradientStatistics(keras.callbacks.Callback):
         return tf.nest.map_structure(lambda *ts: tf.concat(ts, axis=0)[:needed], *parts)
 
     def _summaries(self, step, scalars, means, stds, per_variable):
-        """Writes the TensorBoard summaries of one measurement as one event.
-
-        The summaries are built in NumPy with TensorBoard's own protobuf helpers (scalar_pb, histogram_pb) and
-        written with one op: tf.summary ops cost ~0.1 ms (scalar) to ~8 ms (histogram) each when eager, and
-        3-20 s to trace for ResNet-20's hundreds of summaries when compiled.
-        """
-        from tensorboard.plugins.histogram.summary_v2 import histogram_pb
-        from tensorboard.plugins.scalar.summary_v2 import scalar_pb
-
+        """Writes the TensorBoard summaries of one measurement as one event (callbacks.events)."""
         names = [f"grad/{key}{suffix}" for suffix in ("", "_ema") for key in KEYS]
         columns = len(self._gradients.paths) + 1
-        summaries = []
+        values = []
         for k, name in enumerate(names):
-            summaries.append(scalar_pb(name, float(scalars[k * columns + columns - 1])))
+            values.append((name, scalars[k * columns + columns - 1]))
             if per_variable:
-                for i, path in enumerate(self._gradients.paths):
-                    summaries.append(scalar_pb(f"grad_variables/{path}/{name[5:]}", float(scalars[k * columns + i])))
+                values += [(f"grad_variables/{path}/{name[5:]}", scalars[k * columns + i])
+                           for i, path in enumerate(self._gradients.paths)]
+        histograms = []
         for path, mean, std in zip(self._gradients.paths, means, stds):
-            summaries.append(histogram_pb(f"grad_mean/{path}", np.asarray(mean)))
-            summaries.append(histogram_pb(f"grad_std/{path}", np.asarray(std)))
-        event = summaries[0]
-        for summary in summaries[1:]:
-            event.value.extend(summary.value)
-        with self._writer.as_default():
-            tf.summary.experimental.write_raw_pb(event.SerializeToString(), step=step)
-
-
-def _finite_or_none(value):
-    """Replaces NaN and infinities by None so that out_path holds standard JSON."""
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+            histograms += [(f"grad_mean/{path}", mean), (f"grad_std/{path}", std)]
+        self._writer.write(step, values, histograms)

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import InputError
+from callbacks.checked_io import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _take_inputs(dataset, num_samples: int) -> list:
         if total >= num_samples:
             break
     if total == 0:
-        raise InputError("precise_bn: the dataset yielded no examples")
+        raise ValueError("precise_bn dataset: yielded no examples")
     return batches
 
 
@@ -164,8 +164,7 @@ def precise_bn(model: keras.Model, dataset, num_samples: int = 8192) -> dict[str
         sqrt(new variance + epsilon), "variance_change": mean_c |old - new variance| / (new variance + epsilon)}}
         in topological order; empty if the model has no BatchNormalization layer.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise InputError(f"precise_bn: num_samples must be a positive integer, got {num_samples!r}")
+    check_positive_int("precise_bn num_samples", num_samples)
     pairs = batch_norm_inputs(model)
     if not pairs:
         logger.warning("precise_bn: model '%s' has no BatchNormalization layer; nothing to recompute.", model.name)
@@ -239,10 +238,8 @@ class PreciseBN(keras.callbacks.Callback):
 
     def __init__(self, dataset, num_samples: int = 8192):
         super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-            raise InputError(f"PreciseBN: num_samples must be a positive integer, got {num_samples!r}")
         self.dataset = dataset
-        self.num_samples = int(num_samples)
+        self.num_samples = check_positive_int("PreciseBN num_samples", num_samples)
         self.report = None
 
     def on_train_end(self, logs=None):

@@ -4,30 +4,22 @@ from __future__ import annotations
 
 import keras
 
-from models.norm import normalization, raw_pixel_input
+from models.norm import Norm, raw_pixel_input
 
 CNN_FILTERS = (32, 32, 64)
 CNN_DENSE_UNITS = 64
 MLP_UNITS = (256, 128)
 
 
-def _dense_norm_relu(x, units, norm, ghost_batch, bn_momentum, name):
+def _dense_norm_relu(x, units, norm: Norm, name):
     # A dense layer followed by a normalization layer needs no bias: the norm's offset replaces it.
-    x = keras.layers.Dense(units, use_bias=norm == "none", kernel_initializer="he_normal", name=f"{name}_dense")(x)
-    x = normalization(norm, units, ghost_batch=ghost_batch, bn_momentum=bn_momentum, dense=True, name=f"{name}_norm")(x)
+    x = keras.layers.Dense(units, use_bias=not norm.replaces_bias, kernel_initializer="he_normal",
+                           name=f"{name}_dense")(x)
+    x = norm(units, dense=True, name=f"{name}_norm")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
-def build_cnn(
-    input_shape,
-    num_classes: int,
-    norm: str = "batch",
-    *,
-    mean=None,
-    variance=None,
-    ghost_batch: int = 8,
-    bn_momentum: float = 0.9,
-) -> keras.Model:
+def build_cnn(input_shape, num_classes: int, norm: Norm = Norm(), *, mean=None, variance=None) -> keras.Model:
     """A plain CNN: three conv-norm-relu-pool stacks with 32, 32, 64 filters, dense 64, dense softmax.
 
     Like cifar10_quick (Caffe) with 3x3 convs, padding="same" and a normalization layer after each conv and
@@ -37,11 +29,9 @@ def build_cnn(
     Args:
         input_shape: (height, width, channels) of one raw example.
         num_classes: number of output probabilities.
-        norm: batch | ghost | group | layer | none (see models.norm.normalization).
+        norm: the normalization layer after each conv and the hidden dense layer (models.norm.Norm).
         mean: per-channel mean of the raw training pixels for the input Normalization layer, or None.
         variance: per-channel variance of the raw training pixels, or None.
-        ghost_batch: examples per virtual batch when norm is ghost.
-        bn_momentum: moving-average momentum of batch and ghost batch norm.
 
     Returns:
         A functional keras.Model named "cnn", input "images", output "probabilities".
@@ -52,38 +42,29 @@ def build_cnn(
     for index, filters in enumerate(CNN_FILTERS, start=1):
         name = f"conv{index}"
         x = keras.layers.Conv2D(
-            filters, 3, padding="same", use_bias=norm == "none", kernel_initializer="he_normal", name=f"{name}_conv"
+            filters, 3, padding="same", use_bias=not norm.replaces_bias, kernel_initializer="he_normal",
+            name=f"{name}_conv"
         )(x)
-        x = normalization(norm, filters, ghost_batch=ghost_batch, bn_momentum=bn_momentum, name=f"{name}_norm")(x)
+        x = norm(filters, name=f"{name}_norm")(x)
         x = keras.layers.ReLU(name=f"{name}_relu")(x)
         if min(x.shape[1], x.shape[2]) >= 2:
             x = keras.layers.MaxPooling2D(2, padding="same", name=f"{name}_pool")(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    x = _dense_norm_relu(x, CNN_DENSE_UNITS, norm, ghost_batch, bn_momentum, "hidden")
+    x = _dense_norm_relu(x, CNN_DENSE_UNITS, norm, "hidden")
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="cnn")
 
 
-def build_mlp(
-    input_shape,
-    num_classes: int,
-    norm: str = "batch",
-    *,
-    mean=None,
-    variance=None,
-    ghost_batch: int = 8,
-    bn_momentum: float = 0.9,
-) -> keras.Model:
+def build_mlp(input_shape, num_classes: int, norm: Norm = Norm(), *, mean=None, variance=None) -> keras.Model:
     """A multilayer perceptron: flatten, dense 256 and 128 each with norm and relu, dense softmax.
 
     Args:
         input_shape: shape of one raw example, e.g. (height, width, channels).
         num_classes: number of output probabilities.
-        norm: batch | ghost | group | layer | none; on dense features "layer" is keras LayerNormalization.
+        norm: the normalization layer after each hidden layer (models.norm.Norm; "layer" is keras
+            LayerNormalization on dense features).
         mean: per-channel mean of the raw training pixels for the input Normalization layer, or None.
         variance: per-channel variance of the raw training pixels, or None.
-        ghost_batch: examples per virtual batch when norm is ghost.
-        bn_momentum: moving-average momentum of batch and ghost batch norm.
 
     Returns:
         A functional keras.Model named "mlp", input "images", output "probabilities".
@@ -91,6 +72,6 @@ def build_mlp(
     inputs, x = raw_pixel_input(input_shape, mean, variance)
     x = keras.layers.Flatten(name="flatten")(x)
     for index, units in enumerate(MLP_UNITS, start=1):
-        x = _dense_norm_relu(x, units, norm, ghost_batch, bn_momentum, f"hidden{index}")
+        x = _dense_norm_relu(x, units, norm, f"hidden{index}")
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="mlp")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 from keras import ops
 
-from pipeline.config import NORMS, InputError
+NORMS = ("batch", "ghost", "group", "layer", "none")
 
 # Group normalization uses the largest of these group counts that divides the channels and leaves at least
 # two channels per group (Wu & He 2018 use G = 32 on ResNet-50, whose narrowest layers have 64 channels).
@@ -23,46 +25,67 @@ def group_count(channels: int) -> int:
     return 1
 
 
-def normalization(
-    kind: str,
-    channels: int,
-    *,
-    ghost_batch: int = 8,
-    bn_momentum: float = 0.9,
-    dense: bool = False,
-    name: str | None = None,
-) -> keras.layers.Layer:
-    """A normalization layer for features with `channels` channels on the last axis.
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """The normalization layers of a model: one kind with its settings; calling it makes one layer.
 
-    Args:
+    Kinds:
+        batch: keras BatchNormalization (Ioffe & Szegedy 2015), statistics over the batch (and H, W).
+        ghost: GhostBatchNormalization, statistics over virtual batches of `ghost_batch` examples.
+        group: keras GroupNormalization (Wu & He 2018) with `group_count(channels)` groups.
+        layer: for conv features GroupNormalization(groups=1), i.e. statistics over (H, W, C) of each example as in
+            Wu & He's Figure 2; for dense features keras LayerNormalization over the units. Both learn one scale
+            and offset per channel.
+        none: keras Identity.
+
+    Attributes:
         kind: batch | ghost | group | layer | none.
-            batch: keras BatchNormalization (Ioffe & Szegedy 2015), statistics over the batch (and H, W).
-            ghost: GhostBatchNormalization, statistics over virtual batches of `ghost_batch` examples.
-            group: keras GroupNormalization (Wu & He 2018) with `group_count(channels)` groups.
-            layer: for conv features GroupNormalization(groups=1), i.e. statistics over (H, W, C) of each
-                example as in Wu & He's Figure 2; for dense features keras LayerNormalization over the units.
-                Both learn one scale and offset per channel.
-            none: keras Identity.
-        channels: size of the last axis of the features the layer will normalize.
         ghost_batch: examples per virtual batch of ghost batch norm.
         bn_momentum: moving-average momentum of batch and ghost batch norm.
-        dense: True for (batch, units) features after a Dense layer, False for (batch, H, W, C) conv features.
-        name: layer name.
-
-    Returns:
-        An unbuilt keras layer.
     """
-    if kind == "batch":
-        return keras.layers.BatchNormalization(momentum=bn_momentum, name=name)
-    if kind == "ghost":
-        return GhostBatchNormalization(virtual_batch_size=ghost_batch, momentum=bn_momentum, name=name)
-    if kind == "group":
-        return keras.layers.GroupNormalization(groups=group_count(channels), name=name)
-    if kind == "layer":
-        return keras.layers.LayerNormalization(name=name) if dense else keras.layers.GroupNormalization(1, name=name)
-    if kind == "none":
+
+    kind: str = "batch"
+    ghost_batch: int = 8
+    bn_momentum: float = 0.9
+
+    def __post_init__(self):
+        if self.kind not in NORMS:
+            raise ValueError(f"kind: got {self.kind!r}; choose one of {', '.join(NORMS)}")
+
+    @property
+    def replaces_bias(self) -> bool:
+        """Whether the layer has an offset of its own, so that the layer before it needs no bias."""
+        return self.kind != "none"
+
+    def __call__(self, channels: int, *, dense: bool = False, name: str | None = None) -> keras.layers.Layer:
+        """An unbuilt layer for features with `channels` channels on the last axis.
+
+        Args:
+            channels: size of the last axis of the features the layer will normalize.
+            dense: True for (batch, units) features after a Dense layer, False for (batch, H, W, C) conv features.
+            name: layer name.
+        """
+        if self.kind == "batch":
+            return keras.layers.BatchNormalization(momentum=self.bn_momentum, name=name)
+        if self.kind == "ghost":
+            return GhostBatchNormalization(virtual_batch_size=self.ghost_batch, momentum=self.bn_momentum, name=name)
+        if self.kind == "group":
+            return keras.layers.GroupNormalization(groups=group_count(channels), name=name)
+        if self.kind == "layer":
+            return keras.layers.LayerNormalization(name=name) if dense else keras.layers.GroupNormalization(1, name=name)
         return keras.layers.Identity(name=name)
-    raise InputError(f"--norm: got {kind!r}; choose one of {', '.join(NORMS)}")
+
+
+def virtual_batches(batch_size, virtual_batch_size: int | None):
+    """(virtual batch of each example, number of virtual batches G) of a batch of `batch_size` examples.
+
+    As GhostBatchNormalization cuts a batch: G = max(B // V, 1) runs of V consecutive examples, the B mod V
+    remaining examples joining the last one; without a virtual_batch_size, one group (plain batch norm).
+    """
+    if not virtual_batch_size:
+        return ops.zeros_like(ops.arange(batch_size)), 1
+    groups = ops.maximum(batch_size // virtual_batch_size, 1)
+    return ops.minimum(ops.arange(batch_size) // virtual_batch_size, groups - 1), groups
 
 
 def raw_pixel_input(input_shape, mean=None, variance=None):
@@ -127,10 +150,7 @@ class GhostBatchNormalization(keras.layers.BatchNormalization):
         axis = self.axis % rank
         per_example_axes = [i for i in range(1, rank) if i != axis]
 
-        # Virtual batch of each example: 0..G-1 in order, the remainder in the last one.
-        batch = ops.shape(x)[0]
-        groups = ops.maximum(batch // self.virtual_batch_size, 1)
-        group_of = ops.minimum(ops.arange(batch) // self.virtual_batch_size, groups - 1)
+        group_of, _ = virtual_batches(ops.shape(x)[0], self.virtual_batch_size)
         group_size = ops.segment_sum(ops.ones_like(group_of, dtype=x.dtype), group_of, sorted=True)[:, None]
 
         def per_group_mean(per_example):  # (B, C) -> (G, C) -> back to (B, C), each example its group's value

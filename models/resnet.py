@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from models.norm import normalization, raw_pixel_input
+from models.norm import Norm, raw_pixel_input
 
 STAGE_FILTERS = (16, 32, 64)
 
@@ -36,17 +36,8 @@ class ZeroPadShortcut(keras.layers.Layer):
         return {**super().get_config(), "channels": self.channels, "strides": self.strides}
 
 
-def build_resnet(
-    depth: int,
-    input_shape,
-    num_classes: int,
-    norm: str = "batch",
-    *,
-    mean=None,
-    variance=None,
-    ghost_batch: int = 8,
-    bn_momentum: float = 0.9,
-) -> keras.Model:
+def build_resnet(depth: int, input_shape, num_classes: int, norm: Norm = Norm(), *, mean=None,
+                 variance=None) -> keras.Model:
     """The CIFAR ResNet of depth 6n + 2 (He et al. 2016, section 4.2), on raw pixels, with softmax outputs.
 
     A 3x3 conv with 16 filters, then three stages of n basic blocks (two 3x3 convs) with 16, 32 and 64 filters,
@@ -59,11 +50,9 @@ def build_resnet(
         depth: 6n + 2 layers with weights, n >= 1 (20, 32, 44, 56, 110).
         input_shape: (height, width, channels) of one raw example; 8x8 works (stages at 8, 4, 2).
         num_classes: number of output probabilities.
-        norm: batch | ghost | group | layer | none, after every conv (see models.norm.normalization).
+        norm: the normalization layer after every conv (models.norm.Norm).
         mean: per-channel mean of the raw training pixels for the input Normalization layer, or None.
         variance: per-channel variance of the raw training pixels, or None.
-        ghost_batch: examples per virtual batch when norm is ghost.
-        bn_momentum: moving-average momentum of batch and ghost batch norm.
 
     Returns:
         A functional keras.Model named f"resnet{depth}", input "images", output "probabilities".
@@ -81,11 +70,11 @@ def build_resnet(
             3,
             strides=strides,
             padding="same",
-            use_bias=norm == "none",
+            use_bias=not norm.replaces_bias,
             kernel_initializer="he_normal",
             name=f"{name}_conv",
         )(x)
-        return normalization(norm, filters, ghost_batch=ghost_batch, bn_momentum=bn_momentum, name=f"{name}_norm")(x)
+        return norm(filters, name=f"{name}_norm")(x)
 
     inputs, x = raw_pixel_input(input_shape, mean, variance)
     x = keras.layers.ReLU(name="stem_relu")(conv_norm(x, STAGE_FILTERS[0], 1, "stem"))

@@ -10,7 +10,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from callbacks.bn_stats import BatchNormStatistics
 from models.norm import GhostBatchNormalization
-from pipeline.config import InputError
 
 
 def small_model() -> keras.Model:
@@ -155,7 +154,7 @@ def test_model_without_batch_norm_and_bad_steps(tmp_path):
                                    out_dir=str(tmp_path))
     model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[callback])
     assert callback.history == {} and not (tmp_path / "bn_stats.json").exists()
-    with pytest.raises(InputError, match="bn-stats-every"):
+    with pytest.raises(ValueError, match="^every_n_steps: must be a positive integer, got 0$"):
         BatchNormStatistics(tf.data.Dataset.from_tensor_slices(x), every_n_steps=0)
 
 

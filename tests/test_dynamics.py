@@ -12,7 +12,6 @@ import sklearn.metrics
 import tensorflow as tf
 
 from callbacks.dynamics import LearningDynamics
-from pipeline.config import InputError
 
 CLASS_NAMES = ["zero", "one", "two", "T-shirt/top", "absent"]  # no example of "absent" in the subset
 
@@ -242,8 +241,8 @@ def test_every_n_steps_looks_at_multiples_and_at_the_end():
         (dict(x=np.zeros((3, 8, 8, 1)), y=np.zeros(3, np.int32), max_gallery=0), "max_gallery"),
     ],
 )
-def test_bad_arguments_raise_input_error(kwargs, message):
-    with pytest.raises(InputError, match=message):
+def test_bad_arguments_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         LearningDynamics(**kwargs)
 
 
@@ -251,5 +250,5 @@ def test_class_names_must_match_model_outputs():
     x, y = digits_subset(20)
     callback = LearningDynamics(x, y % 3, class_names=["a", "b", "c"])
     callback.set_model(tiny_model())
-    with pytest.raises(InputError, match="10 outputs"):
+    with pytest.raises(ValueError, match="10 outputs"):
         callback.look()

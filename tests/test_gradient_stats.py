@@ -11,7 +11,6 @@ import pytest
 import tensorflow as tf
 
 from callbacks import gradient_stats
-from pipeline.config import InputError
 
 
 def _softmax_regression(features, classes):
@@ -304,13 +303,13 @@ def test_keys_reach_later_callbacks_csv_jsonl_and_tensorboard(tmp_path):
 def test_rejects_bad_arguments():
     examples = tf.data.Dataset.from_tensor_slices((np.zeros((8, 3), np.float32), np.zeros(8, np.int32)))
     dataset = examples.batch(4, drop_remainder=True)
-    with pytest.raises(InputError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size"):
         gradient_stats.GradientStatistics(examples.batch(4))
-    with pytest.raises(InputError, match="--grad-stats-every"):
+    with pytest.raises(ValueError, match="^every_n_steps: must be a positive integer, got 0$"):
         gradient_stats.GradientStatistics(dataset, every_n_steps=0)
-    with pytest.raises(InputError, match="micro_batch_size"):
+    with pytest.raises(ValueError, match="micro_batch_size"):
         gradient_stats.GradientStatistics(dataset, micro_batch_size=4, micro_batches=1)
-    with pytest.raises(InputError, match="ema"):
+    with pytest.raises(ValueError, match="ema"):
         gradient_stats.GradientStatistics(dataset, ema=1.0)
 
 

@@ -7,7 +7,6 @@ import tensorflow as tf
 
 import models
 from pipeline import config
-from pipeline.config import InputError
 
 # He et al. 2016, Table 6: parameters of the CIFAR-10 ResNets.
 PAPER_PARAMETERS = {20: "0.27M", 32: "0.46M", 44: "0.66M", 56: "0.85M", 110: "1.7M"}
@@ -44,7 +43,7 @@ def test_resnet_matches_paper_parameters_and_depth(depth):
 
 
 def test_resnet_stages_on_digits_size():
-    model = models.build_model("resnet32", (8, 8, 1), 10, "ghost", ghost_batch=2)
+    model = models.build_model("resnet32", (8, 8, 1), 10, models.Norm("ghost", ghost_batch=2))
     for stage, shape in ((1, (8, 8, 16)), (2, (4, 4, 32)), (3, (2, 2, 64))):
         assert model.get_layer(f"stage{stage}_block5_add").output.shape == (None,) + shape
     x = np.random.default_rng(0).uniform(0, 16, (4, 8, 8, 1)).astype("float32")
@@ -57,7 +56,8 @@ def test_resnet_stages_on_digits_size():
 def test_every_model_and_norm_outputs_probabilities(name, norm, input_shape):
     channels = input_shape[-1]
     model = models.build_model(
-        name, input_shape, 7, norm, mean=np.full(channels, 100.0), variance=np.full(channels, 900.0), ghost_batch=2
+        name, input_shape, 7, models.Norm(norm, ghost_batch=2), mean=np.full(channels, 100.0),
+        variance=np.full(channels, 900.0)
     )
     assert (model.name, model.input.name, model.layers[-1].name) == (name, "images", "probabilities")
     x = np.random.default_rng(0).uniform(0, 255, (5,) + input_shape).astype("float32")
@@ -65,14 +65,16 @@ def test_every_model_and_norm_outputs_probabilities(name, norm, input_shape):
     _probabilities_ok(model(x, training=False), 5, 7)
 
 
-def test_model_names_match_config():
+def test_model_and_norm_names_match_config():
     assert tuple(models.MODELS) == config.MODEL_NAMES
+    assert models.NORMS == config.NORMS
 
 
-def test_unknown_model_or_norm_is_an_input_error():
-    with pytest.raises(InputError, match="^--model: got 'resnet18'; choose one of resnet20, .*, cnn, mlp$"):
+def test_unknown_model_or_norm_is_a_value_error_about_the_argument():
+    # The library names its own arguments; --model and --norm are checked by the config (tests/test_cli.py).
+    with pytest.raises(ValueError, match="^name: got 'resnet18'; choose one of resnet20, .*, cnn, mlp$"):
         models.build_model("resnet18", (8, 8, 1), 10)
-    with pytest.raises(InputError, match="^--norm: got 'instance'; choose one of batch, ghost, group, layer, none$"):
+    with pytest.raises(ValueError, match="^kind: got 'instance'; choose one of batch, ghost, group, layer, none$"):
         models.build_model("cnn", (8, 8, 1), 10, "instance")
     with pytest.raises(ValueError, match="mean and variance"):
         models.build_model("cnn", (8, 8, 1), 10, mean=np.zeros(1))

@@ -10,7 +10,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.datasets import load_digits
 
 from callbacks.precise_bn import PreciseBN, precise_bn
-from pipeline.config import InputError
 
 
 def small_cnn() -> keras.Model:
@@ -161,9 +160,9 @@ def test_model_without_batch_norm_is_left_alone(caplog):
 def test_rejects_bad_input():
     model = small_cnn()
     dataset = tf.data.Dataset.from_tensor_slices(np.ones((4, 7, 7, 2), "float32")).batch(2)
-    with pytest.raises(InputError, match="num_samples"):
+    with pytest.raises(ValueError, match="num_samples"):
         precise_bn(model, dataset, num_samples=0)
-    with pytest.raises(InputError, match="no examples"):
+    with pytest.raises(ValueError, match="no examples"):
         precise_bn(model, dataset.take(0))
 
     class Block(keras.layers.Layer):
