@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import keras
 
     from callbacks import timing
-    from models import build_model
+    from models import Norm, build_model
     from pipeline import data as data_lib
     from pipeline import optim, train
 
@@ -92,9 +92,11 @@ def main(argv=None) -> int:
             for name in order:
                 config = dataclasses.replace(base, **VARIANTS.get(name, OFF))
                 keras.utils.set_random_seed(0)
-                model = build_model(config.model, data.input_shape, data.num_classes, config.norm, mean=data.mean,
-                                    variance=data.variance, bn_momentum=config.bn_momentum)
-                model.compile(optimizer=optim.build_optimizer(config, [(0, steps_per_epoch)]),
+                norm = Norm(config.norm, ghost_batch=config.ghost_batch, bn_momentum=config.bn_momentum)
+                model = build_model(config.model, data.input_shape, data.num_classes, norm, mean=data.mean,
+                                    variance=data.variance)
+                schedule = optim.learning_rate(config, [(0, steps_per_epoch)])
+                model.compile(optimizer=optim.build_optimizer(config, schedule),
                               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
                 instruments = train.instruments(config, data, model, run_dir)
                 if "per-variable every step" in name:
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
                           callbacks=instruments + [timer], verbose=0)
                 runs.append((name, timer.times[1:], timer.times[0], timer.measuring[1:]))
     print(f"{args.model} on {args.dataset}, batch {args.batch}, {steps_per_epoch} steps per epoch; default interval "
-          f"= {train.AUTO_INTERVAL} steps; {args.rounds} round(s) x {args.epochs - 1} timed epochs per variant")
+          f"= {config_lib.AUTO_INTERVAL} steps; {args.rounds} round(s) x {args.epochs - 1} timed epochs per variant")
     print(f"{'variant':56s} {'epoch s':>8s} {'ratio':>6s} {'measuring':>9s} {'one-time s':>10s}")
     plain = [statistics.mean(times) for name, times, _, _ in runs if name == "plain fit"]
     print(f"{'plain fit (all runs)':56s} {statistics.mean(plain):8.3f} {max(plain) / min(plain):5.2f}x")

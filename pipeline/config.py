@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,52 +20,59 @@ class InputError(ValueError):
     """A bad flag, file or config value; entry points print it on one line and exit with code 2."""
 
 
+def _field(default, help: str):
+    """A Config field with its default and the help text of its flag (flags.py reads it from the metadata)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything that decides a run. CLI flags map 1:1 to these fields (`--warmup-epochs` -> warmup_epochs)."""
+    """Everything that decides a run. CLI flags map 1:1 to these fields (`--warmup-epochs` -> warmup_epochs); the
+    text after each default is its flag's help."""
 
     # Data.
-    dataset: str = "digits"  # digits | a TFDS name (cifar10, mnist, ...) | folder:PATH | npz:PATH
-    data_dir: str = ""  # prepared TFDS data directory ("" = TFDS default, ~/tensorflow_datasets)
-    download: bool = False  # let TFDS download a dataset that is not prepared (needs network)
-    val_fraction: float = 0.1  # fraction of train held out for validation when a dataset has none
-    augment: str = "auto"  # auto (crop-flip for 32x32 colour images, none otherwise) | none | crop-flip
+    dataset: str = _field("digits", "digits | a TFDS name (cifar10, mnist, ...) | folder:PATH | npz:PATH")
+    data_dir: str = _field("", 'prepared TFDS data directory ("" = TFDS default, ~/tensorflow_datasets)')
+    download: bool = _field(False, "let TFDS download a dataset that is not prepared (needs network)")
+    val_fraction: float = _field(0.1, "fraction of train held out for validation when a dataset has none")
+    augment: str = _field("auto", "auto (crop-flip for 32x32 colour images, none otherwise) | none | crop-flip")
     # Model.
-    model: str = "resnet20"  # resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | cnn | mlp
-    norm: str = "batch"  # batch | ghost | group | layer | none
-    ghost_batch: int = 8  # examples per virtual batch of ghost batch norm (Hoffer et al. 2017)
-    bn_momentum: float = 0.9  # moving-average momentum of BatchNormalization (Keras default is 0.99)
+    model: str = _field("resnet20", "resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | cnn | mlp")
+    norm: str = _field("batch", "batch | ghost | group | layer | none")
+    ghost_batch: int = _field(8, "examples per virtual batch of ghost batch norm (Hoffer et al. 2017)")
+    bn_momentum: float = _field(0.9, "moving-average momentum of BatchNormalization (Keras default is 0.99)")
     # Optimization.
-    batch: int = 32  # examples per step (per optimizer update: batch * accumulate)
-    epochs: int = 30  # passes over the training split
-    max_steps: int = 0  # stop after this many steps (0: no limit); a sweep's step or example budget
-    optimizer: str = "sgd"  # sgd | nesterov | adam | adamw
-    momentum: float = 0.9  # SGD/Nesterov momentum
-    lr: float = 0.1  # peak learning rate at --base-batch examples per step (see effective_lr)
-    lr_scaling: str = "none"  # none | linear | sqrt: how lr follows batch / base_batch (Goyal et al. 2017)
-    base_batch: int = 32  # batch size at which --lr is the learning rate
-    schedule: str = "cosine"  # constant | step | multistep | exponential | cosine
-    warmup_epochs: float = 0.0  # linear warmup from ~0 to the peak learning rate, in epochs
-    step_epochs: float = 10.0  # schedule=step: multiply by gamma every this many epochs (Caffe's stepsize)
-    milestones: str = ""  # schedule=multistep: comma-separated epochs, e.g. "15,25"
-    gamma: float = 0.1  # step/multistep factor; per-epoch factor for exponential
-    weight_decay: float = 5e-4  # decoupled weight decay of the optimizer (not on biases or norm parameters)
-    accumulate: int = 1  # average gradients over this many batches before each update
-    batch_schedule: str = ""  # e.g. "32@0,128@10": batch 32 from epoch 0, 128 from epoch 10 (Smith et al. 2018)
+    batch: int = _field(32, "examples per step (per optimizer update: batch * accumulate)")
+    epochs: int = _field(30, "passes over the training split")
+    max_steps: int = _field(0, "stop after this many steps (0: no limit); a sweep's step or example budget")
+    optimizer: str = _field("sgd", "sgd | nesterov | adam | adamw")
+    momentum: float = _field(0.9, "SGD/Nesterov momentum")
+    lr: float = _field(0.1, "peak learning rate at --base-batch examples per step (see effective_lr)")
+    lr_scaling: str = _field("none", "none | linear | sqrt: how lr follows batch / base_batch (Goyal et al. 2017)")
+    base_batch: int = _field(32, "batch size at which --lr is the learning rate")
+    schedule: str = _field("cosine", "constant | step | multistep | exponential | cosine")
+    warmup_epochs: float = _field(0.0, "linear warmup from ~0 to the peak learning rate, in epochs")
+    step_epochs: float = _field(10.0, "schedule=step: multiply by gamma every this many epochs (Caffe's stepsize)")
+    milestones: str = _field("", 'schedule=multistep: comma-separated epochs, e.g. "15,25"')
+    gamma: float = _field(0.1, "step/multistep factor; per-epoch factor for exponential")
+    weight_decay: float = _field(5e-4, "decoupled weight decay of the optimizer (not on biases or norm parameters)")
+    accumulate: int = _field(1, "average gradients over this many batches before each update")
+    batch_schedule: str = _field(
+        "", 'e.g. "32@0,128@10": batch 32 from epoch 0, 128 from epoch 10 (Smith et al. 2018)')
     # Evaluation and instruments.
-    precise_bn_samples: int = 8192  # training examples for the precise-BN pass before evaluation (0: off)
-    grad_stats_every: int = -1  # steps between gradient-statistics measurements (0: off, -1: automatic)
-    bn_stats_every: int = -1  # steps between BN-statistics measurements (0: off, -1: automatic)
-    dynamics: bool = True  # per-class accuracy and forgetting events on a fixed subset
-    target_accuracy: float = 0.0  # record steps and time until validation accuracy first reaches this
+    precise_bn_samples: int = _field(8192, "training examples for the precise-BN pass before evaluation (0: off)")
+    grad_stats_every: int = _field(-1, "steps between gradient-statistics measurements (0: off, -1: automatic)")
+    bn_stats_every: int = _field(-1, "steps between BN-statistics measurements (0: off, -1: automatic)")
+    dynamics: bool = _field(True, "per-class accuracy and forgetting events on a fixed subset")
+    target_accuracy: float = _field(0.0, "record steps and time until validation accuracy first reaches this")
     # Run.
-    seed: int = 0
-    deterministic: bool = False  # bit-reproducible ops (tf.config.experimental.enable_op_determinism)
-    run_dir: str = ""  # "" = runs/<time>-<model>-b<batch>
-    resume: bool = False  # continue the run in run_dir from its last checkpoint
-    overwrite: bool = False  # replace a finished run in run_dir
-    export: bool = True  # write a SavedModel in TF Serving layout under <run_dir>/export
-    verbose: int = -1  # Keras fit verbosity (-1: progress bar on a terminal, one line per epoch otherwise)
+    seed: int = _field(0, "initialization, data order, augmentation and instrument batches")
+    deterministic: bool = _field(False, "bit-reproducible ops (tf.config.experimental.enable_op_determinism)")
+    run_dir: str = _field("", '"" = runs/<time>-<model>-b<batch>')
+    resume: bool = _field(False, "continue the run in run_dir from its last checkpoint")
+    overwrite: bool = _field(False, "replace a finished run in run_dir")
+    export: bool = _field(True, "write a SavedModel in TF Serving layout under <run_dir>/export")
+    verbose: int = _field(-1, "Keras fit verbosity (-1: progress bar on a terminal, one line per epoch otherwise)")
 
     @property
     def effective_lr(self) -> float:
@@ -93,11 +101,6 @@ class Config:
         return tuple(phases)
 
 
-def default() -> Config:
-    """The README's run: ResNet-20 with batch norm on the bundled digits."""
-    return Config()
-
-
 def smoke() -> Config:
     """A run of a few seconds for tests: a small CNN, two epochs, instruments at every few steps."""
     return dataclasses.replace(
@@ -110,6 +113,46 @@ def smoke() -> Config:
         bn_stats_every=5,
         verbose=0,
     )
+
+
+def batch_study() -> Config:
+    """The runs of the default batch-size sweep on digits (about 3.5 minutes on 2 CPU cores, README).
+
+    12 epochs per run; lr 0.05 at batch 32 for SGD with momentum 0.9, scaled linearly (0.4 at batch 256); target
+    98% validation accuracy, which ResNet-20 reaches on digits in a few epochs, but not at every batch.
+    """
+    return dataclasses.replace(Config(), epochs=12, lr=0.05, lr_scaling="linear", target_accuracy=0.98)
+
+
+# Automatic interval (-1) of the gradient and BN statistics in a run, in steps. After a one-time trace of 1-2 s
+# each, a measurement costs about one training step (benchmarks/instrument_overhead.py), so every 100 steps ~1% each.
+AUTO_INTERVAL = 100
+# Automatic intervals in a sweep give every run this many measurements at the same fractions of its budget: the same
+# number at every batch size, where a fixed interval would leave the few steps of a large batch unmeasured (plus
+# one at step 0). A measurement costs about a training step; time per step leaves the measuring out.
+MEASUREMENTS_PER_RUN = 16
+
+
+def instrument_interval(every: int, total_steps: int | None = None) -> int:
+    """Steps between measurements for a grad_stats_every or bn_stats_every value (0: off).
+
+    -1 (automatic) is AUTO_INTERVAL steps in a run of its own, and for a sweep's run of `total_steps` steps
+    MEASUREMENTS_PER_RUN measurements spread evenly over them: max(1, total_steps // MEASUREMENTS_PER_RUN).
+    """
+    if every != -1:
+        return every
+    return AUTO_INTERVAL if total_steps is None else max(1, total_steps // MEASUREMENTS_PER_RUN)
+
+
+@contextlib.contextmanager
+def as_flag_error(field: str):
+    """Reports a library's ValueError about an argument taken from Config.<field> as an InputError naming its flag."""
+    try:
+        yield
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(f"--{field.replace('_', '-')}: {e}") from None
 
 
 def _check(ok: bool, flag: str, message: str) -> None:

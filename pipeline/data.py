@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
 from pipeline import sources
-from pipeline.config import AUGMENTS, Config, InputError
-from pipeline.sources import ACCEPTED, SPLITS
+from pipeline.config import Config, InputError
+from pipeline.sources import SPLITS
 
 SPLIT_SEED = 1234  # Decides which examples are train, val and test; constant so that --seed never moves them.
 TEST_FRACTION = 0.2  # Share of all examples held out for test when a source has no test split.
@@ -184,8 +185,6 @@ def load(config: Config) -> Data:
         InputError: naming the flag or file, for an unknown, unprepared or malformed dataset.
     """
     source = config.dataset
-    if not source:
-        raise InputError(f"--dataset: must not be empty; use {ACCEPTED}")
     if source == "digits":
         splits, class_names = sources.digits()
     elif source.startswith("folder:"):
@@ -216,9 +215,25 @@ def load(config: Config) -> Data:
     )
 
 
+def count(config: Config) -> tuple[int, int, int]:
+    """(num_train, num_val, num_test) that load(config) gives, without decoding the images where the source allows.
+
+    The splits a source lacks are held out as in load: sklearn's train_test_split holds out ceil(fraction * n)
+    examples.
+    """
+    sizes = sources.split_sizes(config.dataset, config)
+    if sizes is None or "train" not in sizes:
+        data = load(config)  # The source can only be counted by loading it (or it is bad, and load says how).
+        return data.num_train, data.num_val, data.num_test
+    for split in ("test", "val"):
+        if split not in sizes:
+            fraction = TEST_FRACTION if split == "test" else config.val_fraction
+            sizes[split] = math.ceil(fraction * sizes["train"])
+            sizes["train"] -= sizes[split]
+    return sizes["train"], sizes["val"], sizes["test"]
+
+
 def _augmentation(augment: str, shape: tuple[int, ...]) -> str:
-    if augment not in AUGMENTS:
-        raise InputError(f"--augment: got {augment!r}; choose one of {', '.join(AUGMENTS)}")
     if augment == "auto":
         height, width, channels = shape
         return "crop-flip" if height >= 32 and width >= 32 and channels == 3 else "none"

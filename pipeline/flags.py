@@ -9,8 +9,6 @@ import sys
 
 from pipeline import config as config_lib
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
-
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage dump)."""
@@ -24,28 +22,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def _field_help() -> dict[str, str]:
-    """The comment after each field in config.py is its help text (one source of truth)."""
-    import inspect
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                     preset: config_lib.Config | None = None) -> None:
+    """Adds one flag per Config field, its help from the field's metadata and its default shown from `preset`.
 
-    source = inspect.getsource(config_lib.Config)
-    helps = {}
-    for line in source.splitlines():
-        match = re.match(r"\s+(\w+): [^=]+= .*?  # (.*)$", line)
-        if match:
-            helps[match.group(1)] = match.group(2)
-    return helps
-
-
-def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Adds one flag per Config field; values default to SUPPRESS so only flags given are seen."""
-    helps = _field_help()
+    Values default to SUPPRESS so that only the flags given are seen.
+    """
+    preset = preset or config_lib.Config()
     for field in dataclasses.fields(config_lib.Config):
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        help_text = f"{helps.get(field.name, '')} (default: {default!r})"
+        default = getattr(preset, field.name)
+        help_text = f"{field.metadata.get('help', '')} (default: {default!r})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
@@ -53,14 +42,16 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
                                 help=help_text)
 
 
-def parse(argv, description: str, extra=None) -> tuple[config_lib.Config, argparse.Namespace]:
-    """Parses argv into a validated Config; `--config FILE.json` is read first and flags override it.
+def parse(argv, description: str, extra=None, preset: config_lib.Config | None = None
+          ) -> tuple[config_lib.Config, argparse.Namespace]:
+    """Parses argv into a validated Config: flags override `--config FILE.json`, which replaces the preset.
 
     Args:
       argv: arguments without the program name (None: sys.argv[1:]).
       description: the --help text.
       extra: optional function adding entry-point specific flags; they are returned in the namespace
-        and not part of the Config.
+        and not part of the Config. It returns the Config fields that they replace, which get no flag.
+      preset: the Config whose values flags and --config replace (default: Config()).
     Returns:
       (config, namespace of all parsed flags).
     Raises:
@@ -69,9 +60,10 @@ def parse(argv, description: str, extra=None) -> tuple[config_lib.Config, argpar
     parser = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE.json", help="read the config from this JSON file; flags override it")
     skip = extra(parser) if extra else ()
-    add_config_flags(parser, skip=skip or ())
+    preset = preset or config_lib.Config()
+    add_config_flags(parser, skip=skip or (), preset=preset)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    base = config_lib.load_json(args.config) if args.config else config_lib.Config()
+    base = config_lib.load_json(args.config) if args.config else preset
     fields = {f.name for f in dataclasses.fields(config_lib.Config)}
     overrides = {k: v for k, v in vars(args).items() if k in fields and k not in (skip or ())}
     config = config_lib.from_dict(overrides, base=base, source="flags")

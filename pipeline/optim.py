@@ -107,10 +107,11 @@ def learning_rate(config: Config, phases: list[tuple[int, int]]) -> EpochSchedul
     return EpochSchedule(decay_schedule(config, phases[0][1]), phases, config.warmup_epochs)
 
 
-def build_optimizer(config: Config, phases: list[tuple[int, int]]) -> keras.optimizers.Optimizer:
-    """A Keras optimizer with the run's schedule, decoupled weight decay and gradient accumulation."""
+def build_optimizer(config: Config, schedule: keras.optimizers.schedules.LearningRateSchedule
+                    ) -> keras.optimizers.Optimizer:
+    """A Keras optimizer with the run's schedule (learning_rate), decoupled weight decay and gradient accumulation."""
     common = dict(
-        learning_rate=learning_rate(config, phases),
+        learning_rate=schedule,
         weight_decay=config.weight_decay,
         # Keras averages the gradients of `accumulate` batches and updates once (Keras 3 built-in).
         gradient_accumulation_steps=config.accumulate if config.accumulate > 1 else None,

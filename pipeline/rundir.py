@@ -1,4 +1,4 @@
-"""The run directory: checks before a run, config.json with versions and commit, metrics.jsonl, summary.json."""
+"""The run directory: checks before a run, config.json with versions and commit, the history, summary.json."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_json_atomic(path: str, value) -> None:
-    """Writes JSON to a temporary file and renames it into place, so readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Writes a run-directory file as JSON, atomically (callbacks.checked_io.write_json_atomic).
+
+    Imported when called: the callbacks package brings TensorFlow, which checking a run directory does not need.
+    """
+    from callbacks import checked_io
+
+    checked_io.write_json_atomic(path, value)
 
 
 def read_summary(run_dir: str) -> dict | None:
@@ -102,71 +103,29 @@ def write_config(config: Config, run_dir: str) -> None:
     )
 
 
-def metrics_logger(run_dir: str, examples_per_step: int):
-    """A Keras callback appending one JSON line per epoch to metrics.jsonl.
-
-    It adds `learning_rate` and `examples_per_sec` to the epoch logs, so that TensorBoard and CSVLogger
-    (which come after it in the callback list) record them too. On resume, lines of epochs that are
-    run again are dropped first. Each line has the epoch's wall time `epoch_time_s` (training, validation,
-    measuring) and `instrument_time_s`, the part of it that the callbacks in `.instruments` (each with a
-    `seconds` total) spent measuring; examples_per_sec leaves that part out.
-    """
-    import keras
-
-    path = os.path.join(run_dir, "metrics.jsonl")
-
-    class MetricsLogger(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.first_epoch = True
-            self.examples_per_step = examples_per_step
-            self.instruments = []
-
-        def measuring(self):
-            from callbacks import timing
-
-            return timing.seconds(self.instruments)
-
-        def on_epoch_begin(self, epoch, logs=None):
-            if self.first_epoch and os.path.exists(path):
-                with open(path, encoding="utf-8") as f:
-                    kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < epoch]
-                with open(path, "w", encoding="utf-8") as f:
-                    f.writelines(kept)
-            self.first_epoch = False
-            self.start, self.start_measuring = time.perf_counter(), self.measuring()
-            self.start_step = int(self.model.optimizer._iterations.numpy())
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            seconds = time.perf_counter() - self.start
-            measuring = self.measuring() - self.start_measuring
-            optimizer = self.model.optimizer
-            step = int(optimizer._iterations.numpy())
-            logs["learning_rate"] = last_learning_rate(optimizer)
-            training = max(seconds - measuring, 1e-9)
-            logs["examples_per_sec"] = (step - self.start_step) * self.examples_per_step / training
-            record = {"epoch": epoch, "step": step, "epoch_time_s": seconds, "instrument_time_s": measuring}
-            record.update({k: float(v) for k, v in logs.items() if _is_number(v)})
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    return MetricsLogger()
+HISTORY = "metrics.jsonl"  # one JSON record per epoch, written by pipeline.run_callbacks.MetricsLogger
 
 
-def last_learning_rate(optimizer) -> float:
-    """The learning rate of the last step taken (Keras' `optimizer.learning_rate` is the next step's)."""
-    import keras
+def read_history(run_dir: str) -> list[dict]:
+    """The run's per-epoch records, in order; [] before the first epoch ends."""
+    path = os.path.join(run_dir, HISTORY)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
-    schedule = optimizer._learning_rate
-    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-        return float(schedule(max(int(optimizer._iterations.numpy()) - 1, 0)))
-    return float(optimizer.learning_rate)
+
+def keep_history_before(run_dir: str, epoch: int) -> None:
+    """Drops the records of `epoch` and later, which a resumed run trains again."""
+    path = os.path.join(run_dir, HISTORY)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < epoch]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
 
 
-def _is_number(value) -> bool:
-    try:
-        float(value)
-        return True
-    except (TypeError, ValueError):
-        return False
+def append_history(run_dir: str, record: dict) -> None:
+    """Appends one epoch's record."""
+    with open(os.path.join(run_dir, HISTORY), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")

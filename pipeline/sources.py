@@ -49,16 +49,7 @@ def tfds_dataset(name: str, config: Config):
     if None in image.shape:
         raise InputError(f"--dataset: TFDS dataset {name!r} has images of varying size {image.shape}; resize them "
                          "and pass folder:PATH or npz:PATH")
-    available = set(info.splits) or {"train", "test"}  # A builder that is not prepared (or is mocked) lists none.
-    if "train" not in available:
-        raise InputError(f"--dataset: TFDS dataset {name!r} has no train split, only {', '.join(sorted(available))}")
-    wanted = {"train": "train"}
-    if "test" in available:
-        wanted["test"] = "test"
-        if "validation" in available:
-            wanted["val"] = "validation"
-    elif "validation" in available:
-        wanted["test"] = "validation"
+    wanted = _tfds_splits(name, info)
     try:
         datasets = tfds.load(name, split=list(wanted.values()), as_supervised=True, data_dir=data_dir,
                              download=config.download)
@@ -76,19 +67,66 @@ def tfds_dataset(name: str, config: Config):
     return splits, list(label.names)
 
 
-def folder(path: str):
+def _tfds_splits(name: str, info) -> dict[str, str]:
+    """{our split: TFDS split}: train, test (or validation as test), and validation as val when there is a test."""
+    available = set(info.splits) or {"train", "test"}  # A builder that is not prepared (or is mocked) lists none.
+    if "train" not in available:
+        raise InputError(f"--dataset: TFDS dataset {name!r} has no train split, only {', '.join(sorted(available))}")
+    wanted = {"train": "train"}
+    if "test" in available:
+        wanted["test"] = "test"
+        if "validation" in available:
+            wanted["val"] = "validation"
+    elif "validation" in available:
+        wanted["test"] = "validation"
+    return wanted
+
+
+def _class_files(path: str) -> dict[str, list[str]]:
+    """{class name: its image files, sorted} of a folder: dataset, classes sorted by name."""
     if not os.path.isdir(path):
         raise InputError(f"--dataset: folder:{path} is not a directory; folder:PATH needs one subfolder per class")
     class_names = sorted(d for d in os.listdir(path) if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
     if not class_names:
         raise InputError(f"--dataset: folder:{path} has no class subfolders; put each class's images in its own one")
-    images, labels, first = [], [], None
-    for label, class_name in enumerate(class_names):
+    classes = {}
+    for class_name in class_names:
         folder = os.path.join(path, class_name)
         files = sorted(f for f in os.listdir(folder) if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise InputError(f"--dataset: class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        for file in (os.path.join(folder, f) for f in files):
+        classes[class_name] = [os.path.join(folder, f) for f in files]
+    return classes
+
+
+def split_sizes(source: str, config: Config) -> dict[str, int] | None:
+    """Examples in each split that the source provides, read without decoding images; None when only loading tells
+    (a TFDS dataset that is not prepared)."""
+    if source == "digits":
+        return {"train": len(digits()[0]["train"][1])}
+    if source.startswith("folder:"):
+        return {"train": sum(map(len, _class_files(source.removeprefix("folder:")).values()))}
+    if source.startswith("npz:"):
+        path = source.removeprefix("npz:")
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {s: len(archive[f"y_{s}"]) for s in SPLITS if f"y_{s}" in archive.files}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None  # loading says what is wrong
+    import tensorflow_datasets as tfds
+
+    try:
+        info = tfds.builder(source, data_dir=config.data_dir or None).info
+        splits = {split: info.splits[name].num_examples for split, name in _tfds_splits(source, info).items()}
+    except Exception:  # noqa: BLE001 -- unknown, not prepared or mocked: loading says what is wrong
+        return None
+    return splits if all(splits.values()) else None
+
+
+def folder(path: str):
+    classes, images, labels, first = _class_files(path), [], [], None
+    for label, files in enumerate(classes.values()):
+        for file in files:
             try:
                 image = decode_image(tf.io.read_file(file)).numpy()
             except tf.errors.OpError as e:
@@ -100,7 +138,7 @@ def folder(path: str):
                                  f"{first[0]}")
             images.append(image)
             labels.append(label)
-    return {"train": (np.stack(images), np.array(labels, np.int32))}, class_names
+    return {"train": (np.stack(images), np.array(labels, np.int32))}, list(classes)
 
 
 def npz(path: str):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -45,20 +44,8 @@ class Summary:
     final_logs: dict = dataclasses.field(default_factory=dict)  # last epoch's logs (incl. instruments)
 
 
-class NonFiniteLoss(RuntimeError):
-    """Raised from inside fit so that no later callback (BackupAndRestore) saves non-finite weights."""
-
-
-def _history(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _fill_from_history(summary: Summary, history: list[dict], target: float) -> None:
-    """Steps, epochs, training time and time-to-target from metrics.jsonl, which survives resumes."""
+    """Steps, epochs, training time and time-to-target from the run's history, which survives resumes."""
     if not history:
         return
     summary.steps = history[-1]["step"]
@@ -86,18 +73,10 @@ def _fill_from_history(summary: Summary, history: list[dict], target: float) -> 
                 break
 
 
-# Automatic interval of the gradient and BN statistics, in steps. After a one-time trace of 1-2 s each, a
-# measurement costs about one training step (benchmarks/instrument_overhead.py), so every 100 steps ~1% each.
-AUTO_INTERVAL = 100
 # Training examples whose predictions LearningDynamics follows at each epoch end (Toneva et al. 2019 use the
 # whole set). A look costs ~0.1 of a training step per example (ResNet-20 on digits: ~12 ms for 258 examples
 # against a 0.6 s epoch), so a tenth of the training set costs ~1% of an epoch; at most 1000 examples.
 DYNAMICS_FRACTION, DYNAMICS_MAX = 0.1, 1000
-
-
-def _interval(flag: int) -> int:
-    """Steps between measurements: the flag, or AUTO_INTERVAL for -1."""
-    return AUTO_INTERVAL if flag == -1 else flag
 
 
 def instruments(config: Config, data, model, run_dir: str) -> list:
@@ -109,51 +88,42 @@ def instruments(config: Config, data, model, run_dir: str) -> list:
 
     tensorboard_dir = os.path.join(run_dir, "tensorboard")
     instrument_data = data.stream(config.batch, seed=config.seed + 1)
-    grad_every = _interval(config.grad_stats_every)
-    bn_every = _interval(config.bn_stats_every)
+    grad_every = config_lib.instrument_interval(config.grad_stats_every)
+    bn_every = config_lib.instrument_interval(config.bn_stats_every)
     result = []
     if grad_every:
-        result.append(callbacks.GradientStatistics(
-            instrument_data, every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
-            log_dir=tensorboard_dir, out_path=os.path.join(run_dir, "grad_stats.jsonl")))
+        with config_lib.as_flag_error("grad_stats_every"):
+            result.append(callbacks.GradientStatistics(
+                instrument_data, every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
+                log_dir=tensorboard_dir, out_path=os.path.join(run_dir, "grad_stats.jsonl")))
     if bn_every and callbacks.batch_norm_inputs(model):
-        result.append(callbacks.BatchNormStatistics(
-            instrument_data, every_n_steps=bn_every, log_dir=tensorboard_dir, out_dir=run_dir))
+        with config_lib.as_flag_error("bn_stats_every"):
+            result.append(callbacks.BatchNormStatistics(
+                instrument_data, every_n_steps=bn_every, log_dir=tensorboard_dir, out_dir=run_dir))
     if config.dynamics:
         x, y = data.arrays("train")
         subset = min(DYNAMICS_MAX, max(1, int(len(x) * DYNAMICS_FRACTION)))
-        result.append(callbacks.LearningDynamics(
-            x[:subset], y[:subset], class_names=data.class_names, log_dir=tensorboard_dir,
-            out_dir=os.path.join(run_dir, "dynamics")))
+        with config_lib.as_flag_error("dynamics"):
+            result.append(callbacks.LearningDynamics(
+                x[:subset], y[:subset], class_names=data.class_names, log_dir=tensorboard_dir,
+                out_dir=os.path.join(run_dir, "dynamics")))
     return result
 
 
-def _callbacks(config, data, model, run_dir, metrics_logger):
+def _callbacks(config, data, model, run_dir, schedule):
     """The callback list, in order: instruments first, so that loggers after them see their values."""
     import keras
 
-    class SetEpoch(keras.callbacks.Callback):
-        # The training data of epoch e depends only on (seed, e), so a resumed run sees the same batches.
-        def on_epoch_begin(self, epoch, logs=None):
-            data.set_epoch(epoch)
+    from pipeline import run_callbacks as run
 
-    class StopOnNonFinite(keras.callbacks.Callback):
-        # Keras' TerminateOnNaN lets the epoch end, and BackupAndRestore would then save NaN weights.
-        def on_train_batch_end(self, batch, logs=None):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(float(loss)):
-                raise NonFiniteLoss(f"loss became {float(loss)} at batch {batch}; the last good checkpoint is kept")
-
-    class StopAtMaxSteps(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if int(self.model.optimizer._iterations.numpy()) >= config.max_steps:
-                self.model.stop_training = True
-
-    result = [SetEpoch(), StopOnNonFinite()] + ([StopAtMaxSteps()] if config.max_steps else [])
-    metrics_logger.instruments = instruments(config, data, model, run_dir)
-    result += metrics_logger.instruments
+    phases = config.batch_phases
+    measuring = instruments(config, data, model, run_dir)
+    result = [run.SetEpoch(data), run.StopOnNonFinite()]
+    if config.max_steps:
+        result.append(run.StopAtMaxSteps(config.max_steps, phases, data.num_train))
+    result += measuring
     result += [
-        metrics_logger,
+        run.MetricsLogger(run_dir, phases, data.num_train, schedule, measuring),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), write_graph=False),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True),
         # Saved at every epoch end; not deleted at the end, so a NaN stop keeps the last good epoch.
@@ -180,10 +150,11 @@ def train(config: Config) -> Summary:
     import tensorflow as tf
 
     from callbacks import batch_norm_inputs, precise_bn
-    from models import build_model
+    from models import Norm, build_model
     from pipeline import data as data_lib
     from pipeline import export as export_lib
     from pipeline import optim
+    from pipeline.run_callbacks import NonFiniteLoss
 
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
@@ -194,20 +165,19 @@ def train(config: Config) -> Summary:
             raise InputError(f"--batch: {batch} is larger than the training split ({data.num_train} examples)")
     rundir.write_config(config, run_dir)
 
-    model = build_model(config.model, data.input_shape, data.num_classes, config.norm, mean=data.mean,
-                        variance=data.variance, ghost_batch=config.ghost_batch, bn_momentum=config.bn_momentum)
-    phases = [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases]
-    model.compile(optimizer=optim.build_optimizer(config, phases), loss="sparse_categorical_crossentropy",
+    norm = Norm(config.norm, ghost_batch=config.ghost_batch, bn_momentum=config.bn_momentum)
+    model = build_model(config.model, data.input_shape, data.num_classes, norm, mean=data.mean,
+                        variance=data.variance)
+    schedule = optim.learning_rate(config, [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases])
+    model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    metrics_logger = rundir.metrics_logger(run_dir, config.batch)
-    callbacks = _callbacks(config, data, model, run_dir, metrics_logger)
+    callbacks = _callbacks(config, data, model, run_dir, schedule)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     summary = Summary(status="completed", run_dir=run_dir)
     val = data.eval_dataset("val", config.batch)
     try:
         for i, (first_epoch, batch) in enumerate(config.batch_phases):
             last_epoch = config.batch_phases[i + 1][0] if i + 1 < len(config.batch_phases) else config.epochs
-            metrics_logger.examples_per_step = batch
             model.fit(data.train_dataset(batch, seed=config.seed), validation_data=val, initial_epoch=first_epoch,
                       epochs=last_epoch, callbacks=callbacks, verbose=verbose)
             if model.stop_training:
@@ -217,7 +187,7 @@ def train(config: Config) -> Summary:
     except KeyboardInterrupt:
         summary.status, summary.reason = "interrupted", "stopped by the user (Ctrl-C); run again with --resume"
 
-    _fill_from_history(summary, _history(run_dir), config.target_accuracy)
+    _fill_from_history(summary, rundir.read_history(run_dir), config.target_accuracy)
     if summary.status == "completed":
         has_batch_norm = bool(batch_norm_inputs(model))
         if has_batch_norm and config.precise_bn_samples:

@@ -35,10 +35,11 @@ import glob
 import json
 import os
 
+from pipeline import runner
 from pipeline.config import Config, InputError
 
 TUNERS = ("random", "bayesian", "hyperband")
-TUNABLE = ("lr", "momentum", "warmup")
+TUNABLE = ("lr", "momentum", "warmup")  # hyperparameters that --tune may name; lr always
 LR_RANGE = 10.0  # the lr search spans a factor LR_RANGE below and above the rule-scaled lr
 MAX_WARMUP_FRACTION = 0.3
 HYPERBAND_FACTOR = 3  # Li et al. 2018's eta: each round keeps 1/3 of the trials and trains them 3x longer
@@ -86,15 +87,13 @@ def _tuner_class():
             self.config = config
 
         def run_trial(self, trial):
-            from pipeline import sweep as sweep_lib
-
             config = trial_config(self.config, trial.hyperparameters.values)
             run_dir = os.path.join(self.get_trial_dir(trial.trial_id), "run")
             # A stale run from an earlier search with other values is replaced, not resumed.
-            stale = not sweep_lib.same_config(run_dir, config)
+            stale = not runner.same_config(run_dir, config)
             config = dataclasses.replace(config, overwrite=config.overwrite or stale)
             try:
-                summary = sweep_lib.run_one(config, run_dir)
+                summary = runner.run_one(config, run_dir)
             except InputError as e:
                 raise _BadInput(str(e)) from e  # keras-tuner would count other errors as failed trials
             return {OBJECTIVE: summary.get(OBJECTIVE) or 0.0}
@@ -166,8 +165,8 @@ def tune_sweep(configs: list[Config], out: str, kind: str, *, max_trials: int = 
     for i, ((norm, batch), config) in enumerate(groups.items()):
         if base_port is not None:
             os.environ["KERASTUNER_ORACLE_PORT"] = str(int(base_port) + i)
-        values = search(config, kind, os.path.join(out, "tuner"), f"{norm}-b{batch}",
-                                   max_trials=max_trials, tune=tune)
+        values = search(config, kind, os.path.join(out, "tuner"), f"{norm}-b{batch}", max_trials=max_trials,
+                        tune=tune)
         if values:
             best[(norm, batch)] = values
             log(f"tuned {norm}-b{batch}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()

@@ -107,3 +107,18 @@ def test_bad_data(tmp_path, make_args, words):
     (tmp_path / "corrupt" / "a" / "broken.png").write_bytes(b"this is not a png")
     result = run_train(*make_args(tmp_path), "--run-dir", str(tmp_path / "run"), "--epochs", "1")
     assert_one_line_error(result, *words)
+
+
+def test_help_comes_from_the_config_fields():
+    from pipeline import config as config_lib
+    from pipeline import flags
+
+    result = run_train("--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())  # argparse wraps the help text
+    for field in ("lr", "ghost_batch", "grad_stats_every"):
+        help_text = next(f.metadata["help"] for f in config_lib.dataclasses.fields(config_lib.Config) if f.name == field)
+        assert help_text and f"{help_text} (default: {getattr(config_lib.Config(), field)!r})" in text
+    parser = flags.Parser()
+    flags.add_config_flags(parser, preset=config_lib.batch_study())  # the sweep shows its preset's defaults
+    assert "(default: 0.05)" in " ".join(parser.format_help().split())

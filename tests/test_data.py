@@ -303,6 +303,25 @@ def test_npz_source(tmp_path):
     assert not train & val and train + val == rows(x[:30, :, :, None].astype(np.float32), y[:30])
 
 
+def test_count_gives_the_split_sizes_of_load_without_decoding(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    x, y = rng.random((47, 5, 5)) * 255, (np.arange(47) % 3).astype(np.uint8)
+    configs = [Config(), Config(val_fraction=0.37),
+               Config(dataset=write_npz(tmp_path / "a.npz", x_train=x[:30], y_train=y[:30], x_val=x[30:37],
+                                        y_val=y[30:37], x_test=x[37:], y_test=y[37:])),
+               Config(dataset=write_npz(tmp_path / "b.npz", x_train=x[:41], y_train=y[:41].reshape(-1, 1),
+                                        x_test=x[41:], y_test=y[41:]), val_fraction=0.15)]
+    write_folder(tmp_path / "images", {name: [(4, 4, 3)] * n for name, n in (("a", 13), ("b", 9), ("c", 11))})
+    configs.append(Config(dataset=f"folder:{tmp_path / 'images'}", val_fraction=0.2))
+    expected = []
+    for config in configs:
+        loaded = data.load(config)
+        expected.append((loaded.num_train, loaded.num_val, loaded.num_test))
+    monkeypatch.setattr(sources, "decode_image", None)  # counting must not decode an image
+    assert [data.count(config) for config in configs] == expected
+    assert expected[0] == (1293, 144, 360)
+
+
 def npz_arrays(**changes):
     arrays = dict(x_train=np.zeros((4, 3, 3)), y_train=np.zeros(4, int), x_test=np.zeros((2, 3, 3)),
                   y_test=np.zeros(2, int))

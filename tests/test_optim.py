@@ -61,7 +61,7 @@ def test_batch_schedule_keeps_milestones_in_epochs():
 @pytest.mark.parametrize("name, cls", [("sgd", "SGD"), ("nesterov", "SGD"), ("adam", "Adam"), ("adamw", "AdamW")])
 def test_build_optimizer(name, cls):
     config = Config(optimizer=name, weight_decay=1e-4, accumulate=2)
-    opt = optim.build_optimizer(config, [(0, 10)])
+    opt = optim.build_optimizer(config, optim.learning_rate(config, [(0, 10)]))
     assert type(opt).__name__ == cls
     assert opt.gradient_accumulation_steps == 2
     assert opt.weight_decay == pytest.approx(1e-4)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from pipeline import config as config_lib
-from pipeline import rundir, sweep
+from pipeline import run_callbacks, rundir, sweep
 from pipeline import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,34 +68,28 @@ def test_sweep_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
     out = str(tmp_path / "sweep")
     calls = record_calls(monkeypatch)
     # Ctrl-C at the end of epoch 1 of batch 256, after epoch 0's checkpoint is saved.
-    real_logger = rundir.metrics_logger
+    real_logger = run_callbacks.MetricsLogger
 
-    def interrupting_logger(run_dir, examples_per_step):
-        callback = real_logger(run_dir, examples_per_step)
-        on_epoch_end = callback.on_epoch_end
-
-        def end(epoch, logs=None):
-            on_epoch_end(epoch, logs)
-            if epoch == 1 and "b256" in run_dir:
+    class InterruptingLogger(real_logger):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            if epoch == 1 and "b256" in self.run_dir:
                 raise KeyboardInterrupt
 
-        callback.on_epoch_end = end
-        return callback
-
-    monkeypatch.setattr(rundir, "metrics_logger", interrupting_logger)
-    arguments = dict(batches=(128, 256), norms=("batch",), seeds=(0,), out=out, budget=sweep.Budget("epochs", 2))
+    monkeypatch.setattr(run_callbacks, "MetricsLogger", InterruptingLogger)
+    spec = sweep.Spec(batches=(128, 256), norms=("batch",), seeds=(0,), budget=sweep.Budget("epochs", 2))
     config = tiny_config(grad_stats_every=0, bn_stats_every=0)  # instruments are tested with the notebook's sweep
     with pytest.raises(KeyboardInterrupt):
-        sweep.sweep(config, **arguments)
+        sweep.sweep(config, spec, out)
     interrupted = os.path.join(out, "runs", "batch-b256-s0")
     assert rundir.read_summary(interrupted)["status"] == "interrupted"
     assert rundir.read_summary(os.path.join(out, "runs", "batch-b128-s0"))["status"] == "completed"
     with open(os.path.join(interrupted, "metrics.jsonl")) as f:
         first_epoch = f.readline()
 
-    monkeypatch.setattr(rundir, "metrics_logger", real_logger)
+    monkeypatch.setattr(run_callbacks, "MetricsLogger", real_logger)
     calls.clear()
-    sweep.sweep(config, **arguments, report=False)
+    sweep.sweep(config, spec, out, report=False)
     assert [(c.batch, c.resume) for c in calls] == [(256, True)]
     summary = rundir.read_summary(interrupted)
     assert summary["status"] == "completed" and summary["steps"] == 2 * (NUM_TRAIN // 256)
@@ -107,7 +101,7 @@ def test_sweep_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
     calls.clear()
     runs = os.listdir(os.path.join(out, "runs"))
     mtimes = {d: os.path.getmtime(os.path.join(out, "runs", d, "summary.json")) for d in runs}
-    report = sweep.sweep(config, **arguments)
+    report = sweep.sweep(config, spec, out)
     assert calls == []
     assert mtimes == {d: os.path.getmtime(os.path.join(out, "runs", d, "summary.json")) for d in mtimes}
     assert [g["batch"] for g in report["groups"]] == [128, 256]
@@ -122,7 +116,8 @@ def test_failed_runs_are_recorded(tmp_path, monkeypatch):
 
     calls = record_calls(monkeypatch, flaky)
     out = str(tmp_path / "sweep")
-    report = sweep.sweep(tiny_config(), (16, 32, 64), out=out, budget=sweep.Budget("epochs", 1))
+    spec = sweep.Spec(batches=(16, 32, 64), budget=sweep.Budget("epochs", 1))
+    report = sweep.sweep(tiny_config(), spec, out)
     assert len(calls) == 3
     statuses = {r["batch"]: (r["status"], r["reason"]) for r in report["runs"]}
     assert statuses[16][0] == "completed"
@@ -131,19 +126,20 @@ def test_failed_runs_are_recorded(tmp_path, monkeypatch):
     assert "OOM" in open(os.path.join(out, "runs", "batch-b64-s0", "error.txt")).read()
     assert any("batch-b32-s0" in finding and "batch-b64-s0" in finding for finding in report["findings"])
     calls.clear()  # The diverged run is a result; the run that raised is tried again.
-    sweep.sweep(tiny_config(), (16, 32, 64), out=out, budget=sweep.Budget("epochs", 1), report=False)
+    sweep.sweep(tiny_config(), spec, out, report=False)
     assert [(c.batch, c.resume) for c in calls] == [(64, True)]
 
 
 def test_changed_settings_are_refused(tmp_path, monkeypatch):
     record_calls(monkeypatch, fake_train)
     out = str(tmp_path / "sweep")
-    sweep.sweep(tiny_config(), (32,), out=out, budget=sweep.Budget("epochs", 1), report=False)
+    spec = sweep.Spec(batches=(32,), budget=sweep.Budget("epochs", 1))
+    sweep.sweep(tiny_config(), spec, out, report=False)
     refused = r"--out: .*batch-b32-s0 was run with lr=0.1, this sweep asks for 0.2"
     with pytest.raises(config_lib.InputError, match=refused):
-        sweep.sweep(tiny_config(lr=0.2), (32,), out=out, budget=sweep.Budget("epochs", 1), report=False)
+        sweep.sweep(tiny_config(lr=0.2), spec, out, report=False)
     # --overwrite runs it again with the new settings.
-    sweep.sweep(tiny_config(lr=0.2, overwrite=True), (32,), out=out, budget=sweep.Budget("epochs", 1), report=False)
+    sweep.sweep(tiny_config(lr=0.2, overwrite=True), spec, out, report=False)
     with open(os.path.join(out, "runs", "batch-b32-s0", "config.json")) as f:
         assert json.load(f)["config"]["lr"] == 0.2
 
@@ -151,15 +147,16 @@ def test_changed_settings_are_refused(tmp_path, monkeypatch):
 def test_linear_scaling_and_warmup_per_run(tmp_path, monkeypatch):
     calls = record_calls(monkeypatch, fake_train)
     config = tiny_config(lr=0.05, lr_scaling="linear", base_batch=32, grad_stats_every=-1, bn_stats_every=-1)
-    sweep.sweep(config, (16, 128), norms=("batch", "group"), seeds=(0, 1), out=str(tmp_path),
-                budget=sweep.Budget("epochs", 9), warmup_fraction=sweep.WARMUP_FRACTION, report=False)
+    spec = sweep.Spec(batches=(16, 128), norms=("batch", "group"), seeds=(0, 1), budget=sweep.Budget("epochs", 9),
+                      warmup_fraction=sweep.WARMUP_FRACTION)
+    sweep.sweep(config, spec, str(tmp_path), report=False)
     assert [(c.norm, c.batch, c.seed) for c in calls] == [
         (n, b, s) for n in ("batch", "group") for b in (16, 128) for s in (0, 1)]
     for c in calls:
         assert c.effective_lr == pytest.approx(0.05 * c.batch / 32)
         assert c.warmup_epochs == pytest.approx(9 * 5 / 90) and c.epochs == 9
         # Automatic instrument intervals: the same number of measurements in every run.
-        assert c.grad_stats_every == c.bn_stats_every == 9 * (NUM_TRAIN // c.batch) // sweep.MEASUREMENTS_PER_RUN
+        assert c.grad_stats_every == c.bn_stats_every == 9 * (NUM_TRAIN // c.batch) // config_lib.MEASUREMENTS_PER_RUN
         assert c.run_dir == os.path.join(str(tmp_path), "runs", f"{c.norm}-b{c.batch}-s{c.seed}")
 
 
@@ -171,8 +168,8 @@ def best_at_lr(peak):
 def test_tuner_picks_each_batch_its_best_lr(tmp_path, monkeypatch):
     calls = record_calls(monkeypatch, lambda c: fake_train(c, best_at_lr(0.01 * c.batch / 16)))
     out = str(tmp_path)
-    report = sweep.sweep(tiny_config(lr=0.02), (16, 64), out=out, budget=sweep.Budget("epochs", 1),
-                         tuner="random", max_trials=4)
+    spec = sweep.Spec(batches=(16, 64), budget=sweep.Budget("epochs", 1), tuner="random", max_trials=4)
+    report = sweep.sweep(tiny_config(lr=0.02), spec, out)
     trials = [c for c in calls if c.run_dir.startswith(os.path.join(out, "tuner"))]
     finals = [c for c in calls if c.run_dir.startswith(os.path.join(out, "runs"))]
     assert len(trials) == 8 and len(finals) == 2
@@ -186,15 +183,15 @@ def test_tuner_picks_each_batch_its_best_lr(tmp_path, monkeypatch):
     slope = math.log(finals[1].lr / finals[0].lr) / math.log(64 / 16)  # two points: the exact log-log slope
     assert any(f"best learning rate grew as B^{slope:.2f}" in finding for finding in report["findings"])
     calls.clear()  # A finished search is reloaded, not repeated.
-    sweep.sweep(tiny_config(lr=0.02), (16, 64), out=out, budget=sweep.Budget("epochs", 1), tuner="random",
-                max_trials=4, report=False)
+    sweep.sweep(tiny_config(lr=0.02), spec, out, report=False)
     assert calls == []
 
 
 def test_hyperband_trains_rounds_of_the_epoch_budget(tmp_path, monkeypatch):
     calls = record_calls(monkeypatch, lambda c: fake_train(c, best_at_lr(0.05)))
-    sweep.sweep(tiny_config(), (32,), out=str(tmp_path), budget=sweep.Budget("epochs", 9), tuner="hyperband",
-                tune=("lr", "momentum", "warmup"), report=False)
+    spec = sweep.Spec(batches=(32,), budget=sweep.Budget("epochs", 9), tuner="hyperband",
+                      tune=("lr", "momentum", "warmup"))
+    sweep.sweep(tiny_config(), spec, str(tmp_path), report=False)
     trials = [c for c in calls if c.run_dir.startswith(os.path.join(str(tmp_path), "tuner"))]
     assert {c.epochs for c in trials} <= {1, 3, 9} and max(c.epochs for c in trials) == 9 and len(trials) > 3
     assert len({c.momentum for c in trials}) > 1 and all(0.5 <= c.momentum <= 0.99 for c in trials)

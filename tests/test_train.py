@@ -85,11 +85,11 @@ def test_precise_bn_gives_batch_statistics_accuracy(tmp_path):
     assert summary.status == "completed"
     assert summary.bn_statistics.startswith("precise BN")
     # Independent reference: the same trained weights evaluated with each batch's own statistics.
-    from models import build_model
+    from models import Norm, build_model
 
     data = data_lib.load(config)
-    model = build_model("resnet20", data.input_shape, data.num_classes, "batch", mean=data.mean,
-                        variance=data.variance, bn_momentum=0.99)
+    model = build_model("resnet20", data.input_shape, data.num_classes, Norm("batch", bn_momentum=0.99),
+                        mean=data.mean, variance=data.variance)
     model.load_weights(os.path.join(config.run_dir, "checkpoints", "latest.weights.h5"), skip_mismatch=True)
     x, y = data.arrays("test")
     correct = 0
