@@ -39,6 +39,7 @@ import time
 
 from pipeline import config as config_lib
 from pipeline import flags, rundir, runner, tuning
+from pipeline import report as report_lib
 from pipeline.config import Config, InputError
 
 WARMUP_FRACTION = 5 / 90  # share of each run's epochs spent warming up under a scaling rule (Goyal et al. 2017)
@@ -159,8 +160,6 @@ def sweep(config: Config, spec: Spec, out: str = "sweeps/default", *, report: bo
             + f", {state}")
     if not report:
         return {"runs": summaries}
-    from pipeline import report as report_lib
-
     return report_lib.build_report(out)
 
 
@@ -261,8 +260,6 @@ def main(argv=None) -> int:
         print("sweep interrupted; run the same command again to resume it", file=sys.stderr)
         return 130
     if report:
-        from pipeline import report as report_lib
-
         print(report_lib.headline(report))
         print(f"report: {os.path.join(out, 'report.md')}")
     return 0
