@@ -204,7 +204,10 @@ def train(config: Config) -> Summary:
             if split == "test":
                 summary.test_loss = float(loss)
         if config.export:
-            summary.export_path = export_lib.export_model(model, os.path.join(run_dir, "export"), config.model)
+            # Training images are the warmup requests and the throughput measurement's inputs.
+            summary.export_path = export_lib.export_model(model, os.path.join(run_dir, "export"), config.model,
+                                                          examples=data.arrays("train")[0][:512],
+                                                          class_names=data.class_names)
     summary.wall_time_s = time.perf_counter() - started
     rundir.write_json_atomic(os.path.join(run_dir, "summary.json"), dataclasses.asdict(summary))
     return summary
