@@ -213,11 +213,11 @@ class LearningDynamics(keras.callbacks.Callback):
         if forgotten:
             chosen = np.flatnonzero(self.forgetting_events > 0)
             chosen = chosen[np.lexsort((chosen, self.correct[chosen], -self.forgetting_events[chosen]))]
-            title = f"Most-forgotten examples: {len(chosen)} of {len(self.y)} forgotten at least once"
+            title = f"Most-forgotten training examples: {len(chosen)} of {len(self.y)} forgotten at least once"
         else:
             chosen = np.flatnonzero(~self.correct)
             chosen = chosen[np.argsort(-self.confidence[chosen], kind="stable")]
-            title = f"Misclassified at step {self.look_steps[-1]}: {len(chosen)} of {len(self.y)}"
+            title = f"Misclassified training examples at step {self.look_steps[-1]}: {len(chosen)} of {len(self.y)}"
         chosen = chosen[: self.max_gallery]
         columns = max(1, math.ceil(math.sqrt(len(chosen))))
         rows = max(1, math.ceil(len(chosen) / columns))
