@@ -52,11 +52,16 @@ def serving_functions(model):
 
     def decode(contents):
         image = tf.io.decode_image(contents, channels=channels, expand_animations=False)
-        shape = tf.shape(image)
-        tf.debugging.assert_equal(
-            shape[:2], tf.constant([height, width]),
-            message=f"{BYTES_INPUT_NAME}: every image must be {height}x{width} pixels (height x width)")
-        return tf.cast(tf.ensure_shape(image, (height, width, channels)), tf.float32)
+        fits = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
+
+        def refuse():
+            # Only this branch runs for an image of another size, so the request fails with this message.
+            message = f"{BYTES_INPUT_NAME}: every image must be {height}x{width} pixels (height x width)"
+            with tf.control_dependencies([tf.debugging.Assert(False, [message, tf.shape(image)])]):
+                return tf.zeros((height, width, channels), image.dtype)
+
+        image = tf.cond(fits, lambda: tf.reshape(image, (height, width, channels)), refuse)
+        return tf.cast(image, tf.float32)
 
     @tf.function(input_signature=[tf.TensorSpec((None,), tf.string, name=BYTES_INPUT_NAME)])
     def serve_bytes(image_bytes):

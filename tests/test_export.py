@@ -1,5 +1,6 @@
-"""SavedModel export: TF Serving layout, atomic rename, signature, and predictions equal to Keras'."""
+"""SavedModel export: TF Serving layout, versions, atomic rename, both signatures, warmup, models.config, batching."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import export
+from pipeline import batching, export, serving, throughput
 
 
 def tiny_model():
@@ -22,11 +23,16 @@ def tiny_model():
     return keras.Model(inputs, outputs)
 
 
+def integer_images(n, seed=0):
+    """Images of integer pixels 0..16 (as the digits), which PNG stores exactly."""
+    return np.random.default_rng(seed).integers(0, 17, (n, 8, 8, 1)).astype("float32")
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model = tiny_model()
     base = tmp_path_factory.mktemp("export")
-    path = export.export_model(model, str(base), "tiny")
+    path = export.export_model(model, str(base), "tiny", examples=integer_images(40), class_names=["a", "b", "c"])
     return model, base, path
 
 
@@ -35,11 +41,31 @@ def test_layout_is_tf_serving(exported):
     assert path == os.path.join(str(base), "tiny", "1")
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
     assert sorted(os.listdir(os.path.join(str(base), "tiny"))) == ["1"]  # no temporary folder left behind
+    assert sorted(os.listdir(os.path.join(path, "assets.extra"))) == [
+        "class_names.txt", "tf_serving_warmup_requests", "throughput.json"]
+    assert sorted(os.listdir(str(base))) == ["batching_parameters.txt", "models.config", "tiny"]
 
 
-def test_next_export_gets_next_version(exported):
-    model, base, _ = exported
-    assert export.next_version(os.path.join(str(base), "tiny")) == 2
+def test_versions_increase_and_are_never_overwritten(tmp_path, monkeypatch):
+    model = tiny_model()
+    first = export.export_model(model, str(tmp_path), "tiny")
+    second = export.export_model(model, str(tmp_path), "tiny")
+    assert [os.path.basename(first), os.path.basename(second)] == ["1", "2"]
+    with pytest.raises(FileExistsError):
+        export.export_model(model, str(tmp_path), "tiny", version=1)
+    # Another export takes the chosen number between choosing and renaming: this one moves to the next number.
+    before = open(os.path.join(second, "saved_model.pb"), "rb").read()
+    real, calls = export.next_version, []
+
+    def stale(model_dir):
+        calls.append(model_dir)
+        return 2 if len(calls) == 1 else real(model_dir)
+
+    monkeypatch.setattr(export, "next_version", stale)
+    third = export.export_model(model, str(tmp_path), "tiny")
+    assert os.path.basename(third) == "3" and len(calls) == 2
+    assert open(os.path.join(second, "saved_model.pb"), "rb").read() == before
+    assert sorted(os.listdir(tmp_path / "tiny")) == ["1", "2", "3"]
 
 
 def test_reloaded_predictions_equal_keras(exported):
@@ -59,6 +85,65 @@ def test_saved_model_cli_lists_signature(exported):
     assert "signature_def['serving_default']" in result.stdout
     assert "inputs['images']" in result.stdout
     assert "outputs['probabilities']" in result.stdout and "outputs['classes']" in result.stdout
+    assert "signature_def['serving_bytes']" in result.stdout and "inputs['image_bytes']" in result.stdout
+
+
+def test_bytes_signature_answers_as_pixels(exported):
+    model, _, path = exported
+    images = integer_images(6, seed=2)
+    signatures = tf.saved_model.load(path).signatures
+    from_bytes = signatures["serving_bytes"](image_bytes=tf.constant(serving.encode_png(images)))
+    np.testing.assert_allclose(from_bytes["probabilities"].numpy(), model(images, training=False).numpy(), atol=1e-5)
+    jpeg = tf.io.encode_jpeg(tf.cast(images[0], tf.uint8), quality=100).numpy()  # JPEG decodes too
+    assert signatures["serving_bytes"](image_bytes=tf.constant([jpeg]))["classes"].shape == (1,)
+    wrong_size = tf.io.encode_png(np.zeros((9, 8, 1), np.uint8)).numpy()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="8x8"):
+        signatures["serving_bytes"](image_bytes=tf.constant([wrong_size]))
+
+
+def test_warmup_records_match_signatures_and_replay(exported):
+    _, base, path = exported
+    logs = serving.read_warmup(path)
+    parameters = batching.validate(open(os.path.join(str(base), "batching_parameters.txt")).read())
+    assert 0 < len(logs) <= 1000
+    signatures = tf.saved_model.load(path).signatures
+    seen = set()
+    for log in logs:
+        request = log.predict_log.request
+        assert request.model_spec.name == "tiny"
+        _, specs = signatures[request.model_spec.signature_name].structured_input_signature
+        assert set(request.inputs) == set(specs)
+        for name, proto in request.inputs.items():
+            value = tf.make_ndarray(proto)
+            assert tf.dtypes.as_dtype(proto.dtype) == specs[name].dtype
+            assert specs[name].shape.is_compatible_with(value.shape)
+            seen.add((request.model_spec.signature_name, value.shape[0]))
+        outputs = serving.answer(request, signatures)
+        assert np.isfinite(outputs["probabilities"]).all()
+    # Both signatures are warmed at every batch size the server may form, and nothing else.
+    sizes = parameters["allowed_batch_sizes"]
+    assert seen == {(name, b) for name in ("serving_default", "serving_bytes") for b in sizes}
+
+
+def test_models_config_parses_and_names_the_model(exported):
+    _, base, _ = exported
+    config = serving.read_models_config(os.path.join(str(base), "models.config"))
+    [model] = config.model_config_list.config
+    assert (model.name, model.base_path, model.model_platform) == ("tiny", "/models/tiny", "tensorflow")
+    assert model.model_version_policy.latest.num_versions == 1
+
+
+def test_batching_parameters_come_from_the_measured_curve(exported):
+    _, base, path = exported
+    parameters = batching.validate(open(os.path.join(str(base), "batching_parameters.txt")).read())
+    curve = json.load(open(os.path.join(path, "assets.extra", "throughput.json")))
+    rows = curve["rows"]
+    assert [r["batch"] for r in rows] == list(export.SERVED_BATCH_SIZES)
+    k = throughput.saturation(rows)
+    assert parameters["max_batch_size"] == rows[k]["batch"]
+    assert parameters["allowed_batch_sizes"] == [r["batch"] for r in rows[: k + 1]]
+    assert parameters["batch_timeout_micros"] == max(1, round(rows[k]["latency_p50_ms"] * 1e3))
+    assert curve["finding"] == throughput.finding(rows)
 
 
 def test_predict_request_proto_round_trip(exported):
