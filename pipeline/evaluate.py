@@ -87,14 +87,14 @@ def evaluate(path: str, *, dataset: str | None = None, data_dir: str | None = No
     import numpy as np
     import tensorflow as tf
 
-    from pipeline import batching, evaluation_plots, export, metrics, served_model, throughput
+    from pipeline import batching, evaluation_plots, metrics, served_model, serving, throughput
 
     served = served_model.load(path)
     data = _data(served, dataset, data_dir)
     images, labels = data.arrays(split)
-    serve = served.signatures[export.SIGNATURE]
+    serve = served.signatures[serving.SIGNATURE]
     probabilities = np.concatenate([
-        serve(**{export.INPUT_NAME: tf.constant(images[i : i + batch])})["probabilities"].numpy()
+        serve(**{serving.INPUT_NAME: tf.constant(images[i : i + batch])})["probabilities"].numpy()
         for i in range(0, len(images), batch)])
     if probabilities.shape[1] != data.num_classes:
         raise InputError(f"--dataset: {data.source} has {data.num_classes} classes, but {served.path} predicts "
@@ -127,7 +127,7 @@ def evaluate(path: str, *, dataset: str | None = None, data_dir: str | None = No
             f"Misclassified {split} examples: {len(wrong)} of {len(labels)} (most confident first)", limit=gallery),
     }
     if benchmark_batches:
-        rows = throughput.measure(lambda x: serve(**{export.INPUT_NAME: x}), images, benchmark_batches)
+        rows = throughput.measure(lambda x: serve(**{serving.INPUT_NAME: x}), images, benchmark_batches)
         result["throughput"] = {"rows": rows, "finding": throughput.finding(rows), "cpu_count": os.cpu_count(),
                                 "batching_parameters": batching.from_throughput(rows)}
         rundir.write_json_atomic(os.path.join(out, "throughput.json"), result["throughput"])

@@ -13,11 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 
-SIGNATURE = "serving_default"  # raw pixels
-INPUT_NAME = "images"
-BYTES_SIGNATURE = "serving_bytes"  # encoded PNG/JPEG images
-BYTES_INPUT_NAME = "image_bytes"
-OUTPUT_NAMES = ("probabilities", "classes")
+from pipeline import serving
+from pipeline.serving import BYTES_INPUT_NAME, BYTES_SIGNATURE, INPUT_NAME, SIGNATURE
+
 SERVED_BATCH_SIZES = (1, 8, 32, 128, 512)  # request batches measured at export to choose the batching parameters
 
 
@@ -99,8 +97,6 @@ def export_model(model, base_dir: str, model_name: str, version: int | None = No
       FileExistsError: the requested `version` exists.
     """
     import keras
-
-    from pipeline import serving
 
     model_dir = os.path.join(base_dir, model_name)
     os.makedirs(model_dir, exist_ok=True)

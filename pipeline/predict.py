@@ -65,9 +65,9 @@ def read_images(paths: list[str], image_shape=None) -> list[bytes]:
 
 def build_request(model_name: str, contents: list[bytes]):
     """The PredictRequest this client sends: the encoded images to the bytes signature."""
-    from pipeline import export, serving
+    from pipeline import serving
 
-    return serving.predict_request(model_name, export.BYTES_SIGNATURE, {export.BYTES_INPUT_NAME: contents})
+    return serving.predict_request(model_name, serving.BYTES_SIGNATURE, {serving.BYTES_INPUT_NAME: contents})
 
 
 def ask_server(address: str, request, timeout: float) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from pipeline import export, rundir
+from pipeline import rundir, serving
 from pipeline.config import InputError
 
 ACCEPTED = "a SavedModel folder (with saved_model.pb), a model folder of numeric versions, or a run directory"
@@ -85,7 +85,7 @@ def load(path: str, flag: str = "PATH") -> ServedModel:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{flag}: cannot load the SavedModel {version_dir} ({first})") from None
     signatures = dict(loaded.signatures)
-    expected = {export.SIGNATURE: (export.INPUT_NAME, tf.float32, 4), export.BYTES_SIGNATURE: (export.BYTES_INPUT_NAME, tf.string, 1)}
+    expected = {serving.SIGNATURE: (serving.INPUT_NAME, tf.float32, 4), serving.BYTES_SIGNATURE: (serving.BYTES_INPUT_NAME, tf.string, 1)}
     for name, (input_name, dtype, rank) in expected.items():
         if name not in signatures:
             raise InputError(f"{flag}: {version_dir} has no signature {name!r} (it has {', '.join(sorted(signatures)) or 'none'}); "
@@ -98,12 +98,12 @@ def load(path: str, flag: str = "PATH") -> ServedModel:
             raise InputError(f"{flag}: signature {name!r} of {version_dir} takes {got}; expected one input "
                              f"{input_name!r} of {dtype.name} with rank {rank}")
         outputs = set(signatures[name].structured_outputs)
-        if not set(export.OUTPUT_NAMES) <= outputs:
+        if not set(serving.OUTPUT_NAMES) <= outputs:
             raise InputError(f"{flag}: signature {name!r} of {version_dir} returns {', '.join(sorted(outputs))}; "
-                             f"expected {', '.join(export.OUTPUT_NAMES)}")
-    image_shape = tuple(signatures[export.SIGNATURE].structured_input_signature[1][export.INPUT_NAME].shape[1:])
+                             f"expected {', '.join(serving.OUTPUT_NAMES)}")
+    image_shape = tuple(signatures[serving.SIGNATURE].structured_input_signature[1][serving.INPUT_NAME].shape[1:])
     if None in image_shape:
-        raise InputError(f"{flag}: signature {export.SIGNATURE!r} of {version_dir} takes images of unknown size {image_shape}")
+        raise InputError(f"{flag}: signature {serving.SIGNATURE!r} of {version_dir} takes images of unknown size {image_shape}")
     names_file = os.path.join(version_dir, "assets.extra", "class_names.txt")
     class_names = None
     if os.path.isfile(names_file):

@@ -15,6 +15,12 @@ import numpy as np
 
 from pipeline import batching, throughput
 
+# The serving contract: signature, input and output names of every export (pipeline.export writes them).
+SIGNATURE = "serving_default"  # raw pixels
+INPUT_NAME = "images"
+BYTES_SIGNATURE = "serving_bytes"  # encoded PNG/JPEG images
+BYTES_INPUT_NAME = "image_bytes"
+OUTPUT_NAMES = ("probabilities", "classes")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_WARMUP_RECORDS = 1000  # TF Serving refuses to load a model whose warmup file has more
 MODELS_CONFIG = "models.config"
@@ -56,13 +62,11 @@ def warmup_requests(model_name: str, examples: np.ndarray, batch_sizes) -> list:
     """PredictionLog records: for each batch size, one request of that many examples to each signature."""
     from tensorflow_serving.apis import prediction_log_pb2
 
-    from pipeline import export
-
     logs = []
     for batch_size in batch_sizes:
         images = np.resize(np.asarray(examples, np.float32), (batch_size,) + tuple(examples.shape[1:]))
-        for signature, inputs in ((export.SIGNATURE, {export.INPUT_NAME: images}),
-                                  (export.BYTES_SIGNATURE, {export.BYTES_INPUT_NAME: encode_png(images)})):
+        for signature, inputs in ((SIGNATURE, {INPUT_NAME: images}),
+                                  (BYTES_SIGNATURE, {BYTES_INPUT_NAME: encode_png(images)})):
             request = predict_request(model_name, signature, inputs)
             logs.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
     if len(logs) > MAX_WARMUP_RECORDS:
@@ -98,10 +102,8 @@ def prepare_version(version_dir: str, model_name: str, examples: np.ndarray, bat
     """
     import tensorflow as tf
 
-    from pipeline import export
-
-    signature = tf.saved_model.load(version_dir).signatures[export.SIGNATURE]
-    rows = throughput.measure(lambda images: signature(**{export.INPUT_NAME: images}), examples, batch_sizes,
+    signature = tf.saved_model.load(version_dir).signatures[SIGNATURE]
+    rows = throughput.measure(lambda images: signature(**{INPUT_NAME: images}), examples, batch_sizes,
                               min_calls=5, min_seconds=0.3)
     parameters = batching.from_throughput(rows)
     with open(os.path.join(version_dir, "assets.extra", "throughput.json"), "w", encoding="utf-8") as f:
