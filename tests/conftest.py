@@ -30,3 +30,20 @@ def trained_run(tmp_path_factory):
     if summary.status != "completed":
         raise RuntimeError(f"the shared smoke run did not complete: {summary.reason}")
     return config, summary
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Runs an entry point's main(argv) in-process; checks exit code 2 and one stderr line, and returns that line."""
+
+    def run(main, argv):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse exits for a bad flag
+            code = e.code
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2, (code, lines)
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    return run

@@ -135,57 +135,42 @@ def test_evaluate_a_version_folder_with_a_dataset(trained_run, tmp_path):
     assert abs(result["accuracy"] - summary.val_accuracy) <= 0.001
 
 
-def exit_code(main, argv):
-    """main(argv)'s exit code, also when argparse exits for a bad flag."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
-
-
-def one_error_line(capsys, code):
-    assert code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
-def test_not_a_saved_model(tmp_path, capsys):
+def test_not_a_saved_model(tmp_path, cli_error):
     (tmp_path / "saved_model.txt").write_text("hello")
-    line = one_error_line(capsys, evaluate.main([str(tmp_path)]))
+    line = cli_error(evaluate.main, [str(tmp_path)])
     assert str(tmp_path) in line and "not a SavedModel" in line
-    line = one_error_line(capsys, evaluate.main([str(tmp_path / "missing")]))
+    line = cli_error(evaluate.main, [str(tmp_path / "missing")])
     assert "not a folder" in line
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "saved_model.pb").write_bytes(b"\x00garbage")
-    assert "cannot load" in one_error_line(capsys, evaluate.main([str(tmp_path / "broken"), "--dataset", "digits"]))
+    assert "cannot load" in cli_error(evaluate.main, [str(tmp_path / "broken"), "--dataset", "digits"])
 
 
-def test_signature_with_unexpected_inputs(tmp_path, capsys):
+def test_signature_with_unexpected_inputs(tmp_path, cli_error):
     module = tf.Module()
     module.serve = tf.function(lambda x: {"probabilities": x, "classes": tf.argmax(x, -1)},
                                input_signature=[tf.TensorSpec((None, 10), tf.float32, name="x")])
     tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.serve,
                                                                  "serving_bytes": module.serve})
-    line = one_error_line(capsys, evaluate.main([str(tmp_path / "1"), "--dataset", "digits"]))
+    line = cli_error(evaluate.main, [str(tmp_path / "1"), "--dataset", "digits"])
     assert "'serving_default'" in line and "x float32" in line and "'images'" in line
 
 
-def test_bad_flags_and_datasets(trained_run, tmp_path, capsys):
+def test_bad_flags_and_datasets(trained_run, tmp_path, cli_error):
     config, summary = trained_run
-    assert "--benchmark-batches" in one_error_line(capsys, exit_code(evaluate.main, [config.run_dir, "--benchmark-batches", "8,1"]))
-    assert "--split" in one_error_line(capsys, exit_code(evaluate.main, [config.run_dir, "--split", "holdout"]))
+    assert "--benchmark-batches" in cli_error(evaluate.main, [config.run_dir, "--benchmark-batches", "8,1"])
+    assert "--split" in cli_error(evaluate.main, [config.run_dir, "--split", "holdout"])
     shutil.copytree(summary.export_path, tmp_path / "copy" / "cnn" / "1")
-    line = one_error_line(capsys, evaluate.main([str(tmp_path / "copy" / "cnn")]))
+    line = cli_error(evaluate.main, [str(tmp_path / "copy" / "cnn")])
     assert "--dataset" in line  # a copied export has no run around it to name its dataset
     images = np.zeros((20, 4, 4, 1), np.float32)
     npz = tmp_path / "small.npz"
     np.savez(npz, x_train=images, y_train=np.arange(20) % 2, x_test=images, y_test=np.arange(20) % 2)
-    line = one_error_line(capsys, evaluate.main([config.run_dir, "--dataset", f"npz:{npz}"]))
+    line = cli_error(evaluate.main, [config.run_dir, "--dataset", f"npz:{npz}"])
     assert "(4, 4, 1)" in line and "(8, 8, 1)" in line
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text(json.dumps({"status": "failed"}))
-    assert "no export" in one_error_line(capsys, evaluate.main([str(tmp_path / "run")]))
+    assert "no export" in cli_error(evaluate.main, [str(tmp_path / "run")])
 
 
 def test_help_does_not_import_tensorflow():

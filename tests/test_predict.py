@@ -55,34 +55,20 @@ def test_model_flag_prints_the_classes(trained_run, images, capsys):
     assert all(0 < line["probability"] <= 1 for line in lines)
 
 
-def exit_code(argv):
-    try:
-        return predict.main(argv)
-    except SystemExit as e:
-        return e.code
-
-
-def one_error_line(capsys, code):
-    assert code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]  # nothing listens once the socket is closed
 
 
-def test_unreachable_server(images, capsys):
+def test_unreachable_server(images, cli_error):
     port = closed_port()
-    line = one_error_line(capsys, exit_code([images[0][0], "--server", f"localhost:{port}", "--timeout", "5"]))
+    line = cli_error(predict.main, [images[0][0], "--server", f"localhost:{port}", "--timeout", "5"])
     assert f"--server localhost:{port}" in line and "cannot reach" in line
-    assert "--server" in one_error_line(capsys, exit_code([images[0][0], "--server", "localhost"]))
+    assert "--server" in cli_error(predict.main, [images[0][0], "--server", "localhost"])
 
 
-def test_bad_images(trained_run, images, tmp_path, capsys):
+def test_bad_images(trained_run, images, tmp_path, cli_error):
     config, _ = trained_run
     png = open(images[0][0], "rb").read()
     (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])
@@ -90,13 +76,13 @@ def test_bad_images(trained_run, images, tmp_path, capsys):
     (tmp_path / "wide.png").write_bytes(tf.io.encode_png(np.zeros((8, 9, 1), np.uint8)).numpy())
     for name, words in (("truncated.png", ["not a PNG"]), ("text.jpg", ["not a PNG"]), ("wide.png", ["8x9", "8x8"]),
                         ("missing.png", ["cannot read"])):
-        line = one_error_line(capsys, exit_code([images[0][0], str(tmp_path / name), "--model", config.run_dir]))
+        line = cli_error(predict.main, [images[0][0], str(tmp_path / name), "--model", config.run_dir])
         assert str(tmp_path / name) in line
         for word in words:
             assert word in line, line
 
 
-def test_bad_model_path(images, tmp_path, capsys):
-    line = one_error_line(capsys, exit_code([images[0][0], "--model", str(tmp_path)]))
+def test_bad_model_path(images, tmp_path, cli_error):
+    line = cli_error(predict.main, [images[0][0], "--model", str(tmp_path)])
     assert line.startswith("error: --model:") and "not a SavedModel" in line
-    assert "--model" in one_error_line(capsys, exit_code([images[0][0]]))  # neither --server nor --model
+    assert "--model" in cli_error(predict.main, [images[0][0]])  # neither --server nor --model
