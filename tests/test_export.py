@@ -182,3 +182,16 @@ def test_interrupted_export_leaves_no_version(tmp_path, monkeypatch):
         export.export_model(model, str(tmp_path), "tiny")
     versions = [name for name in os.listdir(tmp_path / "tiny") if name.isdigit()]
     assert versions == []
+
+
+def test_interrupted_warmup_leaves_no_version(tmp_path, monkeypatch):
+    """An export stopped while measuring or writing warmup requests (after the SavedModel) is not visible."""
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serving, "prepare_version", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_model(tiny_model(), str(tmp_path), "tiny", examples=integer_images(4))
+    assert [name for name in os.listdir(tmp_path / "tiny") if not name.startswith(".")] == []
+    assert not (tmp_path / "models.config").exists()
