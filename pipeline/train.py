@@ -204,10 +204,10 @@ def train(config: Config) -> Summary:
             if split == "test":
                 summary.test_loss = float(loss)
         if config.export:
-            # Training images are the warmup requests and the throughput measurement's inputs.
+            # The first 512 training images are the warmup requests and the throughput measurement's inputs.
+            examples, _ = next(iter(data.eval_dataset("train", 512)))
             summary.export_path = export_lib.export_model(model, os.path.join(run_dir, "export"), config.model,
-                                                          examples=data.arrays("train")[0][:512],
-                                                          class_names=data.class_names)
+                                                          examples=examples.numpy(), class_names=data.class_names)
     summary.wall_time_s = time.perf_counter() - started
     rundir.write_json_atomic(os.path.join(run_dir, "summary.json"), dataclasses.asdict(summary))
     return summary
