@@ -87,6 +87,7 @@ def evaluate(path: str, *, dataset: str | None = None, data_dir: str | None = No
     import numpy as np
     import tensorflow as tf
 
+    from callbacks import checked_io
     from pipeline import batching, evaluation_plots, metrics, served_model, serving, throughput
 
     served = served_model.load(path)
@@ -133,8 +134,7 @@ def evaluate(path: str, *, dataset: str | None = None, data_dir: str | None = No
         rundir.write_json_atomic(os.path.join(out, "throughput.json"), result["throughput"])
         pngs["throughput"] = evaluation_plots.throughput_png(rows, f"Inference throughput: {where}")
     for name, png in pngs.items():
-        with open(os.path.join(out, f"{name}.png"), "wb") as f:
-            f.write(png)
+        checked_io.write_atomic(os.path.join(out, f"{name}.png"), png)
     rundir.write_json_atomic(os.path.join(out, "confusion_matrix.json"),
                              {"class_names": names, "rows": "true class", "columns": "predicted class",
                               "matrix": result["confusion_matrix"]})

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from callbacks import checked_io
 from pipeline import batching, throughput
 
 # The serving contract: signature, input and output names of every export (pipeline.export writes them).
@@ -132,8 +133,9 @@ def models_config(base_dir: str, serving_root: str = SERVING_ROOT):
 def write_models_config(base_dir: str, serving_root: str = SERVING_ROOT) -> str:
     from google.protobuf import text_format
 
-    return _write_atomic(os.path.join(base_dir, MODELS_CONFIG),
-                         text_format.MessageToString(models_config(base_dir, serving_root)))
+    path = os.path.join(base_dir, MODELS_CONFIG)
+    checked_io.write_atomic(path, text_format.MessageToString(models_config(base_dir, serving_root)))
+    return path
 
 
 def read_models_config(path: str):
@@ -148,12 +150,6 @@ def read_models_config(path: str):
 def write_batching_parameters(base_dir: str, parameters: dict) -> str:
     text = batching.to_text(parameters)
     batching.validate(text)
-    return _write_atomic(os.path.join(base_dir, BATCHING_FILE), text)
-
-
-def _write_atomic(path: str, text: str) -> str:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    path = os.path.join(base_dir, BATCHING_FILE)
+    checked_io.write_atomic(path, text)
     return path
