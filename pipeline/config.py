@@ -57,6 +57,7 @@ class Config:
     gamma: float = _field(0.1, "step/multistep factor; per-epoch factor for exponential")
     weight_decay: float = _field(5e-4, "decoupled weight decay of the optimizer (not on biases or norm parameters)")
     accumulate: int = _field(1, "average gradients over this many batches before each update")
+    advice: str = _field("", "advice.json of pipeline.advise: train at its batch and learning rate (over --batch, --lr)")
     batch_schedule: str = _field(
         "", 'e.g. "32@0,128@10": batch 32 from epoch 0, 128 from epoch 10 (Smith et al. 2018)')
     # Evaluation and instruments.
@@ -212,6 +213,7 @@ def validate(config: Config) -> Config:
         f"got {c.batch_schedule!r}; use BATCH@EPOCH items with increasing epochs below --epochs, the first at 0, "
         "e.g. 32@0,128@10",
     )
+    _check(not (c.advice and c.batch_schedule), "advice", "cannot be combined with --batch-schedule")
     _check(c.precise_bn_samples >= 0, "precise_bn_samples", "must be >= 0 (0: off)")
     _check(c.grad_stats_every >= -1, "grad_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
     _check(c.bn_stats_every >= -1, "bn_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")

@@ -37,6 +37,7 @@ class Summary:
     time_per_step_s: float = 0.0
     export_path: str | None = None
     bn_statistics: str = ""  # which statistics the evaluated and exported model uses
+    batch_source: str = "--batch"  # where the batch and learning rate came from (--batch, or --advice's file)
     target_accuracy: float | None = None
     steps_to_target: int | None = None  # first epoch end at which val_accuracy >= target_accuracy
     epochs_to_target: int | None = None
@@ -132,6 +133,20 @@ def _callbacks(config, data, model, run_dir, schedule):
     return result
 
 
+def compiled_model(config: Config, data):
+    """The run's model compiled with its optimizer, loss and accuracy metric; returns (model, lr schedule)."""
+    from models import Norm, build_model
+    from pipeline import optim
+
+    norm = Norm(config.norm, ghost_batch=config.ghost_batch, bn_momentum=config.bn_momentum)
+    model = build_model(config.model, data.input_shape, data.num_classes, norm, mean=data.mean,
+                        variance=data.variance)
+    schedule = optim.learning_rate(config, [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases])
+    model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model, schedule
+
+
 def train(config: Config) -> Summary:
     """Runs one training job described by `config` and returns its summary (also in summary.json).
 
@@ -139,6 +154,11 @@ def train(config: Config) -> Summary:
       InputError: the config, the data or the run directory is unusable.
     """
     config = config_lib.validate(config)
+    batch_source = "--batch-schedule" if config.batch_schedule else "--batch"
+    if config.advice:
+        from pipeline import advice
+
+        config, batch_source = advice.apply(config)
     # With a batch schedule, --batch is the first phase's batch (the lr scaling rule refers to it).
     config = dataclasses.replace(config, batch=config.batch_phases[0][1])
     run_dir = config.run_dir or config_lib.default_run_dir(config, time.strftime("%Y%m%d-%H%M%S"))
@@ -150,10 +170,8 @@ def train(config: Config) -> Summary:
     import tensorflow as tf
 
     from callbacks import batch_norm_inputs, precise_bn
-    from models import Norm, build_model
     from pipeline import data as data_lib
     from pipeline import export as export_lib
-    from pipeline import optim
     from pipeline.run_callbacks import NonFiniteLoss
 
     keras.utils.set_random_seed(config.seed)
@@ -165,15 +183,10 @@ def train(config: Config) -> Summary:
             raise InputError(f"--batch: {batch} is larger than the training split ({data.num_train} examples)")
     rundir.write_config(config, run_dir)
 
-    norm = Norm(config.norm, ghost_batch=config.ghost_batch, bn_momentum=config.bn_momentum)
-    model = build_model(config.model, data.input_shape, data.num_classes, norm, mean=data.mean,
-                        variance=data.variance)
-    schedule = optim.learning_rate(config, [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases])
-    model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model, schedule = compiled_model(config, data)
     callbacks = _callbacks(config, data, model, run_dir, schedule)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
-    summary = Summary(status="completed", run_dir=run_dir)
+    summary = Summary(status="completed", run_dir=run_dir, batch_source=batch_source)
     val = data.eval_dataset("val", config.batch)
     try:
         for i, (first_epoch, batch) in enumerate(config.batch_phases):

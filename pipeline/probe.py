@@ -1,0 +1,219 @@
+"""The batch-size advisor's measurements: the noise scale over a short run at the base batch, step times by batch.
+
+Noise: `measure_noise` trains the model for a few hundred steps with callbacks.GradientStatistics measuring
+every few steps, and pools the raw measurements of the probe's second half (`pool`) into tr(Sigma), |G|^2 and
+B_simple with intervals. It says which phase of training that is: the share of the planned run, the training
+loss at the start and end, and the validation accuracy against the target. B_simple grows as training goes on
+(McCandlish et al. 2018, fig. 6), so a probe's value is a lower estimate for the later critical batch.
+
+Step time: `time_ladder` times a handful of training steps at each batch of a ladder, after warm-up steps that
+trace the train function for the new shape, stopping at the first batch that runs out of memory
+(tf.errors.ResourceExhaustedError, or MemoryError on the host), which is reported, never raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+
+import numpy as np
+
+from pipeline.config import Config
+
+WARMUP_STEPS = 2  # untimed steps per batch size: the first traces the train step for the new shape
+TIMED_STEPS = 16  # timed steps per batch size
+# The step time is this quantile of the timed steps: other processes on a shared machine only ever slow steps
+# down, in bursts (seen on the 2-core VM: single steps 2-10x the median), so a low quantile is the stable one.
+QUANTILE = 0.25
+MEASURE_EVERY = 1  # steps between noise measurements in the probe's second half
+# Micro-batches of B / 2 examples per measurement (4 B examples). |G|^2's estimate dominates the interval, and its
+# variance falls as 1 / n^2 with n examples per measurement, so for a given number of examples measured, fewer
+# measurements of more examples are better; 8 go through the instrument's while loop, about 4 steps' time.
+MICRO_BATCHES = 8
+# Automatic probe length: this share of the planned run's steps, within [MIN_STEPS, MAX_STEPS]. The probe should
+# cost a small part of one run; on the digits (480 steps in 12 epochs at batch 32) it is 96 steps.
+AUTO_FRACTION, MIN_STEPS, MAX_STEPS = 0.2, 40, 300
+
+
+def pool(records: list[dict], first_step: int) -> dict:
+    """Pools GradientStatistics records from `first_step` on: mean tr(Sigma), mean |G|^2, their ratio, intervals.
+
+    The pooled B_simple is the ratio of the means (McCandlish et al. 2018, app. A). The intervals are the means
+    +- 2 standard errors over the measurements (each measurement uses fresh examples); B_simple's interval is
+    tr_lo / G2_hi .. tr_hi / G2_lo (infinite when G2_lo <= 0, i.e. |G|^2 is indistinguishable from zero).
+    """
+    window = [r for r in records if r["step"] >= first_step and r.get("grad/norm_sq") is not None]
+    if len(window) < 2:
+        raise ValueError(f"pool needs two or more measurements from step {first_step}, got {len(window)}")
+    result = {"measurements": len(window), "first_step": window[0]["step"], "last_step": window[-1]["step"]}
+    for key in ("trace_cov", "norm_sq"):
+        values = np.array([r[f"grad/{key}"] for r in window], dtype=float)
+        mean, error = values.mean(), 2 * values.std(ddof=1) / math.sqrt(len(values))
+        result |= {key: float(mean), f"{key}_lo": float(mean - error), f"{key}_hi": float(mean + error)}
+    g2, g2_lo, g2_hi = result["norm_sq"], result["norm_sq_lo"], result["norm_sq_hi"]
+    result["noise_scale"] = result["trace_cov"] / g2 if g2 > 0 else math.inf
+    result["noise_scale_lo"] = max(result["trace_cov_lo"], 0.0) / g2_hi if g2_hi > 0 else math.inf
+    result["noise_scale_hi"] = result["trace_cov_hi"] / g2_lo if g2_lo > 0 else math.inf
+    return result
+
+
+def measure_noise(model, train_batches, instrument_batches, steps: int, *, batch_size: int, every=MEASURE_EVERY,
+                  out_path=None, log_dir=None) -> dict:
+    """Trains `model` for `steps` steps, measuring the gradient noise every `every` steps of the second half.
+
+    Args:
+        model: a compiled Keras model (its optimizer's schedule is the planned run's).
+        train_batches: an endless tf.data.Dataset of training batches.
+        instrument_batches: another dataset object of the same batches with another seed, for the instrument.
+        steps: training steps of the probe.
+        batch_size: the batch of train_batches.
+        every: steps between measurements.
+        out_path: grad_stats.jsonl to write, or None.
+        log_dir: TensorBoard directory, or None.
+
+    Returns:
+        pool()'s dict plus "steps", "loss_start" and "loss_end" (mean training loss of the first and last tenth
+        of the steps) and "records" (every measurement).
+    """
+    import keras
+
+    from callbacks import GradientStatistics
+
+    losses = []
+
+    class LossRecorder(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            losses.append(float((logs or {}).get("loss", math.nan)))
+
+    stats = GradientStatistics(instrument_batches, every_n_steps=every, batch_size=batch_size,
+                               micro_batches=MICRO_BATCHES, out_path=out_path, log_dir=log_dir, histograms=False)
+    recorder = LossRecorder()
+    # The first half trains unmeasured; the second half, the phase the advice is for, is measured and pooled.
+    model.fit(train_batches, steps_per_epoch=steps // 2, epochs=1, callbacks=[recorder], verbose=0)
+    model.fit(train_batches.skip(steps // 2), steps_per_epoch=steps - steps // 2, epochs=1,
+              callbacks=[stats, recorder], verbose=0)
+    tenth = max(1, len(losses) // 10)
+    result = pool(stats.history, first_step=steps // 2)
+    return result | {"steps": steps, "loss_start": float(np.mean(losses[:tenth])),
+                     "loss_end": float(np.mean(losses[-tenth:])), "records": stats.history}
+
+
+def time_ladder(step_seconds, batches) -> list[dict]:
+    """Step times at each batch in ascending order, stopping at the first that runs out of memory.
+
+    Args:
+        step_seconds: a function of the batch size returning the seconds of each timed step; it may raise
+            tf.errors.ResourceExhaustedError or MemoryError.
+        batches: batch sizes, ascending.
+
+    Returns:
+        One dict per batch tried: {"batch", "seconds_per_step" (the QUANTILE of the timed steps), "median",
+        "spread" ((max - min) / median)} or {"batch", "error"} for the batch that ran out of memory (the last).
+    """
+    import tensorflow as tf
+
+    rows = []
+    for batch in batches:
+        try:
+            seconds = list(step_seconds(batch))
+        except (tf.errors.ResourceExhaustedError, MemoryError) as e:
+            message = (getattr(e, "message", "") or str(e) or type(e).__name__).splitlines()[0][:200]
+            rows.append({"batch": int(batch), "error": f"out of memory ({type(e).__name__}: {message})"})
+            break
+        median = statistics.median(seconds)
+        rows.append({"batch": int(batch), "seconds_per_step": float(np.quantile(seconds, QUANTILE)),
+                     "median": median, "spread": (max(seconds) - min(seconds)) / median})
+    return rows
+
+
+def any_batch(dataset):
+    """The dataset with its batch dimension declared unknown, so that Keras traces one train step for all sizes.
+
+    Without this the probe would trace the step once for the base batch and again for the ladder's (a ResNet-20
+    step takes seconds to trace on 2 CPU cores).
+    """
+    import tensorflow as tf
+
+    def relax(*tensors):
+        return tuple(tf.compat.v1.placeholder_with_default(t, [None, *t.shape[1:]]) for t in tensors)
+
+    return dataset.map(relax)
+
+
+def fit_step_seconds(model, batches_of):
+    """A step_seconds function for time_ladder: fit's own steps on batches_of(batch), timed between batch ends."""
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.ends = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            float((logs or {}).get("loss", 0.0))  # waits for the step's result
+            self.ends.append(time.perf_counter())
+
+    def step_seconds(batch):
+        timer = StepTimer()
+        model.fit(batches_of(batch), steps_per_epoch=WARMUP_STEPS + TIMED_STEPS, epochs=1, callbacks=[timer],
+                  verbose=0)
+        return np.diff(timer.ends[WARMUP_STEPS - 1:]).tolist()
+
+    return step_seconds
+
+
+def ladder(base_batch: int, max_batch: int, num_train: int) -> list[int]:
+    """base_batch / 4, / 2, base_batch, 2 base_batch, ... up to max_batch and the training split's size."""
+    batches = [b for b in (base_batch // 4, base_batch // 2) if b >= 1]
+    batch = base_batch
+    while batch <= min(max_batch, num_train):
+        batches.append(batch)
+        batch *= 2
+    return sorted(set(batches))
+
+
+def probe(config: Config, steps: int, max_batch: int, out_dir: str) -> dict:
+    """Measures the noise scale at config.base_batch and step times up to max_batch (module docstring).
+
+    Args:
+        config: the planned run (dataset, model, optimizer, lr at base_batch, epochs, schedule, seed).
+        steps: probe steps at base_batch; 0 for AUTO_FRACTION of the planned run's steps.
+        max_batch: the largest batch to time.
+        out_dir: where grad_stats.jsonl goes.
+
+    The probe trains with the planned run's schedule (config.epochs, warmup, lr at base_batch), so it sees the
+    start of that run.
+
+    Returns:
+        {"noise": measure_noise()'s dict without records, "phase": {...}, "ladder": time_ladder()'s rows,
+         "num_train", "seconds": wall time of the probe}.
+    """
+    import os
+
+    import keras
+
+    from pipeline import data as data_lib
+    from pipeline import train as train_lib
+
+    started = time.perf_counter()
+    config = dataclasses.replace(config, batch=config.base_batch)
+    keras.utils.set_random_seed(config.seed)
+    data = data_lib.load(config)
+    model, _ = train_lib.compiled_model(config, data)
+    planned = config.epochs * (data.num_train // config.base_batch)
+    steps = steps or min(MAX_STEPS, max(MIN_STEPS, round(AUTO_FRACTION * planned)))
+    noise = measure_noise(model, any_batch(data.stream(config.base_batch, seed=config.seed)),
+                          data.stream(config.base_batch, seed=config.seed + 1), steps,
+                          batch_size=config.base_batch, out_path=os.path.join(out_dir, "grad_stats.jsonl"))
+    noise_seconds = time.perf_counter() - started  # start-up included: loading data, building the model
+    _, val_accuracy = model.evaluate(data.eval_dataset("val", max(config.base_batch, 256)), verbose=0)
+    phase = {"steps": steps, "planned_steps": planned, "fraction_of_run": steps / planned,
+             "loss_start": noise["loss_start"], "loss_end": noise["loss_end"], "val_accuracy": float(val_accuracy),
+             "target_accuracy": config.target_accuracy or None}
+    step_seconds = fit_step_seconds(model, lambda batch: any_batch(data.stream(batch, seed=config.seed)))
+    rows = time_ladder(step_seconds, ladder(config.base_batch, max_batch, data.num_train))
+    noise = {k: v for k, v in noise.items() if k != "records"}
+    total = time.perf_counter() - started
+    return {"noise": noise, "phase": phase, "ladder": rows, "num_train": data.num_train,
+            "seconds": {"total": total, "start_and_noise": noise_seconds, "ladder": total - noise_seconds}}
