@@ -414,6 +414,10 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
             best = max(scored, key=lambda t: t["score"], default=None)
             cells = f"{best['score']:.4f} | {best['values']['lr']:.3g} |" if best else "– | – |"
             lines.append(f"| {project} | {len(trials)} | {cells}")
+    if report.get("prediction"):
+        from pipeline import prediction
+
+        lines += ["", prediction.markdown(report["prediction"])]
     failed = [r for r in report["runs"] if r["status"] != "completed"]
     if failed:
         lines += ["", "## Runs not completed", ""] + [f"- {r['name']}: {r['status']} {r['reason']}" for r in failed]
@@ -421,6 +425,16 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
     lines += ["", f"TensorBoard: `tensorboard --logdir {report['sweep_dir']}` (HParams dashboard: tensorboard/; "
               "training curves: runs/*/tensorboard)."]
     return "\n".join(lines) + "\n"
+
+
+def _prediction(sweep_dir: str, groups: list[dict]) -> dict | None:
+    """The advisor's prediction beside the measurements, when the sweep was given --advice (<sweep_dir>/advice.json)."""
+    path = os.path.join(sweep_dir, "advice.json")
+    if not os.path.exists(path):
+        return None
+    from pipeline import advice, prediction
+
+    return prediction.check(advice.read(path, flag=f"advice of {sweep_dir}"), groups)
 
 
 def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
@@ -438,6 +452,7 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
               "groups": groups, "fits": fits(groups), "tuning": tuning.read_trials(sweep_dir),
               "runs": [{k: v for k, v in r.items() if k != "noise_curve"} for r in rows]}
     report["findings"] = findings(report)
+    report["prediction"] = _prediction(sweep_dir, groups)
     report["plots"] = plots(report, rows, sweep_dir)
     if tensorboard:
         report["tensorboard"] = write_hparams(rows, sweep_dir)

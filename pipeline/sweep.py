@@ -78,6 +78,8 @@ class Spec:
       tuner: None, or random | bayesian | hyperband to tune the lr per (norm, batch) before the seed runs.
       max_trials: tuning trials per (norm, batch) for random and bayesian.
       tune: hyperparameters to tune (tuning.TUNABLE): "lr" and optionally "momentum", "warmup".
+      advice: an advice.json of pipeline.advise, copied to <out>/advice.json; the report then puts its prediction
+        beside the measurements (pipeline/prediction.py).
     """
 
     batches: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
@@ -88,6 +90,7 @@ class Spec:
     tuner: str | None = None
     max_trials: int = 8
     tune: tuple[str, ...] = ("lr",)
+    advice: str | None = None
 
 
 def run_name(norm: str, batch: int, seed: int) -> str:
@@ -137,6 +140,10 @@ def sweep(config: Config, spec: Spec, out: str = "sweeps/default", *, report: bo
     configs = run_configs(config, spec, num_train)
     budget = spec.budget or Budget("epochs", config.epochs)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    if spec.advice:
+        from pipeline import advice
+
+        rundir.write_json_atomic(os.path.join(out, "advice.json"), advice.read(spec.advice))
     rundir.write_json_atomic(os.path.join(out, "sweep.json"), {
         "batches": list(spec.batches), "norms": list(spec.norms), "seeds": list(spec.seeds),
         "budget": dataclasses.asdict(budget), "warmup_fraction": spec.warmup_fraction, "num_train": num_train,
@@ -218,13 +225,15 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> tuple[str, ...]:
                         help="training examples per run: max_steps = N // batch")
     sweep.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR",
                        help="sweep directory (default: sweeps/<dataset>-<model>)")
+    sweep.add_argument("--advice", dest="sweep_advice", default=None, metavar="FILE",
+                       help="advice.json of pipeline.advise: the report puts its prediction beside the measurements")
     sweep.add_argument("--tuner", choices=tuning.TUNERS, default=None,
                        help="tune the learning rate separately for every batch size with keras-tuner")
     sweep.add_argument("--max-trials", type=_positive_int, default=Spec.max_trials, metavar="N",
                        help="tuning trials per batch size (random, bayesian)")
     sweep.add_argument("--tune", type=_tuned, default="lr", metavar="LIST",
                        help="hyperparameters to tune: lr, and optionally momentum and warmup")
-    return ("batch", "norm", "seed", "max_steps", "run_dir", "resume")
+    return ("batch", "norm", "seed", "max_steps", "run_dir", "resume", "advice")
 
 
 def spec_from_flags(config: Config, args: argparse.Namespace, argv) -> Spec:
@@ -240,7 +249,7 @@ def spec_from_flags(config: Config, args: argparse.Namespace, argv) -> Spec:
     auto_warmup = config.lr_scaling != "none" and "warmup_epochs" not in given and not config.warmup_epochs
     return Spec(batches=args.batches, norms=args.norms, seeds=tuple(range(args.seeds)), budget=budget,
                 warmup_fraction=WARMUP_FRACTION if auto_warmup else None, tuner=args.tuner,
-                max_trials=args.max_trials, tune=args.tune)
+                max_trials=args.max_trials, tune=args.tune, advice=args.sweep_advice)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,81 @@
+"""The batch-size advisor against the default sweep, in one process: time-to-target and cost ratios.
+
+Usage: python benchmarks/advisor.py [--out /tmp/advisor_bench] [--dataset digits] [--model resnet20]
+
+Runs, with the default sweep's settings (lr 0.05 at batch 32 scaled linearly, warmup 5/90 of 12 epochs, target
+98% validation accuracy):
+  1. pipeline.advise (the probe and the advice), timed from the call to the written advice;
+  2. the default sweep (batches 8..256) with that advice, so its report holds "Predicted vs measured";
+  3. pipeline.train --advice at the advised batch and learning rate, with the same budget and target.
+Prints the goals of the advisor issue as ratios:
+  time to target of the advised run / the best of the sweep   (goal <= 1.25; time to target = steps to the
+                                                               target x steady time per step, as in the report)
+  probe time / sweep time                                      (goal <= 0.1; both wall time in this process)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline import config as config_lib  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="/tmp/advisor_bench")
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--model", default="resnet20")
+    args = parser.parse_args(argv)
+
+    from pipeline import advise, report, sweep, train
+
+    config = dataclasses.replace(config_lib.batch_study(), dataset=args.dataset, model=args.model, verbose=0)
+    warmup = sweep.WARMUP_FRACTION * config.epochs
+    os.makedirs(args.out, exist_ok=True)
+
+    started = time.perf_counter()
+    advice = advise.advise(dataclasses.replace(config, warmup_epochs=warmup), 0, 8 * config.base_batch,
+                           os.path.join(args.out, "advice"))
+    probe_s = time.perf_counter() - started
+    print(f"advice ({probe_s:.1f} s): {advice['message']}", flush=True)
+
+    started = time.perf_counter()
+    recommended = advice["status"] == "recommended"
+    spec = sweep.Spec(warmup_fraction=sweep.WARMUP_FRACTION,
+                      advice=os.path.join(args.out, "advice", "advice.json") if recommended else None)
+    result = sweep.sweep(config, spec, os.path.join(args.out, "sweep"), log=lambda line: print(line, flush=True))
+    sweep_s = time.perf_counter() - started
+    times = {g["batch"]: g["time_to_target_s"]["mean"] for g in result["groups"] if g["time_to_target_s"]["mean"]}
+    best_batch = min(times, key=times.get)
+    print(f"sweep ({sweep_s:.1f} s): time to target by batch "
+          + ", ".join(f"{b}: {t:.1f} s" for b, t in sorted(times.items())), flush=True)
+
+    print(f"probe / sweep time: {probe_s / sweep_s:.3f} (goal <= 0.1)")
+    if advice["status"] != "recommended":
+        print("no recommendation, so no advised run: " + advice["message"])
+        return 0
+    run_dir = os.path.join(args.out, "advised")
+    summary = train.train(dataclasses.replace(config, warmup_epochs=warmup, run_dir=run_dir, overwrite=True,
+                                              advice=os.path.join(args.out, "advice", "advice.json")))
+    row = report.read_run(run_dir)
+    print(f"advised run: {summary.batch_source}; steps to target {row['steps_to_target']}, time to target "
+          + (f"{row['time_to_target_s']:.1f} s" if row["time_to_target_s"] else "not reached"))
+    if row["time_to_target_s"]:
+        print(f"advised / best sweep time to target: {row['time_to_target_s'] / times[best_batch]:.2f} "
+              f"(best: batch {best_batch}, {times[best_batch]:.1f} s; goal <= 1.25)")
+    prediction = result.get("prediction")
+    if prediction:
+        print(f"predicted fastest batch {prediction['predicted_fastest']}, measured fastest "
+              f"{prediction['fastest_batch']}; steps off by {prediction['steps_off_typical']:.2f}x (median)")
+    print(f"report: {os.path.join(args.out, 'sweep', 'report.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
