@@ -6,16 +6,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from pipeline import goodput
-from pipeline.config import Config, InputError
+from pipeline.config import Config, InputError, read_json
 
 MAX_SPREAD = 4.0  # B_simple's interval hi / lo above which the noise scale counts as not determined
 MEMORY_MARGIN = 0.9  # after an out-of-memory error, candidates stop 10% below the largest batch that ran
-FILES = ("advice.json", "advice.md", "goodput.png")
 
 
 def _undetermined(noise: dict) -> str:
@@ -181,13 +179,7 @@ def read(path: str, flag: str = "--advice") -> dict:
     """advice.json (or a directory holding it), checked; raises InputError naming `flag` when unusable."""
     if os.path.isdir(path):
         path = os.path.join(path, "advice.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            advice = json.load(f)
-    except OSError as e:
-        raise InputError(f"{flag}: cannot read {path} ({e.strerror}); pass the advice.json of pipeline.advise") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{flag}: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    advice = read_json(path, flag)
     if not isinstance(advice, dict) or "status" not in advice:
         raise InputError(f"{flag}: {path} is not an advice.json written by pipeline.advise")
     if advice["status"] != "recommended":

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from pipeline import config as config_lib
 from pipeline import flags
 from pipeline.config import InputError
 
@@ -68,8 +69,7 @@ def main(argv=None) -> int:
     try:
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=_add_flags)
         max_batch = args.max_batch or 8 * config.base_batch
-        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in config.dataset.rstrip("/").split("/")[-1])
-        out = args.out or os.path.join("advice", f"{name}-{config.model}")
+        out = args.out or config_lib.default_out(config, "advice")
         advice = advise(config, args.probe_steps, max_batch, out)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -240,15 +240,20 @@ def from_dict(values: dict, base: Config | None = None, source: str = "config") 
     return dataclasses.replace(base, **changes)
 
 
-def load_json(path: str) -> Config:
-    """Reads a config file written by save_json (or by hand); the resolved config of a run loads back."""
+def read_json(path: str, flag: str):
+    """The JSON value in a file a user named with `flag`; InputError naming the flag and file when unreadable."""
     try:
         with open(path, encoding="utf-8") as f:
-            values = json.load(f)
+            return json.load(f)
     except OSError as e:
-        raise InputError(f"--config: cannot read {path}: {e.strerror}") from None
+        raise InputError(f"{flag}: cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
-        raise InputError(f"--config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise InputError(f"{flag}: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def load_json(path: str) -> Config:
+    """Reads a config file written by save_json (or by hand); the resolved config of a run loads back."""
+    values = read_json(path, "--config")
     if not isinstance(values, dict):
         raise InputError(f"--config: {path} must hold a JSON object of config fields")
     values = values.get("config", values)  # A run's config.json nests the fields under "config".
@@ -257,6 +262,13 @@ def load_json(path: str) -> Config:
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
+
+
+def default_out(config: Config, folder: str) -> str:
+    """<folder>/<dataset>-<model>, the default output of a sweep or an advice (dataset name made file-safe)."""
+    name = config.dataset.rstrip("/").split("/")[-1]
+    safe_dataset = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    return os.path.join(folder, f"{safe_dataset}-{config.model}")
 
 
 def default_run_dir(config: Config, now: str) -> str:

@@ -258,9 +258,7 @@ def main(argv=None) -> int:
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=add_sweep_flags,
                                    preset=config_lib.batch_study())
         spec = spec_from_flags(config, args, argv)
-        name = config.dataset.rstrip("/").split("/")[-1]
-        safe_dataset = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-        out = vars(args).get("out") or os.path.join("sweeps", f"{safe_dataset}-{config.model}")
+        out = vars(args).get("out") or config_lib.default_out(config, "sweeps")
         report = sweep(config, spec, out)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
