@@ -37,9 +37,9 @@ def _add_flags(parser: argparse.ArgumentParser) -> tuple[str, ...]:
                          help="training steps at --base-batch that measure the noise scale (0: a fifth of the "
                               "planned run's steps, 40 to 300)")
     advisor.add_argument("--max-batch", type=_count, default=0, metavar="N",
-                         help="largest batch to time and recommend (default: 8 x --base-batch)")
-    advisor.add_argument("--out", default="", metavar="DIR", help="where advice.json goes "
-                         "(default: advice/<dataset>-<model>)")
+                         help="largest batch to time and recommend (0: 8 x --base-batch)")
+    advisor.add_argument("--out", default="", metavar="DIR", help="where advice.json goes (\"\": "
+                         "advice/<dataset>-<model>)")
     return NOT_FLAGS
 
 

@@ -20,8 +20,9 @@ grows with phi for B > M0: the speed-up's interval is its value at the ends of p
 step time, goodput peaks at B* = sqrt(alpha phi / beta) (d log goodput / dB = 0), but the advisor takes the
 argmax over candidate batches up to a cap (Pollux), and keeps M0 unless the gain exceeds MIN_GAIN.
 
-Learning rate: lr(B) = lr0 r(B) for SGD (AdaScale), lr0 sqrt(r(B)) for Adam-type optimizers (AdaptDL's Adam
-rule). r(B) is the linear rule lr0 B / M0 (Goyal et al. 2017) times (phi + M0) / (phi + B), so it follows the
+Learning rate: lr(B) = lr0 r(B) for SGD (AdaScale), lr0 sqrt(r(B)) for Adam-type optimizers (for which the
+square-root rule is the linear rule's counterpart; Malladi et al. 2022, "On the SDEs and Scaling Rules for
+Adaptive Gradient Algorithms"). r(B) is the linear rule lr0 B / M0 (Goyal et al. 2017) times (phi + M0) / (phi + B), so it follows the
 linear rule (within 2x) up to about B = phi and flattens beyond it, where the linear rule breaks (Shallue et
 al. 2018; McCandlish et al. 2018).
 """
