@@ -10,10 +10,21 @@ target x its time per step (pipeline/report.py); "off" is predicted / measured.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
 from pipeline import goodput
+
+
+def for_sweep(sweep_dir: str, groups: list[dict]) -> dict | None:
+    """check() with the advice the sweep was given (<sweep_dir>/advice.json, from --advice), or None without one."""
+    from pipeline import advice
+
+    path = os.path.join(sweep_dir, "advice.json")
+    if not os.path.exists(path):
+        return None
+    return check(advice.read(path, flag=f"advice of {sweep_dir}"), groups)
 
 
 def check(advice: dict, groups: list[dict]) -> dict | None:

@@ -34,7 +34,7 @@ import sys
 import numpy as np
 
 from pipeline.plots import plots, series
-from pipeline import rundir, tuning
+from pipeline import prediction, rundir, tuning
 from pipeline.config import InputError
 
 # (key in a run row, column title, number format) of the report's table, in order.
@@ -415,8 +415,6 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
             cells = f"{best['score']:.4f} | {best['values']['lr']:.3g} |" if best else "– | – |"
             lines.append(f"| {project} | {len(trials)} | {cells}")
     if report.get("prediction"):
-        from pipeline import prediction
-
         lines += ["", prediction.markdown(report["prediction"])]
     failed = [r for r in report["runs"] if r["status"] != "completed"]
     if failed:
@@ -425,16 +423,6 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
     lines += ["", f"TensorBoard: `tensorboard --logdir {report['sweep_dir']}` (HParams dashboard: tensorboard/; "
               "training curves: runs/*/tensorboard)."]
     return "\n".join(lines) + "\n"
-
-
-def _prediction(sweep_dir: str, groups: list[dict]) -> dict | None:
-    """The advisor's prediction beside the measurements, when the sweep was given --advice (<sweep_dir>/advice.json)."""
-    path = os.path.join(sweep_dir, "advice.json")
-    if not os.path.exists(path):
-        return None
-    from pipeline import advice, prediction
-
-    return prediction.check(advice.read(path, flag=f"advice of {sweep_dir}"), groups)
 
 
 def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
@@ -452,7 +440,7 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
               "groups": groups, "fits": fits(groups), "tuning": tuning.read_trials(sweep_dir),
               "runs": [{k: v for k, v in r.items() if k != "noise_curve"} for r in rows]}
     report["findings"] = findings(report)
-    report["prediction"] = _prediction(sweep_dir, groups)
+    report["prediction"] = prediction.for_sweep(sweep_dir, groups)
     report["plots"] = plots(report, rows, sweep_dir)
     if tensorboard:
         report["tensorboard"] = write_hparams(rows, sweep_dir)
