@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 import keras
@@ -32,6 +33,9 @@ QUANTITIES = (
     "moving_variance_min",
     "moving_variance_max",
 )
+
+# The epoch-log keys: the averages over layers of the latest measurement in the epoch, and its step.
+EPOCH_KEYS = ("bn/mean_rel_error", "bn/var_rel_error", "bn/step")
 
 
 def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -98,6 +102,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
         self.history: dict[str, list[dict]] = {}
         self._layers: list = []
         self._compiled_for = None
+        self._epoch_summary = None
 
     def on_train_begin(self, logs=None):
         pairs = batch_norm_inputs(self.model)
@@ -121,6 +126,16 @@ class BatchNormStatistics(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._steps.epoch_begin(self.model)
+        self._epoch_summary = None  # the latest measurement of this epoch, for the epoch logs
+
+    def on_epoch_end(self, epoch, logs=None):
+        """The epoch logs get the latest measurement of this epoch with its step ("bn/step"), or NaN in each key
+        when the epoch made none (stable columns for CSVLogger; callbacks.epoch_logs.DropUnmeasured hides them)."""
+        if logs is None or not self._layers:
+            return
+        summary = self._epoch_summary or {}
+        for key in EPOCH_KEYS:
+            logs[key] = float(summary.get(key, math.nan))
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._layers and self._steps.step == 0 and self._last_measured is None:
@@ -194,6 +209,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
             self._summaries(step, rows, summary, np.split(mean, self._starts[1:]),
                             np.split(variance, self._starts[1:]))
         self._last_measured = step
+        self._epoch_summary = {**summary, "bn/step": step}
         return summary
 
     def _summaries(self, step, rows, summary, means, variances):

@@ -96,7 +96,8 @@ def instruments(config: Config, data, model, run_dir: str) -> list:
         with config_lib.as_flag_error("grad_stats_every"):
             result.append(callbacks.GradientStatistics(
                 instrument_data, every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
-                log_dir=tensorboard_dir, out_path=os.path.join(run_dir, "grad_stats.jsonl")))
+                population=data.num_train, log_dir=tensorboard_dir,
+                out_path=os.path.join(run_dir, "grad_stats.jsonl")))
     if bn_every and callbacks.batch_norm_inputs(model):
         with config_lib.as_flag_error("bn_stats_every"):
             result.append(callbacks.BatchNormStatistics(
@@ -115,6 +116,7 @@ def _callbacks(config, data, model, run_dir, schedule):
     """The callback list, in order: instruments first, so that loggers after them see their values."""
     import keras
 
+    from callbacks.epoch_logs import DropUnmeasured
     from pipeline import run_callbacks as run
 
     phases = config.batch_phases
@@ -125,8 +127,11 @@ def _callbacks(config, data, model, run_dir, schedule):
     result += measuring
     result += [
         run.MetricsLogger(run_dir, phases, data.num_train, schedule, measuring),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), write_graph=False),
+        # CSVLogger sees an instrument's NaN in epochs without a new measurement (stable columns); TensorBoard and
+        # the console line, after DropUnmeasured, see only measured values.
         keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True),
+        DropUnmeasured(),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), write_graph=False),
         # Saved at every epoch end; not deleted at the end, so a NaN stop keeps the last good epoch.
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "checkpoints"), delete_checkpoint=False),
     ]

@@ -1,0 +1,177 @@
+"""Gradient-noise estimates with confidence intervals, from micro-batch gradients or from pooled measurements.
+
+Pure NumPy (no Keras), so that reports and advisors can pool a run's grad_stats.jsonl records without a model.
+
+One measurement: M micro-batches of b examples drawn without replacement; g_i is the mean gradient of micro-batch
+i and K_ij = g_i . g_j their Gram matrix. With G the mean gradient and Sigma the per-example gradient covariance
+of the N examples the batches are drawn from (McCandlish et al. 2018, "An Empirical Model of Large-Batch
+Training", app. A, written as U-statistics over pairs of micro-batches):
+
+    tr(Sigma) = b / (2 M (M - 1)) * sum_{i != j} |g_i - g_j|^2            grad/trace_cov
+    |G|^2     = 1 / (M (M - 1)) * sum_{i != j} g_i . g_j  +  tr(Sigma) / N   grad/norm_sq
+    B_simple  = tr(Sigma) / |G|^2                                         grad/noise_scale  (their eq. 2.8)
+    std(g_B)  = sqrt(tr(Sigma) / B)                                       grad/batch_std  (at the run's batch B)
+    SNR       = |G|^2 / (tr(Sigma) / B) = B / B_simple                    grad/snr
+
+Both sums are unbiased: E[g_i . g_j] = |G|^2 - tr(Sigma) / N for two disjoint micro-batches drawn without
+replacement from N examples, hence the finite-population term tr(Sigma) / N (zero when N is infinite, i.e. when
+the examples are drawn with replacement or from a stream). Intervals (confidence `CONFIDENCE`):
+
+- tr(Sigma) and |G|^2: the estimate +- t_{M-1} * s.e., the standard errors and their covariance by the
+  delete-one jackknife over the M micro-batches (Efron and Stein 1981; for U-statistics it is conservative).
+  tr(Sigma) >= 0, so its lower end is clipped at 0.
+- B_simple: Fieller's interval for a ratio of two correlated estimates (Fieller 1954): all rho with
+  (T - rho N)^2 <= q^2 (var T - 2 rho cov + rho^2 var N). When |G|^2 is not distinguishable from zero at this
+  confidence (N^2 <= q^2 var N) that set is unbounded above: B_simple is then reported as its lower bound X
+  ("B_simple > X", noise_scale_is_lower_bound true), never as NaN or a huge ratio of noise.
+- batch_std and SNR: monotone functions of tr(Sigma) and of B_simple, so their intervals are the images of those
+  intervals (when B_simple is a lower bound, SNR is an upper bound B / X).
+
+Pooled measurements (`pool`): the mean of the K measurements' tr(Sigma) and |G|^2 (each unbiased at its own
+step), their variances sum(s.e._k^2) / K^2 and covariance likewise (the measurements use independent examples),
+normal quantiles when K (M - 1) is large, and the same Fieller interval for B_simple.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95  # two-sided confidence of every reported interval
+KEYS = ("norm_sq", "trace_cov", "noise_scale", "batch_std", "snr")
+
+
+def quantile(degrees_of_freedom: float, confidence: float = CONFIDENCE) -> float:
+    """Two-sided Student-t quantile t_{df, (1 + confidence) / 2}."""
+    return float(stats.t.ppf(0.5 + confidence / 2, degrees_of_freedom))
+
+
+def gram_estimates(gram, micro_batch_size: int, population: int | None = None) -> dict:
+    """tr(Sigma) and |G|^2 from one measurement, with jackknife standard errors and covariance.
+
+    Args:
+        gram: (M, M) Gram matrix of the M >= 3 micro-batch mean gradients, K_ij = g_i . g_j (float64).
+        micro_batch_size: Examples b per micro-batch.
+        population: Examples N the micro-batches were drawn from without replacement, or None (infinite).
+
+    Returns:
+        {"trace_cov", "norm_sq", "trace_cov_se", "norm_sq_se", "covariance", "degrees_of_freedom"}.
+    """
+    gram = np.asarray(gram, np.float64)
+    m = gram.shape[0]
+    if m < 3:
+        raise ValueError(f"micro_batches: the jackknife needs at least 3 micro-batches, got {m}")
+    diagonal, rows = np.diag(gram), gram.sum(axis=1)
+    squares, total = diagonal.sum(), rows.sum()
+
+    def estimates(squares, total, m):
+        """(tr(Sigma), |G|^2) from sum_i |g_i|^2, |sum_i g_i|^2 and M (arrays for the leave-one-out sets)."""
+        trace = micro_batch_size / (m - 1) * (squares - total / m)
+        norm_sq = (total - squares) / (m * (m - 1))
+        return trace, norm_sq + (trace / population if population else 0.0)
+
+    trace, norm_sq = estimates(squares, total, m)
+    # Leave micro-batch i out: its squared norm leaves the diagonal sum, its row and column leave the total.
+    trace_out, norm_sq_out = estimates(squares - diagonal, total - 2 * rows + diagonal, m - 1)
+    deviations = np.stack([trace_out - trace_out.mean(), norm_sq_out - norm_sq_out.mean()])
+    covariance = (m - 1) / m * deviations @ deviations.T
+    return {
+        "trace_cov": float(trace),
+        "norm_sq": float(norm_sq),
+        "trace_cov_se": float(math.sqrt(covariance[0, 0])),
+        "norm_sq_se": float(math.sqrt(covariance[1, 1])),
+        "covariance": float(covariance[0, 1]),
+        "degrees_of_freedom": m - 1,
+    }
+
+
+def ratio_interval(trace, norm_sq, trace_var, norm_sq_var, covariance, q):
+    """Fieller's interval for tr(Sigma) / |G|^2: (value, lo, hi, is_lower_bound).
+
+    When |G|^2 is significantly positive, value = trace / norm_sq inside the finite interval [lo, hi]. Otherwise
+    value = lo = X, the lower end of the positive part of Fieller's set (0 when tr(Sigma) is not significantly
+    positive either), hi = inf and is_lower_bound = True.
+    """
+    a = norm_sq**2 - q**2 * norm_sq_var
+    h = trace * norm_sq - q**2 * covariance
+    c = trace**2 - q**2 * trace_var
+    discriminant = h * h - a * c
+    if a > 0 and norm_sq > 0:
+        root = math.sqrt(max(discriminant, 0.0))  # >= 0 whenever a > 0: trace / norm_sq is inside the set
+        lo = c / (h + root) if c > 0 and h + root > 0 else 0.0
+        return trace / norm_sq, max(lo, 0.0), (h + root) / a, False
+    if c > 0 and discriminant >= 0 and h + math.sqrt(discriminant) > 0:
+        bound = c / (h + math.sqrt(discriminant))  # the positive root: the set is [bound, inf) on B >= 0
+    else:
+        bound = 0.0
+    return bound, bound, math.inf, True
+
+
+def derive(trace, norm_sq, trace_var, norm_sq_var, covariance, q, batch_size) -> dict:
+    """All KEYS with intervals: {"trace_cov": v, "trace_cov_lo": lo, "trace_cov_hi": hi, ...,
+    "noise_scale_is_lower_bound": bool}."""
+    trace_se, norm_sq_se = math.sqrt(max(trace_var, 0.0)), math.sqrt(max(norm_sq_var, 0.0))
+    noise, noise_lo, noise_hi, is_bound = ratio_interval(trace, norm_sq, trace_var, norm_sq_var, covariance, q)
+    trace_lo, trace_hi = max(trace - q * trace_se, 0.0), trace + q * trace_se
+    values = {
+        "trace_cov": (trace, trace_lo, trace_hi),
+        "norm_sq": (norm_sq, norm_sq - q * norm_sq_se, norm_sq + q * norm_sq_se),
+        "noise_scale": (noise, noise_lo, noise_hi),
+        "batch_std": tuple(math.sqrt(max(t, 0.0) / batch_size) for t in (trace, trace_lo, trace_hi)),
+        "snr": tuple(batch_size / n if n > 0 else math.inf for n in (noise, noise_hi, noise_lo)),
+    }
+    record = {}
+    for key, (value, lo, hi) in values.items():
+        record.update({key: value, f"{key}_lo": lo, f"{key}_hi": hi})
+    record["noise_scale_is_lower_bound"] = is_bound
+    return record
+
+
+def measurement(gram, micro_batch_size: int, batch_size: int, population: int | None = None,
+                confidence: float = CONFIDENCE) -> dict:
+    """One measurement's KEYS with intervals (see derive), plus the standard errors and their covariance."""
+    e = gram_estimates(gram, micro_batch_size, population)
+    q = quantile(e["degrees_of_freedom"], confidence)
+    record = derive(e["trace_cov"], e["norm_sq"], e["trace_cov_se"] ** 2, e["norm_sq_se"] ** 2, e["covariance"], q,
+                    batch_size)
+    record.update(trace_cov_se=e["trace_cov_se"], norm_sq_se=e["norm_sq_se"],
+                  trace_norm_sq_corr=_correlation(e["covariance"], e["trace_cov_se"], e["norm_sq_se"]))
+    return record
+
+
+def _correlation(covariance, se_a, se_b):
+    return covariance / (se_a * se_b) if se_a > 0 and se_b > 0 else 0.0
+
+
+def pool(records, first_step: int = 0, last_step: float = math.inf, *, batch_size: int | None = None,
+         confidence: float = CONFIDENCE) -> dict | None:
+    """tr(Sigma), |G|^2, B_simple, batch_std and SNR with intervals, pooled over the measurements in a step window.
+
+    Args:
+        records: grad_stats.jsonl records (dicts with "step", "micro_batches", "batch_size", "grad/trace_cov",
+            "grad/norm_sq", "grad/trace_cov_se", "grad/norm_sq_se", "grad/trace_norm_sq_corr").
+        first_step, last_step: The window, inclusive, in steps.
+        batch_size: B for batch_std and SNR (default: the records' batch_size).
+        confidence: Two-sided confidence of the intervals.
+
+    Returns:
+        {"trace_cov", "trace_cov_lo", "trace_cov_hi", ..., "noise_scale_is_lower_bound", "measurements",
+        "first_step", "last_step"} (the steps of the first and last measurement pooled), or None when the window
+        holds no measurement.
+    """
+    chosen = [r for r in records if first_step <= r["step"] <= last_step and r.get("grad/trace_cov") is not None]
+    if not chosen:
+        return None
+    k = len(chosen)
+    trace = np.array([r["grad/trace_cov"] for r in chosen], np.float64)
+    norm_sq = np.array([r["grad/norm_sq"] for r in chosen], np.float64)
+    trace_se = np.array([r["grad/trace_cov_se"] for r in chosen], np.float64)
+    norm_sq_se = np.array([r["grad/norm_sq_se"] for r in chosen], np.float64)
+    correlation = np.array([r.get("grad/trace_norm_sq_corr") or 0.0 for r in chosen], np.float64)
+    q = quantile(sum(r["micro_batches"] - 1 for r in chosen), confidence)
+    result = derive(trace.mean(), norm_sq.mean(), np.sum(trace_se**2) / k**2, np.sum(norm_sq_se**2) / k**2,
+                    np.sum(correlation * trace_se * norm_sq_se) / k**2, q, batch_size or chosen[-1]["batch_size"])
+    result.update(measurements=k, first_step=chosen[0]["step"], last_step=chosen[-1]["step"])
+    return result

@@ -1,0 +1,108 @@
+"""GradientStatistics as users see it: during a real fit, against per-example gradients over the whole training split.
+
+A BN-free CNN on the digits (batch 32, SGD lr 0.05, the pipeline's defaults otherwise), measured every 10 steps with
+the callback's defaults as pipeline.train wires it. At every measurement, the truth at the same weights comes from
+per-example gradients of all 1293 training examples, each from its own tape on a one-example batch (vectorized
+with tf.vectorized_map, not the callback's micro-batch code).
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import build_model
+from pipeline import config as config_lib
+from pipeline import data as data_lib
+from pipeline import optim, train
+
+CHECKED_STEPS = (40, 150, 390)
+
+
+class BruteForce(keras.callbacks.Callback):
+    """After each new measurement of `instrument`, tr(Sigma), |G|^2 and B_simple of the training split."""
+
+    def __init__(self, instrument, x, y):
+        super().__init__()
+        self.instrument, self.x, self.y, self.truth = instrument, x, y, {}
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._check()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check()
+
+    def _check(self):
+        if self.instrument.history and self.instrument.history[-1]["step"] not in self.truth:
+            self.truth[self.instrument.history[-1]["step"]] = self._population_statistics()
+
+    def _population_statistics(self):
+        variables = self.model.trainable_variables
+
+        @tf.function(reduce_retracing=True)
+        def sums(xb, yb):
+            def one_example(example):
+                xi, yi = example
+                with tf.GradientTape() as tape:
+                    loss = keras.losses.sparse_categorical_crossentropy(yi[None], self.model(xi[None]))[0]
+                return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(loss, variables)], 0)
+
+            g = tf.cast(tf.vectorized_map(one_example, (xb, yb)), tf.float64)
+            return tf.reduce_sum(g, 0), tf.reduce_sum(tf.square(g), 0)
+
+        if not hasattr(self, "_sums"):
+            self._sums = sums
+        n, total, squares = len(self.x), 0.0, 0.0
+        for i in range(0, n, 431):
+            s, sq = self._sums(self.x[i : i + 431], self.y[i : i + 431])
+            total, squares = total + s.numpy(), squares + sq.numpy()
+        mean = total / n
+        trace = float(np.sum(squares - n * mean**2) / (n - 1))  # sum over parameters of the unbiased variance
+        norm_sq = float(mean @ mean)
+        return {"trace_cov": trace, "norm_sq": norm_sq, "noise_scale": trace / norm_sq}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    config = dataclasses.replace(config_lib.Config(), model="cnn", norm="none", batch=32, lr=0.05, epochs=10,
+                                 grad_stats_every=10, bn_stats_every=0, dynamics=False)
+    keras.utils.set_random_seed(0)
+    data = data_lib.load(config)
+    x, y = data.arrays("train")
+    model = build_model(config.model, data.input_shape, data.num_classes, config.norm, mean=data.mean,
+                        variance=data.variance)
+    steps = data.num_train // config.batch
+    model.compile(optimizer=optim.build_optimizer(config, [(0, steps)]), loss="sparse_categorical_crossentropy")
+    (instrument,) = train.instruments(config, data, model, str(tmp_path_factory.mktemp("run")))
+    truth = BruteForce(instrument, x, y)
+    model.fit(data.train_dataset(config.batch, seed=config.seed), epochs=config.epochs,
+              callbacks=[instrument, truth], verbose=0)
+    return instrument.history, truth.truth
+
+
+def test_measures_every_10_steps_with_the_defaults(digits_run):
+    history, truth = digits_run
+    assert [r["step"] for r in history] == list(range(0, 401, 10)) == sorted(truth)
+    assert {(r["micro_batches"], r["micro_batch_size"], r["population"]) for r in history} == {(8, 32, 1293)}
+
+
+@pytest.mark.parametrize("step", CHECKED_STEPS)
+def test_smoothed_values_match_brute_force_at_those_weights(digits_run, step):
+    history, truth = digits_run
+    record = next(r for r in history if r["step"] == step)
+    for key, tolerance in (("trace_cov", 1.5), ("norm_sq", 2.0), ("noise_scale", 2.0)):
+        ratio = record[f"grad/{key}_smoothed"] / truth[step][key]
+        assert 1 / tolerance <= ratio <= tolerance, (key, ratio, record[f"grad/{key}_smoothed"], truth[step][key])
+    assert not record["grad/noise_scale_smoothed_is_lower_bound"]
+
+
+@pytest.mark.parametrize("key", ["trace_cov", "norm_sq", "noise_scale"])
+def test_intervals_hold_the_truth_in_most_measurements(digits_run, key):
+    history, truth = digits_run
+    inside = []
+    for r in history:
+        hi = r[f"grad/{key}_hi"] if r[f"grad/{key}_hi"] is not None else np.inf
+        inside.append(r[f"grad/{key}_lo"] <= truth[r["step"]][key] <= hi)
+    assert np.mean(inside) >= 0.8, [r["step"] for r, ok in zip(history, inside) if not ok]
