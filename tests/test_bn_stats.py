@@ -167,3 +167,24 @@ def test_steps_per_execution_measures_once_per_crossed_interval(batch):
     callback = BatchNormStatistics(tf.data.Dataset.from_tensor_slices((x, y)).batch(10), every_n_steps=3)
     model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[callback])
     assert [row["step"] for row in callback.history["bn"]] == [0, 4, 8, 10]
+
+
+def test_epochs_without_a_new_measurement_report_none(batch):
+    # 4 steps per epoch (steps 1-4, 5-8, 9-12) and measurements at steps 0 and 7: epoch 2 has none. Its epoch logs
+    # hold NaN (stable CSV columns) and, after DropUnmeasured, no bn/ key at all (TensorBoard, console).
+    from callbacks.epoch_logs import DropUnmeasured
+
+    model = small_model()
+    x, y = np.concatenate([batch] * 4), np.zeros(40, "int32")
+    callback = BatchNormStatistics(tf.data.Dataset.from_tensor_slices((x, y)).batch(10), every_n_steps=7)
+    raw, shown = [], []
+    model.fit(x, y, batch_size=10, epochs=3, verbose=0, callbacks=[
+        callback, keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: raw.append(dict(logs))),
+        DropUnmeasured(), keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: shown.append(dict(logs)))])
+    assert [row["step"] for row in callback.history["bn"]] == [0, 7, 12]  # 12: the final one, after the last epoch
+    assert [logs["bn/step"] for logs in raw[:2]] == [0, 7] and np.isnan(raw[2]["bn/step"])
+    assert np.isnan(raw[2]["bn/var_rel_error"])
+    means = [callback.history[name][1]["var_rel_error"] for name in ("bn", "ghost")]
+    assert raw[1]["bn/var_rel_error"] == pytest.approx(np.mean(means))
+    assert not any(key.startswith("bn/") for key in shown[2]) and "loss" in shown[2]
+    assert shown[1]["bn/step"] == 7

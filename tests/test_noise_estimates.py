@@ -1,0 +1,111 @@
+"""Tests of callbacks.noise_estimates against direct computations: loops over micro-batches, grids over ratios."""
+
+import math
+
+import numpy as np
+import pytest
+
+from callbacks import noise_estimates
+
+
+def _micro_batch_gradients(rng, m, parameters=50, signal=1.0):
+    return signal + rng.normal(size=(m, parameters)) * rng.uniform(0.5, 2.0, size=parameters)
+
+
+def _direct(g, b, population=None):
+    """tr(Sigma) and |G|^2 from the micro-batch gradients themselves (variance of their mean, pairs)."""
+    m = len(g)
+    trace = b * np.sum(np.var(g, axis=0, ddof=1))
+    pairs = [g[i] @ g[j] for i in range(m) for j in range(m) if i != j]
+    return trace, np.mean(pairs) + (trace / population if population else 0.0)
+
+
+@pytest.mark.parametrize("population", [None, 5000])
+def test_jackknife_matches_a_loop_over_left_out_micro_batches(population):
+    rng = np.random.default_rng(0)
+    g = _micro_batch_gradients(rng, 9)
+    result = noise_estimates.gram_estimates(g @ g.T, micro_batch_size=4, population=population)
+    trace, norm_sq = _direct(g, 4, population)
+    assert result["trace_cov"] == pytest.approx(trace, rel=1e-10)
+    assert result["norm_sq"] == pytest.approx(norm_sq, rel=1e-10)
+    left_out = np.array([_direct(np.delete(g, i, axis=0), 4, population) for i in range(len(g))])
+    deviations = left_out - left_out.mean(axis=0)
+    covariance = (len(g) - 1) / len(g) * deviations.T @ deviations
+    assert result["trace_cov_se"] == pytest.approx(math.sqrt(covariance[0, 0]), rel=1e-8)
+    assert result["norm_sq_se"] == pytest.approx(math.sqrt(covariance[1, 1]), rel=1e-8)
+    assert result["covariance"] == pytest.approx(covariance[0, 1], rel=1e-8)
+    assert result["degrees_of_freedom"] == 8
+
+
+def test_intervals_cover_known_values_at_their_confidence():
+    # Gaussian micro-batch gradients with mean G and covariance Sigma / b: over 2000 draws of M = 16, the 95%
+    # intervals hold tr(Sigma), |G|^2 and their ratio in 93-97.5% of them.
+    rng = np.random.default_rng(1)
+    b, m, parameters = 8, 16, 30
+    mean, scale = rng.normal(size=parameters) * 0.3, rng.uniform(0.5, 2.0, size=parameters)
+    trace, norm_sq = np.sum(scale**2), mean @ mean
+    hits = {"trace_cov": 0, "norm_sq": 0, "noise_scale": 0}
+    for _ in range(2000):
+        g = mean + rng.normal(size=(m, parameters)) * scale / math.sqrt(b)
+        record = noise_estimates.measurement(g @ g.T, b, batch_size=32)
+        for key, value in (("trace_cov", trace), ("norm_sq", norm_sq), ("noise_scale", trace / norm_sq)):
+            hits[key] += record[f"{key}_lo"] <= value <= record[f"{key}_hi"]
+    for key, count in hits.items():
+        assert 0.93 <= count / 2000 <= 0.975, key
+
+
+def _fieller_by_grid(t, n, vt, vn, c, q, grid):
+    """The rho on a grid with (t - rho n)^2 <= q^2 (vt - 2 rho c + rho^2 vn)."""
+    return grid[(t - grid * n) ** 2 <= q**2 * (vt - 2 * grid * c + grid**2 * vn)]
+
+
+@pytest.mark.parametrize("t, n, vt, vn, c", [(10.0, 0.5, 4.0, 0.01, 0.05), (10.0, 0.5, 4.0, 0.02, -0.1),
+                                             (3.0, 0.01, 0.5, 0.000004, 0.0001)])
+def test_fieller_interval_matches_a_grid_search(t, n, vt, vn, c):
+    q = 1.96
+    value, lo, hi, is_bound = noise_estimates.ratio_interval(t, n, vt, vn, c, q)
+    inside = _fieller_by_grid(t, n, vt, vn, c, q, np.linspace(0, 2000, 2_000_001))
+    assert not is_bound and value == pytest.approx(t / n)
+    assert lo == pytest.approx(inside.min(), abs=2e-3) and hi == pytest.approx(inside.max(), abs=2e-3)
+
+
+def test_ratio_is_a_lower_bound_when_the_denominator_is_not_distinguishable_from_zero():
+    q, t, vt = 1.96, 10.0, 1.0
+    for n, vn, c in ((0.05, 0.01, 0.02), (-0.02, 0.01, 0.0), (0.0, 1e-4, 0.0)):
+        value, lo, hi, is_bound = noise_estimates.ratio_interval(t, n, vt, vn, c, q)
+        assert is_bound and hi == math.inf and value == lo
+        grid = np.linspace(0, 1e5, 1_000_001)
+        inside = _fieller_by_grid(t, n, vt, vn, c, q, grid)
+        assert lo == pytest.approx(inside.min(), abs=0.1) and inside.max() == grid.max()  # [X, inf)
+    record = noise_estimates.derive(t, 0.0, vt, 1e-4, 0.0, q, batch_size=32)
+    assert record["noise_scale_is_lower_bound"] and math.isfinite(record["noise_scale"])
+    assert record["snr"] == record["snr_hi"] == pytest.approx(32 / record["noise_scale"]) and record["snr_lo"] == 0
+    # tr(Sigma) not distinguishable from zero either: nothing above 0 is excluded.
+    assert noise_estimates.ratio_interval(1.0, 0.0, 1.0, 1e-4, 0.0, q)[:2] == (0.0, 0.0)
+
+
+def test_pool_combines_the_measurements_of_a_window():
+    rng = np.random.default_rng(2)
+    records = []
+    for step in range(0, 100, 10):
+        g = _micro_batch_gradients(rng, 8, signal=0.5)
+        values = noise_estimates.measurement(g @ g.T, 4, batch_size=16)
+        records.append({"step": step, "micro_batches": 8, "batch_size": 16,
+                        **{f"grad/{k}": v for k, v in values.items()}})
+    pooled = noise_estimates.pool(records, 35, 70)
+    chosen = records[4:8]  # steps 40, 50, 60, 70
+    assert (pooled["measurements"], pooled["first_step"], pooled["last_step"]) == (4, 40, 70)
+    trace = np.mean([r["grad/trace_cov"] for r in chosen])
+    norm_sq = np.mean([r["grad/norm_sq"] for r in chosen])
+    assert pooled["trace_cov"] == pytest.approx(trace) and pooled["norm_sq"] == pytest.approx(norm_sq)
+    assert pooled["noise_scale"] == pytest.approx(trace / norm_sq)
+    se = math.sqrt(sum(r["grad/trace_cov_se"] ** 2 for r in chosen)) / 4
+    q = noise_estimates.quantile(4 * 7)
+    assert pooled["trace_cov_hi"] - pooled["trace_cov"] == pytest.approx(q * se)
+    assert pooled["batch_std"] == pytest.approx(math.sqrt(trace / 16))
+    assert noise_estimates.pool(records, 1000) is None
+    # One measurement pooled is that measurement.
+    single = noise_estimates.pool(records, 90, 90)
+    for key in noise_estimates.KEYS:
+        assert single[key] == pytest.approx(records[-1][f"grad/{key}"])
+        assert single[f"{key}_lo"] == pytest.approx(records[-1][f"grad/{key}_lo"])
