@@ -98,11 +98,12 @@ def test_smoothed_values_match_brute_force_at_those_weights(digits_run, step):
     assert not record["grad/noise_scale_smoothed_is_lower_bound"]
 
 
+@pytest.mark.parametrize("suffix", ["", "_smoothed"])
 @pytest.mark.parametrize("key", ["trace_cov", "norm_sq", "noise_scale"])
-def test_intervals_hold_the_truth_in_most_measurements(digits_run, key):
+def test_intervals_hold_the_truth_in_most_measurements(digits_run, key, suffix):
     history, truth = digits_run
     inside = []
     for r in history:
-        hi = r[f"grad/{key}_hi"] if r[f"grad/{key}_hi"] is not None else np.inf
-        inside.append(r[f"grad/{key}_lo"] <= truth[r["step"]][key] <= hi)
+        hi = r[f"grad/{key}{suffix}_hi"] if r[f"grad/{key}{suffix}_hi"] is not None else np.inf
+        inside.append(r[f"grad/{key}{suffix}_lo"] <= truth[r["step"]][key] <= hi)
     assert np.mean(inside) >= 0.8, [r["step"] for r, ok in zip(history, inside) if not ok]
