@@ -32,6 +32,15 @@ def trained_run(tmp_path_factory):
     return config, summary
 
 
+@pytest.fixture(scope="session")
+def trained_evaluation(trained_run):
+    """pipeline.evaluate of the shared run's export on its test split, with throughput at request batches 1, 8, 32."""
+    from pipeline import evaluate
+
+    config, _ = trained_run
+    return evaluate.evaluate(config.run_dir, benchmark_batches=(1, 8, 32))
+
+
 @pytest.fixture
 def cli_error(capsys):
     """Runs an entry point's main(argv) in-process; checks exit code 2 and one stderr line, and returns that line."""

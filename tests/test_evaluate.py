@@ -18,10 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def evaluated(trained_run):
+def evaluated(trained_run, trained_evaluation):
     config, summary = trained_run
-    result = evaluate.evaluate(config.run_dir, benchmark_batches=(1, 8, 32))
-    return config, summary, result
+    return config, summary, trained_evaluation
 
 
 @pytest.fixture(scope="module")

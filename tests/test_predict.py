@@ -9,14 +9,14 @@ import pytest
 import tensorflow as tf
 
 from pipeline import data as data_lib
-from pipeline import evaluate, predict, serving
+from pipeline import predict, serving
 
 
 @pytest.fixture(scope="module")
-def images(trained_run, tmp_path_factory):
+def images(trained_run, trained_evaluation, tmp_path_factory):
     """PNG files of test images, misclassified ones first, and the classes evaluate reports for them."""
     config, _ = trained_run
-    report = evaluate.evaluate(config.run_dir, out=str(tmp_path_factory.mktemp("evaluation")))
+    report = trained_evaluation
     x, y = data_lib.load(config).arrays("test")
     wrong = {m["index"]: int(m["predicted"]) for m in report["misclassified"]}  # digits' class names are "0".."9"
     chosen = list(wrong)[:3] + [i for i in range(len(y)) if i not in wrong][:5]
