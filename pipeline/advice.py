@@ -21,7 +21,7 @@ def _undetermined(noise: dict) -> str:
     if not noise["norm_sq_lo"] > 0:
         return (f"|G|^2 is indistinguishable from zero ({noise['norm_sq']:.3g}, interval {noise['norm_sq_lo']:.3g} "
                 f"to {noise['norm_sq_hi']:.3g})")
-    if noise["noise_scale_hi"] / noise["noise_scale_lo"] > MAX_SPREAD:
+    if not noise["noise_scale_lo"] > 0 or noise["noise_scale_hi"] / noise["noise_scale_lo"] > MAX_SPREAD:
         return (f"B_simple's interval {noise['noise_scale_lo']:.3g} to {noise['noise_scale_hi']:.3g} spans more than "
                 f"{MAX_SPREAD:g}x")
     return ""
@@ -103,7 +103,7 @@ def markdown(advice: dict) -> str:
     lines = ["# Batch-size advice", "", advice["message"] + ".", "",
              f"Phase: {phase_text(advice['phase'])}.", "",
              f"Noise scale (steps {noise['first_step']}-{noise['last_step']}, {noise['measurements']} measurements, "
-             f"mean +- 2 standard errors): tr(Sigma) {noise['trace_cov']:.4g} ({noise['trace_cov_lo']:.4g} to "
+             f"pooled, 95% intervals): tr(Sigma) {noise['trace_cov']:.4g} ({noise['trace_cov_lo']:.4g} to "
              f"{noise['trace_cov_hi']:.4g}), |G|^2 {noise['norm_sq']:.4g} ({noise['norm_sq_lo']:.4g} to "
              f"{noise['norm_sq_hi']:.4g}), B_simple {noise['noise_scale']:.4g} ({noise['noise_scale_lo']:.4g} to "
              f"{noise['noise_scale_hi']:.4g}).", "", "| batch | measured s/step | |", "|---:|---:|---|"]

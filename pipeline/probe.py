@@ -1,8 +1,8 @@
 """The batch-size advisor's measurements: the noise scale over a short run at the base batch, step times by batch.
 
 Noise: `measure_noise` trains the model for a few hundred steps with callbacks.GradientStatistics measuring
-every few steps, and pools the raw measurements of the probe's second half (`pool`) into tr(Sigma), |G|^2 and
-B_simple with intervals. It says which phase of training that is: the share of the planned run, the training
+every few steps of the second half, and pools those measurements with callbacks.noise_estimates.pool into
+tr(Sigma), |G|^2 and B_simple with 95% intervals (jackknife per measurement, Fieller's interval for the ratio). It says which phase of training that is: the share of the planned run, the training
 loss at the start and end, and the validation accuracy against the target. B_simple grows as training goes on
 (McCandlish et al. 2018, fig. 6), so a probe's value is a lower estimate for the later critical batch.
 
@@ -27,40 +27,17 @@ TIMED_STEPS = 16  # timed steps per batch size
 # The step time is this quantile of the timed steps: other processes on a shared machine only ever slow steps
 # down, in bursts (seen on the 2-core VM: single steps 2-10x the median), so a low quantile is the stable one.
 QUANTILE = 0.25
-MEASURE_EVERY = 1  # steps between noise measurements in the probe's second half
-# Micro-batches of B / 2 examples per measurement (4 B examples). |G|^2's estimate dominates the interval, and its
-# variance falls as 1 / n^2 with n examples per measurement, so for a given number of examples measured, fewer
-# measurements of more examples are better; 8 go through the instrument's while loop, about 4 steps' time.
+MEASURE_EVERY = 2  # steps between noise measurements in the probe's second half
+# Micro-batches of B examples per measurement (8 B examples, about 8 steps' work): over the second half of the
+# probe, 4 B examples measured per step trained, which on the digits gave a B_simple interval within 2x.
 MICRO_BATCHES = 8
 # Automatic probe length: this share of the planned run's steps, within [MIN_STEPS, MAX_STEPS]. The probe should
 # cost a small part of one run; on the digits (480 steps in 12 epochs at batch 32) it is 96 steps.
 AUTO_FRACTION, MIN_STEPS, MAX_STEPS = 0.2, 40, 300
 
 
-def pool(records: list[dict], first_step: int) -> dict:
-    """Pools GradientStatistics records from `first_step` on: mean tr(Sigma), mean |G|^2, their ratio, intervals.
-
-    The pooled B_simple is the ratio of the means (McCandlish et al. 2018, app. A). The intervals are the means
-    +- 2 standard errors over the measurements (each measurement uses fresh examples); B_simple's interval is
-    tr_lo / G2_hi .. tr_hi / G2_lo (infinite when G2_lo <= 0, i.e. |G|^2 is indistinguishable from zero).
-    """
-    window = [r for r in records if r["step"] >= first_step and r.get("grad/norm_sq") is not None]
-    if len(window) < 2:
-        raise ValueError(f"pool needs two or more measurements from step {first_step}, got {len(window)}")
-    result = {"measurements": len(window), "first_step": window[0]["step"], "last_step": window[-1]["step"]}
-    for key in ("trace_cov", "norm_sq"):
-        values = np.array([r[f"grad/{key}"] for r in window], dtype=float)
-        mean, error = values.mean(), 2 * values.std(ddof=1) / math.sqrt(len(values))
-        result |= {key: float(mean), f"{key}_lo": float(mean - error), f"{key}_hi": float(mean + error)}
-    g2, g2_lo, g2_hi = result["norm_sq"], result["norm_sq_lo"], result["norm_sq_hi"]
-    result["noise_scale"] = result["trace_cov"] / g2 if g2 > 0 else math.inf
-    result["noise_scale_lo"] = max(result["trace_cov_lo"], 0.0) / g2_hi if g2_hi > 0 else math.inf
-    result["noise_scale_hi"] = result["trace_cov_hi"] / g2_lo if g2_lo > 0 else math.inf
-    return result
-
-
 def measure_noise(model, train_batches, instrument_batches, steps: int, *, batch_size: int, every=MEASURE_EVERY,
-                  out_path=None, log_dir=None) -> dict:
+                  population=None, out_path=None, log_dir=None) -> dict:
     """Trains `model` for `steps` steps, measuring the gradient noise every `every` steps of the second half.
 
     Args:
@@ -70,16 +47,17 @@ def measure_noise(model, train_batches, instrument_batches, steps: int, *, batch
         steps: training steps of the probe.
         batch_size: the batch of train_batches.
         every: steps between measurements.
+        population: training examples the instrument's batches are drawn from without replacement, or None.
         out_path: grad_stats.jsonl to write, or None.
         log_dir: TensorBoard directory, or None.
 
     Returns:
-        pool()'s dict plus "steps", "loss_start" and "loss_end" (mean training loss of the first and last tenth
+        callbacks.noise_estimates.pool()'s dict plus "steps", "loss_start" and "loss_end" (mean training loss of the first and last tenth
         of the steps) and "records" (every measurement).
     """
     import keras
 
-    from callbacks import GradientStatistics
+    from callbacks import GradientStatistics, noise_estimates
 
     losses = []
 
@@ -88,14 +66,18 @@ def measure_noise(model, train_batches, instrument_batches, steps: int, *, batch
             losses.append(float((logs or {}).get("loss", math.nan)))
 
     stats = GradientStatistics(instrument_batches, every_n_steps=every, batch_size=batch_size,
-                               micro_batches=MICRO_BATCHES, out_path=out_path, log_dir=log_dir, histograms=False)
+                               micro_batches=MICRO_BATCHES, population=population, out_path=out_path,
+                               log_dir=log_dir, histograms=False)
     recorder = LossRecorder()
     # The first half trains unmeasured; the second half, the phase the advice is for, is measured and pooled.
     model.fit(train_batches, steps_per_epoch=steps // 2, epochs=1, callbacks=[recorder], verbose=0)
     model.fit(train_batches.skip(steps // 2), steps_per_epoch=steps - steps // 2, epochs=1,
               callbacks=[stats, recorder], verbose=0)
     tenth = max(1, len(losses) // 10)
-    result = pool(stats.history, first_step=steps // 2)
+    result = noise_estimates.pool(stats.history, first_step=steps // 2)
+    if result is None:
+        raise ValueError(f"no noise measurement in the probe's second half (steps {steps // 2}-{steps}); "
+                         f"probe for at least {2 * every} steps")
     return result | {"steps": steps, "loss_start": float(np.mean(losses[:tenth])),
                      "loss_end": float(np.mean(losses[-tenth:])), "records": stats.history}
 
@@ -205,7 +187,8 @@ def probe(config: Config, steps: int, max_batch: int, out_dir: str) -> dict:
     steps = steps or min(MAX_STEPS, max(MIN_STEPS, round(AUTO_FRACTION * planned)))
     noise = measure_noise(model, any_batch(data.stream(config.base_batch, seed=config.seed)),
                           data.stream(config.base_batch, seed=config.seed + 1), steps,
-                          batch_size=config.base_batch, out_path=os.path.join(out_dir, "grad_stats.jsonl"))
+                          batch_size=config.base_batch, population=data.num_train,
+                          out_path=os.path.join(out_dir, "grad_stats.jsonl"))
     noise_seconds = time.perf_counter() - started  # start-up included: loading data, building the model
     _, val_accuracy = model.evaluate(data.eval_dataset("val", max(config.base_batch, 256)), verbose=0)
     phase = {"steps": steps, "planned_steps": planned, "fraction_of_run": steps / planned,

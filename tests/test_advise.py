@@ -19,11 +19,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LADDER = (8, 16, 32, 64, 128, 256)
 
 
-def records(norm_sq, trace_cov, first_step=50):
-    return [{"step": first_step + i, "grad/norm_sq": g, "grad/trace_cov": t}
-            for i, (g, t) in enumerate(zip(norm_sq, trace_cov))]
-
-
 def measured(noise, alpha=0.01, beta=0.0004, fails_above=None):
     """probe.probe()'s dict with a given noise measurement and step times T = alpha + beta B."""
     rows = [{"batch": b, "seconds_per_step": alpha + beta * b} for b in LADDER if not fails_above or b <= fails_above]
@@ -35,22 +30,15 @@ def measured(noise, alpha=0.01, beta=0.0004, fails_above=None):
             "seconds": {"total": 10.0}}
 
 
-def known_noise(phi=64.0, relative_error=0.05):
-    """Pooled noise with B_simple = phi: |G|^2 = 1 +- relative_error, tr(Sigma) = phi +- relative_error."""
-    wiggle = np.array([-1.0, 1.0] * 10) * relative_error
-    return probe.pool(records(1 + wiggle, phi * (1 + wiggle[::-1])), first_step=50)
-
-
-def test_pool_by_hand():
-    pooled = probe.pool(records([1.0, 3.0, 2.0, 2.0], [10.0, 30.0, 20.0, 20.0]) + [{"step": 10, "grad/norm_sq": 9.0,
-                                                                                  "grad/trace_cov": 9.0}], 50)
-    # Means 2 and 20; sample std of (1, 3, 2, 2) = sqrt(2 / 3); 2 standard errors = 2 sqrt(2/3) / 2 = 0.8165.
-    assert pooled["measurements"] == 4 and pooled["noise_scale"] == pytest.approx(10.0)
-    assert pooled["norm_sq_lo"] == pytest.approx(2 - math.sqrt(2 / 3)) and pooled["trace_cov_hi"] == pytest.approx(
-        20 + 10 * math.sqrt(2 / 3))
-    assert pooled["noise_scale_lo"] == pytest.approx((20 - 10 * math.sqrt(2 / 3)) / (2 + math.sqrt(2 / 3)))
-    zero = probe.pool(records([1.0, -1.0, 0.5, -0.5], [5.0] * 4), 50)
-    assert zero["noise_scale_hi"] == math.inf
+def known_noise(phi=64.0, spread=1.1, norm_sq=1.0, norm_sq_lo=0.9):
+    """A pooled noise measurement (callbacks.noise_estimates.pool's keys) with B_simple = phi in [phi/spread,
+    phi*spread] and |G|^2 = norm_sq with lower end norm_sq_lo (<= 0: indistinguishable from zero)."""
+    determined = norm_sq_lo > 0
+    return {"trace_cov": phi * norm_sq, "trace_cov_lo": 0.9 * phi * norm_sq, "trace_cov_hi": 1.1 * phi * norm_sq,
+            "norm_sq": norm_sq, "norm_sq_lo": norm_sq_lo, "norm_sq_hi": 2 * norm_sq - norm_sq_lo,
+            "noise_scale": phi if determined else phi / spread, "noise_scale_lo": phi / spread,
+            "noise_scale_hi": phi * spread if determined else math.inf, "noise_scale_is_lower_bound": not determined,
+            "measurements": 24, "first_step": 50, "last_step": 96}
 
 
 def test_probe_finds_the_known_noise_scale_of_least_squares():
@@ -77,7 +65,7 @@ def test_probe_finds_the_known_noise_scale_of_least_squares():
         return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(n, seed=seed).repeat().batch(batch, True)
 
     noise = probe.measure_noise(model, probe.any_batch(batches(1)), batches(2), 60, batch_size=batch)
-    assert noise["measurements"] == 30 and noise["first_step"] == 31  # every step of the second half
+    assert noise["measurements"] == 15 and noise["first_step"] == 32  # every other step of the second half
     assert noise["noise_scale_lo"] <= true_phi <= noise["noise_scale_hi"]
     assert noise["noise_scale_hi"] / noise["noise_scale_lo"] < advice_lib.MAX_SPREAD
     assert noise["norm_sq_lo"] <= 4 <= noise["norm_sq_hi"]  # |G|^2 = |2 r|^2
@@ -126,12 +114,10 @@ def test_out_of_memory_is_reported_and_caps_the_advice():
 
 def test_undetermined_noise_recommends_a_longer_probe(tmp_path):
     config = config_lib.Config()
-    zero = probe.pool(records([0.5, -0.4, 0.3, -0.5] * 5, [50.0] * 20), 50)
-    advice = advice_lib.build(measured(zero), config, max_batch=256)
+    advice = advice_lib.build(measured(known_noise(norm_sq=0.05, norm_sq_lo=-0.1)), config, max_batch=256)
     assert advice["status"] == "undetermined" and "batch" not in advice
     assert "indistinguishable from zero" in advice["message"] and "--probe-steps 200" in advice["message"]
-    wide = probe.pool(records([0.1, 2.5] * 3, [50.0] * 6), 50)  # |G|^2 1.3 +- 1.16: B_simple 20 to 350
-    advice = advice_lib.build(measured(wide), config, max_batch=256)
+    advice = advice_lib.build(measured(known_noise(spread=2.5)), config, max_batch=256)  # 25.6 to 160: 6.25x
     assert advice["status"] == "undetermined" and "spans more than" in advice["message"]
     advice_lib.write(advice, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["advice.json", "advice.md"]
