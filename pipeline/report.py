@@ -16,10 +16,10 @@ and its log-log slope against B is fitted beside -0.5.
 Means and standard deviations are over seeds (sample std, ddof=1; none for a single seed); accuracies, times
 and instruments come from completed runs, the target metrics from completed runs that reached the target.
 Targets are checked at epoch ends, where train() evaluates, so steps to target have a resolution of one epoch
-(N / B steps). Time per step is the median over the epochs after the first (whose time includes tracing and
-compilation) that hold no instrument measurement, each with its validation; time to target is steps to target
-times that time per step, so that one-time start-up costs do not decide which batch is fastest (the run's own
-clock, start-up and instruments included, is kept as wall_time_to_target_s in report.json).
+(N / B steps). Time per step, examples per second and time to target are pipeline.rundir's, the numbers of each
+run's summary.json: medians over the epochs after the first (whose time includes tracing and compilation), without
+the instruments' measuring, each with its validation; time to target is steps to target times that time per step,
+so that one-time start-up costs do not decide which batch is fastest.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ COLUMNS = (
     ("noise_scale", "B_simple", "{:.3g}"),
     ("bn_var_rel_error", "BN var error", "{:.3g}"),
 )
-TARGET_KEYS = ("steps_to_target", "epochs_to_target", "time_to_target_s", "wall_time_to_target_s")
+TARGET_KEYS = ("steps_to_target", "epochs_to_target", "time_to_target_s")
 METRICS = ("test_accuracy", "train_accuracy", "val_accuracy", "best_val_accuracy", "generalization_gap",
            "time_per_step_ms", "examples_per_sec", "wall_time_s", "grad_std", "noise_scale", "bn_mean_rel_error",
            "bn_var_rel_error", "lr") + TARGET_KEYS
@@ -73,27 +73,12 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def steady_time_per_step(history: list[dict]) -> float | None:
-    """Median seconds per step over the epochs after the first, whose time includes tracing; None without epochs.
-
-    An epoch's time includes its end-of-epoch validation, not the instruments' measuring (instrument_time_s):
-    the same number of measurements per run would otherwise slow the few steps of a large batch the most.
-    """
-    spans, previous = [], 0  # (seconds, first step exclusive, last step) of each epoch
-    for record in history:
-        spans.append((record["epoch_time_s"] - record.get("instrument_time_s", 0.0), previous, record["step"]))
-        previous = record["step"]
-    spans = spans[1:] or spans
-    per_step = [seconds / (last - first) for seconds, first, last in spans if last > first]
-    return float(np.median(per_step)) if per_step else None
-
-
 def read_run(run_dir: str) -> dict | None:
     """One row of the report from a run directory, or None if the run has not written its config."""
-    recorded = _read_json(os.path.join(run_dir, "config.json"))
+    recorded = rundir.read_config(run_dir)
     if not recorded:
         return None
-    config, summary = recorded["config"], _read_json(os.path.join(run_dir, "summary.json")) or {}
+    config, summary = recorded["config"], rundir.read_summary(run_dir) or {}
     batch = config["batch"] * config.get("accumulate", 1)
     row = {"name": os.path.basename(run_dir), "norm": config["norm"], "batch": batch, "seed": config["seed"],
            "status": summary.get("status", "unfinished"), "reason": summary.get("reason", ""),
@@ -108,13 +93,13 @@ def read_run(run_dir: str) -> dict | None:
     grad = [by_step[step] for step in sorted(by_step)]
     layers = (_read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("layers", {})
 
-    history = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    # The run's own numbers (summary.json), recomputed with the same definitions from its history when there is one.
+    history = rundir.read_history(run_dir)
     row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
-    seconds = steady_time_per_step(history) or summary.get("time_per_step_s")
+    seconds = rundir.time_per_step(history) or summary.get("time_per_step_s")
     row["time_per_step_ms"] = 1000 * seconds if seconds else None
-    row["examples_per_sec"] = batch / seconds if seconds else None
-    row["wall_time_to_target_s"] = row["time_to_target_s"]
-    row["time_to_target_s"] = row["steps_to_target"] * seconds if seconds and row["steps_to_target"] else None
+    row["examples_per_sec"] = rundir.examples_per_sec(history) or summary.get("examples_per_sec") or None
+    row["time_to_target_s"] = rundir.time_to_target(row["steps_to_target"], seconds)
 
     # Over the run's measurements, which the sweep spreads over the same fractions of every run's budget.
     stds = [r["grad/batch_std"] for r in grad if r.get("grad/batch_std") is not None]

@@ -33,7 +33,9 @@ class Summary:
     wall_time_s: float = 0.0  # this process, from start to summary
     train_time_s: float = 0.0  # time inside training epochs, summed over resumed attempts
     instrument_time_s: float = 0.0  # the part of train_time_s spent measuring (gradient/BN statistics, dynamics)
-    examples_per_sec: float = 0.0  # this and the times below leave out the first epoch and the measuring
+    # These three are defined once, in pipeline/rundir.py (medians over the epochs after the first, measuring
+    # left out), and the sweep report shows the same numbers.
+    examples_per_sec: float = 0.0
     time_per_step_s: float = 0.0
     export_path: str | None = None
     bn_statistics: str = ""  # which statistics the evaluated and exported model uses
@@ -41,37 +43,28 @@ class Summary:
     target_accuracy: float | None = None
     steps_to_target: int | None = None  # first epoch end at which val_accuracy >= target_accuracy
     epochs_to_target: int | None = None
-    time_to_target_s: float | None = None  # epoch times without measuring, summed until the target
+    time_to_target_s: float | None = None  # steps_to_target * time_per_step_s
     final_logs: dict = dataclasses.field(default_factory=dict)  # last epoch's logs (incl. instruments)
 
 
 def _fill_from_history(summary: Summary, history: list[dict], target: float) -> None:
-    """Steps, epochs, training time and time-to-target from the run's history, which survives resumes."""
+    """Steps, epochs, times, throughput and time to target from the run's history, which survives resumes."""
     if not history:
         return
     summary.steps = history[-1]["step"]
     summary.epochs = history[-1]["epoch"] + 1
-    summary.train_time_s = sum(r["epoch_time_s"] for r in history)
-    summary.instrument_time_s = sum(r.get("instrument_time_s", 0.0) for r in history)
-    training = [r["epoch_time_s"] - r.get("instrument_time_s", 0.0) for r in history]
-    # Throughput leaves out the first epoch, which includes tracing and compiling the train step.
-    steady = history[1:] or history
-    seconds = sum(training[1:] or training)
-    summary.examples_per_sec = sum(r["examples_per_sec"] * t for r, t in zip(steady, training[-len(steady):]))
-    summary.examples_per_sec /= max(seconds, 1e-9)
-    steps = steady[-1]["step"] - (history[0]["step"] if len(history) > 1 else 0)
-    summary.time_per_step_s = seconds / max(steps, 1)
+    summary.train_time_s = rundir.train_time(history)
+    summary.instrument_time_s = rundir.instrument_time(history)
+    summary.examples_per_sec = rundir.examples_per_sec(history) or 0.0
+    summary.time_per_step_s = rundir.time_per_step(history) or 0.0
     summary.final_logs = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
     if target > 0:
         summary.target_accuracy = target
-        elapsed = 0.0
-        for record, seconds in zip(history, training):
-            elapsed += seconds
-            if record.get("val_accuracy", -1) >= target:
-                summary.steps_to_target = record["step"]
-                summary.epochs_to_target = record["epoch"] + 1
-                summary.time_to_target_s = elapsed
-                break
+        reached = next((record for record in history if record.get("val_accuracy", -1) >= target), None)
+        if reached:
+            summary.steps_to_target = reached["step"]
+            summary.epochs_to_target = reached["epoch"] + 1
+            summary.time_to_target_s = rundir.time_to_target(reached["step"], summary.time_per_step_s)
 
 
 # Training examples whose predictions LearningDynamics follows at each epoch end (Toneva et al. 2019 use the
@@ -227,7 +220,7 @@ def train(config: Config) -> Summary:
             summary.export_path = export_lib.export_model(model, os.path.join(run_dir, "export"), config.model,
                                                           examples=examples.numpy(), class_names=data.class_names)
     summary.wall_time_s = time.perf_counter() - started
-    rundir.write_json_atomic(os.path.join(run_dir, "summary.json"), dataclasses.asdict(summary))
+    rundir.write_summary(run_dir, dataclasses.asdict(summary))
     return summary
 
 

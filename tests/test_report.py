@@ -92,14 +92,6 @@ def test_diminishing_returns_needs_every_later_step_to_scale_badly():
     assert report_lib.diminishing_returns([8, 16], [100, 100]) == 8
 
 
-def test_time_per_step_leaves_out_tracing_and_measuring():
-    history = [{"epoch": e, "step": 10 * (e + 1), "epoch_time_s": t} for e, t in enumerate([10.0, 1.0, 3.0, 1.2])]
-    assert report_lib.steady_time_per_step(history) == pytest.approx(np.median([0.1, 0.3, 0.12]))
-    history[2]["instrument_time_s"] = 1.9  # the slow epoch measured for 1.9 s
-    assert report_lib.steady_time_per_step(history) == pytest.approx(np.median([0.1, 0.11, 0.12]))
-    assert report_lib.steady_time_per_step(history[:1]) == pytest.approx(1.0)  # one epoch: nothing else to use
-
-
 def test_power_law_slope():
     batches = [8, 16, 32, 64, 128, 256]
     fit = report_lib.fit_power_law(batches, [2.5 / math.sqrt(b) for b in batches])
