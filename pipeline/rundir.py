@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from pipeline.config import Config, InputError, to_dict
+from pipeline.config import Config, InputError, from_dict, to_dict
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG, HISTORY, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
@@ -121,6 +121,19 @@ def write_config(config: Config, run_dir: str) -> None:
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
+
+
+def run_config(run_dir: str) -> Config:
+    """The run's resolved Config, from config.json.
+
+    Raises:
+      InputError: config.json is missing, unreadable or holds fields that Config does not have.
+    """
+    recorded = read_config(run_dir)
+    path = os.path.join(run_dir, CONFIG)
+    if recorded is None:
+        raise InputError(f"{path} is missing or is not a run's config.json")
+    return from_dict(recorded["config"], source=path)
 
 
 def read_history(run_dir: str) -> list[dict]:

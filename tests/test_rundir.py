@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import rundir
+from pipeline.config import Config, InputError
 
 
 def history(times, steps_per_epoch=10, measuring=None, batch=32):
@@ -53,8 +54,14 @@ def test_readers(tmp_path):
     for record in history([2.0, 1.0]):
         rundir.append_history(run_dir, record)
     assert rundir.read_config(run_dir)["config"] == {"batch": 8}
+    assert rundir.run_config(run_dir) == Config(batch=8)
     assert rundir.read_summary(run_dir) == {"status": "completed"}
     assert [r["epoch"] for r in rundir.read_history(run_dir)] == [0, 1]
     rundir.keep_history_before(run_dir, 1)  # a resume at epoch 1 trains it again
     assert [r["epoch"] for r in rundir.read_history(run_dir)] == [0]
     assert sorted(os.listdir(run_dir)) == ["config.json", "metrics.jsonl", "summary.json"]
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"btach": 8}}))
+    with pytest.raises(InputError, match="config.json: unknown field 'btach'"):
+        rundir.run_config(run_dir)
+    with pytest.raises(InputError, match="missing"):
+        rundir.run_config(str(tmp_path / "elsewhere"))
