@@ -8,13 +8,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-
-
-def series(groups, norm, key, require_all_reached=False):
-    """(batches, means) of one quantity for one normalization, optionally only where every run reached the target."""
-    points = [(g["batch"], g[key]["mean"]) for g in groups if g["norm"] == norm and g[key]["mean"] is not None
-              and (not require_all_reached or g["reached"] == g["completed"])]
-    return [b for b, _ in points], [v for _, v in points]
+from pipeline.fits import series
 
 
 def _figure(panels: int = 1):
