@@ -62,7 +62,7 @@ def _data(served, dataset: str | None, data_dir: str | None):
     from pipeline import data as data_lib
 
     if served.run_dir:
-        config = config_lib.load_json(os.path.join(served.run_dir, "config.json"))
+        config = rundir.run_config(served.run_dir)
     elif dataset:
         config = config_lib.Config()
     else:

@@ -8,9 +8,8 @@ pipeline/findings.py.
 Per run: steps, epochs and time to target come from summary.json (pipeline/target.py: validation accuracy
 checked every TargetCheck interval, the same fraction of an epoch at every batch). Time per step is the median
 over the epochs after the first (whose time includes tracing and compilation), without the instruments'
-measuring and the target checks; time to target is steps to target times that time per step, so that one-time
-start-up costs do not decide which batch is fastest (the run's own clock without measuring, start-up included,
-is kept as wall_time_to_target_s in report.json). B_simple is pooled over the measurements of the second half
+measuring and the target checks; time to target is the run's training time until the check that first reached
+the target, without measuring and checks (pipeline.rundir defines both, and summary.json holds the same numbers). B_simple is pooled over the measurements of the second half
 of the steps to target, [S/2, S] (fits.pooled_noise_scale; None for a run that did not reach the target), the
 training phase that the fitted B_crit describes. The gradient's standard deviation is the root mean square of
 "grad/batch_std" over the run's measurements, which the sweep places at the same fractions of every run's
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import shutil
 import sys
@@ -35,7 +33,6 @@ from pipeline import findings as findings_lib
 from pipeline import fits as fits_lib
 from pipeline import prediction, rundir, tuning
 from pipeline.config import InputError
-from pipeline.fits import steady_time_per_step
 from pipeline.plots import plots
 
 # (key in a run row, column title, number format) of the report's table, in order.
@@ -52,7 +49,7 @@ COLUMNS = (
     ("noise_scale", "B_simple near target", "{:.3g}"),
     ("bn_batch_var_error", "BN batch var error", "{:.3g}"),
 )
-TARGET_KEYS = ("steps_to_target", "epochs_to_target", "time_to_target_s", "wall_time_to_target_s")
+TARGET_KEYS = ("steps_to_target", "epochs_to_target", "time_to_target_s")
 METRICS = ("test_accuracy", "train_accuracy", "val_accuracy", "best_val_accuracy", "generalization_gap",
            "time_per_step_ms", "examples_per_sec", "wall_time_s", "grad_std", "noise_scale", "bn_batch_mean_error",
            "bn_batch_var_error", "bn_moving_mean_error", "bn_moving_var_error", "lr") + TARGET_KEYS
@@ -96,11 +93,9 @@ def read_run(run_dir: str) -> dict | None:
 
     history = rundir.read_history(run_dir)
     row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
-    seconds = steady_time_per_step(history) or summary.get("time_per_step_s")
+    seconds = rundir.time_per_step(history)
     row["time_per_step_ms"] = 1000 * seconds if seconds else None
-    row["examples_per_sec"] = batch / seconds if seconds else None
-    row["wall_time_to_target_s"] = row["time_to_target_s"]
-    row["time_to_target_s"] = row["steps_to_target"] * seconds if seconds and row["steps_to_target"] else None
+    row["examples_per_sec"] = rundir.examples_per_sec(history)
 
     # Over the run's measurements, which the sweep spreads over the same fractions of every run's budget.
     stds = [r["grad/batch_std"] for r in grad if r.get("grad/batch_std") is not None]

@@ -1,4 +1,7 @@
-"""The run directory: which runs may use it (and what --resume may change), config.json, the history, summary.json."""
+"""The run directory: checks before a run, and the one reader and writer of each of its files (config.json with
+versions and commit, the history metrics.jsonl, summary.json) and the one definition of each metric derived from
+them (time per step, examples per second, time to target, training and instrument time).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,15 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 
-from pipeline.config import Config, InputError, to_dict
+from pipeline.config import Config, InputError, from_dict, to_dict
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG, HISTORY, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
 
 
 def write_json_atomic(path: str, value) -> None:
@@ -25,11 +30,11 @@ def write_json_atomic(path: str, value) -> None:
     checked_io.write_json_atomic(path, value)
 
 
-def read_summary(run_dir: str) -> dict | None:
+def _read_json(path: str) -> dict | None:
     try:
-        with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
 
 
@@ -43,13 +48,25 @@ AFTER_TRAINING_FIELDS = ("precise_bn_samples", "target_accuracy", "export")
 STOP_FIELDS = ("epochs", "max_steps")
 
 
+def read_summary(run_dir: str) -> dict | None:
+    """summary.json (pipeline.train.Summary as a dict), or None before the run has ended."""
+    return _read_json(os.path.join(run_dir, SUMMARY))
+
+
+def write_summary(run_dir: str, summary: dict) -> None:
+    write_json_atomic(os.path.join(run_dir, SUMMARY), summary)
+
+
+def read_config(run_dir: str) -> dict | None:
+    """config.json: {"config": Config fields, "effective_lr", ...} (write_config), or None before it is written."""
+    recorded = _read_json(os.path.join(run_dir, CONFIG))
+    return recorded if isinstance(recorded, dict) and isinstance(recorded.get("config"), dict) else None
+
+
 def recorded_config(run_dir: str) -> dict | None:
     """The config fields in run_dir/config.json, or None when the run stopped before writing it."""
-    try:
-        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-            return json.load(f)["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    recorded = read_config(run_dir)
+    return recorded["config"] if recorded else None
 
 
 def _stop_refusal(field: str, recorded: dict, config: Config, trained: dict) -> str:
@@ -185,7 +202,7 @@ def versions() -> dict:
 def write_config(config: Config, run_dir: str) -> None:
     """config.json: the resolved config (loadable with --config), versions, commit and command line."""
     write_json_atomic(
-        os.path.join(run_dir, "config.json"),
+        os.path.join(run_dir, CONFIG),
         {
             "config": to_dict(config),
             "effective_lr": config.effective_lr,
@@ -197,11 +214,21 @@ def write_config(config: Config, run_dir: str) -> None:
     )
 
 
-HISTORY = "metrics.jsonl"  # one JSON record per epoch, written by pipeline.run_callbacks.MetricsLogger
+def run_config(run_dir: str) -> Config:
+    """The run's resolved Config, from config.json.
+
+    Raises:
+      InputError: config.json is missing, unreadable or holds fields that Config does not have.
+    """
+    recorded = read_config(run_dir)
+    path = os.path.join(run_dir, CONFIG)
+    if recorded is None:
+        raise InputError(f"{path} is missing or is not a run's config.json")
+    return from_dict(recorded["config"], source=path)
 
 
 def read_history(run_dir: str) -> list[dict]:
-    """The run's per-epoch records, in order; [] before the first epoch ends."""
+    """The run's per-epoch records (pipeline.run_callbacks.MetricsLogger), in order; [] before an epoch ends."""
     path = os.path.join(run_dir, HISTORY)
     if not os.path.exists(path):
         return []
@@ -223,3 +250,56 @@ def append_history(run_dir: str, record: dict) -> None:
     """Appends one epoch's record."""
     with open(os.path.join(run_dir, HISTORY), "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+# Metrics derived from the history. Each leaves out the first epoch, whose time includes tracing and compiling the
+# train step (the only epoch of a one-epoch run is used), and the instruments' measuring (instrument_time_s): the
+# same number of measurements per run would otherwise slow the few steps of a large batch the most. An epoch's
+# time includes its end-of-epoch validation.
+
+
+def _steady(history: list[dict]) -> list[tuple[dict, int]]:
+    """(record, steps in that epoch) of the epochs after the first, or of the first when it is the only one."""
+    epochs, previous = [], 0
+    for record in history:
+        epochs.append((record, record["step"] - previous))
+        previous = record["step"]
+    return epochs[1:] or epochs
+
+
+def _training_seconds(record: dict) -> float:
+    return record["epoch_time_s"] - record.get("instrument_time_s", 0.0)
+
+
+def time_per_step(history: list[dict]) -> float | None:
+    """Seconds per step: the median over the steady epochs of (epoch time - measuring) / steps; None without one."""
+    per_step = [_training_seconds(record) / steps for record, steps in _steady(history) if steps > 0]
+    return float(statistics.median(per_step)) if per_step else None
+
+
+def examples_per_sec(history: list[dict]) -> float | None:
+    """Training examples per second: the median over the steady epochs of their examples_per_sec (examples /
+    (epoch time - measuring), as pipeline.run_callbacks.MetricsLogger logs it); None without one."""
+    rates = [record["examples_per_sec"] for record, steps in _steady(history)
+             if steps > 0 and "examples_per_sec" in record]
+    return float(statistics.median(rates)) if rates else None
+
+
+def time_to_target(history: list[dict], reached: dict | None) -> float | None:
+    """Training seconds until the target was first reached: the epochs before it without their measuring, plus
+    the seconds into its epoch that pipeline/target.py recorded (also without measuring and its own checks);
+    None when it was not reached. summary.json and the sweep report both use this number."""
+    if not reached:
+        return None
+    earlier = sum(_training_seconds(record) for record in history if record["epoch"] < reached["epoch"])
+    return earlier + reached["seconds_into_epoch"]
+
+
+def train_time(history: list[dict]) -> float:
+    """Seconds inside training epochs (validation and measuring included), summed over resumed attempts."""
+    return sum(record["epoch_time_s"] for record in history)
+
+
+def instrument_time(history: list[dict]) -> float:
+    """The part of train_time spent measuring (gradient and BN statistics, dynamics)."""
+    return sum(record.get("instrument_time_s", 0.0) for record in history)

@@ -12,10 +12,10 @@ import dataclasses
 import os
 import traceback
 
-from pipeline import config as config_lib
 from pipeline import rundir
 from pipeline import train as train_lib
 from pipeline.config import Config, InputError
+
 
 def changed_field(run_dir: str, config: Config) -> tuple[str, object] | None:
     """(field, recorded value) of the first field in which the run in run_dir differs from `config`, or None.
@@ -60,15 +60,14 @@ def run_one(config: Config, run_dir: str) -> dict:
         raise
     except Exception as e:  # noqa: BLE001 -- one failed run must not end a sweep of many
         os.makedirs(run_dir, exist_ok=True)
-        if not os.path.exists(os.path.join(run_dir, "config.json")):  # so that the report can place the failed run
-            rundir.write_json_atomic(os.path.join(run_dir, "config.json"),
-                                     {"config": config_lib.to_dict(config), "effective_lr": config.effective_lr})
+        if rundir.read_config(run_dir) is None:  # so that the report can place the failed run
+            rundir.write_config(config, run_dir)
         with open(os.path.join(run_dir, "error.txt"), "w", encoding="utf-8") as f:
             f.write(traceback.format_exc())
         message = str(e).splitlines()[0] if str(e) else ""
         result = dataclasses.asdict(train_lib.Summary(status="failed", run_dir=run_dir,
                                                       reason=f"{type(e).__name__}: {message}"))
-        rundir.write_json_atomic(os.path.join(run_dir, "summary.json"), result)
+        rundir.write_summary(run_dir, result)
     if result["status"] == "interrupted":
         raise KeyboardInterrupt
     return result

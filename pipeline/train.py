@@ -34,7 +34,9 @@ class Summary:
     wall_time_s: float = 0.0  # this process, from start to summary
     train_time_s: float = 0.0  # time inside training epochs, summed over resumed attempts
     instrument_time_s: float = 0.0  # the part of train_time_s spent measuring (gradient/BN statistics, dynamics)
-    examples_per_sec: float = 0.0  # this and the times below leave out the first epoch and the measuring
+    # These three are defined once, in pipeline/rundir.py (medians over the epochs after the first, measuring
+    # left out), and the sweep report shows the same numbers.
+    examples_per_sec: float = 0.0
     time_per_step_s: float = 0.0
     export_path: str | None = None
     bn_statistics: str = ""  # which statistics the evaluated and exported model uses
@@ -54,24 +56,17 @@ def _fill_from_history(summary: Summary, history: list[dict], target: float, rea
         return
     summary.steps = history[-1]["step"]
     summary.epochs = history[-1]["epoch"] + 1
-    summary.train_time_s = sum(r["epoch_time_s"] for r in history)
-    summary.instrument_time_s = sum(r.get("instrument_time_s", 0.0) for r in history)
-    training = [r["epoch_time_s"] - r.get("instrument_time_s", 0.0) for r in history]
-    # Throughput leaves out the first epoch, which includes tracing and compiling the train step.
-    steady = history[1:] or history
-    seconds = sum(training[1:] or training)
-    summary.examples_per_sec = sum(r["examples_per_sec"] * t for r, t in zip(steady, training[-len(steady):]))
-    summary.examples_per_sec /= max(seconds, 1e-9)
-    steps = steady[-1]["step"] - (history[0]["step"] if len(history) > 1 else 0)
-    summary.time_per_step_s = seconds / max(steps, 1)
+    summary.train_time_s = rundir.train_time(history)
+    summary.instrument_time_s = rundir.instrument_time(history)
+    summary.examples_per_sec = rundir.examples_per_sec(history) or 0.0
+    summary.time_per_step_s = rundir.time_per_step(history) or 0.0
     summary.final_logs = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
     if target > 0:
         summary.target_accuracy = target
     if target > 0 and reached:  # pipeline/target.py's record
         summary.steps_to_target = reached["step"]
         summary.epochs_to_target = reached["epoch"] + reached["epoch_fraction"]
-        earlier = sum(seconds for record, seconds in zip(history, training) if record["epoch"] < reached["epoch"])
-        summary.time_to_target_s = earlier + reached["seconds_into_epoch"]
+        summary.time_to_target_s = rundir.time_to_target(history, reached)
 
 
 # Training examples whose predictions LearningDynamics follows at each epoch end (Toneva et al. 2019 use the
@@ -249,7 +244,7 @@ def _write_summary(summary: Summary, config: Config, started: float) -> None:
     if summary.status == "interrupted":
         summary.reason = _interrupted(summary, checkpoint.read_state(os.path.join(summary.run_dir, "checkpoints")))
     summary.wall_time_s = time.perf_counter() - started
-    rundir.write_json_atomic(os.path.join(summary.run_dir, "summary.json"), dataclasses.asdict(summary))
+    rundir.write_summary(summary.run_dir, dataclasses.asdict(summary))
 
 
 def _fit(config: Config, data, model, run_dir: str, restored: dict | None, schedule, summary: Summary) -> None:

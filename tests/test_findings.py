@@ -6,7 +6,6 @@ import math
 import os
 
 import numpy as np
-import pytest
 
 from pipeline import report as report_lib
 

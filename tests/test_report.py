@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline import report as report_lib
+from pipeline import rundir
 
 S_MIN, B_CRIT = 1000.0, 64.0  # steps to target follow S(B) = S_MIN (1 + B_CRIT / B) exactly
 BATCHES = (8, 16, 32, 64, 128)
@@ -76,10 +77,10 @@ def sweep_dir(tmp_path):
 
 def test_time_per_step_leaves_out_tracing_and_measuring():
     history = [{"epoch": e, "step": 10 * (e + 1), "epoch_time_s": t} for e, t in enumerate([10.0, 1.0, 3.0, 1.2])]
-    assert report_lib.steady_time_per_step(history) == pytest.approx(np.median([0.1, 0.3, 0.12]))
+    assert rundir.time_per_step(history) == pytest.approx(np.median([0.1, 0.3, 0.12]))
     history[2]["instrument_time_s"] = 1.9  # the slow epoch measured for 1.9 s
-    assert report_lib.steady_time_per_step(history) == pytest.approx(np.median([0.1, 0.11, 0.12]))
-    assert report_lib.steady_time_per_step(history[:1]) == pytest.approx(1.0)  # one epoch: nothing else to use
+    assert rundir.time_per_step(history) == pytest.approx(np.median([0.1, 0.11, 0.12]))
+    assert rundir.time_per_step(history[:1]) == pytest.approx(1.0)  # one epoch: nothing else to use
 
 
 def test_report_numbers(sweep_dir):

@@ -106,6 +106,12 @@ def test_sweep_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
     assert mtimes == {d: os.path.getmtime(os.path.join(out, "runs", d, "summary.json")) for d in mtimes}
     assert [g["batch"] for g in report["groups"]] == [128, 256]
     assert os.path.exists(os.path.join(out, "report.md")) and os.path.exists(os.path.join(out, "sweep.json"))
+    # One definition of each derived metric: the report shows the numbers of each run's summary.json.
+    for row in report["runs"]:
+        summary = rundir.read_summary(os.path.join(out, "runs", row["name"]))
+        assert row["time_per_step_ms"] == pytest.approx(1000 * summary["time_per_step_s"])
+        assert row["examples_per_sec"] == pytest.approx(summary["examples_per_sec"])
+        assert row["time_to_target_s"] == pytest.approx(summary["time_to_target_s"]) and row["time_to_target_s"]
 
 
 def test_failed_runs_are_recorded(tmp_path, monkeypatch):

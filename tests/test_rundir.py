@@ -1,0 +1,68 @@
+"""The run directory's readers and the one definition of each metric derived from a run's history."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import rundir
+from pipeline.config import Config, InputError
+
+
+def history(times, steps_per_epoch=10, measuring=None, batch=32):
+    measuring = measuring or {}
+    records = []
+    for epoch, seconds in enumerate(times):
+        record = {"epoch": epoch, "step": steps_per_epoch * (epoch + 1), "epoch_time_s": seconds}
+        if epoch in measuring:
+            record["instrument_time_s"] = measuring[epoch]
+        training = seconds - record.get("instrument_time_s", 0.0)
+        record["examples_per_sec"] = steps_per_epoch * batch / training
+        records.append(record)
+    return records
+
+
+def test_time_per_step_leaves_out_tracing_and_measuring():
+    records = history([10.0, 1.0, 3.0, 1.2])
+    assert rundir.time_per_step(records) == pytest.approx(np.median([0.1, 0.3, 0.12]))
+    records = history([10.0, 1.0, 3.0, 1.2], measuring={2: 1.9})  # the slow epoch measured for 1.9 s
+    assert rundir.time_per_step(records) == pytest.approx(np.median([0.1, 0.11, 0.12]))
+    assert rundir.time_per_step(records[:1]) == pytest.approx(1.0)  # one epoch: nothing else to use
+    assert rundir.time_per_step([]) is None
+
+
+def test_throughput_time_to_target_and_totals_follow_the_same_epochs():
+    records = history([10.0, 1.0, 3.0, 1.2], measuring={0: 2.0, 2: 1.9})
+    # Brute force: each steady epoch's examples over its time without measuring, then the median.
+    assert rundir.examples_per_sec(records) == pytest.approx(np.median([320 / 1.0, 320 / 1.1, 320 / 1.2]))
+    assert rundir.examples_per_sec(records) == pytest.approx(32 / rundir.time_per_step(records))  # odd count
+    # Epochs 0 and 1 without their measuring (10 - 2, 1), then 0.5 s into epoch 2.
+    assert rundir.time_to_target(records, {"epoch": 2, "seconds_into_epoch": 0.5}) == pytest.approx(8.0 + 1.0 + 0.5)
+    assert rundir.time_to_target(records, None) is None
+    assert rundir.train_time(records) == pytest.approx(15.2)
+    assert rundir.instrument_time(records) == pytest.approx(3.9)
+
+
+def test_readers(tmp_path):
+    run_dir = str(tmp_path)
+    assert rundir.read_config(run_dir) is None and rundir.read_summary(run_dir) is None
+    assert rundir.read_history(run_dir) == []
+    (tmp_path / "config.json").write_text("{not json")
+    assert rundir.read_config(run_dir) is None
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"batch": 8}, "effective_lr": 0.1}))
+    rundir.write_summary(run_dir, {"status": "completed"})
+    for record in history([2.0, 1.0]):
+        rundir.append_history(run_dir, record)
+    assert rundir.read_config(run_dir)["config"] == {"batch": 8}
+    assert rundir.run_config(run_dir) == Config(batch=8)
+    assert rundir.read_summary(run_dir) == {"status": "completed"}
+    assert [r["epoch"] for r in rundir.read_history(run_dir)] == [0, 1]
+    rundir.keep_history_before(run_dir, 1)  # a resume at epoch 1 trains it again
+    assert [r["epoch"] for r in rundir.read_history(run_dir)] == [0]
+    assert sorted(os.listdir(run_dir)) == ["config.json", "metrics.jsonl", "summary.json"]
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"btach": 8}}))
+    with pytest.raises(InputError, match="config.json: unknown field 'btach'"):
+        rundir.run_config(run_dir)
+    with pytest.raises(InputError, match="missing"):
+        rundir.run_config(str(tmp_path / "elsewhere"))
