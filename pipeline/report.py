@@ -93,9 +93,10 @@ def read_run(run_dir: str) -> dict | None:
 
     history = rundir.read_history(run_dir)
     row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
-    seconds = rundir.time_per_step(history)
+    # The same definitions as summary.json's (pipeline.rundir); a run without a history has only its summary.
+    seconds = rundir.time_per_step(history) or summary.get("time_per_step_s")
     row["time_per_step_ms"] = 1000 * seconds if seconds else None
-    row["examples_per_sec"] = rundir.examples_per_sec(history)
+    row["examples_per_sec"] = rundir.examples_per_sec(history) or summary.get("examples_per_sec")
 
     # Over the run's measurements, which the sweep spreads over the same fractions of every run's budget.
     stds = [r["grad/batch_std"] for r in grad if r.get("grad/batch_std") is not None]
