@@ -14,7 +14,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import flags
+from pipeline import flags, startup
 from pipeline.config import InputError
 
 # Config fields the advisor decides or does not use: the probe runs at --base-batch, in --out.
@@ -53,9 +53,6 @@ def advise(config, probe_steps: int, max_batch: int, out: str) -> dict:
                          "noise scale), or 0 for automatic")
     if max_batch < config.base_batch:
         raise InputError(f"--max-batch: got {max_batch}; must be at least --base-batch ({config.base_batch})")
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(os.path.join(out, "grad_stats.jsonl")):
-        os.remove(os.path.join(out, "grad_stats.jsonl"))  # a new probe replaces the last one's measurements
     measured = probe.probe(config, probe_steps, max_batch, out)
     advice = advice_lib.build(measured, config, max_batch)
     advice |= {"versions": rundir.versions(), "git_commit": rundir.git_commit(), "command": sys.argv,
@@ -70,6 +67,7 @@ def main(argv=None) -> int:
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=_add_flags)
         max_batch = args.max_batch or 8 * config.base_batch
         out = args.out or config_lib.default_out(config, "advice")
+        startup.import_tensorflow()  # without its C++ start-up lines (pipeline/startup.py)
         advice = advise(config, args.probe_steps, max_batch, out)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

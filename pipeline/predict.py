@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from pipeline import flags
+from pipeline import flags, startup
 from pipeline.config import InputError
 
 DEFAULT_MODEL_NAME = "resnet20"  # the default run's export folder, TF Serving's --model_name
@@ -121,8 +120,8 @@ def predict(paths: list[str], *, server: str | None = None, model: str | None = 
 def main(argv=None) -> int:
     """Parses flags, classifies, prints one JSON line per image; bad input or no server: one line, exit 2."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        startup.import_tensorflow()  # without its C++ start-up lines (pipeline/startup.py)
         results = predict(args.images, server=args.server, model=args.model, model_name=args.model_name,
                           timeout=args.timeout)
     except InputError as e:

@@ -183,6 +183,10 @@ def probe(config: Config, steps: int, max_batch: int, out_dir: str) -> dict:
     keras.utils.set_random_seed(config.seed)
     data = data_lib.load(config)
     model, _ = train_lib.compiled_model(config, data)
+    # Only once the data is accepted, so that a rejected command creates nothing.
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, "grad_stats.jsonl")):
+        os.remove(os.path.join(out_dir, "grad_stats.jsonl"))  # a new probe replaces the last one's measurements
     planned = config.epochs * (data.num_train // config.base_batch)
     steps = steps or min(MAX_STEPS, max(MIN_STEPS, round(AUTO_FRACTION * planned)))
     noise = measure_noise(model, any_batch(data.stream(config.base_batch, seed=config.seed)),

@@ -1,0 +1,38 @@
+"""Every command's bad input, run as a user runs it: exit code 2 and exactly one line on stderr.
+
+The error is reached after TensorFlow is imported, so the test also shows that its start-up lines are filtered
+(pipeline/startup.py) for evaluate, predict and advise as for train and sweep (tests/test_cli.py, test_sweep.py).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(module, *args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "BATCHSCOPE_TF_LOGS")}
+    env["PYTHONPATH"] = REPO
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("module, make_args, words", [
+    ("pipeline.evaluate", lambda d: [str(d / "empty")], ["SavedModel"]),
+    ("pipeline.predict", lambda d: [str(d / "image.png"), "--model", str(d / "empty")], ["SavedModel"]),
+    ("pipeline.advise", lambda d: ["--dataset", f"npz:{d / 'missing.npz'}", "--out", str(d / "advice")],
+     ["missing.npz"]),
+])
+def test_bad_input_after_tensorflow_import_is_one_line(tmp_path, module, make_args, words):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "image.png").write_bytes(b"not an image")
+    result = run(module, *make_args(tmp_path), cwd=tmp_path)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr[-2000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / "advice")  # a rejected command creates nothing
