@@ -46,13 +46,13 @@ class SetEpoch(keras.callbacks.Callback):
 
 
 class NonFiniteLoss(RuntimeError):
-    """Raised from inside fit so that no later callback (BackupAndRestore) saves non-finite weights."""
+    """Raised from inside fit so that no later callback (the checkpoint) saves non-finite weights."""
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
     """Raises NonFiniteLoss at the first batch whose loss is NaN or infinite.
 
-    Keras' TerminateOnNaN lets the epoch end, and BackupAndRestore would then save NaN weights.
+    Keras' TerminateOnNaN lets the epoch end, and the checkpoint would then save NaN weights.
     """
 
     def on_train_batch_end(self, batch, logs=None):

@@ -1,4 +1,4 @@
-"""The run directory: checks before a run, config.json with versions and commit, the history, summary.json."""
+"""The run directory: which runs may use it (and what --resume may change), config.json, the history, summary.json."""
 
 from __future__ import annotations
 
@@ -33,30 +33,124 @@ def read_summary(run_dir: str) -> dict | None:
         return None
 
 
-def prepare(config: Config, run_dir: str) -> None:
-    """Checks that run_dir may be used for this run and creates it.
+# Config fields that say where and how a run is started, not what it computes: they may differ between the
+# attempts of one run (--resume) and between a sweep's reruns.
+PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose")
+# Fields that act only after training (precise BN, evaluation, export), which a resumed run redoes: --resume may
+# change them.
+AFTER_TRAINING_FIELDS = ("precise_bn_samples", "target_accuracy", "export")
+# Where training stops: --resume may move them under the rules of `config_change`.
+STOP_FIELDS = ("epochs", "max_steps")
 
-    A finished run is kept unless --overwrite; an unfinished one continues only with --resume, so that
-    nothing already computed is silently replaced.
+
+def recorded_config(run_dir: str) -> dict | None:
+    """The config fields in run_dir/config.json, or None when the run stopped before writing it."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            return json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _stop_refusal(field: str, recorded: dict, config: Config, trained: dict) -> str:
+    """Why --resume may not move the stop `field` of the recorded run, or "" when it may."""
+    if field == "epochs" and config.schedule == "cosine":
+        return "the cosine schedule spans all epochs, so every step's learning rate would change"
+    if recorded.get("max_steps") and trained["step"] >= recorded["max_steps"]:
+        return f"training already stopped at --max-steps {recorded['max_steps']}, which may be inside an epoch"
+    if field == "epochs" and config.epochs < trained["epoch"]:
+        return f"{trained['epoch']} epochs are already trained"
+    if field == "max_steps" and config.max_steps and config.max_steps < trained["step"]:
+        return f"{trained['step']} steps are already trained"
+    return ""
+
+
+def config_change(run_dir: str, config: Config, *, resuming: bool) -> tuple[str, object, object, str] | None:
+    """The first field in which `config` may not differ from the run recorded in run_dir, or None.
+
+    Every field but PER_RUN_FIELDS must match a finished run (resuming=False: a sweep skips it as done). A run
+    that continues (resuming=True) may also change AFTER_TRAINING_FIELDS, and move its stop (epochs, max_steps)
+    when the result is the run that the new values would have given uninterrupted: the learning-rate schedule
+    must not depend on the changed value (cosine depends on epochs; constant, step, multistep and exponential
+    schedules are defined per epoch already taken), the new stop must not lie before what is already trained,
+    and the run must not have stopped at max_steps (the rest of that epoch would be skipped).
+
+    Returns:
+      (field, recorded value, new value, why the change is refused), or None.
+    """
+    from pipeline import checkpoint
+
+    recorded = recorded_config(run_dir)
+    if recorded is None:
+        return None  # Stopped before writing its config: nothing to compare, it starts afresh.
+    wanted = to_dict(config)
+    allowed = PER_RUN_FIELDS + (AFTER_TRAINING_FIELDS + STOP_FIELDS if resuming else ())
+    for field, value in wanted.items():
+        if field in recorded and recorded[field] != value and field not in allowed:
+            return field, recorded[field], value, "it changes what was already trained"
+    if resuming:
+        trained = checkpoint.read_state(os.path.join(run_dir, "checkpoints")) or {"epoch": 0, "step": 0}
+        for field in STOP_FIELDS:
+            if field in recorded and recorded[field] != wanted[field]:
+                why = _stop_refusal(field, recorded, config, trained)
+                if why:
+                    return field, recorded[field], wanted[field], why
+    return None
+
+
+def _check_writable(run_dir: str) -> None:
+    """Raises InputError unless run_dir exists as a writable folder or could be created; creates nothing."""
+    path = os.path.abspath(run_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise InputError(f"--run-dir: cannot create {run_dir} ({path} is not a folder); choose a writable folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"--run-dir: cannot write to {path}; choose a writable folder")
+
+
+def check(config: Config, run_dir: str) -> bool:
+    """Checks that this run may use run_dir, without creating or changing anything.
+
+    A finished run is kept unless --overwrite; an unfinished one continues only with --resume and only with a
+    config that `config_change` accepts, so that nothing already computed is silently replaced or mixed.
+
+    Returns:
+      True if the run continues the unfinished run in run_dir, False if it starts a new one.
+    Raises:
+      InputError: run_dir may not be used, naming the flag to pass or the field that changed.
     """
     summary = read_summary(run_dir)
     has_content = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
-    if config.overwrite and has_content:
-        shutil.rmtree(run_dir)
-    elif summary and summary.get("status") == "completed" and not config.overwrite:
+    if not config.overwrite and summary and summary.get("status") == "completed":
         raise InputError(f"--run-dir: {run_dir} holds a completed run; pass --overwrite to replace it")
-    elif has_content and not config.resume:
+    if not config.overwrite and has_content and not config.resume:
         raise InputError(
             f"--run-dir: {run_dir} holds an unfinished run; pass --resume to continue it or --overwrite to replace it"
         )
+    if config.resume and has_content:
+        change = config_change(run_dir, config, resuming=True)
+        if change:
+            field, old, new, why = change
+            raise InputError(f"--{field.replace('_', '-')}: the run in {run_dir} has {old!r}, this command {new!r}; "
+                             f"--resume refuses the change because {why} (start a new run with another --run-dir "
+                             "or --overwrite)")
+        return True
+    if config.resume:
+        print(f"--resume: {run_dir} holds no run to resume; starting a new run", file=sys.stderr)
+    _check_writable(run_dir)
+    return False
+
+
+def create(config: Config, run_dir: str) -> None:
+    """Makes run_dir for an accepted run (emptying it first with --overwrite) and writes config.json."""
+    if config.overwrite and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
     except OSError as e:
         raise InputError(f"--run-dir: cannot write to {run_dir} ({e.strerror}); choose a writable folder") from None
+    write_config(config, run_dir)
 
 
 def git_commit() -> str | None:

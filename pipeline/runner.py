@@ -9,7 +9,6 @@ recorded as a failed run with its traceback in error.txt, and is tried again the
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import traceback
 
@@ -18,20 +17,14 @@ from pipeline import rundir
 from pipeline import train as train_lib
 from pipeline.config import Config, InputError
 
-# Config fields that say where and how a run is started, not what it computes: a finished run may differ in them.
-PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose")
-
-
 def changed_field(run_dir: str, config: Config) -> tuple[str, object] | None:
-    """(field, recorded value) of the first field in which the run in run_dir differs from `config`, or None."""
-    try:
-        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-            recorded = json.load(f)["config"]
-    except (OSError, ValueError, KeyError):
-        return None  # Stopped before writing its config: nothing to compare, it starts afresh.
-    wanted = config_lib.to_dict(config)
-    changed = [k for k in wanted if k not in PER_RUN_FIELDS and k in recorded and recorded[k] != wanted[k]]
-    return (changed[0], recorded[changed[0]]) if changed else None
+    """(field, recorded value) of the first field in which the run in run_dir differs from `config`, or None.
+
+    A sweep compares strictly (rundir.config_change with resuming=False, the comparison that --resume also uses):
+    its report compares runs that must be exactly the configs it lists.
+    """
+    changed = rundir.config_change(run_dir, config, resuming=False)
+    return changed[:2] if changed else None
 
 
 def same_config(run_dir: str, config: Config) -> bool:

@@ -53,7 +53,9 @@ def tfds_dataset(name: str, config: Config):
     try:
         datasets = tfds.load(name, split=list(wanted.values()), as_supervised=True, data_dir=data_dir,
                              download=config.download)
-    except AssertionError:  # TFDS's way of saying that the data is not prepared and may not be downloaded.
+    # TFDS's ways of saying that the data is not prepared (KeyError: an empty version folder) and may not be
+    # downloaded.
+    except (AssertionError, KeyError):
         where = config.data_dir or "the TFDS default directory (~/tensorflow_datasets)"
         raise InputError(
             f"--dataset: TFDS dataset {name!r} is not prepared in {where}; on a machine with network run "

@@ -38,7 +38,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import flags, rundir, runner, tuning
+from pipeline import flags, rundir, runner, startup, tuning
 from pipeline import report as report_lib
 from pipeline.config import Config, InputError
 
@@ -257,6 +257,7 @@ def main(argv=None) -> int:
     try:
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=add_sweep_flags,
                                    preset=config_lib.batch_study())
+        startup.import_tensorflow()
         spec = spec_from_flags(config, args, argv)
         out = vars(args).get("out") or config_lib.default_out(config, "sweeps")
         report = sweep(config, spec, out)

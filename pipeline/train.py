@@ -13,7 +13,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import flags, rundir
+from pipeline import flags, rundir, startup
 from pipeline.config import Config, InputError
 
 
@@ -23,7 +23,8 @@ class Summary:
 
     status: str  # completed | failed | interrupted
     run_dir: str
-    reason: str = ""
+    reason: str = ""  # why a run failed or where it was interrupted, what is done and what a rerun does
+    stage: str = ""  # where a failed or interrupted run stopped: setup | training | precise_bn | evaluation | export
     train_accuracy: float | None = None  # inference mode, on the whole training split
     val_accuracy: float | None = None
     test_accuracy: float | None = None
@@ -117,6 +118,7 @@ def _callbacks(config, data, model, run_dir, schedule):
     import keras
 
     from callbacks.epoch_logs import DropUnmeasured
+    from pipeline import checkpoint
     from pipeline import run_callbacks as run
 
     phases = config.batch_phases
@@ -132,8 +134,9 @@ def _callbacks(config, data, model, run_dir, schedule):
         keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True),
         DropUnmeasured(),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), write_graph=False),
-        # Saved at every epoch end; not deleted at the end, so a NaN stop keeps the last good epoch.
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "checkpoints"), delete_checkpoint=False),
+        # Committed at every epoch end and kept at the end, so a NaN stop keeps the last good epoch.
+        checkpoint.callback(os.path.join(run_dir, "checkpoints"),
+                            lambda epoch: run.first_step(epoch, phases, data.num_train)),
     ]
     return result
 
@@ -152,11 +155,34 @@ def compiled_model(config: Config, data):
     return model, schedule
 
 
+# What a rerun with --resume does after an interruption at each stage (Summary.stage).
+STAGES = {
+    "setup": "it continues from the last checkpoint",
+    "training": "it continues from the last checkpoint",
+    "precise_bn": "it redoes precise BN, evaluation and export from the final checkpoint without training",
+    "evaluation": "it redoes precise BN, evaluation and export from the final checkpoint without training",
+    "export": "it redoes precise BN, evaluation and export from the final checkpoint without training; the "
+              "interrupted export stays a hidden folder that TF Serving never loads",
+}
+
+
+def _interrupted(summary: Summary, checkpoint_state: dict | None) -> str:
+    """The reason of an interrupted run: where it stopped, what is done and what a rerun will do."""
+    saved = f"checkpoint of epoch {checkpoint_state['epoch']}" if checkpoint_state else "no checkpoint yet"
+    done = f"{summary.epochs} epochs ({summary.steps} steps) trained, {saved}"
+    return (f"interrupted during {summary.stage.replace('_', ' ')} ({done}); run the same command with --resume: "
+            f"{STAGES[summary.stage]}")
+
+
 def train(config: Config) -> Summary:
     """Runs one training job described by `config` and returns its summary (also in summary.json).
 
+    The run directory is created only once the config, the data and the checkpoint to resume are accepted.
+    From then on every ending writes summary.json: completed, failed (non-finite loss, or an error, which is
+    raised again after), or interrupted, with the stage it stopped in.
+
     Raises:
-      InputError: the config, the data or the run directory is unusable.
+      InputError: the config, the data, the run directory or its checkpoint is unusable.
     """
     config = config_lib.validate(config)
     batch_source = "--batch-schedule" if config.batch_schedule else "--batch"
@@ -168,16 +194,15 @@ def train(config: Config) -> Summary:
     config = dataclasses.replace(config, batch=config.batch_phases[0][1])
     run_dir = config.run_dir or config_lib.default_run_dir(config, time.strftime("%Y%m%d-%H%M%S"))
     config = dataclasses.replace(config, run_dir=run_dir)
-    rundir.prepare(config, run_dir)
+    continuing = rundir.check(config, run_dir)
     started = time.perf_counter()
 
     import keras
     import tensorflow as tf
 
-    from callbacks import batch_norm_inputs, precise_bn
+    from pipeline import checkpoint
     from pipeline import data as data_lib
-    from pipeline import export as export_lib
-    from pipeline.run_callbacks import NonFiniteLoss
+    from pipeline import run_callbacks
 
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
@@ -186,66 +211,105 @@ def train(config: Config) -> Summary:
     for _, batch in config.batch_phases:
         if batch > data.num_train:
             raise InputError(f"--batch: {batch} is larger than the training split ({data.num_train} examples)")
-    rundir.write_config(config, run_dir)
-
     model, schedule = compiled_model(config, data)
-    callbacks = _callbacks(config, data, model, run_dir, schedule)
-    verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
-    summary = Summary(status="completed", run_dir=run_dir, batch_source=batch_source)
-    val = data.eval_dataset("val", config.batch)
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    restored = checkpoint.restore(model, checkpoints) if continuing else None
+    rundir.create(config, run_dir)
+
+    summary = Summary(status="completed", run_dir=run_dir, stage="setup", batch_source=batch_source)
     try:
-        for i, (first_epoch, batch) in enumerate(config.batch_phases):
-            last_epoch = config.batch_phases[i + 1][0] if i + 1 < len(config.batch_phases) else config.epochs
-            model.fit(data.train_dataset(batch, seed=config.seed), validation_data=val, initial_epoch=first_epoch,
-                      epochs=last_epoch, callbacks=callbacks, verbose=verbose)
-            if model.stop_training:
-                break
-    except NonFiniteLoss as e:
+        _fit(config, data, model, run_dir, restored, schedule, summary)
+        _finish(config, data, model, run_dir, summary)
+    except run_callbacks.NonFiniteLoss as e:
         summary.status, summary.reason = "failed", str(e)
     except KeyboardInterrupt:
-        summary.status, summary.reason = "interrupted", "stopped by the user (Ctrl-C); run again with --resume"
-
-    _fill_from_history(summary, rundir.read_history(run_dir), config.target_accuracy)
-    if summary.status == "completed":
-        has_batch_norm = bool(batch_norm_inputs(model))
-        if has_batch_norm and config.precise_bn_samples:
-            num = min(config.precise_bn_samples, data.num_train)
-            precise_bn(model, data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0), num)
-            summary.bn_statistics = f"precise BN: population statistics over {num} training examples"
-        elif has_batch_norm:
-            summary.bn_statistics = "moving averages from training (--precise-bn-samples 0)"
-        else:
-            summary.bn_statistics = "no batch-norm layers"
-        for split in ("train", "val", "test"):
-            loss, accuracy = model.evaluate(data.eval_dataset(split, max(config.batch, 256)), verbose=0)
-            setattr(summary, f"{split}_accuracy", float(accuracy))
-            if split == "test":
-                summary.test_loss = float(loss)
-        if config.export:
-            # The first 512 training images are the warmup requests and the throughput measurement's inputs.
-            examples, _ = next(iter(data.eval_dataset("train", 512)))
-            summary.export_path = export_lib.export_model(model, os.path.join(run_dir, "export"), config.model,
-                                                          examples=examples.numpy(), class_names=data.class_names)
-    summary.wall_time_s = time.perf_counter() - started
-    rundir.write_json_atomic(os.path.join(run_dir, "summary.json"), dataclasses.asdict(summary))
+        summary.status = "interrupted"
+    except Exception as e:
+        summary.status, summary.reason = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _write_summary(summary, config, started)
+        raise
+    _write_summary(summary, config, started)
     return summary
 
 
+def _write_summary(summary: Summary, config: Config, started: float) -> None:
+    from pipeline import checkpoint
+
+    _fill_from_history(summary, rundir.read_history(summary.run_dir), config.target_accuracy)
+    if summary.status == "interrupted":
+        summary.reason = _interrupted(summary, checkpoint.read_state(os.path.join(summary.run_dir, "checkpoints")))
+    summary.wall_time_s = time.perf_counter() - started
+    rundir.write_json_atomic(os.path.join(summary.run_dir, "summary.json"), dataclasses.asdict(summary))
+
+
+def _fit(config: Config, data, model, run_dir: str, restored: dict | None, schedule, summary: Summary) -> None:
+    """Trains from the restored checkpoint (if any) through the batch phases to config.epochs or max_steps."""
+    callbacks = _callbacks(config, data, model, run_dir, schedule)
+    verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
+    val = data.eval_dataset("val", config.batch)
+    trained, steps = (restored["epoch"], restored["step"]) if restored else (0, 0)
+    summary.stage = "training"
+    if config.max_steps and steps >= config.max_steps:
+        return
+    for i, (first_epoch, batch) in enumerate(config.batch_phases):
+        last_epoch = config.batch_phases[i + 1][0] if i + 1 < len(config.batch_phases) else config.epochs
+        if last_epoch <= trained:
+            continue
+        # Our datasets shuffle themselves by (seed, epoch); shuffle=False also keeps Keras from warning about it.
+        model.fit(data.train_dataset(batch, seed=config.seed), validation_data=val, shuffle=False,
+                  initial_epoch=max(first_epoch, trained), epochs=last_epoch, callbacks=callbacks, verbose=verbose)
+        if model.stop_training:
+            break
+
+
+def _finish(config: Config, data, model, run_dir: str, summary: Summary) -> None:
+    """Precise BN, evaluation on every split and export, each recorded as the summary's stage while it runs."""
+    from callbacks import batch_norm_inputs, precise_bn
+    from pipeline import export as export_lib
+
+    summary.stage = "precise_bn"
+    has_batch_norm = bool(batch_norm_inputs(model))
+    if has_batch_norm and config.precise_bn_samples:
+        num = min(config.precise_bn_samples, data.num_train)
+        precise_bn(model, data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0), num)
+        summary.bn_statistics = f"precise BN: population statistics over {num} training examples"
+    elif has_batch_norm:
+        summary.bn_statistics = "moving averages from training (--precise-bn-samples 0)"
+    else:
+        summary.bn_statistics = "no batch-norm layers"
+    summary.stage = "evaluation"
+    for split in ("train", "val", "test"):
+        loss, accuracy = model.evaluate(data.eval_dataset(split, max(config.batch, 256)), verbose=0)
+        setattr(summary, f"{split}_accuracy", float(accuracy))
+        if split == "test":
+            summary.test_loss = float(loss)
+    summary.stage = "export"
+    if config.export:
+        # The first 512 training images are the warmup requests and the throughput measurement's inputs.
+        examples, _ = next(iter(data.eval_dataset("train", 512)))
+        summary.export_path = export_lib.export_model(model, os.path.join(run_dir, "export"), config.model,
+                                                      examples=examples.numpy(), class_names=data.class_names)
+    summary.stage = ""
+
+
 def main(argv=None) -> int:
-    """Parses flags, trains, prints the summary; bad input exits with code 2 and one line."""
+    """Parses flags, trains, prints the summary as one JSON line; bad input exits with code 2 and one line."""
     try:
         config, _ = flags.parse(argv, description=__doc__.splitlines()[0])
+        startup.import_tensorflow()
         summary = train(config)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Outside fit (data loading, precise BN, export): nothing half-written to keep.
-        print("interrupted; run the same command with --resume to continue", file=sys.stderr)
+    except KeyboardInterrupt:  # Before the run directory was created: there is nothing to resume.
+        print(json.dumps({"status": "interrupted", "stage": "setup", "run_dir": None}))
+        print("interrupted before the run started; nothing was written", file=sys.stderr)
         return 130
-    keys = ("status", "test_accuracy", "val_accuracy", "train_accuracy", "steps", "wall_time_s", "export_path")
-    print(json.dumps({k: getattr(summary, k) for k in keys} | {"run_dir": summary.run_dir}, default=str))
-    if summary.status == "failed":
-        print(f"run failed: {summary.reason}", file=sys.stderr)
+    keys = ("status", "stage", "reason", "test_accuracy", "val_accuracy", "train_accuracy", "steps", "wall_time_s",
+            "export_path", "run_dir")
+    print(json.dumps({k: getattr(summary, k) for k in keys}, default=str))
+    if summary.status != "completed":
+        print(f"run {summary.status}: {summary.reason}", file=sys.stderr)
     return {"completed": 0, "failed": 1, "interrupted": 130}[summary.status]
 
 

@@ -12,16 +12,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(*args, cwd=REPO, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "BATCHSCOPE_TF_LOGS")}
+    env["PYTHONPATH"] = REPO  # TensorFlow's start-up lines are filtered by default, not by the caller
     return subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 
 
 def assert_one_line_error(result, *words):
+    """Exit code 2 and exactly one line on stderr, ours: no TensorFlow start-up lines, warnings or traceback."""
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr[-2000:]
     for word in words:
         assert word in lines[0], lines[0]
 
@@ -73,6 +74,9 @@ def test_finished_run_needs_resume_or_overwrite(tmp_path):
     run_dir.mkdir()
     (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
     assert_one_line_error(run_train("--run-dir", str(run_dir)), "--run-dir", "--overwrite")
+    # --overwrite replaces the run only once the new command is accepted.
+    assert_one_line_error(run_train("--run-dir", str(run_dir), "--overwrite", "--batch", "100000"), "--batch")
+    assert json.loads((run_dir / "summary.json").read_text()) == {"status": "completed"}
     (run_dir / "summary.json").write_text(json.dumps({"status": "interrupted"}))
     assert_one_line_error(run_train("--run-dir", str(run_dir)), "--run-dir", "--resume")
 
@@ -81,6 +85,9 @@ def test_finished_run_needs_resume_or_overwrite(tmp_path):
     "make_args, words",
     [
         (lambda tmp: ["--batch", "100000"], ["--batch", "larger than the training split"]),
+        (lambda tmp: ["--batch-schedule", "32@0,5000@1", "--epochs", "2"], ["--batch", "5000"]),
+        # An empty version folder, as an interrupted `tfds build` leaves it: TFDS also warns about it through absl.
+        (lambda tmp: ["--dataset", "cifar10", "--data-dir", f"{tmp}/tfds"], ["--dataset", "cifar10", "prepared"]),
         (lambda tmp: ["--dataset", "no_such_dataset_xyz"], ["--dataset", "no_such_dataset_xyz"]),
         (lambda tmp: ["--dataset", f"npz:{tmp}/missing.npz"], ["missing.npz"]),
         (lambda tmp: ["--dataset", f"npz:{tmp}/bad_keys.npz"], ["bad_keys.npz", "x_test"]),
@@ -105,8 +112,10 @@ def test_bad_data(tmp_path, make_args, words):
                 image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
                 (tmp_path / folder / name / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
     (tmp_path / "corrupt" / "a" / "broken.png").write_bytes(b"this is not a png")
-    result = run_train(*make_args(tmp_path), "--run-dir", str(tmp_path / "run"), "--epochs", "1")
+    os.makedirs(tmp_path / "tfds" / "cifar10" / "3.0.2")
+    result = run_train(*make_args(tmp_path), "--run-dir", str(tmp_path / "runs" / "run"), "--epochs", "1")
     assert_one_line_error(result, *words)
+    assert not os.path.exists(tmp_path / "runs")  # a rejected command creates nothing
 
 
 def test_help_comes_from_the_config_fields():

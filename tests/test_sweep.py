@@ -225,8 +225,16 @@ def test_bad_flags_exit_2_with_one_line(args, words, capsys):
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert sweep.main(["--batch", "8,4096", "--out", str(tmp_path)]) == 2  # needs the data to know
     assert capsys.readouterr().err == "error: --batch: 4096 is larger than the training split (1293 examples)\n"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "BATCHSCOPE_TF_LOGS")}
+    env["PYTHONPATH"] = REPO
     command = [sys.executable, "-m", "pipeline.sweep", "--norm", "batch,instance", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.startswith("error: --norm: got 'batch,instance'") and result.stderr.count("\n") == 1
+    # Rejected after TensorFlow started and the data was read: still one line, and no sweep folder.
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "pipeline.sweep", "--dataset", "npz:/nonexistent.npz", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr == "error: --dataset: cannot read npz:/nonexistent.npz: No such file or directory\n"
+    assert not out.exists()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from pipeline import checkpoint
 from pipeline import config as config_lib
 from pipeline import data as data_lib
 from pipeline import train as train_lib
@@ -20,9 +21,9 @@ def smoke(tmp_path, **changes):
 
 
 def checkpoint_weights(run_dir):
-    """All arrays of the BackupAndRestore checkpoint, by their path in the HDF5 file."""
+    """All arrays of the last committed checkpoint, by their path in the HDF5 file."""
     arrays = {}
-    with h5py.File(os.path.join(run_dir, "checkpoints", "latest.weights.h5"), "r") as f:
+    with h5py.File(checkpoint.latest_weights(os.path.join(run_dir, "checkpoints")), "r") as f:
         f.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
     return arrays
 
@@ -90,7 +91,7 @@ def test_precise_bn_gives_batch_statistics_accuracy(tmp_path):
     data = data_lib.load(config)
     model = build_model("resnet20", data.input_shape, data.num_classes, Norm("batch", bn_momentum=0.99),
                         mean=data.mean, variance=data.variance)
-    model.load_weights(os.path.join(config.run_dir, "checkpoints", "latest.weights.h5"), skip_mismatch=True)
+    model.load_weights(checkpoint.latest_weights(os.path.join(config.run_dir, "checkpoints")), skip_mismatch=True)
     x, y = data.arrays("test")
     correct = 0
     for start in range(0, len(x), 120):
@@ -120,8 +121,7 @@ def test_nonfinite_loss_fails_run_and_keeps_last_good_checkpoint(tmp_path, monke
     summary = train_lib.train(config)
     assert summary.status == "failed" and "loss became nan" in summary.reason
     assert json.load(open(os.path.join(config.run_dir, "summary.json")))["status"] == "failed"
-    meta = json.load(open(os.path.join(config.run_dir, "checkpoints", "training_metadata.json")))
-    assert meta["epoch"] == 1
+    assert checkpoint.read_state(os.path.join(config.run_dir, "checkpoints"))["epoch"] == 1
     assert all(np.all(np.isfinite(a)) for a in checkpoint_weights(config.run_dir).values() if a.dtype.kind == "f")
     assert summary.export_path is None
 
