@@ -8,13 +8,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-
-
-def series(groups, norm, key, require_all_reached=False):
-    """(batches, means) of one quantity for one normalization, optionally only where every run reached the target."""
-    points = [(g["batch"], g[key]["mean"]) for g in groups if g["norm"] == norm and g[key]["mean"] is not None
-              and (not require_all_reached or g["reached"] == g["completed"])]
-    return [b for b, _ in points], [v for _, v in points]
+from pipeline.fits import series
 
 
 def _figure(panels: int = 1):
@@ -28,7 +22,7 @@ def _errorbar(axes, groups, norm, key, label, log=False, **style):
               if g["norm"] == norm and g[key]["mean"] is not None and (g[key]["mean"] > 0 or not log)]
     if points:
         batches, means, stds = zip(*points)
-        axes.errorbar(batches, means, yerr=stds, marker="o", capsize=3, label=label, **style)
+        axes.errorbar(batches, means, yerr=stds, capsize=3, label=label, **({"marker": "o"} | style))
     return bool(points)
 
 
@@ -68,28 +62,29 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
 
     if any(g["steps_to_target"]["mean"] is not None for g in groups):
         figure, (steps_axes, time_axes) = _figure(2)
+        fitted = []
         for i, norm in enumerate(norms):
             _errorbar(steps_axes, groups, norm, "steps_to_target", norm, log=True, color=f"C{i}", linestyle="none")
             _errorbar(time_axes, groups, norm, "time_to_target_s", norm, log=True, color=f"C{i}")
             missed = [g["batch"] for g in groups if g["norm"] == norm and g["completed"] and not g["reached"]]
             if missed:  # at the top of the axes: these batch sizes never reached the target
+                time_axes.plot(missed, [0.97] * len(missed), "^", color=f"C{i}", markersize=9, fillstyle="none",
+                               transform=time_axes.get_xaxis_transform(), label=f"{norm}: target not reached")
                 steps_axes.plot(missed, [0.97] * len(missed), "^", color=f"C{i}", markersize=9, fillstyle="none",
                                 transform=steps_axes.get_xaxis_transform(), label=f"{norm}: target not reached")
             fit = report["fits"][norm]["steps_to_target"]
-            if fit and fit["valid"]:
+            if fit and fit["determined"]:
                 b = np.geomspace(min(g["batch"] for g in groups), max(g["batch"] for g in groups), 100)
                 steps_axes.plot(b, fit["s_min"] * (1 + fit["b_crit"] / b), color=f"C{i}", alpha=0.7,
-                                label=f"{norm}: S_min={fit['s_min']:.0f}, B_crit={fit['b_crit']:.3g}")
-                steps_axes.axvline(fit["b_crit"], color=f"C{i}", linestyle=":", alpha=0.7)
-            b_simple = report["fits"][norm]["b_simple"]
-            if b_simple:
-                steps_axes.axvline(b_simple, color=f"C{i}", linestyle="-.", alpha=0.5,
-                                   label=f"{norm}: B_simple={b_simple:.3g}")
+                                label=f"{norm}: S(B) fit, B_crit={fit['b_crit']:.3g} ± {fit['b_crit_se']:.2g}")
+                fitted.append(norm)
         for axes in (steps_axes, time_axes):
             _log2_batch_axis(axes, groups)
             axes.set_yscale("log")
             _legend(axes, 7)
-        steps_axes.set(ylabel="steps to target", title=f"Steps to {report['target_accuracy']:.0%} val acc; S(B) fit")
+        fit_title = "S(B) fit" if fitted else "S(B) fit not determined (< 3 batches reached)"
+        steps_axes.set(ylabel="steps to target (mean ± std over seeds)",
+                       title=f"Steps to {report['target_accuracy']:.0%} val acc; {fit_title}")
         time_axes.set(ylabel="time to target (s)", title="Time to target: steps x time per step")
         save(figure, "steps_to_target")
 
@@ -103,7 +98,8 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
             fit = report["fits"][norm]["grad_std"]
             if fit:
                 b = np.asarray(batches, float)
-                axes.plot(b, fit["c"] * b ** fit["slope"], color=f"C{i}", label=f"{norm}: fit slope {fit['slope']:.2f}")
+                se = f" ± {fit['slope_se']:.2f}" if fit["determined"] else " (not determined)"
+                axes.plot(b, fit["c"] * b ** fit["slope"], color=f"C{i}", label=f"{norm}: fit slope {fit['slope']:.2f}{se}")
                 anchor = np.exp(np.mean(np.log(stds))) * (b / np.exp(np.mean(np.log(b)))) ** -0.5
                 axes.plot(b, anchor, color="gray", linestyle="--",
                           label="slope -0.50 (sigma / sqrt(B))" if i == 0 else None)
@@ -113,32 +109,8 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
         _legend(axes, 8)
         save(figure, "grad_std")
 
-    curves = sorted((r for r in rows if r["noise_curve"] and r["status"] == "completed"), key=lambda r: r["batch"])
-    if curves:
-        figure, panels = _figure(len(norms))
-        batches = sorted({r["batch"] for r in curves})
-        for axes, norm in zip(panels, norms):
-            for r in (r for r in curves if r["norm"] == norm and r["seed"] == min(c["seed"] for c in curves)):
-                x, y = zip(*r["noise_curve"])
-                axes.plot(x, y, color=f"C{batches.index(r['batch']) % 10}", label=f"B={r['batch']}")
-            axes.set(xlabel="examples seen", ylabel="B_simple (EMA)", title=f"Gradient noise scale, {norm}",
-                     yscale="log")
-            axes.grid(True, alpha=0.3)
-            _legend(axes, 7)
-        save(figure, "noise_scale")
-
-    bn_norms = [n for n in norms if series(groups, n, "bn_var_rel_error")[0]]
-    if bn_norms:
-        figure, (axes,) = _figure()
-        for i, norm in enumerate(bn_norms):
-            _errorbar(axes, groups, norm, "bn_mean_rel_error", f"{norm}: mean", log=True, color=f"C{i}")
-            _errorbar(axes, groups, norm, "bn_var_rel_error", f"{norm}: variance", log=True, color=f"C{i}",
-                      linestyle="--")
-        _log2_batch_axis(axes, groups)
-        axes.set_yscale("log")
-        axes.set(ylabel="relative error, batch vs moving", title="BN batch statistics vs moving averages (final)")
-        _legend(axes, 8)
-        save(figure, "bn_discrepancy")
+    _noise_scale(rows, norms, save)
+    _bn(report, groups, norms, save)
 
     figure, (step_axes, rate_axes) = _figure(2)
     for i, norm in enumerate(norms):
@@ -162,3 +134,66 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
         _legend(axes, 7)
         save(figure, "tuning")
     return written
+
+
+def _noise_scale(rows, norms, save):
+    """Raw B_simple of every measurement (band: its interval, where the run recorded one) and the value pooled
+    near the target (a thick bar over its window, shaded over its interval); one panel per norm, first seed."""
+    curves = sorted((r for r in rows if r["noise_curve"] and r["status"] == "completed"), key=lambda r: r["batch"])
+    if not curves:
+        return
+    figure, panels = _figure(len(norms))
+    batches, seed = sorted({r["batch"] for r in curves}), min(r["seed"] for r in curves)
+    for axes, norm in zip(panels, norms):
+        unresolved = []
+        for r in (r for r in curves if r["norm"] == norm and r["seed"] == seed):
+            color = f"C{batches.index(r['batch']) % 10}"
+            points = [p for p in r["noise_curve"] if p["noise_scale"] is not None and p["noise_scale"] > 0]
+            unresolved += [p["examples"] for p in r["noise_curve"] if p not in points]
+            if points:
+                axes.plot([p["examples"] for p in points], [p["noise_scale"] for p in points], "o-", color=color,
+                          markersize=3, linewidth=0.8, label=f"B={r['batch']}")
+            band = [p for p in points if p["lo"] is not None and p["hi"] is not None]
+            if band:
+                axes.fill_between([p["examples"] for p in band], [max(p["lo"], 1e-12) for p in band],
+                                  [p["hi"] for p in band], color=color, alpha=0.15, linewidth=0)
+            near = r["noise_near_target"]
+            if near and near["noise_scale"] is not None:
+                x = np.array([near["first_step"], near["last_step"]]) * r["batch"]
+                axes.plot(x, [near["noise_scale"]] * 2, color=color, linewidth=3, alpha=0.8)
+                if near["noise_scale_lo"] is not None and np.isfinite(near["noise_scale_hi"]):
+                    axes.fill_between(x, near["noise_scale_lo"], near["noise_scale_hi"], color=color, alpha=0.3)
+        if unresolved:  # at the bottom of the axes: |G|^2 <= 0, no finite B_simple from that measurement
+            axes.plot(unresolved, [0.03] * len(unresolved), "x", color="gray", transform=axes.get_xaxis_transform(),
+                      label="|G|^2 <= 0: no B_simple")
+        axes.set(xlabel="examples seen", ylabel="B_simple = tr(Sigma) / |G|^2", yscale="log",
+                 title=f"{norm}: raw B_simple per measurement;\nthick: pooled over [S/2, S] to target")
+        axes.grid(True, alpha=0.3)
+        _legend(axes, 7)
+    save(figure, "noise_scale")
+
+
+def _bn(report, groups, norms, save):
+    """BatchNorm's batch-vs-population discrepancies against B, with the fitted slope and a slope -0.5 line."""
+    bn_norms = [n for n in norms if series(groups, n, "bn_batch_var_error")[0]]
+    if not bn_norms:
+        return
+    figure, (axes,) = _figure()
+    for i, norm in enumerate(bn_norms):
+        _errorbar(axes, groups, norm, "bn_batch_mean_error", f"{norm}: mean", log=True, color=f"C{i}",
+                  linestyle="none")
+        _errorbar(axes, groups, norm, "bn_batch_var_error", f"{norm}: variance", log=True, color=f"C{i}",
+                  linestyle="none", marker="s")
+        fit = report["fits"][norm]["bn_batch_var_error"]
+        if fit:
+            b = np.asarray(series(groups, norm, "bn_batch_var_error")[0], float)
+            se = f" ± {fit['slope_se']:.2f}" if fit["determined"] else " (not determined)"
+            axes.plot(b, fit["c"] * b ** fit["slope"], color=f"C{i}",
+                      label=f"{norm}: variance fit, slope {fit['slope']:.2f}{se}")
+            axes.plot(b, fit["c"] * b[0] ** fit["slope"] * (b / b[0]) ** -0.5, color="gray", linestyle="--",
+                      label="slope -0.5" if i == 0 else None)
+    _log2_batch_axis(axes, groups)
+    axes.set_yscale("log")
+    axes.set(ylabel="batch vs population (RMS over the run)", title="BN batch statistics vs population statistics")
+    _legend(axes, 8)
+    save(figure, "bn_discrepancy")

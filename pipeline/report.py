@@ -1,25 +1,23 @@
 """The batch-size report of a sweep directory: report.json, report.md, PNG plots and TensorBoard HParams data.
 
 `python -m pipeline.report SWEEP_DIR` rebuilds it from the run directories alone (config.json, summary.json,
-grad_stats.jsonl, bn_stats.json of each <SWEEP_DIR>/runs/*), as pipeline.sweep does at its end.
+metrics.jsonl, grad_stats.jsonl, bn_stats.json of each <SWEEP_DIR>/runs/*), as pipeline.sweep does at its end.
+This module reads the runs and renders; the statistics are in pipeline/fits.py and the sentences in
+pipeline/findings.py.
 
-Steps to target follow S(B) = S_min (1 + B_crit / B) (McCandlish et al. 2018: their trade-off
-(S / S_min - 1)(E / E_min - 1) = 1 with E = B S examples and B_crit = E_min / S_min). S is linear in 1/B,
-S = a + b / B with S_min = a and B_crit = b / a, so the fit is a least-squares line, weighted by 1/S so that
-every batch size counts by its relative error. B_crit is shown beside the measured simple noise scale
-B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8), per run the ratio of its mean tr(Sigma) to its mean
-|G|^2 over callbacks.GradientStatistics' measurements (a ratio of averages, their app. A; per norm, the mean over
-runs). The minibatch gradient's standard deviation falls as sigma / sqrt(B); per run it is the root mean square
-of "grad/batch_std" over the measurements, which the sweep places at the same fractions of every run's budget,
-and its log-log slope against B is fitted beside -0.5.
-
-Means and standard deviations are over seeds (sample std, ddof=1; none for a single seed); accuracies, times
-and instruments come from completed runs, the target metrics from completed runs that reached the target.
-Targets are checked at epoch ends, where train() evaluates, so steps to target have a resolution of one epoch
-(N / B steps). Time per step is the median over the epochs after the first (whose time includes tracing and
-compilation) that hold no instrument measurement, each with its validation; time to target is steps to target
-times that time per step, so that one-time start-up costs do not decide which batch is fastest (the run's own
-clock, start-up and instruments included, is kept as wall_time_to_target_s in report.json).
+Per run: steps, epochs and time to target come from summary.json (pipeline/target.py: validation accuracy
+checked every TargetCheck interval, the same fraction of an epoch at every batch). Time per step is the median
+over the epochs after the first (whose time includes tracing and compilation), without the instruments'
+measuring and the target checks; time to target is steps to target times that time per step, so that one-time
+start-up costs do not decide which batch is fastest (the run's own clock without measuring, start-up included,
+is kept as wall_time_to_target_s in report.json). B_simple is pooled over the measurements of the second half
+of the steps to target, [S/2, S] (fits.pooled_noise_scale; None for a run that did not reach the target), the
+training phase that the fitted B_crit describes. The gradient's standard deviation is the root mean square of
+"grad/batch_std" over the run's measurements, which the sweep places at the same fractions of every run's
+budget; the BN discrepancy is the root mean square over the run's measurements of "bn/batch_var_error" (batch
+vs population statistics, callbacks/bn_stats.py). Means and standard deviations are over seeds (sample std,
+ddof=1; none for a single seed); accuracies, times and instruments come from completed runs, the target metrics
+from completed runs that reached the target.
 """
 
 from __future__ import annotations
@@ -33,9 +31,11 @@ import sys
 
 import numpy as np
 
-from pipeline.plots import plots, series
+from pipeline import findings as findings_lib
+from pipeline import fits as fits_lib
 from pipeline import prediction, rundir, tuning
 from pipeline.config import InputError
+from pipeline.plots import plots
 
 # (key in a run row, column title, number format) of the report's table, in order.
 COLUMNS = (
@@ -48,14 +48,14 @@ COLUMNS = (
     ("time_per_step_ms", "time/step (ms)", "{:.2f}"),
     ("examples_per_sec", "examples/s", "{:.0f}"),
     ("grad_std", "grad std", "{:.3g}"),
-    ("noise_scale", "B_simple", "{:.3g}"),
-    ("bn_var_rel_error", "BN var error", "{:.3g}"),
+    ("noise_scale", "B_simple near target", "{:.3g}"),
+    ("bn_batch_var_error", "BN batch var error", "{:.3g}"),
 )
 TARGET_KEYS = ("steps_to_target", "epochs_to_target", "time_to_target_s", "wall_time_to_target_s")
 METRICS = ("test_accuracy", "train_accuracy", "val_accuracy", "best_val_accuracy", "generalization_gap",
-           "time_per_step_ms", "examples_per_sec", "wall_time_s", "grad_std", "noise_scale", "bn_mean_rel_error",
-           "bn_var_rel_error", "lr") + TARGET_KEYS
-DIMINISHING = 0.5  # scaling efficiency below which a larger batch is past the onset of diminishing returns
+           "time_per_step_ms", "examples_per_sec", "wall_time_s", "grad_std", "noise_scale", "bn_batch_mean_error",
+           "bn_batch_var_error", "bn_moving_mean_error", "bn_moving_var_error", "lr") + TARGET_KEYS
+BN_KEYS = ("batch_mean_error", "batch_var_error", "moving_mean_error", "moving_var_error")
 
 
 def _read_json(path: str):
@@ -106,7 +106,7 @@ def read_run(run_dir: str) -> dict | None:
     # A resumed run measures the steps after its checkpoint again; the last measurement of a step counts.
     by_step = {r["step"]: r for r in _read_jsonl(os.path.join(run_dir, "grad_stats.jsonl")) if "step" in r}
     grad = [by_step[step] for step in sorted(by_step)]
-    layers = (_read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("layers", {})
+    bn_averages = (_read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("averages", [])
 
     history = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
@@ -119,15 +119,16 @@ def read_run(run_dir: str) -> dict | None:
     # Over the run's measurements, which the sweep spreads over the same fractions of every run's budget.
     stds = [r["grad/batch_std"] for r in grad if r.get("grad/batch_std") is not None]
     row["grad_std"] = float(np.sqrt(np.mean(np.square(stds)))) if stds else None
-    both = [(r["grad/trace_cov"], r["grad/norm_sq"]) for r in grad
-            if r.get("grad/trace_cov") is not None and r.get("grad/norm_sq") is not None]
-    trace, norm_sq = np.mean(both, axis=0) if both else (None, None)
-    row["noise_scale"] = float(trace / norm_sq) if both and norm_sq > 0 else None
-    row["noise_curve"] = [(r["step"] * batch, r["grad/noise_scale_ema"]) for r in grad
-                          if r.get("grad/noise_scale_ema") is not None and math.isfinite(r["grad/noise_scale_ema"])]
-    for key in ("mean_rel_error", "var_rel_error"):
-        values = [layer["final"][key] for layer in layers.values() if key in layer.get("final", {})]
-        row[f"bn_{key}"] = float(np.mean(values)) if values else None
+    steps_to_target = row["steps_to_target"]
+    near = fits_lib.pooled_noise_scale(grad, steps_to_target / 2, steps_to_target) if steps_to_target else None
+    row["noise_near_target"] = near
+    row["noise_scale"] = near["noise_scale"] if near else None
+    row["noise_growth"] = fits_lib.noise_growth(grad, row["steps"])["verdict"] if grad and row["steps"] else None
+    row["noise_curve"] = [{"examples": r["step"] * batch, "noise_scale": r.get("grad/noise_scale"),
+                           "lo": r.get("grad/noise_scale_lo"), "hi": r.get("grad/noise_scale_hi")} for r in grad]
+    for key in BN_KEYS:
+        values = [m[key] for m in bn_averages if m.get(key) is not None]
+        row[f"bn_{key}"] = float(np.sqrt(np.mean(np.square(values)))) if values else None
     return row
 
 
@@ -154,171 +155,6 @@ def aggregate(rows: list[dict]) -> list[dict]:
             group[key] = _stats([r[key] for r in (reached if key in TARGET_KEYS else completed)])
         result.append(group)
     return result
-
-
-def fit_steps_to_target(batches, steps) -> dict | None:
-    """Fits S(B) = S_min (1 + B_crit / B) as S = a + b / B, least squares weighted by 1 / S.
-
-    Returns {"s_min", "b_crit", "e_min", "points", "valid"}, valid when S_min > 0 and B_crit >= 0, or None for
-    fewer than two batch sizes.
-    """
-    batches, steps = np.asarray(batches, float), np.asarray(steps, float)
-    if len(set(batches.tolist())) < 2:
-        return None
-    design = np.stack([np.ones_like(batches), 1 / batches], axis=1) / steps[:, None]
-    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(steps), rcond=None)
-    valid = bool(a > 0 and b >= 0)
-    b_crit = float(b / a) if a > 0 else None
-    return {"s_min": float(a), "b_crit": b_crit, "e_min": float(b) if valid else None, "points": len(batches),
-            "valid": valid}
-
-
-def fit_power_law(batches, values) -> dict | None:
-    """log(value) = log(c) + slope * log(B) by least squares; {"slope", "c"}, or None for fewer than 2 points."""
-    batches, values = np.asarray(batches, float), np.asarray(values, float)
-    if len(set(batches.tolist())) < 2 or np.any(values <= 0):
-        return None
-    slope, intercept = np.polyfit(np.log(batches), np.log(values), 1)
-    return {"slope": float(slope), "c": float(np.exp(intercept))}
-
-
-def fits(groups: list[dict]) -> dict:
-    """Per norm: the S(B) fit, the gradient-std power law and the mean measured B_simple."""
-    result = {}
-    for norm in dict.fromkeys(g["norm"] for g in groups):
-        noise = series(groups, norm, "noise_scale")[1]
-        result[norm] = {
-            "steps_to_target": fit_steps_to_target(*series(groups, norm, "steps_to_target", True)),
-            "grad_std": fit_power_law(*series(groups, norm, "grad_std")),
-            "b_simple": float(np.mean(noise)) if noise else None,
-        }
-    return result
-
-
-def diminishing_returns(batches, steps) -> int | None:
-    """The smallest batch from which every step to a larger measured batch scales less than half as well as perfect.
-
-    The scaling efficiency of going from B1 to B2 is log(S1 / S2) / log(B2 / B1): 1 for perfect scaling (steps
-    halve when the batch doubles), 0 when steps stay the same. Requiring every later step, not just one, to be
-    below DIMINISHING keeps one noisy measurement from deciding.
-    """
-    efficiencies = [math.log(s1 / s2) / math.log(b2 / b1) if s2 > 0 else 0.0
-                    for b1, b2, s1, s2 in zip(batches, batches[1:], steps, steps[1:])]
-    onset = None
-    for i in reversed(range(len(efficiencies))):
-        if efficiencies[i] >= DIMINISHING:
-            break
-        onset = batches[i]
-    return onset
-
-
-def _difference_noise(a: dict, b: dict, num_test: int | None) -> float | None:
-    """Standard error of the difference of two mean accuracies: from the seeds (std / sqrt(n)) with several, else
-    the binomial standard error sqrt(p (1 - p) / N) of one run on N test examples."""
-    errors = []
-    for stat in (a, b):
-        if stat["std"] is not None:
-            errors.append(stat["std"] / math.sqrt(stat["n"]))
-        elif num_test:
-            errors.append(math.sqrt(stat["mean"] * (1 - stat["mean"]) / num_test))
-        else:
-            return None
-    return math.hypot(*errors)
-
-
-def _mean(groups, norm, batch, key):
-    group = next((g for g in groups if g["norm"] == norm and g["batch"] == batch), None)
-    return group[key] if group else {"mean": None, "std": None, "n": 0}
-
-
-def findings(report: dict) -> list[str]:
-    """Sentences about this sweep, each computed from its numbers."""
-    groups, target, out = report["groups"], report["target_accuracy"], []
-    names = {"batch": "BatchNorm", "group": "GroupNorm", "ghost": "ghost BatchNorm", "layer": "LayerNorm",
-             "none": "no normalization"}
-    for norm, fit in report["fits"].items():
-        mine = [g for g in groups if g["norm"] == norm]
-        prefix = f"{names.get(norm, norm)}: " if len(report["fits"]) > 1 else ""
-        if target:
-            reached = [g for g in mine if g["time_to_target_s"]["mean"] is not None]
-            if reached:
-                fastest = min(reached, key=lambda g: g["time_to_target_s"]["mean"])
-                fewest = min(reached, key=lambda g: g["steps_to_target"]["mean"])
-                out.append(f"{prefix}batch {fastest['batch']} reached {target:.0%} validation accuracy in the least "
-                           f"time ({fastest['time_to_target_s']['mean']:.1f} s = steps to target x time per step); "
-                           f"batch {fewest['batch']} took the fewest steps ({fewest['steps_to_target']['mean']:.0f}).")
-            for g in (g for g in mine if 0 < g["completed"] and g["reached"] < g["completed"]):
-                runs = "" if g["completed"] == 1 else f" in {g['completed'] - g['reached']} of {g['completed']} runs"
-                best = g["best_val_accuracy"]["mean"]
-                out.append(f"{prefix}batch {g['batch']} did not reach {target:.0%} within the budget{runs}"
-                           + (f" (best validation accuracy {best:.4f})." if best is not None else "."))
-            batches, steps = series(groups, norm, "steps_to_target", True)
-            onset = diminishing_returns(batches, steps)
-            if onset is not None:
-                i = batches.index(onset)
-                out.append(f"{prefix}diminishing returns begin at batch {onset}: from there on, each larger batch cut "
-                           f"the steps to target by less than half as much as perfect scaling would (batch "
-                           f"{batches[i]} -> {batches[i + 1]}: {steps[i]:.0f} -> {steps[i + 1]:.0f} steps, "
-                           f"{1 - steps[i + 1] / steps[i]:.0%} fewer; perfect scaling: "
-                           f"{1 - batches[i] / batches[i + 1]:.0%}).")
-            elif len(batches) > 1:
-                beyond = [g["batch"] for g in mine if g["batch"] > batches[-1] and g["completed"]]
-                out.append(f"{prefix}steps to target kept falling at least half as fast as perfect scaling up to "
-                           f"batch {batches[-1]}, the largest that reached the target" +
-                           (f"; batch {', '.join(map(str, beyond))} did not reach it in every run." if beyond else
-                            ": no diminishing returns yet."))
-            s_fit = fit["steps_to_target"]
-            if s_fit and s_fit["valid"]:
-                noise = f"; the measured B_simple averaged {fit['b_simple']:.3g}" if fit["b_simple"] else ""
-                out.append(f"{prefix}the fit S(B) = S_min (1 + B_crit / B) gives S_min = {s_fit['s_min']:.0f} steps "
-                           f"and B_crit = {s_fit['b_crit']:.3g}{noise}.")
-        best = max((g for g in mine if g["test_accuracy"]["mean"] is not None),
-                   key=lambda g: g["test_accuracy"]["mean"], default=None)
-        if best:
-            gaps = [g for g in mine if g["generalization_gap"]["mean"] is not None]
-            widest = max(gaps, key=lambda g: g["generalization_gap"]["mean"])
-            out.append(f"{prefix}the best test accuracy was {best['test_accuracy']['mean']:.4f} at batch "
-                       f"{best['batch']}; the widest generalization gap (train - test) was "
-                       f"{widest['generalization_gap']['mean']:+.4f} at batch {widest['batch']}.")
-        if fit["grad_std"]:
-            out.append(f"{prefix}the gradient's standard deviation fell as B^{fit['grad_std']['slope']:.2f} "
-                       "(sigma / sqrt(B) predicts B^-0.50).")
-        times = series(groups, norm, "time_per_step_ms")
-        if len(times[0]) > 1:
-            out.append(f"{prefix}a step at batch {times[0][-1]} took {times[1][-1] / times[1][0]:.1f}x as long as at "
-                       f"batch {times[0][0]}, for {times[0][-1] / times[0][0]:.0f}x the examples.")
-    if "batch" in report["fits"] and "group" in report["fits"]:
-        measured = {norm: {g["batch"] for g in groups if g["norm"] == norm and g["test_accuracy"]["mean"] is not None}
-                    for norm in ("batch", "group")}
-        common = sorted(measured["batch"] & measured["group"])
-        if common:
-            b = common[0]
-            bn, gn = _mean(groups, "batch", b, "test_accuracy"), _mean(groups, "group", b, "test_accuracy")
-            noise = _difference_noise(bn, gn, report["sweep"].get("num_test"))
-            gap = gn["mean"] - bn["mean"]
-            if noise is None:
-                verdict, why = ("fell behind" if gap > 0 else "did not fall behind"), " (no noise estimate)"
-            else:
-                verdict = ("fell behind" if gap > 2 * noise else "was ahead of" if gap < -2 * noise else
-                           "was within noise of")
-                why = f" (standard error of the difference {noise:.4f}; a verdict needs 2 of them)"
-            out.append(f"At the smallest batch ({b}), BatchNorm {verdict} GroupNorm: test accuracy "
-                       f"{bn['mean']:.4f} vs {gn['mean']:.4f}{why}.")
-    bn_norms = [n for n in report["fits"] if len(series(groups, n, "bn_var_rel_error")[0]) > 1]
-    for norm in bn_norms:
-        batches, errors = series(groups, norm, "bn_var_rel_error")
-        out.append(f"{names.get(norm, norm)}'s batch-vs-moving variance discrepancy was {errors[0]:.3g} at batch "
-                   f"{batches[0]} and {errors[-1]:.3g} at batch {batches[-1]}.")
-    for norm, pairs in tuning.best_lrs(report["tuning"]).items():
-        fit = fit_power_law(*zip(*pairs)) if len(pairs) > 1 else None
-        if fit:
-            out.append(f"Tuned per batch size ({names.get(norm, norm)}), the best learning rate grew as "
-                       f"B^{fit['slope']:.2f} (linear scaling: B^1, square-root scaling: B^0.5), from "
-                       f"{pairs[0][1]:.3g} at batch {pairs[0][0]} to {pairs[-1][1]:.3g} at batch {pairs[-1][0]}.")
-    failed = [name for g in groups for name in g["failed"]]
-    if failed:
-        out.append(f"{len(failed)} run(s) failed: {', '.join(failed)} (see each run's summary.json).")
-    return out
 
 
 def _cell(stat: dict, fmt: str, reached: str = "") -> str:
@@ -369,17 +205,38 @@ def write_hparams(rows: list[dict], sweep_dir: str) -> str:
     return log_dir
 
 
+def _estimate(value, se, fmt="{:.3g}") -> str:
+    return fmt.format(value) + (f" ± {fmt.format(se)}" if se is not None else "")
+
+
 def fits_markdown(report: dict) -> str:
-    """Per norm: the S(B) fit, measured B_simple and the gradient-std slope, as a markdown table."""
-    lines = ["| norm | S_min (steps) | B_crit | E_min (examples) | B_simple (measured) | grad std slope "
-             "(theory -0.5) |", "|---|---:|---:|---:|---:|---:|"]
+    """Per norm: the S(B) fit, B_simple near the target and the fitted slopes, with standard errors and points."""
+    lines = ["| norm | S_min (steps) | B_crit | points | B_simple near target (range over batches) | grad std slope "
+             "(theory -0.5) | BN batch var error slope (theory -0.5) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for norm, fit in report["fits"].items():
-        s = fit["steps_to_target"] or {}
-        cells = [f"{s['s_min']:.0f}", f"{s['b_crit']:.3g}", f"{s['e_min']:.3g}"] if s.get("valid") else ["–"] * 3
-        cells.append(f"{fit['b_simple']:.3g}" if fit["b_simple"] else "–")
-        cells.append(f"{fit['grad_std']['slope']:.3f}" if fit["grad_std"] else "–")
+        s = fit["steps_to_target"]
+        if s and s["determined"]:
+            cells = [_estimate(s["s_min"], s["s_min_se"], "{:.0f}"), _estimate(s["b_crit"], s["b_crit_se"])]
+        else:
+            cells = ["not determined"] * 2
+        cells.append(str(s["points"]) if s else "0")
+        b = fit["b_simple"]
+        cells.append(f"{b['median']:.3g} ({b['low']:.3g}-{b['high']:.3g}, {b['batches']} batches)" if b else "–")
+        for key in ("grad_std", "bn_batch_var_error"):
+            slope = fit[key]
+            cells.append("–" if not slope else _estimate(slope["slope"], slope["slope_se"], "{:.2f}")
+                         + f" ({slope['points']} points{'' if slope['determined'] else ', not determined'})")
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\nStandard errors of the least-squares fits (pipeline/fits.py); a fit with fewer " \
+        "than 3 points has none and is marked not determined."
+
+
+def answer(report: dict, question: str):
+    """The generated answer to one of findings.QUESTIONS as notebook Markdown (a note when it does not apply)."""
+    from IPython.display import Markdown
+
+    sentences = report["answers"].get(question) or ["Not enough data: this sweep has no numbers for this question."]
+    return Markdown("\n".join(f"- {s}" for s in sentences))
 
 
 def markdown(report: dict, plot_files: dict[str, str]) -> str:
@@ -395,11 +252,14 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
         "# Batch-size study", "", setting, "",
         "## Findings", "", *[f"- {s}" for s in report["findings"]], "",
         "## Per batch size (mean ± std over seeds)", "", headline(report), "",
-        "Steps and epochs to target: first epoch end with validation accuracy >= target; time to target: steps to "
-        "target x time per step; (k/n): runs that reached it. time/step: median over the epochs after the first "
-        "without the instruments' measuring time, validation included. grad std: RMS over the run's measurements. "
-        "B_simple: mean tr(Sigma) / mean |G|^2 over the run. BN var error: final batch-vs-moving variance "
-        "discrepancy, mean over layers."
+        "Steps to target: first check with validation accuracy >= target (checked every "
+        "pipeline.target interval, the same fraction of an epoch at every batch); epochs to target: steps to "
+        "target x batch / training examples; time to target: steps to target x time per step; (k/n): runs that "
+        "reached it. time/step: median over the epochs after the first without the instruments' measuring and "
+        "the target checks, epoch-end validation included. grad std: RMS over the run's measurements. B_simple "
+        "near target: mean tr(Sigma) / mean |G|^2 over the measurements from half the steps to target to the "
+        "steps to target. BN batch var error: batch vs population variance discrepancy (RMS over the run's "
+        "measurements of the mean over layers)."
         + (" With batch or ghost norm, the gradient measurement normalizes each of its micro-batches (B / 2 "
            "examples by default) with that micro-batch's own statistics, so grad std and B_simple include "
            "BatchNorm's noise at that size (callbacks/gradient_stats.py)."
@@ -437,9 +297,10 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     sweep = _read_json(os.path.join(sweep_dir, "sweep.json")) or {"config": {}}
     groups = aggregate(rows)
     report = {"sweep_dir": sweep_dir, "sweep": sweep, "target_accuracy": max(r["target"] or 0 for r in rows),
-              "groups": groups, "fits": fits(groups), "tuning": tuning.read_trials(sweep_dir),
+              "groups": groups, "fits": fits_lib.per_norm(groups), "tuning": tuning.read_trials(sweep_dir),
               "runs": [{k: v for k, v in r.items() if k != "noise_curve"} for r in rows]}
-    report["findings"] = findings(report)
+    report["answers"] = findings_lib.answers(report)
+    report["findings"] = findings_lib.findings(report)
     report["prediction"] = prediction.for_sweep(sweep_dir, groups)
     report["plots"] = plots(report, rows, sweep_dir)
     if tensorboard:

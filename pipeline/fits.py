@@ -1,0 +1,191 @@
+"""The statistics behind a sweep's findings: fits with standard errors, directions, pooled noise scales.
+
+Steps to target follow S(B) = S_min (1 + B_crit / B) (McCandlish et al. 2018: their trade-off
+(S / S_min - 1)(E / E_min - 1) = 1 with E = B S examples and B_crit = E_min / S_min). S is linear in 1/B,
+S = a + b / B with S_min = a and B_crit = b / a, so the fit is a least-squares line, weighted by 1/S so that
+every batch size counts by its relative error. Power laws value = c B^slope are least-squares lines in log-log.
+Standard errors are the usual least-squares ones, sigma^2 (X^T X)^-1 with sigma^2 = RSS / (n - 2) from the
+residuals, so a fit needs n >= 3 points to have one (two points fit any line exactly); B_crit = b / a gets its
+error by the delta method. A direction ("falls", "rises") is called only when the slope is more than Z standard
+errors from 0; otherwise it is "unclear".
+
+The simple noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8) pooled over a window of a
+run's measurements is the ratio of the window's mean tr(Sigma) to its mean |G|^2 (a ratio of averages, their
+app. A). Its interval treats the window's measurements as independent repeats: the means' standard errors
+(sample std / sqrt(n)) give Z-sigma intervals for tr(Sigma) and |G|^2, and B_simple's interval is
+[tr_lo / G_hi, tr_hi / G_lo], infinite above when |G|^2's interval reaches 0 (then B_simple is only known to be
+above tr_lo / G_hi).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Z = 2.0  # standard errors for a direction or an interval (about 95% for a normal estimate)
+MIN_FIT_POINTS = 3  # points a fit needs to have a standard error
+
+
+def fit_steps_to_target(batches, steps) -> dict | None:
+    """Fits S(B) = S_min (1 + B_crit / B) as S = a + b / B, least squares weighted by 1 / S.
+
+    Returns:
+      {"s_min", "b_crit", "e_min", "s_min_se", "b_crit_se", "points", "valid", "determined"}, or None for fewer
+      than two batch sizes. valid: S_min > 0 and B_crit >= 0. determined: valid and >= MIN_FIT_POINTS points
+      (the standard errors are None otherwise).
+    """
+    batches, steps = np.asarray(batches, float), np.asarray(steps, float)
+    n = len(set(batches.tolist()))
+    if n < 2:
+        return None
+    design = np.stack([np.ones_like(batches), 1 / batches], axis=1) / steps[:, None]
+    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(steps), rcond=None)
+    valid = bool(a > 0 and b >= 0)
+    result = {"s_min": float(a), "b_crit": float(b / a) if a > 0 else None, "e_min": float(b) if valid else None,
+              "s_min_se": None, "b_crit_se": None, "points": len(batches), "valid": valid,
+              "determined": valid and len(batches) >= MIN_FIT_POINTS}
+    if len(batches) >= MIN_FIT_POINTS:
+        residuals = design @ np.array([a, b]) - 1
+        covariance = residuals @ residuals / (len(batches) - 2) * np.linalg.inv(design.T @ design)
+        result["s_min_se"] = float(math.sqrt(covariance[0, 0]))
+        if a > 0:  # delta method for b / a: gradient (-b / a^2, 1 / a)
+            gradient = np.array([-b / a**2, 1 / a])
+            result["b_crit_se"] = float(math.sqrt(max(gradient @ covariance @ gradient, 0.0)))
+    return result
+
+
+def fit_power_law(batches, values) -> dict | None:
+    """log(value) = log(c) + slope * log(B) by least squares.
+
+    Returns:
+      {"slope", "slope_se", "c", "points", "determined", "direction"}, or None for fewer than 2 batch sizes or a
+      non-positive value. slope_se is None and direction "not determined" with fewer than MIN_FIT_POINTS points;
+      otherwise direction is "falls", "rises" or "unclear" (slope within Z standard errors of 0).
+    """
+    batches, values = np.asarray(batches, float), np.asarray(values, float)
+    if len(set(batches.tolist())) < 2 or np.any(values <= 0):
+        return None
+    x, y = np.log(batches), np.log(values)
+    slope, intercept = np.polyfit(x, y, 1)
+    result = {"slope": float(slope), "c": float(np.exp(intercept)), "points": len(batches), "slope_se": None,
+              "determined": len(batches) >= MIN_FIT_POINTS, "direction": "not determined"}
+    if result["determined"]:
+        residuals = y - (intercept + slope * x)
+        result["slope_se"] = float(math.sqrt(residuals @ residuals / (len(x) - 2) / np.sum((x - x.mean()) ** 2)))
+        result["direction"] = direction(slope, result["slope_se"])
+    return result
+
+
+def direction(slope: float, se: float) -> str:
+    """"falls" or "rises" when the slope is more than Z standard errors from 0, else "unclear"."""
+    if slope + Z * se < 0:
+        return "falls"
+    if slope - Z * se > 0:
+        return "rises"
+    return "unclear"
+
+
+def agrees(fit: dict, expected: float) -> bool | None:
+    """Whether a determined power-law slope is within Z standard errors of `expected` (None if not determined)."""
+    if not fit or not fit["determined"]:
+        return None
+    return abs(fit["slope"] - expected) <= Z * fit["slope_se"]
+
+
+def diminishing_returns(batches, steps, threshold: float = 0.5) -> int | None:
+    """The smallest batch from which every step to a larger measured batch scales less than `threshold` as well as perfect.
+
+    The scaling efficiency of going from B1 to B2 is log(S1 / S2) / log(B2 / B1): 1 for perfect scaling (steps
+    halve when the batch doubles), 0 when steps stay the same. Requiring every later step, not just one, to be
+    below the threshold keeps one noisy measurement from deciding.
+    """
+    efficiencies = [math.log(s1 / s2) / math.log(b2 / b1) if s2 > 0 else 0.0
+                    for b1, b2, s1, s2 in zip(batches, batches[1:], steps, steps[1:])]
+    onset = None
+    for i in reversed(range(len(efficiencies))):
+        if efficiencies[i] >= threshold:
+            break
+        onset = batches[i]
+    return onset
+
+
+def pooled_noise_scale(records: list[dict], first_step: float, last_step: float) -> dict | None:
+    """B_simple pooled over the measurements with first_step <= step <= last_step (module docstring).
+
+    Args:
+      records: grad_stats.jsonl records with "step", "grad/trace_cov" and "grad/norm_sq".
+      first_step, last_step: the window, inclusive.
+
+    Returns:
+      {"first_step", "last_step", "measurements", "trace_cov", "norm_sq", "noise_scale", "noise_scale_lo",
+      "noise_scale_hi"}: the interval needs >= 2 measurements (None otherwise); noise_scale_hi is inf and
+      noise_scale None when |G|^2 is not distinguishable from 0. None for a window without measurements.
+    """
+    window = [(r["grad/trace_cov"], r["grad/norm_sq"]) for r in records
+              if first_step <= r["step"] <= last_step and r.get("grad/trace_cov") is not None
+              and r.get("grad/norm_sq") is not None]
+    if not window:
+        return None
+    trace, norm_sq = np.asarray(window, float).T
+    n = len(window)
+    result = {"first_step": first_step, "last_step": last_step, "measurements": n,
+              "trace_cov": float(trace.mean()), "norm_sq": float(norm_sq.mean()), "noise_scale": None,
+              "noise_scale_lo": None, "noise_scale_hi": None}
+    if n >= 2:
+        trace_se, norm_se = (float(np.std(v, ddof=1) / math.sqrt(n)) for v in (trace, norm_sq))
+        trace_lo, trace_hi = max(trace.mean() - Z * trace_se, 0.0), trace.mean() + Z * trace_se
+        norm_lo, norm_hi = norm_sq.mean() - Z * norm_se, norm_sq.mean() + Z * norm_se
+        if norm_hi > 0:
+            result["noise_scale_lo"] = float(trace_lo / norm_hi)
+            result["noise_scale_hi"] = float(trace_hi / norm_lo) if norm_lo > 0 else math.inf
+        if norm_lo <= 0:
+            return result  # |G|^2 not distinguishable from 0: only a lower bound
+    if norm_sq.mean() > 0:
+        result["noise_scale"] = float(trace.mean() / norm_sq.mean())
+    return result
+
+
+def noise_growth(records: list[dict], last_step: int, fraction: float = 0.25) -> dict:
+    """Whether B_simple grew from the first to the last `fraction` of a run's steps, pooled over each window.
+
+    Returns:
+      {"early", "late" (pooled_noise_scale results or None), "verdict"}: "grew" when the late interval lies above
+      the early one, "fell" when below, "unclear" when they overlap, "not enough data" without an interval in
+      both windows.
+    """
+    early = pooled_noise_scale(records, 0, fraction * last_step)
+    late = pooled_noise_scale(records, (1 - fraction) * last_step, last_step)
+    verdict = "not enough data"
+    if early and late and early["noise_scale_lo"] is not None and late["noise_scale_lo"] is not None:
+        if late["noise_scale_lo"] > early["noise_scale_hi"]:
+            verdict = "grew"
+        elif late["noise_scale_hi"] < early["noise_scale_lo"]:
+            verdict = "fell"
+        else:
+            verdict = "unclear"
+    return {"early": early, "late": late, "verdict": verdict}
+
+
+def series(groups, norm, key, require_all_reached=False):
+    """(batches, means) of one quantity for one normalization, optionally only where every run reached the target."""
+    points = [(g["batch"], g[key]["mean"]) for g in groups if g["norm"] == norm and g[key]["mean"] is not None
+              and (not require_all_reached or g["reached"] == g["completed"])]
+    return [b for b, _ in points], [v for _, v in points]
+
+
+def per_norm(groups: list[dict]) -> dict:
+    """Per norm: the S(B) fit, the power laws of steps, gradient std, time per step and BN discrepancy against B,
+    and the range of B_simple near the target over batch sizes."""
+    result = {}
+    for norm in dict.fromkeys(g["norm"] for g in groups):
+        noise = series(groups, norm, "noise_scale")[1]
+        result[norm] = {
+            "steps_to_target": fit_steps_to_target(*series(groups, norm, "steps_to_target", True)),
+            "grad_std": fit_power_law(*series(groups, norm, "grad_std")),
+            "time_per_step": fit_power_law(*series(groups, norm, "time_per_step_ms")),
+            "bn_batch_var_error": fit_power_law(*series(groups, norm, "bn_batch_var_error")),
+            "b_simple": {"median": float(np.median(noise)), "low": min(noise), "high": max(noise),
+                         "batches": len(noise)} if noise else None,
+        }
+    return result
