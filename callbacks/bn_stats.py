@@ -1,4 +1,4 @@
-"""BatchNorm statistics during training: batch vs moving statistics, moving-average drift, per-layer tables."""
+"""BatchNorm statistics during training: batch and moving statistics against population statistics, drift."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from callbacks.checked_io import write_atomic
+from callbacks.checked_io import check_positive_int, write_atomic
 from callbacks.events import EventWriter
-from callbacks.precise_bn import batch_norm_inputs, side_model
+from callbacks.precise_bn import batch_norm_inputs, population_moments, side_model, take_inputs
 from callbacks.steps import Steps
 from callbacks.timing import timed
 from models.norm import virtual_batches
@@ -22,8 +22,10 @@ logger = logging.getLogger(__name__)
 
 # Per-layer quantities of one measurement, in the order of the markdown table.
 QUANTITIES = (
-    "mean_rel_error",
-    "var_rel_error",
+    "batch_mean_error",
+    "batch_var_error",
+    "moving_mean_error",
+    "moving_var_error",
     "moving_mean_drift",
     "moving_variance_drift",
     "moving_mean_avg",
@@ -33,9 +35,11 @@ QUANTITIES = (
     "moving_variance_min",
     "moving_variance_max",
 )
+ERRORS = QUANTITIES[:4]  # averaged over layers as bn/<error> in the logs and TensorBoard
+SUMMARY_KEYS = tuple(f"bn/{key}" for key in ERRORS)
 
 # The epoch-log keys: the averages over layers of the latest measurement in the epoch, and its step.
-EPOCH_KEYS = ("bn/mean_rel_error", "bn/var_rel_error", "bn/step")
+EPOCH_KEYS = (*SUMMARY_KEYS, "bn/step")
 
 
 def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -55,51 +59,77 @@ def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tu
 
 
 class BatchNormStatistics(keras.callbacks.Callback):
-    """At step 0 and every `every_n_steps` steps, compares each BN layer's batch and moving statistics.
+    """At step 0 and every `every_n_steps` steps, compares each BN layer's batch and moving statistics with its
+    population statistics at the current weights.
 
-    A fresh batch from this callback's own pass over `dataset` goes through the model as training does
-    (training=True: upstream BN layers normalize with batch statistics, dropout is on), by a stateless call, so
-    the moving statistics are not updated by the measurement. For a layer with C channels, batch statistics
-    mu_B, var_B (biased, as BN uses them) and moving statistics mu, var:
+    BN normalizes with the statistics of the current batch in training and with moving averages at inference;
+    both differ from the population statistics of the layer's input at the current weights, for two reasons
+    (Wu and Johnson 2021, "Rethinking 'Batch' in BatchNorm", sec. 3-4): batch statistics scatter around them
+    because B examples are a sample (this grows as the batch shrinks, as 1 / sqrt(B)), and moving averages lag
+    behind the weights (this grows with the learning rate and the BN momentum; precise BN removes it).
 
-        mean_rel_error = mean_c |mu_B,c - mu_c| / sqrt(var_c + eps)
-        var_rel_error  = mean_c |var_B,c - var_c| / (var_c + eps)    = mean_c |(var_B,c + eps)/(var_c + eps) - 1|
+    Population statistics: those precise BN (callbacks/precise_bn.py) would set, over a fixed sample of
+    `population_samples` examples taken once from `population` (default: `dataset`) at the start. They are
+    computed by one training-mode pass over the whole sample as a single batch, which for BatchNormalization
+    layers equals precise BN's layer-by-layer inference-mode definition (every upstream layer then normalizes
+    with the sample's own statistics of its input, i.e. its population statistics). With
+    GhostBatchNormalization upstream layers normalize the sample by virtual batches, as in training. A fresh
+    batch from this callback's own pass over `dataset` gives the batch statistics, in training mode as training
+    sees it (upstream BN layers normalize with its batch statistics). Both passes are stateless calls: the
+    model's moving statistics, weights and seeds are not changed.
 
-    These are how far the normalized output in training, (x - mu_B) / sqrt(var_B + eps), is shifted and scaled
-    from the one in inference, (x - mu) / sqrt(var + eps): a shift in units of the moving standard deviation
-    (dividing by |mu_c| would blow up for channels with mean near 0, where a shift still matters, and hide shifts
-    in channels with a large mean), and a relative change of the squared scale. They grow as the batch shrinks
-    (Ioffe 2017, "Batch Renormalization"; Wu and Johnson 2021, "Rethinking 'Batch' in BatchNorm"), which is what
-    makes BN unreliable at small batch. For GhostBatchNormalization the statistics are those of each virtual batch
-    and the errors are averaged over the virtual batches. Drift since the previous measurement (the start of
-    training for the first one) is the RMS change per channel: ||mu_t - mu_prev|| / sqrt(C), same for var.
+    For a layer with C channels, batch statistics mu_B, var_B (biased, as BN uses them), moving statistics mu_M,
+    var_M and population statistics mu_P, var_P over N examples, with per-channel standard errors se(mu_P),
+    se(var_P) of the population statistics from the scatter of the per-example means and second moments:
 
-    Writes scalars `bn/<layer>/{mean_rel_error, var_rel_error, moving_mean_drift, moving_variance_drift,
-    moving_mean_avg|min|max, moving_variance_avg|min|max}`, histograms `bn/<layer>/moving_mean` and
-    `bn/<layer>/moving_variance`, and the averages over layers `bn/mean_rel_error`, `bn/var_rel_error` (also put
+        batch_mean_error  = sqrt(mean_c [(mu_B,c - mu_P,c)^2 - se(mu_P,c)^2] / (var_P,c + eps))
+        batch_var_error   = sqrt(mean_c [(var_B,c - var_P,c)^2 - se(var_P,c)^2] / (var_P,c + eps)^2)
+        moving_mean_error, moving_var_error: the same with mu_M, var_M in place of mu_B, var_B
+
+    (clipped at 0 under the root). These are root-mean-square shifts of the normalization in population standard
+    deviations and relative changes of its squared scale. Subtracting se^2 removes the population sample's own
+    noise, E (mu_B - mu_P)^2 = E (mu_B - mu)^2 + se(mu_P)^2 for independent samples, so that batch_*_error
+    estimates the batch's error alone and falls as B^-0.5 also when B approaches N. For GhostBatchNormalization
+    the batch statistics are those of each virtual batch, the squares averaged over virtual batches. Drift since
+    the previous measurement (the start of training for the first one) is the RMS change per channel of the moving
+    statistics: ||mu_t - mu_prev|| / sqrt(C), same for var.
+
+    Writes scalars `bn/<layer>/<quantity>` for every quantity of QUANTITIES, histograms `bn/<layer>/moving_mean` and
+    `bn/<layer>/moving_variance`, and the averages over layers SUMMARY_KEYS (`bn/batch_var_error`, ...; also put
     into the batch logs) to TensorBoard; at the end of training, after a last measurement, `bn_stats.json` (every
-    measurement per layer) and `bn_stats.md` (a per-layer table). Step 0 (before the first update of a run, not
-    again when it resumes) shows the starting point of the drift and compiles the measuring function up front.
+    measurement per layer, and the averages over layers per measurement) and `bn_stats.md` (a per-layer table).
+    Step 0 (before the first update of a run, not again when it resumes) shows the starting point of the drift
+    and compiles the measuring function up front.
 
     Args:
         dataset: a tf.data.Dataset of training batches, (x, y), (x, y, sample_weight) or x; repeated as needed.
         every_n_steps: training steps between measurements.
         log_dir: TensorBoard directory, or None for none.
         out_dir: directory for bn_stats.json and bn_stats.md, or None for none.
+        population: batches of examples for the population statistics (see precise_bn), e.g. the un-augmented
+            training split; default `dataset`.
+        population_samples: examples in the fixed population sample (all of `population` if it has fewer). A
+            measurement runs the model over them once in training mode.
 
     Attributes:
         history: {layer name: [measurement dict with "step" and QUANTITIES]}.
+        averages: [{"step", and each of ERRORS averaged over layers}], one per measurement.
     """
 
     def __init__(self, dataset: tf.data.Dataset, every_n_steps: int = 100, log_dir: str | None = None,
-                 out_dir: str | None = None):
+                 out_dir: str | None = None, population=None, population_samples: int = 256):
         super().__init__()
         self._steps = Steps(every_n_steps)
+        if check_positive_int("population_samples", population_samples) < 2:
+            raise ValueError(f"population_samples: must be at least 2, got {population_samples!r}")
         self.dataset = dataset
         self.every_n_steps = int(every_n_steps)
         self.log_dir = log_dir
         self.out_dir = out_dir
+        self.population = dataset if population is None else population
+        self.population_samples = int(population_samples)
         self.history: dict[str, list[dict]] = {}
+        self.averages: list[dict] = []
         self._layers: list = []
         self._compiled_for = None
         self._epoch_summary = None
@@ -118,8 +148,11 @@ class BatchNormStatistics(keras.callbacks.Callback):
             self._channels = np.array([int(layer.moving_mean.shape[0]) for layer in self._layers])
             self._starts = np.cumsum(self._channels) - self._channels
             self._batches = iter(self.dataset.repeat())
+            sample = take_inputs(self.population, self.population_samples)
+            self._sample = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *sample)
             self._previous = self._moving()
             self.history = {layer.name: [] for layer in self._layers}
+            self.averages = []
             self._writer = EventWriter(self.log_dir) if self.log_dir else None
             self._last_measured = None
         self._steps.epoch_begin(self.model)
@@ -145,29 +178,36 @@ class BatchNormStatistics(keras.callbacks.Callback):
         layers = self._layers
 
         @tf.function(reduce_retracing=True)
-        def measure(x):
-            """Per layer [mean_rel_error, var_rel_error, moving mean avg/min/max, moving variance avg/min/max], and
-            every layer's moving mean and variance, concatenated (all in one call: few ops, one transfer)."""
+        def measure(x, sample):
+            """Per layer [batch mean/var error, moving mean/var error, moving mean avg/min/max, moving variance
+            avg/min/max], and every layer's moving mean and variance, concatenated (one call: few ops, one transfer)."""
             trainable = [v.value for v in side.trainable_variables]
             non_trainable = [v.value for v in side.non_trainable_variables]
             # The updated moving statistics that a training call would assign are returned and dropped.
             outputs, _ = side.stateless_call(trainable, non_trainable, x, training=True)
+            population, _ = side.stateless_call(trainable, non_trainable, sample, training=True)
             rows, means, variances = [], [], []
-            for output, layer in zip(tf.nest.flatten(outputs), layers):
+            for output, whole, layer in zip(tf.nest.flatten(outputs), tf.nest.flatten(population), layers):
                 batch_mean, batch_variance = group_moments(output, layer.axis,
                                                            getattr(layer, "virtual_batch_size", None))
-                mean = tf.cast(layer.moving_mean.value, tf.float32)
-                variance = tf.cast(layer.moving_variance.value, tf.float32)
+                mean, variance, mean_se2, variance_se2 = population_moments(whole, layer.axis)
+                moving_mean = tf.cast(layer.moving_mean.value, tf.float32)
+                moving_variance = tf.cast(layer.moving_variance.value, tf.float32)
                 scale = variance + layer.epsilon
-                # Per-channel errors, averaged over channels and (virtual) batches.
+
+                def error(deviation_sq, noise_sq, units):
+                    return tf.sqrt(tf.maximum(tf.reduce_mean((deviation_sq - noise_sq) / units), 0.0))
+
                 rows.append(tf.stack([
-                    tf.reduce_mean(tf.abs(batch_mean - mean) / tf.sqrt(scale)),
-                    tf.reduce_mean(tf.abs(batch_variance - variance) / scale),
-                    tf.reduce_mean(mean), tf.reduce_min(mean), tf.reduce_max(mean),
-                    tf.reduce_mean(variance), tf.reduce_min(variance), tf.reduce_max(variance),
+                    error(tf.reduce_mean(tf.square(batch_mean - mean), 0), mean_se2, scale),
+                    error(tf.reduce_mean(tf.square(batch_variance - variance), 0), variance_se2, tf.square(scale)),
+                    error(tf.square(moving_mean - mean), mean_se2, scale),
+                    error(tf.square(moving_variance - variance), variance_se2, tf.square(scale)),
+                    tf.reduce_mean(moving_mean), tf.reduce_min(moving_mean), tf.reduce_max(moving_mean),
+                    tf.reduce_mean(moving_variance), tf.reduce_min(moving_variance), tf.reduce_max(moving_variance),
                 ]))
-                means.append(mean)
-                variances.append(variance)
+                means.append(moving_mean)
+                variances.append(moving_variance)
             return tf.stack(rows), tf.concat(means, 0), tf.concat(variances, 0)
 
         return measure
@@ -190,7 +230,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
         """Takes one measurement on the next batch; returns the averages over layers, keyed as in the logs."""
         element = next(self._batches)
         x = element[0] if isinstance(element, (tuple, list)) else element
-        values, mean, variance = (t.numpy() for t in self._measure_function(x))
+        values, mean, variance = (t.numpy() for t in self._measure_function(x, self._sample))
         mean, variance = mean.astype(np.float64), variance.astype(np.float64)
         # Drift: RMS change per channel since the previous measurement, per layer.
         drifts = [np.sqrt(np.add.reduceat(np.square(now - before), self._starts) / self._channels)
@@ -198,13 +238,13 @@ class BatchNormStatistics(keras.callbacks.Callback):
         self._previous = mean, variance
         step, rows = self._steps.step, {}
         for i, layer in enumerate(self._layers):
-            rows[layer.name] = row = {"step": step, "mean_rel_error": float(values[i, 0]),
-                                      "var_rel_error": float(values[i, 1]),
-                                      "moving_mean_drift": float(drifts[0][i]),
-                                      "moving_variance_drift": float(drifts[1][i])}
-            row.update(zip(QUANTITIES[4:], values[i, 2:].astype(float).tolist()))
+            rows[layer.name] = row = {"step": step}
+            row.update(zip(ERRORS, values[i, :4].astype(float).tolist()))
+            row.update(moving_mean_drift=float(drifts[0][i]), moving_variance_drift=float(drifts[1][i]))
+            row.update(zip(QUANTITIES[6:], values[i, 4:].astype(float).tolist()))
             self.history[layer.name].append(row)
-        summary = {f"bn/{key}": float(np.mean(values[:, k])) for k, key in enumerate(QUANTITIES[:2])}
+        summary = {f"bn/{key}": float(np.mean(values[:, k])) for k, key in enumerate(ERRORS)}
+        self.averages.append({"step": step} | {key: summary[f"bn/{key}"] for key in ERRORS})
         if self._writer is not None:
             self._summaries(step, rows, summary, np.split(mean, self._starts[1:]),
                             np.split(variance, self._starts[1:]))
@@ -242,26 +282,28 @@ class BatchNormStatistics(keras.callbacks.Callback):
                 "channels": int(layer.moving_mean.shape[0]),
                 "virtual_batch_size": getattr(layer, "virtual_batch_size", None),
                 "final": rows[-1],
-                "run_mean": {key: float(np.mean([row[key] for row in rows])) for key in QUANTITIES[:2]},
+                "run_mean": {key: float(np.mean([row[key] for row in rows])) for key in ERRORS},
                 "measurements": rows,
             }
-        return {"every_n_steps": self.every_n_steps, "layers": layers}
+        return {"every_n_steps": self.every_n_steps, "population_samples": int(tf.nest.flatten(self._sample)[0].shape[0]),
+                "averages": self.averages, "layers": layers}
 
     def markdown(self) -> str:
         """The per-layer table of bn_stats.md: final measurement, run averages, moving-variance range."""
         lines = [
             f"# BatchNorm statistics (final step {self._steps.step}, every {self.every_n_steps} steps)",
             "",
-            "Errors: batch vs moving statistics, mean shift in moving-std units and relative variance error.",
+            "Errors against population statistics at the measured weights (RMS over channels): batch = a fresh "
+            "batch's statistics (sampling noise), moving = the moving averages (lag); mean shift in population-std "
+            "units, relative error of the variance.",
             "",
-            "| layer | channels | mean rel error | var rel error | run mean rel error | run var rel error "
-            "| moving mean drift | moving var drift | moving var min | moving var max |",
+            "| layer | channels | batch mean error | batch var error | moving mean error | moving var error "
+            "| run mean batch var error | run mean moving var error | moving mean drift | moving var drift |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, entry in self.table()["layers"].items():
             final, run = entry["final"], entry["run_mean"]
-            values = [final["mean_rel_error"], final["var_rel_error"], run["mean_rel_error"], run["var_rel_error"],
-                      final["moving_mean_drift"], final["moving_variance_drift"], final["moving_variance_min"],
-                      final["moving_variance_max"]]
+            values = [final[key] for key in ERRORS] + [run["batch_var_error"], run["moving_var_error"],
+                                                       final["moving_mean_drift"], final["moving_variance_drift"]]
             lines.append(f"| {name} | {entry['channels']} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
         return "\n".join(lines) + "\n"

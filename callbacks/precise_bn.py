@@ -109,7 +109,31 @@ def batch_moments(x: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, tf.Ten
     return count, tf.reshape(mean, [-1]), m2
 
 
-def _take_inputs(dataset, num_samples: int) -> list:
+def population_moments(x: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Per-channel mean and biased variance of `x` over examples and positions, and their squared standard errors.
+
+    With m_i and s_i example i's mean of x and of (x - mean)^2 over its positions (N examples), mean = mean_i m_i,
+    variance = mean_i s_i, se(mean)^2 = var_i(m_i) / N and se(variance)^2 = var_i(s_i) / N (sample variances):
+    the examples are independent, the positions within one are not. Shapes (C,) each.
+    """
+    x = tf.cast(x, tf.float32)
+    rank = len(x.shape)
+    axis = axis % rank
+    x = tf.transpose(x, [0] + [i for i in range(1, rank) if i != axis] + [axis]) if axis != rank - 1 else x
+    x = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])  # (N, positions, C)
+    count = tf.cast(tf.shape(x)[0], tf.float32)
+    per_example_mean = tf.reduce_mean(x, axis=1)
+    mean = tf.reduce_mean(per_example_mean, axis=0)
+    per_example_square = tf.reduce_mean(tf.square(x - mean), axis=1)
+    variance = tf.reduce_mean(per_example_square, axis=0)
+
+    def squared_error(values, centre):
+        return tf.reduce_sum(tf.square(values - centre), axis=0) / (count - 1) / count
+
+    return mean, variance, squared_error(per_example_mean, mean), squared_error(per_example_square, variance)
+
+
+def take_inputs(dataset, num_samples: int) -> list:
     """The model inputs of the first `num_samples` examples of `dataset` (the last batch cut to size)."""
     batches, total = [], 0
     for element in dataset:
@@ -169,7 +193,7 @@ def precise_bn(model: keras.Model, dataset, num_samples: int = 8192) -> dict[str
     if not pairs:
         logger.warning("precise_bn: model '%s' has no BatchNormalization layer; nothing to recompute.", model.name)
         return {}
-    batches = _take_inputs(dataset, int(num_samples))
+    batches = take_inputs(dataset, int(num_samples))
     samples = sum(int(tf.nest.flatten(x)[0].shape[0]) for x in batches)
     report = {}
     for level in _levels(pairs):

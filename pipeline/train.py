@@ -100,9 +100,11 @@ def instruments(config: Config, data, model, run_dir: str) -> list:
                 population=data.num_train, log_dir=tensorboard_dir,
                 out_path=os.path.join(run_dir, "grad_stats.jsonl")))
     if bn_every and callbacks.batch_norm_inputs(model):
+        # Population statistics over the un-augmented training examples that precise BN uses.
+        population = data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0)
         with config_lib.as_flag_error("bn_stats_every"):
-            result.append(callbacks.BatchNormStatistics(
-                instrument_data, every_n_steps=bn_every, log_dir=tensorboard_dir, out_dir=run_dir))
+            result.append(callbacks.BatchNormStatistics(instrument_data, every_n_steps=bn_every, log_dir=tensorboard_dir,
+                                                        out_dir=run_dir, population=population))
     if config.dynamics:
         x, y = data.arrays("train")
         subset = min(DYNAMICS_MAX, max(1, int(len(x) * DYNAMICS_FRACTION)))

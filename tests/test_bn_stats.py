@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from numpy.lib.stride_tricks import sliding_window_view
 
-from callbacks.bn_stats import BatchNormStatistics
+from callbacks.bn_stats import ERRORS, SUMMARY_KEYS, BatchNormStatistics
 from models.norm import GhostBatchNormalization
 
 
@@ -33,29 +33,48 @@ def small_model() -> keras.Model:
     return model
 
 
-def numpy_errors(model: keras.Model, x: np.ndarray) -> dict[str, tuple[float, float]]:
-    """(mean_rel_error, var_rel_error) per layer, by a float64 NumPy forward pass of `small_model` in training mode."""
+def layer_inputs(model: keras.Model, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The inputs of `small_model`'s "bn" (N, 4, 4, 3) and "ghost" (N, 4) layers by a float64 NumPy forward pass in
+    training mode: "bn" normalizes with the statistics of all of x."""
 
     def weights(name):
         return [np.asarray(w, np.float64) for w in model.get_layer(name).get_weights()]
 
-    def errors(name, groups):  # groups: list of (examples, C) arrays of the layer's input values
-        _, _, moving_mean, moving_variance = weights(name)
-        scale = moving_variance + model.get_layer(name).epsilon
-        mean_errors = [np.mean(np.abs(g.mean(axis=0) - moving_mean) / np.sqrt(scale)) for g in groups]
-        var_errors = [np.mean(np.abs(g.var(axis=0) - moving_variance) / scale) for g in groups]
-        return float(np.mean(mean_errors)), float(np.mean(var_errors))
-
     kernel, bias = weights("conv")
     h = np.einsum("nhwcij,ijco->nhwo", sliding_window_view(x.astype(np.float64), (2, 2), axis=(1, 2)), kernel) + bias
-    result = {"bn": errors("bn", [h.reshape(-1, 3)])}
     gamma, beta, _, _ = weights("bn")
-    mean, variance = h.mean(axis=(0, 1, 2)), h.var(axis=(0, 1, 2))  # training mode: the batch's statistics
+    mean, variance = h.mean(axis=(0, 1, 2)), h.var(axis=(0, 1, 2))
     z = np.maximum((h - mean) / np.sqrt(variance + model.get_layer("bn").epsilon) * gamma + beta, 0.0)
     kernel, bias = weights("dense")
-    g = z.reshape(len(x), -1) @ kernel + bias
-    # Virtual batches of 4 in a batch of 10: examples 0-3 and 4-9 (the remainder joins the last one).
-    result["ghost"] = errors("ghost", [g[:4], g[4:]])
+    return {"bn": h, "ghost": z.reshape(len(x), -1) @ kernel + bias}
+
+
+def numpy_errors(model: keras.Model, x: np.ndarray, sample: np.ndarray) -> dict[str, list[float]]:
+    """[batch mean, batch var, moving mean, moving var] errors per layer of `small_model` (callbacks.bn_stats's
+    formulas), from float64 NumPy forward passes of the batch x and of the population sample."""
+    batch, population = layer_inputs(model, x), layer_inputs(model, sample)
+    result = {}
+    for name, groups in (("bn", [slice(None)]), ("ghost", [slice(0, 4), slice(4, None)])):  # 10 = 4 + 6
+        layer = model.get_layer(name)
+        values = population[name].reshape(len(sample), -1, population[name].shape[-1])  # (N, positions, C)
+        mean, variance = values.mean(axis=(0, 1)), values.var(axis=(0, 1))
+        mean_se2 = values.mean(axis=1).var(axis=0, ddof=1) / len(sample)
+        variance_se2 = np.square(values - mean).mean(axis=1).var(axis=0, ddof=1) / len(sample)
+        scale = variance + layer.epsilon
+        inputs = batch[name].reshape(len(x), -1, batch[name].shape[-1])
+        batch_means = [inputs[g].mean(axis=(0, 1)) for g in groups]
+        batch_variances = [inputs[g].var(axis=(0, 1)) for g in groups]
+        moving_mean, moving_variance = (np.asarray(v, np.float64) for v in (layer.moving_mean, layer.moving_variance))
+
+        def error(deviation_sq, noise_sq, units):
+            return float(np.sqrt(max(np.mean((deviation_sq - noise_sq) / units), 0.0)))
+
+        result[name] = [
+            error(np.mean([np.square(m - mean) for m in batch_means], axis=0), mean_se2, scale),
+            error(np.mean([np.square(v - variance) for v in batch_variances], axis=0), variance_se2, scale**2),
+            error(np.square(moving_mean - mean), mean_se2, scale),
+            error(np.square(moving_variance - variance), variance_se2, scale**2),
+        ]
     return result
 
 
@@ -69,9 +88,17 @@ def batch():
     return (np.random.default_rng(4).normal(size=(10, 5, 5, 2)) * [1.0, 2.0] + [1.0, -2.0]).astype("float32")
 
 
-def test_errors_match_numpy_and_leave_moving_statistics_alone(batch):
+@pytest.fixture
+def sample():
+    """A population sample of 40 examples from a distribution shifted from `batch`'s, so no error is near 0."""
+    return (np.random.default_rng(5).normal(size=(40, 5, 5, 2)) * [1.5, 2.0] + [1.5, -1.0]).astype("float32")
+
+
+def test_errors_match_numpy_and_leave_moving_statistics_alone(batch, sample):
     model = small_model()
-    callback = BatchNormStatistics(tf.data.Dataset.from_tensors((batch, np.zeros(10, "int32"))), every_n_steps=1)
+    population = tf.data.Dataset.from_tensor_slices(sample).batch(16)  # 16 + 16 + 8, joined into one sample
+    callback = BatchNormStatistics(tf.data.Dataset.from_tensors((batch, np.zeros(10, "int32"))), every_n_steps=1,
+                                   population=population)
     callback.set_model(model)
     callback.on_train_begin()
     before = moving_statistics(model)
@@ -82,14 +109,15 @@ def test_errors_match_numpy_and_leave_moving_statistics_alone(batch):
 
     for after, value in zip(moving_statistics(model), before):
         np.testing.assert_array_equal(after, value)
-    expected = numpy_errors(model, batch)
+    expected = numpy_errors(model, batch, sample)
     for name in ("bn", "ghost"):
         row = callback.history[name][-1]
-        np.testing.assert_allclose([row["mean_rel_error"], row["var_rel_error"]], expected[name], rtol=1e-4)
+        np.testing.assert_allclose([row[key] for key in ERRORS], expected[name], rtol=1e-3)
+        assert min(expected[name]) > 0.05  # none of them clipped at 0: the comparison is not vacuous
         assert row["moving_mean_drift"] == 0.0  # nothing changed since the start of training
     assert logs["loss"] == 1.0
-    np.testing.assert_allclose(logs["bn/mean_rel_error"], np.mean([expected[n][0] for n in expected]), rtol=1e-4)
-    np.testing.assert_allclose(logs["bn/var_rel_error"], np.mean([expected[n][1] for n in expected]), rtol=1e-4)
+    for k, key in enumerate(ERRORS):
+        np.testing.assert_allclose(logs[f"bn/{key}"], np.mean([expected[n][k] for n in expected]), rtol=1e-3)
 
     # Drift: the RMS change per channel since the previous measurement.
     layer = model.get_layer("bn")
@@ -120,7 +148,7 @@ def test_fit_writes_tensorboard_and_tables(tmp_path, batch):
 
     # 8 steps: measured before the first step, after steps 3 and 6, and once more at the end; traced once.
     assert callback._measure_function.experimental_get_tracing_count() == 1
-    assert seen[2] == seen[5] == ["bn/mean_rel_error", "bn/var_rel_error"] and seen[0] == []
+    assert seen[2] == seen[5] == sorted(SUMMARY_KEYS) and seen[0] == []
     table = json.loads((tmp_path / "bn_stats.json").read_text())
     assert list(table["layers"]) == ["bn", "ghost"]
     assert [row["step"] for row in table["layers"]["bn"]["measurements"]] == [0, 3, 6, 8]
@@ -135,8 +163,8 @@ def test_fit_writes_tensorboard_and_tables(tmp_path, batch):
     for path in (tmp_path / "tb").iterdir():
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             tags.update(value.tag for value in event.summary.value)
-    assert {"bn/bn/mean_rel_error", "bn/ghost/var_rel_error", "bn/bn/moving_mean_drift", "bn/bn/moving_mean",
-            "bn/ghost/moving_variance", "bn/mean_rel_error", "bn/var_rel_error"} <= tags
+    assert {"bn/bn/batch_mean_error", "bn/ghost/moving_var_error", "bn/bn/moving_mean_drift", "bn/bn/moving_mean",
+            "bn/ghost/moving_variance", *SUMMARY_KEYS} <= tags
 
     # A second fit (as a batch schedule runs one per phase) continues the history with the same compiled function.
     model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[callback])
@@ -183,8 +211,99 @@ def test_epochs_without_a_new_measurement_report_none(batch):
         DropUnmeasured(), keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: shown.append(dict(logs)))])
     assert [row["step"] for row in callback.history["bn"]] == [0, 7, 12]  # 12: the final one, after the last epoch
     assert [logs["bn/step"] for logs in raw[:2]] == [0, 7] and np.isnan(raw[2]["bn/step"])
-    assert np.isnan(raw[2]["bn/var_rel_error"])
-    means = [callback.history[name][1]["var_rel_error"] for name in ("bn", "ghost")]
-    assert raw[1]["bn/var_rel_error"] == pytest.approx(np.mean(means))
+    assert np.isnan(raw[2]["bn/batch_var_error"])
+    means = [callback.history[name][1]["batch_var_error"] for name in ("bn", "ghost")]
+    assert raw[1]["bn/batch_var_error"] == pytest.approx(np.mean(means))
     assert not any(key.startswith("bn/") for key in shown[2]) and "loss" in shown[2]
     assert shown[1]["bn/step"] == 7
+
+
+@pytest.fixture(scope="module")
+def digits_run():
+    """A BN CNN trained on the digits for 2 epochs at batch 32 with BatchNormStatistics every 10 steps; at each of
+    its measurements a later callback records the brute-force errors at those weights (independent code paths:
+    precise_bn's layer-by-layer inference-mode pass on a copy for the population statistics, a plain training-mode
+    call of a copy for the batch statistics, NumPy for the errors)."""
+    from sklearn.datasets import load_digits
+
+    from callbacks.precise_bn import batch_norm_inputs, precise_bn
+    from models import build_model
+
+    keras.utils.set_random_seed(1)
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(x))  # the file is grouped by writer: mix before splitting
+    x, y = x[order].reshape(-1, 8, 8, 1).astype("float32") / 16, y[order].astype("int32")
+    model = build_model("cnn", (8, 8, 1), 10, "batch")
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="sparse_categorical_crossentropy")
+    measured = tf.data.Dataset.from_tensor_slices((x[::-1], y[::-1])).batch(32)  # a known sequence of batches
+    population = tf.data.Dataset.from_tensor_slices(x[:300]).batch(64)
+    callback = BatchNormStatistics(measured, every_n_steps=10, population=population, population_samples=300)
+    batches = iter(measured.repeat())
+
+    class BruteForce(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.on_train_batch_end(batch)  # the measurement at step 0 is taken before the first batch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if len(self.rows) == len(callback.averages):
+                return
+            batch_x = next(batches)[0].numpy()
+            copy = keras.models.clone_model(model)
+            copy.set_weights(model.get_weights())
+            pairs = batch_norm_inputs(copy)
+            side = keras.Model(copy.inputs, [tensor for _, tensor in pairs])
+            batch_inputs = [np.asarray(t, np.float64) for t in side(batch_x, training=True)]
+            precise_bn(copy, population, 300)  # the copy's moving statistics become the population statistics
+            sample_inputs = [np.asarray(t, np.float64) for t in side(x[:300], training=False)]
+            errors = []
+            for (layer, _), original, b, p in zip(pairs, batch_norm_inputs(model), batch_inputs, sample_inputs):
+                mean, variance = (np.asarray(v, np.float64) for v in (layer.moving_mean, layer.moving_variance))
+                per_example, b = (t.reshape(len(t), -1, t.shape[-1]) for t in (p, b))  # (N, positions, C)
+                np.testing.assert_allclose(per_example.mean(axis=(0, 1)), mean, rtol=1e-3, atol=1e-4)
+                mean_se2 = per_example.mean(axis=1).var(axis=0, ddof=1) / len(p)
+                variance_se2 = np.square(per_example - mean).mean(axis=1).var(axis=0, ddof=1) / len(p)
+                scale = variance + layer.epsilon
+                moving = [np.asarray(v, np.float64) for v in (original[0].moving_mean, original[0].moving_variance)]
+                deviations = [(b.mean(axis=(0, 1)) - mean) ** 2, (b.var(axis=(0, 1)) - variance) ** 2,
+                              (moving[0] - mean) ** 2, (moving[1] - variance) ** 2]
+                noises, units = [mean_se2, variance_se2] * 2, [scale, scale**2] * 2
+                errors.append([np.sqrt(max(np.mean((d - n) / u), 0.0)) for d, n, u in zip(deviations, noises, units)])
+            self.rows.append(np.mean(errors, axis=0))
+
+    brute_force = BruteForce()
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=True, callbacks=[callback, brute_force])
+    return model, callback, brute_force.rows, x
+
+
+def test_errors_match_brute_force_during_training(digits_run):
+    _, callback, rows, _ = digits_run
+    # 57 steps per epoch (1797 examples); measured at steps 0, 10, ..., 110 and once more at the end (114).
+    assert [a["step"] for a in callback.averages] == [*range(0, 111, 10), 114]
+    assert len(rows) == 12
+    measured = np.array([[a[key] for key in ERRORS] for a in callback.averages[:12]])
+    np.testing.assert_allclose(measured, np.array(rows), rtol=2e-3, atol=1e-5)
+    assert np.all(measured[:, 1] > 0.01) and np.all(measured[:, 3] > 0.01)  # variance errors are not clipped at 0
+
+
+def test_batch_error_falls_as_inverse_square_root_of_batch(digits_run):
+    # At frozen trained weights, the RMS over 16 fresh batches of the batch-vs-population variance error at
+    # B = 4, 16, 64 follows B^-0.5: the population sample's own noise is subtracted.
+    from pipeline.fits import fit_power_law
+
+    model, _, _, x = digits_run
+    values = []
+    for batch_size in (4, 16, 64):
+        probe = BatchNormStatistics(tf.data.Dataset.from_tensor_slices(x[300:]).shuffle(2000, seed=0).batch(batch_size),
+                                    population=tf.data.Dataset.from_tensor_slices(x[:300]).batch(100),
+                                    population_samples=300)
+        probe.set_model(model)
+        probe.on_train_begin()
+        errors = [probe.measure()["bn/batch_var_error"] for _ in range(16)]
+        values.append(float(np.sqrt(np.mean(np.square(errors)))))
+    fit = fit_power_law([4, 16, 64], values)
+    print("batch_var_error at B = 4, 16, 64:", values, "slope", fit["slope"])
+    assert fit["slope"] == pytest.approx(-0.5, abs=0.12), values
