@@ -66,6 +66,7 @@ class Config:
     bn_stats_every: int = _field(-1, "steps between BN-statistics measurements (0: off, -1: automatic)")
     dynamics: bool = _field(True, "per-class accuracy and forgetting events on a fixed subset")
     target_accuracy: float = _field(0.0, "record steps and time until validation accuracy first reaches this")
+    target_checks_per_epoch: int = _field(8, "validation checks for --target-accuracy per epoch (pipeline/target.py)")
     # Run.
     seed: int = _field(0, "initialization, data order, augmentation and instrument batches")
     deterministic: bool = _field(False, "bit-reproducible ops (tf.config.experimental.enable_op_determinism)")
@@ -218,6 +219,7 @@ def validate(config: Config) -> Config:
     _check(c.grad_stats_every >= -1, "grad_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
     _check(c.bn_stats_every >= -1, "bn_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
     _check(_finite(c.target_accuracy) and 0 <= c.target_accuracy <= 1, "target_accuracy", "must be in [0, 1]")
+    _check(c.target_checks_per_epoch >= 1, "target_checks_per_epoch", "must be an integer >= 1")
     _check(c.seed >= 0, "seed", "must be an integer >= 0")
     _check(not (c.resume and c.overwrite), "resume", "cannot be combined with --overwrite")
     return c

@@ -40,14 +40,16 @@ class Summary:
     bn_statistics: str = ""  # which statistics the evaluated and exported model uses
     batch_source: str = "--batch"  # where the batch and learning rate came from (--batch, or --advice's file)
     target_accuracy: float | None = None
-    steps_to_target: int | None = None  # first epoch end at which val_accuracy >= target_accuracy
-    epochs_to_target: int | None = None
-    time_to_target_s: float | None = None  # epoch times without measuring, summed until the target
+    # Checked every pipeline.target.interval steps (the same fraction of an epoch at every batch):
+    steps_to_target: int | None = None  # step of the first check at which val_accuracy >= target_accuracy
+    epochs_to_target: float | None = None  # epochs trained up to that step (fractional)
+    time_to_target_s: float | None = None  # training time up to that step, without measuring and checks
     final_logs: dict = dataclasses.field(default_factory=dict)  # last epoch's logs (incl. instruments)
 
 
-def _fill_from_history(summary: Summary, history: list[dict], target: float) -> None:
-    """Steps, epochs, training time and time-to-target from the run's history, which survives resumes."""
+def _fill_from_history(summary: Summary, history: list[dict], target: float, reached: dict | None) -> None:
+    """Steps, epochs, training time and time-to-target from the run's history, which survives resumes, and
+    pipeline/target.py's record of the target."""
     if not history:
         return
     summary.steps = history[-1]["step"]
@@ -65,14 +67,11 @@ def _fill_from_history(summary: Summary, history: list[dict], target: float) -> 
     summary.final_logs = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
     if target > 0:
         summary.target_accuracy = target
-        elapsed = 0.0
-        for record, seconds in zip(history, training):
-            elapsed += seconds
-            if record.get("val_accuracy", -1) >= target:
-                summary.steps_to_target = record["step"]
-                summary.epochs_to_target = record["epoch"] + 1
-                summary.time_to_target_s = elapsed
-                break
+    if target > 0 and reached:  # pipeline/target.py's record
+        summary.steps_to_target = reached["step"]
+        summary.epochs_to_target = reached["epoch"] + reached["epoch_fraction"]
+        earlier = sum(seconds for record, seconds in zip(history, training) if record["epoch"] < reached["epoch"])
+        summary.time_to_target_s = earlier + reached["seconds_into_epoch"]
 
 
 # Training examples whose predictions LearningDynamics follows at each epoch end (Toneva et al. 2019 use the
@@ -119,12 +118,19 @@ def _callbacks(config, data, model, run_dir, schedule):
     """The callback list, in order: instruments first, so that loggers after them see their values."""
     import keras
 
+    from callbacks import timing
     from callbacks.epoch_logs import DropUnmeasured
     from pipeline import checkpoint
     from pipeline import run_callbacks as run
+    from pipeline import target as target_lib
 
     phases = config.batch_phases
     measuring = instruments(config, data, model, run_dir)
+    if config.target_accuracy:  # its checking time is left out of training time, as the instruments' is
+        every = target_lib.interval(data.num_train // config.batch, config.target_checks_per_epoch)
+        measuring.append(target_lib.TargetCheck(data.eval_dataset("val", max(config.batch, 256)),
+                                                config.target_accuracy, every, run_dir,
+                                                lambda: timing.seconds(measuring)))
     result = [run.SetEpoch(data), run.StopOnNonFinite()]
     if config.max_steps:
         result.append(run.StopAtMaxSteps(config.max_steps, phases, data.num_train))
@@ -237,7 +243,10 @@ def train(config: Config) -> Summary:
 def _write_summary(summary: Summary, config: Config, started: float) -> None:
     from pipeline import checkpoint
 
-    _fill_from_history(summary, rundir.read_history(summary.run_dir), config.target_accuracy)
+    from pipeline import target as target_lib
+
+    _fill_from_history(summary, rundir.read_history(summary.run_dir), config.target_accuracy,
+                       target_lib.read(summary.run_dir))
     if summary.status == "interrupted":
         summary.reason = _interrupted(summary, checkpoint.read_state(os.path.join(summary.run_dir, "checkpoints")))
     summary.wall_time_s = time.perf_counter() - started
