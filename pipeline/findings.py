@@ -33,6 +33,12 @@ NAMES = {"batch": "BatchNorm", "group": "GroupNorm", "ghost": "ghost BatchNorm",
          "none": "no normalization"}
 
 
+def plus_minus(value: float, se: float) -> str:
+    """'64.0 ± 3.1': the value to 3 significant digits and its standard error to the same decimals."""
+    decimals = max(0, 2 - math.floor(math.log10(abs(value)))) if value else 2
+    return f"{value:.{decimals}f} ± {se:.{decimals}f}"
+
+
 def slope_text(fit: dict) -> str:
     """'B^-0.46 ± 0.03 (5 batch sizes)', or the slope with 'not determined' for fewer than 3 points."""
     if fit["determined"]:
@@ -81,7 +87,14 @@ def _target(report, norm, mine, prefix):
 def _steps(report, norm, fit, prefix):
     batches, steps = series(report["groups"], norm, "steps_to_target", True)
     trend = fits_lib.fit_power_law(batches, steps)
-    out = [prefix + power_law_answer(trend, "steps to target", -1.0, "perfect scaling (below B_crit)")]
+    if not trend or not trend["determined"]:
+        out = [f"{prefix}not enough data: {len(batches)} batch size(s) reached the target in every run; a direction "
+               f"needs {fits_lib.MIN_FIT_POINTS}."]
+    else:
+        verdict = {"falls": "Yes", "rises": "No, they rose (opposite to the literature)",
+                   "unclear": "Not clearly"}[trend["direction"]]
+        out = [f"{prefix}{verdict}: steps to target went as {slope_text(trend)} among the batch sizes that reached "
+               "it; McCandlish et al. 2018 predict a fall, as B^-1 well below B_crit, flattening to S_min above it."]
     if len(batches) >= fits_lib.MIN_FIT_POINTS:
         onset = fits_lib.diminishing_returns(batches, steps)
         if onset is not None:
@@ -101,8 +114,8 @@ def _steps(report, norm, fit, prefix):
                    f"the target in every run (it needs {fits_lib.MIN_FIT_POINTS}){why}.")
     else:
         out.append(f"{prefix}the fit S(B) = S_min (1 + B_crit / B) over {s_fit['points']} batch sizes gives S_min = "
-                   f"{s_fit['s_min']:.0f} ± {s_fit['s_min_se']:.0f} steps and B_crit = {s_fit['b_crit']:.3g} ± "
-                   f"{s_fit['b_crit_se']:.2g} (standard errors).")
+                   f"{plus_minus(s_fit['s_min'], s_fit['s_min_se'])} steps and B_crit = "
+                   f"{plus_minus(s_fit['b_crit'], s_fit['b_crit_se'])} (standard errors).")
     return out
 
 
@@ -119,9 +132,9 @@ def _noise_scale(fit, prefix):
     b_crit, se = s_fit["b_crit"], s_fit["b_crit_se"]
     inside = b_crit - fits_lib.Z * se <= measured["high"] and b_crit + fits_lib.Z * se >= measured["low"]
     verdict = "Yes" if inside else "No"
-    return [f"{prefix}{verdict}: {near}; B_crit = {b_crit:.3g} ± {se:.2g} "
-            f"{'overlaps' if inside else 'lies outside'} that range within {fits_lib.Z:.0f} standard errors "
-            "(McCandlish et al. 2018 find B_crit close to B_simple at the target)."]
+    return [f"{prefix}{verdict}: {near}; the fitted B_crit = {plus_minus(b_crit, se)}, whose {fits_lib.Z:.0f}-standard-"
+            f"error interval {'overlaps' if inside else 'does not overlap'} that range (McCandlish et al. 2018 find "
+            "B_crit close to B_simple at the target)."]
 
 
 def _accuracy(report, mine, prefix):
