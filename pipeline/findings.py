@@ -157,7 +157,7 @@ def _accuracy(report, mine, prefix):
 
 def _noise_growth(report, norm, prefix):
     runs = [r for r in report["runs"] if r["norm"] == norm and r.get("noise_growth")]
-    counts = {v: [r["batch"] for r in runs if r["noise_growth"] == v] for v in ("grew", "fell", "unclear")}
+    counts = {v: sorted(r["batch"] for r in runs if r["noise_growth"] == v) for v in ("grew", "fell", "unclear")}
     decided = len(counts["grew"]) + len(counts["fell"])
     detail = "; ".join(f"{v} at batch {', '.join(map(str, b))}" for v, b in counts.items() if b)
     if not decided:
