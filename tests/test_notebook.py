@@ -34,6 +34,13 @@ def test_notebook_runs_on_a_tiny_sweep(tmp_path, monkeypatch):
     assert len(images) >= 4  # grad_std, steps_to_target, throughput, accuracy, noise_scale, bn_discrepancy
     texts = "".join(o.data.get("text/markdown", "") for o in outputs if o.output_type == "display_data")
     assert "| batch | 64 |" in texts and "| batch | 128 |" in texts
+    # Headings ask; the generated answers say what two batch sizes can and cannot show.
+    headings = [line for cell in notebook.cells if cell.cell_type == "markdown" for line in cell.source.splitlines()
+                if line.startswith("## ") and line != "## All findings"]
+    assert len(headings) >= 8 and all(heading.endswith("?") or "?" in heading for heading in headings)
+    assert ("Not enough data: the gradient's standard deviation was measured at 2 batch size(s); a fitted slope "
+            "needs 3.") in texts
+    assert "The fit S(B) = S_min (1 + B_crit / B) is not determined" in texts
     assert os.path.exists(os.path.join(out, "report.md"))
     # The notebook leaves the committed file untouched: no outputs are saved back.
     assert all(not cell.get("outputs") for cell in nbformat.read(NOTEBOOK, as_version=4).cells
