@@ -57,7 +57,7 @@ def power_law_answer(fit: dict | None, quantity: str, expected: float, because: 
     if fits_lib.agrees(fit, expected):
         return f"Yes: {text}, within {fits_lib.Z:.0f} standard errors."
     if fit["direction"] == "falls":
-        return f"It fell, but not as predicted: {text}, more than {fits_lib.Z:.0f} standard errors away."
+        return f"No, not as predicted: {text}; the data fell, but more than {fits_lib.Z:.0f} standard errors away."
     verb = "rose" if fit["direction"] == "rises" else "showed no clear direction"
     return f"No: {text}, but the data {verb} (opposite to the literature)."
 
@@ -222,7 +222,8 @@ def answers(report: dict) -> dict[str, list[str]]:
                                                          "sigma / sqrt(B)"))
         times = fit["time_per_step"]
         if times and times["determined"]:
-            verdict = {"rises": "Yes", "falls": "No (it fell)", "unclear": "Not clearly"}[times["direction"]]
+            verdict = {"rises": "Yes", "falls": "No (it fell)",
+                       "unclear": "Not clearly (within 2 standard errors of flat)"}[times["direction"]]
             out["time_per_step"].append(f"{prefix}{verdict}: time per step went as {slope_text(times)}; B^1 would be "
                                         "proportional to the examples, B^0 a device with room to spare.")
         else:

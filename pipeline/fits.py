@@ -13,8 +13,8 @@ The simple noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq.
 run's measurements is the ratio of the window's mean tr(Sigma) to its mean |G|^2 (a ratio of averages, their
 app. A). Its interval treats the window's measurements as independent repeats: the means' standard errors
 (sample std / sqrt(n)) give Z-sigma intervals for tr(Sigma) and |G|^2, and B_simple's interval is
-[tr_lo / G_hi, tr_hi / G_lo], infinite above when |G|^2's interval reaches 0 (then B_simple is only known to be
-above tr_lo / G_hi).
+[tr_lo / G_hi, tr_hi / G_lo], unbounded above when |G|^2's interval reaches 0 (then B_simple is only known to be
+above tr_lo / G_hi, and is not given as a number).
 """
 
 from __future__ import annotations
@@ -119,8 +119,9 @@ def pooled_noise_scale(records: list[dict], first_step: float, last_step: float)
 
     Returns:
       {"first_step", "last_step", "measurements", "trace_cov", "norm_sq", "noise_scale", "noise_scale_lo",
-      "noise_scale_hi"}: the interval needs >= 2 measurements (None otherwise); noise_scale_hi is inf and
-      noise_scale None when |G|^2 is not distinguishable from 0. None for a window without measurements.
+      "noise_scale_hi"}: the interval needs >= 2 measurements (None otherwise); when |G|^2 is not
+      distinguishable from 0, noise_scale and noise_scale_hi are None (unbounded) and noise_scale_lo is the lower
+      bound. None for a window without measurements.
     """
     window = [(r["grad/trace_cov"], r["grad/norm_sq"]) for r in records
               if first_step <= r["step"] <= last_step and r.get("grad/trace_cov") is not None
@@ -138,7 +139,7 @@ def pooled_noise_scale(records: list[dict], first_step: float, last_step: float)
         norm_lo, norm_hi = norm_sq.mean() - Z * norm_se, norm_sq.mean() + Z * norm_se
         if norm_hi > 0:
             result["noise_scale_lo"] = float(trace_lo / norm_hi)
-            result["noise_scale_hi"] = float(trace_hi / norm_lo) if norm_lo > 0 else math.inf
+            result["noise_scale_hi"] = float(trace_hi / norm_lo) if norm_lo > 0 else None
         if norm_lo <= 0:
             return result  # |G|^2 not distinguishable from 0: only a lower bound
     if norm_sq.mean() > 0:
@@ -158,9 +159,11 @@ def noise_growth(records: list[dict], last_step: int, fraction: float = 0.25) ->
     late = pooled_noise_scale(records, (1 - fraction) * last_step, last_step)
     verdict = "not enough data"
     if early and late and early["noise_scale_lo"] is not None and late["noise_scale_lo"] is not None:
-        if late["noise_scale_lo"] > early["noise_scale_hi"]:
+        early_hi, late_hi = (w["noise_scale_hi"] if w["noise_scale_hi"] is not None else math.inf
+                             for w in (early, late))
+        if late["noise_scale_lo"] > early_hi:
             verdict = "grew"
-        elif late["noise_scale_hi"] < early["noise_scale_lo"]:
+        elif late_hi < early["noise_scale_lo"]:
             verdict = "fell"
         else:
             verdict = "unclear"

@@ -161,7 +161,7 @@ def _noise_scale(rows, norms, save):
             if near and near["noise_scale"] is not None:
                 x = np.array([near["first_step"], near["last_step"]]) * r["batch"]
                 axes.plot(x, [near["noise_scale"]] * 2, color=color, linewidth=3, alpha=0.8)
-                if near["noise_scale_lo"] is not None and np.isfinite(near["noise_scale_hi"]):
+                if near["noise_scale_lo"] is not None and near["noise_scale_hi"] is not None:
                     axes.fill_between(x, near["noise_scale_lo"], near["noise_scale_hi"], color=color, alpha=0.3)
         if unresolved:  # at the bottom of the axes: |G|^2 <= 0, no finite B_simple from that measurement
             axes.plot(unresolved, [0.03] * len(unresolved), "x", color="gray", transform=axes.get_xaxis_transform(),
