@@ -26,6 +26,18 @@ def _errorbar(axes, groups, norm, key, label, log=False, **style):
     return bool(points)
 
 
+def _power_law_lines(axes, fit, batches, color, label, reference_label):
+    """The fitted power law (its slope ± standard error in the label) and a slope -0.5 line through its middle."""
+    if not fit:
+        return
+    b = np.asarray(batches, float)
+    se = f" ± {fit['slope_se']:.2f}" if fit["determined"] else " (not determined: < 3 points)"
+    axes.plot(b, fit["c"] * b ** fit["slope"], color=color, label=f"{label}, slope {fit['slope']:.2f}{se}")
+    middle = np.exp(np.mean(np.log(b)))
+    axes.plot(b, fit["c"] * middle ** fit["slope"] * (b / middle) ** -0.5, color="gray", linestyle="--",
+              label=reference_label)
+
+
 def _legend(axes, fontsize=8):
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=fontsize)
@@ -95,14 +107,8 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
             if not batches:
                 continue
             axes.plot(batches, stds, "o", color=f"C{i}", label=f"{norm}: measured")
-            fit = report["fits"][norm]["grad_std"]
-            if fit:
-                b = np.asarray(batches, float)
-                se = f" ± {fit['slope_se']:.2f}" if fit["determined"] else " (not determined)"
-                axes.plot(b, fit["c"] * b ** fit["slope"], color=f"C{i}", label=f"{norm}: fit slope {fit['slope']:.2f}{se}")
-                anchor = np.exp(np.mean(np.log(stds))) * (b / np.exp(np.mean(np.log(b)))) ** -0.5
-                axes.plot(b, anchor, color="gray", linestyle="--",
-                          label="slope -0.50 (sigma / sqrt(B))" if i == 0 else None)
+            _power_law_lines(axes, report["fits"][norm]["grad_std"], batches, f"C{i}", f"{norm}: fit",
+                             "slope -0.50 (sigma / sqrt(B))" if i == 0 else None)
         _log2_batch_axis(axes, groups)
         axes.set_yscale("log")
         axes.set(ylabel="std of the minibatch gradient (RMS over the run)", title="Gradient noise vs batch size")
@@ -184,14 +190,9 @@ def _bn(report, groups, norms, save):
                   linestyle="none")
         _errorbar(axes, groups, norm, "bn_batch_var_error", f"{norm}: variance", log=True, color=f"C{i}",
                   linestyle="none", marker="s")
-        fit = report["fits"][norm]["bn_batch_var_error"]
-        if fit:
-            b = np.asarray(series(groups, norm, "bn_batch_var_error")[0], float)
-            se = f" ± {fit['slope_se']:.2f}" if fit["determined"] else " (not determined)"
-            axes.plot(b, fit["c"] * b ** fit["slope"], color=f"C{i}",
-                      label=f"{norm}: variance fit, slope {fit['slope']:.2f}{se}")
-            axes.plot(b, fit["c"] * b[0] ** fit["slope"] * (b / b[0]) ** -0.5, color="gray", linestyle="--",
-                      label="slope -0.5" if i == 0 else None)
+        _power_law_lines(axes, report["fits"][norm]["bn_batch_var_error"],
+                         series(groups, norm, "bn_batch_var_error")[0], f"C{i}", f"{norm}: variance fit",
+                         "slope -0.50 (1 / sqrt(B))" if i == 0 else None)
     _log2_batch_axis(axes, groups)
     axes.set_yscale("log")
     axes.set(ylabel="batch vs population (RMS over the run)", title="BN batch statistics vs population statistics")
