@@ -38,6 +38,13 @@ def _power_law_lines(axes, fit, batches, color, label, reference_label):
               label=reference_label)
 
 
+def _log_log(axes, groups, ylabel, title):
+    _log2_batch_axis(axes, groups)
+    axes.set_yscale("log")
+    axes.set(ylabel=ylabel, title=title)
+    _legend(axes, 8)
+
+
 def _legend(axes, fontsize=8):
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=fontsize)
@@ -109,10 +116,7 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
             axes.plot(batches, stds, "o", color=f"C{i}", label=f"{norm}: measured")
             _power_law_lines(axes, report["fits"][norm]["grad_std"], batches, f"C{i}", f"{norm}: fit",
                              "slope -0.50 (sigma / sqrt(B))" if i == 0 else None)
-        _log2_batch_axis(axes, groups)
-        axes.set_yscale("log")
-        axes.set(ylabel="std of the minibatch gradient (RMS over the run)", title="Gradient noise vs batch size")
-        _legend(axes, 8)
+        _log_log(axes, groups, "std of the minibatch gradient (RMS over the run)", "Gradient noise vs batch size")
         save(figure, "grad_std")
 
     _noise_scale(rows, norms, save)
@@ -193,8 +197,5 @@ def _bn(report, groups, norms, save):
         _power_law_lines(axes, report["fits"][norm]["bn_batch_var_error"],
                          series(groups, norm, "bn_batch_var_error")[0], f"C{i}", f"{norm}: variance fit",
                          "slope -0.50 (1 / sqrt(B))" if i == 0 else None)
-    _log2_batch_axis(axes, groups)
-    axes.set_yscale("log")
-    axes.set(ylabel="batch vs population (RMS over the run)", title="BN batch statistics vs population statistics")
-    _legend(axes, 8)
+    _log_log(axes, groups, "batch vs population (RMS over the run)", "BN batch statistics vs population statistics")
     save(figure, "bn_discrepancy")
