@@ -120,21 +120,26 @@ def _steps(report, norm, fit, prefix):
 
 
 def _noise_scale(fit, prefix):
-    s_fit, measured = fit["steps_to_target"], fit["b_simple"]
-    if not measured:
-        return [f"{prefix}not enough data: no batch size has a B_simple near the target (it needs a run that reached "
-                "the target with gradient measurements in the second half of its steps to target)."]
-    near = (f"B_simple near the target (pooled over the second half of each run's steps to target) was "
-            f"{measured['low']:.3g} to {measured['high']:.3g} over {measured['batches']} batch size(s), median "
-            f"{measured['median']:.3g}")
+    s_fit, interval = fit["steps_to_target"], fit.get("b_simple_interval")
+    if not interval:
+        return [f"{prefix}not enough data: no run has an interval for B_simple near the target (it needs a run that "
+                "reached the target with two gradient measurements in the second half of its steps to target)."]
+    unbounded = (f"{interval['unbounded']} run(s) only bound it from below (|G|^2 not distinguishable from 0; "
+                 f"lower bounds {', '.join(f'{b:.3g}' for b in interval['lower_bounds'])})"
+                 if interval["unbounded"] else "")
+    if not interval["runs"]:
+        return [f"{prefix}not enough data: B_simple near the target (pooled over the second half of each run's steps "
+                f"to target) has no bounded interval: {unbounded}."]
+    near = (f"B_simple near the target (pooled over the second half of each run's steps to target) lies in "
+            f"[{interval['low']:.3g}, {interval['high']:.3g}] (union of {interval['runs']} run(s)' intervals"
+            + (f"; {unbounded})" if unbounded else ")"))
     if not s_fit or not s_fit["determined"]:
         return [f"{prefix}not enough data: {near}, but the fitted B_crit is not determined."]
     b_crit, se = s_fit["b_crit"], s_fit["b_crit_se"]
-    inside = b_crit - fits_lib.Z * se <= measured["high"] and b_crit + fits_lib.Z * se >= measured["low"]
-    verdict = "Yes" if inside else "No"
-    return [f"{prefix}{verdict}: {near}; the fitted B_crit = {plus_minus(b_crit, se)}, whose {fits_lib.Z:.0f}-standard-"
-            f"error interval {'overlaps' if inside else 'does not overlap'} that range (McCandlish et al. 2018 find "
-            "B_crit close to B_simple at the target)."]
+    inside = b_crit - fits_lib.Z * se <= interval["high"] and b_crit + fits_lib.Z * se >= interval["low"]
+    return [f"{prefix}{'Yes' if inside else 'No'}: {near}; the fitted B_crit = {plus_minus(b_crit, se)}, whose "
+            f"{fits_lib.Z:.0f}-standard-error interval {'overlaps' if inside else 'does not overlap'} it "
+            "(McCandlish et al. 2018 find B_crit close to B_simple at the target)."]
 
 
 def _accuracy(report, mine, prefix):

@@ -147,6 +147,19 @@ def pooled_noise_scale(records: list[dict], first_step: float, last_step: float)
     return result
 
 
+def interval_union(windows: list[dict | None]) -> dict | None:
+    """The union [low, high] of the bounded B_simple intervals among pooled windows, and how many were unbounded
+    (|G|^2 not distinguishable from 0); None when no window has an interval."""
+    with_interval = [w for w in windows if w and w["noise_scale_lo"] is not None]
+    bounded = [w for w in with_interval if w["noise_scale_hi"] is not None]
+    if not with_interval:
+        return None
+    return {"low": min(w["noise_scale_lo"] for w in bounded) if bounded else None,
+            "high": max(w["noise_scale_hi"] for w in bounded) if bounded else None, "runs": len(bounded),
+            "unbounded": len(with_interval) - len(bounded),
+            "lower_bounds": sorted(w["noise_scale_lo"] for w in with_interval if w["noise_scale_hi"] is None)}
+
+
 def noise_growth(records: list[dict], last_step: int, fraction: float = 0.25) -> dict:
     """Whether B_simple grew from the first to the last `fraction` of a run's steps, pooled over each window.
 

@@ -299,6 +299,8 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     report = {"sweep_dir": sweep_dir, "sweep": sweep, "target_accuracy": max(r["target"] or 0 for r in rows),
               "groups": groups, "fits": fits_lib.per_norm(groups), "tuning": tuning.read_trials(sweep_dir),
               "runs": [{k: v for k, v in r.items() if k != "noise_curve"} for r in rows]}
+    for norm, fit in report["fits"].items():
+        fit["b_simple_interval"] = fits_lib.interval_union([r["noise_near_target"] for r in rows if r["norm"] == norm])
     report["answers"] = findings_lib.answers(report)
     report["findings"] = findings_lib.findings(report)
     report["prediction"] = prediction.for_sweep(sweep_dir, groups)

@@ -101,7 +101,7 @@ def test_not_enough_data(tmp_path):
     report = build(tmp_path, runs)
     answers = report["answers"]
     assert answers["noise_growth"][0].startswith("Not enough data: in no run did B_simple's intervals")
-    assert answers["noise_scale"][0].startswith("Not enough data: no batch size has a B_simple near the target")
+    assert answers["noise_scale"][0].startswith("Not enough data: no run has an interval for B_simple near the target")
     assert answers["target"][0].startswith("Not enough data: 0 batch size(s) reached")
     assert answers["bn"] == [] and answers["bn_vs_gn"] == [] and answers["tuning"] == []
     assert report_lib.answer(report, "bn").data.startswith("- Not enough data")
