@@ -1,7 +1,7 @@
 """The batch-size report of a sweep directory: report.json, report.md, PNG plots and TensorBoard HParams data.
 
 `python -m pipeline.report SWEEP_DIR` rebuilds it from the run directories alone (config.json, summary.json,
-metrics.jsonl, grad_stats.jsonl, bn_stats.json of each <SWEEP_DIR>/runs/*), as pipeline.sweep does at its end.
+the history, grad_stats.jsonl, bn_stats.json of each <SWEEP_DIR>/runs/*), as pipeline.sweep does at its end.
 This module reads the runs and renders; the statistics are in pipeline/fits.py and the sentences in
 pipeline/findings.py.
 
@@ -108,7 +108,7 @@ def read_run(run_dir: str) -> dict | None:
     grad = [by_step[step] for step in sorted(by_step)]
     bn_averages = (_read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("averages", [])
 
-    history = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    history = rundir.read_history(run_dir)
     row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
     seconds = steady_time_per_step(history) or summary.get("time_per_step_s")
     row["time_per_step_ms"] = 1000 * seconds if seconds else None
