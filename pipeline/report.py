@@ -35,6 +35,7 @@ from pipeline import findings as findings_lib
 from pipeline import fits as fits_lib
 from pipeline import prediction, rundir, tuning
 from pipeline.config import InputError
+from pipeline.fits import steady_time_per_step
 from pipeline.plots import plots
 
 # (key in a run row, column title, number format) of the report's table, in order.
@@ -71,21 +72,6 @@ def _read_jsonl(path: str) -> list[dict]:
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def steady_time_per_step(history: list[dict]) -> float | None:
-    """Median seconds per step over the epochs after the first, whose time includes tracing; None without epochs.
-
-    An epoch's time includes its end-of-epoch validation, not the instruments' measuring (instrument_time_s):
-    the same number of measurements per run would otherwise slow the few steps of a large batch the most.
-    """
-    spans, previous = [], 0  # (seconds, first step exclusive, last step) of each epoch
-    for record in history:
-        spans.append((record["epoch_time_s"] - record.get("instrument_time_s", 0.0), previous, record["step"]))
-        previous = record["step"]
-    spans = spans[1:] or spans
-    per_step = [seconds / (last - first) for seconds, first, last in spans if last > first]
-    return float(np.median(per_step)) if per_step else None
 
 
 def read_run(run_dir: str) -> dict | None:
