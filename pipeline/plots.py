@@ -147,8 +147,9 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
 
 
 def _noise_scale(rows, norms, save):
-    """Raw B_simple of every measurement (band: its interval, where the run recorded one) and the value pooled
-    near the target (a thick bar over its window, shaded over its interval); one panel per norm, first seed."""
+    """Raw B_simple of every measurement (band: its interval, where the run recorded one; an open triangle where
+    it is only a lower bound) and the value pooled near the target (a thick bar over its window, shaded over its
+    interval); one panel per norm, first seed."""
     curves = sorted((r for r in rows if r["noise_curve"] and r["status"] == "completed"), key=lambda r: r["batch"])
     if not curves:
         return
@@ -158,11 +159,16 @@ def _noise_scale(rows, norms, save):
         unresolved = []
         for r in (r for r in curves if r["norm"] == norm and r["seed"] == seed):
             color = f"C{batches.index(r['batch']) % 10}"
-            points = [p for p in r["noise_curve"] if p["noise_scale"] is not None and p["noise_scale"] > 0]
-            unresolved += [p["examples"] for p in r["noise_curve"] if p not in points]
+            valued = [p for p in r["noise_curve"] if p["noise_scale"] is not None and p["noise_scale"] > 0]
+            points = [p for p in valued if not p.get("lower_bound")]
+            bounds = [p for p in valued if p.get("lower_bound")]  # |G|^2 not resolved: B_simple > this value
+            unresolved += [p["examples"] for p in r["noise_curve"] if p not in valued]
             if points:
                 axes.plot([p["examples"] for p in points], [p["noise_scale"] for p in points], "o-", color=color,
                           markersize=3, linewidth=0.8, label=f"B={r['batch']}")
+            if bounds:
+                axes.plot([p["examples"] for p in bounds], [p["noise_scale"] for p in bounds], "^", color=color,
+                          markersize=5, fillstyle="none", label=f"B={r['batch']}: lower bound only")
             band = [p for p in points if p["lo"] is not None and p["hi"] is not None]
             if band:
                 axes.fill_between([p["examples"] for p in band], [max(p["lo"], 1e-12) for p in band],

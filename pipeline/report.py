@@ -107,7 +107,8 @@ def read_run(run_dir: str) -> dict | None:
     row["noise_scale"] = near["noise_scale"] if near else None
     row["noise_growth"] = fits_lib.noise_growth(grad, row["steps"])["verdict"] if grad and row["steps"] else None
     row["noise_curve"] = [{"examples": r["step"] * batch, "noise_scale": r.get("grad/noise_scale"),
-                           "lo": r.get("grad/noise_scale_lo"), "hi": r.get("grad/noise_scale_hi")} for r in grad]
+                           "lo": r.get("grad/noise_scale_lo"), "hi": r.get("grad/noise_scale_hi"),
+                           "lower_bound": bool(r.get("grad/noise_scale_is_lower_bound"))} for r in grad]
     for key in BN_KEYS:
         values = [m[key] for m in bn_averages if m.get(key) is not None]
         row[f"bn_{key}"] = float(np.sqrt(np.mean(np.square(values)))) if values else None

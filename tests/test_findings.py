@@ -31,7 +31,8 @@ def write_run(sweep_dir, batch, *, steps_to_target, grad_std, bn_error=None, tes
         for step in np.linspace(0, steps, measurements):
             trace, norm_sq = noise(step)
             f.write(json.dumps({"step": float(step), "grad/batch_std": grad_std, "grad/trace_cov": trace,
-                                "grad/norm_sq": norm_sq}) + "\n")
+                                "grad/norm_sq": norm_sq, "grad/noise_scale": trace / norm_sq,
+                                "grad/noise_scale_is_lower_bound": bool(step == steps)}) + "\n")
     if bn_error is not None:
         with open(os.path.join(run_dir, "bn_stats.json"), "w") as f:
             json.dump({"averages": [{"step": 0, "batch_var_error": bn_error, "batch_mean_error": bn_error / 2}]}, f)
@@ -53,6 +54,10 @@ def test_only_one_batch_reached(tmp_path):
     assert answers["steps"][0].startswith("Not enough data: 1 batch size(s) reached the target")
     assert "is not determined: 1 batch size(s) reached the target in every run (it needs 3)" in answers["steps"][1]
     assert answers["target"][1] == "Batch 64 did not reach 90% within the budget."
+    report_lib.build_report(str(tmp_path), tensorboard=False)  # rebuilt from report.json's runs: same curves
+    rows = [report_lib.read_run(str(tmp_path / "runs" / name)) for name in ("batch-b16-s0", "batch-b64-s0")]
+    assert [p["lower_bound"] for p in rows[0]["noise_curve"]] == [False] * 16 + [True]  # the last: a bound
+    assert os.path.getsize(tmp_path / "noise_scale.png") > 1000
     # The plot marks batch 64 as never reached and does not promise a fit it does not draw.
     assert os.path.getsize(tmp_path / "steps_to_target.png") > 1000
 
