@@ -42,8 +42,8 @@ def _read_json(path: str) -> dict | None:
 # attempts of one run (--resume) and between a sweep's reruns.
 PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose")
 # Fields that act only after training (precise BN, evaluation, export), which a resumed run redoes: --resume may
-# change them.
-AFTER_TRAINING_FIELDS = ("precise_bn_samples", "target_accuracy", "export")
+# change them. The target accuracy is not one: it is checked during training (pipeline/target.py).
+AFTER_TRAINING_FIELDS = ("precise_bn_samples", "export")
 # Where training stops: --resume may move them under the rules of `config_change`.
 STOP_FIELDS = ("epochs", "max_steps")
 

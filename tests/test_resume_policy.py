@@ -21,10 +21,9 @@ CHANGED = {
     "momentum": 0.8, "lr": 0.2, "lr_scaling": "linear", "base_batch": 64, "schedule": "step", "warmup_epochs": 1.0,
     "step_epochs": 5.0, "milestones": "15,25", "gamma": 0.5, "weight_decay": 0.0, "accumulate": 2,
     "batch_schedule": "32@0,64@10", "grad_stats_every": 10, "bn_stats_every": 10, "dynamics": False, "seed": 1,
-    "deterministic": True, "advice": "advice.json",
+    "deterministic": True, "advice": "advice.json", "target_accuracy": 0.9, "target_checks_per_epoch": 4,
 }
-ALLOWED = {"verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "target_accuracy": 0.9,
-           "export": False}
+ALLOWED = {"verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "export": False}
 
 
 def recorded_run(tmp_path, config: Config, epoch: int, step: int) -> str:
