@@ -9,7 +9,8 @@ Per run: steps, epochs and time to target come from summary.json (pipeline/targe
 checked every TargetCheck interval, the same fraction of an epoch at every batch). Time per step is the median
 over the epochs after the first (whose time includes tracing and compilation), without the instruments'
 measuring and the target checks; time to target is the run's training time until the check that first reached
-the target, without measuring and checks (pipeline.rundir defines both, and summary.json holds the same numbers). B_simple is pooled over the measurements of the second half
+the target, without measuring and checks (pipeline.rundir defines both, and summary.json holds the same
+numbers). B_simple is pooled over the measurements of the second half
 of the steps to target, [S/2, S] (fits.pooled_noise_scale; None for a run that did not reach the target), the
 training phase that the fitted B_crit describes. The gradient's standard deviation is the root mean square of
 "grad/batch_std" over the run's measurements, which the sweep places at the same fractions of every run's
@@ -73,10 +74,10 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def read_run(run_dir: str) -> dict | None:
     """One row of the report from a run directory, or None if the run has not written its config."""
-    recorded = _read_json(os.path.join(run_dir, "config.json"))
+    recorded = rundir.read_config(run_dir)
     if not recorded:
         return None
-    config, summary = recorded["config"], _read_json(os.path.join(run_dir, "summary.json")) or {}
+    config, summary = recorded["config"], rundir.read_summary(run_dir) or {}
     batch = config["batch"] * config.get("accumulate", 1)
     row = {"name": os.path.basename(run_dir), "norm": config["norm"], "batch": batch, "seed": config["seed"],
            "status": summary.get("status", "unfinished"), "reason": summary.get("reason", ""),
