@@ -13,7 +13,7 @@ class Steps:
     """The step count during fit, and whether a multiple of `every` steps was passed.
 
     The count is read from the optimizer at each epoch start, which comes after every on_train_begin, so after
-    BackupAndRestore has restored a resumed run's count. Within an epoch it follows Keras' batch index, the last
+    any checkpoint callback has restored a resumed run's count. Within an epoch it follows Keras' batch index, the last
     batch of the execution that ran (several steps with steps_per_execution > 1); Keras overstates that index for
     a short last execution, so a passed multiple is confirmed with the optimizer. With `every` None the count is
     kept and no step is ever due.
