@@ -137,7 +137,13 @@ class LearningDynamics(keras.callbacks.Callback):
         """Classifies the subset with the current model and records the look at the current training step."""
         # predict_on_batch reuses Keras's compiled predict function; model.predict costs ~0.1 s more per call.
         batches = (self.x[i : i + PREDICT_BATCH] for i in range(0, len(self.x), PREDICT_BATCH))
-        probabilities = np.concatenate([np.asarray(self.model.predict_on_batch(batch)) for batch in batches])
+        predict = self.model.predict_on_batch
+        if getattr(self.model, "distribute_strategy", None) and self.model.distribute_strategy.num_replicas_in_sync > 1:
+            # Under a strategy with several replicas, predict_on_batch gives every replica the whole batch and
+            # returns the copies concatenated; predict splits the batch.
+            def predict(batch):
+                return self.model.predict(batch, batch_size=len(batch), verbose=0)
+        probabilities = np.concatenate([np.asarray(predict(batch)) for batch in batches])
         if probabilities.ndim != 2 or len(probabilities) != len(self.y):
             shape = probabilities.shape
             raise ValueError(f"LearningDynamics: the model needs one output of shape (n, classes), got {shape}")

@@ -6,7 +6,7 @@ from callbacks.checked_io import check_positive_int
 def iterations(model) -> int:
     """The optimizer's step count (batches trained), or 0 for a model without an optimizer."""
     optimizer = getattr(model, "optimizer", None)
-    return int(optimizer.iterations) if optimizer is not None else 0
+    return int(optimizer.iterations.numpy()) if optimizer is not None else 0
 
 
 class Steps:

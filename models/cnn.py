@@ -51,7 +51,7 @@ def build_cnn(input_shape, num_classes: int, norm: Norm = Norm(), *, mean=None, 
             x = keras.layers.MaxPooling2D(2, padding="same", name=f"{name}_pool")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = _dense_norm_relu(x, CNN_DENSE_UNITS, norm, "hidden")
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="cnn")
 
 
@@ -73,5 +73,5 @@ def build_mlp(input_shape, num_classes: int, norm: Norm = Norm(), *, mean=None, 
     x = keras.layers.Flatten(name="flatten")(x)
     for index, units in enumerate(MLP_UNITS, start=1):
         x = _dense_norm_relu(x, units, norm, f"hidden{index}")
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="mlp")

@@ -7,7 +7,7 @@ import dataclasses
 import keras
 from keras import ops
 
-NORMS = ("batch", "ghost", "group", "layer", "none")
+NORMS = ("batch", "syncbatch", "ghost", "group", "layer", "none")
 
 # Group normalization uses the largest of these group counts that divides the channels and leaves at least
 # two channels per group (Wu & He 2018 use G = 32 on ResNet-50, whose narrowest layers have 64 channels).
@@ -30,7 +30,10 @@ class Norm:
     """The normalization layers of a model: one kind with its settings; calling it makes one layer.
 
     Kinds:
-        batch: keras BatchNormalization (Ioffe & Szegedy 2015), statistics over the batch (and H, W).
+        batch: keras BatchNormalization (Ioffe & Szegedy 2015), statistics over the batch (and H, W); under a
+            tf.distribute strategy, over each replica's slice of the batch (the per-device batch of Goyal et al. 2017).
+        syncbatch: BatchNormalization(synchronized=True): statistics over the global batch, all-reduced over the
+            replicas in every training step (the same as batch on one device).
         ghost: GhostBatchNormalization, statistics over virtual batches of `ghost_batch` examples.
         group: keras GroupNormalization (Wu & He 2018) with `group_count(channels)` groups.
         layer: for conv features GroupNormalization(groups=1), i.e. statistics over (H, W, C) of each example as in
@@ -39,7 +42,7 @@ class Norm:
         none: keras Identity.
 
     Attributes:
-        kind: batch | ghost | group | layer | none.
+        kind: batch | syncbatch | ghost | group | layer | none.
         ghost_batch: examples per virtual batch of ghost batch norm.
         bn_momentum: moving-average momentum of batch and ghost batch norm.
     """
@@ -65,8 +68,9 @@ class Norm:
             dense: True for (batch, units) features after a Dense layer, False for (batch, H, W, C) conv features.
             name: layer name.
         """
-        if self.kind == "batch":
-            return keras.layers.BatchNormalization(momentum=self.bn_momentum, name=name)
+        if self.kind in ("batch", "syncbatch"):
+            return keras.layers.BatchNormalization(momentum=self.bn_momentum, synchronized=self.kind == "syncbatch",
+                                                   name=name)
         if self.kind == "ghost":
             return GhostBatchNormalization(virtual_batch_size=self.ghost_batch, momentum=self.bn_momentum, name=name)
         if self.kind == "group":

@@ -89,5 +89,5 @@ def build_resnet(depth: int, input_shape, num_classes: int, norm: Norm = Norm(),
                 shortcut = ZeroPadShortcut(filters, strides, name=f"{name}_shortcut")(x)
             x = keras.layers.ReLU(name=f"{name}_relu2")(keras.layers.Add(name=f"{name}_add")([y, shortcut]))
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=f"resnet{depth}")

@@ -9,11 +9,13 @@ import math
 import os
 
 MODEL_NAMES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "cnn", "mlp")
-NORMS = ("batch", "ghost", "group", "layer", "none")
+NORMS = ("batch", "syncbatch", "ghost", "group", "layer", "none")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
 AUGMENTS = ("auto", "none", "crop-flip")
+STRATEGIES = ("auto", "one", "mirrored", "multiworker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class InputError(ValueError):
@@ -38,11 +40,13 @@ class Config:
     augment: str = _field("auto", "auto (crop-flip for 32x32 colour images, none otherwise) | none | crop-flip")
     # Model.
     model: str = _field("resnet20", "resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | cnn | mlp")
-    norm: str = _field("batch", "batch | ghost | group | layer | none")
+    norm: str = _field("batch", "batch (statistics per replica) | syncbatch (over the global batch) | ghost | group | "
+                       "layer | none")
     ghost_batch: int = _field(8, "examples per virtual batch of ghost batch norm (Hoffer et al. 2017)")
     bn_momentum: float = _field(0.9, "moving-average momentum of BatchNormalization (Keras default is 0.99)")
     # Optimization.
-    batch: int = _field(32, "examples per step (per optimizer update: batch * accumulate)")
+    batch: int = _field(32, "examples per step over all replicas, the global batch (per optimizer update: "
+                        "batch * accumulate)")
     epochs: int = _field(30, "passes over the training split")
     max_steps: int = _field(0, "stop after this many steps (0: no limit); a sweep's step or example budget")
     optimizer: str = _field("sgd", "sgd | nesterov | adam | adamw")
@@ -67,6 +71,13 @@ class Config:
     dynamics: bool = _field(True, "per-class accuracy and forgetting events on a fixed subset")
     target_accuracy: float = _field(0.0, "record steps and time until validation accuracy first reaches this")
     target_checks_per_epoch: int = _field(8, "validation checks for --target-accuracy per epoch (pipeline/target.py)")
+    # Devices and speed.
+    strategy: str = _field("auto", "auto (mirrored with >1 GPU, else one) | one | mirrored | multiworker (reads "
+                           "TF_CONFIG)")
+    logical_cpus: int = _field(0, "split the CPU into this many devices, to try mirrored without GPUs (0: no split)")
+    steps_per_execution: str = _field("auto", "training steps per compiled call: a positive integer or auto")
+    precision: str = _field("float32", "float32 | mixed_float16 | mixed_bfloat16 (Keras dtype policy; mixed for GPUs)")
+    jit: bool = _field(False, "compile the training step with XLA (jit_compile)")
     # Run.
     seed: int = _field(0, "initialization, data order, augmentation and instrument batches")
     deterministic: bool = _field(False, "bit-reproducible ops (tf.config.experimental.enable_op_determinism)")
@@ -220,6 +231,11 @@ def validate(config: Config) -> Config:
     _check(c.bn_stats_every >= -1, "bn_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
     _check(_finite(c.target_accuracy) and 0 <= c.target_accuracy <= 1, "target_accuracy", "must be in [0, 1]")
     _check(c.target_checks_per_epoch >= 1, "target_checks_per_epoch", "must be an integer >= 1")
+    _check(c.strategy in STRATEGIES, "strategy", f"got {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    _check(c.logical_cpus >= 0, "logical_cpus", "must be >= 0 (0: no split)")
+    _check(c.steps_per_execution == "auto" or (c.steps_per_execution.isdigit() and int(c.steps_per_execution) >= 1),
+           "steps_per_execution", f"got {c.steps_per_execution!r}; use a positive integer or auto")
+    _check(c.precision in PRECISIONS, "precision", f"got {c.precision!r}; choose one of {', '.join(PRECISIONS)}")
     _check(c.seed >= 0, "seed", "must be an integer >= 0")
     _check(not (c.resume and c.overwrite), "resume", "cannot be combined with --overwrite")
     return c

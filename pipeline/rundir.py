@@ -159,7 +159,7 @@ def check(config: Config, run_dir: str) -> bool:
     return False
 
 
-def create(config: Config, run_dir: str) -> None:
+def create(config: Config, run_dir: str, parallel: dict | None = None) -> None:
     """Makes run_dir for an accepted run (emptying it first with --overwrite) and writes config.json."""
     if config.overwrite and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
@@ -167,7 +167,7 @@ def create(config: Config, run_dir: str) -> None:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
         raise InputError(f"--run-dir: cannot write to {run_dir} ({e.strerror}); choose a writable folder") from None
-    write_config(config, run_dir)
+    write_config(config, run_dir, parallel)
 
 
 def git_commit() -> str | None:
@@ -199,13 +199,17 @@ def versions() -> dict:
     }
 
 
-def write_config(config: Config, run_dir: str) -> None:
-    """config.json: the resolved config (loadable with --config), versions, commit and command line."""
+def write_config(config: Config, run_dir: str, parallel: dict | None = None) -> None:
+    """config.json: the resolved config (loadable with --config), versions, commit and command line.
+
+    parallel: how the steps run ({"strategy", "replicas", "workers", "per_replica_batch", "steps_per_execution"}).
+    """
     write_json_atomic(
         os.path.join(run_dir, CONFIG),
         {
             "config": to_dict(config),
             "effective_lr": config.effective_lr,
+            "parallel": parallel or {},
             "versions": versions(),
             "git_commit": git_commit(),
             "command": sys.argv,

@@ -13,7 +13,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import flags, rundir, startup
+from pipeline import distribute, flags, rundir, startup
 from pipeline.config import Config, InputError
 
 
@@ -25,6 +25,12 @@ class Summary:
     run_dir: str
     reason: str = ""  # why a run failed or where it was interrupted, what is done and what a rerun does
     stage: str = ""  # where a failed or interrupted run stopped: setup | training | precise_bn | evaluation | export
+    strategy: str = "one"  # one | mirrored | multiworker: how the global batch was spread
+    replicas: int = 1  # model copies over all devices and workers, each computing on a slice of every batch
+    workers: int = 1
+    per_replica_batch: int = 0  # examples per replica per step (the first phase's with a batch schedule)
+    steps_per_execution: int = 1  # training steps per compiled call (--steps-per-execution resolved)
+    bn_batch: int = 0  # examples that a batch-norm layer normalizes over in training (per replica, or all: syncbatch)
     train_accuracy: float | None = None  # inference mode, on the whole training split
     val_accuracy: float | None = None
     test_accuracy: float | None = None
@@ -75,10 +81,12 @@ def _fill_from_history(summary: Summary, history: list[dict], target: float, rea
 DYNAMICS_FRACTION, DYNAMICS_MAX = 0.1, 1000
 
 
-def instruments(config: Config, data, model, run_dir: str) -> list:
+def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None = None) -> list:
     """The measuring callbacks that config turns on: gradient and BN statistics, learning dynamics.
 
     They draw their batches from a dataset object of their own (seed + 1), never from the training iterator.
+    BatchNormStatistics measures batches of bn_batch examples (default: the global batch), the examples that one
+    BN layer normalizes over in training: a replica's slice with --norm batch, the global batch with syncbatch.
     """
     import callbacks
 
@@ -97,8 +105,9 @@ def instruments(config: Config, data, model, run_dir: str) -> list:
         # Population statistics over the un-augmented training examples that precise BN uses.
         population = data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0)
         with config_lib.as_flag_error("bn_stats_every"):
-            result.append(callbacks.BatchNormStatistics(instrument_data, every_n_steps=bn_every, log_dir=tensorboard_dir,
-                                                        out_dir=run_dir, population=population))
+            bn_data = data.stream(bn_batch, seed=config.seed + 1) if bn_batch not in (None, config.batch) else None
+            result.append(callbacks.BatchNormStatistics(bn_data or instrument_data, every_n_steps=bn_every,
+                                                        log_dir=tensorboard_dir, out_dir=run_dir, population=population))
     if config.dynamics:
         x, y = data.arrays("train")
         subset = min(DYNAMICS_MAX, max(1, int(len(x) * DYNAMICS_FRACTION)))
@@ -109,43 +118,12 @@ def instruments(config: Config, data, model, run_dir: str) -> list:
     return result
 
 
-def _callbacks(config, data, model, run_dir, schedule):
-    """The callback list, in order: instruments first, so that loggers after them see their values."""
-    import keras
+def compiled_model(config: Config, data, steps_per_execution: int = 1):
+    """The run's model compiled with its optimizer, loss and accuracy metric; returns (model, lr schedule).
 
-    from callbacks import timing
-    from callbacks.epoch_logs import DropUnmeasured
-    from pipeline import checkpoint
-    from pipeline import run_callbacks as run
-    from pipeline import target as target_lib
-
-    phases = config.batch_phases
-    measuring = instruments(config, data, model, run_dir)
-    if config.target_accuracy:  # its checking time is left out of training time, as the instruments' is
-        every = target_lib.interval(data.num_train // config.batch, config.target_checks_per_epoch)
-        measuring.append(target_lib.TargetCheck(data.eval_dataset("val", max(config.batch, 256)),
-                                                config.target_accuracy, every, run_dir,
-                                                lambda: timing.seconds(measuring)))
-    result = [run.SetEpoch(data), run.StopOnNonFinite()]
-    if config.max_steps:
-        result.append(run.StopAtMaxSteps(config.max_steps, phases, data.num_train))
-    result += measuring
-    result += [
-        run.MetricsLogger(run_dir, phases, data.num_train, schedule, measuring),
-        # CSVLogger sees an instrument's NaN in epochs without a new measurement (stable columns); TensorBoard and
-        # the console line, after DropUnmeasured, see only measured values.
-        keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True),
-        DropUnmeasured(),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), write_graph=False),
-        # Committed at every epoch end and kept at the end, so a NaN stop keeps the last good epoch.
-        checkpoint.callback(os.path.join(run_dir, "checkpoints"),
-                            lambda epoch: run.first_step(epoch, phases, data.num_train)),
-    ]
-    return result
-
-
-def compiled_model(config: Config, data):
-    """The run's model compiled with its optimizer, loss and accuracy metric; returns (model, lr schedule)."""
+    Under a tf.distribute strategy, call it inside strategy.scope(). steps_per_execution: training steps per
+    compiled call (speed.steps_per_execution); config.jit compiles them with XLA.
+    """
     from models import Norm, build_model
     from pipeline import optim
 
@@ -154,7 +132,7 @@ def compiled_model(config: Config, data):
                         variance=data.variance)
     schedule = optim.learning_rate(config, [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases])
     model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], steps_per_execution=steps_per_execution, jit_compile=config.jit)
     return model, schedule
 
 
@@ -195,9 +173,13 @@ def train(config: Config) -> Summary:
         config, batch_source = advice.apply(config)
     # With a batch schedule, --batch is the first phase's batch (the lr scaling rule refers to it).
     config = dataclasses.replace(config, batch=config.batch_phases[0][1])
+    if config.strategy == "multiworker" and not config.run_dir:
+        raise InputError("--run-dir: a multiworker run needs one --run-dir, the same on every worker")
     run_dir = config.run_dir or config_lib.default_run_dir(config, time.strftime("%Y%m%d-%H%M%S"))
     config = dataclasses.replace(config, run_dir=run_dir)
-    continuing = rundir.check(config, run_dir)
+    chief = config.strategy != "multiworker" or distribute.is_chief(distribute.read_tf_config())
+    # Only the chief checks and writes the run directory; another worker continues when told to (--resume).
+    continuing = rundir.check(config, run_dir) if chief else config.resume
     started = time.perf_counter()
 
     import keras
@@ -205,8 +187,9 @@ def train(config: Config) -> Summary:
 
     from pipeline import checkpoint
     from pipeline import data as data_lib
-    from pipeline import run_callbacks
+    from pipeline import run_callbacks, speed
 
+    strategy, topology = distribute.build_strategy(config)  # Before anything initializes TensorFlow's devices.
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -214,24 +197,41 @@ def train(config: Config) -> Summary:
     for _, batch in config.batch_phases:
         if batch > data.num_train:
             raise InputError(f"--batch: {batch} is larger than the training split ({data.num_train} examples)")
-    model, schedule = compiled_model(config, data)
+        if batch % topology.replicas:
+            raise InputError(f"--batch: {batch} does not split evenly over the {topology.replicas} replicas; use a "
+                             "multiple of the replica count (it is the global batch)")
+    parallel = {"strategy": topology.strategy, "replicas": topology.replicas, "workers": topology.workers,
+                "per_replica_batch": topology.per_replica_batch(config.batch),
+                "steps_per_execution": speed.steps_per_execution(config, data.num_train, topology.replicas)}
+    speed.set_precision(config)
+    with strategy.scope():
+        model, schedule = compiled_model(config, data, steps_per_execution=parallel["steps_per_execution"])
     checkpoints = os.path.join(run_dir, "checkpoints")
-    restored = checkpoint.restore(model, checkpoints) if continuing else None
-    rundir.create(config, run_dir)
+    restored = None
+    if continuing:  # Another worker restores from a copy: restoring removes unfinished files from its folder.
+        with strategy.scope():  # Restoring builds the optimizer's variables.
+            restored = checkpoint.restore(model, checkpoints if chief else distribute.worker_folder(checkpoints))
+    if chief:
+        rundir.create(config, run_dir, parallel)
 
-    summary = Summary(status="completed", run_dir=run_dir, stage="setup", batch_source=batch_source)
+    summary = Summary(status="completed", run_dir=run_dir, stage="setup", batch_source=batch_source, **parallel)
+    lost_worker = tf.errors.OpError if topology.workers > 1 else ()  # a collective failed: a worker is gone
     try:
-        _fit(config, data, model, run_dir, restored, schedule, summary)
-        _finish(config, data, model, run_dir, summary)
+        _fit(config, data, model, run_dir, restored, schedule, summary, strategy, topology)
+        _finish(config, data, model, run_dir, summary, chief)
     except run_callbacks.NonFiniteLoss as e:
         summary.status, summary.reason = "failed", str(e)
     except KeyboardInterrupt:
         summary.status = "interrupted"
+    except lost_worker as e:
+        summary.status, summary.reason = "failed", distribute.lost_worker_message(e)
     except Exception as e:
         summary.status, summary.reason = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        _write_summary(summary, config, started)
+        if chief:
+            _write_summary(summary, config, started)
         raise
-    _write_summary(summary, config, started)
+    if chief:
+        _write_summary(summary, config, started)
     return summary
 
 
@@ -247,9 +247,19 @@ def _write_summary(summary: Summary, config: Config, started: float) -> None:
     rundir.write_summary(summary.run_dir, dataclasses.asdict(summary))
 
 
-def _fit(config: Config, data, model, run_dir: str, restored: dict | None, schedule, summary: Summary) -> None:
+def _fit(config: Config, data, model, run_dir: str, restored: dict | None, schedule, summary: Summary, strategy,
+         topology) -> None:
     """Trains from the restored checkpoint (if any) through the batch phases to config.epochs or max_steps."""
-    callbacks = _callbacks(config, data, model, run_dir, schedule)
+    import functools
+
+    from pipeline import callback_list
+
+    bn_batch = config.batch if config.norm == "syncbatch" else topology.per_replica_batch(config.batch)
+    # The instruments measure on one device; the multi-worker strategy has no measurement of its own yet.
+    measuring = instruments(config, data, model, run_dir, bn_batch) if topology.workers == 1 else []
+    if config.target_accuracy and topology.workers == 1:
+        measuring.append(callback_list.target_check(config, data, run_dir, measuring))
+    callbacks = callback_list.build(config, data, run_dir, schedule, strategy, topology, measuring)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     val = data.eval_dataset("val", config.batch)
     trained, steps = (restored["epoch"], restored["step"]) if restored else (0, 0)
@@ -261,13 +271,15 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
         if last_epoch <= trained:
             continue
         # Our datasets shuffle themselves by (seed, epoch); shuffle=False also keeps Keras from warning about it.
-        model.fit(data.train_dataset(batch, seed=config.seed), validation_data=val, shuffle=False,
+        train_data = distribute.distribute_train(
+            strategy, topology, functools.partial(data.train_dataset, batch, seed=config.seed), batch)
+        model.fit(train_data, validation_data=val, shuffle=False,
                   initial_epoch=max(first_epoch, trained), epochs=last_epoch, callbacks=callbacks, verbose=verbose)
         if model.stop_training:
             break
 
 
-def _finish(config: Config, data, model, run_dir: str, summary: Summary) -> None:
+def _finish(config: Config, data, model, run_dir: str, summary: Summary, chief: bool = True) -> None:
     """Precise BN, evaluation on every split and export, each recorded as the summary's stage while it runs."""
     from callbacks import batch_norm_inputs, precise_bn
     from pipeline import export as export_lib
@@ -282,6 +294,12 @@ def _finish(config: Config, data, model, run_dir: str, summary: Summary) -> None
         summary.bn_statistics = "moving averages from training (--precise-bn-samples 0)"
     else:
         summary.bn_statistics = "no batch-norm layers"
+    if has_batch_norm:
+        summary.bn_batch = config.batch if config.norm == "syncbatch" else summary.per_replica_batch
+        summary.bn_statistics += f"; in training, batch statistics over {summary.bn_batch} examples"
+        if summary.replicas > 1:
+            scope = "the global batch, all-reduced" if config.norm == "syncbatch" else "each replica's slice"
+            summary.bn_statistics += f" ({scope}); one set for all {summary.replicas} replicas after training"
     summary.stage = "evaluation"
     for split in ("train", "val", "test"):
         loss, accuracy = model.evaluate(data.eval_dataset(split, max(config.batch, 256)), verbose=0)
@@ -292,8 +310,11 @@ def _finish(config: Config, data, model, run_dir: str, summary: Summary) -> None
     if config.export:
         # The first 512 training images are the warmup requests and the throughput measurement's inputs.
         examples, _ = next(iter(data.eval_dataset("train", 512)))
-        summary.export_path = export_lib.export_model(model, os.path.join(run_dir, "export"), config.model,
-                                                      examples=examples.numpy(), class_names=data.class_names)
+        # Every worker exports (saving may read variables through collectives); only the chief's export stays.
+        export_dir = os.path.join(run_dir, "export") if chief else distribute.worker_folder()
+        exported = export_lib.export_model(model, export_dir, config.model, examples=examples.numpy(),
+                                           class_names=data.class_names)
+        summary.export_path = exported if chief else None
     summary.stage = ""
 
 

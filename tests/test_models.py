@@ -74,10 +74,15 @@ def test_unknown_model_or_norm_is_a_value_error_about_the_argument():
     # The library names its own arguments; --model and --norm are checked by the config (tests/test_cli.py).
     with pytest.raises(ValueError, match="^name: got 'resnet18'; choose one of resnet20, .*, cnn, mlp$"):
         models.build_model("resnet18", (8, 8, 1), 10)
-    with pytest.raises(ValueError, match="^kind: got 'instance'; choose one of batch, ghost, group, layer, none$"):
+    with pytest.raises(ValueError,
+                       match="^kind: got 'instance'; choose one of batch, syncbatch, ghost, group, layer, none$"):
         models.build_model("cnn", (8, 8, 1), 10, "instance")
     with pytest.raises(ValueError, match="mean and variance"):
         models.build_model("cnn", (8, 8, 1), 10, mean=np.zeros(1))
+
+
+def test_syncbatch_is_batch_norm_over_all_replicas():
+    assert models.Norm("syncbatch")(8).synchronized and not models.Norm("batch")(8).synchronized
 
 
 def test_first_layer_normalizes_raw_pixels():

@@ -1,0 +1,140 @@
+"""Training speed of pipeline.train against a bare Keras script, and of the speed settings, as ratios.
+
+Usage: python benchmarks/speed.py [--model resnet20] [--dataset digits] [--batch 32] [--epochs 6] [--rounds 2]
+
+All variants train the same model on the same data in one process, one after another in each round. A variant's
+time is its mean epoch time over the epochs after the first (training and validation; the first epoch holds the
+tracing and compiling); the table gives each mean over the rounds and its ratio to a reference, as speed-ups
+(reference time / variant time, so > 1 is faster). The bare script is `model.fit` of the same model on the same
+tf.data pipeline with validation and nothing else: no callbacks, no checkpoints, no logs. pipeline.train runs
+without export and precise BN, which come after training and are not timed.
+
+Goals (issue "Data-parallel training", item 7), as speed-ups:
+  pipeline.train, instruments off, vs the bare script with the same settings   >= 0.95
+  pipeline.train with its defaults vs the bare script with Keras' defaults      >= 1.3
+The other rows measure each setting alone against the pipeline's run with one step per call (the choice of
+defaults: --steps-per-execution auto, float32, no XLA on this CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline import config as config_lib  # noqa: E402
+
+OFF = dict(grad_stats_every=0, bn_stats_every=0, dynamics=False)
+# name: (runner, Config changes); "bare" runs the bare script with the Config's speed settings.
+VARIANTS = {
+    "bare Keras, Keras defaults (1 step per call)": ("bare", dict(steps_per_execution="1")),
+    "bare Keras, pipeline's speed defaults": ("bare", {}),
+    "pipeline, instruments off, speed defaults": ("train", OFF),
+    "pipeline, all defaults (instruments on)": ("train", {}),
+    "pipeline, instruments off, 1 step per call": ("train", dict(OFF, steps_per_execution="1")),
+    "pipeline, instruments off, 4 steps per call": ("train", dict(OFF, steps_per_execution="4")),
+    "pipeline, instruments off, 16 steps per call": ("train", dict(OFF, steps_per_execution="16")),
+    "pipeline, instruments off, --jit": ("train", dict(OFF, jit=True)),
+    "pipeline, instruments off, mixed_bfloat16": ("train", dict(OFF, precision="mixed_bfloat16")),
+    "pipeline, instruments off, mixed_float16": ("train", dict(OFF, precision="mixed_float16")),
+}
+# (variant, reference, goal) rows of the summary.
+RATIOS = [
+    ("pipeline, instruments off, speed defaults", "bare Keras, pipeline's speed defaults", 0.95),
+    ("pipeline, all defaults (instruments on)", "bare Keras, Keras defaults (1 step per call)", 1.3),
+    ("pipeline, instruments off, speed defaults", "pipeline, instruments off, 1 step per call", None),
+    ("pipeline, instruments off, 4 steps per call", "pipeline, instruments off, 1 step per call", None),
+    ("pipeline, instruments off, 16 steps per call", "pipeline, instruments off, 1 step per call", None),
+    ("pipeline, instruments off, --jit", "pipeline, instruments off, speed defaults", None),
+    ("pipeline, instruments off, mixed_bfloat16", "pipeline, instruments off, speed defaults", None),
+    ("pipeline, instruments off, mixed_float16", "pipeline, instruments off, speed defaults", None),
+]
+
+
+def bare_epoch_times(config, data) -> list[float]:
+    """Epoch times of a bare Keras script: the same model, data, optimizer and speed settings, no callbacks."""
+    import keras
+
+    from models import Norm, build_model
+    from pipeline import optim, speed
+
+    keras.utils.set_random_seed(config.seed)
+    speed.set_precision(config)
+    model = build_model(config.model, data.input_shape, data.num_classes, Norm(config.norm), mean=data.mean,
+                        variance=data.variance)
+    schedule = optim.learning_rate(config, [(0, data.num_train // config.batch)])
+    model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], steps_per_execution=speed.steps_per_execution(config, data.num_train),
+                  jit_compile=config.jit)
+    times = []
+
+    class Clock(keras.callbacks.Callback):  # the only callback: the same clock as pipeline.train's history
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    model.fit(data.train_dataset(config.batch, seed=config.seed), validation_data=data.eval_dataset("val", config.batch),
+              epochs=config.epochs, callbacks=[Clock()], verbose=0)
+    return times
+
+
+def train_epoch_times(config) -> list[float]:
+    from pipeline import rundir
+    from pipeline.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = os.path.join(tmp, "run")
+        summary = train(dataclasses.replace(config, run_dir=run_dir))
+        if summary.status != "completed":
+            raise SystemExit(f"benchmark run failed: {summary.reason}")
+        return [record["epoch_time_s"] for record in rundir.read_history(run_dir)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per run; the first is not timed")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.epochs < 2 or args.rounds < 1:
+        parser.error("--epochs must be >= 2 and --rounds >= 1")
+    base = dataclasses.replace(config_lib.Config(), model=args.model, dataset=args.dataset, batch=args.batch,
+                               epochs=args.epochs, export=False, precise_bn_samples=0, verbose=0)
+    config_lib.validate(base)
+
+    from pipeline import data as data_lib
+    from pipeline import speed
+
+    data = data_lib.load(base)
+    print(f"{args.model} on {args.dataset}, batch {args.batch}, {data.num_train // args.batch} steps per epoch; "
+          f"--steps-per-execution auto = {speed.steps_per_execution(base, data.num_train)}", flush=True)
+    means = {name: [] for name in VARIANTS}
+    for round_index in range(args.rounds):
+        for name, (runner, changes) in VARIANTS.items():
+            config = dataclasses.replace(base, **changes)
+            times = bare_epoch_times(config, data) if runner == "bare" else train_epoch_times(config)
+            means[name].append(statistics.mean(times[1:]))
+            print(f"round {round_index + 1}: {name}: {means[name][-1]:.3f} s per epoch", flush=True)
+    mean = {name: statistics.mean(values) for name, values in means.items()}
+    print(f"\n{'variant':60s} {'epoch s':>8s}")
+    for name in VARIANTS:
+        print(f"{name:60s} {mean[name]:8.3f}")
+    print(f"\n{'speed-up (reference time / variant time)':100s} {'ratio':>6s} {'goal':>6s}")
+    for variant, reference, goal in RATIOS:
+        row = f"{variant} vs {reference}"
+        print(f"{row:100s} {mean[reference] / mean[variant]:6.2f} {'>= ' + str(goal) if goal else '':>6s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""How the training step runs: steps per compiled call, the Keras dtype policy and XLA, resolved from a Config."""
+
+from __future__ import annotations
+
+import math
+
+from pipeline import config as config_lib
+from pipeline.config import Config, InputError
+
+# Largest number of steps that --steps-per-execution auto runs per call. benchmarks/speed.py measures the
+# gain of N steps per call against 1; it levels off by N = 8 to 16 for the models here (README, "Speed").
+AUTO_STEPS_MAX = 16
+
+
+def steps_per_execution(config: Config, num_train: int, replicas: int = 1) -> int:
+    """--steps-per-execution resolved to a number of training steps per compiled call.
+
+    Keras calls the callbacks once per call, after its last step, and ends a call at every epoch end. So that
+    everything that acts at a step still acts at exactly that step, auto picks the largest N <= AUTO_STEPS_MAX that
+    divides every such step count: the instruments' intervals, --max-steps and the steps of an epoch in each batch
+    phase (num_train // batch). A NaN check sees the loss after each call: the run then stops at most N - 1 steps
+    after the loss first became non-finite, still before the epoch's checkpoint, so the last good one is kept.
+
+    With several replicas, Keras 3.15.1's loop of several steps per call fails under tf.distribute ("You must feed
+    a value for placeholder tensor 'while/cond/Placeholder'", measured with MirroredStrategy), so auto is 1 there.
+
+    Args:
+      config: the run's Config.
+      num_train: examples in the training split.
+      replicas: replicas of the run's strategy.
+    Returns:
+      N >= 1.
+    Raises:
+      InputError: N > 1 with several replicas.
+    """
+    if config.steps_per_execution != "auto":
+        if replicas > 1 and int(config.steps_per_execution) > 1:
+            raise InputError("--steps-per-execution: more than 1 step per call fails with several replicas in "
+                             "Keras 3.15 (tf.distribute); use 1 or auto")
+        return int(config.steps_per_execution)
+    if replicas > 1:
+        return 1
+    counts = [num_train // batch for _, batch in config.batch_phases]
+    counts += [config_lib.instrument_interval(flag) for flag in (config.grad_stats_every, config.bn_stats_every)]
+    counts += [config.max_steps]
+    common = 0
+    for count in counts:
+        common = math.gcd(common, count)  # gcd(0, n) = n: an instrument that is off or no step limit adds nothing
+    return max(n for n in range(1, AUTO_STEPS_MAX + 1) if common % n == 0) if common else AUTO_STEPS_MAX
+
+
+def set_precision(config: Config) -> None:
+    """Sets Keras' global dtype policy to config.precision; call before building the model.
+
+    mixed_float16 and mixed_bfloat16 compute in 16 bits and keep float32 variables (Micikevicius et al. 2018);
+    Keras wraps the optimizer in a LossScaleOptimizer for mixed_float16. Set on every run, so a float32 run in the
+    same process is not left with an earlier run's policy.
+    """
+    import keras
+
+    keras.config.set_dtype_policy(config.precision)
