@@ -160,7 +160,8 @@ def test_normalization_kinds_and_shapes():
     assert isinstance(Norm("layer")(16, dense=True), keras.layers.LayerNormalization)
     assert isinstance(Norm("none")(16), keras.layers.Identity)
     # The library names its own argument; the --norm flag is checked by the config (tests/test_cli.py).
-    with pytest.raises(ValueError, match="^kind: got 'instance'; choose one of batch, ghost, group, layer, none$"):
+    with pytest.raises(ValueError,
+                       match="^kind: got 'instance'; choose one of batch, syncbatch, ghost, group, layer, none$"):
         Norm("instance")
 
 
