@@ -167,7 +167,7 @@ def _noise_growth(report, norm, prefix):
     detail = "; ".join(f"{v} at batch {', '.join(map(str, b))}" for v, b in counts.items() if b)
     if not decided:
         return [f"{prefix}not enough data: in no run did B_simple's intervals over the first and last quarter of the "
-                f"steps separate ({detail or 'no run had two measurements in both'})."]
+                f"steps separate ({detail or 'no run had a measurement in both'})."]
     if counts["grew"] and not counts["fell"]:
         head = "Yes"
     elif counts["fell"] and not counts["grew"]:
@@ -175,7 +175,7 @@ def _noise_growth(report, norm, prefix):
     else:
         head = "Mixed"
     return [f"{prefix}{head}: B_simple pooled over the last quarter of each run's steps against the first quarter "
-            f"{detail} (grew or fell: the {fits_lib.Z:.0f}-standard-error intervals do not overlap)."]
+            f"{detail} (grew or fell: the 95% intervals do not overlap)."]
 
 
 def difference_noise(a: dict, b: dict, num_test: int | None) -> float | None:

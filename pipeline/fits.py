@@ -9,12 +9,11 @@ residuals, so a fit needs n >= 3 points to have one (two points fit any line exa
 error by the delta method. A direction ("falls", "rises") is called only when the slope is more than Z standard
 errors from 0; otherwise it is "unclear".
 
-The simple noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8) pooled over a window of a
-run's measurements is the ratio of the window's mean tr(Sigma) to its mean |G|^2 (a ratio of averages, their
-app. A). Its interval treats the window's measurements as independent repeats: the means' standard errors
-(sample std / sqrt(n)) give Z-sigma intervals for tr(Sigma) and |G|^2, and B_simple's interval is
-[tr_lo / G_hi, tr_hi / G_lo], unbounded above when |G|^2's interval reaches 0 (then B_simple is only known to be
-above tr_lo / G_hi, and is not given as a number).
+B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8) pooled over a window of a run's measurements is
+callbacks.noise_estimates.pool (the one estimator: the ratio of the window's mean tr(Sigma) to its mean |G|^2,
+with the 95% interval from the measurements' own jackknife errors and Fieller's interval for the ratio). Here it is
+only put into the report's JSON form: an unbounded interval (|G|^2 not distinguishable from 0) has no point value
+and no upper end (None), and its lower end is the bound.
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from callbacks import noise_estimates
 
 Z = 2.0  # standard errors for a direction or an interval (about 95% for a normal estimate)
 MIN_FIT_POINTS = 3  # points a fit needs to have a standard error
@@ -111,40 +112,27 @@ def diminishing_returns(batches, steps, threshold: float = 0.5) -> int | None:
 
 
 def pooled_noise_scale(records: list[dict], first_step: float, last_step: float) -> dict | None:
-    """B_simple pooled over the measurements with first_step <= step <= last_step (module docstring).
+    """B_simple pooled over the measurements with first_step <= step <= last_step, by noise_estimates.pool.
 
     Args:
-      records: grad_stats.jsonl records with "step", "grad/trace_cov" and "grad/norm_sq".
+      records: grad_stats.jsonl records (those without the per-measurement standard errors, written before
+        measurements had intervals, are left out).
       first_step, last_step: the window, inclusive.
 
     Returns:
-      {"first_step", "last_step", "measurements", "trace_cov", "norm_sq", "noise_scale", "noise_scale_lo",
-      "noise_scale_hi"}: the interval needs >= 2 measurements (None otherwise); when |G|^2 is not
-      distinguishable from 0, noise_scale and noise_scale_hi are None (unbounded) and noise_scale_lo is the lower
-      bound. None for a window without measurements.
+      {"first_step", "last_step" (the window), "measurements", "trace_cov", "norm_sq", "noise_scale",
+      "noise_scale_lo", "noise_scale_hi"}: when |G|^2 is not distinguishable from 0, noise_scale and
+      noise_scale_hi are None and noise_scale_lo is the lower bound. None for a window without measurements.
     """
-    window = [(r["grad/trace_cov"], r["grad/norm_sq"]) for r in records
-              if first_step <= r["step"] <= last_step and r.get("grad/trace_cov") is not None
-              and r.get("grad/norm_sq") is not None]
-    if not window:
+    usable = [r for r in records if r.get("grad/trace_cov_se") is not None and r.get("grad/norm_sq_se") is not None]
+    pooled = noise_estimates.pool(usable, first_step, last_step)
+    if pooled is None:
         return None
-    trace, norm_sq = np.asarray(window, float).T
-    n = len(window)
-    result = {"first_step": first_step, "last_step": last_step, "measurements": n,
-              "trace_cov": float(trace.mean()), "norm_sq": float(norm_sq.mean()), "noise_scale": None,
-              "noise_scale_lo": None, "noise_scale_hi": None}
-    if n >= 2:
-        trace_se, norm_se = (float(np.std(v, ddof=1) / math.sqrt(n)) for v in (trace, norm_sq))
-        trace_lo, trace_hi = max(trace.mean() - Z * trace_se, 0.0), trace.mean() + Z * trace_se
-        norm_lo, norm_hi = norm_sq.mean() - Z * norm_se, norm_sq.mean() + Z * norm_se
-        if norm_hi > 0:
-            result["noise_scale_lo"] = float(trace_lo / norm_hi)
-            result["noise_scale_hi"] = float(trace_hi / norm_lo) if norm_lo > 0 else None
-        if norm_lo <= 0:
-            return result  # |G|^2 not distinguishable from 0: only a lower bound
-    if norm_sq.mean() > 0:
-        result["noise_scale"] = float(trace.mean() / norm_sq.mean())
-    return result
+    bound = pooled["noise_scale_is_lower_bound"]
+    return {"first_step": first_step, "last_step": last_step, "measurements": pooled["measurements"],
+            "trace_cov": pooled["trace_cov"], "norm_sq": pooled["norm_sq"],
+            "noise_scale": None if bound else pooled["noise_scale"], "noise_scale_lo": pooled["noise_scale_lo"],
+            "noise_scale_hi": None if bound or not math.isfinite(pooled["noise_scale_hi"]) else pooled["noise_scale_hi"]}
 
 
 def interval_union(windows: list[dict | None]) -> dict | None:

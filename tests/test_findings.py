@@ -32,6 +32,8 @@ def write_run(sweep_dir, batch, *, steps_to_target, grad_std, bn_error=None, tes
             trace, norm_sq = noise(step)
             f.write(json.dumps({"step": float(step), "grad/batch_std": grad_std, "grad/trace_cov": trace,
                                 "grad/norm_sq": norm_sq, "grad/noise_scale": trace / norm_sq,
+                                "grad/trace_cov_se": 0.05 * trace, "grad/norm_sq_se": 0.05 * norm_sq,
+                                "batch_size": batch, "micro_batches": 32,
                                 "grad/noise_scale_is_lower_bound": bool(step == steps)}) + "\n")
     if bn_error is not None:
         with open(os.path.join(run_dir, "bn_stats.json"), "w") as f:

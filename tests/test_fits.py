@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from callbacks import noise_estimates
 from pipeline import fits
 
 
@@ -61,32 +62,37 @@ def test_diminishing_returns_needs_every_later_step_to_scale_badly():
     assert fits.diminishing_returns([8, 16], [100, 100]) == 8
 
 
-def test_pooled_noise_scale_over_a_window():
-    records = [{"step": s, "grad/trace_cov": t, "grad/norm_sq": g}
-               for s, t, g in ((0, 100.0, 1.0), (10, 8.0, 0.1), (20, 12.0, 0.3), (30, 10.0, 0.2), (40, 1.0, None))]
+def record(step, trace, norm_sq, trace_se=0.5, norm_sq_se=0.01):
+    """A grad_stats.jsonl record as GradientStatistics writes it (the keys noise_estimates.pool reads)."""
+    return {"step": step, "batch_size": 32, "micro_batches": 32, "grad/trace_cov": trace, "grad/norm_sq": norm_sq,
+            "grad/trace_cov_se": trace_se, "grad/norm_sq_se": norm_sq_se, "grad/trace_norm_sq_corr": 0.0}
+
+
+def test_pooled_noise_scale_is_noise_estimates_pool_in_the_report_form():
+    records = [record(0, 100.0, 1.0), record(10, 8.0, 0.1), record(20, 12.0, 0.3), record(30, 10.0, 0.2),
+               {"step": 25, "grad/trace_cov": 1.0, "grad/norm_sq": 1.0}]  # written before intervals: left out
     pooled = fits.pooled_noise_scale(records, 10, 30)
-    assert pooled["measurements"] == 3
+    reference = noise_estimates.pool(records[1:4], 10, 30)
+    assert pooled["measurements"] == 3 and (pooled["first_step"], pooled["last_step"]) == (10, 30)
     assert pooled["noise_scale"] == pytest.approx(10.0 / 0.2)
-    # Interval: means +- 2 standard errors (sample std / sqrt(3)) of tr(Sigma) and |G|^2, combined conservatively.
-    trace_se, norm_se = 2.0 / math.sqrt(3), 0.1 / math.sqrt(3)
-    assert pooled["noise_scale_lo"] == pytest.approx((10 - 2 * trace_se) / (0.2 + 2 * norm_se))
-    assert pooled["noise_scale_hi"] == pytest.approx((10 + 2 * trace_se) / (0.2 - 2 * norm_se))
+    assert (pooled["noise_scale_lo"], pooled["noise_scale_hi"]) == pytest.approx(
+        (reference["noise_scale_lo"], reference["noise_scale_hi"]))
+    assert pooled["noise_scale_lo"] < 50 < pooled["noise_scale_hi"]
     assert fits.pooled_noise_scale(records, 50, 60) is None
-    single = fits.pooled_noise_scale(records, 5, 15)
-    assert single["noise_scale"] == pytest.approx(80.0) and single["noise_scale_lo"] is None
-    # |G|^2 not distinguishable from 0: a lower bound only, no point value.
-    noisy = [{"step": s, "grad/trace_cov": 10.0, "grad/norm_sq": g} for s, g in ((0, 0.3), (1, -0.2), (2, 0.05))]
+    # |G|^2 not distinguishable from 0: a lower bound only, no point value and no upper end (JSON has no inf).
+    noisy = [record(s, 10.0, g, norm_sq_se=0.2) for s, g in ((0, 0.3), (1, -0.2), (2, 0.05))]
     pooled = fits.pooled_noise_scale(noisy, 0, 2)
     assert pooled["noise_scale"] is None and pooled["noise_scale_hi"] is None
-    assert pooled["noise_scale_lo"] == pytest.approx(10.0 / (0.05 + 2 * np.std([0.3, -0.2, 0.05], ddof=1) / math.sqrt(3)))
+    assert pooled["noise_scale_lo"] == pytest.approx(noise_estimates.pool(noisy)["noise_scale_lo"])
+    assert 0 < pooled["noise_scale_lo"] < 10.0 / 0.05
 
 
 def test_noise_growth_verdicts():
-    def run(early, late):
-        return [{"step": s, "grad/trace_cov": t, "grad/norm_sq": 1.0}
-                for s, t in [(0, early[0]), (10, early[1]), (90, late[0]), (100, late[1])]]
+    def run(early, late, trace_se=0.5):
+        return [record(s, t, 1.0, trace_se=trace_se) for s, t in [(0, early[0]), (10, early[1]), (90, late[0]),
+                                                                  (100, late[1])]]
 
     assert fits.noise_growth(run((10, 11), (50, 52)), 100)["verdict"] == "grew"
     assert fits.noise_growth(run((50, 52), (10, 11)), 100)["verdict"] == "fell"
-    assert fits.noise_growth(run((10, 30), (15, 35)), 100)["verdict"] == "unclear"
-    assert fits.noise_growth(run((10, 11), (50, 52))[1:], 100)["verdict"] == "not enough data"
+    assert fits.noise_growth(run((10, 30), (15, 35), trace_se=6.0), 100)["verdict"] == "unclear"
+    assert fits.noise_growth(run((10, 11), (50, 52))[2:], 100)["verdict"] == "not enough data"

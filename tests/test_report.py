@@ -51,7 +51,8 @@ def write_run(sweep_dir, norm, batch, seed, status="completed"):
         for k in range(11):  # at 0, S/8, ..., 10 S/8: five of them (k = 4..8) in [S/2, S]
             f.write(json.dumps({"step": steps * k / 8, "grad/batch_std": SIGMA / math.sqrt(batch) * (1 + k / 8),
                                 "grad/noise_scale": 10.0 + k + seed, "grad/trace_cov": 1.0 + k / 8,
-                                "grad/norm_sq": 0.1 + seed / 10}) + "\n")
+                                "grad/norm_sq": 0.1 + seed / 10, "grad/trace_cov_se": 0.05 * (1.0 + k / 8),
+                                "grad/norm_sq_se": 0.005, "batch_size": batch, "micro_batches": 32}) + "\n")
     if norm == "batch":
         averages = [{"step": step, "batch_mean_error": 0.5 / math.sqrt(batch),
                      "batch_var_error": (1 + step / 100) / math.sqrt(batch), "moving_mean_error": 0.1,
