@@ -142,7 +142,8 @@ def batch_study() -> Config:
 AUTO_INTERVAL = 100
 # Automatic intervals in a sweep give every run this many measurements at the same fractions of its budget: the same
 # number at every batch size, where a fixed interval would leave the few steps of a large batch unmeasured (plus
-# one at step 0). A measurement costs about a training step; time per step leaves the measuring out.
+# one at step 0). A gradient measurement costs about max(8, 1024 / B) training steps (1024 examples), so the runs'
+# measuring costs about as much as their training; time per step and time to target leave the measuring out.
 MEASUREMENTS_PER_RUN = 16
 
 
