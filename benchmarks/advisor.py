@@ -1,9 +1,12 @@
 """The batch-size advisor against the default sweep, in one process: time-to-target and cost ratios.
 
 Usage: python benchmarks/advisor.py [--out /tmp/advisor_bench] [--dataset digits] [--model resnet20]
+                                   [--epochs 12] [--target-accuracy 0.98] [--batch 8,16,32,64,128,256]
+       CIFAR-sized: python benchmarks/shapes.py /tmp/shapes.npz, then --dataset npz:/tmp/shapes.npz with a target
+       that dataset reaches.
 
-Runs, with the default sweep's settings (lr 0.05 at batch 32 scaled linearly, warmup 5/90 of 12 epochs, target
-98% validation accuracy):
+Runs, with the default sweep's settings (lr 0.05 at batch 32 scaled linearly, warmup 5/90 of the epochs; by default
+12 epochs and a target of 98% validation accuracy):
   1. pipeline.advise (the probe and the advice), timed from the call to the written advice;
   2. the default sweep (batches 8..256) with that advice, so its report holds "Predicted vs measured";
   3. pipeline.train --advice at the advised batch and learning rate, with the same budget and target.
@@ -31,23 +34,31 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="/tmp/advisor_bench")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the sweep's preset)")
+    parser.add_argument("--target-accuracy", type=float, default=None, help="default: the sweep's preset")
+    parser.add_argument("--batch", default=None, help="the sweep's batch sizes, comma-separated")
     args = parser.parse_args(argv)
 
     from pipeline import advise, report, sweep, train
 
     config = dataclasses.replace(config_lib.batch_study(), dataset=args.dataset, model=args.model, verbose=0)
+    if args.epochs:
+        config = dataclasses.replace(config, epochs=args.epochs)
+    if args.target_accuracy:
+        config = dataclasses.replace(config, target_accuracy=args.target_accuracy)
+    batches = tuple(int(b) for b in args.batch.split(",")) if args.batch else sweep.Spec.batches
     warmup = sweep.WARMUP_FRACTION * config.epochs
     os.makedirs(args.out, exist_ok=True)
 
     started = time.perf_counter()
-    advice = advise.advise(dataclasses.replace(config, warmup_epochs=warmup), 0, 8 * config.base_batch,
+    advice = advise.advise(dataclasses.replace(config, warmup_epochs=warmup), 0, max(batches),
                            os.path.join(args.out, "advice"))
     probe_s = time.perf_counter() - started
     print(f"advice ({probe_s:.1f} s): {advice['message']}", flush=True)
 
     started = time.perf_counter()
     recommended = advice["status"] == "recommended"
-    spec = sweep.Spec(warmup_fraction=sweep.WARMUP_FRACTION,
+    spec = sweep.Spec(batches=batches, warmup_fraction=sweep.WARMUP_FRACTION,
                       advice=os.path.join(args.out, "advice", "advice.json") if recommended else None)
     result = sweep.sweep(config, spec, os.path.join(args.out, "sweep"), log=lambda line: print(line, flush=True))
     sweep_s = time.perf_counter() - started
