@@ -48,6 +48,9 @@ def main(argv=None) -> int:
         config = dataclasses.replace(config, target_accuracy=args.target_accuracy)
     batches = tuple(int(b) for b in args.batch.split(",")) if args.batch else sweep.Spec.batches
     warmup = sweep.WARMUP_FRACTION * config.epochs
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        # The sweep would resume: it would skip the runs found there, made perhaps by another version of the code.
+        parser.error(f"--out: {args.out} is not empty; give a new directory (the benchmark starts from scratch)")
     os.makedirs(args.out, exist_ok=True)
 
     started = time.perf_counter()
