@@ -69,8 +69,8 @@ def _target(report, norm, mine, prefix):
         fastest = min(reached, key=lambda g: g["time_to_target_s"]["mean"])
         fewest = min(reached, key=lambda g: g["steps_to_target"]["mean"])
         out.append(f"{prefix}of the {len(reached)} batch sizes that reached {target:.0%} validation accuracy in every "
-                   f"run, batch {fastest['batch']} took the least time ({fastest['time_to_target_s']['mean']:.1f} s = "
-                   f"steps to target x time per step) and batch {fewest['batch']} the fewest steps "
+                   f"run, batch {fastest['batch']} took the least time ({fastest['time_to_target_s']['mean']:.1f} s of "
+                   f"training) and batch {fewest['batch']} the fewest steps "
                    f"({fewest['steps_to_target']['mean']:.0f}).")
     else:
         which = f" (batch {reached[0]['batch']})" if reached else ""

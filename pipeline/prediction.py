@@ -3,8 +3,9 @@
 From the probe's B_simple = phi, steps to the target follow S(B) = S_min (1 + phi / B) (McCandlish et al. 2018).
 The probe predicts the shape, not the scale: S_min is fitted to the sweep's measured steps with phi held fixed
 (the geometric mean of S_measured / (1 + phi / B), so that every batch counts by its relative error). Predicted
-time to target is S(B) x T_step(B), the probe's step-time fit. The sweep's measured time to target is its steps to
-target x its time per step (pipeline/report.py); "off" is predicted / measured.
+time to target is S(B) x T_step(B), the probe's step-time fit. The sweep's measured time to target is each run's
+training clock until the target (pipeline.rundir.time_to_target: the first epoch's tracing and the epoch-end
+validations included, which the prediction leaves out); "off" is predicted / measured.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def markdown(result: dict) -> str:
              f"{result['noise_scale_hi']:.3g}) and recommended batch {result['recommended_batch']} (lr "
              f"{result['recommended_lr']:.3g}). Predicted steps: S_min (1 + B_simple / B) with S_min "
              f"{result['s_min']:.0f} fitted to the measured steps; predicted time: those steps x the probe's step-time "
-             "fit. Measured: this sweep (its own learning rates, not the advised one).", "",
+             "fit (steady steps only). Measured: this sweep (its own learning rates, not the advised one); its time is "
+             "each run's training clock until the target, which also holds the first epoch's tracing and the "
+             "epoch-end validations.", "",
              "| batch | steps predicted | steps measured | off | ms/step predicted | ms/step measured | "
              "time predicted (s) | time measured (s) | off |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:

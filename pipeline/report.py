@@ -238,15 +238,16 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
         "## Per batch size (mean ± std over seeds)", "", headline(report), "",
         "Steps to target: first check with validation accuracy >= target (checked every "
         "pipeline.target interval, the same fraction of an epoch at every batch); epochs to target: steps to "
-        "target x batch / training examples; time to target: steps to target x time per step; (k/n): runs that "
+        "target x batch / training examples; time to target: the run's training clock until that check, without "
+        "the measuring and the checks (first-epoch tracing and epoch-end validation included); (k/n): runs that "
         "reached it. time/step: median over the epochs after the first without the instruments' measuring and "
         "the target checks, epoch-end validation included. grad std: RMS over the run's measurements. B_simple "
         "near target: mean tr(Sigma) / mean |G|^2 over the measurements from half the steps to target to the "
-        "steps to target. BN batch var error: batch vs population variance discrepancy (RMS over the run's "
+        "steps to target, with its 95% interval (callbacks.noise_estimates.pool). BN batch var error: batch vs population variance discrepancy (RMS over the run's "
         "measurements of the mean over layers)."
-        + (" With batch or ghost norm, the gradient measurement normalizes each of its micro-batches (B / 2 "
-           "examples by default) with that micro-batch's own statistics, so grad std and B_simple include "
-           "BatchNorm's noise at that size (callbacks/gradient_stats.py)."
+        + (" With batch or ghost norm, the gradient measurement normalizes each of its micro-batches (B examples "
+           "by default, as training does) with that micro-batch's own statistics, so grad std and B_simple include "
+           "BatchNorm's noise at the run's batch (callbacks/gradient_stats.py)."
            if {"batch", "ghost"} & set(report["fits"]) else ""), "",
         "## Fits", "", fits_markdown(report),
     ]

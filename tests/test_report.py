@@ -115,7 +115,7 @@ def test_report_numbers(sweep_dir):
 
     text = "\n".join(report["findings"])
     assert ("of the 5 batch sizes that reached 90% validation accuracy in every run, batch 32 took the least time "
-            "(68.4 s = steps to target x time per step) and batch 128 the fewest steps") in text
+            "(68.4 s of training) and batch 128 the fewest steps") in text
     assert "diminishing returns begin at batch 64" in text
     assert "Yes: BatchNorm fell behind GroupNorm" in text
     assert "S_min = 1000 ± 0 steps and B_crit = 64.0 ± 0.0" in text
