@@ -229,6 +229,9 @@ def _per_device_bn(report, norm, mine, prefix):
         return []
     values = ", ".join(f"{_stat_text(g['bn_batch_var_error'])} at BN batch {g['bn_batch']} (batch {g['batch']} on "
                        f"{g['replicas']} replica{'s' if g['replicas'] > 1 else ''})" for g in measured)
+    if len({g["replicas"] for g in measured}) < 2:
+        return [f"{prefix}not enough data: BatchNorm's batch-vs-population variance discrepancy was {values}, at one "
+                "replica count; a comparison needs two."]
     if len(fits["bn_batches"]) < 2:
         return [f"{prefix}the BN batch was {fits['bn_batches'][0]} examples at every replica count, so the replicas "
                 f"did not change what BatchNorm normalizes over; its batch-vs-population variance discrepancy was "

@@ -64,6 +64,17 @@ def test_bad_tf_config_is_one_line(monkeypatch, raw, message):
     assert str(error.value).startswith("TF_CONFIG: ") and "\n" not in str(error.value)
 
 
+def test_mirrored_devices_are_the_first_replicas_gpus_or_cpus():
+    gpus, cpus = ["/GPU:0", "/GPU:1", "/GPU:2"], ["/CPU:0", "/CPU:1"]
+    assert distribute.mirrored_devices(2, gpus, cpus) == ["/GPU:0", "/GPU:1"]
+    assert distribute.mirrored_devices(0, gpus, cpus) == gpus and distribute.mirrored_devices(0, [], cpus) == cpus
+    assert distribute.mirrored_devices(2, [], cpus) == cpus
+    with pytest.raises(InputError, match=r"^--replicas: 4 replicas need 4 devices; this process has 3 GPUs$"):
+        distribute.mirrored_devices(4, gpus, cpus)
+    with pytest.raises(InputError, match=r"^--replicas: 3 replicas .* 2 CPU devices \(split the CPU with --logical"):
+        distribute.mirrored_devices(3, [], cpus)
+
+
 def test_chief_is_the_chief_task_or_worker_zero():
     workers = {"worker": ["a:1", "b:1"]}
     assert distribute.is_chief(None)

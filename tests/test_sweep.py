@@ -217,6 +217,8 @@ def test_hyperband_trains_rounds_of_the_epoch_budget(tmp_path, monkeypatch):
     (["--tuner", "grid"], ["--tuner", "random"]),
     (["--tune", "momentum"], ["--tune", "lr"]),
     (["--optimizer", "lbfgs"], ["--optimizer", "adam"]),
+    (["--replicas", "0,2"], ["--replicas", "1,2,4"]),
+    (["--replicas", "2,2"], ["--replicas", "distinct"]),
 ])
 def test_bad_flags_exit_2_with_one_line(args, words, capsys):
     try:
@@ -245,3 +247,49 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr == "error: --dataset: cannot read npz:/nonexistent.npz: No such file or directory\n"
     assert not out.exists()
+
+
+def test_replica_axis_configs():
+    """Each (norm, batch, seed) on every replica count at the same global batch: one device, else mirrored over
+    logical CPUs (no GPU) or the first R GPUs; bad combinations name the flag."""
+    spec = sweep.Spec(batches=(32, 64), norms=("batch",), seeds=(0,), replicas=(1, 2, 4))
+    runs = sweep.run_configs(tiny_config(), spec, NUM_TRAIN)
+    assert [(c.batch, c.strategy, c.replicas, c.logical_cpus) for c in runs] == [
+        (32, "one", 1, 0), (32, "mirrored", 2, 2), (32, "mirrored", 4, 4),
+        (64, "one", 1, 0), (64, "mirrored", 2, 2), (64, "mirrored", 4, 4)]
+    on_gpus = sweep.run_configs(tiny_config(), spec, NUM_TRAIN, gpus=4)
+    assert [(c.strategy, c.replicas, c.logical_cpus) for c in on_gpus[:3]] == [
+        ("one", 1, 0), ("mirrored", 2, 0), ("mirrored", 4, 0)]
+    assert sweep.run_name("batch", 64, 0, 2) == "batch-b64-r2-s0" and sweep.run_name("batch", 64, 0) == "batch-b64-s0"
+    with pytest.raises(config_lib.InputError, match=r"^--batch: 30 does not split evenly over 4 replicas"):
+        sweep.run_configs(tiny_config(), dataclasses.replace(spec, batches=(30,)), NUM_TRAIN)
+    with pytest.raises(config_lib.InputError, match=r"^--replicas: 4 replicas need 4 GPUs; this machine has 2$"):
+        sweep.run_configs(tiny_config(), spec, NUM_TRAIN, gpus=2)
+    with pytest.raises(config_lib.InputError, match=r"^--replicas: .* cannot use --strategy multiworker$"):
+        sweep.run_configs(tiny_config(strategy="multiworker"), spec, NUM_TRAIN)
+
+
+def test_replica_sweep_trains_each_count_and_resumes(tmp_path, monkeypatch, capsys):
+    """A real sweep over 1 and 2 replicas (the second in its own process, on 2 logical CPUs): the run on 2
+    replicas normalizes over 16 of the 32 examples, the report has the devices' columns, and running the same
+    command again trains nothing."""
+    out = str(tmp_path / "sweep")
+    args = ["--model", "cnn", "--batch", "32", "--replicas", "1,2", "--budget-steps", "6", "--bn-stats-every", "3",
+            "--grad-stats-every", "0", "--no-dynamics", "--no-export", "--precise-bn-samples", "0",
+            "--target-accuracy", "0", "--verbose", "0", "--out", out]
+    assert sweep.main(args) == 0
+    runs = os.path.join(out, "runs")
+    assert sorted(os.listdir(runs)) == ["batch-b32-r1-s0", "batch-b32-r2-s0"]
+    one, two = (rundir.read_summary(os.path.join(runs, name)) for name in sorted(os.listdir(runs)))
+    assert (one["status"], one["replicas"], one["bn_batch"]) == ("completed", 1, 32)
+    assert (two["status"], two["strategy"], two["replicas"], two["per_replica_batch"], two["bn_batch"], two["steps"]) \
+        == ("completed", "mirrored", 2, 16, 16, 6)
+    assert rundir.read_config(os.path.join(runs, "batch-b32-r2-s0"))["config"]["logical_cpus"] == 2
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert [(g["replicas"], g["bn_batch"]) for g in report["replica_groups"]] == [(1, 32), (2, 16)]
+    assert report["answers"]["replicas"][0].startswith("Not enough data: BatchNorm's batch-vs-population variance")
+    assert "| batch | 32 | 2 | 16 | 16 |" in open(os.path.join(out, "report.md")).read()
+    calls = record_calls(monkeypatch)
+    capsys.readouterr()
+    assert sweep.main(args) == 0
+    assert calls == [] and capsys.readouterr().out.count("skipped (finished before)") == 2
