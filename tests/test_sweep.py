@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -274,7 +275,7 @@ def test_replica_sweep_trains_each_count_and_resumes(tmp_path, monkeypatch, caps
     replicas normalizes over 16 of the 32 examples, the report has the devices' columns, and running the same
     command again trains nothing."""
     out = str(tmp_path / "sweep")
-    args = ["--model", "cnn", "--batch", "32", "--replicas", "1,2", "--budget-steps", "6", "--bn-stats-every", "3",
+    args = ["--model", "mlp", "--batch", "32", "--replicas", "1,2", "--budget-steps", "6", "--bn-stats-every", "3",
             "--grad-stats-every", "0", "--no-dynamics", "--no-export", "--precise-bn-samples", "0",
             "--target-accuracy", "0", "--verbose", "0", "--out", out]
     assert sweep.main(args) == 0
@@ -293,3 +294,65 @@ def test_replica_sweep_trains_each_count_and_resumes(tmp_path, monkeypatch, caps
     capsys.readouterr()
     assert sweep.main(args) == 0
     assert calls == [] and capsys.readouterr().out.count("skipped (finished before)") == 2
+
+
+def test_distributed_tuning_survives_a_killed_worker(tmp_path, free_ports, monkeypatch):
+    """keras-tuner's chief and one worker on 127.0.0.1 tune the lr of one batch size in 2 trials. The worker is
+    killed while it holds trial 1: the oracle keeps that trial for its TUNER_ID and the chief waits; started again
+    with the same id, the worker gets trial 1 back and finishes it, trial 0 is not run again, and the chief then
+    trains the seed run and writes the report. Running the chief's command once more trains nothing."""
+    out = tmp_path / "sweep"
+    args = ["--model", "mlp", "--batch", "64", "--budget-steps", "3", "--tuner", "random", "--max-trials", "2",
+            "--grad-stats-every", "0", "--bn-stats-every", "0", "--no-dynamics", "--no-export",
+            "--precise-bn-samples", "0", "--target-accuracy", "0", "--verbose", "0", "--out", str(out)]
+    oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_ports(1)[0])}
+    started = []
+
+    def start(tuner_id):
+        log = open(tmp_path / f"{tuner_id}-{len(started)}.log", "w")
+        env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", **oracle, "KERASTUNER_TUNER_ID": tuner_id}
+        started.append(subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *args], cwd=REPO, env=env,
+                                        stdout=log, stderr=subprocess.STDOUT))
+        return started[-1]
+
+    def log_tail():
+        return "\n".join(open(path).read()[-1500:] for path in sorted(tmp_path.glob("*.log")))
+
+    search = out / "tuner" / "batch-b64"
+    try:
+        chief, worker = start("chief"), start("tuner0")
+        deadline = time.time() + 300
+        while not (search / "trial_1" / "run" / "config.json").exists():
+            assert worker.poll() is None and time.time() < deadline, log_tail()
+            time.sleep(0.05)
+        worker.kill()  # SIGKILL while trial 1 trains
+        worker.wait(timeout=60)
+        state = json.loads((search / "oracle.json").read_text())
+        assert state["ongoing_trials"] == {"tuner0": "1"}, state
+        trial_0 = search / "trial_0" / "run" / "summary.json"
+        assert json.loads(trial_0.read_text())["status"] == "completed"
+        finished_at = os.path.getmtime(trial_0)
+        time.sleep(2)
+        assert chief.poll() is None, log_tail()  # waiting for the held trial
+
+        again = start("tuner0")
+        assert again.wait(timeout=300) == 0, log_tail()
+        assert chief.wait(timeout=300) == 0, log_tail()
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert os.path.getmtime(trial_0) == finished_at  # not run again
+    trials = {t["trial_id"]: t["status"] for t in
+              (json.loads((search / f"trial_{i}" / "trial.json").read_text()) for i in (0, 1))}
+    assert trials == {"0": "COMPLETED", "1": "COMPLETED"}
+    assert rundir.read_summary(str(search / "trial_1" / "run"))["status"] == "completed"
+    best = json.loads((search / "best.json").read_text())["values"]["lr"]
+    seed_run = rundir.read_config(str(out / "runs" / "batch-b64-s0"))
+    assert seed_run["config"]["lr"] == pytest.approx(best) and (out / "report.md").exists()
+
+    for key, value in {**oracle, "KERASTUNER_TUNER_ID": "chief"}.items():
+        monkeypatch.setenv(key, value)
+    calls = record_calls(monkeypatch)
+    assert sweep.main(args) == 0 and calls == []
