@@ -1,4 +1,4 @@
-"""Shared test fixtures: quiet TensorFlow, a fixed seed, and the tiny smoke preset."""
+"""Shared test fixtures: quiet TensorFlow, a fixed seed, the tiny smoke preset, free ports on 127.0.0.1."""
 
 import os
 import socket
