@@ -85,6 +85,9 @@ def run_one(config: Config, run_dir: str) -> dict:
     return result
 
 
+INTERRUPT_GRACE_S = 10  # seconds an interrupted sweep waits for a run in its own process to end by itself
+
+
 def needs_own_process(config: Config) -> bool:
     """Whether the run sets up devices of its own: several replicas on this machine, or a split CPU."""
     return config.replicas > 1 or config.logical_cpus > 1
@@ -104,15 +107,20 @@ def _train_apart(config: Config) -> dict:
         config_file = os.path.join(folder, "config.json")
         with open(config_file, "w", encoding="utf-8") as f:
             json.dump(config_lib.to_dict(config), f)
-        started = time.time()
+        started = int(time.time())  # whole seconds: some filesystems store modification times no finer
         with open(os.path.join(folder, "stderr.txt"), "w+", encoding="utf-8") as stderr:
             process = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--config", config_file],
                                        stderr=stderr, env=env)
             try:
                 code = process.wait()
-            except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; a lone signal is passed on.
-                process.send_signal(signal.SIGINT)
-                process.wait()
+            except KeyboardInterrupt:
+                # Ctrl-C reaches the whole process group, and the run ends on its own (summary: interrupted); a
+                # signal that reached only this process is passed on, so that the run is not left training.
+                try:
+                    process.wait(timeout=INTERRUPT_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    process.send_signal(signal.SIGINT)
+                    process.wait()
                 raise
             stderr.seek(0)
             lines = [line.rstrip() for line in stderr if line.strip()]

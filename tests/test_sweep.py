@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pipeline import config as config_lib
-from pipeline import run_callbacks, rundir, sweep
+from pipeline import run_callbacks, rundir, runner, sweep
 from pipeline import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -356,3 +356,11 @@ def test_distributed_tuning_survives_a_killed_worker(tmp_path, free_ports, monke
         monkeypatch.setenv(key, value)
     calls = record_calls(monkeypatch)
     assert sweep.main(args) == 0 and calls == []
+
+
+def test_a_run_in_its_own_process_reports_bad_input_in_one_line(tmp_path):
+    config = tiny_config(strategy="mirrored", replicas=2, logical_cpus=2, dataset="npz:/nonexistent.npz")
+    assert runner.needs_own_process(config) and not runner.needs_own_process(tiny_config())
+    with pytest.raises(config_lib.InputError) as error:
+        runner.run_one(config, str(tmp_path / "run"))
+    assert str(error.value) == "--dataset: cannot read npz:/nonexistent.npz: No such file or directory"
