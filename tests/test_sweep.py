@@ -332,7 +332,7 @@ def test_distributed_tuning_survives_a_killed_worker(tmp_path, free_ports, monke
         trial_0 = search / "trial_0" / "run" / "summary.json"
         assert json.loads(trial_0.read_text())["status"] == "completed"
         finished_at = os.path.getmtime(trial_0)
-        time.sleep(2)
+        time.sleep(1)
         assert chief.poll() is None, log_tail()  # waiting for the held trial
 
         again = start("tuner0")
