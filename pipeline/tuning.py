@@ -145,7 +145,8 @@ def search(config: Config, kind: str, directory: str, project: str, *, max_trial
 
     worker = dist_utils.has_chief_oracle() and not dist_utils.is_chief_oracle()
     finished_file = os.path.join(directory, project, FINISHED)
-    search_key = {"tuner": kind, "max_trials": max_trials, "tune": list(tune), "config": config_lib.to_dict(config)}
+    trained = {k: v for k, v in config_lib.to_dict(config).items() if k not in rundir.PER_RUN_FIELDS}  # not verbose
+    search_key = {"tuner": kind, "max_trials": max_trials, "tune": list(tune), "config": trained}
     finished = None if config.overwrite else _read_finished(finished_file)
     if finished and finished["search"] == search_key:
         return {} if worker else finished["values"]

@@ -190,9 +190,14 @@ def test_tuner_picks_each_batch_its_best_lr(tmp_path, monkeypatch):
     slope = math.log(finals[1].lr / finals[0].lr) / math.log(64 / 16)  # two points: the exact log-log slope
     assert any(f"best learning rate went as B^{slope:.2f} from 2 batch sizes (not determined" in finding
                for finding in report["findings"])
-    calls.clear()  # A finished search is reloaded, not repeated.
-    sweep.sweep(tiny_config(lr=0.02), spec, out, report=False)
+    calls.clear()  # A finished search is skipped (its best.json), not repeated; a new --verbose changes nothing.
+    best = json.loads(open(os.path.join(out, "tuner", "batch-b64", "best.json")).read())["values"]
+    assert best["lr"] == pytest.approx(finals[1].lr)
+    sweep.sweep(tiny_config(lr=0.02, verbose=1), spec, out, report=False)
     assert calls == []
+    calls.clear()  # More trials: the search reloads and runs only the new ones.
+    sweep.sweep(tiny_config(lr=0.02), dataclasses.replace(spec, max_trials=5), out, report=False)
+    assert sum(c.run_dir.startswith(os.path.join(out, "tuner")) for c in calls) == 2
 
 
 def test_hyperband_trains_rounds_of_the_epoch_budget(tmp_path, monkeypatch):
