@@ -75,6 +75,8 @@ class Config:
     strategy: str = _field("auto", "auto (mirrored with >1 GPU, else one) | one | mirrored | multiworker (reads "
                            "TF_CONFIG)")
     logical_cpus: int = _field(0, "split the CPU into this many devices, to try mirrored without GPUs (0: no split)")
+    replicas: int = _field(0, "devices that mirrored trains on: the first N GPUs, else the first N logical CPUs "
+                           "(0: all of them)")
     steps_per_execution: str = _field("auto", "training steps per compiled call: a positive integer or auto")
     precision: str = _field("float32", "float32 | mixed_float16 | mixed_bfloat16 (Keras dtype policy; mixed for GPUs)")
     jit: bool = _field(False, "compile the training step with XLA (jit_compile)")
@@ -234,6 +236,13 @@ def validate(config: Config) -> Config:
     _check(c.target_checks_per_epoch >= 1, "target_checks_per_epoch", "must be an integer >= 1")
     _check(c.strategy in STRATEGIES, "strategy", f"got {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     _check(c.logical_cpus >= 0, "logical_cpus", "must be >= 0 (0: no split)")
+    _check(c.replicas >= 0, "replicas", "must be >= 0 (0: every device)")
+    _check(c.replicas <= 1 or c.strategy == "mirrored", "replicas",
+           f"{c.replicas} replicas need --strategy mirrored (got {c.strategy})")
+    _check(c.replicas <= 1 or c.logical_cpus <= 1 or c.replicas <= c.logical_cpus, "replicas",
+           f"{c.replicas} replicas need at least as many devices; --logical-cpus is {c.logical_cpus}")
+    _check(c.batch % max(1, c.replicas) == 0, "batch",
+           f"{c.batch} does not split evenly over {c.replicas} replicas; use a multiple of --replicas")
     _check(c.steps_per_execution == "auto" or (c.steps_per_execution.isdigit() and int(c.steps_per_execution) >= 1),
            "steps_per_execution", f"got {c.steps_per_execution!r}; use a positive integer or auto")
     _check(c.precision in PRECISIONS, "precision", f"got {c.precision!r}; choose one of {', '.join(PRECISIONS)}")

@@ -95,6 +95,20 @@ def configure_devices(config: Config) -> None:
                              f"{len(tf.config.list_logical_devices('CPU'))} CPU devices; start a new process") from None
 
 
+def mirrored_devices(replicas: int, gpus: list[str], cpus: list[str]) -> list[str]:
+    """The devices that mirrored trains on: the first `replicas` GPUs, else logical CPUs (0: all of them).
+
+    Raises:
+      InputError: fewer devices than replicas.
+    """
+    devices = gpus or cpus
+    if replicas > len(devices):
+        kind = "GPUs" if gpus else "CPU devices (split the CPU with --logical-cpus)"
+        raise InputError(f"--replicas: {replicas} replicas need {replicas} devices; this process has "
+                         f"{len(devices)} {kind}")
+    return devices[:replicas] if replicas else devices
+
+
 def build_strategy(config: Config):
     """The tf.distribute strategy of config.strategy, and this process's Topology.
 
@@ -115,7 +129,8 @@ def build_strategy(config: Config):
     if name == "one":
         return tf.distribute.get_strategy(), Topology("one")
     if name == "mirrored":
-        devices = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
+        devices = mirrored_devices(config.replicas, [d.name for d in tf.config.list_logical_devices("GPU")],
+                                   [d.name for d in tf.config.list_logical_devices("CPU")])
         strategy = tf.distribute.MirroredStrategy(devices)
         return strategy, Topology("mirrored", replicas=strategy.num_replicas_in_sync)
     if tf_config is None:

@@ -26,10 +26,12 @@ QUESTIONS = {
     "noise_growth": "Does the noise scale grow during training?",
     "bn": "Are BatchNorm's batch statistics noisier at small batch?",
     "bn_vs_gn": "Does BatchNorm fall behind GroupNorm at the smallest batch?",
+    "replicas": "At the same global batch, are BatchNorm's statistics noisier with more replicas (a smaller batch "
+                "per device), and does test accuracy change?",
     "tuning": "How did the tuned learning rate grow with batch size?",
     "failed": "Did any run fail?",
 }
-NAMES = {"batch": "BatchNorm", "group": "GroupNorm", "ghost": "ghost BatchNorm", "layer": "LayerNorm",
+NAMES = {"batch": "BatchNorm", "syncbatch": "synchronized BatchNorm", "group": "GroupNorm", "ghost": "ghost BatchNorm", "layer": "LayerNorm",
          "none": "no normalization"}
 
 
@@ -161,7 +163,8 @@ def _accuracy(report, mine, prefix):
 
 
 def _noise_growth(report, norm, prefix):
-    runs = [r for r in report["runs"] if r["norm"] == norm and r.get("noise_growth")]
+    fewest = report["groups"][0].get("replicas", 1)  # the batch-size study's runs
+    runs = [r for r in report["runs"] if r["norm"] == norm and r.get("noise_growth") and r.get("replicas", 1) == fewest]
     counts = {v: sorted(r["batch"] for r in runs if r["noise_growth"] == v) for v in ("grew", "fell", "unclear")}
     decided = len(counts["grew"]) + len(counts["fell"])
     detail = "; ".join(f"{v} at batch {', '.join(map(str, b))}" for v, b in counts.items() if b)
@@ -212,6 +215,69 @@ def _bn_vs_gn(report):
             f"(standard error of the difference {noise:.4f}; a verdict needs {fits_lib.Z:.0f} of them)."]
 
 
+def _stat_text(stat: dict, fmt: str = "{:.3g}") -> str:
+    return fmt.format(stat["mean"]) + (f" ± {fmt.format(stat['std'])}" if stat["std"] is not None else "")
+
+
+def _per_device_bn(report, norm, mine, prefix):
+    """BN's variance discrepancy against the per-device (BN) batch over the replica counts (He et al. 2016 and
+    Goyal et al. 2017 normalize over the examples of one device)."""
+    fits = report["replica_fits"][norm]
+    measured = sorted((g for g in mine if g["bn_batch_var_error"]["mean"] is not None),
+                      key=lambda g: (g["batch"], g["replicas"]))
+    if not measured:
+        return []
+    values = ", ".join(f"{_stat_text(g['bn_batch_var_error'])} at BN batch {g['bn_batch']} (batch {g['batch']} on "
+                       f"{g['replicas']} replica{'s' if g['replicas'] > 1 else ''})" for g in measured)
+    if len({g["replicas"] for g in measured}) < 2:
+        return [f"{prefix}not enough data: BatchNorm's batch-vs-population variance discrepancy was {values}, at one "
+                "replica count; a comparison needs two."]
+    if len(fits["bn_batches"]) < 2:
+        return [f"{prefix}the BN batch was {fits['bn_batches'][0]} examples at every replica count, so the replicas "
+                f"did not change what BatchNorm normalizes over; its batch-vs-population variance discrepancy was "
+                f"{values}."]
+    fit = fits["bn_batch_var_error"]
+    if not fit or not fit["determined"]:
+        return [f"{prefix}not enough data: BatchNorm's batch-vs-population variance discrepancy was {values}; a fitted "
+                f"slope against the BN batch needs {fits_lib.MIN_FIT_POINTS} points, this sweep has "
+                f"{fit['points'] if fit else len(measured)}."]
+    text = (f"BatchNorm's batch-vs-population variance discrepancy went as (BN batch)^{fit['slope']:.2f} ± "
+            f"{fit['slope_se']:.2f} ({fit['points']} points: {values})")
+    if fits_lib.agrees(fit, -0.5):
+        verdict = (f"Yes: {text}; it grew as the batch per device shrank, within {fits_lib.Z:.0f} standard errors of "
+                   "the sampling-noise prediction (BN batch)^-0.50.")
+    elif fit["direction"] == "falls":
+        verdict = (f"Yes, but not as predicted: {text}; it grew as the batch per device shrank, more than "
+                   f"{fits_lib.Z:.0f} standard errors away from (BN batch)^-0.50.")
+    else:
+        verdict = f"No: {text}; it {'fell' if fit['direction'] == 'rises' else 'showed no clear direction'} as " \
+                  "the batch per device shrank, where sampling noise predicts (BN batch)^-0.50."
+    return [prefix + verdict]
+
+
+def _per_device_accuracy(report, mine, prefix):
+    """Test accuracy on the fewest against the most replicas, per global batch, within its noise."""
+    out = []
+    for batch in sorted({g["batch"] for g in mine}):
+        done = sorted((g for g in mine if g["batch"] == batch and g["test_accuracy"]["mean"] is not None),
+                      key=lambda g: g["replicas"])
+        if len(done) < 2:
+            out.append(f"{prefix}not enough data: at global batch {batch}, {len(done)} replica count(s) completed; a "
+                       "comparison needs two.")
+            continue
+        few, many = done[0], done[-1]
+        gap = many["test_accuracy"]["mean"] - few["test_accuracy"]["mean"]
+        noise = difference_noise(few["test_accuracy"], many["test_accuracy"], report["sweep"].get("num_test"))
+        verdict = (" (no noise estimate)" if noise is None else
+                   f"; the difference {gap:+.4f} is {'more' if abs(gap) > fits_lib.Z * noise else 'not more'} than "
+                   f"{fits_lib.Z:.0f} standard errors of the difference (standard error {noise:.4f})")
+        out.append(f"{prefix}at global batch {batch}, test accuracy was {_stat_text(few['test_accuracy'], '{:.4f}')} "
+                   f"on {few['replicas']} replica(s) ({few['per_replica_batch']} examples per device) and "
+                   f"{_stat_text(many['test_accuracy'], '{:.4f}')} on {many['replicas']} ({many['per_replica_batch']} "
+                   f"per device){verdict}.")
+    return out
+
+
 def answers(report: dict) -> dict[str, list[str]]:
     """Per question of QUESTIONS, the sentences that answer it from this sweep (empty where it does not apply)."""
     groups, target = report["groups"], report["target_accuracy"]
@@ -241,6 +307,11 @@ def answers(report: dict) -> dict[str, list[str]]:
                 fit["bn_batch_var_error"], "BatchNorm's batch-vs-population variance discrepancy", -0.5,
                 "the sampling noise of statistics over B examples"))
     out["bn_vs_gn"] = _bn_vs_gn(report) if {"batch", "group"} <= set(report["fits"]) else []
+    replica_groups = report.get("replica_groups") or []
+    for norm in dict.fromkeys(g["norm"] for g in replica_groups):
+        mine = [g for g in replica_groups if g["norm"] == norm]
+        prefix = f"{NAMES.get(norm, norm)}: " if len(report["replica_fits"]) > 1 else ""
+        out["replicas"] += _per_device_bn(report, norm, mine, prefix) + _per_device_accuracy(report, mine, prefix)
     for norm, pairs in tuning.best_lrs(report["tuning"]).items():
         fit = fits_lib.fit_power_law(*zip(*pairs)) if len(pairs) > 1 else None
         if fit:
@@ -248,7 +319,7 @@ def answers(report: dict) -> dict[str, list[str]]:
                                  f"{slope_text(fit)} (linear scaling: B^1, square-root scaling: B^0.5), from "
                                  f"{pairs[0][1]:.3g} at batch {pairs[0][0]} to {pairs[-1][1]:.3g} at batch "
                                  f"{pairs[-1][0]}.")
-    failed = [name for g in groups for name in g["failed"]]
+    failed = [name for g in replica_groups or groups for name in g["failed"]]
     if failed:
         out["failed"].append(f"Yes: {len(failed)} run(s) failed: {', '.join(failed)} (see each run's summary.json).")
     return {key: [s[:1].upper() + s[1:] for s in sentences] for key, sentences in out.items()}

@@ -193,3 +193,16 @@ def per_norm(groups: list[dict]) -> dict:
                          "batches": len(noise)} if noise else None,
         }
     return result
+
+
+def per_device_batch(groups: list[dict]) -> dict:
+    """Per norm of a sweep over replica counts: BatchNorm's batch-vs-population variance discrepancy against the
+    BN batch, the examples one BN layer normalizes over (B / R per replica; B with syncbatch), as a power law
+    (sampling noise predicts bn_batch^-0.5, as against B in a one-device sweep)."""
+    result = {}
+    for norm in dict.fromkeys(g["norm"] for g in groups):
+        points = sorted((g["bn_batch"], g["bn_batch_var_error"]["mean"]) for g in groups
+                        if g["norm"] == norm and g["bn_batch_var_error"]["mean"] is not None)
+        result[norm] = {"bn_batches": sorted({b for b, _ in points}),
+                        "bn_batch_var_error": fit_power_law(*zip(*points)) if points else None}
+    return result

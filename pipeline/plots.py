@@ -1,4 +1,4 @@
-"""PNG plots of a batch-size sweep report: accuracy, steps and time to target, gradient std, noise scale, BN."""
+"""PNG plots of a batch-size sweep report: accuracy, steps and time to target, gradient std, noise scale, BN, replicas."""
 
 from __future__ import annotations
 
@@ -121,6 +121,7 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
 
     _noise_scale(rows, norms, save)
     _bn(report, groups, norms, save)
+    _replicas(report, save)
 
     figure, (step_axes, rate_axes) = _figure(2)
     for i, norm in enumerate(norms):
@@ -205,3 +206,44 @@ def _bn(report, groups, norms, save):
                          "slope -0.50 (1 / sqrt(B))" if i == 0 else None)
     _log_log(axes, groups, "batch vs population (RMS over the run)", "BN batch statistics vs population statistics")
     save(figure, "bn_discrepancy")
+
+
+def _replicas(report, save):
+    """A sweep over replica counts: BN's discrepancy against the BN batch per device, and test accuracy against
+    the replica count at each global batch."""
+    groups = report.get("replica_groups")
+    if not groups:
+        return
+    figure, (bn_axes, accuracy_axes) = _figure(2)
+    for i, (norm, fits) in enumerate(report["replica_fits"].items()):
+        mine = [g for g in groups if g["norm"] == norm]
+        points = [(g["bn_batch"], g["bn_batch_var_error"]["mean"], g["bn_batch_var_error"]["std"] or 0.0)
+                  for g in mine if g["bn_batch_var_error"]["mean"] is not None]
+        if points:
+            bn_batches, errors, stds = zip(*points)
+            bn_axes.errorbar(bn_batches, errors, yerr=stds, fmt="s", capsize=3, color=f"C{i}", label=f"{norm}: measured")
+            _power_law_lines(bn_axes, fits["bn_batch_var_error"], fits["bn_batches"], f"C{i}", f"{norm}: fit",
+                             "slope -0.50 (1 / sqrt(BN batch))" if i == 0 else None)
+        for j, batch in enumerate(sorted({g["batch"] for g in mine})):
+            done = sorted((g["replicas"], g["test_accuracy"]["mean"], g["test_accuracy"]["std"] or 0.0)
+                          for g in mine if g["batch"] == batch and g["test_accuracy"]["mean"] is not None)
+            if done:
+                accuracy_axes.errorbar([d[0] for d in done], [d[1] for d in done], yerr=[d[2] for d in done],
+                                       marker="o", capsize=3, color=f"C{i}", alpha=1 - 0.25 * (j % 3),
+                                       label=f"{norm}, batch {batch}")
+    bn_axes.set(xscale="log", yscale="log" if bn_axes.has_data() else "linear",
+                xlabel="BN batch: examples per BatchNorm normalization (per device; global with syncbatch)",
+                ylabel="batch vs population variance (RMS over the run)",
+                title="BN statistics vs the batch per device (fixed global batch)")
+    bn_batches = sorted({g["bn_batch"] for g in groups if g["bn_batch_var_error"]["mean"] is not None})
+    if bn_batches:
+        bn_axes.set_xticks(bn_batches, [str(b) for b in bn_batches])
+    replica_counts = sorted({g["replicas"] for g in groups})
+    accuracy_axes.set_xscale("log", base=2)
+    accuracy_axes.set_xticks(replica_counts, [str(r) for r in replica_counts])
+    accuracy_axes.set(xlabel="replicas (the global batch is split over them)",
+                      ylabel="test accuracy (mean ± std over seeds)", title="Test accuracy vs replicas")
+    for axes in (bn_axes, accuracy_axes):
+        axes.grid(True, which="both", alpha=0.3)
+        _legend(axes, 7)
+    save(figure, "replicas")

@@ -25,14 +25,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
 
 from pipeline import findings as findings_lib
 from pipeline import fits as fits_lib
-from pipeline import prediction, rundir, tuning
+from pipeline import hparams, prediction, rundir, tuning
 from pipeline.config import InputError
 from pipeline.plots import plots
 
@@ -79,7 +78,12 @@ def read_run(run_dir: str) -> dict | None:
         return None
     config, summary = recorded["config"], rundir.read_summary(run_dir) or {}
     batch = config["batch"] * config.get("accumulate", 1)
+    # The devices the run trained on (config.json's "parallel"; a run that never started: what its config asks).
+    replicas = recorded.get("parallel", {}).get("replicas") or max(1, config.get("replicas", 1))
+    per_replica = config["batch"] // replicas
     row = {"name": os.path.basename(run_dir), "norm": config["norm"], "batch": batch, "seed": config["seed"],
+           "replicas": replicas, "per_replica_batch": per_replica,
+           "bn_batch": summary.get("bn_batch") or (config["batch"] if config["norm"] == "syncbatch" else per_replica),
            "status": summary.get("status", "unfinished"), "reason": summary.get("reason", ""),
            "lr": recorded.get("effective_lr", config["lr"]), "momentum": config.get("momentum"),
            "warmup_epochs": config.get("warmup_epochs"), "target": config.get("target_accuracy") or None}
@@ -125,15 +129,17 @@ def _stats(values: list[float]) -> dict:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Per (norm, batch): mean, std and count over seeds of every metric, and run counts by outcome."""
+    """Per (norm, batch, replicas): mean, std and count over seeds of every metric, and run counts by outcome."""
     groups = {}
-    for row in sorted(rows, key=lambda r: (r["norm"], r["batch"], r["seed"])):
-        groups.setdefault((row["norm"], row["batch"]), []).append(row)
+    for row in sorted(rows, key=lambda r: (r["norm"], r["batch"], r["replicas"], r["seed"])):
+        groups.setdefault((row["norm"], row["batch"], row["replicas"]), []).append(row)
     result = []
-    for (norm, batch), members in groups.items():
+    for (norm, batch, replicas), members in groups.items():
         completed = [r for r in members if r["status"] == "completed"]
         reached = [r for r in completed if r["steps_to_target"] is not None]
-        group = {"norm": norm, "batch": batch, "runs": len(members), "completed": len(completed),
+        group = {"norm": norm, "batch": batch, "replicas": replicas,
+                 "per_replica_batch": members[0]["per_replica_batch"], "bn_batch": members[0]["bn_batch"],
+                 "runs": len(members), "completed": len(completed),
                  "failed": [r["name"] for r in members if r["status"] == "failed"], "reached": len(reached)}
         for key in METRICS:
             group[key] = _stats([r[key] for r in (reached if key in TARGET_KEYS else completed)])
@@ -149,44 +155,23 @@ def _cell(stat: dict, fmt: str, reached: str = "") -> str:
 
 
 def headline(report: dict) -> str:
-    """The report's table in markdown: one row per (norm, batch), mean ± std over seeds."""
-    lines = ["| norm | batch | " + " | ".join(title for _, title, _ in COLUMNS) + " | runs |",
-             "|---|---:|" + "---:|" * len(COLUMNS) + "---|"]
-    for g in report["groups"]:
+    """The report's table in markdown: one row per (norm, batch), mean ± std over seeds; with several replica
+    counts, one row per (norm, batch, replicas) with the per-replica batch and the BN batch."""
+    by_replicas = bool(report.get("replica_groups"))
+    devices = ("replicas", "per-replica batch", "BN batch") if by_replicas else ()
+    lines = ["| norm | batch | " + "".join(f"{title} | " for title in devices)
+             + " | ".join(title for _, title, _ in COLUMNS) + " | runs |",
+             "|---|---:|" + "---:|" * (len(devices) + len(COLUMNS)) + "---|"]
+    for g in report.get("replica_groups") or report["groups"]:
         cells = []
         for key, _, fmt in COLUMNS:
             reached = f" ({g['reached']}/{g['runs']})" if key in TARGET_KEYS and g["reached"] < g["runs"] else ""
             stat = g[key] if key != "lr" else g[key] | {"std": None}  # the lr is set, not measured
             cells.append(_cell(stat, fmt, reached))
         status = f"{g['completed']}/{g['runs']} completed" + (f", {len(g['failed'])} failed" if g["failed"] else "")
-        lines.append(f"| {g['norm']} | {g['batch']} | " + " | ".join(cells) + f" | {status} |")
+        device_cells = "".join(f"{g[key]} | " for key in ("replicas", "per_replica_batch", "bn_batch") if by_replicas)
+        lines.append(f"| {g['norm']} | {g['batch']} | {device_cells}" + " | ".join(cells) + f" | {status} |")
     return "\n".join(lines)
-
-
-def write_hparams(rows: list[dict], sweep_dir: str) -> str:
-    """TensorBoard HParams data, one session per run, under <sweep_dir>/tensorboard (rewritten each time)."""
-    import tensorflow as tf
-    from tensorboard.plugins.hparams import api as hp
-
-    log_dir = os.path.join(sweep_dir, "tensorboard")
-    shutil.rmtree(log_dir, ignore_errors=True)
-    params = {
-        "norm": hp.HParam("norm", hp.Discrete(sorted({r["norm"] for r in rows}))),
-        "batch": hp.HParam("batch", hp.Discrete(sorted({r["batch"] for r in rows}))),
-        "seed": hp.HParam("seed", hp.Discrete(sorted({r["seed"] for r in rows}))),
-        "lr": hp.HParam("lr", hp.RealInterval(min(r["lr"] for r in rows), max(r["lr"] for r in rows))),
-        "status": hp.HParam("status", hp.Discrete(sorted({r["status"] for r in rows}))),
-    }
-    metrics = [key for key in METRICS if key != "lr"]
-    with tf.summary.create_file_writer(log_dir).as_default():
-        hp.hparams_config(hparams=list(params.values()), metrics=[hp.Metric(m) for m in metrics])
-    for row in rows:
-        with tf.summary.create_file_writer(os.path.join(log_dir, row["name"])).as_default():
-            hp.hparams({params[k]: row[k] for k in params}, trial_id=row["name"])
-            for key in metrics:
-                if row[key] is not None:
-                    tf.summary.scalar(key, row[key], step=0)
-    return log_dir
 
 
 def _estimate(value, se, fmt="{:.3g}") -> str:
@@ -280,18 +265,24 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     if not rows:
         raise InputError(f"sweep directory {sweep_dir} holds no runs (expected {os.path.join(sweep_dir, 'runs', '*')})")
     sweep = _read_json(os.path.join(sweep_dir, "sweep.json")) or {"config": {}}
-    groups = aggregate(rows)
+    all_groups = aggregate(rows)
+    # The batch-size study is the one at the sweep's fewest replicas; every replica count is in replica_groups.
+    fewest = min(g["replicas"] for g in all_groups)
+    groups = [g for g in all_groups if g["replicas"] == fewest]
     report = {"sweep_dir": sweep_dir, "sweep": sweep, "target_accuracy": max(r["target"] or 0 for r in rows),
-              "groups": groups, "fits": fits_lib.per_norm(groups), "tuning": tuning.read_trials(sweep_dir),
+              "groups": groups, "replica_groups": all_groups if len({g["replicas"] for g in all_groups}) > 1 else [],
+              "fits": fits_lib.per_norm(groups), "tuning": tuning.read_trials(sweep_dir),
               "runs": [{k: v for k, v in r.items() if k != "noise_curve"} for r in rows]}
     for norm, fit in report["fits"].items():
-        fit["b_simple_interval"] = fits_lib.interval_union([r["noise_near_target"] for r in rows if r["norm"] == norm])
+        fit["b_simple_interval"] = fits_lib.interval_union([r["noise_near_target"] for r in rows
+                                                             if r["norm"] == norm and r["replicas"] == fewest])
+    report["replica_fits"] = fits_lib.per_device_batch(report["replica_groups"])
     report["answers"] = findings_lib.answers(report)
     report["findings"] = findings_lib.findings(report)
     report["prediction"] = prediction.for_sweep(sweep_dir, groups)
     report["plots"] = plots(report, rows, sweep_dir)
     if tensorboard:
-        report["tensorboard"] = write_hparams(rows, sweep_dir)
+        report["tensorboard"] = hparams.write_hparams(rows, sweep_dir, [key for key in METRICS if key != "lr"])
     with open(os.path.join(sweep_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(markdown(report, report["plots"]))
     rundir.write_json_atomic(os.path.join(sweep_dir, "report.json"), report)

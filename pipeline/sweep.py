@@ -1,7 +1,12 @@
 """Batch-size sweeps over train(): `python -m pipeline.sweep --batch 8,16,32,64,128,256 --norm batch,group`.
 
 Every (norm, batch, seed) combination is one in-process call of pipeline.train.train() with its own run
-directory <out>/runs/<norm>-b<batch>-s<seed>. Running the same command again skips finished runs (completed,
+directory <out>/runs/<norm>-b<batch>-s<seed>. With --replicas 1,2,4 every combination also runs on each number of
+replicas at the same global batch, in <out>/runs/<norm>-b<batch>-r<replicas>-s<seed>: one device for 1, else
+MirroredStrategy over the first R GPUs, or over R logical CPUs when there is no GPU, each such run in a process
+of its own (pipeline/runner.py says why). BatchNorm then normalizes over the per-replica batch B / R, the batch
+per device of He et al. 2016 and Goyal et al. 2017 (syncbatch: over B), and the report sets the BN statistics'
+error against it. Running the same command again skips finished runs (completed,
 or diverged: a failure is a result) and resumes the others from their last checkpoint (interrupted, killed, or
 stopped by an error such as running out of memory, recorded in the run's error.txt), so a sweep stopped by
 Ctrl-C or a crash continues where it stopped. The report (pipeline/report.py) is written
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -73,6 +79,7 @@ class Spec:
       batches: batch sizes.
       norms: normalizations (Config.norm values); each runs at every batch size.
       seeds: seeds; each (norm, batch) runs once per seed.
+      replicas: None (every run on the preset's devices), or replica counts; each (norm, batch) runs on each.
       budget: per-run budget (None: the preset's epochs).
       warmup_fraction: if given, each run warms up over this fraction of its epochs.
       tuner: None, or random | bayesian | hyperband to tune the lr per (norm, batch) before the seed runs.
@@ -85,6 +92,7 @@ class Spec:
     batches: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
     norms: tuple[str, ...] = ("batch",)
     seeds: tuple[int, ...] = (0,)
+    replicas: tuple[int, ...] | None = None
     budget: Budget | None = None
     warmup_fraction: float | None = None
     tuner: str | None = None
@@ -93,27 +101,43 @@ class Spec:
     advice: str | None = None
 
 
-def run_name(norm: str, batch: int, seed: int) -> str:
-    return f"{norm}-b{batch}-s{seed}"
+def run_name(norm: str, batch: int, seed: int, replicas: int | None = None) -> str:
+    return f"{norm}-b{batch}" + (f"-r{replicas}" if replicas else "") + f"-s{seed}"
 
 
-def run_configs(config: Config, spec: Spec, num_train: int) -> list[Config]:
-    """The validated config of every run, in the order they run: norm, then batch, then seed."""
+def on_replicas(config: Config, replicas: int, gpus: int) -> Config:
+    """The config on `replicas` devices: one device for 1, else mirrored over GPUs or as many logical CPUs.
+
+    Raises:
+      InputError: more replicas than GPUs, or --strategy multiworker (whose replicas are the cluster's).
+    """
+    if config.strategy == "multiworker":
+        raise InputError("--replicas: a sweep over replicas runs on this machine; it cannot use --strategy multiworker")
+    if gpus and replicas > gpus:
+        raise InputError(f"--replicas: {replicas} replicas need {replicas} GPUs; this machine has {gpus}")
+    if replicas == 1:
+        return dataclasses.replace(config, strategy="one", replicas=1, logical_cpus=0)
+    return dataclasses.replace(config, strategy="mirrored", replicas=replicas, logical_cpus=0 if gpus else replicas)
+
+
+def run_configs(config: Config, spec: Spec, num_train: int, gpus: int = 0) -> list[Config]:
+    """The validated config of every run, in the order they run: norm, batch, replicas, then seed."""
     budget = spec.budget or Budget("epochs", config.epochs)
     configs = []
-    for norm in spec.norms:
-        for batch in spec.batches:
-            if batch > num_train:
-                raise InputError(f"--batch: {batch} is larger than the training split ({num_train} examples)")
-            for seed in spec.seeds:
-                run = budget.apply(dataclasses.replace(config, norm=norm, batch=batch, seed=seed), batch, num_train)
-                if spec.warmup_fraction is not None:
-                    run = dataclasses.replace(run, warmup_epochs=spec.warmup_fraction * run.epochs)
-                total_steps = run.max_steps or run.epochs * (num_train // batch)
-                run = dataclasses.replace(
-                    run, grad_stats_every=config_lib.instrument_interval(run.grad_stats_every, total_steps),
-                    bn_stats_every=config_lib.instrument_interval(run.bn_stats_every, total_steps))
-                configs.append(config_lib.validate(run))
+    for norm, batch, replicas, seed in itertools.product(spec.norms, spec.batches, spec.replicas or (None,),
+                                                         spec.seeds):
+        if batch > num_train:
+            raise InputError(f"--batch: {batch} is larger than the training split ({num_train} examples)")
+        run = budget.apply(dataclasses.replace(config, norm=norm, batch=batch, seed=seed), batch, num_train)
+        if replicas:
+            run = on_replicas(run, replicas, gpus)
+        if spec.warmup_fraction is not None:
+            run = dataclasses.replace(run, warmup_epochs=spec.warmup_fraction * run.epochs)
+        total_steps = run.max_steps or run.epochs * (num_train // batch)
+        run = dataclasses.replace(
+            run, grad_stats_every=config_lib.instrument_interval(run.grad_stats_every, total_steps),
+            bn_stats_every=config_lib.instrument_interval(run.bn_stats_every, total_steps))
+        configs.append(config_lib.validate(run))
     return configs
 
 
@@ -137,7 +161,12 @@ def sweep(config: Config, spec: Spec, out: str = "sweeps/default", *, report: bo
     if config.batch_schedule:
         raise InputError("--batch-schedule: a sweep varies --batch; run a batch schedule with pipeline.train")
     num_train, num_val, num_test = data_lib.count(config)
-    configs = run_configs(config, spec, num_train)
+    gpus = 0
+    if spec.replicas:
+        import tensorflow as tf
+
+        gpus = len(tf.config.list_physical_devices("GPU"))
+    configs = run_configs(config, spec, num_train, gpus)
     budget = spec.budget or Budget("epochs", config.epochs)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     if spec.advice:
@@ -146,6 +175,7 @@ def sweep(config: Config, spec: Spec, out: str = "sweeps/default", *, report: bo
         rundir.write_json_atomic(os.path.join(out, "advice.json"), advice.read(spec.advice))
     rundir.write_json_atomic(os.path.join(out, "sweep.json"), {
         "batches": list(spec.batches), "norms": list(spec.norms), "seeds": list(spec.seeds),
+        "replicas": list(spec.replicas) if spec.replicas else None,
         "budget": dataclasses.asdict(budget), "warmup_fraction": spec.warmup_fraction, "num_train": num_train,
         "num_val": num_val, "num_test": num_test, "tuner": spec.tuner, "max_trials": spec.max_trials,
         "tune": list(spec.tune), "config": config_lib.to_dict(config), "command": sys.argv,
@@ -157,7 +187,7 @@ def sweep(config: Config, spec: Spec, out: str = "sweeps/default", *, report: bo
             return {}
     summaries = []
     for i, run in enumerate(configs):
-        run_dir = os.path.join(out, "runs", run_name(run.norm, run.batch, run.seed))
+        run_dir = os.path.join(out, "runs", run_name(run.norm, run.batch, run.seed, spec.replicas and run.replicas))
         summary = runner.run_one(run, run_dir)
         summaries.append(summary)
         state = "skipped (finished before)" if summary.get("skipped") else f"{summary['wall_time_s']:.0f} s"
@@ -189,9 +219,12 @@ def _items(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(","))
 
 
-_batches = _flag_type(lambda t: tuple(sorted(int(i) for i in _items(t))),
-                      lambda v: min(v) >= 1 and len(set(v)) == len(v),
-                      "use distinct positive integers separated by commas, e.g. 8,16,32")
+def _counts(example: str):
+    return _flag_type(lambda t: tuple(sorted(int(i) for i in _items(t))), lambda v: min(v) >= 1 and len(set(v)) == len(v),
+                      f"use distinct positive integers separated by commas, e.g. {example}")
+
+
+_batches, _replica_counts = _counts("8,16,32"), _counts("1,2,4")
 _norms = _flag_type(_items, lambda v: set(v) <= set(config_lib.NORMS) and len(set(v)) == len(v),
                     f"use distinct names from {', '.join(config_lib.NORMS)} separated by commas, e.g. batch,group")
 _positive_int = _flag_type(int, lambda v: v >= 1, "must be a positive integer")
@@ -212,6 +245,9 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> tuple[str, ...]:
                        metavar="LIST", help="batch sizes, e.g. 8,16,32,64,128,256")
     sweep.add_argument("--norm", dest="norms", type=_norms, default="batch", metavar="LIST",
                        help=f"normalizations, each run at every batch size, from {', '.join(config_lib.NORMS)}")
+    sweep.add_argument("--replicas", dest="replica_counts", type=_replica_counts, default=None, metavar="LIST",
+                       help="replica counts, each run at every batch size (the global batch), e.g. 1,2,4: one "
+                            "device, else mirrored over as many GPUs, or logical CPUs without GPUs")
     sweep.add_argument("--seeds", type=_positive_int, default=1, metavar="N", help="seeds 0..N-1 per (norm, batch)")
     sweep.add_argument("--base-lr", dest="lr", type=_positive_float, default=argparse.SUPPRESS, metavar="FLOAT",
                        help="the same as --lr: peak learning rate at --base-batch examples per step")
@@ -233,7 +269,7 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> tuple[str, ...]:
                        help="tuning trials per batch size (random, bayesian)")
     sweep.add_argument("--tune", type=_tuned, default="lr", metavar="LIST",
                        help="hyperparameters to tune: lr, and optionally momentum and warmup")
-    return ("batch", "norm", "seed", "max_steps", "run_dir", "resume", "advice")
+    return ("batch", "norm", "seed", "max_steps", "run_dir", "resume", "advice", "replicas")
 
 
 def spec_from_flags(config: Config, args: argparse.Namespace, argv) -> Spec:
@@ -247,7 +283,8 @@ def spec_from_flags(config: Config, args: argparse.Namespace, argv) -> Spec:
     budget = Budget(kind, budgets[kind]) if kind else Budget("epochs", config.epochs)
     # A scaling rule raises the lr at large batches, where warming up avoids early divergence (Goyal et al.).
     auto_warmup = config.lr_scaling != "none" and "warmup_epochs" not in given and not config.warmup_epochs
-    return Spec(batches=args.batches, norms=args.norms, seeds=tuple(range(args.seeds)), budget=budget,
+    return Spec(batches=args.batches, norms=args.norms, seeds=tuple(range(args.seeds)), replicas=args.replica_counts,
+                budget=budget,
                 warmup_fraction=WARMUP_FRACTION if auto_warmup else None, tuner=args.tuner,
                 max_trials=args.max_trials, tune=args.tune, advice=args.sweep_advice)
 

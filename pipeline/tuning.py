@@ -25,7 +25,15 @@ filesystem, once as the chief and once per worker (TUNER_ID unique per worker):
 The chief runs the oracle and the workers run the trials. The searches go one after another in the sweep's
 (norm, batch) order, search i on port KERASTUNER_ORACLE_PORT + i, so that a worker that finishes one search
 never asks the previous search's oracle for trials. Workers exit after the last search; the chief then trains
-the seed runs and writes the report.
+the seed runs and writes the report. A finished search writes <out>/tuner/<norm>-b<batch>/best.json; every
+process skips a search that has it (for the same config, tuner and trials), so a sweep run again, or a worker
+started again, goes straight to the first unfinished search.
+
+A worker that dies keeps its trial: keras-tuner's oracle holds it as running for that KERASTUNER_TUNER_ID
+(Oracle.ongoing_trials), and the chief waits for it. Start the worker again with the same TUNER_ID: the oracle
+hands it the same trial, whose run resumes from its last checkpoint, and finished trials are not run again. A
+worker that cannot come back: stop the chief and start it again (the same command); its oracle reloads the
+search from oracle.json and puts the trials that workers held back in the queue for any worker.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ import glob
 import json
 import os
 
-from pipeline import runner
+from pipeline import config as config_lib
+from pipeline import rundir, runner
 from pipeline.config import Config, InputError
 
 TUNERS = ("random", "bayesian", "hyperband")
@@ -44,6 +53,7 @@ LR_RANGE = 10.0  # the lr search spans a factor LR_RANGE below and above the rul
 MAX_WARMUP_FRACTION = 0.3
 HYPERBAND_FACTOR = 3  # Li et al. 2018's eta: each round keeps 1/3 of the trials and trains them 3x longer
 OBJECTIVE = "val_accuracy"
+FINISHED = "best.json"  # in a search's project folder: the best values, written once the search has finished
 
 
 def search_space(config: Config, tune=("lr",)):
@@ -133,8 +143,14 @@ def search(config: Config, kind: str, directory: str, project: str, *, max_trial
     """
     from keras_tuner.src.distribute import utils as dist_utils
 
-    TrainTuner, BadInput = _tuner_class()
     worker = dist_utils.has_chief_oracle() and not dist_utils.is_chief_oracle()
+    finished_file = os.path.join(directory, project, FINISHED)
+    trained = {k: v for k, v in config_lib.to_dict(config).items() if k not in rundir.PER_RUN_FIELDS}  # not verbose
+    search_key = {"tuner": kind, "max_trials": max_trials, "tune": list(tune), "config": trained}
+    finished = None if config.overwrite else _read_finished(finished_file)
+    if finished and finished["search"] == search_key:
+        return {} if worker else finished["values"]
+    TrainTuner, BadInput = _tuner_class()
     # --overwrite starts the search again; only the chief (or a lone process) deletes the shared project.
     tuner = TrainTuner(_oracle(kind, config, search_space(config, tune), max_trials), config, directory=directory,
                        project_name=project, overwrite=config.overwrite and not worker)
@@ -147,7 +163,19 @@ def search(config: Config, kind: str, directory: str, project: str, *, max_trial
     best = tuner.oracle.get_best_trials(1)
     if not best or best[0].status != "COMPLETED":
         raise InputError(f"--tuner: no trial of {project} completed; see {os.path.join(directory, project)}")
-    return dict(best[0].hyperparameters.values)
+    values = dict(best[0].hyperparameters.values)
+    rundir.write_json_atomic(finished_file, {"search": search_key, "values": values})
+    return values
+
+
+def _read_finished(path: str) -> dict | None:
+    """best.json of a finished search, or None (none yet, or unreadable: the search then runs, or reloads)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and {"search", "values"} <= set(value) else None
 
 
 def tune_sweep(configs: list[Config], out: str, kind: str, *, max_trials: int = 8, tune=("lr",), log=print):

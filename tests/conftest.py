@@ -1,6 +1,7 @@
-"""Shared test fixtures: quiet TensorFlow, a fixed seed, and the tiny smoke preset."""
+"""Shared test fixtures: quiet TensorFlow, a fixed seed, the tiny smoke preset, free ports on 127.0.0.1."""
 
 import os
+import socket
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -56,3 +57,19 @@ def cli_error(capsys):
         return lines[0]
 
     return run
+
+
+@pytest.fixture
+def free_ports():
+    """A function giving `count` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+
+    def ports(count: int) -> list[int]:
+        sockets = [socket.socket() for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        found = [s.getsockname()[1] for s in sockets]
+        for s in sockets:
+            s.close()
+        return found
+
+    return ports

@@ -11,7 +11,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -64,6 +63,17 @@ def test_bad_tf_config_is_one_line(monkeypatch, raw, message):
     assert str(error.value).startswith("TF_CONFIG: ") and "\n" not in str(error.value)
 
 
+def test_mirrored_devices_are_the_first_replicas_gpus_or_cpus():
+    gpus, cpus = ["/GPU:0", "/GPU:1", "/GPU:2"], ["/CPU:0", "/CPU:1"]
+    assert distribute.mirrored_devices(2, gpus, cpus) == ["/GPU:0", "/GPU:1"]
+    assert distribute.mirrored_devices(0, gpus, cpus) == gpus and distribute.mirrored_devices(0, [], cpus) == cpus
+    assert distribute.mirrored_devices(2, [], cpus) == cpus
+    with pytest.raises(InputError, match=r"^--replicas: 4 replicas need 4 devices; this process has 3 GPUs$"):
+        distribute.mirrored_devices(4, gpus, cpus)
+    with pytest.raises(InputError, match=r"^--replicas: 3 replicas .* 2 CPU devices \(split the CPU with --logical"):
+        distribute.mirrored_devices(3, [], cpus)
+
+
 def test_chief_is_the_chief_task_or_worker_zero():
     workers = {"worker": ["a:1", "b:1"]}
     assert distribute.is_chief(None)
@@ -93,16 +103,6 @@ def test_split_global_batches_recovers_every_global_batch(pipelines, replicas):
         np.testing.assert_array_equal(np.concatenate([s[0] for s in slices]), bx)
         np.testing.assert_array_equal(np.concatenate([s[1] for s in slices]), by)
         assert all(len(s[1]) == 8 // replicas for s in slices)
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _train(args, env=None) -> subprocess.Popen:
@@ -189,10 +189,10 @@ def test_mirrored_over_two_logical_cpus_equals_one_device(one_device, tmp_path, 
     assert _max_difference(_checkpoint(run_dir), _reference(one_device, reference)) < TOLERANCE
 
 
-def test_two_workers_equal_one_device_and_only_the_chief_writes(one_device, tmp_path):
+def test_two_workers_equal_one_device_and_only_the_chief_writes(one_device, tmp_path, free_ports):
     # The second worker is given a run directory of its own: it must stay untouched (it only reads on --resume).
     chief_dir, other_dir = str(tmp_path / "run"), str(tmp_path / "other")
-    workers = _workers([chief_dir, other_dir], ["--norm", "none", *STEPS], _free_ports(2))
+    workers = _workers([chief_dir, other_dir], ["--norm", "none", *STEPS], free_ports(2))
     results = [_finish(worker) for worker in workers]
     assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
     assert not os.path.exists(other_dir)
@@ -202,9 +202,9 @@ def test_two_workers_equal_one_device_and_only_the_chief_writes(one_device, tmp_
     assert _max_difference(_checkpoint(chief_dir), _reference(one_device, "none")) < TOLERANCE
 
 
-def test_a_killed_worker_ends_the_other_and_both_resume(tmp_path):
+def test_a_killed_worker_ends_the_other_and_both_resume(tmp_path, free_ports):
     run_dir = str(tmp_path / "run")
-    ports = _free_ports(2)
+    ports = free_ports(2)
     # A constant schedule, so that the rerun may stop at fewer epochs (a cosine schedule spans all epochs).
     chief, other = _workers([run_dir, run_dir], ["--norm", "none", "--schedule", "constant", "--epochs", "40"], ports)
     state = os.path.join(run_dir, "checkpoints")
@@ -225,7 +225,7 @@ def test_a_killed_worker_ends_the_other_and_both_resume(tmp_path):
 
     # Both again with --resume (fewer epochs in all, so that the test ends soon): they finish the run.
     workers = _workers([run_dir, run_dir], ["--norm", "none", "--schedule", "constant", "--epochs",
-                                            str(failed["epochs"] + 1), "--resume"], _free_ports(2))
+                                            str(failed["epochs"] + 1), "--resume"], free_ports(2))
     results = [_finish(worker) for worker in workers]
     assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
     with open(os.path.join(run_dir, "summary.json")) as f:

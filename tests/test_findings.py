@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 
 from pipeline import report as report_lib
 
@@ -140,3 +141,62 @@ def test_everything_agrees(tmp_path):
     assert answers["noise_scale"][0].startswith("Yes: B_simple near the target")
     assert answers["target"][0].startswith("Of the 5 batch sizes that reached")
     assert not any(s.startswith(("No", "Not enough data")) for s in report["findings"])
+
+
+def write_replica_run(sweep_dir, norm, batch, replicas, *, bn_error, test_accuracy, status="completed"):
+    """One run of a sweep over replicas at global batch `batch`: config.json with its devices, summary, BN averages."""
+    run_dir = os.path.join(sweep_dir, "runs", f"{norm}-b{batch}-r{replicas}-s0")
+    os.makedirs(run_dir)
+    config = {"norm": norm, "batch": batch, "seed": 0, "lr": 0.1, "target_accuracy": 0.0, "replicas": replicas}
+    bn_batch = batch if norm == "syncbatch" else batch // replicas
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"config": config, "effective_lr": 0.1,
+                   "parallel": {"strategy": "mirrored", "replicas": replicas, "per_replica_batch": batch // replicas}}, f)
+    done = status == "completed"
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({"status": status, "test_accuracy": test_accuracy if done else None, "steps": 100, "epochs": 2,
+                   "train_accuracy": test_accuracy if done else None, "bn_batch": bn_batch, "wall_time_s": 5.0}, f)
+    with open(os.path.join(run_dir, "bn_stats.json"), "w") as f:
+        json.dump({"averages": [{"step": 0, "batch_var_error": bn_error, "batch_mean_error": bn_error / 2}]}, f)
+
+
+def test_replicas_bn_error_against_the_batch_per_device(tmp_path):
+    """Per-replica BN at global batch 64 on 1, 2, 4 replicas: the error goes as (B / R)^-0.5 (+-3% alternately)
+    and test accuracy falls by 0.05, 6 binomial standard errors on 2000 test examples; synchronized BN keeps the
+    BN batch at 64 and its accuracy within noise."""
+    for i, replicas in enumerate((1, 2, 4)):
+        write_replica_run(str(tmp_path), "batch", 64, replicas, bn_error=0.5 / (64 / replicas) ** 0.5
+                          * math.exp(0.03 * (-1) ** i), test_accuracy={1: 0.95, 2: 0.93, 4: 0.90}[replicas])
+        write_replica_run(str(tmp_path), "syncbatch", 64, replicas, bn_error=0.06, test_accuracy=0.95 - 0.001 * i)
+    (tmp_path / "sweep.json").write_text(json.dumps({"num_test": 2000, "config": {}, "replicas": [1, 2, 4]}))
+    report = report_lib.build_report(str(tmp_path), tensorboard=False)
+    assert [(g["norm"], g["replicas"]) for g in report["groups"]] == [("batch", 1), ("syncbatch", 1)]
+    assert [(g["replicas"], g["per_replica_batch"], g["bn_batch"]) for g in report["replica_groups"]] == [
+        (1, 64, 64), (2, 32, 32), (4, 16, 16), (1, 64, 64), (2, 32, 64), (4, 16, 64)]
+    table = report_lib.headline(report)
+    assert "| norm | batch | replicas | per-replica batch | BN batch | lr |" in table
+    assert "| batch | 64 | 4 | 16 | 16 | 0.1 | 0.9000 |" in table and "| syncbatch | 64 | 4 | 16 | 64 |" in table
+    fit = report["replica_fits"]["batch"]["bn_batch_var_error"]
+    x, y = np.log([64, 32, 16]), np.log([g["bn_batch_var_error"]["mean"] for g in report["replica_groups"][:3]])
+    assert fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0]) and abs(fit["slope"] + 0.5) < 2 * fit["slope_se"]
+    bn, accuracy, sync_bn, sync_accuracy = report["answers"]["replicas"]
+    assert bn.startswith("BatchNorm: Yes: BatchNorm's batch-vs-population variance discrepancy went as (BN batch)^-0.")
+    assert "(3 points: 0.0644 at BN batch 64 (batch 64 on 1 replica), 0.0858 at BN batch 32" in bn
+    assert accuracy.startswith("BatchNorm: at global batch 64, test accuracy was 0.9500 on 1 replica(s) (64 examples "
+                               "per device) and 0.9000 on 4 (16 per device); the difference -0.0500 is more than 2")
+    assert sync_bn.startswith("Synchronized BatchNorm: the BN batch was 64 examples at every replica count")
+    assert "the difference -0.0020 is not more than 2 standard errors" in sync_accuracy
+    assert os.path.getsize(tmp_path / "replicas.png") > 1000
+
+
+def test_replicas_not_enough_data(tmp_path):
+    write_replica_run(str(tmp_path), "batch", 32, 1, bn_error=0.1, test_accuracy=0.9)
+    write_replica_run(str(tmp_path), "batch", 32, 2, bn_error=0.14, test_accuracy=None, status="failed")
+    (tmp_path / "sweep.json").write_text(json.dumps({"num_test": 2000, "config": {}}))
+    answers = report_lib.build_report(str(tmp_path), tensorboard=False)["answers"]
+    assert answers["replicas"][0] == ("Not enough data: BatchNorm's batch-vs-population variance discrepancy was "
+                                      "0.1 at BN batch 32 (batch 32 on 1 replica), at one replica count; a "
+                                      "comparison needs two.")
+    assert answers["replicas"][1] == ("Not enough data: at global batch 32, 1 replica count(s) completed; a "
+                                      "comparison needs two.")
+    assert answers["failed"] == ["Yes: 1 run(s) failed: batch-b32-r2-s0 (see each run's summary.json)."]

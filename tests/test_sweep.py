@@ -6,11 +6,12 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from pipeline import config as config_lib
-from pipeline import run_callbacks, rundir, sweep
+from pipeline import run_callbacks, rundir, runner, sweep
 from pipeline import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,9 +190,14 @@ def test_tuner_picks_each_batch_its_best_lr(tmp_path, monkeypatch):
     slope = math.log(finals[1].lr / finals[0].lr) / math.log(64 / 16)  # two points: the exact log-log slope
     assert any(f"best learning rate went as B^{slope:.2f} from 2 batch sizes (not determined" in finding
                for finding in report["findings"])
-    calls.clear()  # A finished search is reloaded, not repeated.
-    sweep.sweep(tiny_config(lr=0.02), spec, out, report=False)
+    calls.clear()  # A finished search is skipped (its best.json), not repeated; a new --verbose changes nothing.
+    best = json.loads(open(os.path.join(out, "tuner", "batch-b64", "best.json")).read())["values"]
+    assert best["lr"] == pytest.approx(finals[1].lr)
+    sweep.sweep(tiny_config(lr=0.02, verbose=1), spec, out, report=False)
     assert calls == []
+    calls.clear()  # More trials: the search reloads and runs only the new ones.
+    sweep.sweep(tiny_config(lr=0.02), dataclasses.replace(spec, max_trials=5), out, report=False)
+    assert sum(c.run_dir.startswith(os.path.join(out, "tuner")) for c in calls) == 2
 
 
 def test_hyperband_trains_rounds_of_the_epoch_budget(tmp_path, monkeypatch):
@@ -217,6 +223,8 @@ def test_hyperband_trains_rounds_of_the_epoch_budget(tmp_path, monkeypatch):
     (["--tuner", "grid"], ["--tuner", "random"]),
     (["--tune", "momentum"], ["--tune", "lr"]),
     (["--optimizer", "lbfgs"], ["--optimizer", "adam"]),
+    (["--replicas", "0,2"], ["--replicas", "1,2,4"]),
+    (["--replicas", "2,2"], ["--replicas", "distinct"]),
 ])
 def test_bad_flags_exit_2_with_one_line(args, words, capsys):
     try:
@@ -245,3 +253,119 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr == "error: --dataset: cannot read npz:/nonexistent.npz: No such file or directory\n"
     assert not out.exists()
+
+
+def test_replica_axis_configs():
+    """Each (norm, batch, seed) on every replica count at the same global batch: one device, else mirrored over
+    logical CPUs (no GPU) or the first R GPUs; bad combinations name the flag."""
+    spec = sweep.Spec(batches=(32, 64), norms=("batch",), seeds=(0,), replicas=(1, 2, 4))
+    runs = sweep.run_configs(tiny_config(), spec, NUM_TRAIN)
+    assert [(c.batch, c.strategy, c.replicas, c.logical_cpus) for c in runs] == [
+        (32, "one", 1, 0), (32, "mirrored", 2, 2), (32, "mirrored", 4, 4),
+        (64, "one", 1, 0), (64, "mirrored", 2, 2), (64, "mirrored", 4, 4)]
+    on_gpus = sweep.run_configs(tiny_config(), spec, NUM_TRAIN, gpus=4)
+    assert [(c.strategy, c.replicas, c.logical_cpus) for c in on_gpus[:3]] == [
+        ("one", 1, 0), ("mirrored", 2, 0), ("mirrored", 4, 0)]
+    assert sweep.run_name("batch", 64, 0, 2) == "batch-b64-r2-s0" and sweep.run_name("batch", 64, 0) == "batch-b64-s0"
+    with pytest.raises(config_lib.InputError, match=r"^--batch: 30 does not split evenly over 4 replicas"):
+        sweep.run_configs(tiny_config(), dataclasses.replace(spec, batches=(30,)), NUM_TRAIN)
+    with pytest.raises(config_lib.InputError, match=r"^--replicas: 4 replicas need 4 GPUs; this machine has 2$"):
+        sweep.run_configs(tiny_config(), spec, NUM_TRAIN, gpus=2)
+    with pytest.raises(config_lib.InputError, match=r"^--replicas: .* cannot use --strategy multiworker$"):
+        sweep.run_configs(tiny_config(strategy="multiworker"), spec, NUM_TRAIN)
+
+
+def test_replica_sweep_trains_each_count_and_resumes(tmp_path, monkeypatch, capsys):
+    """A real sweep over 1 and 2 replicas (the second in its own process, on 2 logical CPUs): the run on 2
+    replicas normalizes over 16 of the 32 examples, the report has the devices' columns, and running the same
+    command again trains nothing."""
+    out = str(tmp_path / "sweep")
+    args = ["--model", "mlp", "--batch", "32", "--replicas", "1,2", "--budget-steps", "6", "--bn-stats-every", "3",
+            "--grad-stats-every", "0", "--no-dynamics", "--no-export", "--precise-bn-samples", "0",
+            "--target-accuracy", "0", "--verbose", "0", "--out", out]
+    assert sweep.main(args) == 0
+    runs = os.path.join(out, "runs")
+    assert sorted(os.listdir(runs)) == ["batch-b32-r1-s0", "batch-b32-r2-s0"]
+    one, two = (rundir.read_summary(os.path.join(runs, name)) for name in sorted(os.listdir(runs)))
+    assert (one["status"], one["replicas"], one["bn_batch"]) == ("completed", 1, 32)
+    assert (two["status"], two["strategy"], two["replicas"], two["per_replica_batch"], two["bn_batch"], two["steps"]) \
+        == ("completed", "mirrored", 2, 16, 16, 6)
+    assert rundir.read_config(os.path.join(runs, "batch-b32-r2-s0"))["config"]["logical_cpus"] == 2
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert [(g["replicas"], g["bn_batch"]) for g in report["replica_groups"]] == [(1, 32), (2, 16)]
+    assert report["answers"]["replicas"][0].startswith("Not enough data: BatchNorm's batch-vs-population variance")
+    assert "| batch | 32 | 2 | 16 | 16 |" in open(os.path.join(out, "report.md")).read()
+    calls = record_calls(monkeypatch)
+    capsys.readouterr()
+    assert sweep.main(args) == 0
+    assert calls == [] and capsys.readouterr().out.count("skipped (finished before)") == 2
+
+
+def test_distributed_tuning_survives_a_killed_worker(tmp_path, free_ports, monkeypatch):
+    """keras-tuner's chief and one worker on 127.0.0.1 tune the lr of one batch size in 2 trials. The worker is
+    killed while it holds trial 1: the oracle keeps that trial for its TUNER_ID and the chief waits; started again
+    with the same id, the worker gets trial 1 back and finishes it, trial 0 is not run again, and the chief then
+    trains the seed run and writes the report. Running the chief's command once more trains nothing."""
+    out = tmp_path / "sweep"
+    args = ["--model", "mlp", "--batch", "64", "--budget-steps", "3", "--tuner", "random", "--max-trials", "2",
+            "--grad-stats-every", "0", "--bn-stats-every", "0", "--no-dynamics", "--no-export",
+            "--precise-bn-samples", "0", "--target-accuracy", "0", "--verbose", "0", "--out", str(out)]
+    oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_ports(1)[0])}
+    started = []
+
+    def start(tuner_id):
+        log = open(tmp_path / f"{tuner_id}-{len(started)}.log", "w")
+        env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", **oracle, "KERASTUNER_TUNER_ID": tuner_id}
+        started.append(subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *args], cwd=REPO, env=env,
+                                        stdout=log, stderr=subprocess.STDOUT))
+        return started[-1]
+
+    def log_tail():
+        return "\n".join(open(path).read()[-1500:] for path in sorted(tmp_path.glob("*.log")))
+
+    search = out / "tuner" / "batch-b64"
+    try:
+        chief, worker = start("chief"), start("tuner0")
+        deadline = time.time() + 300
+        while not (search / "trial_1" / "run" / "config.json").exists():
+            assert worker.poll() is None and time.time() < deadline, log_tail()
+            time.sleep(0.05)
+        worker.kill()  # SIGKILL while trial 1 trains
+        worker.wait(timeout=60)
+        state = json.loads((search / "oracle.json").read_text())
+        assert state["ongoing_trials"] == {"tuner0": "1"}, state
+        trial_0 = search / "trial_0" / "run" / "summary.json"
+        assert json.loads(trial_0.read_text())["status"] == "completed"
+        finished_at = os.path.getmtime(trial_0)
+        time.sleep(1)
+        assert chief.poll() is None, log_tail()  # waiting for the held trial
+
+        again = start("tuner0")
+        assert again.wait(timeout=300) == 0, log_tail()
+        assert chief.wait(timeout=300) == 0, log_tail()
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert os.path.getmtime(trial_0) == finished_at  # not run again
+    trials = {t["trial_id"]: t["status"] for t in
+              (json.loads((search / f"trial_{i}" / "trial.json").read_text()) for i in (0, 1))}
+    assert trials == {"0": "COMPLETED", "1": "COMPLETED"}
+    assert rundir.read_summary(str(search / "trial_1" / "run"))["status"] == "completed"
+    best = json.loads((search / "best.json").read_text())["values"]["lr"]
+    seed_run = rundir.read_config(str(out / "runs" / "batch-b64-s0"))
+    assert seed_run["config"]["lr"] == pytest.approx(best) and (out / "report.md").exists()
+
+    for key, value in {**oracle, "KERASTUNER_TUNER_ID": "chief"}.items():
+        monkeypatch.setenv(key, value)
+    calls = record_calls(monkeypatch)
+    assert sweep.main(args) == 0 and calls == []
+
+
+def test_a_run_in_its_own_process_reports_bad_input_in_one_line(tmp_path):
+    config = tiny_config(strategy="mirrored", replicas=2, logical_cpus=2, dataset="npz:/nonexistent.npz")
+    assert runner.needs_own_process(config) and not runner.needs_own_process(tiny_config())
+    with pytest.raises(config_lib.InputError) as error:
+        runner.run_one(config, str(tmp_path / "run"))
+    assert str(error.value) == "--dataset: cannot read npz:/nonexistent.npz: No such file or directory"
