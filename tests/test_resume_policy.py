@@ -22,9 +22,9 @@ CHANGED = {
     "step_epochs": 5.0, "milestones": "15,25", "gamma": 0.5, "weight_decay": 0.0, "accumulate": 2,
     "batch_schedule": "32@0,64@10", "grad_stats_every": 10, "bn_stats_every": 10, "dynamics": False, "seed": 1,
     "deterministic": True, "advice": "advice.json", "target_accuracy": 0.9, "target_checks_per_epoch": 4,
-    "strategy": "mirrored", "logical_cpus": 2, "steps_per_execution": "4", "precision": "mixed_bfloat16", "jit": True,
+    "input": "stream", "strategy": "mirrored", "logical_cpus": 2, "steps_per_execution": "4", "precision": "mixed_bfloat16", "jit": True,
 }
-ALLOWED = {"verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "export": False}
+ALLOWED = {"cache_dir": "cache", "verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "export": False}
 
 
 def recorded_run(tmp_path, config: Config, epoch: int, step: int) -> str:
