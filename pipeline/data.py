@@ -189,9 +189,9 @@ class Data(DataInfo):
         return self.splits[split]
 
 
-def load(config: Config) -> DataInfo:
-    """Reads config.dataset into memory (or, with config.input "stream", pipeline.streaming.load) and splits it
-    into train, val and test.
+def load(config: Config) -> Data:
+    """Reads config.dataset into memory and splits it into train, val and test (pipeline.inputs.load chooses between
+    this and streaming from files, --input).
 
     Sources: "digits" (sklearn's bundled 8x8 digits, values 0..16), a TFDS image-classification name (cifar10,
     mnist, ...; read from config.data_dir, downloaded only with config.download), "folder:PATH" (one subfolder
@@ -209,10 +209,6 @@ def load(config: Config) -> DataInfo:
     Raises:
         InputError: naming the flag or file, for an unknown, unprepared or malformed dataset.
     """
-    if config.input == "stream":
-        from pipeline import streaming
-
-        return streaming.load(config)
     source = config.dataset
     if source == "digits":
         splits, class_names = sources.digits()

@@ -184,15 +184,13 @@ def train(config: Config) -> Summary:
     import keras
     import tensorflow as tf
 
-    from pipeline import checkpoint
-    from pipeline import data as data_lib
-    from pipeline import run_callbacks, speed
+    from pipeline import checkpoint, inputs, run_callbacks, speed
 
     strategy, topology = distribute.build_strategy(config)  # Before anything initializes TensorFlow's devices.
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    data = data_lib.load(config)
+    data = inputs.load(config)
     for _, batch in config.batch_phases:
         if batch > data.num_train:
             raise InputError(f"--batch: {batch} is larger than the training split ({data.num_train} examples)")

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from pipeline import checkpoint
 from pipeline import config as config_lib
-from pipeline import data, streaming
+from pipeline import data, inputs
 from pipeline import train as train_lib
 from pipeline.config import Config
 
@@ -76,7 +76,7 @@ def tiny_tfds(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def streamed(folder):
-    return data.load(Config(dataset=folder, input="stream"))
+    return inputs.load(Config(dataset=folder, input="stream"))
 
 
 def test_folder_stream_has_the_splits_and_statistics_of_memory(folder, streamed):
@@ -109,7 +109,7 @@ def test_each_epoch_is_a_function_of_seed_and_epoch(streamed):
 
 def test_a_cache_changes_the_speed_not_the_numbers(folder, streamed, tmp_path):
     cache_dir = tmp_path / "cache"
-    cached = data.load(Config(dataset=folder, input="stream", cache_dir=str(cache_dir)))
+    cached = inputs.load(Config(dataset=folder, input="stream", cache_dir=str(cache_dir)))
     files = sorted(os.listdir(cache_dir))
     assert sorted(f.split("-")[0] for f in files if f.endswith(".index")) == ["test", "train", "val"]
     assert not [f for f in files if "partial" in f]  # each cache is renamed into place whole
@@ -117,7 +117,7 @@ def test_a_cache_changes_the_speed_not_the_numbers(folder, streamed, tmp_path):
         assert same_batches(batches(cached.train_dataset(7, seed=0, epoch=epoch)),
                             batches(streamed.train_dataset(7, seed=0, epoch=epoch)))
     mtimes = {f: os.stat(cache_dir / f).st_mtime_ns for f in files}
-    again = data.load(Config(dataset=folder, input="stream", cache_dir=str(cache_dir)))
+    again = inputs.load(Config(dataset=folder, input="stream", cache_dir=str(cache_dir)))
     assert {f: os.stat(cache_dir / f).st_mtime_ns for f in os.listdir(cache_dir)} == mtimes  # read, not rewritten
     assert all(np.array_equal(a, b) for a, b in zip(again.arrays("test"), streamed.arrays("test")))
 
@@ -128,7 +128,7 @@ def contexts(workers):
 
 
 def test_two_workers_read_their_own_tfds_files(tiny_tfds):
-    loaded = data.load(Config(dataset="batchscope_stream_tiny", data_dir=tiny_tfds, input="stream", val_fraction=0.25))
+    loaded = inputs.load(Config(dataset="batchscope_stream_tiny", data_dir=tiny_tfds, input="stream", val_fraction=0.25))
     assert (loaded.num_train, loaded.num_val, loaded.num_test) == (30, 10, TEST)  # val: the last quarter of train
     builder = tfds.builder("batchscope_stream_tiny", data_dir=tiny_tfds)
     stored = [int(x[0, 0, 0]) for x, _ in builder.as_dataset("train", as_supervised=True).as_numpy_iterator()]
@@ -162,7 +162,7 @@ def test_two_workers_fill_their_share_of_each_global_batch_from_their_own_files(
 
 def test_tfds_stream_through_mock_data():
     with tfds.testing.mock_data(num_examples=40):
-        loaded = data.load(Config(dataset="mnist", input="stream"))
+        loaded = inputs.load(Config(dataset="mnist", input="stream"))
         x, y = next(iter(loaded.train_dataset(8, seed=0, epoch=0)))
         assert loaded.input_shape == (28, 28, 1) and loaded.num_classes == 10 and loaded.augmentation == "none"
         assert x.shape == (8, 28, 28, 1) and x.dtype == tf.float32 and y.dtype == tf.int32
