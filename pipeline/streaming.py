@@ -110,7 +110,9 @@ def shuffle_blocks(examples: tf.data.Dataset, key: tf.Tensor) -> tf.data.Dataset
         order = tf.random.experimental.stateless_shuffle(tf.range(size), seed=block_key)
         return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(part, order) for part in block))
 
-    return examples.batch(SHUFFLE_BUFFER).enumerate().flat_map(permuted)
+    # The next block is read while the current one is trained on; an epoch's first block is read before its first
+    # batch (as a shuffle buffer is filled first).
+    return examples.batch(SHUFFLE_BUFFER).prefetch(1).enumerate().flat_map(permuted)
 
 
 def load(config: Config) -> StreamingData:
@@ -242,18 +244,21 @@ def _caching(read, cache_dir: str, identity):
         raise InputError(f"--cache-dir: cannot write to {cache_dir} ({e.strerror}); give a writable folder or \"\" "
                          "(no cache)") from None
 
+    data_key = hashlib.sha256(repr(identity).encode()).hexdigest()
+
     def cached(split: str, input_context) -> tf.data.Dataset:
         shard = (input_context.input_pipeline_id, input_context.num_input_pipelines) if input_context else (0, 1)
-        key = hashlib.sha256(repr((identity, split, shard)).encode()).hexdigest()[:16]
+        key = hashlib.sha256(repr((data_key, split, shard)).encode()).hexdigest()[:16]
         prefix = os.path.join(cache_dir, f"{split}-{shard[0]}of{shard[1]}-{key}")
-        dataset = read(split, input_context)
-        if not os.path.exists(prefix + ".index"):
-            partial = f"{prefix}.partial-{os.getpid()}"
-            _count(dataset.cache(partial), iterate=True)
-            for data_file in glob.glob(glob.escape(partial) + ".data-*"):
-                os.replace(data_file, prefix + data_file[len(partial):])
-            os.replace(partial + ".index", prefix + ".index")
-        return dataset.cache(prefix)
+        # Written now, eagerly, even when called while an epoch's function is traced (init_scope leaves the graph).
+        with tf.init_scope():
+            if not os.path.exists(prefix + ".index"):
+                partial = f"{prefix}.partial-{os.getpid()}"
+                _count(read(split, input_context).cache(partial), iterate=True)
+                for data_file in glob.glob(glob.escape(partial) + ".data-*"):
+                    os.replace(data_file, prefix + data_file[len(partial):])
+                os.replace(partial + ".index", prefix + ".index")
+        return read(split, input_context).cache(prefix)
 
     return cached
 

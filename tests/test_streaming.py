@@ -116,6 +116,14 @@ def test_a_cache_changes_the_speed_not_the_numbers(folder, streamed, tmp_path):
     for epoch in (0, 1):
         assert same_batches(batches(cached.train_dataset(7, seed=0, epoch=epoch)),
                             batches(streamed.train_dataset(7, seed=0, epoch=epoch)))
+    cached.set_epoch(2)
+    streamed.set_epoch(2)
+    for context in contexts(2):  # a worker's shard is cached when its first epoch is built (in a traced function)
+        assert same_batches(batches(cached.train_dataset(4, seed=0, input_context=context)),
+                            batches(streamed.train_dataset(4, seed=0, input_context=context)))
+    files = sorted(os.listdir(cache_dir))
+    assert sorted(f.split("-", 2)[1] for f in files if f.startswith("train") and f.endswith(".index")) == [
+        "0of1", "0of2", "1of2"]
     mtimes = {f: os.stat(cache_dir / f).st_mtime_ns for f in files}
     again = inputs.load(Config(dataset=folder, input="stream", cache_dir=str(cache_dir)))
     assert {f: os.stat(cache_dir / f).st_mtime_ns for f in os.listdir(cache_dir)} == mtimes  # read, not rewritten
