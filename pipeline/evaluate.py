@@ -69,6 +69,8 @@ def _data(served, dataset: str | None, data_dir: str | None):
         raise InputError(f"--dataset: {served.path} is not inside a run directory, so its dataset is unknown; "
                          "name it, e.g. --dataset digits")
     changes = {k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v is not None}
+    if dataset == "digits" or (dataset or "").startswith("npz:"):  # sources that only load into memory
+        changes["input"] = "memory"
     data = inputs.load(dataclasses.replace(config, **changes))
     if tuple(data.input_shape) != tuple(served.image_shape):
         raise InputError(f"--dataset: {data.source} has images of shape {data.input_shape}, but {served.path} takes "

@@ -5,13 +5,11 @@ import collections
 import dataclasses
 import os
 
-import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pipeline import checkpoint
 from pipeline import config as config_lib
 from pipeline import data, inputs
 from pipeline import train as train_lib
@@ -204,32 +202,16 @@ def test_unwritable_cache_and_bad_image_are_one_line(cli_error, folder, tmp_path
     assert line.startswith(f"error: --dataset: cannot decode image {root / 'c1' / '5.png'}")
 
 
-def final_weights(run_dir):
-    """{name: array} of every variable in a run's last checkpoint."""
-    arrays = {}
-    with h5py.File(checkpoint.latest_weights(os.path.join(run_dir, "checkpoints")), "r") as f:
-        f.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
-    return arrays
-
-
-def test_a_resumed_streaming_run_repeats_the_uninterrupted_one(folder, tmp_path, monkeypatch):
+def test_a_resumed_streaming_run_repeats_the_uninterrupted_one(folder, tmp_path, interrupt_after_first_epoch,
+                                                                final_weights):
     """Epoch e is a function of (seed, epoch): interrupted after epoch 1 and resumed (with a cache this time), a run
     ends with the weights of the uninterrupted run, bit for bit."""
     base = dataclasses.replace(config_lib.smoke(), dataset=folder, input="stream", batch=7, deterministic=True,
                                grad_stats_every=0, bn_stats_every=0, dynamics=False, export=False, precise_bn_samples=0)
     whole = train_lib.train(dataclasses.replace(base, run_dir=str(tmp_path / "whole")))
-    save = checkpoint.save
-
-    def interrupt_after_first_epoch(model, directory, epoch, step):
-        state = save(model, directory, epoch, step)
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return state
-
-    monkeypatch.setattr(checkpoint, "save", interrupt_after_first_epoch)
     parts = dataclasses.replace(base, run_dir=str(tmp_path / "parts"))
-    assert train_lib.train(parts).status == "interrupted"
-    monkeypatch.setattr(checkpoint, "save", save)
+    with interrupt_after_first_epoch():
+        assert train_lib.train(parts).status == "interrupted"
     resumed = train_lib.train(dataclasses.replace(parts, resume=True, cache_dir=str(tmp_path / "cache")))
     assert whole.status == resumed.status == "completed" and resumed.steps == whole.steps == 2 * (21 // 7)
     arrays = [final_weights(run.run_dir) for run in (whole, resumed)]
