@@ -14,6 +14,7 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
 AUGMENTS = ("auto", "none", "crop-flip")
+INPUTS = ("memory", "stream")
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -37,6 +38,10 @@ class Config:
     data_dir: str = _field("", 'prepared TFDS data directory ("" = TFDS default, ~/tensorflow_datasets)')
     download: bool = _field(False, "let TFDS download a dataset that is not prepared (needs network)")
     val_fraction: float = _field(0.1, "fraction of train held out for validation when a dataset has none")
+    input: str = _field("memory", "memory (decode every split once and hold it in memory) | stream (read TFDS and "
+                        "folder: data from its files every epoch, each worker its own files; README 'Streaming input')")
+    cache_dir: str = _field("", "--input stream: keep the decoded examples in files here after the first pass, reused "
+                            "by later runs (\"\": decode every epoch)")
     augment: str = _field("auto", "auto (crop-flip for 32x32 colour images, none otherwise) | none | crop-flip")
     # Model.
     model: str = _field("resnet20", "resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | cnn | mlp")
@@ -184,6 +189,12 @@ def validate(config: Config) -> Config:
     """Checks every field that can be checked without reading data; raises InputError naming the flag."""
     c = config
     _check(bool(c.dataset), "dataset", "must not be empty; use digits, a TFDS name, folder:PATH or npz:PATH")
+    _check(c.input in INPUTS, "input", f"got {c.input!r}; choose one of {', '.join(INPUTS)}")
+    _check(c.input == "memory" or not (c.dataset == "digits" or c.dataset.startswith("npz:")), "input",
+           "stream reads TFDS and folder:PATH datasets from their files; digits and npz:PATH are held in memory, "
+           "use --input memory")
+    _check(not c.cache_dir or c.input == "stream", "cache_dir", "needs --input stream (in-memory data is decoded "
+           "once per run already)")
     _check(_finite(c.val_fraction) and 0 < c.val_fraction < 1, "val_fraction", "must be in (0, 1)")
     _check(c.augment in AUGMENTS, "augment", f"got {c.augment!r}; choose one of {', '.join(AUGMENTS)}")
     _check(c.model in MODEL_NAMES, "model", f"got {c.model!r}; choose one of {', '.join(MODEL_NAMES)}")

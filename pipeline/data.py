@@ -1,4 +1,6 @@
-"""Input data: digits, TFDS, folder: and npz: sources held in memory, and the tf.data pipelines over them."""
+"""Input data: digits, TFDS, folder: and npz: sources held in memory, and the tf.data pipelines over them.
+
+TFDS and folder: sources can also be streamed from their files (--input stream, pipeline/streaming.py)."""
 
 from __future__ import annotations
 
@@ -76,8 +78,9 @@ def train_epoch(images, labels, batch_size: int, seed, epoch, augment: bool) -> 
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Data:
-    """Train, val and test splits held in memory as raw pixels, with their statistics and tf.data pipelines.
+class DataInfo:
+    """What the model and the run know of the data, whether it is held in memory (Data) or streamed from files
+    (pipeline.streaming.StreamingData), and the training pipelines common to both.
 
     mean and variance are per channel over (N, H, W) of the raw training pixels, the population variance
     (ddof=0) as keras.layers.Normalization.adapt computes it. augmentation is what train_dataset(augment=True)
@@ -95,49 +98,69 @@ class Data:
     variance: np.ndarray
     augmentation: str
     epoch_variable: tf.Variable = dataclasses.field(repr=False)
-    splits: dict[str, tuple[tf.Tensor, tf.Tensor]] = dataclasses.field(repr=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch that datasets from train_dataset(epoch=None) yield when next iterated."""
         self.epoch_variable.assign(epoch)
 
-    def train_dataset(self, batch_size: int, *, seed: int, augment: bool = True, epoch: int | None = None):
-        """One epoch of shuffled, augmented training batches (see train_epoch); the remainder is dropped.
+    def train_dataset(self, batch_size: int, *, seed: int, augment: bool = True, epoch: int | None = None,
+                      input_context=None):
+        """One epoch of shuffled, augmented training batches; the remainder is dropped.
 
         Args:
-            batch_size: examples per batch.
-            seed: the run's seed; the order and augmentation depend only on (seed, epoch).
+            batch_size: examples per batch (the global batch).
+            seed: the run's seed; the order and augmentation depend only on (seed, epoch) (see the subclass).
             augment: apply the dataset's augmentation (self.augmentation); False gives plain shuffled batches.
             epoch: the epoch to yield; None reads self.epoch_variable each time an iterator is created, so one
                 dataset given to Model.fit yields epoch e when a callback calls set_epoch(e) in on_epoch_begin.
+            input_context: a tf.distribute.InputContext: this input pipeline's per-replica batches of its own
+                files (streamed data only; in-memory data is split by distribute.split_global_batches).
 
         Returns:
             A prefetched dataset of (x float32 (B, H, W, C), y int32 (B,)) with num_train // batch_size batches.
         """
-        images, labels = self.splits["train"]
         augment = augment and self.augmentation == "crop-flip"
         if epoch is None:
 
             def current_epoch(_):
-                return train_epoch(images, labels, batch_size, seed, self.epoch_variable.read_value(), augment)
+                return self.epoch(batch_size, seed, self.epoch_variable.read_value(), augment, input_context)
 
             # flat_map calls its function each time an iterator is created, so the variable is read then, not now.
             dataset = tf.data.Dataset.from_tensors(0).flat_map(current_epoch)
         else:
-            dataset = train_epoch(images, labels, batch_size, seed, epoch, augment)
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(self.num_train // batch_size))
+            dataset = self.epoch(batch_size, seed, epoch, augment, input_context)
+        steps = self.num_train // batch_size
+        local = input_context.num_replicas_in_sync // input_context.num_input_pipelines if input_context else 1
+        if local == 1:  # With several local replicas the count of elements is not the count of steps.
+            dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     def stream(self, batch_size: int, *, seed: int, augment: bool = True) -> tf.data.Dataset:
-        """Endless training batches: epoch 0, 1, 2, ... of (seed, epoch), each in its own order (see train_epoch).
+        """Endless training batches: epoch 0, 1, 2, ... of (seed, epoch), each in its own order.
 
         For the instruments: a repeated train_dataset(epoch=k) would show them the same batches every epoch.
         """
-        images, labels = self.splits["train"]
         augment = augment and self.augmentation == "crop-flip"
         epochs = tf.data.Dataset.counter()
-        dataset = epochs.flat_map(lambda epoch: train_epoch(images, labels, batch_size, seed, epoch, augment))
+        dataset = epochs.flat_map(lambda epoch: self.epoch(batch_size, seed, epoch, augment, None))
         return dataset.prefetch(tf.data.AUTOTUNE)
+
+    def epoch(self, batch_size: int, seed, epoch, augment: bool, input_context) -> tf.data.Dataset:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Data(DataInfo):
+    """Train, val and test splits held in memory as raw pixels, with their statistics and tf.data pipelines."""
+
+    splits: dict[str, tuple[tf.Tensor, tf.Tensor]] = dataclasses.field(repr=False)
+
+    def epoch(self, batch_size: int, seed, epoch, augment: bool, input_context) -> tf.data.Dataset:
+        """train_epoch over the training split: every global batch is the same on every replica and worker."""
+        if input_context is not None:
+            raise ValueError("in-memory data is split over replicas by distribute.split_global_batches")
+        images, labels = self.splits["train"]
+        return train_epoch(images, labels, batch_size, seed, epoch, augment)
 
     def eval_dataset(self, split: str, batch_size: int) -> tf.data.Dataset:
         """Batches of a split in its stored order, not augmented, keeping the last partial batch.
@@ -154,10 +177,11 @@ class Data:
         dataset = dataset.map(lambda indices: gather(images, labels, indices), num_parallel_calls=tf.data.AUTOTUNE)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
-    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """A split as numpy: (x float32 (N, H, W, C) raw pixels, y int32 (N,)), in eval_dataset's order."""
+    def arrays(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A split (its first `limit` examples) as numpy: (x float32 (N, H, W, C) raw pixels, y int32 (N,)), in
+        eval_dataset's order."""
         images, labels = self._split(split)
-        return images.numpy().astype(np.float32), labels.numpy().astype(np.int32)
+        return images[:limit].numpy().astype(np.float32), labels[:limit].numpy().astype(np.int32)
 
     def _split(self, split: str) -> tuple[tf.Tensor, tf.Tensor]:
         if split not in self.splits:
@@ -166,7 +190,8 @@ class Data:
 
 
 def load(config: Config) -> Data:
-    """Reads config.dataset into memory and splits it into train, val and test.
+    """Reads config.dataset into memory and splits it into train, val and test (pipeline.inputs.load chooses between
+    this and streaming from files, --input).
 
     Sources: "digits" (sklearn's bundled 8x8 digits, values 0..16), a TFDS image-classification name (cifar10,
     mnist, ...; read from config.data_dir, downloaded only with config.download), "folder:PATH" (one subfolder
@@ -196,7 +221,7 @@ def load(config: Config) -> Data:
     for split in ("test", "val"):
         if split not in splits:
             fraction = TEST_FRACTION if split == "test" else config.val_fraction
-            splits["train"], splits[split] = _hold_out(*splits["train"], fraction, source)
+            splits["train"], splits[split] = hold_out(*splits["train"], fraction, source)
     images = splits["train"][0]
     mean, variance = _channel_stats(images)
     return Data(
@@ -209,7 +234,7 @@ def load(config: Config) -> Data:
         num_test=len(splits["test"][1]),
         mean=mean,
         variance=variance,
-        augmentation=_augmentation(config.augment, images.shape[1:]),
+        augmentation=resolve_augmentation(config.augment, images.shape[1:]),
         epoch_variable=tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch"),
         splits={split: (tf.constant(x), tf.constant(y, tf.int32)) for split, (x, y) in splits.items()},
     )
@@ -219,7 +244,7 @@ def count(config: Config) -> tuple[int, int, int]:
     """(num_train, num_val, num_test) that load(config) gives, without decoding the images where the source allows.
 
     The splits a source lacks are held out as in load: sklearn's train_test_split holds out ceil(fraction * n)
-    examples.
+    examples. Streamed TFDS data holds the same counts out, as slices of the stored order (pipeline.streaming).
     """
     sizes = sources.split_sizes(config.dataset, config)
     if sizes is None or "train" not in sizes:
@@ -233,7 +258,7 @@ def count(config: Config) -> tuple[int, int, int]:
     return sizes["train"], sizes["val"], sizes["test"]
 
 
-def _augmentation(augment: str, shape: tuple[int, ...]) -> str:
+def resolve_augmentation(augment: str, shape: tuple[int, ...]) -> str:
     if augment == "auto":
         height, width, channels = shape
         return "crop-flip" if height >= 32 and width >= 32 and channels == 3 else "none"
@@ -249,7 +274,7 @@ def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), (squares / (images.size // images.shape[-1])).astype(np.float32)
 
 
-def _hold_out(images, labels, fraction: float, source: str):
+def hold_out(images, labels, fraction: float, source: str):
     """Splits off `fraction` of the examples, stratified by label where every class has enough examples."""
     indices = np.arange(len(labels))
     for stratify in (labels, None):  # sklearn refuses to stratify a class of one, or fewer held out than classes.

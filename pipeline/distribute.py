@@ -186,23 +186,30 @@ def split_global_batches(dataset, context, global_batch: int):
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def distribute_train(strategy, topology: Topology, make_dataset, global_batch: int):
-    """The training input for Model.fit: global batches identical to the one-device run's, split over replicas.
+def distribute_train(strategy, topology: Topology, make_dataset, global_batch: int, sharded: bool = False):
+    """The training input for Model.fit: global batches identical to the one-device run's, split over replicas, or
+    with `sharded` (streamed input) each worker's per-replica batches of its own files.
 
     Args:
       strategy: from build_strategy.
       topology: from build_strategy.
-      make_dataset: no-argument function returning the one-device dataset of global batches.
+      make_dataset: function returning the one-device dataset of global batches; with sharded, called with
+        input_context= a tf.distribute.InputContext it returns that input pipeline's per-replica batches.
       global_batch: examples per global batch.
+      sharded: whether make_dataset reads a shard of the data per input pipeline (pipeline.streaming).
     Returns:
       make_dataset() itself on one device and under mirrored (Keras' experimental_distribute_dataset cuts each
-      global batch into consecutive per-replica slices), else a distributed dataset from split_global_batches.
+      global batch into consecutive per-replica slices), else a distributed dataset from split_global_batches or,
+      sharded, from make_dataset(input_context=...).
     """
     if topology.workers == 1:
         return make_dataset()
     import tensorflow as tf
 
     options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+    if sharded:
+        return strategy.distribute_datasets_from_function(lambda context: make_dataset(input_context=context),
+                                                          options)
     return strategy.distribute_datasets_from_function(
         lambda context: split_global_batches(make_dataset(), context, global_batch), options)
 

@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
 def _data(served, dataset: str | None, data_dir: str | None):
     """The run's config with --dataset/--data-dir applied, loaded; checks that the images fit the SavedModel."""
     from pipeline import config as config_lib
-    from pipeline import data as data_lib
+    from pipeline import inputs
 
     if served.run_dir:
         config = rundir.run_config(served.run_dir)
@@ -69,7 +69,9 @@ def _data(served, dataset: str | None, data_dir: str | None):
         raise InputError(f"--dataset: {served.path} is not inside a run directory, so its dataset is unknown; "
                          "name it, e.g. --dataset digits")
     changes = {k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v is not None}
-    data = data_lib.load(dataclasses.replace(config, **changes))
+    if dataset == "digits" or (dataset or "").startswith("npz:"):  # sources that only load into memory
+        changes["input"] = "memory"
+    data = inputs.load(dataclasses.replace(config, **changes))
     if tuple(data.input_shape) != tuple(served.image_shape):
         raise InputError(f"--dataset: {data.source} has images of shape {data.input_shape}, but {served.path} takes "
                          f"{served.image_shape}")

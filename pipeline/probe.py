@@ -175,13 +175,13 @@ def probe(config: Config, steps: int, max_batch: int, out_dir: str) -> dict:
 
     import keras
 
-    from pipeline import data as data_lib
+    from pipeline import inputs
     from pipeline import train as train_lib
 
     started = time.perf_counter()
     config = dataclasses.replace(config, batch=config.base_batch)
     keras.utils.set_random_seed(config.seed)
-    data = data_lib.load(config)
+    data = inputs.load(config)
     model, _ = train_lib.compiled_model(config, data)
     # Only once the data is accepted, so that a rejected command creates nothing.
     os.makedirs(out_dir, exist_ok=True)

@@ -39,8 +39,9 @@ def _read_json(path: str) -> dict | None:
 
 
 # Config fields that say where and how a run is started, not what it computes: they may differ between the
-# attempts of one run (--resume) and between a sweep's reruns.
-PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose")
+# attempts of one run (--resume) and between a sweep's reruns. A cache of streamed input holds the order that
+# streaming reads without it, so it changes the speed of a run, not its numbers (pipeline/streaming.py).
+PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose", "cache_dir")
 # Fields that act only after training (precise BN, evaluation, export), which a resumed run redoes: --resume may
 # change them. The target accuracy is not one: it is checked during training (pipeline/target.py).
 AFTER_TRAINING_FIELDS = ("precise_bn_samples", "export")

@@ -1,11 +1,14 @@
 """Dataset sources read into memory: bundled digits, TFDS, a folder of images per class, an .npz archive.
 
+The checks of a TFDS dataset and of a folder: (tfds_builder, class_files, read_image) serve pipeline/streaming.py too.
+
 Each returns ({split: (images, labels)}, class_names) with images (N, H, W, C) uint8 or float32 raw pixels and
 int32 labels; splits the source lacks are carved out by pipeline.data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -32,12 +35,16 @@ def digits():
     return {"train": (images, digits.target.astype(np.int32))}, [str(d) for d in range(10)]
 
 
-def tfds_dataset(name: str, config: Config):
+def tfds_builder(name: str, config: Config):
+    """The TFDS builder of an image-classification dataset, its class names and {our split: TFDS split}.
+
+    Raises:
+        InputError: an unknown name, or a dataset that is not image classification with images of one size.
+    """
     import tensorflow_datasets as tfds
 
-    data_dir = config.data_dir or None
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=config.data_dir or None)
     except (ValueError, AssertionError) as e:  # An unknown name, or a version or config the dataset lacks.
         raise InputError(f"--dataset: unknown dataset {name!r} ({str(e).splitlines()[0]}); use {ACCEPTED}") from None
     info = builder.info
@@ -49,24 +56,36 @@ def tfds_dataset(name: str, config: Config):
     if None in image.shape:
         raise InputError(f"--dataset: TFDS dataset {name!r} has images of varying size {image.shape}; resize them "
                          "and pass folder:PATH or npz:PATH")
-    wanted = _tfds_splits(name, info)
+    return builder, list(label.names), _tfds_splits(name, info)
+
+
+@contextlib.contextmanager
+def tfds_prepared(name: str, config: Config):
+    """Turns TFDS's ways of saying that the data is not prepared (and may not be downloaded) into an InputError."""
     try:
-        datasets = tfds.load(name, split=list(wanted.values()), as_supervised=True, data_dir=data_dir,
-                             download=config.download)
-    # TFDS's ways of saying that the data is not prepared (KeyError: an empty version folder) and may not be
-    # downloaded.
+        yield
+    # AssertionError: not prepared and no --download; KeyError: an empty version folder.
     except (AssertionError, KeyError):
         where = config.data_dir or "the TFDS default directory (~/tensorflow_datasets)"
         raise InputError(
             f"--dataset: TFDS dataset {name!r} is not prepared in {where}; on a machine with network run "
             f"`tfds build {name} --data_dir DIR`, copy DIR here and pass --data-dir DIR, or pass --download"
         ) from None
+
+
+def tfds_dataset(name: str, config: Config):
+    import tensorflow_datasets as tfds
+
+    _, class_names, wanted = tfds_builder(name, config)
+    with tfds_prepared(name, config):
+        datasets = tfds.load(name, split=list(wanted.values()), as_supervised=True, data_dir=config.data_dir or None,
+                             download=config.download)
     splits = {}
     for split, dataset in zip(wanted, datasets):
         batches = list(tfds.as_numpy(dataset.batch(4096)))
         images, labels = zip(*batches)
         splits[split] = (np.concatenate(images), np.concatenate(labels).astype(np.int32))
-    return splits, list(label.names)
+    return splits, class_names
 
 
 def _tfds_splits(name: str, info) -> dict[str, str]:
@@ -84,7 +103,7 @@ def _tfds_splits(name: str, info) -> dict[str, str]:
     return wanted
 
 
-def _class_files(path: str) -> dict[str, list[str]]:
+def class_files(path: str) -> dict[str, list[str]]:
     """{class name: its image files, sorted} of a folder: dataset, classes sorted by name."""
     if not os.path.isdir(path):
         raise InputError(f"--dataset: folder:{path} is not a directory; folder:PATH needs one subfolder per class")
@@ -107,7 +126,7 @@ def split_sizes(source: str, config: Config) -> dict[str, int] | None:
     if source == "digits":
         return {"train": len(digits()[0]["train"][1])}
     if source.startswith("folder:"):
-        return {"train": sum(map(len, _class_files(source.removeprefix("folder:")).values()))}
+        return {"train": sum(map(len, class_files(source.removeprefix("folder:")).values()))}
     if source.startswith("npz:"):
         path = source.removeprefix("npz:")
         try:
@@ -125,19 +144,32 @@ def split_sizes(source: str, config: Config) -> dict[str, int] | None:
     return splits if all(splits.values()) else None
 
 
+def read_image(file: str, like: tuple[str, tuple] | None = None) -> np.ndarray:
+    """Decodes one image file of a folder: dataset to a uint8 (H, W, C) array.
+
+    Args:
+        file: the image's path.
+        like: (another file, its shape) that this image must match, or None.
+
+    Raises:
+        InputError: naming the file, when it cannot be decoded or has another shape.
+    """
+    try:
+        image = decode_image(tf.io.read_file(file)).numpy()
+    except tf.errors.OpError as e:
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message.splitlines()[0]).strip()  # Drop TF's op names.
+        raise InputError(f"--dataset: cannot decode image {file}: {reason}") from None
+    if like and image.shape != like[1]:
+        raise InputError(f"--dataset: image {file} has shape {image.shape}; expected {like[1]} like {like[0]}")
+    return image
+
+
 def folder(path: str):
-    classes, images, labels, first = _class_files(path), [], [], None
+    classes, images, labels, first = class_files(path), [], [], None
     for label, files in enumerate(classes.values()):
         for file in files:
-            try:
-                image = decode_image(tf.io.read_file(file)).numpy()
-            except tf.errors.OpError as e:
-                reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message.splitlines()[0]).strip()  # Drop TF's op names.
-                raise InputError(f"--dataset: cannot decode image {file}: {reason}") from None
+            image = read_image(file, first)
             first = first or (file, image.shape)
-            if image.shape != first[1]:
-                raise InputError(f"--dataset: image {file} has shape {image.shape}; expected {first[1]} like "
-                                 f"{first[0]}")
             images.append(image)
             labels.append(label)
     return {"train": (np.stack(images), np.array(labels, np.int32))}, list(classes)

@@ -109,11 +109,10 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
             result.append(callbacks.BatchNormStatistics(bn_data or instrument_data, every_n_steps=bn_every,
                                                         log_dir=tensorboard_dir, out_dir=run_dir, population=population))
     if config.dynamics:
-        x, y = data.arrays("train")
-        subset = min(DYNAMICS_MAX, max(1, int(len(x) * DYNAMICS_FRACTION)))
+        x, y = data.arrays("train", limit=min(DYNAMICS_MAX, max(1, int(data.num_train * DYNAMICS_FRACTION))))
         with config_lib.as_flag_error("dynamics"):
             result.append(callbacks.LearningDynamics(
-                x[:subset], y[:subset], class_names=data.class_names, log_dir=tensorboard_dir,
+                x, y, class_names=data.class_names, log_dir=tensorboard_dir,
                 out_dir=os.path.join(run_dir, "dynamics")))
     return result
 
@@ -185,15 +184,13 @@ def train(config: Config) -> Summary:
     import keras
     import tensorflow as tf
 
-    from pipeline import checkpoint
-    from pipeline import data as data_lib
-    from pipeline import run_callbacks, speed
+    from pipeline import checkpoint, inputs, run_callbacks, speed
 
     strategy, topology = distribute.build_strategy(config)  # Before anything initializes TensorFlow's devices.
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    data = data_lib.load(config)
+    data = inputs.load(config)
     for _, batch in config.batch_phases:
         if batch > data.num_train:
             raise InputError(f"--batch: {batch} is larger than the training split ({data.num_train} examples)")
@@ -272,7 +269,8 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
             continue
         # Our datasets shuffle themselves by (seed, epoch); shuffle=False also keeps Keras from warning about it.
         train_data = distribute.distribute_train(
-            strategy, topology, functools.partial(data.train_dataset, batch, seed=config.seed), batch)
+            strategy, topology, functools.partial(data.train_dataset, batch, seed=config.seed), batch,
+            sharded=config.input == "stream")
         model.fit(train_data, validation_data=val, shuffle=False,
                   initial_epoch=max(first_epoch, trained), epochs=last_epoch, callbacks=callbacks, verbose=verbose)
         if model.stop_training:

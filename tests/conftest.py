@@ -73,3 +73,47 @@ def free_ports():
         return found
 
     return ports
+
+
+@pytest.fixture
+def final_weights():
+    """A function: {name: array} of every variable (model and optimizer) in a run directory's last checkpoint."""
+    import h5py
+
+    from pipeline import checkpoint
+
+    def read(run_dir):
+        arrays = {}
+        with h5py.File(checkpoint.latest_weights(os.path.join(run_dir, "checkpoints")), "r") as f:
+            f.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset)
+                         else None)
+        return arrays
+
+    return read
+
+
+@pytest.fixture
+def interrupt_after_first_epoch(monkeypatch):
+    """A context manager: inside it checkpoint.save raises KeyboardInterrupt right after committing epoch 1, as a run
+    interrupted there leaves its run directory."""
+    import contextlib
+
+    from pipeline import checkpoint
+
+    @contextlib.contextmanager
+    def interrupting():
+        save = checkpoint.save
+
+        def save_then_interrupt(model, directory, epoch, step):
+            state = save(model, directory, epoch, step)
+            if epoch == 1:
+                raise KeyboardInterrupt
+            return state
+
+        monkeypatch.setattr(checkpoint, "save", save_then_interrupt)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(checkpoint, "save", save)
+
+    return interrupting

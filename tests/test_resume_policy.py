@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 
-import h5py
 import numpy as np
 import pytest
 
@@ -22,9 +21,10 @@ CHANGED = {
     "step_epochs": 5.0, "milestones": "15,25", "gamma": 0.5, "weight_decay": 0.0, "accumulate": 2,
     "batch_schedule": "32@0,64@10", "grad_stats_every": 10, "bn_stats_every": 10, "dynamics": False, "seed": 1,
     "deterministic": True, "advice": "advice.json", "target_accuracy": 0.9, "target_checks_per_epoch": 4,
-    "strategy": "mirrored", "logical_cpus": 2, "replicas": 1, "steps_per_execution": "4", "precision": "mixed_bfloat16", "jit": True,
+    "input": "stream", "strategy": "mirrored", "logical_cpus": 2, "replicas": 1, "steps_per_execution": "4",
+    "precision": "mixed_bfloat16", "jit": True,
 }
-ALLOWED = {"verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "export": False}
+ALLOWED = {"cache_dir": "cache", "verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "export": False}
 
 
 def recorded_run(tmp_path, config: Config, epoch: int, step: int) -> str:
@@ -100,14 +100,7 @@ def test_resume_without_a_run_says_it_starts_one_and_creates_nothing(tmp_path, c
     assert not os.path.exists(tmp_path / "new")
 
 
-def checkpoint_arrays(run_dir):
-    arrays = {}
-    with h5py.File(checkpoint.latest_weights(os.path.join(run_dir, "checkpoints")), "r") as f:
-        f.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
-    return arrays
-
-
-def test_more_epochs_on_resume_equal_the_longer_run(tmp_path, monkeypatch):
+def test_more_epochs_on_resume_equal_the_longer_run(tmp_path, interrupt_after_first_epoch, final_weights):
     """A step schedule is defined per epoch: 2 epochs, interrupted after 1, resumed with 3 = 3 uninterrupted."""
     base = dataclasses.replace(config_lib.smoke(), schedule="step", step_epochs=1.0, gamma=0.5, deterministic=True,
                                grad_stats_every=0, bn_stats_every=0, dynamics=False, export=False,
@@ -115,22 +108,13 @@ def test_more_epochs_on_resume_equal_the_longer_run(tmp_path, monkeypatch):
     longer = train_lib.train(dataclasses.replace(base, epochs=3, run_dir=str(tmp_path / "longer")))
     assert longer.status == "completed"
 
-    save = checkpoint.save
-
-    def interrupt_after_first_epoch(model, directory, epoch, step):
-        state = save(model, directory, epoch, step)
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return state
-
-    monkeypatch.setattr(checkpoint, "save", interrupt_after_first_epoch)
     run_dir = str(tmp_path / "resumed")
-    assert train_lib.train(dataclasses.replace(base, epochs=2, run_dir=run_dir)).status == "interrupted"
-    monkeypatch.setattr(checkpoint, "save", save)
+    with interrupt_after_first_epoch():
+        assert train_lib.train(dataclasses.replace(base, epochs=2, run_dir=run_dir)).status == "interrupted"
     resumed = train_lib.train(dataclasses.replace(base, epochs=3, run_dir=run_dir, resume=True))
     assert resumed.status == "completed" and resumed.steps == longer.steps == 3 * (1293 // 64)
     assert json.load(open(os.path.join(run_dir, "config.json")))["config"]["epochs"] == 3
-    a, b = checkpoint_arrays(run_dir), checkpoint_arrays(longer.run_dir)
+    a, b = final_weights(run_dir), final_weights(longer.run_dir)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -1,0 +1,159 @@
+"""Streamed input (--input stream) against the model's consumption and against in-memory tensors, as ratios.
+
+Usage: python benchmarks/streaming.py [--dataset folder:PATH | TFDS name] [--model resnet20] [--batch 32]
+                                      [--epochs 4] [--rounds 2]
+
+Without --dataset it writes the 1797 sklearn digits as 32x32 colour PNG files (8x8 pixels enlarged 4x, grey
+repeated in 3 channels), one folder per class, into a temporary folder, and streams that folder: one small file per
+example, which is the most decoding and file opening per example that a folder: source asks for.
+
+Two measurements, each a ratio of times measured in this process, one after another in every round:
+1. The input pipeline alone against the model's consumption: examples per second of iterating one epoch of the
+   streamed training batches (augmented when the data is 32x32 colour; read and decoded from the files, and from a
+   --cache-dir cache) against examples per second of the model training (model.fit, no validation) on the
+   in-memory tensors of the same data. Goal: the pipeline at least 3x faster than the model eats.
+2. Training from the stream against training from in-memory tensors: the epoch time of model.fit with
+   validation, the same model, optimizer and steps per call as pipeline.train, on --input memory over that on
+   --input stream (and with --cache-dir). Goal: >= 0.97 (streaming costs at most 3%). Also given in process CPU
+   time, which other processes on a shared machine move far less than wall time (but which cannot show the model
+   waiting for input).
+Times are means over the epochs after the first (the first holds tracing; a cache is filled at load, before it),
+then over the rounds; the training runs go in reverse order every other round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline import config as config_lib  # noqa: E402
+
+def write_digits_folder(root: str) -> str:
+    """The sklearn digits as 32x32x3 PNG files in root/<digit>/<index>.png; returns folder:root."""
+    import numpy as np
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(10):
+        os.makedirs(os.path.join(root, str(label)), exist_ok=True)
+    for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+        pixels = (image * 255 / 16).astype(np.uint8).repeat(4, axis=0).repeat(4, axis=1)
+        colour = np.repeat(pixels[..., np.newaxis], 3, axis=-1)
+        tf.io.write_file(os.path.join(root, str(label), f"{index:04d}.png"), tf.io.encode_png(colour))
+    return f"folder:{root}"
+
+
+def fit_epochs(config, data, validation: bool) -> tuple[float, float]:
+    """Mean (wall, process CPU) seconds per epoch after the first of model.fit on data's training batches, with
+    pipeline.train's model, optimizer and steps per call, and no callbacks but the clock.
+
+    CPU time counts every thread of this process: it is blind to the model waiting for input, but far less moved by
+    other processes on a shared machine than wall time.
+    """
+    import keras
+
+    from pipeline import speed
+    from pipeline import train as train_lib
+
+    keras.utils.set_random_seed(config.seed)
+    model, _ = train_lib.compiled_model(config, data, speed.steps_per_execution(config, data.num_train))
+    wall, cpu = [], []
+
+    class Clock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            wall.append(time.perf_counter() - self.wall)
+            cpu.append(time.process_time() - self.cpu)
+
+    model.fit(data.train_dataset(config.batch, seed=config.seed), epochs=config.epochs, callbacks=[Clock()],
+              validation_data=data.eval_dataset("val", config.batch) if validation else None, verbose=0)
+    return statistics.mean(wall[1:]), statistics.mean(cpu[1:])
+
+
+def pipeline_seconds(config, data) -> float:
+    """Mean seconds of iterating the training batches of one epoch, epochs 1.. (epoch 0 warms the pipeline up)."""
+    times = []
+    for epoch in range(config.epochs):
+        start = time.perf_counter()
+        for _ in data.train_dataset(config.batch, seed=config.seed, epoch=epoch):
+            pass
+        times.append(time.perf_counter() - start)
+    return statistics.mean(times[1:])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="", help="folder:PATH or a prepared TFDS name (default: digits as PNGs)")
+    parser.add_argument("--data-dir", default="", help="TFDS data directory")
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per measurement; the first is not timed")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.epochs < 2 or args.rounds < 1:
+        parser.error("--epochs must be >= 2 and --rounds >= 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = args.dataset or write_digits_folder(os.path.join(tmp, "digits"))
+        base = dataclasses.replace(config_lib.Config(), dataset=dataset, data_dir=args.data_dir, model=args.model,
+                                   batch=args.batch, epochs=args.epochs)
+        config_lib.validate(base)
+        variants = {"memory": base, "stream": dataclasses.replace(base, input="stream"),
+                    "stream --cache-dir": dataclasses.replace(base, input="stream", cache_dir=os.path.join(tmp, "cache"))}
+        return measure(variants, args.rounds)
+
+
+def measure(variants: dict, rounds: int) -> int:
+    from pipeline import inputs
+
+    data = {name: inputs.load(config) for name, config in variants.items()}  # the cache is filled here
+    memory, config = data["memory"], variants["memory"]
+    examples = (memory.num_train // config.batch) * config.batch
+    print(f"{memory.source}: {memory.num_train} training examples {memory.input_shape}, augmentation "
+          f"{memory.augmentation}; {config.model}, batch {config.batch}", flush=True)
+    streams = [name for name in variants if name != "memory"]
+    consumed, piped = [], {name: [] for name in streams}
+    trained = {name: [] for name in variants}  # (wall, cpu) per round
+    for round_index in range(rounds):
+        consumed.append(fit_epochs(config, memory, validation=False)[0])
+        for name in streams:
+            piped[name].append(pipeline_seconds(variants[name], data[name]))
+        # Every other round in reverse order, so that a machine that speeds up or slows down favours no variant.
+        for name in list(variants)[::-1 if round_index % 2 else 1]:
+            trained[name].append(fit_epochs(variants[name], data[name], validation=True))
+        print(f"round {round_index + 1}: s per epoch: model on memory {consumed[-1]:.3f}, "
+              + ", ".join(f"pipeline alone {k} {v[-1]:.3f}" for k, v in piped.items()) + "; training wall/CPU "
+              + ", ".join(f"{k} {v[-1][0]:.3f}/{v[-1][1]:.3f}" for k, v in trained.items()), flush=True)
+    rate = {"model": examples / statistics.mean(consumed)}
+    rate.update({name: examples / statistics.mean(values) for name, values in piped.items()})
+    wall = {name: statistics.mean(w for w, _ in values) for name, values in trained.items()}
+    cpu = {name: statistics.mean(c for _, c in values) for name, values in trained.items()}
+    print(f"\n{'measurement':76s} {'value':>8s}")
+    print(f"{'model consumption: model.fit on in-memory tensors (examples/s)':76s} {rate['model']:8.0f}")
+    for name in streams:
+        print(f"{'input pipeline alone, --input ' + name + ' (examples/s)':76s} {rate[name]:8.0f}")
+    for name in variants:
+        print(f"{'training epoch (fit with validation), --input ' + name + ': wall s / CPU s':76s} "
+              f"{wall[name]:8.3f} / {cpu[name]:.3f}")
+    print(f"\n{'ratio':76s} {'value':>8s} {'goal':>8s}")
+    for name in streams:
+        print(f"{'input pipeline (' + name + ') / model consumption':76s} {rate[name] / rate['model']:8.2f} "
+              f"{'>= 3':>8s}")
+    for name in streams:
+        print(f"{'training speed, ' + name + ' vs memory (memory wall time / its wall time)':76s} "
+              f"{wall['memory'] / wall[name]:8.2f} {'>= 0.97':>8s}")
+        print(f"{'  the same in process CPU time (memory CPU time / its CPU time)':76s} {cpu['memory'] / cpu[name]:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
