@@ -8,6 +8,7 @@ returns, per step, in its logs:
 
     REPLICA_NORM_SQ  (1 / R) sum_r |g_r|^2     the mean squared norm of a gradient over b examples
     GLOBAL_NORM_SQ   |(1 / R) sum_r g_r|^2      the squared norm of the gradient over all B examples
+    GLOBAL_BATCH     B                          the examples of the step, over all replicas
 
 from which callbacks/replica_gradient_stats.py estimates the gradient noise (McCandlish et al. 2018, app. A).
 Keras' compute_loss scales each replica's loss by 1 / R (its gradients sum to the global mean in the all-reduce),
@@ -21,8 +22,8 @@ no public way to read its result (benchmarks/replica_gradient_stats.py measures 
 import keras
 import tensorflow as tf
 
-REPLICA_NORM_SQ, GLOBAL_NORM_SQ = "grad/replica_norm_sq", "grad/global_norm_sq"
-STEP_KEYS = (REPLICA_NORM_SQ, GLOBAL_NORM_SQ)
+REPLICA_NORM_SQ, GLOBAL_NORM_SQ, GLOBAL_BATCH = "grad/replica_norm_sq", "grad/global_norm_sq", "grad/global_batch"
+STEP_KEYS = (REPLICA_NORM_SQ, GLOBAL_NORM_SQ, GLOBAL_BATCH)
 
 
 class ReplicaNormsModel(keras.Model):
@@ -48,22 +49,24 @@ class ReplicaNormsModel(keras.Model):
                 metric.update_state(loss * replicas, sample_weight=examples)
         variables = self.trainable_weights
         gradients = tape.gradient(scaled, variables)
-        norms = self._norms(gradients, self.optimizer.scale_loss(tf.constant(1.0)), replicas, context)
+        norms = self._norms(gradients, self.optimizer.scale_loss(tf.constant(1.0)), examples, replicas, context)
         self.optimizer.apply_gradients(zip(gradients, variables))
         return {**self.compute_metrics(x, y, y_pred, sample_weight=sample_weight), **norms}
 
     @staticmethod
-    def _norms(gradients, loss_scale, replicas, context):
-        """STEP_KEYS of one step, identical on every replica (both are all-reduced)."""
+    def _norms(gradients, loss_scale, examples, replicas, context):
+        """STEP_KEYS of one step, identical on every replica (all are all-reduced)."""
         present = [tf.convert_to_tensor(g) for g in gradients if g is not None]
         # This replica's gradient over its b examples: the gradient of loss * loss_scale / R, times R / loss_scale.
         unscale = tf.cast(replicas, tf.float32) / tf.cast(loss_scale, tf.float32)
         local = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in present]) * unscale**2
         # One collective: the sum over replicas of the scaled gradients (the global mean gradient, times the loss
-        # scale) and of local / R (the mean of the replicas' squared norms).
-        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, present + [local / replicas])
+        # scale), of local / R (the mean of the replicas' squared norms) and of the examples.
+        scalars = tf.stack([local / replicas, tf.cast(examples, tf.float32)])
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, present + [scalars])
         total = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in summed[:-1]])
-        return {REPLICA_NORM_SQ: summed[-1], GLOBAL_NORM_SQ: total / tf.cast(loss_scale, tf.float32) ** 2}
+        return {REPLICA_NORM_SQ: summed[-1][0], GLOBAL_NORM_SQ: total / tf.cast(loss_scale, tf.float32) ** 2,
+                GLOBAL_BATCH: summed[-1][1]}
 
 
 def with_replica_norms(model):

@@ -16,7 +16,7 @@ import tensorflow as tf
 from models import Norm, build_model
 from pipeline import config as config_lib
 from pipeline import data as data_lib
-from pipeline import optim, train
+from pipeline import callback_list, optim
 
 CHECKED_STEPS = (40, 150, 390)
 
@@ -75,7 +75,7 @@ def digits_run(tmp_path_factory):
                         variance=data.variance)
     schedule = optim.learning_rate(config, [(0, data.num_train // config.batch)])
     model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy")
-    (instrument,) = train.instruments(config, data, model, str(tmp_path_factory.mktemp("run")))
+    (instrument,) = callback_list.instruments(config, data, model, str(tmp_path_factory.mktemp("run")))
     truth = BruteForce(instrument, x, y)
     model.fit(data.train_dataset(config.batch, seed=config.seed), epochs=config.epochs,
               callbacks=[instrument, truth], verbose=0)

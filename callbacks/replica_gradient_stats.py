@@ -1,0 +1,107 @@
+"""Gradient noise scale from the replicas of data-parallel training, at every step, without extra forward passes.
+
+With R >= 2 replicas every training step computes R gradients over b = B / R examples and their all-reduced mean
+over B; callbacks/replica_norms.py's training step reports their squared norms, and noise_estimates'
+two_batch_estimates turns each step's pair into unbiased tr(Sigma) and |G|^2 at that step's weights (McCandlish et
+al. 2018, app. A.1, as AdaptDL does). On one device, callbacks/gradient_stats.py measures on fresh batches instead.
+
+Records: every `every_n_steps` steps, the mean of the per-step estimates since the previous record is one
+measurement (noise_estimates.step_means: intervals from the steps' sample variance, t with K - 1 degrees of freedom)
+in the record format of gradient_stats' docstring (grad_stats.jsonl, batch and epoch logs, TensorBoard), with
+"source": "replicas", "replicas": R, "micro_batch_size": b, "micro_batches": R K (the replica slices used),
+"steps_pooled": K, "degrees_of_freedom": K - 1, and no per-variable values (only totals are all-reduced). The
+`_smoothed` keys pool the records of the last `window` fraction of the steps so far, as on one device.
+
+Smoothing and its drift bias: one step's estimate is very noisy (with R = 2 its |G|^2 is g_1 . g_2, whose standard
+deviation is about sqrt(tr(Sigma^2)) / b, far above |G|^2 once B_simple >> b), so the values pool many steps:
+REPLICA_WINDOW, the last 25% of the steps so far. The pooled value estimates the mean of tr(Sigma) and |G|^2 over
+the window's weights, not their value at its last step; the difference is the drift over the window (measured in
+tests/test_replica_gradient_stats.py on the digits CNN against per-example gradients at the window's first and last
+steps). The intervals cover the estimation noise only, not this drift.
+
+Cost: no extra forward or backward pass; the training step computes the squared norms and does one more all-reduce
+of the gradients (benchmarks/replica_gradient_stats.py). Steps are counted by the optimizer's iterations; the
+gradient of step s is taken at the weights after s - 1 updates.
+"""
+
+import math
+
+import numpy as np
+
+from callbacks import noise_estimates
+from callbacks.noise_records import NoiseRecords
+from callbacks.replica_norms import REPLICA_NORM_SQ, STEP_KEYS
+from callbacks.timing import timed
+
+# The smoothed keys pool the records of the last 25% of the steps so far (see the module docstring).
+REPLICA_WINDOW = 0.25
+
+
+class ReplicaGradientStatistics(NoiseRecords):
+    """Every `every_n_steps` steps, records the gradient noise of the steps since the last record (module docstring).
+
+    The model must be trained with callbacks.replica_norms' training step (`with_replica_norms(model)`) under a
+    strategy with `replicas` >= 2 replicas, one step per execution. The per-step values are taken out of the batch
+    and epoch logs (later callbacks do not see them); records go where NoiseRecords writes them.
+    """
+
+    def __init__(self, replicas, every_n_steps=100, *, batch_size, population=None, window=REPLICA_WINDOW,
+                 log_dir=None, out_path=None):
+        """Args:
+        replicas: R, the replicas of the strategy (over all workers), >= 2.
+        every_n_steps: Steps pooled per record, >= 2.
+        batch_size: The run's batch size B (after gradient accumulation) for grad/batch_std and grad/snr.
+        population: Examples in the training split the batches are drawn from without replacement (the
+            finite-population term of noise_estimates), or None.
+        window: The smoothed keys pool the records at steps >= (1 - window) * step, in (0, 1].
+        log_dir: TensorBoard directory (events go to log_dir/gradients), or None.
+        out_path: JSON-lines file, one record per measurement, or None.
+        """
+        if not isinstance(replicas, int) or replicas < 2:
+            raise ValueError(f"replicas: needs at least 2 replicas (one device: GradientStatistics), got {replicas!r}")
+        if int(every_n_steps) < 2:
+            raise ValueError(f"every_n_steps: a record pools at least 2 steps, got {every_n_steps!r}")
+        super().__init__(every_n_steps, batch_size, population=population, window=window, log_dir=log_dir,
+                         out_path=out_path)
+        self.replicas = replicas
+        self._traces, self._norms_sq, self._batches = [], [], []
+
+    def on_train_begin(self, logs=None):
+        if int(getattr(self.model, "steps_per_execution", 1) or 1) != 1:
+            raise ValueError("model: compile it with steps_per_execution=1; the replica statistics are per step")
+        super().on_train_begin(logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        due = self._steps.batch_end(self.model, batch)
+        if logs is None or REPLICA_NORM_SQ not in logs:
+            raise ValueError(f"model: its training step returns no {REPLICA_NORM_SQ!r}; build it with "
+                             "callbacks.replica_norms.with_replica_norms(model)")
+        small, big, global_batch = (logs.pop(key) for key in STEP_KEYS)
+        big_batch = int(round(global_batch))
+        trace, norm_sq = noise_estimates.two_batch_estimates(small, big, big_batch // self.replicas, big_batch,
+                                                            self.population)
+        if math.isfinite(trace) and math.isfinite(norm_sq):  # a skipped mixed_float16 step has no gradient
+            self._traces.append(float(trace))
+            self._norms_sq.append(float(norm_sq))
+            self._batches.append(big_batch)
+        if due and len(self._traces) >= 2:
+            self._measure(self._steps.step)
+            logs.update(self._latest)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key in STEP_KEYS:  # Keras' epoch logs are the last step's logs when a step returns extra keys
+            (logs or {}).pop(key, None)
+        super().on_epoch_end(epoch, logs)
+
+    @timed
+    def _measure(self, step):
+        """The record of the steps since the last one (NoiseRecords._record)."""
+        raw = noise_estimates.step_means(self._traces, self._norms_sq, self.batch_size)
+        steps = len(self._traces)
+        big_batch = int(np.median(self._batches))
+        fields = {"batch_size": self.batch_size, "micro_batch_size": big_batch // self.replicas,
+                  "micro_batches": self.replicas * steps, "population": self.population, "source": "replicas",
+                  "replicas": self.replicas, "steps_pooled": steps, "degrees_of_freedom": raw.pop("degrees_of_freedom")}
+        self._traces, self._norms_sq, self._batches = [], [], []
+        self._record(step, raw, fields)
+
