@@ -86,3 +86,73 @@ def test_rejects_bad_arguments_and_a_model_without_replica_norms():
     x, y = np.zeros((8, 3), np.float32), np.zeros(8, np.int32)
     with pytest.raises(ValueError, match="with_replica_norms"):
         model.fit(x, y, batch_size=4, callbacks=[ReplicaGradientStatistics(2, batch_size=4)], verbose=0)
+
+
+# The mirrored run: BN-free CNN on the digits with 431 training examples (13 steps per epoch), global batch 32 on 2
+# replicas, a record every 10 steps, and the brute-force truth at each of the first 100 steps' weights.
+EPOCHS, EVERY, TRUTH_STEPS = 8, 10, 100
+POOLED = 4  # records pooled by noise_estimates.pool for the checks below: windows of 40 steps
+CHECKED = (40, 70, 100)  # last steps of the checked windows
+
+
+@pytest.fixture(scope="module")
+def mirrored_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("replicas") / "run.json"
+    steps = ",".join(str(step) for step in range(1, TRUTH_STEPS + 1))
+    environment = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "replica_training_run.py"), str(out),
+                             str(EPOCHS), str(EVERY), steps], env=environment, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out) as f:
+        run = json.load(f)
+    run["truth"] = {int(step): values for step, values in run["truth"].items()}
+    return run
+
+
+def _truth_over(run, first, last):
+    """The quantities a record of steps first..last estimates: the mean of tr(Sigma) and |G|^2 over their weights."""
+    trace = np.mean([run["truth"][step]["trace_cov"] for step in range(first, last + 1)])
+    norm_sq = np.mean([run["truth"][step]["norm_sq"] for step in range(first, last + 1)])
+    return {"trace_cov": trace, "norm_sq": norm_sq, "noise_scale": trace / norm_sq}
+
+
+def test_weights_are_those_of_training_without_the_statistics(mirrored_run):
+    # The same run with the model's own Keras train_step, in the same process: identical weights.
+    assert mirrored_run["weight_difference"] <= 1e-6
+
+
+def test_a_record_every_10_steps_from_both_replicas(mirrored_run):
+    history = mirrored_run["history"]
+    assert mirrored_run["replicas"] == 2 and mirrored_run["num_train"] == 431
+    assert [r["step"] for r in history] == list(range(EVERY, EPOCHS * (431 // 32) + 1, EVERY))
+    assert {(r["source"], r["micro_batch_size"], r["micro_batches"], r["steps_pooled"], r["population"])
+            for r in history} == {("replicas", 16, 2 * EVERY, EVERY, 431)}
+
+
+@pytest.mark.parametrize("last", CHECKED)
+def test_pooled_records_match_brute_force_over_their_steps(mirrored_run, last):
+    records = [r for r in mirrored_run["history"] if last - POOLED * EVERY < r["step"] <= last]
+    pooled = noise_estimates.pool(records, batch_size=32)
+    truth = _truth_over(mirrored_run, last - POOLED * EVERY + 1, last)
+    for key, tolerance in (("trace_cov", 1.5), ("norm_sq", 2.0), ("noise_scale", 2.0)):
+        ratio = pooled[key] / truth[key]
+        assert 1 / tolerance <= ratio <= tolerance, (key, ratio, pooled[key], truth[key])
+    assert not pooled["noise_scale_is_lower_bound"]
+    at_last = mirrored_run["truth"][last]
+    print(f"steps {last - POOLED * EVERY + 1}-{last}: pooled / truth over the window: "
+          + ", ".join(f"{key} {pooled[key] / truth[key]:.2f}" for key in truth)
+          + "; drift, truth over the window / truth at its last step: "
+          + ", ".join(f"{key} {truth[key] / at_last[key]:.2f}" for key in truth))
+
+
+@pytest.mark.parametrize("key", ["trace_cov", "norm_sq", "noise_scale"])
+def test_record_intervals_hold_the_truth_of_their_steps(mirrored_run, key):
+    inside = []
+    for r in mirrored_run["history"]:
+        if r["step"] > TRUTH_STEPS:
+            continue
+        truth = _truth_over(mirrored_run, r["step"] - r["steps_pooled"] + 1, r["step"])[key]
+        hi = r[f"grad/{key}_hi"] if r[f"grad/{key}_hi"] is not None else np.inf
+        inside.append(r[f"grad/{key}_lo"] <= truth <= hi)
+    assert len(inside) == TRUTH_STEPS // EVERY and np.mean(inside) >= 0.8, inside
