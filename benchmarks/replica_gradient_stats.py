@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                 run_dir = os.path.join(scratch, f"{name}-{round_}")
                 result = subprocess.run([sys.executable, "-m", "pipeline.train", *flags, "--grad-stats-every",
                                          str(every), "--run-dir", run_dir], cwd=ROOT, env=environment,
-                                        capture_output=True, text=True)
+                                        capture_output=True, text=True, check=False)
                 if result.returncode != 0:
                     print(f"{name} run failed:\n{result.stderr[-2000:]}", file=sys.stderr)
                     return 1

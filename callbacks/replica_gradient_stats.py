@@ -42,7 +42,6 @@ from callbacks.replica_norms import REPLICA_NORM_SQ, STEP_KEYS
 from callbacks.timing import timed
 
 
-
 class ReplicaGradientStatistics(NoiseRecords):
     """Every `every_n_steps` steps, records the gradient noise of the steps since the last record (module docstring).
 
@@ -83,7 +82,7 @@ class ReplicaGradientStatistics(NoiseRecords):
             raise ValueError(f"model: its training step returns no {REPLICA_NORM_SQ!r}; build it with "
                              "callbacks.replica_norms.with_replica_norms(model)")
         small, big, global_batch = (logs.pop(key) for key in STEP_KEYS)
-        big_batch = int(round(global_batch))
+        big_batch = round(global_batch)
         trace, norm_sq = noise_estimates.two_batch_estimates(small, big, big_batch // self.replicas, big_batch,
                                                             self.population)
         if math.isfinite(trace) and math.isfinite(norm_sq):  # a skipped mixed_float16 step has no gradient

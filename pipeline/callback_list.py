@@ -8,7 +8,6 @@ from pipeline import config as config_lib
 from pipeline import distribute
 from pipeline.config import Config
 
-
 # Training examples whose predictions LearningDynamics follows at each epoch end (Toneva et al. 2019 use the
 # whole set). A look costs ~0.1 of a training step per example (ResNet-20 on digits: ~12 ms for 258 examples
 # against a 0.6 s epoch), so a tenth of the training set costs ~1% of an epoch; at most 1000 examples.

@@ -4,8 +4,8 @@ Run by tests/test_replica_gradient_stats.py in a subprocess of its own (logical 
 TensorFlow initializes): `python tests/replica_training_run.py OUT.json EPOCHS STEP,STEP,...`. Trains the BN-free CNN
 on the digits (batch 32, SGD lr 0.05, every 10 steps a record) with callbacks/replica_gradient_stats.py and, before
 each listed step s, computes tr(Sigma), |G|^2 and B_simple of the whole training split at the weights the step's
-gradient is taken at (after s - 1 updates) from per-example gradients, each from its own tape on a one-example
-batch (tf.vectorized_map), not from the replicas' norms. Then trains the same run again without the statistics and
+gradient is taken at (after s - 1 updates) from per-example gradients (tests/brute_force.py), not from the replicas'
+norms. Then trains the same run again without the statistics and
 writes the largest absolute difference of the final weights.
 """
 
@@ -17,10 +17,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from brute_force import PopulationStatistics  # noqa: E402
 
 from pipeline import callback_list, distribute, train  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
@@ -33,7 +34,7 @@ class BruteForce(keras.callbacks.Callback):
     def __init__(self, x, y, steps):
         super().__init__()
         self.x, self.y, self.steps, self.truth, self.seconds = x, y, set(steps), {}, 0.0
-        self._sums = None
+        self._statistics = None
 
     def on_train_batch_begin(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy()) + 1
@@ -43,28 +44,9 @@ class BruteForce(keras.callbacks.Callback):
             self.seconds += time.perf_counter() - started
 
     def _population_statistics(self):
-        model, variables = self.model, self.model.trainable_variables
-        if self._sums is None:
-            @tf.function(reduce_retracing=True)
-            def sums(xb, yb):
-                def one_example(example):
-                    xi, yi = example
-                    with tf.GradientTape() as tape:
-                        loss = keras.losses.sparse_categorical_crossentropy(yi[None], model(xi[None]))[0]
-                    return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(loss, variables)], 0)
-
-                g = tf.cast(tf.vectorized_map(one_example, (xb, yb)), tf.float64)
-                return tf.reduce_sum(g, 0), tf.reduce_sum(tf.square(g), 0)
-
-            self._sums = sums
-        n, total, squares = len(self.x), 0.0, 0.0
-        for i in range(0, n, 512):
-            s, sq = self._sums(self.x[i : i + 512], self.y[i : i + 512])
-            total, squares = total + s.numpy(), squares + sq.numpy()
-        mean = total / n
-        trace = float(np.sum(squares - n * mean**2) / (n - 1))  # sum over parameters of the unbiased variance
-        norm_sq = float(mean @ mean)
-        return {"trace_cov": trace, "norm_sq": norm_sq, "noise_scale": trace / norm_sq}
+        if self._statistics is None:
+            self._statistics = PopulationStatistics(self.model, self.x, self.y, chunk=512)
+        return self._statistics()
 
 
 def run(config, data, strategy, topology, callbacks_for):
