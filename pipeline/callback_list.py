@@ -35,7 +35,9 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
         from callbacks.replica_gradient_stats import ReplicaGradientStatistics
 
         with config_lib.as_flag_error("grad_stats_every"):
-            result.append(ReplicaGradientStatistics(replicas, grad_every, batch_size=config.batch * config.accumulate,
+            # A record pools at least 2 steps (its interval comes from their scatter).
+            result.append(ReplicaGradientStatistics(replicas, max(2, grad_every),
+                                                    batch_size=config.batch * config.accumulate,
                                                     population=data.num_train, log_dir=tensorboard_dir,
                                                     out_path=out_path))
     elif grad_every:
