@@ -3,7 +3,8 @@
 With R >= 2 replicas every training step computes R gradients over b = B / R examples and their all-reduced mean
 over B; callbacks/replica_norms.py's training step reports their squared norms, and noise_estimates'
 two_batch_estimates turns each step's pair into tr(Sigma) and |G|^2 at that step's weights (McCandlish et al. 2018,
-app. A.1, as AdaptDL does; unbiased for the examples the step's batch is drawn from, see below). On one device, callbacks/gradient_stats.py measures on fresh batches instead.
+app. A.1, as AdaptDL does; unbiased for the examples the step's batch is drawn from, see below). On one device,
+callbacks/gradient_stats.py measures on fresh batches instead.
 
 Records: every `every_n_steps` steps (the pipeline's automatic interval: 100), the mean of the per-step estimates
 since the previous record is one measurement (noise_estimates.step_means: intervals from the steps' sample

@@ -224,8 +224,8 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
     if topology.workers == 1:
         measuring = callback_list.instruments(config, data, model, run_dir, bn_batch, topology.replicas)
     else:
-        measuring = callback_list.instruments(dataclasses.replace(config, bn_stats_every=0, dynamics=False), data, model, run_dir,
-                                replicas=topology.replicas)
+        gradients_only = dataclasses.replace(config, bn_stats_every=0, dynamics=False)
+        measuring = callback_list.instruments(gradients_only, data, model, run_dir, replicas=topology.replicas)
     if config.target_accuracy and topology.workers == 1:
         measuring.append(callback_list.target_check(config, data, run_dir, measuring))
     callbacks = callback_list.build(config, data, run_dir, schedule, strategy, topology, measuring)

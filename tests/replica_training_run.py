@@ -54,8 +54,8 @@ def run(config, data, strategy, topology, callbacks_for):
     with strategy.scope():
         model, _ = train.compiled_model(config, data, replica_norms=callbacks_for is not None)
     callbacks = callbacks_for(model) if callbacks_for else []
-    train_data = distribute.distribute_train(strategy, topology, lambda: data.train_dataset(config.batch, seed=config.seed),
-                                             config.batch)
+    train_data = distribute.distribute_train(
+        strategy, topology, lambda: data.train_dataset(config.batch, seed=config.seed), config.batch)
     started = time.perf_counter()
     model.fit(train_data, epochs=config.epochs, shuffle=False, callbacks=callbacks, verbose=0)
     return model, callbacks, time.perf_counter() - started
@@ -79,7 +79,8 @@ def main(out_path, epochs, every, steps):
     plain, _, plain_seconds = run(config, data, strategy, topology, None)
     difference = max(float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(measured.weights, plain.weights))
     with open(out_path, "w") as f:
-        json.dump({"history": instrument.history, "num_train": data.num_train, "truth": {str(k): v for k, v in truth.truth.items()},
+        json.dump({"history": instrument.history, "num_train": data.num_train,
+                   "truth": {str(k): v for k, v in truth.truth.items()},
                    "weight_difference": difference, "replicas": topology.replicas, "fit_seconds": seconds,
                    "truth_seconds": truth.seconds, "plain_fit_seconds": plain_seconds}, f, default=float)
 

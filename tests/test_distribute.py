@@ -144,8 +144,8 @@ def _max_difference(a: dict, b: dict) -> float:
     return difference
 
 
-STEPS = ["--epochs", "2", "--max-steps", "16"]
-GRAD_STATS = ["--grad-stats-every", "4"]  # a record of the replicas' gradient statistics every 4 steps  # two epochs of 8 steps: a checkpoint, a new epoch's order
+STEPS = ["--epochs", "2", "--max-steps", "16"]  # two epochs of 8 steps: a checkpoint, a new epoch's order
+GRAD_STATS = ["--grad-stats-every", "4"]  # a record of the replicas' gradient statistics every 4 steps
 # One-device references, each a norm flag set: BN-free; BatchNorm over the global batch of 32; ghost BatchNorm over
 # virtual batches of 16, which are exactly what each of two replicas normalizes over with per-replica BatchNorm.
 REFERENCES = {"none": ["--norm", "none"], "batch": ["--norm", "batch"],

@@ -101,8 +101,8 @@ def mirrored_run(tmp_path_factory):
     steps = ",".join(str(step) for step in range(1, TRUTH_STEPS + 1))
     environment = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "replica_training_run.py"), str(out),
-                             str(EPOCHS), str(EVERY), steps], env=environment, capture_output=True, text=True, check=False,
-                            timeout=1200)
+                             str(EPOCHS), str(EVERY), steps], env=environment, capture_output=True, text=True,
+                            check=False, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out) as f:
         run = json.load(f)
