@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from callbacks import timing
     from models import Norm, build_model
     from pipeline import data as data_lib
-    from pipeline import optim, train
+    from pipeline import callback_list, optim
 
     class EpochTimer(keras.callbacks.Callback):
         def __init__(self, instruments):
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                 schedule = optim.learning_rate(config, [(0, steps_per_epoch)])
                 model.compile(optimizer=optim.build_optimizer(config, schedule),
                               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-                instruments = train.instruments(config, data, model, run_dir)
+                instruments = callback_list.instruments(config, data, model, run_dir)
                 if micro_batches:
                     instruments[0].micro_batches = micro_batches
                 timer = EpochTimer(instruments)

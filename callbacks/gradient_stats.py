@@ -41,20 +41,16 @@ Speed: a measurement computes the gradients of M * b fresh examples, M times the
 training step at b = B (see benchmarks/instrument_overhead.py and the README's Benchmarks).
 """
 
-import json
 import math
-import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from callbacks import noise_estimates
-from callbacks.checked_io import finite_or_none
-from callbacks.events import EventWriter
 from callbacks.micro_batches import MicroBatchGradients
-from callbacks.noise_estimates import KEYS
-from callbacks.steps import Steps
+from callbacks.noise_estimates import KEYS  # noqa: F401  (the keys of a record, here with the record's docstring)
+from callbacks.noise_records import EPOCH_KEYS, FLAGS, SUFFIXES, WINDOW, NoiseRecords, prefixed  # noqa: F401
 from callbacks.timing import timed
 
 # Examples per measurement by default: M = max(MIN_MICRO_BATCHES, ceil(EXAMPLES / b)) micro-batches of b = B. Chosen
@@ -62,13 +58,6 @@ from callbacks.timing import timed
 # the digits CNN was indistinguishable from zero in most measurements after the first epoch, with 1024 every
 # checked value was within 1.5x of the truth.
 EXAMPLES, MIN_MICRO_BATCHES = 1024, 8
-# The smoothed keys pool the measurements of the last 5% of the steps so far. Short, because single measurements
-# are precise and the statistics themselves change fast: on the digits CNN tr(Sigma) moved 4x within 10 steps, and
-# a window of 25% put the smoothed tr(Sigma) at 2.7x the truth.
-WINDOW = 0.05
-SUFFIXES = ("", "_lo", "_hi", "_smoothed", "_smoothed_lo", "_smoothed_hi")
-FLAGS = ("grad/noise_scale_is_lower_bound", "grad/noise_scale_smoothed_is_lower_bound")
-EPOCH_KEYS = tuple(f"grad/{key}{suffix}" for suffix in SUFFIXES for key in KEYS) + FLAGS + ("grad/step",)
 
 
 def estimate(model, x, y, *, micro_batch_size=1, batch_size=None, sample_weight=None, population=None):
@@ -97,16 +86,7 @@ def estimate(model, x, y, *, micro_batch_size=1, batch_size=None, sample_weight=
     data = tf.nest.map_structure(lambda t: t[: micro_batches * micro_batch_size], data)
     gram, norm_sq, trace, _ = gradients(data, seed_offset=0, population=population)
     totals = noise_estimates.measurement(gram, micro_batch_size, batch_size or n, population)
-    return {**_prefixed(totals), "variables": _per_variable(gradients.paths, norm_sq, trace, batch_size or n)}
-
-
-def _prefixed(values, suffix=""):
-    """noise_estimates' {"trace_cov_lo": v, ...} as {"grad/trace_cov<suffix>_lo": v, ...}."""
-    result = {}
-    for name, value in values.items():
-        key = next((key for key in KEYS if name.startswith(key)), name)
-        result[f"grad/{key}{suffix}{name[len(key):]}"] = value
-    return result
+    return {**prefixed(totals), "variables": _per_variable(gradients.paths, norm_sq, trace, batch_size or n)}
 
 
 def _per_variable(paths, norm_sq, trace, batch_size):
@@ -132,18 +112,13 @@ def _check_micro_batches(micro_batch_size, micro_batches, examples):
         )
 
 
-class GradientStatistics(keras.callbacks.Callback):
+class GradientStatistics(NoiseRecords):
     """At step 0 and every `every_n_steps` steps, measures the statistics of the module docstring on fresh batches.
 
     Step 0 (before the first update of a run; not again when a run resumes) is the noise at initialization, and
-    it compiles the measuring function before training starts. The raw and smoothed totals with their intervals go
-    into the batch `logs` of the measured step (Keras passes one logs dict to all callbacks in list order, so
-    callbacks listed after this one see them); into the epoch logs, EPOCH_KEYS, with "grad/step" the step of the
-    measurement reported, and NaN in every key for an epoch without a new measurement (stable columns for
-    CSVLogger; drop NaN keys before TensorBoard and the console to show only measured values); to TensorBoard under
-    log_dir/gradients (totals with intervals, per-variable scalars and histograms of the mean gradient and of the
-    per-example gradient std); and to out_path as one JSON line per measurement (the record of the module
-    docstring).
+    it compiles the measuring function before training starts. Records go where NoiseRecords writes them: batch and
+    epoch logs (EPOCH_KEYS), out_path and TensorBoard (log_dir/gradients: totals with intervals, per-variable scalars
+    and histograms of the mean gradient and of the per-example gradient std).
     """
 
     def __init__(
@@ -183,16 +158,12 @@ class GradientStatistics(keras.callbacks.Callback):
             measurements, the first included. Default: every 10th, and at least 100 steps apart (for ResNet-20
             they cost ~50 ms).
         """
-        super().__init__()
-        self._steps = Steps(every_n_steps)
-        if not 0.0 < window <= 1.0:
-            raise ValueError(f"window: must be a fraction of the steps so far in (0, 1], got {window!r}")
-        if population is not None and population < 1:
-            raise ValueError(f"population: must be a number of examples >= 1 or None, got {population!r}")
         dataset_batch = tf.nest.flatten(dataset.element_spec)[0].shape[0]
-        self.batch_size = batch_size or dataset_batch
-        if not self.batch_size:
+        batch_size = batch_size or dataset_batch
+        if not batch_size:
             raise ValueError("batch_size: the dataset's batch size is not static (no drop_remainder); pass it")
+        super().__init__(every_n_steps, batch_size, population=population, window=window, log_dir=log_dir,
+                         out_path=out_path)
         self.micro_batch_size = micro_batch_size or self.batch_size
         if not micro_batches:
             micro_batches = max(MIN_MICRO_BATCHES, math.ceil(EXAMPLES / self.micro_batch_size))
@@ -200,27 +171,16 @@ class GradientStatistics(keras.callbacks.Callback):
                 micro_batches = max(3, min(micro_batches, population // self.micro_batch_size))
         self.micro_batches = micro_batches
         _check_micro_batches(self.micro_batch_size, self.micro_batches, self.micro_batch_size * self.micro_batches)
-        self.dataset, self.every_n_steps, self.window = dataset, int(every_n_steps), window
-        self.population = population
-        self.log_dir, self.out_path, self.histograms = log_dir, out_path, histograms
+        self.dataset, self.histograms = dataset, histograms
         self.histogram_every = histogram_every or max(10, math.ceil(100 / self.every_n_steps))
-        self.history = []  # one record per measurement as written to out_path, without the per-variable values
-        self._iterator = self._gradients = self._writer = None
-        self._latest = {}
-        self._epoch, self._measured_this_epoch = 0, False
+        self._iterator = self._gradients = None
 
     def on_train_begin(self, logs=None):
         if self._iterator is None:
             self._iterator = iter(self.dataset.repeat())
         if self._gradients is None or self._gradients.model is not self.model:
             self._gradients = MicroBatchGradients(self.model, self.micro_batch_size, self.micro_batches)
-        if self.log_dir and self._writer is None:
-            self._writer = EventWriter(os.path.join(self.log_dir, "gradients"))
-        self._out = open(self.out_path, "a") if self.out_path else None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch, self._measured_this_epoch = epoch, False
-        self._steps.epoch_begin(self.model)
+        super().on_train_begin(logs)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._steps.step == 0 and not self.history:
@@ -232,46 +192,18 @@ class GradientStatistics(keras.callbacks.Callback):
             if logs is not None:
                 logs.update(self._latest)
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            for key in EPOCH_KEYS:
-                value = self._latest.get(key) if self._measured_this_epoch else None
-                # An unbounded end (B_simple's "_hi" when it is only a lower bound) is NaN too: no number.
-                logs[key] = float(value) if value is not None and math.isfinite(value) else math.nan
-
-    def on_train_end(self, logs=None):
-        if self._out:
-            self._out.close()
-        if self._writer:
-            self._writer.flush()
-
     @timed
     def _measure(self, step):
-        """One measurement at the current weights: pools the window and writes the record everywhere."""
+        """One measurement at the current weights, recorded (NoiseRecords._record)."""
         seed_offset = (len(self.history) + 1) * 1_000_003  # far from the counters the training's dropout reaches
         per_variable = len(self.history) % self.histogram_every == 0
         gram, norm_sq, trace, per_parameter = self._gradients(self._fresh_examples(), seed_offset, self.population)
         raw = noise_estimates.measurement(gram, self.micro_batch_size, self.batch_size, self.population)
-        record = {"step": step, "epoch": self._epoch, "batch_size": self.batch_size,
-                  "micro_batch_size": self.micro_batch_size, "micro_batches": self.micro_batches,
-                  "population": self.population, **_prefixed(raw)}
-        first_step = math.ceil((1 - self.window) * step)
-        smoothed = noise_estimates.pool(self.history + [record], first_step, step, batch_size=self.batch_size)
-        record.update(_prefixed({k: v for k, v in smoothed.items() if k in _POOLED}, "_smoothed"))
-        record.update(smoothed_first_step=smoothed["first_step"], smoothed_measurements=smoothed["measurements"])
-        self._latest = {k: v for k, v in record.items() if k in EPOCH_KEYS}
-        self._latest["grad/step"] = step
-        self._measured_this_epoch = True
-        self.history.append(record)
-        if self._out:
-            variables = _per_variable(self._gradients.paths, norm_sq, trace, self.batch_size) if per_variable else None
-            line = record if variables is None else {**record, "variables": variables}
-            self._out.write(json.dumps(finite_or_none(line)) + "\n")
-            self._out.flush()
-        if self._writer:
-            histograms = per_parameter() if self.histograms and per_variable else ([], [])
-            variables = _per_variable(self._gradients.paths, norm_sq, trace, self.batch_size) if per_variable else {}
-            self._summaries(step, variables, *histograms)
+        fields = {"batch_size": self.batch_size, "micro_batch_size": self.micro_batch_size,
+                  "micro_batches": self.micro_batches, "population": self.population}
+        variables = _per_variable(self._gradients.paths, norm_sq, trace, self.batch_size) if per_variable else None
+        histograms = per_parameter() if self._writer and self.histograms and per_variable else ([], [])
+        self._record(step, raw, fields, variables, histograms)
 
     def _fresh_examples(self):
         """(x, y) or (x, y, sample_weight) of exactly micro_batches * micro_batch_size fresh examples."""
@@ -283,17 +215,3 @@ class GradientStatistics(keras.callbacks.Callback):
         if len(parts) == 1 and count == needed:
             return parts[0]
         return tf.nest.map_structure(lambda *ts: tf.concat(ts, axis=0)[:needed], *parts)
-
-    def _summaries(self, step, variables, means, stds):
-        """Writes the TensorBoard summaries of one measurement as one event (callbacks.events); unbounded interval
-        ends are left out."""
-        scalars = [(name, value) for name, value in self._latest.items() if name != "grad/step" and math.isfinite(value)]
-        for path, values in variables.items():
-            scalars += [(f"grad_variables/{path}/{key}", value) for key, value in values.items()]
-        histograms = []
-        for path, mean, std in zip(self._gradients.paths, means, stds):
-            histograms += [(f"grad_mean/{path}", mean), (f"grad_std/{path}", std)]
-        self._writer.write(step, scalars, histograms)
-
-
-_POOLED = {f"{key}{suffix}" for key in KEYS for suffix in ("", "_lo", "_hi")} | {"noise_scale_is_lower_bound"}

@@ -27,6 +27,21 @@ the examples are drawn with replacement or from a stream). Intervals (confidence
 - batch_std and SNR: monotone functions of tr(Sigma) and of B_simple, so their intervals are the images of those
   intervals (when B_simple is a lower bound, SNR is an upper bound B / X).
 
+Two batch sizes (`two_batch_estimates`, for data-parallel training): a step with R replicas computes R gradients
+over b = B / R examples and their mean over the B examples of the global batch. Both are drawn without replacement
+from the N training examples, so E|g_b|^2 = |G|^2 + tr(Sigma) (1/b - 1/N), and from the replicas' mean squared
+norm S = (1/R) sum_r |g_r|^2 and the global one L = |g_B|^2 (McCandlish et al. 2018, app. A.1, with
+B_small = b and B_big = B; AdaptDL does the same, Qiao et al. 2021, "Pollux"):
+
+    tr(Sigma) = (S - L) / (1/b - 1/B)                                     unbiased at the step's weights
+    |G|^2     = (B L - b S) / (B - b)  +  tr(Sigma) / N                   unbiased likewise
+
+For equal slices these equal the U-statistics above with the R replica gradients as the micro-batches. One step's
+values are very noisy (with R = 2 its |G|^2 is g_1 . g_2), so `step_means` pools K steps: their mean, with
+variances and covariance from the K values' sample (co)variance / K (the steps' batches are disjoint within an
+epoch) and t_{K-1} quantiles. The mean estimates the MEAN of tr(Sigma) and |G|^2 over the K steps' weights, which
+differs from their values at the last step by the drift over the window (callbacks/replica_gradient_stats.py).
+
 Pooled measurements (`pool`): the mean of the K measurements' tr(Sigma) and |G|^2 (each unbiased at its own
 step), their variances sum(s.e._k^2) / K^2 and covariance likewise (the measurements use independent examples),
 normal quantiles when K (M - 1) is large, and the same Fieller interval for B_simple.
@@ -150,7 +165,8 @@ def pool(records, first_step: int = 0, last_step: float = math.inf, *, batch_siz
     """tr(Sigma), |G|^2, B_simple, batch_std and SNR with intervals, pooled over the measurements in a step window.
 
     Args:
-        records: grad_stats.jsonl records (dicts with "step", "micro_batches", "batch_size", "grad/trace_cov",
+        records: grad_stats.jsonl records (dicts with "step", "micro_batches" or "degrees_of_freedom", "batch_size",
+            "grad/trace_cov",
             "grad/norm_sq", "grad/trace_cov_se", "grad/norm_sq_se", "grad/trace_norm_sq_corr").
         first_step, last_step: The window, inclusive, in steps.
         batch_size: B for batch_std and SNR (default: the records' batch_size).
@@ -170,8 +186,45 @@ def pool(records, first_step: int = 0, last_step: float = math.inf, *, batch_siz
     trace_se = np.array([r["grad/trace_cov_se"] for r in chosen], np.float64)
     norm_sq_se = np.array([r["grad/norm_sq_se"] for r in chosen], np.float64)
     correlation = np.array([r.get("grad/trace_norm_sq_corr") or 0.0 for r in chosen], np.float64)
-    q = quantile(sum(r["micro_batches"] - 1 for r in chosen), confidence)
+    q = quantile(sum(r.get("degrees_of_freedom") or r["micro_batches"] - 1 for r in chosen), confidence)
     result = derive(trace.mean(), norm_sq.mean(), np.sum(trace_se**2) / k**2, np.sum(norm_sq_se**2) / k**2,
                     np.sum(correlation * trace_se * norm_sq_se) / k**2, q, batch_size or chosen[-1]["batch_size"])
     result.update(measurements=k, first_step=chosen[0]["step"], last_step=chosen[-1]["step"])
     return result
+
+
+def two_batch_estimates(small_norm_sq, big_norm_sq, small_batch: int, big_batch: int,
+                        population: int | None = None):
+    """Per-step (tr(Sigma), |G|^2) from squared gradient norms at two batch sizes (the module docstring).
+
+    Args:
+        small_norm_sq: S, the mean squared norm of gradients over small_batch examples (array, one per step).
+        big_norm_sq: L, the squared norm of the gradient over big_batch examples at the same steps.
+        small_batch, big_batch: b < B.
+        population: Examples N both batches were drawn from without replacement, or None (infinite).
+    """
+    if not 0 < small_batch < big_batch:
+        raise ValueError(f"small_batch: needs 0 < small_batch < big_batch, got {small_batch} and {big_batch}")
+    small, big = np.asarray(small_norm_sq, np.float64), np.asarray(big_norm_sq, np.float64)
+    trace = (small - big) / (1 / small_batch - 1 / big_batch)
+    norm_sq = (big_batch * big - small_batch * small) / (big_batch - small_batch)
+    return trace, norm_sq + (trace / population if population else 0.0)
+
+
+def step_means(trace, norm_sq, batch_size: int, confidence: float = CONFIDENCE) -> dict:
+    """KEYS with intervals (see derive) of the mean of K >= 2 per-step estimates, with their standard errors.
+
+    Returns:
+        derive's record plus "trace_cov_se", "norm_sq_se", "trace_norm_sq_corr", "degrees_of_freedom" (K - 1).
+    """
+    trace, norm_sq = np.asarray(trace, np.float64), np.asarray(norm_sq, np.float64)
+    k = len(trace)
+    if k < 2 or len(norm_sq) != k:
+        raise ValueError(f"trace: needs at least 2 steps' estimates (and as many of norm_sq), got {k}")
+    covariance = np.cov(np.stack([trace, norm_sq])) / k  # of the means
+    trace_se, norm_sq_se = math.sqrt(covariance[0, 0]), math.sqrt(covariance[1, 1])
+    record = derive(trace.mean(), norm_sq.mean(), covariance[0, 0], covariance[1, 1], covariance[0, 1],
+                    quantile(k - 1, confidence), batch_size)
+    record.update(trace_cov_se=trace_se, norm_sq_se=norm_sq_se, degrees_of_freedom=k - 1,
+                  trace_norm_sq_corr=_correlation(covariance[0, 1], trace_se, norm_sq_se))
+    return record

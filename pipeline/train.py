@@ -75,53 +75,12 @@ def _fill_from_history(summary: Summary, history: list[dict], target: float, rea
         summary.time_to_target_s = rundir.time_to_target(history, reached)
 
 
-# Training examples whose predictions LearningDynamics follows at each epoch end (Toneva et al. 2019 use the
-# whole set). A look costs ~0.1 of a training step per example (ResNet-20 on digits: ~12 ms for 258 examples
-# against a 0.6 s epoch), so a tenth of the training set costs ~1% of an epoch; at most 1000 examples.
-DYNAMICS_FRACTION, DYNAMICS_MAX = 0.1, 1000
-
-
-def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None = None) -> list:
-    """The measuring callbacks that config turns on: gradient and BN statistics, learning dynamics.
-
-    They draw their batches from a dataset object of their own (seed + 1), never from the training iterator.
-    BatchNormStatistics measures batches of bn_batch examples (default: the global batch), the examples that one
-    BN layer normalizes over in training: a replica's slice with --norm batch, the global batch with syncbatch.
-    """
-    import callbacks
-
-    tensorboard_dir = os.path.join(run_dir, "tensorboard")
-    instrument_data = data.stream(config.batch, seed=config.seed + 1)
-    grad_every = config_lib.instrument_interval(config.grad_stats_every)
-    bn_every = config_lib.instrument_interval(config.bn_stats_every)
-    result = []
-    if grad_every:
-        with config_lib.as_flag_error("grad_stats_every"):
-            result.append(callbacks.GradientStatistics(
-                instrument_data, every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
-                population=data.num_train, log_dir=tensorboard_dir,
-                out_path=os.path.join(run_dir, "grad_stats.jsonl")))
-    if bn_every and callbacks.batch_norm_inputs(model):
-        # Population statistics over the un-augmented training examples that precise BN uses.
-        population = data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0)
-        with config_lib.as_flag_error("bn_stats_every"):
-            bn_data = data.stream(bn_batch, seed=config.seed + 1) if bn_batch not in (None, config.batch) else None
-            result.append(callbacks.BatchNormStatistics(bn_data or instrument_data, every_n_steps=bn_every,
-                                                        log_dir=tensorboard_dir, out_dir=run_dir, population=population))
-    if config.dynamics:
-        x, y = data.arrays("train", limit=min(DYNAMICS_MAX, max(1, int(data.num_train * DYNAMICS_FRACTION))))
-        with config_lib.as_flag_error("dynamics"):
-            result.append(callbacks.LearningDynamics(
-                x, y, class_names=data.class_names, log_dir=tensorboard_dir,
-                out_dir=os.path.join(run_dir, "dynamics")))
-    return result
-
-
-def compiled_model(config: Config, data, steps_per_execution: int = 1):
+def compiled_model(config: Config, data, steps_per_execution: int = 1, replica_norms: bool = False):
     """The run's model compiled with its optimizer, loss and accuracy metric; returns (model, lr schedule).
 
     Under a tf.distribute strategy, call it inside strategy.scope(). steps_per_execution: training steps per
-    compiled call (speed.steps_per_execution); config.jit compiles them with XLA.
+    compiled call (speed.steps_per_execution); config.jit compiles them with XLA. replica_norms: the training step
+    also reports the replica gradients' squared norms (callbacks/replica_norms.py; same update and weights).
     """
     from models import Norm, build_model
     from pipeline import optim
@@ -129,6 +88,10 @@ def compiled_model(config: Config, data, steps_per_execution: int = 1):
     norm = Norm(config.norm, ghost_batch=config.ghost_batch, bn_momentum=config.bn_momentum)
     model = build_model(config.model, data.input_shape, data.num_classes, norm, mean=data.mean,
                         variance=data.variance)
+    if replica_norms:
+        from callbacks.replica_norms import with_replica_norms
+
+        model = with_replica_norms(model)
     schedule = optim.learning_rate(config, [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases])
     model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], steps_per_execution=steps_per_execution, jit_compile=config.jit)
@@ -201,8 +164,10 @@ def train(config: Config) -> Summary:
                 "per_replica_batch": topology.per_replica_batch(config.batch),
                 "steps_per_execution": speed.steps_per_execution(config, data.num_train, topology.replicas)}
     speed.set_precision(config)
+    # With replicas, the gradient statistics come from the training step itself (callbacks/replica_norms.py).
+    replica_norms = topology.replicas > 1 and config_lib.instrument_interval(config.grad_stats_every) > 0
     with strategy.scope():
-        model, schedule = compiled_model(config, data, steps_per_execution=parallel["steps_per_execution"])
+        model, schedule = compiled_model(config, data, parallel["steps_per_execution"], replica_norms)
     checkpoints = os.path.join(run_dir, "checkpoints")
     restored = None
     if continuing:  # Another worker restores from a copy: restoring removes unfinished files from its folder.
@@ -252,8 +217,13 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
     from pipeline import callback_list
 
     bn_batch = config.batch if config.norm == "syncbatch" else topology.per_replica_batch(config.batch)
-    # The instruments measure on one device; the multi-worker strategy has no measurement of its own yet.
-    measuring = instruments(config, data, model, run_dir, bn_batch) if topology.workers == 1 else []
+    # Under multiworker only the gradient statistics from the replicas measure (on fresh batches, BN statistics and
+    # dynamics would run on the chief alone).
+    if topology.workers == 1:
+        measuring = callback_list.instruments(config, data, model, run_dir, bn_batch, topology.replicas)
+    else:
+        gradients_only = dataclasses.replace(config, bn_stats_every=0, dynamics=False)
+        measuring = callback_list.instruments(gradients_only, data, model, run_dir, replicas=topology.replicas)
     if config.target_accuracy and topology.workers == 1:
         measuring.append(callback_list.target_check(config, data, run_dir, measuring))
     callbacks = callback_list.build(config, data, run_dir, schedule, strategy, topology, measuring)

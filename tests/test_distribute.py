@@ -145,6 +145,7 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 STEPS = ["--epochs", "2", "--max-steps", "16"]  # two epochs of 8 steps: a checkpoint, a new epoch's order
+GRAD_STATS = ["--grad-stats-every", "4"]  # a record of the replicas' gradient statistics every 4 steps
 # One-device references, each a norm flag set: BN-free; BatchNorm over the global batch of 32; ghost BatchNorm over
 # virtual batches of 16, which are exactly what each of two replicas normalizes over with per-replica BatchNorm.
 REFERENCES = {"none": ["--norm", "none"], "batch": ["--norm", "batch"],
@@ -177,10 +178,14 @@ def _reference(one_device, name: str) -> dict:
 def test_mirrored_over_two_logical_cpus_equals_one_device(one_device, tmp_path, norm, reference):
     # BN-free: the same weights. syncbatch normalizes over the global batch as one device does; per-replica batch
     # norm is ghost batch norm over the replicas' slices, moving statistics included (averaged at epoch ends).
+    # BN-free, with the gradient statistics from the replicas (callbacks/replica_norms.py): the same weights.
     run_dir = str(tmp_path / "run")
+    statistics = GRAD_STATS if norm == "none" else []
     code, _, err = _finish(_train(["--strategy", "mirrored", "--logical-cpus", "2", "--run-dir", run_dir,
-                                   "--norm", norm, *STEPS]))
+                                   "--norm", norm, *STEPS, *statistics]))
     assert code == 0, err[-2000:]
+    if statistics:
+        _check_replica_records(run_dir)
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     assert (summary["strategy"], summary["replicas"], summary["per_replica_batch"]) == ("mirrored", 2, 16)
@@ -192,7 +197,7 @@ def test_mirrored_over_two_logical_cpus_equals_one_device(one_device, tmp_path, 
 def test_two_workers_equal_one_device_and_only_the_chief_writes(one_device, tmp_path, free_ports):
     # The second worker is given a run directory of its own: it must stay untouched (it only reads on --resume).
     chief_dir, other_dir = str(tmp_path / "run"), str(tmp_path / "other")
-    workers = _workers([chief_dir, other_dir], ["--norm", "none", *STEPS], free_ports(2))
+    workers = _workers([chief_dir, other_dir], ["--norm", "none", *STEPS, *GRAD_STATS], free_ports(2))
     results = [_finish(worker) for worker in workers]
     assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
     assert not os.path.exists(other_dir)
@@ -200,6 +205,21 @@ def test_two_workers_equal_one_device_and_only_the_chief_writes(one_device, tmp_
         assert json.load(f)["parallel"] == {"strategy": "multiworker", "replicas": 2, "workers": 2,
                                             "per_replica_batch": 16, "steps_per_execution": 1}
     assert _max_difference(_checkpoint(chief_dir), _reference(one_device, "none")) < TOLERANCE
+    _check_replica_records(chief_dir)
+
+
+def _check_replica_records(run_dir: str) -> None:
+    """The chief's grad_stats.jsonl holds a record from the replicas every 4 steps, and the epoch logs its values
+    but not the training step's per-step norms."""
+    with open(os.path.join(run_dir, "grad_stats.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [4, 8, 12, 16]
+    assert all((r["source"], r["replicas"], r["micro_batch_size"], r["steps_pooled"]) == ("replicas", 2, 16, 4)
+               and r["grad/trace_cov"] > 0 for r in records)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        epochs = [json.loads(line) for line in f]
+    assert epochs[-1]["grad/step"] == 16 and epochs[-1]["grad/trace_cov"] == records[-1]["grad/trace_cov"]
+    assert not any(key in e for e in epochs for key in ("grad/replica_norm_sq", "grad/global_norm_sq"))
 
 
 def test_a_killed_worker_ends_the_other_and_both_resume(tmp_path, free_ports):

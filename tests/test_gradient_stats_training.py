@@ -2,8 +2,7 @@
 
 A BN-free CNN on the digits (batch 32, SGD lr 0.05, the pipeline's defaults otherwise), measured every 10 steps with
 the callback's defaults as pipeline.train wires it. At every measurement, the truth at the same weights comes from
-per-example gradients of all 1293 training examples, each from its own tape on a one-example batch (vectorized
-with tf.vectorized_map, not the callback's micro-batch code).
+per-example gradients of all 1293 training examples (tests/brute_force.py, not the callback's micro-batch code).
 """
 
 import dataclasses
@@ -11,12 +10,12 @@ import dataclasses
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from brute_force import PopulationStatistics
 
 from models import Norm, build_model
+from pipeline import callback_list, optim
 from pipeline import config as config_lib
 from pipeline import data as data_lib
-from pipeline import optim, train
 
 CHECKED_STEPS = (40, 150, 390)
 
@@ -39,29 +38,9 @@ class BruteForce(keras.callbacks.Callback):
             self.truth[self.instrument.history[-1]["step"]] = self._population_statistics()
 
     def _population_statistics(self):
-        variables = self.model.trainable_variables
-
-        @tf.function(reduce_retracing=True)
-        def sums(xb, yb):
-            def one_example(example):
-                xi, yi = example
-                with tf.GradientTape() as tape:
-                    loss = keras.losses.sparse_categorical_crossentropy(yi[None], self.model(xi[None]))[0]
-                return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(loss, variables)], 0)
-
-            g = tf.cast(tf.vectorized_map(one_example, (xb, yb)), tf.float64)
-            return tf.reduce_sum(g, 0), tf.reduce_sum(tf.square(g), 0)
-
-        if not hasattr(self, "_sums"):
-            self._sums = sums
-        n, total, squares = len(self.x), 0.0, 0.0
-        for i in range(0, n, 431):
-            s, sq = self._sums(self.x[i : i + 431], self.y[i : i + 431])
-            total, squares = total + s.numpy(), squares + sq.numpy()
-        mean = total / n
-        trace = float(np.sum(squares - n * mean**2) / (n - 1))  # sum over parameters of the unbiased variance
-        norm_sq = float(mean @ mean)
-        return {"trace_cov": trace, "norm_sq": norm_sq, "noise_scale": trace / norm_sq}
+        if not hasattr(self, "_statistics"):
+            self._statistics = PopulationStatistics(self.model, self.x, self.y)
+        return self._statistics()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +54,7 @@ def digits_run(tmp_path_factory):
                         variance=data.variance)
     schedule = optim.learning_rate(config, [(0, data.num_train // config.batch)])
     model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy")
-    (instrument,) = train.instruments(config, data, model, str(tmp_path_factory.mktemp("run")))
+    (instrument,) = callback_list.instruments(config, data, model, str(tmp_path_factory.mktemp("run")))
     truth = BruteForce(instrument, x, y)
     model.fit(data.train_dataset(config.batch, seed=config.seed), epochs=config.epochs,
               callbacks=[instrument, truth], verbose=0)

@@ -1,0 +1,158 @@
+"""Gradient statistics from the replicas of data-parallel training, against brute force.
+
+The estimators (noise_estimates.two_batch_estimates, step_means) are checked on a synthetic population of
+per-example gradients, drawn as a data-parallel step draws them; the callback and the training step
+(callbacks/replica_norms.py) during a real mirrored run on 2 logical CPUs, in one subprocess
+(tests/replica_training_run.py), against per-example gradients of the whole training split at every step's weights.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from callbacks import noise_estimates
+from callbacks.replica_gradient_stats import ReplicaGradientStatistics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _population(examples=400, dimensions=50, seed=0):
+    """Per-example gradients with a mean G well inside the noise: B_simple ~ 40."""
+    rng = np.random.default_rng(seed)
+    scales = rng.uniform(0.2, 2.0, dimensions)
+    gradients = rng.normal(size=(examples, dimensions)) * scales + 0.15 * rng.normal(size=dimensions)
+    mean = gradients.mean(axis=0)
+    trace = float(np.sum(np.var(gradients, axis=0, ddof=1)))  # Sigma of the population, as the callbacks define it
+    return gradients, trace, float(mean @ mean)
+
+
+def _steps(gradients, steps, replicas, batch, seed=1):
+    """(S, L) of `steps` data-parallel steps: each draws `batch` examples without replacement, split in replicas."""
+    rng = np.random.default_rng(seed)
+    small, big = [], []
+    for _ in range(steps):
+        chosen = gradients[rng.choice(len(gradients), batch, replace=False)]
+        slices = chosen.reshape(replicas, batch // replicas, -1).mean(axis=1)
+        small.append(np.mean(np.sum(slices**2, axis=1)))
+        big.append(np.sum(chosen.mean(axis=0) ** 2))
+    return np.array(small), np.array(big)
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_per_step_estimates_are_unbiased_and_pooled_intervals_cover_the_truth(replicas):
+    gradients, trace, norm_sq = _population()
+    small, big = _steps(gradients, 6000, replicas, 32)
+    traces, norms_sq = noise_estimates.two_batch_estimates(small, big, 32 // replicas, 32, len(gradients))
+    for values, truth in ((traces, trace), (norms_sq, norm_sq)):
+        standard_error = values.std() / np.sqrt(len(values))
+        assert abs(values.mean() - truth) < 4 * standard_error, (values.mean(), truth, standard_error)
+    covered = {"trace_cov": [], "norm_sq": [], "noise_scale": []}
+    for chunk in range(0, 6000, 100):  # pooled windows of 100 steps
+        pooled = noise_estimates.step_means(traces[chunk:chunk + 100], norms_sq[chunk:chunk + 100], 32)
+        for key, truth in (("trace_cov", trace), ("norm_sq", norm_sq), ("noise_scale", trace / norm_sq)):
+            covered[key].append(pooled[f"{key}_lo"] <= truth <= pooled[f"{key}_hi"])
+    for key, inside in covered.items():
+        assert 0.85 <= np.mean(inside), (key, np.mean(inside))
+
+
+def test_two_batch_estimates_equal_the_u_statistics_of_the_replica_gradients():
+    # With the R replica gradients as micro-batches, McCandlish's two-batch estimators are the U-statistics of
+    # noise_estimates.gram_estimates (an identity; R = 4 because the jackknife needs 3 or more).
+    gradients, _, _ = _population()
+    slices = gradients[:32].reshape(4, 8, -1).mean(axis=1)
+    small, big = np.mean(np.sum(slices**2, axis=1)), np.sum(slices.mean(axis=0) ** 2)
+    trace, norm_sq = noise_estimates.two_batch_estimates(small, big, 8, 32, 400)
+    gram = noise_estimates.gram_estimates(slices @ slices.T, 8, 400)
+    np.testing.assert_allclose([trace, norm_sq], [gram["trace_cov"], gram["norm_sq"]], rtol=1e-10)
+
+
+def test_rejects_bad_arguments_and_a_model_without_replica_norms():
+    with pytest.raises(ValueError, match="replicas"):
+        ReplicaGradientStatistics(1, batch_size=32)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ReplicaGradientStatistics(2, every_n_steps=1, batch_size=32)
+    with pytest.raises(ValueError, match="small_batch"):
+        noise_estimates.two_batch_estimates(1.0, 1.0, 32, 32)
+    with pytest.raises(ValueError, match="at least 2"):
+        noise_estimates.step_means([1.0], [1.0], 32)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = np.zeros((8, 3), np.float32), np.zeros(8, np.int32)
+    with pytest.raises(ValueError, match="with_replica_norms"):
+        model.fit(x, y, batch_size=4, callbacks=[ReplicaGradientStatistics(2, batch_size=4)], verbose=0)
+
+
+# The mirrored run: BN-free CNN on the digits with 431 training examples (13 steps per epoch), global batch 32 on 2
+# replicas, a record every 10 steps, and the brute-force truth at each of the first 100 steps' weights.
+EPOCHS, EVERY, TRUTH_STEPS = 8, 10, 100
+POOLED = 4  # records pooled by noise_estimates.pool for the checks below: windows of 40 steps
+CHECKED = (40, 70, 100)  # last steps of the checked windows
+
+
+@pytest.fixture(scope="module")
+def mirrored_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("replicas") / "run.json"
+    steps = ",".join(str(step) for step in range(1, TRUTH_STEPS + 1))
+    environment = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "replica_training_run.py"), str(out),
+                             str(EPOCHS), str(EVERY), steps], env=environment, capture_output=True, text=True,
+                            check=False, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out) as f:
+        run = json.load(f)
+    run["truth"] = {int(step): values for step, values in run["truth"].items()}
+    return run
+
+
+def _truth_over(run, first, last):
+    """The quantities a record of steps first..last estimates: the mean of tr(Sigma) and |G|^2 over their weights."""
+    trace = np.mean([run["truth"][step]["trace_cov"] for step in range(first, last + 1)])
+    norm_sq = np.mean([run["truth"][step]["norm_sq"] for step in range(first, last + 1)])
+    return {"trace_cov": trace, "norm_sq": norm_sq, "noise_scale": trace / norm_sq}
+
+
+def test_weights_are_those_of_training_without_the_statistics(mirrored_run):
+    # The same run with the model's own Keras train_step, in the same process: identical weights.
+    assert mirrored_run["weight_difference"] <= 1e-6
+
+
+def test_a_record_every_10_steps_from_both_replicas(mirrored_run):
+    history = mirrored_run["history"]
+    assert mirrored_run["replicas"] == 2 and mirrored_run["num_train"] == 431
+    assert [r["step"] for r in history] == list(range(EVERY, EPOCHS * (431 // 32) + 1, EVERY))
+    assert {(r["source"], r["micro_batch_size"], r["micro_batches"], r["steps_pooled"], r["population"])
+            for r in history} == {("replicas", 16, 2 * EVERY, EVERY, 431)}
+
+
+@pytest.mark.parametrize("last", CHECKED)
+def test_pooled_records_match_brute_force_over_their_steps(mirrored_run, last):
+    records = [r for r in mirrored_run["history"] if last - POOLED * EVERY < r["step"] <= last]
+    pooled = noise_estimates.pool(records, batch_size=32)
+    truth = _truth_over(mirrored_run, last - POOLED * EVERY + 1, last)
+    for key, tolerance in (("trace_cov", 1.5), ("norm_sq", 2.0), ("noise_scale", 2.0)):
+        ratio = pooled[key] / truth[key]
+        assert 1 / tolerance <= ratio <= tolerance, (key, ratio, pooled[key], truth[key])
+    assert not pooled["noise_scale_is_lower_bound"]
+    at_last = mirrored_run["truth"][last]
+    print(f"steps {last - POOLED * EVERY + 1}-{last}: pooled / truth over the window: "
+          + ", ".join(f"{key} {pooled[key] / truth[key]:.2f}" for key in truth)
+          + "; drift, truth over the window / truth at its last step: "
+          + ", ".join(f"{key} {truth[key] / at_last[key]:.2f}" for key in truth))
+
+
+@pytest.mark.parametrize("key", ["trace_cov", "norm_sq", "noise_scale"])
+def test_record_intervals_hold_the_truth_of_their_steps(mirrored_run, key):
+    inside = []
+    for r in mirrored_run["history"]:
+        if r["step"] > TRUTH_STEPS:
+            continue
+        truth = _truth_over(mirrored_run, r["step"] - r["steps_pooled"] + 1, r["step"])[key]
+        hi = r[f"grad/{key}_hi"] if r[f"grad/{key}_hi"] is not None else np.inf
+        inside.append(r[f"grad/{key}_lo"] <= truth <= hi)
+    assert len(inside) == TRUTH_STEPS // EVERY and np.mean(inside) >= 0.8, inside
