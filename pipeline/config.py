@@ -136,7 +136,7 @@ def smoke() -> Config:
 
 
 def batch_study() -> Config:
-    """The runs of the default batch-size sweep on digits (about 3.5 minutes on 2 CPU cores, README).
+    """The runs of the default batch-size sweep on digits (about 6.5 minutes on 2 CPU cores, README).
 
     12 epochs per run; lr 0.05 at batch 32 for SGD with momentum 0.9, scaled linearly (0.4 at batch 256); target
     98% validation accuracy, which ResNet-20 reaches on digits in a few epochs, but not at every batch.
@@ -144,8 +144,9 @@ def batch_study() -> Config:
     return dataclasses.replace(Config(), epochs=12, lr=0.05, lr_scaling="linear", target_accuracy=0.98)
 
 
-# Automatic interval (-1) of the gradient and BN statistics in a run, in steps. After a one-time trace of 1-2 s
-# each, a measurement costs about one training step (benchmarks/instrument_overhead.py), so every 100 steps ~1% each.
+# Automatic interval (-1) of the gradient and BN statistics in a run, in steps. After a one-time trace of 1-3 s
+# each, a BN measurement costs about one training step and a gradient measurement (1024 examples) about 1024 / B
+# (benchmarks/instrument_overhead.py, README "Benchmarks"): every 100 steps at batch 32, ~1% and ~27%.
 AUTO_INTERVAL = 100
 # Automatic intervals in a sweep give every run this many measurements at the same fractions of its budget: the same
 # number at every batch size, where a fixed interval would leave the few steps of a large batch unmeasured (plus
