@@ -22,8 +22,6 @@ import math
 
 import numpy as np
 
-from callbacks import noise_estimates
-
 Z = 2.0  # standard errors for a direction or an interval (about 95% for a normal estimate)
 MIN_FIT_POINTS = 3  # points a fit needs to have a standard error
 
@@ -124,6 +122,8 @@ def pooled_noise_scale(records: list[dict], first_step: float, last_step: float)
       "noise_scale_lo", "noise_scale_hi"}: when |G|^2 is not distinguishable from 0, noise_scale and
       noise_scale_hi are None and noise_scale_lo is the lower bound. None for a window without measurements.
     """
+    from callbacks import noise_estimates  # here: the callbacks package imports Keras, and with it TensorFlow
+
     usable = [r for r in records if r.get("grad/trace_cov_se") is not None and r.get("grad/norm_sq_se") is not None]
     pooled = noise_estimates.pool(usable, first_step, last_step)
     if pooled is None:
