@@ -36,8 +36,12 @@ def env(**extra):
 
 
 def start(run_dir, *extra, slow=False):
+    # A slow attempt also pauses 3 s when it enters precise BN, after creating <run_dir>.after, so that a signal
+    # meant for "after training" lands there however fast the machine (a fixed delay after the last commit did not).
+    paused = {"SLOW_CHECKPOINT_S": "0.3", "PAUSE_STAGE": "precise_bn", "PAUSE_MARKER": f"{run_dir}.after",
+              "PAUSE_S": "3"}
     return subprocess.Popen(command(run_dir, *extra, slow=slow), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env(SLOW_CHECKPOINT_S="0.3") if slow else env())
+                            stderr=subprocess.PIPE, text=True, env=env(**paused) if slow else env())
 
 
 def weights(run_dir):
@@ -154,8 +158,8 @@ def _training(run_dir, epoch):
 
 
 def _after_training(run_dir, epoch):
-    """Training is over (the last epoch committed): precise BN, evaluation."""
-    return committed_epoch(run_dir) >= EPOCHS
+    """Training is over (the last epoch committed) and precise BN has begun (a slow attempt pauses there)."""
+    return committed_epoch(run_dir) >= EPOCHS and os.path.exists(f"{run_dir}.after")
 
 
 MOMENTS = {"writing": _writing, "committing": _committing, "training": _training, "after": _after_training}
