@@ -42,6 +42,11 @@ def gather(images: tf.Tensor, labels: tf.Tensor, indices: tf.Tensor) -> tuple[tf
     return tf.cast(tf.gather(images, indices), tf.float32), tf.gather(labels, indices)
 
 
+def epoch_key(seed, epoch) -> tf.Tensor:
+    """The stateless key of one epoch's random choices (order and augmentation), from (seed, epoch) only."""
+    return tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+
+
 def train_epoch(images, labels, batch_size: int, seed, epoch, augment: bool) -> tf.data.Dataset:
     """One epoch of training batches in which every random choice is a function of (seed, epoch) only.
 
@@ -62,7 +67,7 @@ def train_epoch(images, labels, batch_size: int, seed, epoch, augment: bool) -> 
     Returns:
         A dataset of (x float32 (B, H, W, C), y int32 (B,)) batches, floor(N / batch_size) of them.
     """
-    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    key = epoch_key(seed, epoch)
     order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(labels, out_type=tf.int64)[0]), seed=key)
 
     def augmented_example(index):

@@ -55,7 +55,7 @@ class StreamingData(data_lib.DataInfo):
         With an input_context the batches are this pipeline's per-replica batches, batch_size / replicas examples,
         num_train // batch_size of them per local replica.
         """
-        key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+        key = data_lib.epoch_key(seed, epoch)
         examples = self.read("train", input_context)
         if input_context is not None:
             # Every worker takes the same number of steps whatever the size of its files (see the module docstring).
