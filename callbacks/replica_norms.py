@@ -14,9 +14,10 @@ from which callbacks/replica_gradient_stats.py estimates the gradient noise (McC
 Keras' compute_loss scales each replica's loss by 1 / R (its gradients sum to the global mean in the all-reduce),
 so the replica gradients are unscaled by R here; an optimizer's loss scale (mixed_float16) is divided out too.
 
-Cost: the squared norms (one pass over the gradients) and one more all-reduce, of the gradients and the local
-squared norm in one collective: the optimizer all-reduces the gradients again inside apply_gradients, and Keras has
-no public way to read its result (benchmarks/replica_gradient_stats.py measures what this costs).
+Cost: the squared norms (one pass over the gradients) and one more all-reduce, of one tensor: the gradients
+flattened into one vector with the local squared norm and the examples appended. The optimizer all-reduces the
+gradients again inside apply_gradients, and Keras has no public way to read its result
+(benchmarks/replica_gradient_stats.py measures what this costs).
 """
 
 import keras
@@ -55,18 +56,24 @@ class ReplicaNormsModel(keras.Model):
 
     @staticmethod
     def _norms(gradients, loss_scale, examples, replicas, context):
-        """STEP_KEYS of one step, identical on every replica (all are all-reduced)."""
+        """STEP_KEYS of one step, identical on every replica (all are all-reduced).
+
+        The gradients are flattened into one vector first, so that a step adds a handful of ops (one squared norm
+        before and one after a single all-reduce) rather than a few per variable: on a small model a step's time is
+        mostly per-op overhead.
+        """
         present = [tf.convert_to_tensor(g) for g in gradients if g is not None]
+        flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in present], 0)
         # This replica's gradient over its b examples: the gradient of loss * loss_scale / R, times R / loss_scale.
         unscale = tf.cast(replicas, tf.float32) / tf.cast(loss_scale, tf.float32)
-        local = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in present]) * unscale**2
+        local = tf.reduce_sum(tf.square(flat)) * unscale**2
         # One collective: the sum over replicas of the scaled gradients (the global mean gradient, times the loss
         # scale), of local / R (the mean of the replicas' squared norms) and of the examples.
-        scalars = tf.stack([local / replicas, tf.cast(examples, tf.float32)])
-        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, present + [scalars])
-        total = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in summed[:-1]])
-        return {REPLICA_NORM_SQ: summed[-1][0], GLOBAL_NORM_SQ: total / tf.cast(loss_scale, tf.float32) ** 2,
-                GLOBAL_BATCH: summed[-1][1]}
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                    tf.concat([flat, [local / replicas, tf.cast(examples, tf.float32)]], 0))
+        total = tf.reduce_sum(tf.square(summed[:-2]))
+        return {REPLICA_NORM_SQ: summed[-2], GLOBAL_NORM_SQ: total / tf.cast(loss_scale, tf.float32) ** 2,
+                GLOBAL_BATCH: summed[-1]}
 
 
 def with_replica_norms(model):
