@@ -12,8 +12,8 @@ TensorFlow starts, and TensorFlow reuses collective-op keys across strategies in
 instrumented run (all-reduces of different shapes) cannot follow each other in one process. Per run: time per step
 (pipeline.rundir's median over the epochs after the first; the records' own timer, the only part of the
 statistics outside the training step, is left out of it and printed) and training time (all epochs, tracing
-included). The ratios are of the means over the rounds. Goal (issue "Data-parallel training", item 4): time per
-step with the statistics <= 1.10x plain training under the same strategy.
+included). Each round prints its ratios; the last line gives the ratios of the means over the rounds. Goal (issue
+"Data-parallel training", item 4): time per step with the statistics <= 1.10x plain training under the same strategy.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def main(argv=None) -> int:
                       f"{1000 * summary['time_per_step_s']:7.2f} ms, training {summary['train_time_s']:6.1f} s, "
                       f"records' own timer {summary['instrument_time_s']:5.2f} s, test accuracy "
                       f"{summary['test_accuracy']:.4f}", flush=True)
+            print(f"round {round_ + 1}: time per step with / without "
+                  f"{per_step['statistics'][-1] / per_step['plain'][-1]:.3f}x, training time "
+                  f"{training['statistics'][-1] / training['plain'][-1]:.3f}x", flush=True)
     step_ratio = statistics.mean(per_step["statistics"]) / statistics.mean(per_step["plain"])
     train_ratio = statistics.mean(training["statistics"]) / statistics.mean(training["plain"])
     print(f"{args.model}, global batch {args.batch} on {args.logical_cpus} logical CPUs, {args.rounds} round(s): "
