@@ -38,9 +38,10 @@ B_small = b and B_big = B; AdaptDL does the same, Qiao et al. 2021, "Pollux"):
 
 For equal slices these equal the U-statistics above with the R replica gradients as the micro-batches. One step's
 values are very noisy (with R = 2 its |G|^2 is g_1 . g_2), so `step_means` pools K steps: their mean, with
-variances and covariance from the K values' sample (co)variance / K (the steps' batches are disjoint within an
-epoch) and t_{K-1} quantiles. The mean estimates the MEAN of tr(Sigma) and |G|^2 over the K steps' weights, which
-differs from their values at the last step by the drift over the window (callbacks/replica_gradient_stats.py).
+variances and covariance from the sample (co)variance / K of V >= K steps' values (the steps' batches are disjoint
+within an epoch) and t_{V-1} quantiles. The mean estimates the MEAN of tr(Sigma) and |G|^2 over the K steps'
+weights, which differs from their values at the last step by the drift over the window
+(callbacks/replica_gradient_stats.py).
 
 Pooled measurements (`pool`): the mean of the K measurements' tr(Sigma) and |G|^2 (each unbiased at its own
 step), their variances sum(s.e._k^2) / K^2 and covariance likewise (the measurements use independent examples),
@@ -211,20 +212,28 @@ def two_batch_estimates(small_norm_sq, big_norm_sq, small_batch: int, big_batch:
     return trace, norm_sq + (trace / population if population else 0.0)
 
 
-def step_means(trace, norm_sq, batch_size: int, confidence: float = CONFIDENCE) -> dict:
-    """KEYS with intervals (see derive) of the mean of K >= 2 per-step estimates, with their standard errors.
+def step_means(trace, norm_sq, batch_size: int, confidence: float = CONFIDENCE, steps: int | None = None) -> dict:
+    """KEYS with intervals (see derive) of the mean of the last K per-step estimates, with their standard errors.
+
+    Args:
+        trace, norm_sq: The per-step estimates of V >= 2 steps, the last K of them the steps averaged.
+        steps: K (default: all V). The variances and covariance of the mean are the V steps' sample (co)variance
+            / K, with t_{V-1} quantiles: with V > K the scatter of the per-step estimates is taken from more steps
+            than the mean (the module docstring of callbacks/replica_gradient_stats.py says why).
 
     Returns:
-        derive's record plus "trace_cov_se", "norm_sq_se", "trace_norm_sq_corr", "degrees_of_freedom" (K - 1).
+        derive's record plus "trace_cov_se", "norm_sq_se", "trace_norm_sq_corr", "degrees_of_freedom" (V - 1).
     """
     trace, norm_sq = np.asarray(trace, np.float64), np.asarray(norm_sq, np.float64)
-    k = len(trace)
-    if k < 2 or len(norm_sq) != k:
-        raise ValueError(f"trace: needs at least 2 steps' estimates (and as many of norm_sq), got {k}")
+    v = len(trace)
+    k = v if steps is None else int(steps)
+    if v < 2 or len(norm_sq) != v or not 1 <= k <= v:
+        raise ValueError(f"trace: needs at least 2 steps' estimates (as many of norm_sq, and steps in 1..{v}), got {v} "
+                         f"and steps={steps!r}")
     covariance = np.cov(np.stack([trace, norm_sq])) / k  # of the means
     trace_se, norm_sq_se = math.sqrt(covariance[0, 0]), math.sqrt(covariance[1, 1])
-    record = derive(trace.mean(), norm_sq.mean(), covariance[0, 0], covariance[1, 1], covariance[0, 1],
-                    quantile(k - 1, confidence), batch_size)
-    record.update(trace_cov_se=trace_se, norm_sq_se=norm_sq_se, degrees_of_freedom=k - 1,
+    record = derive(trace[-k:].mean(), norm_sq[-k:].mean(), covariance[0, 0], covariance[1, 1], covariance[0, 1],
+                    quantile(v - 1, confidence), batch_size)
+    record.update(trace_cov_se=trace_se, norm_sq_se=norm_sq_se, degrees_of_freedom=v - 1,
                   trace_norm_sq_corr=_correlation(covariance[0, 1], trace_se, norm_sq_se))
     return record

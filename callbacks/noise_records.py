@@ -81,7 +81,7 @@ class NoiseRecords(keras.callbacks.Callback):
         if self._writer:
             self._writer.flush()
 
-    def _record(self, step, raw, fields, variables=None, histograms=([], [])):
+    def _record(self, step, raw, fields, variables=None, histograms=([], []), smoothed=None):
         """Writes one measurement everywhere, with the window pooled by noise_estimates.pool.
 
         Args:
@@ -90,10 +90,13 @@ class NoiseRecords(keras.callbacks.Callback):
             fields: The record's other fields ("batch_size", "micro_batch_size", ...).
             variables: {variable path: raw values}, or None (not at this measurement).
             histograms: (means, stds), per-parameter arrays per variable for TensorBoard, or empty.
+            smoothed: The smoothed values in pool's form (with "first_step" and "measurements"), or None: pool
+                the records of the window.
         """
         record = {"step": step, "epoch": self._epoch, **fields, **prefixed(raw)}
-        first_step = math.ceil((1 - self.window) * step)
-        smoothed = pool(self.history + [record], first_step, step, batch_size=self.batch_size)
+        if smoothed is None:
+            first_step = math.ceil((1 - self.window) * step)
+            smoothed = pool(self.history + [record], first_step, step, batch_size=self.batch_size)
         record.update(prefixed({k: v for k, v in smoothed.items() if k in _POOLED}, "_smoothed"))
         record.update(smoothed_first_step=smoothed["first_step"], smoothed_measurements=smoothed["measurements"])
         self._latest = {k: v for k, v in record.items() if k in EPOCH_KEYS}
