@@ -46,7 +46,6 @@ VARIANTS = {
     "pipeline, instruments off, TF's default threads per op": ("train", dict(OFF, intra_op_threads=0)),
     "pipeline, instruments off, --jit": ("train", dict(OFF, jit=True)),
     "pipeline, instruments off, mixed_bfloat16": ("train", dict(OFF, precision="mixed_bfloat16")),
-    "pipeline, instruments off, mixed_float16": ("train", dict(OFF, precision="mixed_float16")),
 }
 # (variant, reference, goal) rows of the summary.
 RATIOS = [
@@ -58,7 +57,6 @@ RATIOS = [
     ("pipeline, instruments off, speed defaults", "pipeline, instruments off, TF's default threads per op", None),
     ("pipeline, instruments off, --jit", "pipeline, instruments off, speed defaults", None),
     ("pipeline, instruments off, mixed_bfloat16", "pipeline, instruments off, speed defaults", None),
-    ("pipeline, instruments off, mixed_float16", "pipeline, instruments off, speed defaults", None),
 ]
 
 
