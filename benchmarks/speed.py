@@ -2,26 +2,28 @@
 
 Usage: python benchmarks/speed.py [--model resnet20] [--dataset digits] [--batch 32] [--epochs 6] [--rounds 2]
 
-All variants train the same model on the same data in one process, one after another in each round. A variant's
-time is its mean epoch time over the epochs after the first (training and validation; the first epoch holds the
-tracing and compiling); the table gives each mean over the rounds and its ratio to a reference, as speed-ups
-(reference time / variant time, so > 1 is faster). The bare script is `model.fit` of the same model on the same
-tf.data pipeline with validation and nothing else: no callbacks, no checkpoints, no logs. pipeline.train runs
-without export and precise BN, which come after training and are not timed.
+Each variant trains the same model on the same data in a process of its own (threads per op are set once per
+process), one after another in each round. A variant's time is its mean epoch time over the epochs after the first
+(training and validation; the first epoch holds the tracing and compiling); the table gives each mean over the rounds
+and its ratio to a reference, as speed-ups (reference time / variant time, so > 1 is faster). The bare script is
+`model.fit` of the same model on the same tf.data pipeline with validation and nothing else: no callbacks, no
+checkpoints, no logs. pipeline.train runs without export and precise BN, which come after training and are not timed.
 
 Goals (issue "Data-parallel training", item 7), as speed-ups:
   pipeline.train, instruments off, vs the bare script with the same settings   >= 0.95
   pipeline.train with its defaults vs the bare script with Keras' defaults      >= 1.3
-The other rows measure each setting alone against the pipeline's run with one step per call (the choice of
-defaults: --steps-per-execution auto, float32, no XLA on this CPU).
+The other rows measure each setting alone against the pipeline's defaults with instruments off (the choice of
+defaults: --steps-per-execution auto, --intra-op-threads auto, float32, no XLA on this CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,17 +34,18 @@ from pipeline import config as config_lib  # noqa: E402
 
 OFF = dict(grad_stats_every=0, bn_stats_every=0, dynamics=False)
 # name: (runner, Config changes); "bare" runs the bare script with the Config's speed settings.
+KERAS_DEFAULTS = dict(steps_per_execution="1", intra_op_threads=0)
 VARIANTS = {
-    "bare Keras, Keras defaults (1 step per call)": ("bare", dict(steps_per_execution="1")),
+    "bare Keras, Keras defaults (1 step per call)": ("bare", KERAS_DEFAULTS),
     "bare Keras, pipeline's speed defaults": ("bare", {}),
     "pipeline, instruments off, speed defaults": ("train", OFF),
     "pipeline, all defaults (instruments on)": ("train", {}),
     "pipeline, instruments off, 1 step per call": ("train", dict(OFF, steps_per_execution="1")),
     "pipeline, instruments off, 4 steps per call": ("train", dict(OFF, steps_per_execution="4")),
     "pipeline, instruments off, 16 steps per call": ("train", dict(OFF, steps_per_execution="16")),
+    "pipeline, instruments off, TF's default threads per op": ("train", dict(OFF, intra_op_threads=0)),
     "pipeline, instruments off, --jit": ("train", dict(OFF, jit=True)),
     "pipeline, instruments off, mixed_bfloat16": ("train", dict(OFF, precision="mixed_bfloat16")),
-    "pipeline, instruments off, mixed_float16": ("train", dict(OFF, precision="mixed_float16")),
 }
 # (variant, reference, goal) rows of the summary.
 RATIOS = [
@@ -51,9 +54,9 @@ RATIOS = [
     ("pipeline, instruments off, speed defaults", "pipeline, instruments off, 1 step per call", None),
     ("pipeline, instruments off, 4 steps per call", "pipeline, instruments off, 1 step per call", None),
     ("pipeline, instruments off, 16 steps per call", "pipeline, instruments off, 1 step per call", None),
+    ("pipeline, instruments off, speed defaults", "pipeline, instruments off, TF's default threads per op", None),
     ("pipeline, instruments off, --jit", "pipeline, instruments off, speed defaults", None),
     ("pipeline, instruments off, mixed_bfloat16", "pipeline, instruments off, speed defaults", None),
-    ("pipeline, instruments off, mixed_float16", "pipeline, instruments off, speed defaults", None),
 ]
 
 
@@ -98,6 +101,19 @@ def train_epoch_times(config) -> list[float]:
         return [record["epoch_time_s"] for record in rundir.read_history(run_dir)]
 
 
+def variant_epoch_times(name: str, base) -> list[float]:
+    """Runs one variant in this process (threads per op can be set only before TensorFlow starts)."""
+    from pipeline import data as data_lib
+    from pipeline import speed
+
+    runner, changes = VARIANTS[name]
+    config = dataclasses.replace(base, **changes)
+    speed.set_threads(config)  # pipeline.train sets them too, as first thing; the bare script as the pipeline does
+    if runner == "bare":
+        return bare_epoch_times(config, data_lib.load(config))
+    return train_epoch_times(config)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20")
@@ -105,34 +121,39 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=6, help="epochs per run; the first is not timed")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # one variant, in a child
     args = parser.parse_args(argv)
     if args.epochs < 2 or args.rounds < 1:
         parser.error("--epochs must be >= 2 and --rounds >= 1")
     base = dataclasses.replace(config_lib.Config(), model=args.model, dataset=args.dataset, batch=args.batch,
                                epochs=args.epochs, export=False, precise_bn_samples=0, verbose=0)
     config_lib.validate(base)
+    if args.variant:
+        print(json.dumps(variant_epoch_times(args.variant, base)))
+        return 0
 
-    from pipeline import data as data_lib
-    from pipeline import speed
-
-    data = data_lib.load(base)
-    print(f"{args.model} on {args.dataset}, batch {args.batch}, {data.num_train // args.batch} steps per epoch; "
-          f"--steps-per-execution auto = {speed.steps_per_execution(base, data.num_train)}", flush=True)
     means = {name: [] for name in VARIANTS}
+    common = ["--model", args.model, "--dataset", args.dataset, "--batch", str(args.batch), "--epochs",
+              str(args.epochs)]
+    print(f"{args.model} on {args.dataset}, batch {args.batch}; each variant in a process of its own", flush=True)
     for round_index in range(args.rounds):
-        for name, (runner, changes) in VARIANTS.items():
-            config = dataclasses.replace(base, **changes)
-            times = bare_epoch_times(config, data) if runner == "bare" else train_epoch_times(config)
+        for name in VARIANTS:
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), *common, "--variant", name],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"variant {name!r} failed:\n{done.stderr[-2000:]}")
+            times = json.loads(done.stdout.strip().splitlines()[-1])
             means[name].append(statistics.mean(times[1:]))
             print(f"round {round_index + 1}: {name}: {means[name][-1]:.3f} s per epoch", flush=True)
     mean = {name: statistics.mean(values) for name, values in means.items()}
-    print(f"\n{'variant':60s} {'epoch s':>8s}")
+    print(f"\n{'variant':60s} {'epoch s':>8s}  per round")
     for name in VARIANTS:
-        print(f"{name:60s} {mean[name]:8.3f}")
-    print(f"\n{'speed-up (reference time / variant time)':100s} {'ratio':>6s} {'goal':>6s}")
+        print(f"{name:60s} {mean[name]:8.3f}  {' '.join(f'{t:.3f}' for t in means[name])}")
+    print(f"\n{'speed-up (reference time / variant time)':100s} {'ratio':>6s} {'goal':>6s}  per round")
     for variant, reference, goal in RATIOS:
         row = f"{variant} vs {reference}"
-        print(f"{row:100s} {mean[reference] / mean[variant]:6.2f} {'>= ' + str(goal) if goal else '':>6s}")
+        rounds = " ".join(f"{r / v:.2f}" for r, v in zip(means[reference], means[variant]))
+        print(f"{row:100s} {mean[reference] / mean[variant]:6.2f} {'>= ' + str(goal) if goal else '':>6s}  {rounds}")
     return 0
 
 

@@ -85,6 +85,8 @@ class Config:
     steps_per_execution: str = _field("auto", "training steps per compiled call: a positive integer or auto")
     precision: str = _field("float32", "float32 | mixed_float16 | mixed_bfloat16 (Keras dtype policy; mixed for GPUs)")
     jit: bool = _field(False, "compile the training step with XLA (jit_compile)")
+    intra_op_threads: int = _field(-1, "threads one op may use (0: TensorFlow's default, one per core; -1: automatic, "
+                                   "1 on a machine of at most 2 cores and no GPU, where it measured faster)")
     # Run.
     seed: int = _field(0, "initialization, data order, augmentation and instrument batches")
     deterministic: bool = _field(False, "bit-reproducible ops (tf.config.experimental.enable_op_determinism)")
@@ -257,6 +259,8 @@ def validate(config: Config) -> Config:
            f"{c.batch} does not split evenly over {c.replicas} replicas; use a multiple of --replicas")
     _check(c.steps_per_execution == "auto" or (c.steps_per_execution.isdigit() and int(c.steps_per_execution) >= 1),
            "steps_per_execution", f"got {c.steps_per_execution!r}; use a positive integer or auto")
+    _check(c.intra_op_threads >= -1, "intra_op_threads", "must be >= 1 thread, 0 (TensorFlow's default) or -1 "
+           "(automatic)")
     _check(c.precision in PRECISIONS, "precision", f"got {c.precision!r}; choose one of {', '.join(PRECISIONS)}")
     _check(c.seed >= 0, "seed", "must be an integer >= 0")
     _check(not (c.resume and c.overwrite), "resume", "cannot be combined with --overwrite")

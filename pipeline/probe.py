@@ -175,10 +175,11 @@ def probe(config: Config, steps: int, max_batch: int, out_dir: str) -> dict:
 
     import keras
 
-    from pipeline import inputs
+    from pipeline import inputs, speed
     from pipeline import train as train_lib
 
     started = time.perf_counter()
+    speed.set_threads(config)  # as pipeline.train sets them, so that the step times it measures are the runs' own
     config = dataclasses.replace(config, batch=config.base_batch)
     keras.utils.set_random_seed(config.seed)
     data = inputs.load(config)

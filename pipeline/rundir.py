@@ -40,8 +40,9 @@ def _read_json(path: str) -> dict | None:
 
 # Config fields that say where and how a run is started, not what it computes: they may differ between the
 # attempts of one run (--resume) and between a sweep's reruns. A cache of streamed input holds the order that
-# streaming reads without it, so it changes the speed of a run, not its numbers (pipeline/streaming.py).
-PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose", "cache_dir")
+# streaming reads without it, so it changes the speed of a run, not its numbers (pipeline/streaming.py). The threads
+# per op change the speed and the order of sums inside an op, so the rounding, as another machine would.
+PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose", "cache_dir", "intra_op_threads")
 # Fields that act only after training (precise BN, evaluation, export), which a resumed run redoes: --resume may
 # change them. The target accuracy is not one: it is checked during training (pipeline/target.py).
 AFTER_TRAINING_FIELDS = ("precise_bn_samples", "export")
@@ -203,7 +204,8 @@ def versions() -> dict:
 def write_config(config: Config, run_dir: str, parallel: dict | None = None) -> None:
     """config.json: the resolved config (loadable with --config), versions, commit and command line.
 
-    parallel: how the steps run ({"strategy", "replicas", "workers", "per_replica_batch", "steps_per_execution"}).
+    parallel: how the steps run ({"strategy", "replicas", "workers", "per_replica_batch", "steps_per_execution",
+      "intra_op_threads"}).
     """
     write_json_atomic(
         os.path.join(run_dir, CONFIG),

@@ -1,4 +1,4 @@
-"""How the training step runs: steps per compiled call, the Keras dtype policy and XLA, resolved from a Config."""
+"""How the training step runs: steps per compiled call, threads per op, the Keras dtype policy and XLA, from a Config."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from pipeline.config import Config, InputError
 # Largest number of steps that --steps-per-execution auto runs per call. benchmarks/speed.py measures the
 # gain of N steps per call against 1; it levels off by N = 8 to 16 for the models here (README, "Speed").
 AUTO_STEPS_MAX = 16
+# --intra-op-threads auto is 1 on machines without a GPU and with at most this many cores. On the 2-core VM where
+# the defaults were chosen, ResNet-20's ops (batch 32, 8x8 digits and 32x32 images) are too small to gain from
+# being split over both cores, and one thread per op, two ops at a time (inter-op), was faster (README, "Speed").
+# Larger machines were not measured, so they keep TensorFlow's default (one thread per core).
+AUTO_SINGLE_THREAD_CORES = 2
 
 
 def steps_per_execution(config: Config, num_train: int, replicas: int = 1) -> int:
@@ -47,6 +52,35 @@ def steps_per_execution(config: Config, num_train: int, replicas: int = 1) -> in
     for count in counts:
         common = math.gcd(common, count)  # gcd(0, n) = n: an instrument that is off or no step limit adds nothing
     return max(n for n in range(1, AUTO_STEPS_MAX + 1) if common % n == 0) if common else AUTO_STEPS_MAX
+
+
+def set_threads(config: Config) -> int:
+    """Sets the threads one TensorFlow op may use from config.intra_op_threads; call before TensorFlow starts.
+
+    Returns:
+      The threads per op in effect (0: TensorFlow's default). If TensorFlow already started in this process (a
+      notebook, a test, a sweep's second run) it keeps its setting; an explicit value that differs is an error.
+    Raises:
+      InputError: config.intra_op_threads > 0 differs from the setting of a process where TensorFlow started.
+    """
+    import os
+
+    import tensorflow as tf
+
+    threads = config.intra_op_threads
+    if threads == -1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = 1 if cores <= AUTO_SINGLE_THREAD_CORES and not tf.config.list_physical_devices("GPU") else 0
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow has started: the setting can no longer change
+        current = tf.config.threading.get_intra_op_parallelism_threads()
+        if config.intra_op_threads > 0 and current != threads:
+            running = f"{current} threads per op" if current else "TensorFlow's default threads per op"
+            raise InputError(f"--intra-op-threads: TensorFlow already runs in this process with {running}; start "
+                             f"a new process for {threads}") from None
+        return current
+    return threads
 
 
 def set_precision(config: Config) -> None:

@@ -44,7 +44,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import flags, rundir, runner, startup, tuning
+from pipeline import flags, rundir, runner, speed, startup, tuning
 from pipeline import report as report_lib
 from pipeline.config import Config, InputError
 
@@ -295,6 +295,7 @@ def main(argv=None) -> int:
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=add_sweep_flags,
                                    preset=config_lib.batch_study())
         startup.import_tensorflow()
+        speed.set_threads(config)  # before anything runs TensorFlow, for the runs made in this process
         spec = spec_from_flags(config, args, argv)
         out = vars(args).get("out") or config_lib.default_out(config, "sweeps")
         report = sweep(config, spec, out)

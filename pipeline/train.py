@@ -30,6 +30,7 @@ class Summary:
     workers: int = 1
     per_replica_batch: int = 0  # examples per replica per step (the first phase's with a batch schedule)
     steps_per_execution: int = 1  # training steps per compiled call (--steps-per-execution resolved)
+    intra_op_threads: int = 0  # threads per op in effect (--intra-op-threads resolved; 0: TensorFlow's default)
     bn_batch: int = 0  # examples that a batch-norm layer normalizes over in training (per replica, or all: syncbatch)
     train_accuracy: float | None = None  # inference mode, on the whole training split
     val_accuracy: float | None = None
@@ -149,7 +150,8 @@ def train(config: Config) -> Summary:
 
     from pipeline import checkpoint, inputs, run_callbacks, speed
 
-    strategy, topology = distribute.build_strategy(config)  # Before anything initializes TensorFlow's devices.
+    threads = speed.set_threads(config)  # These two before anything starts TensorFlow's runtime.
+    strategy, topology = distribute.build_strategy(config)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -162,7 +164,8 @@ def train(config: Config) -> Summary:
                              "multiple of the replica count (it is the global batch)")
     parallel = {"strategy": topology.strategy, "replicas": topology.replicas, "workers": topology.workers,
                 "per_replica_batch": topology.per_replica_batch(config.batch),
-                "steps_per_execution": speed.steps_per_execution(config, data.num_train, topology.replicas)}
+                "steps_per_execution": speed.steps_per_execution(config, data.num_train, topology.replicas),
+                "intra_op_threads": threads}
     speed.set_precision(config)
     # With replicas, the gradient statistics come from the training step itself (callbacks/replica_norms.py).
     replica_norms = topology.replicas > 1 and config_lib.instrument_interval(config.grad_stats_every) > 0

@@ -8,6 +8,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest
 
 
+def pytest_configure(config):
+    """Threads per op as pipeline.train's default sets them in a process of its own: the runs of this process then
+    round like the runs that tests start as subprocesses (the thread count changes the order of sums)."""
+    from pipeline import config as config_lib
+    from pipeline import speed
+
+    speed.set_threads(config_lib.Config())
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Every test starts from the same Python, NumPy and TensorFlow random state."""

@@ -36,6 +36,7 @@ def assert_one_line_error(result, *words):
         (["--batch", "many"], ["--batch", "integer"]),
         (["--model", "resnet7"], ["--model", "resnet20"]),
         (["--replicas", "2"], ["--replicas", "--strategy mirrored"]),
+        (["--intra-op-threads", "-2"], ["--intra-op-threads", "automatic"]),
         (["--replicas", "4", "--strategy", "mirrored", "--logical-cpus", "2"], ["--replicas", "--logical-cpus is 2"]),
         (["--replicas", "4", "--strategy", "mirrored", "--batch", "30"], ["--batch", "4 replicas"]),
         (["--norm", "instance"], ["--norm", "group"]),

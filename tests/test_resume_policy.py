@@ -24,7 +24,7 @@ CHANGED = {
     "input": "stream", "strategy": "mirrored", "logical_cpus": 2, "replicas": 1, "steps_per_execution": "4",
     "precision": "mixed_bfloat16", "jit": True,
 }
-ALLOWED = {"cache_dir": "cache", "verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "export": False}
+ALLOWED = {"cache_dir": "cache", "intra_op_threads": 2, "verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "export": False}
 
 
 def recorded_run(tmp_path, config: Config, epoch: int, step: int) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,6 +40,38 @@ def test_auto_steps_per_execution_divides_every_exact_step(changes, expected):
 def test_several_steps_per_call_with_replicas_is_refused():
     with pytest.raises(config_lib.InputError, match="^--steps-per-execution: .* use 1 or auto$"):
         speed.steps_per_execution(dataclasses.replace(config_lib.Config(), steps_per_execution="4"), 1293, 2)
+
+
+def test_threads_per_op_are_set_in_a_new_process_and_recorded(tmp_path):
+    """auto is 1 thread per op on a CPU-only machine of <= 2 cores, else TensorFlow's default (0); an explicit value
+    is set as given; both land in summary.json and config.json."""
+    import tensorflow as tf
+
+    cores = len(os.sched_getaffinity(0))
+    auto = 1 if cores <= speed.AUTO_SINGLE_THREAD_CORES and not tf.config.list_physical_devices("GPU") else 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for flag, expected in (("-1", auto), ("2", 2)):
+        run_dir = tmp_path / f"run{flag}"
+        done = subprocess.run([sys.executable, "-m", "pipeline.train", "--model", "cnn", "--max-steps", "2",
+                               "--grad-stats-every", "0", "--bn-stats-every", "0", "--no-dynamics", "--no-export",
+                               "--precise-bn-samples", "0", "--intra-op-threads", flag, "--run-dir", str(run_dir)],
+                              capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": root},
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        with open(run_dir / "summary.json") as f:
+            assert json.load(f)["intra_op_threads"] == expected
+        with open(run_dir / "config.json") as f:
+            assert json.load(f)["parallel"]["intra_op_threads"] == expected
+
+
+def test_threads_per_op_cannot_change_once_tensorflow_runs():
+    import tensorflow as tf
+
+    tf.constant(1.0) + 1.0  # TensorFlow runs in this process (conftest set its threads before it started)
+    running = tf.config.threading.get_intra_op_parallelism_threads()
+    assert speed.set_threads(config_lib.Config()) == running  # auto keeps what runs
+    with pytest.raises(config_lib.InputError, match="^--intra-op-threads: .* start a new process"):
+        speed.set_threads(dataclasses.replace(config_lib.Config(), intra_op_threads=running + 1))
 
 
 @pytest.mark.parametrize("precision, jit", [("mixed_float16", True), ("mixed_bfloat16", False)])
