@@ -105,6 +105,14 @@ def test_each_epoch_is_a_function_of_seed_and_epoch(streamed):
     assert not all(np.array_equal(a, b) for (a, _), (b, _) in zip(augmented, epoch1))
 
 
+def test_one_iterator_over_several_epochs_gives_each_epochs_batches(streamed):
+    # pipeline.train's input (one iterator for a fit call) against train_dataset epoch by epoch, also per worker.
+    for context in (None, *contexts(2)):
+        epochs = [batches(streamed.train_dataset(4, seed=3, epoch=e, input_context=context)) for e in (1, 2)]
+        together = streamed.train_epochs(4, seed=3, first_epoch=1, epochs=3, input_context=context)
+        assert together.cardinality() == 2 * (21 // 4) and same_batches(batches(together), epochs[0] + epochs[1])
+
+
 def test_a_cache_changes_the_speed_not_the_numbers(folder, streamed, tmp_path):
     cache_dir = tmp_path / "cache"
     cached = inputs.load(Config(dataset=folder, input="stream", cache_dir=str(cache_dir)))
