@@ -51,16 +51,9 @@ def same_batches(a, b):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(tmp_path_factory, write_image_folder):
     """folder:PATH of 3 classes of 10 different 32x32 colour PNG images."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        os.makedirs(root / f"class{label}")
-        for i in range(10):
-            image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            tf.io.write_file(str(root / f"class{label}" / f"{i}.png"), tf.io.encode_png(image))
-    return f"folder:{root}"
+    return write_image_folder(tmp_path_factory.mktemp("images"), 10, (32, 32, 3), seed=0)
 
 
 @pytest.fixture(scope="module")
