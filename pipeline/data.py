@@ -134,7 +134,38 @@ class DataInfo:
             dataset = tf.data.Dataset.from_tensors(0).flat_map(current_epoch)
         else:
             dataset = self.epoch(batch_size, seed, epoch, augment, input_context)
-        steps = self.num_train // batch_size
+        return self._counted(dataset, batch_size, 1, input_context)
+
+    def train_epochs(self, batch_size: int, *, seed: int, first_epoch: int, epochs: int, input_context=None):
+        """Epochs first_epoch, ..., epochs - 1 of train_dataset(epoch=e), one after another, for one Model.fit call
+        with steps_per_epoch=num_train // batch_size (and steps per call that divide it).
+
+        Given steps_per_epoch, Keras keeps one iterator for the whole fit call, so the next epoch's first batches
+        are prepared while the current epoch trains (for streamed data: its first shuffle block read and decoded)
+        instead of after the epoch ends, when fit would create a new iterator and wait for them; here the next epoch
+        is opened while the current one is read, so its first block is read ahead in the background. The batches are
+        exactly those of train_dataset(epoch=e), so resume and the order as a function of (seed, epoch) hold.
+
+        Args:
+            batch_size, seed, input_context: as in train_dataset (always augmented as self.augmentation says).
+            first_epoch: the first epoch to yield (fit's initial_epoch).
+            epochs: one past the last epoch to yield (fit's epochs).
+
+        Returns:
+            A prefetched dataset of (epochs - first_epoch) * (num_train // batch_size) batches.
+        """
+        augment = self.augmentation == "crop-flip"
+        local = input_context.num_replicas_in_sync // input_context.num_input_pipelines if input_context else 1
+        # Two epochs open at a time, each taken whole (block_length: its elements) before the next, so the order is
+        # epoch after epoch; the parallel interleave fills the next epoch's first elements in the background.
+        dataset = tf.data.Dataset.range(first_epoch, epochs).interleave(
+            lambda epoch: self.epoch(batch_size, seed, epoch, augment, input_context), cycle_length=2,
+            block_length=self.num_train // batch_size * local, num_parallel_calls=2, deterministic=True)
+        return self._counted(dataset, batch_size, epochs - first_epoch, input_context)
+
+    def _counted(self, dataset: tf.data.Dataset, batch_size: int, epochs: int, input_context) -> tf.data.Dataset:
+        """dataset, `epochs` epochs of training batches, with its number of steps made known, prefetched."""
+        steps = self.num_train // batch_size * epochs
         local = input_context.num_replicas_in_sync // input_context.num_input_pipelines if input_context else 1
         if local == 1:  # With several local replicas the count of elements is not the count of steps.
             dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))

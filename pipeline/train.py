@@ -240,12 +240,16 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
         last_epoch = config.batch_phases[i + 1][0] if i + 1 < len(config.batch_phases) else config.epochs
         if last_epoch <= trained:
             continue
+        start, steps = max(first_epoch, trained), data.num_train // batch
+        # One iterator for the whole call (DataInfo.train_epochs), so that the next epoch's input is prepared while
+        # this one trains; but when the steps per call do not divide an epoch, a call would run across its end.
+        whole = steps % summary.steps_per_execution == 0
+        make = (functools.partial(data.train_epochs, batch, seed=config.seed, first_epoch=start, epochs=last_epoch)
+                if whole else functools.partial(data.train_dataset, batch, seed=config.seed))
+        train_data = distribute.distribute_train(strategy, topology, make, batch, sharded=config.input == "stream")
         # Our datasets shuffle themselves by (seed, epoch); shuffle=False also keeps Keras from warning about it.
-        train_data = distribute.distribute_train(
-            strategy, topology, functools.partial(data.train_dataset, batch, seed=config.seed), batch,
-            sharded=config.input == "stream")
-        model.fit(train_data, validation_data=val, shuffle=False,
-                  initial_epoch=max(first_epoch, trained), epochs=last_epoch, callbacks=callbacks, verbose=verbose)
+        model.fit(train_data, validation_data=val, shuffle=False, initial_epoch=start, epochs=last_epoch,
+                  steps_per_epoch=steps if whole else None, callbacks=callbacks, verbose=verbose)
         if model.stop_training:
             break
 

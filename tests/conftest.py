@@ -68,6 +68,25 @@ def cli_error(capsys):
     return run
 
 
+@pytest.fixture(scope="session")
+def write_image_folder():
+    """A function writing `per_class` random uint8 PNG images of `shape` into each of 3 class folders under root;
+    it returns "folder:root"."""
+    import numpy as np
+    import tensorflow as tf
+
+    def write(root, per_class: int, shape: tuple[int, int, int], seed: int) -> str:
+        rng = np.random.default_rng(seed)
+        for label in range(3):
+            os.makedirs(root / f"class{label}")
+            for i in range(per_class):
+                image = rng.integers(0, 256, shape, dtype=np.uint8)
+                tf.io.write_file(str(root / f"class{label}" / f"{i}.png"), tf.io.encode_png(image))
+        return f"folder:{root}"
+
+    return write
+
+
 @pytest.fixture
 def free_ports():
     """A function giving `count` distinct TCP ports on 127.0.0.1 that were free a moment ago."""

@@ -148,8 +148,10 @@ class Recorder(keras.Model):
         return super().train_step(batch)
 
 
+@pytest.mark.parametrize("one_iterator", [False, True])
 @pytest.mark.parametrize("initial_epoch", [0, 2])
-def test_one_dataset_in_fit_yields_each_epoch_as_set_by_a_callback(tmp_path, initial_epoch):
+def test_one_dataset_in_fit_yields_each_epoch_as_set_by_a_callback(tmp_path, initial_epoch, one_iterator):
+    # one_iterator: pipeline.train's input, train_epochs with steps_per_epoch, which Keras iterates across epochs.
     loaded = data.load(Config(dataset=colour_npz(tmp_path)))  # Augmented, so augmentation is checked too.
     model = Recorder(8, loaded.input_shape)
     model.compile("sgd", "sparse_categorical_crossentropy", jit_compile=False)
@@ -164,8 +166,13 @@ def test_one_dataset_in_fit_yields_each_epoch_as_set_by_a_callback(tmp_path, ini
             seen[self.epoch].append(model.seen.numpy())
 
     epochs = range(initial_epoch, initial_epoch + 3)
-    model.fit(loaded.train_dataset(8, seed=4), initial_epoch=initial_epoch, epochs=epochs[-1] + 1,
-              callbacks=[SetEpoch()], verbose=0)
+    if one_iterator:
+        model.fit(loaded.train_epochs(8, seed=4, first_epoch=initial_epoch, epochs=epochs[-1] + 1),
+                  steps_per_epoch=loaded.num_train // 8, initial_epoch=initial_epoch, epochs=epochs[-1] + 1,
+                  callbacks=[SetEpoch()], verbose=0)
+    else:
+        model.fit(loaded.train_dataset(8, seed=4), initial_epoch=initial_epoch, epochs=epochs[-1] + 1,
+                  callbacks=[SetEpoch()], verbose=0)
     for epoch in epochs:
         expected = [x for x, _ in batches(loaded.train_dataset(8, seed=4, epoch=epoch))]
         assert len(seen[epoch]) == len(expected) == loaded.num_train // 8

@@ -251,3 +251,76 @@ def test_a_killed_worker_ends_the_other_and_both_resume(tmp_path, free_ports):
     with open(os.path.join(run_dir, "summary.json")) as f:
         resumed = json.load(f)
     assert resumed["status"] == "completed" and resumed["epochs"] == failed["epochs"] + 1
+
+
+# Streamed input (--input stream) from a folder of tiny images: 68 training examples, 2 epochs of 4 steps of 16.
+# 8 validation examples: under mirrored, Keras 3.15 failed on 9 (AddN of the replicas' halves of 5 and 4 examples).
+STREAM = ["--norm", "none", "--input", "stream", "--batch", "16", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, write_image_folder):
+    """folder:PATH of 3 classes of 32 random 8x8 colour PNG images (20 held out for test, 8 for validation)."""
+    return write_image_folder(tmp_path_factory.mktemp("images"), 32, (8, 8, 3), seed=5)
+
+
+def _streamed_config(folder: str, run_dir: str):
+    from pipeline import flags
+
+    config, _ = flags.parse([*RUN_FLAGS, *STREAM, "--dataset", folder, "--strategy", "one", "--run-dir", run_dir],
+                            description="")
+    return config
+
+
+def test_mirrored_streaming_equals_one_device_streaming(image_folder, tmp_path):
+    # Under mirrored the stream's global batches are cut into the replicas' slices, as in-memory ones are.
+    from pipeline import train as train_lib
+
+    mirrored = _train(["--strategy", "mirrored", "--logical-cpus", "2", "--dataset", image_folder,
+                       "--run-dir", str(tmp_path / "mirrored"), *STREAM])
+    one = train_lib.train(_streamed_config(image_folder, str(tmp_path / "one")))  # meanwhile, in this process
+    code, _, err = _finish(mirrored)
+    assert code == 0, err[-2000:]
+    assert one.status == "completed" and one.steps == 2 * (68 // 16)
+    assert _max_difference(_checkpoint(str(tmp_path / "mirrored")), _checkpoint(one.run_dir)) < TOLERANCE
+
+
+def test_two_streaming_workers_train_on_both_shards(image_folder, tmp_path, free_ports):
+    """Each worker fills its half of every global batch from its own files (pipeline/streaming.py), so the run
+    equals one device trained on the concatenation of the two workers' per-replica batches, built here from
+    StreamingData.train_dataset with each worker's InputContext. Both workers apply the all-reduced gradient of that
+    global batch in every step, so matching the chief's checkpoint to it shows both shards were trained on by
+    the same weights; the other worker keeps its checkpoints in a temporary folder of its own."""
+    import keras
+
+    from pipeline import checkpoint, inputs
+    from pipeline import train as train_lib
+
+    chief_dir = str(tmp_path / "run")
+    cache = ["--cache-dir", str(tmp_path / "cache")]  # each worker writes its own shard's cache
+    workers = _workers([chief_dir, chief_dir], [*STREAM, "--dataset", image_folder, *cache], free_ports(2))
+
+    config = _streamed_config(image_folder, str(tmp_path / "reference"))
+    keras.utils.set_random_seed(config.seed)  # as pipeline.train does, before loading and building
+    data = inputs.load(config)
+    model, _ = train_lib.compiled_model(config, data)
+    steps = data.num_train // config.batch
+
+    def global_batches(epoch):
+        shards = [data.train_dataset(config.batch, seed=config.seed, epoch=epoch,
+                                     input_context=tf.distribute.InputContext(2, worker, 2)) for worker in (0, 1)]
+        return tf.data.Dataset.zip(*shards).map(lambda a, b: (tf.concat([a[0], b[0]], 0), tf.concat([a[1], b[1]], 0)))
+
+    model.fit(global_batches(0).concatenate(global_batches(1)), epochs=2, steps_per_epoch=steps, shuffle=False,
+              verbose=0)
+    checkpoint.save(model, os.path.join(config.run_dir, "checkpoints"), 2, 2 * steps)
+
+    results = [_finish(worker) for worker in workers]
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    with open(os.path.join(chief_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert (summary["strategy"], summary["workers"], summary["per_replica_batch"], summary["steps"]) == (
+        "multiworker", 2, 8, 2 * steps)
+    assert sorted(name.split("-")[1] for name in os.listdir(tmp_path / "cache") if name.startswith("train")
+                  and name.endswith(".index")) == ["0of1", "0of2", "1of2"]  # 0of1: the statistics pass
+    assert _max_difference(_checkpoint(chief_dir), _checkpoint(config.run_dir)) < TOLERANCE

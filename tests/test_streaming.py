@@ -51,16 +51,9 @@ def same_batches(a, b):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(tmp_path_factory, write_image_folder):
     """folder:PATH of 3 classes of 10 different 32x32 colour PNG images."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        os.makedirs(root / f"class{label}")
-        for i in range(10):
-            image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            tf.io.write_file(str(root / f"class{label}" / f"{i}.png"), tf.io.encode_png(image))
-    return f"folder:{root}"
+    return write_image_folder(tmp_path_factory.mktemp("images"), 10, (32, 32, 3), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +96,14 @@ def test_each_epoch_is_a_function_of_seed_and_epoch(streamed):
     assert same_batches(augmented, batches(streamed.train_dataset(7, seed=3, epoch=1)))
     assert [y.tolist() for _, y in augmented] == [y.tolist() for _, y in epoch1]  # augmentation keeps the order
     assert not all(np.array_equal(a, b) for (a, _), (b, _) in zip(augmented, epoch1))
+
+
+def test_one_iterator_over_several_epochs_gives_each_epochs_batches(streamed):
+    # pipeline.train's input (one iterator for a fit call) against train_dataset epoch by epoch, also per worker.
+    for context in (None, *contexts(2)):
+        epochs = [batches(streamed.train_dataset(4, seed=3, epoch=e, input_context=context)) for e in (1, 2)]
+        together = streamed.train_epochs(4, seed=3, first_epoch=1, epochs=3, input_context=context)
+        assert together.cardinality() == 2 * (21 // 4) and same_batches(batches(together), epochs[0] + epochs[1])
 
 
 def test_a_cache_changes_the_speed_not_the_numbers(folder, streamed, tmp_path):
