@@ -54,6 +54,18 @@ def steps_per_execution(config: Config, num_train: int, replicas: int = 1) -> in
     return max(n for n in range(1, AUTO_STEPS_MAX + 1) if common % n == 0) if common else AUTO_STEPS_MAX
 
 
+def resolved_threads(config: Config) -> int:
+    """config.intra_op_threads with auto (-1) resolved for this machine: 1 or 0 (TensorFlow's default)."""
+    import os
+
+    import tensorflow as tf
+
+    if config.intra_op_threads != -1:
+        return config.intra_op_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 1 if cores <= AUTO_SINGLE_THREAD_CORES and not tf.config.list_physical_devices("GPU") else 0
+
+
 def set_threads(config: Config) -> int:
     """Sets the threads one TensorFlow op may use from config.intra_op_threads; call before TensorFlow starts.
 
@@ -63,14 +75,9 @@ def set_threads(config: Config) -> int:
     Raises:
       InputError: config.intra_op_threads > 0 differs from the setting of a process where TensorFlow started.
     """
-    import os
-
     import tensorflow as tf
 
-    threads = config.intra_op_threads
-    if threads == -1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = 1 if cores <= AUTO_SINGLE_THREAD_CORES and not tf.config.list_physical_devices("GPU") else 0
+    threads = resolved_threads(config)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     except RuntimeError:  # TensorFlow has started: the setting can no longer change

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import distribute, keras_compat
+from pipeline import config as config_lib
+from pipeline import distribute, keras_compat, speed
 from pipeline.config import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,7 +204,8 @@ def test_two_workers_equal_one_device_and_only_the_chief_writes(one_device, tmp_
     assert not os.path.exists(other_dir)
     with open(os.path.join(chief_dir, "config.json")) as f:
         assert json.load(f)["parallel"] == {"strategy": "multiworker", "replicas": 2, "workers": 2,
-                                            "per_replica_batch": 16, "steps_per_execution": 1}
+                                            "per_replica_batch": 16, "steps_per_execution": 1,
+                                            "intra_op_threads": speed.resolved_threads(config_lib.Config())}
     assert _max_difference(_checkpoint(chief_dir), _reference(one_device, "none")) < TOLERANCE
     _check_replica_records(chief_dir)
 
