@@ -12,8 +12,9 @@ def pytest_configure(config):
     """Threads per op as pipeline.train's default sets them in a process of its own: the runs of this process then
     round like the runs that tests start as subprocesses (the thread count changes the order of sums)."""
     from pipeline import config as config_lib
-    from pipeline import speed
+    from pipeline import speed, startup
 
+    startup.import_tensorflow()  # without its C++ start-up lines
     speed.set_threads(config_lib.Config())
 
 

@@ -43,25 +43,29 @@ def test_several_steps_per_call_with_replicas_is_refused():
 
 
 def test_threads_per_op_are_set_in_a_new_process_and_recorded(tmp_path):
-    """auto is 1 thread per op on a CPU-only machine of <= 2 cores, else TensorFlow's default (0); an explicit value
-    is set as given; both land in summary.json and config.json."""
+    """An explicit --intra-op-threads is set in the run's process and recorded in summary.json and config.json (auto
+    in a new process: tests/test_distribute.py's workers record speed.resolved_threads)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "--model", "cnn", "--max-steps", "2",
+                           "--grad-stats-every", "0", "--bn-stats-every", "0", "--no-dynamics", "--no-export",
+                           "--precise-bn-samples", "0", "--intra-op-threads", "2", "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": root},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(run_dir / "summary.json") as f:
+        assert json.load(f)["intra_op_threads"] == 2
+    with open(run_dir / "config.json") as f:
+        assert json.load(f)["parallel"]["intra_op_threads"] == 2
+
+
+def test_auto_threads_per_op_are_one_only_on_small_machines_without_gpus():
     import tensorflow as tf
 
     cores = len(os.sched_getaffinity(0))
-    auto = 1 if cores <= speed.AUTO_SINGLE_THREAD_CORES and not tf.config.list_physical_devices("GPU") else 0
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for flag, expected in (("-1", auto), ("2", 2)):
-        run_dir = tmp_path / f"run{flag}"
-        done = subprocess.run([sys.executable, "-m", "pipeline.train", "--model", "cnn", "--max-steps", "2",
-                               "--grad-stats-every", "0", "--bn-stats-every", "0", "--no-dynamics", "--no-export",
-                               "--precise-bn-samples", "0", "--intra-op-threads", flag, "--run-dir", str(run_dir)],
-                              capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": root},
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        with open(run_dir / "summary.json") as f:
-            assert json.load(f)["intra_op_threads"] == expected
-        with open(run_dir / "config.json") as f:
-            assert json.load(f)["parallel"]["intra_op_threads"] == expected
+    expected = 1 if cores <= speed.AUTO_SINGLE_THREAD_CORES and not tf.config.list_physical_devices("GPU") else 0
+    assert speed.resolved_threads(config_lib.Config()) == expected
+    assert speed.resolved_threads(dataclasses.replace(config_lib.Config(), intra_op_threads=3)) == 3
 
 
 def test_threads_per_op_cannot_change_once_tensorflow_runs():
