@@ -9,6 +9,7 @@ Usage: python tests/slow_train.py TRAIN_FLAGS..., with these environment variabl
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -73,6 +74,9 @@ def pause_in(stage: str, marker: str, seconds: float) -> None:
 
 
 if __name__ == "__main__":
+    # The tests interrupt this process with SIGINT: Python turns it into KeyboardInterrupt only when SIGINT was not
+    # ignored at start-up, and a shell's background job (`pytest &` without job control) starts with it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.environ.get("SLOW_CHECKPOINT_S"):
         slow_checkpoints(float(os.environ["SLOW_CHECKPOINT_S"]))
     if os.environ.get("PAUSE_STAGE"):
