@@ -42,6 +42,11 @@ def gather(images: tf.Tensor, labels: tf.Tensor, indices: tf.Tensor) -> tuple[tf
     return tf.cast(tf.gather(images, indices), tf.float32), tf.gather(labels, indices)
 
 
+def local_replicas(input_context) -> int:
+    """Replicas that one input pipeline feeds (1 without an input context): each yields that many batches a step."""
+    return input_context.num_replicas_in_sync // input_context.num_input_pipelines if input_context else 1
+
+
 def epoch_key(seed, epoch) -> tf.Tensor:
     """The stateless key of one epoch's random choices (order and augmentation), from (seed, epoch) only."""
     return tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
@@ -140,11 +145,10 @@ class DataInfo:
         """Epochs first_epoch, ..., epochs - 1 of train_dataset(epoch=e), one after another, for one Model.fit call
         with steps_per_epoch=num_train // batch_size (and steps per call that divide it).
 
-        Given steps_per_epoch, Keras keeps one iterator for the whole fit call, so the next epoch's first batches
-        are prepared while the current epoch trains (for streamed data: its first shuffle block read and decoded)
-        instead of after the epoch ends, when fit would create a new iterator and wait for them; here the next epoch
-        is opened while the current one is read, so its first block is read ahead in the background. The batches are
-        exactly those of train_dataset(epoch=e), so resume and the order as a function of (seed, epoch) hold.
+        Given steps_per_epoch, Keras keeps one iterator for the whole fit call instead of creating one per epoch and
+        waiting for its first batches; here the next epoch is opened while the current one is read, so its first
+        batches (for streamed data: its first shuffle block, read and decoded) are ready when it starts. The batches
+        are exactly those of train_dataset(epoch=e), so resume and the order as a function of (seed, epoch) hold.
 
         Args:
             batch_size, seed, input_context: as in train_dataset (always augmented as self.augmentation says).
@@ -155,7 +159,7 @@ class DataInfo:
             A prefetched dataset of (epochs - first_epoch) * (num_train // batch_size) batches.
         """
         augment = self.augmentation == "crop-flip"
-        local = input_context.num_replicas_in_sync // input_context.num_input_pipelines if input_context else 1
+        local = local_replicas(input_context)
         # Two epochs open at a time, each taken whole (block_length: its elements) before the next, so the order is
         # epoch after epoch; the parallel interleave fills the next epoch's first elements in the background.
         dataset = tf.data.Dataset.range(first_epoch, epochs).interleave(
@@ -166,8 +170,8 @@ class DataInfo:
     def _counted(self, dataset: tf.data.Dataset, batch_size: int, epochs: int, input_context) -> tf.data.Dataset:
         """dataset, `epochs` epochs of training batches, with its number of steps made known, prefetched."""
         steps = self.num_train // batch_size * epochs
-        local = input_context.num_replicas_in_sync // input_context.num_input_pipelines if input_context else 1
-        if local == 1:  # With several local replicas the count of elements is not the count of steps.
+        # With several local replicas the count of elements is not the count of steps.
+        if local_replicas(input_context) == 1:
             dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
         return dataset.prefetch(tf.data.AUTOTUNE)
 

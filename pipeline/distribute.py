@@ -168,8 +168,10 @@ def split_global_batches(dataset, context, global_batch: int):
     """
     import tensorflow as tf
 
+    from pipeline import data as data_lib
+
     per_replica = context.get_per_replica_batch_size(global_batch)
-    local = context.num_replicas_in_sync // context.num_input_pipelines
+    local = data_lib.local_replicas(context)
     first = context.input_pipeline_id * local * per_replica
 
     def slices(x, y):

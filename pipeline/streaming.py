@@ -72,7 +72,7 @@ class StreamingData(data_lib.DataInfo):
         if input_context is None:
             return examples.batch(batch_size, drop_remainder=True)
         per_replica = input_context.get_per_replica_batch_size(batch_size)
-        local = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        local = data_lib.local_replicas(input_context)
         return examples.take((self.num_train // batch_size) * local * per_replica).batch(per_replica)
 
     def eval_dataset(self, split: str, batch_size: int) -> tf.data.Dataset:
