@@ -113,6 +113,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 2 or args.rounds < 1:
         parser.error("--epochs must be >= 2 and --rounds >= 1")
+    from pipeline import speed
+
+    # Threads per op as pipeline.train sets them by default, before anything starts TensorFlow's runtime.
+    print(f"threads per op: {speed.set_threads(config_lib.Config()) or 'TensorFlow default'}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         dataset = args.dataset or write_digits_folder(os.path.join(tmp, "digits"))
         base = dataclasses.replace(config_lib.Config(), dataset=dataset, data_dir=args.data_dir, model=args.model,
