@@ -17,6 +17,7 @@ from pipeline import serving
 from pipeline.serving import BYTES_INPUT_NAME, BYTES_SIGNATURE, INPUT_NAME, SIGNATURE
 
 SERVED_BATCH_SIZES = (1, 8, 32, 128, 512)  # request batches measured at export to choose the batching parameters
+TMP_PREFIX = ".tmp-export-"  # + the exporting process id: a hidden folder, which TF Serving never loads
 
 
 def next_version(model_dir: str) -> int:
@@ -103,7 +104,8 @@ def export_model(model, base_dir: str, model_name: str, version: int | None = No
     if version is not None and os.path.exists(os.path.join(model_dir, str(version))):
         raise FileExistsError(f"export version {os.path.join(model_dir, str(version))} exists; TF Serving versions "
                               "are immutable")
-    tmp = os.path.join(model_dir, f".tmp-export-{os.getpid()}")
+    _remove_abandoned(model_dir)
+    tmp = os.path.join(model_dir, f"{TMP_PREFIX}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
 
     serve, serve_bytes = serving_functions(model)
@@ -125,6 +127,20 @@ def export_model(model, base_dir: str, model_name: str, version: int | None = No
     if parameters is not None:
         serving.write_batching_parameters(base_dir, parameters)
     return final
+
+
+def _remove_abandoned(model_dir: str) -> None:
+    """Removes the temporary folders of interrupted exports whose process has ended (a live one may still finish)."""
+    for name in os.listdir(model_dir):
+        pid = name[len(TMP_PREFIX):]
+        if not (name.startswith(TMP_PREFIX) and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
+        except OSError:  # the process exists (another user's): leave its folder
+            pass
 
 
 def _publish(tmp: str, model_dir: str, version: int | None) -> str:

@@ -106,7 +106,7 @@ STAGES = {
     "precise_bn": "it redoes precise BN, evaluation and export from the final checkpoint without training",
     "evaluation": "it redoes precise BN, evaluation and export from the final checkpoint without training",
     "export": "it redoes precise BN, evaluation and export from the final checkpoint without training; the "
-              "interrupted export stays a hidden folder that TF Serving never loads",
+              "interrupted export stays a hidden folder that TF Serving never loads (the next export removes it)",
 }
 
 

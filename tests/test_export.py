@@ -195,3 +195,22 @@ def test_interrupted_warmup_leaves_no_version(tmp_path, monkeypatch):
         export.export_model(tiny_model(), str(tmp_path), "tiny", examples=integer_images(4))
     assert [name for name in os.listdir(tmp_path / "tiny") if not name.startswith(".")] == []
     assert not (tmp_path / "models.config").exists()
+
+
+def test_the_next_export_removes_temporary_folders_of_ended_processes(tmp_path):
+    """An export interrupted for good leaves its hidden folder; the next export into that folder removes it, but not
+    the folder of a process that still runs (it may still finish)."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for pid in (ended.pid, running.pid):
+            folder = tmp_path / "tiny" / f"{export.TMP_PREFIX}{pid}"
+            folder.mkdir(parents=True)
+            (folder / "saved_model.pb").touch()
+        path = export.export_model(tiny_model(), str(tmp_path), "tiny")
+        assert sorted(os.listdir(tmp_path / "tiny")) == sorted(["1", f"{export.TMP_PREFIX}{running.pid}"])
+        assert os.path.exists(os.path.join(path, "saved_model.pb"))
+    finally:
+        running.kill()
+        running.wait()
