@@ -71,8 +71,8 @@ def fit_epochs(config, data, validation: bool) -> tuple[float, float, float]:
     keras.utils.set_random_seed(config.seed)
     steps_per_execution = speed.steps_per_execution(config, data.num_train)
     model, _ = train_lib.compiled_model(config, data, steps_per_execution)
-    steps = data.num_train // config.batch
-    whole = steps % steps_per_execution == 0  # as in pipeline.train: else one iterator per epoch
+    make, steps = data.fit_input(config.batch, seed=config.seed, first_epoch=0, epochs=config.epochs,
+                                 steps_per_execution=steps_per_execution)
     wall, cpu = [], []
 
     class Clock(keras.callbacks.Callback):
@@ -83,9 +83,7 @@ def fit_epochs(config, data, validation: bool) -> tuple[float, float, float]:
             wall.append(time.perf_counter() - self.wall)
             cpu.append(time.process_time() - self.cpu)
 
-    batches = (data.train_epochs(config.batch, seed=config.seed, first_epoch=0, epochs=config.epochs) if whole
-               else data.train_dataset(config.batch, seed=config.seed))
-    model.fit(batches, epochs=config.epochs, steps_per_epoch=steps if whole else None, callbacks=[Clock()],
+    model.fit(make(), epochs=config.epochs, steps_per_epoch=steps, callbacks=[Clock()],
               shuffle=False,
               validation_data=data.eval_dataset("val", config.batch) if validation else None, verbose=0)
     return wall[0], statistics.mean(wall[1:]), statistics.mean(cpu[1:])

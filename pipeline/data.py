@@ -5,6 +5,7 @@ TFDS and folder: sources can also be streamed from their files (--input stream, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -166,6 +167,19 @@ class DataInfo:
             lambda epoch: self.epoch(batch_size, seed, epoch, augment, input_context), cycle_length=2,
             block_length=self.num_train // batch_size * local, num_parallel_calls=2, deterministic=True)
         return self._counted(dataset, batch_size, epochs - first_epoch, input_context)
+
+    def fit_input(self, batch_size: int, *, seed: int, first_epoch: int, epochs: int, steps_per_execution: int):
+        """(make, steps_per_epoch) for one Model.fit over epochs first_epoch..epochs - 1: make(input_context=None)
+        builds its training batches, steps_per_epoch goes to fit.
+
+        One iterator for the whole call (train_epochs) when the steps per compiled call divide an epoch; otherwise a
+        call would run across an epoch's end, so one dataset per epoch (train_dataset) and steps_per_epoch None.
+        """
+        steps = self.num_train // batch_size
+        if steps % steps_per_execution:
+            return functools.partial(self.train_dataset, batch_size, seed=seed), None
+        whole = functools.partial(self.train_epochs, batch_size, seed=seed, first_epoch=first_epoch, epochs=epochs)
+        return whole, steps
 
     def _counted(self, dataset: tf.data.Dataset, batch_size: int, epochs: int, input_context) -> tf.data.Dataset:
         """dataset, `epochs` epochs of training batches, with its number of steps made known, prefetched."""

@@ -215,8 +215,6 @@ def _write_summary(summary: Summary, config: Config, started: float) -> None:
 def _fit(config: Config, data, model, run_dir: str, restored: dict | None, schedule, summary: Summary, strategy,
          topology) -> None:
     """Trains from the restored checkpoint (if any) through the batch phases to config.epochs or max_steps."""
-    import functools
-
     from pipeline import callback_list
 
     bn_batch = config.batch if config.norm == "syncbatch" else topology.per_replica_batch(config.batch)
@@ -240,16 +238,15 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
         last_epoch = config.batch_phases[i + 1][0] if i + 1 < len(config.batch_phases) else config.epochs
         if last_epoch <= trained:
             continue
-        start, steps = max(first_epoch, trained), data.num_train // batch
-        # One iterator for the whole call (DataInfo.train_epochs), so that the next epoch's input is prepared while
-        # this one trains; but when the steps per call do not divide an epoch, a call would run across its end.
-        whole = steps % summary.steps_per_execution == 0
-        make = (functools.partial(data.train_epochs, batch, seed=config.seed, first_epoch=start, epochs=last_epoch)
-                if whole else functools.partial(data.train_dataset, batch, seed=config.seed))
+        start = max(first_epoch, trained)
+        # One iterator for the whole call where it can (DataInfo.fit_input): the next epoch's input is prepared while
+        # this one trains.
+        make, steps = data.fit_input(batch, seed=config.seed, first_epoch=start, epochs=last_epoch,
+                                     steps_per_execution=summary.steps_per_execution)
         train_data = distribute.distribute_train(strategy, topology, make, batch, sharded=config.input == "stream")
         # Our datasets shuffle themselves by (seed, epoch); shuffle=False also keeps Keras from warning about it.
         model.fit(train_data, validation_data=val, shuffle=False, initial_epoch=start, epochs=last_epoch,
-                  steps_per_epoch=steps if whole else None, callbacks=callbacks, verbose=verbose)
+                  steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
         if model.stop_training:
             break
 
