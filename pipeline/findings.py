@@ -4,14 +4,17 @@
 A sentence that answers a yes/no question starts with "Yes", "No" or "Not enough data"; a fitted slope or the
 S(B) fit comes with its standard error and number of points ("not determined" with fewer than
 fits.MIN_FIT_POINTS); a direction with batch size is called from the data (fits.direction) and compared with
-what the literature predicts, saying so when they disagree; "least time" and "fewest steps" are only said among
-two or more batch sizes that reached the target.
+what the literature predicts, saying so when they disagree. "Least time" and "fewest steps" name a batch only where
+its bootstrap interval (pipeline/bootstrap.py: validation noise and run-to-run spread) lies below the runner-up's;
+otherwise the two are "not distinguishable", and without intervals the winner is "not determined". The S(B) fit,
+the slope of steps and the B_crit vs B_simple comparison use the bootstrap intervals where the runs have them.
 """
 
 from __future__ import annotations
 
 import math
 
+from pipeline import bootstrap
 from pipeline import fits as fits_lib
 from pipeline import tuning
 from pipeline.fits import series
@@ -68,12 +71,12 @@ def _target(report, norm, mine, prefix):
     target, out = report["target_accuracy"], []
     reached = [g for g in mine if g["time_to_target_s"]["mean"] is not None and g["reached"] == g["completed"]]
     if len(reached) >= 2:
-        fastest = min(reached, key=lambda g: g["time_to_target_s"]["mean"])
-        fewest = min(reached, key=lambda g: g["steps_to_target"]["mean"])
-        out.append(f"{prefix}of the {len(reached)} batch sizes that reached {target:.0%} validation accuracy in every "
-                   f"run, batch {fastest['batch']} took the least time ({fastest['time_to_target_s']['mean']:.1f} s of "
-                   f"training) and batch {fewest['batch']} the fewest steps "
-                   f"({fewest['steps_to_target']['mean']:.0f}).")
+        out.append(f"{prefix}{len(reached)} batch sizes reached {target:.0%} validation accuracy in every run.")
+        out.append(prefix + winner_sentence(reached, "time_to_target_s", "the least time", "{:.1f}", " s of training"))
+        out.append(prefix + winner_sentence(reached, "steps_to_target", "the fewest steps", "{:.0f}", " steps"))
+        if not report.get("run_to_run_known"):
+            out.append(f"{prefix}run-to-run spread is unknown: one seed per batch size, so the intervals hold only "
+                       "the validation set's sampling noise (rerun the sweep with --seeds 2 or more to measure it).")
     else:
         which = f" (batch {reached[0]['batch']})" if reached else ""
         out.append(f"{prefix}not enough data: {len(reached)} batch size(s){which} reached {target:.0%} validation "
@@ -86,6 +89,28 @@ def _target(report, norm, mine, prefix):
     return out
 
 
+def measured_text(group: dict, key: str, fmt: str, unit: str = "") -> str:
+    """'68.4 s [60.1, 75.0]': a group's mean of `key` with its bootstrap interval, when it has one."""
+    interval = (group.get("target_interval") or {}).get(key)
+    return fmt.format(group[key]["mean"]) + unit + (f" {bootstrap.interval_text(interval, fmt)}" if interval else "")
+
+
+def winner_sentence(groups: list[dict], key: str, what: str, fmt: str, unit: str) -> str:
+    """Which batch took `what` (the least mean `key`), said only when its interval lies below the runner-up's."""
+    result = bootstrap.winner(groups, key)
+    best, runner_up = result["best"], result["runner_up"]
+    best_text, runner_up_text = (measured_text(g, key, fmt, unit) for g in (best, runner_up))
+    if result["resolved"]:
+        return (f"batch {best['batch']} took {what} ({best_text}); its {bootstrap.LEVEL:.0%} interval lies below that "
+                f"of the runner-up, batch {runner_up['batch']} ({runner_up_text}).")
+    if result["resolved"] is False:
+        return (f"{what}: batch {best['batch']} and {runner_up['batch']} are not distinguishable ({best_text} and "
+                f"{runner_up_text}: their {bootstrap.LEVEL:.0%} intervals overlap).")
+    return (f"{what}: not determined: batch {best['batch']} measured {best_text} and the runner-up, batch "
+            f"{runner_up['batch']}, {runner_up_text}, with no interval (the runs hold no record of which validation "
+            "examples each target check got right).")
+
+
 def _steps(report, norm, fit, prefix):
     batches, steps = series(report["groups"], norm, "steps_to_target", True)
     trend = fits_lib.fit_power_law(batches, steps)
@@ -93,10 +118,15 @@ def _steps(report, norm, fit, prefix):
         out = [f"{prefix}not enough data: {len(batches)} batch size(s) reached the target in every run; a direction "
                f"needs {fits_lib.MIN_FIT_POINTS}."]
     else:
+        resampled = fit.get("steps_to_target_interval")
+        direction = resampled["direction"] if resampled else trend["direction"]
         verdict = {"falls": "Yes", "rises": "No, they rose (opposite to the literature)",
-                   "unclear": "Not clearly"}[trend["direction"]]
-        out = [f"{prefix}{verdict}: steps to target went as {slope_text(trend)} among the batch sizes that reached "
-               "it; McCandlish et al. 2018 predict a fall, as B^-1 well below B_crit, flattening to S_min above it."]
+                   "unclear": "Not clearly"}[direction]
+        spread = (f", {bootstrap.LEVEL:.0%} bootstrap interval of the slope {bootstrap.interval_text(resampled['slope'], '{:.2f}')}"
+                  if resampled else "")
+        out = [f"{prefix}{verdict}: steps to target went as {slope_text(trend)}{spread} among the batch sizes that "
+               "reached it; McCandlish et al. 2018 predict a fall, as B^-1 well below B_crit, flattening to S_min above "
+               "it."]
     if len(batches) >= fits_lib.MIN_FIT_POINTS:
         onset = fits_lib.diminishing_returns(batches, steps)
         if onset is not None:
@@ -117,8 +147,21 @@ def _steps(report, norm, fit, prefix):
     else:
         out.append(f"{prefix}the fit S(B) = S_min (1 + B_crit / B) over {s_fit['points']} batch sizes gives S_min = "
                    f"{plus_minus(s_fit['s_min'], s_fit['s_min_se'])} steps and B_crit = "
-                   f"{plus_minus(s_fit['b_crit'], s_fit['b_crit_se'])} (standard errors).")
+                   f"{plus_minus(s_fit['b_crit'], s_fit['b_crit_se'])} (standard errors)" + _fit_interval_text(report, fit))
     return out
+
+
+def _fit_interval_text(report, fit) -> str:
+    """'; bootstrap 95% intervals ...' of the S(B) fit, or why it has none; ends the fit's sentence."""
+    resampled = fit.get("steps_to_target_interval")
+    if not resampled:
+        return "; no bootstrap interval (a batch size's runs hold no record of their target checks' examples)."
+    spread = ("the validation noise and the run-to-run spread over seeds" if report.get("run_to_run_known") else
+              "the validation noise only: run-to-run spread is unknown with one seed")
+    invalid = (f"; {resampled['invalid']:.0%} of the draws gave S_min <= 0, an unbounded B_crit"
+               if resampled["invalid"] else "")
+    return (f"; {bootstrap.LEVEL:.0%} bootstrap intervals S_min {bootstrap.interval_text(resampled['s_min'])} steps "
+            f"and B_crit {bootstrap.interval_text(resampled['b_crit'], '{:.3g}')} ({spread}{invalid}).")
 
 
 def _noise_scale(fit, prefix):
@@ -138,9 +181,17 @@ def _noise_scale(fit, prefix):
     if not s_fit or not s_fit["determined"]:
         return [f"{prefix}not enough data: {near}, but the fitted B_crit is not determined."]
     b_crit, se = s_fit["b_crit"], s_fit["b_crit_se"]
-    inside = b_crit - fits_lib.Z * se <= interval["high"] and b_crit + fits_lib.Z * se >= interval["low"]
+    resampled = fit.get("steps_to_target_interval")
+    if resampled:  # the bootstrap interval, which holds the validation noise and the seeds' spread
+        low, high = resampled["b_crit"]
+        which = f"{bootstrap.LEVEL:.0%} bootstrap interval {bootstrap.interval_text(resampled['b_crit'], '{:.3g}')}"
+    else:
+        low, high = b_crit - fits_lib.Z * se, b_crit + fits_lib.Z * se
+        which = f"{fits_lib.Z:.0f}-standard-error interval"
+    # A lower end of None: every draw gave an unbounded B_crit, which no bounded B_simple interval reaches.
+    inside = low is not None and low <= interval["high"] and (high is None or high >= interval["low"])
     return [f"{prefix}{'Yes' if inside else 'No'}: {near}; the fitted B_crit = {plus_minus(b_crit, se)}, whose "
-            f"{fits_lib.Z:.0f}-standard-error interval {'overlaps' if inside else 'does not overlap'} it "
+            f"{which} {'overlaps' if inside else 'does not overlap'} it "
             "(McCandlish et al. 2018 find B_crit close to B_simple at the target)."]
 
 

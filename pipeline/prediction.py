@@ -50,18 +50,29 @@ def check(advice: dict, groups: list[dict]) -> dict | None:
         predicted_time = predicted_steps * float(step_time(batch))
         steps, seconds = g["steps_to_target"]["mean"], g["time_to_target_s"]["mean"]
         per_step = g["time_per_step_ms"]["mean"]
+        interval = g.get("target_interval") or {}
         rows.append({"batch": batch, "predicted_steps": predicted_steps, "measured_steps": steps,
                      "steps_off": predicted_steps / steps if steps else None,
+                     "measured_steps_interval": interval.get("steps_to_target"),
+                     "steps_inside": inside(predicted_steps, interval.get("steps_to_target")),
                      "predicted_step_ms": 1000 * float(step_time(batch)), "measured_step_ms": per_step,
                      "predicted_time_s": predicted_time, "measured_time_s": seconds,
-                     "time_off": predicted_time / seconds if seconds else None})
+                     "time_off": predicted_time / seconds if seconds else None,
+                     "measured_time_interval": interval.get("time_to_target_s"),
+                     "time_inside": inside(predicted_time, interval.get("time_to_target_s"))})
     timed = [r for r in rows if r["measured_time_s"]]
     fastest = min(timed, key=lambda r: r["measured_time_s"]) if timed else None
+    from pipeline import bootstrap
+
+    reached = [g for g in members if g["time_to_target_s"]["mean"] is not None]
+    race = bootstrap.winner(reached, "time_to_target_s") if len(reached) > 1 else None
     recommended = next((r for r in rows if r["batch"] == advice["batch"]), None)
     result = {"norm": norm, "recommended_batch": advice["batch"], "recommended_lr": advice["lr"],
               "noise_scale": phi, "noise_scale_lo": advice["noise"]["noise_scale_lo"],
               "noise_scale_hi": advice["noise"]["noise_scale_hi"], "s_min": s_min, "rows": rows,
               "fastest_batch": fastest["batch"] if fastest else None,
+              "fastest_resolved": race["resolved"] if race else None,
+              "runner_up_batch": race["runner_up"]["batch"] if race else None,
               "predicted_fastest": min(rows, key=lambda r: r["predicted_time_s"])["batch"],
               "recommended_vs_fastest": None}
     if fastest and recommended and recommended["measured_time_s"]:
@@ -69,6 +80,28 @@ def check(advice: dict, groups: list[dict]) -> dict | None:
     off = [abs(math.log(r["steps_off"])) for r in rows if r["steps_off"]]
     result["steps_off_typical"] = math.exp(float(np.median(off))) if off else None
     return result
+
+
+def inside(value: float, interval: list | None) -> bool | None:
+    """Whether a predicted value lies in a measured [low, high] interval (high None: unbounded); None without one."""
+    if not interval:
+        return None
+    return interval[0] <= value and (interval[1] is None or value <= interval[1])
+
+
+def _measured(value, interval, fmt: str) -> str:
+    if value is None:
+        return "–"
+    if not interval:
+        return fmt.format(value)
+    high = fmt.format(interval[1]) if interval[1] is not None else "unbounded"
+    return f"{fmt.format(value)} [{fmt.format(interval[0])}, {high}]"
+
+
+def _off(ratio, within) -> str:
+    if ratio is None:
+        return "–"
+    return f"{ratio:.2f}x" + {True: " (inside)", False: " (outside)", None: ""}[within]
 
 
 def _number(value, fmt: str) -> str:
@@ -88,12 +121,27 @@ def markdown(result: dict) -> str:
              "| batch | steps predicted | steps measured | off | ms/step predicted | ms/step measured | "
              "time predicted (s) | time measured (s) | off |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['batch']} | {r['predicted_steps']:.0f} | {_number(r['measured_steps'], '{:.0f}')} | "
-                     f"{_number(r['steps_off'], '{:.2f}x')} | {r['predicted_step_ms']:.1f} | "
+        lines.append(f"| {r['batch']} | {r['predicted_steps']:.0f} | "
+                     f"{_measured(r['measured_steps'], r.get('measured_steps_interval'), '{:.0f}')} | "
+                     f"{_off(r['steps_off'], r.get('steps_inside'))} | {r['predicted_step_ms']:.1f} | "
                      f"{_number(r['measured_step_ms'], '{:.1f}')} | {r['predicted_time_s']:.1f} | "
-                     f"{_number(r['measured_time_s'], '{:.1f}')} | {_number(r['time_off'], '{:.2f}x')} |")
-    summary = (f"Predicted fastest batch: {result['predicted_fastest']}; measured fastest: "
-               f"{_number(result['fastest_batch'], '{}')}.")
+                     f"{_measured(r['measured_time_s'], r.get('measured_time_interval'), '{:.1f}')} | "
+                     f"{_off(r['time_off'], r.get('time_inside'))} |")
+    lines += ["", "Measured [low, high]: the 95% bootstrap interval of the sweep's steps and time to target (validation "
+              "noise, and the run-to-run spread with several seeds; pipeline/bootstrap.py); inside / outside: whether "
+              "the prediction lies in it."]
+    resolved = result.get("fastest_resolved")
+    if resolved:
+        measured = f"{result['fastest_batch']} (its interval lies below the runner-up's, batch {result['runner_up_batch']})"
+    elif resolved is False:
+        measured = (f"not resolved: batch {result['fastest_batch']} and {result['runner_up_batch']} are not "
+                    "distinguishable (their intervals overlap)")
+    elif result.get("runner_up_batch") is not None:
+        measured = (f"not determined: batch {result['fastest_batch']} had the least mean time, with no interval to "
+                    f"separate it from batch {result['runner_up_batch']}")
+    else:
+        measured = _number(result["fastest_batch"], "{}")
+    summary = f"Predicted fastest batch: {result['predicted_fastest']}; measured fastest: {measured}."
     if result["recommended_vs_fastest"] is not None:
         summary += (f" The recommended batch's measured time to target was {result['recommended_vs_fastest']:.2f}x "
                     "the fastest's (at the sweep's learning rate for that batch).")

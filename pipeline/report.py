@@ -29,9 +29,10 @@ import sys
 
 import numpy as np
 
+from pipeline import bootstrap
 from pipeline import findings as findings_lib
 from pipeline import fits as fits_lib
-from pipeline import hparams, prediction, rundir, tuning
+from pipeline import hparams, prediction, rundir, target_record, tuning
 from pipeline.config import InputError
 from pipeline.plots import plots
 
@@ -102,6 +103,10 @@ def read_run(run_dir: str) -> dict | None:
     seconds = rundir.time_per_step(history) or summary.get("time_per_step_s")
     row["time_per_step_ms"] = 1000 * seconds if seconds else None
     row["examples_per_sec"] = rundir.examples_per_sec(history) or summary.get("examples_per_sec")
+    # Validation noise of the target metrics: resampled first crossings (pipeline/bootstrap.py), not in report.json.
+    row["target_draws"] = (bootstrap.run_draws(target_record.read(run_dir), history)
+                           if row["status"] == "completed" and row["steps_to_target"] is not None else None)
+    row["target_interval"] = {k: v for k, v in row["target_draws"].items() if k != "draws"} if row["target_draws"] else None
 
     # Over the run's measurements, which the sweep spreads over the same fractions of every run's budget.
     stds = [r["grad/batch_std"] for r in grad if r.get("grad/batch_std") is not None]
@@ -167,7 +172,8 @@ def headline(report: dict) -> str:
         for key, _, fmt in COLUMNS:
             reached = f" ({g['reached']}/{g['runs']})" if key in TARGET_KEYS and g["reached"] < g["runs"] else ""
             stat = g[key] if key != "lr" else g[key] | {"std": None}  # the lr is set, not measured
-            cells.append(_cell(stat, fmt, reached))
+            interval = (g.get("target_interval") or {}).get(key)
+            cells.append(_cell(stat, fmt, reached) + (f" {bootstrap.interval_text(interval, fmt)}" if interval else ""))
         status = f"{g['completed']}/{g['runs']} completed" + (f", {len(g['failed'])} failed" if g["failed"] else "")
         device_cells = "".join(f"{g[key]} | " for key in ("replicas", "per_replica_batch", "bn_batch") if by_replicas)
         lines.append(f"| {g['norm']} | {g['batch']} | {device_cells}" + " | ".join(cells) + f" | {status} |")
@@ -178,6 +184,19 @@ def _estimate(value, se, fmt="{:.3g}") -> str:
     return fmt.format(value) + (f" ± {fmt.format(se)}" if se is not None else "")
 
 
+def spread_note(report: dict) -> str:
+    """What the bracketed intervals of the table hold, and whether run-to-run spread is known."""
+    level = f"{bootstrap.LEVEL:.0%}"
+    text = (f"[low, high]: {level} bootstrap interval of the mean over seeds ({bootstrap.RESAMPLES} resamples of the "
+            "validation examples, seed "
+            f"{bootstrap.SEED}, and of the seeds; pipeline/bootstrap.py); \"unbounded\": more than "
+            f"{(1 - bootstrap.LEVEL) / 2:.1%} of the resamples crossed the target at no recorded check.")
+    if report.get("run_to_run_known"):
+        return text + " The intervals include the run-to-run spread over seeds."
+    return text + (" Run-to-run spread is unknown: one seed per batch size reached the target, so the intervals "
+                   "hold only the validation set's sampling noise; rerun with --seeds 2 or more to measure it.")
+
+
 def fits_markdown(report: dict) -> str:
     """Per norm: the S(B) fit, B_simple near the target and the fitted slopes, with standard errors and points."""
     lines = ["| norm | S_min (steps) | B_crit | points | B_simple near target (range over batches) | grad std slope "
@@ -186,6 +205,10 @@ def fits_markdown(report: dict) -> str:
         s = fit["steps_to_target"]
         if s and s["determined"]:
             cells = [_estimate(s["s_min"], s["s_min_se"], "{:.0f}"), _estimate(s["b_crit"], s["b_crit_se"])]
+            resampled = fit.get("steps_to_target_interval")
+            if resampled:
+                cells = [cells[0] + " " + bootstrap.interval_text(resampled["s_min"]),
+                         cells[1] + " " + bootstrap.interval_text(resampled["b_crit"], "{:.3g}")]
         else:
             cells = ["not determined"] * 2
         cells.append(str(s["points"]) if s else "0")
@@ -197,7 +220,9 @@ def fits_markdown(report: dict) -> str:
                          + f" ({slope['points']} points{'' if slope['determined'] else ', not determined'})")
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nStandard errors of the least-squares fits (pipeline/fits.py); a fit with fewer " \
-        "than 3 points has none and is marked not determined."
+        "than 3 points has none and is marked not determined. [low, high]: the S(B) fit refitted to every bootstrap " \
+        f"draw of the steps to target ({bootstrap.LEVEL:.0%} percentile interval; it holds the validation noise and, " \
+        "with several seeds, the run-to-run spread; pipeline/bootstrap.py)."
 
 
 def answer(report: dict, question: str):
@@ -221,6 +246,7 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
         "# Batch-size study", "", setting, "",
         "## Findings", "", *[f"- {s}" for s in report["findings"]], "",
         "## Per batch size (mean ± std over seeds)", "", headline(report), "",
+        spread_note(report), "",
         "Steps to target: first check with validation accuracy >= target (checked every "
         "pipeline.target interval, the same fraction of an epoch at every batch); epochs to target: steps to "
         "target x batch / training examples; time to target: the run's training clock until that check, without "
@@ -255,6 +281,16 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fit_interval(groups: list[dict], norm: str, draws: dict) -> dict | None:
+    """bootstrap.fit_intervals over the batches of `norm` that reached the target in every run, when each has draws
+    and there are fits.MIN_FIT_POINTS of them."""
+    batches, _ = fits_lib.series(groups, norm, "steps_to_target", True)
+    keys = [(norm, batch, groups[0]["replicas"]) for batch in batches]
+    if len(batches) < fits_lib.MIN_FIT_POINTS or any(key not in draws for key in keys):
+        return None
+    return bootstrap.fit_intervals(batches, [draws[key]["steps_to_target"] for key in keys])
+
+
 def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     """Reads every run of a sweep, writes report.json, report.md, the PNGs and HParams data; returns the report.
 
@@ -272,10 +308,13 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     report = {"sweep_dir": sweep_dir, "sweep": sweep, "target_accuracy": max(r["target"] or 0 for r in rows),
               "groups": groups, "replica_groups": all_groups if len({g["replicas"] for g in all_groups}) > 1 else [],
               "fits": fits_lib.per_norm(groups), "tuning": tuning.read_trials(sweep_dir),
-              "runs": [{k: v for k, v in r.items() if k != "noise_curve"} for r in rows]}
+              "runs": [{k: v for k, v in r.items() if k not in ("noise_curve", "target_draws")} for r in rows]}
+    draws = bootstrap.add_group_intervals(all_groups, rows)
+    report["run_to_run_known"] = bootstrap.run_to_run_known(groups)
     for norm, fit in report["fits"].items():
         fit["b_simple_interval"] = fits_lib.interval_union([r["noise_near_target"] for r in rows
                                                              if r["norm"] == norm and r["replicas"] == fewest])
+        fit["steps_to_target_interval"] = _fit_interval(groups, norm, draws)
     report["replica_fits"] = fits_lib.per_device_batch(report["replica_groups"])
     report["answers"] = findings_lib.answers(report)
     report["findings"] = findings_lib.findings(report)

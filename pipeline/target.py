@@ -16,6 +16,9 @@ What it records (target.json in the run directory, read back with `read`) and wh
   instruments and the checks (their end-of-epoch validation included), plus the time into this epoch without
   them. The checks are timed with callbacks.timing.timed like the instruments, so that training time and
   throughput leave them out.
+Every check also records which validation examples it classified correctly (pipeline/target_record.py,
+target_checks.npz), for the interval of these numbers from the validation set's sampling noise; the checks go on
+for a while after the target is first reached, for the same reason.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from callbacks.steps import Steps
 from callbacks.timing import timed
-from pipeline import rundir
+from pipeline import rundir, target_record
 
 FILE = "target.json"
 
@@ -68,6 +72,7 @@ class TargetCheck(keras.callbacks.Callback):
         self._accuracy = keras.metrics.SparseCategoricalAccuracy()
         self._predict = None
         self.reached = read(run_dir)
+        self.record = target_record.CheckRecord(run_dir, target)
 
     def on_train_begin(self, logs=None):
         if self._predict is None:
@@ -78,27 +83,46 @@ class TargetCheck(keras.callbacks.Callback):
         if self.reached and self.reached["epoch"] >= epoch:  # a resumed run trains this epoch again
             os.remove(os.path.join(self.run_dir, FILE))
             self.reached = None
+        self.record.drop_from_epoch(epoch)
         self._epoch, self._first_step = epoch, self._steps.step
         self._started, self._measured = time.perf_counter(), self.measuring()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._steps.batch_end(self.model, batch) and not self.reached:
+        if self._steps.batch_end(self.model, batch) and not (self.reached and self.record.done):
+            seconds = self._seconds_into_epoch()
             accuracy = self.check()
-            if accuracy >= self.target:
-                self._record(accuracy)
+            self.record.add(self._steps.step, self._epoch, self._epoch_fraction(), seconds, self._correct)
+            if accuracy >= self.target and not self.reached:
+                self._record(accuracy, seconds)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.record.write()
+
+    def on_train_end(self, logs=None):
+        self.record.write()
 
     @timed
     def check(self) -> float:
-        """The validation accuracy at the current weights."""
+        """The validation accuracy at the current weights; which examples were right is kept in self._correct."""
         self._accuracy.reset_state()
+        correct = []
         for x, y in self.validation:
-            self._accuracy.update_state(y, self._predict(x))
+            predicted = self._predict(x)
+            self._accuracy.update_state(y, predicted)
+            correct.append(np.argmax(predicted, axis=-1) == np.reshape(y, -1))
+        self._correct = np.concatenate(correct)
         return float(self._accuracy.result())
 
-    def _record(self, accuracy: float) -> None:
-        seconds = time.perf_counter() - self._started - (self.measuring() - self._measured)
+    def _seconds_into_epoch(self) -> float:
+        """Training seconds since this epoch began, without measuring (the checks included)."""
+        return time.perf_counter() - self._started - (self.measuring() - self._measured)
+
+    def _epoch_fraction(self) -> float:
+        return (self._steps.step - self._first_step) / self.params["steps"]
+
+    def _record(self, accuracy: float, seconds: float) -> None:
         step = self._steps.step
         self.reached = {"target_accuracy": self.target, "val_accuracy": accuracy, "step": step, "epoch": self._epoch,
-                        "epoch_fraction": (step - self._first_step) / self.params["steps"],
+                        "epoch_fraction": self._epoch_fraction(),
                         "seconds_into_epoch": seconds, "every_n_steps": self.every_n_steps}
         rundir.write_json_atomic(os.path.join(self.run_dir, FILE), self.reached)
