@@ -104,9 +104,10 @@ def winner_sentence(groups: list[dict], key: str, what: str, fmt: str, unit: str
         return (f"batch {best['batch']} took {what} ({best_text}); its {bootstrap.LEVEL:.0%} interval lies below that "
                 f"of the runner-up, batch {runner_up['batch']} ({runner_up_text}).")
     if result["resolved"] is False:
-        return (f"{what}: batch {best['batch']} and {runner_up['batch']} are not distinguishable ({best_text} and "
-                f"{runner_up_text}: their {bootstrap.LEVEL:.0%} intervals overlap).")
-    return (f"{what}: not determined: batch {best['batch']} measured {best_text} and the runner-up, batch "
+        return (f"which batch took {what} is not resolved: batch {best['batch']} and {runner_up['batch']} are not "
+                f"distinguishable ({best_text} and {runner_up_text}: their {bootstrap.LEVEL:.0%} intervals overlap).")
+    return (f"which batch took {what} is not determined: batch {best['batch']} measured {best_text} and the "
+            f"runner-up, batch "
             f"{runner_up['batch']}, {runner_up_text}, with no interval (the runs hold no record of which validation "
             "examples each target check got right).")
 
