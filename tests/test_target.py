@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from pipeline import config as config_lib
 from pipeline import target as target_lib
+from pipeline import target_record
 from pipeline import train as train_lib
 
 
@@ -39,13 +40,14 @@ def test_first_reaching_check_matches_brute_force_during_training(tmp_path):
     def check_seconds():
         return getattr(check, "seconds", 0.0)
 
-    accuracies = []
+    accuracies, corrects = [], []
 
     class BruteForce(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             weights = [np.asarray(w, np.float64) for w in self.model.get_weights()]
             hidden = np.maximum(val_x @ weights[0] + weights[1], 0)
-            accuracies.append(float(np.mean(np.argmax(hidden @ weights[2] + weights[3], axis=1) == val_y)))
+            corrects.append(np.argmax(hidden @ weights[2] + weights[3], axis=1) == val_y)
+            accuracies.append(float(np.mean(corrects[-1])))
 
     model.fit(train_x, train_y, batch_size=32, epochs=4, shuffle=False, verbose=0, callbacks=[check, BruteForce()])
     steps = np.arange(1, len(accuracies) + 1)
@@ -58,6 +60,34 @@ def test_first_reaching_check_matches_brute_force_during_training(tmp_path):
     assert reached["epoch"] == (expected - 1) // steps_per_epoch
     assert reached["epoch"] + reached["epoch_fraction"] == pytest.approx(expected / steps_per_epoch)
     assert check.seconds > 0 and reached["seconds_into_epoch"] > 0
+
+    # The per-example record: every check from step 3 on, each example's correctness as NumPy computes it, going on
+    # after the crossing until a check is settled 3 binomial standard errors above the target or at twice its step.
+    record = target_record.read(str(tmp_path))
+    stop = next((s for s, a in zip(steps, accuracies) if s % 3 == 0 and s >= expected and (
+        target_record.settled(a, len(val_y), 0.85) or s >= 2 * expected)), steps[-1] - steps[-1] % 3)
+    assert record["steps"].tolist() == list(range(3, stop + 1, 3))
+    for step, correct in zip(record["steps"], record["correct"]):
+        assert np.array_equal(correct, corrects[step - 1])
+    assert record["epochs"].tolist() == [(s - 1) // steps_per_epoch for s in record["steps"]]
+    first = record["steps"].tolist().index(expected)
+    assert record["seconds_into_epoch"][first] == reached["seconds_into_epoch"]  # target.json and the record agree
+
+
+def test_record_resumes_without_the_epochs_trained_again(tmp_path):
+    """A resumed run reads its earlier checks back and forgets those of the epoch it trains again."""
+    record = target_record.CheckRecord(str(tmp_path), 0.5)
+    for step, epoch, right in ((2, 0, 1), (4, 0, 3), (6, 1, 2), (8, 1, 4)):
+        record.add(step, epoch, step / 4 - epoch, 0.1 * step, [i < right for i in range(4)])
+    assert record.first_crossing == 4 and record.done  # 4 right of 4 at step 8 is settled
+    record.write()
+    resumed = target_record.CheckRecord(str(tmp_path), 0.5)
+    assert resumed.first_crossing == 4 and len(resumed.rows) == 4
+    resumed.drop_from_epoch(1)
+    assert [row[0] for row in resumed.rows] == [2, 4] and not resumed.done
+    resumed.write()
+    assert target_record.read(str(tmp_path))["steps"].tolist() == [2, 4]
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no temporary file left
 
 
 def test_summary_reports_steps_epochs_and_time_to_target(tmp_path):
