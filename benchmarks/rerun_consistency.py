@@ -1,6 +1,6 @@
 """Does the sweep's report survive a rerun? The default sweep several times, its verdicts and B_crit compared.
 
-Usage: python benchmarks/rerun_consistency.py [--out /tmp/rerun_bench] [--reruns 3] [--same-seeds]
+Usage: python benchmarks/rerun_consistency.py [--out /tmp/rerun_bench] [--reruns 3] [--same-seeds] [--resume]
                                               [--batch 8,16,32,64,128] [--seeds 2] [--epochs 12] [--model resnet20]
                                               [--val-fraction 0.1] [--target-accuracy 0.98]
 
@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="/tmp/rerun_bench")
     parser.add_argument("--reruns", type=int, default=3)
     parser.add_argument("--same-seeds", action="store_true", help="every rerun on seeds 0..S-1")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the reruns in --out (finished runs are skipped, as the sweep does)")
     parser.add_argument("--batch", default=None, help="batch sizes, comma-separated (default: the sweep's)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per batch (default: the sweep's)")
     parser.add_argument("--epochs", type=int, default=None)
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     speed.set_threads(config)
     batches = tuple(int(b) for b in args.batch.split(",")) if args.batch else sweep.DEFAULT_BATCHES
     seeds = args.seeds or sweep.DEFAULT_SEEDS
-    if os.path.isdir(args.out) and os.listdir(args.out):
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:
         parser.error(f"--out: {args.out} is not empty; give a new directory (the benchmark starts from scratch)")
     reports, rounds = [], []
     for rerun in range(args.reruns):

@@ -18,11 +18,23 @@ def _figure(panels: int = 1):
 
 
 def _errorbar(axes, groups, norm, key, label, log=False, **style):
-    points = [(g["batch"], g[key]["mean"], g[key]["std"] or 0.0) for g in groups
-              if g["norm"] == norm and g[key]["mean"] is not None and (g[key]["mean"] > 0 or not log)]
+    """Means over seeds with bars: the bootstrap interval of the target metrics where a group has one (an unbounded
+    upper end drawn as an open triangle up), else the std over seeds."""
+    points = [g for g in groups if g["norm"] == norm and g[key]["mean"] is not None and (g[key]["mean"] > 0 or not log)]
     if points:
-        batches, means, stds = zip(*points)
-        axes.errorbar(batches, means, yerr=stds, capsize=3, label=label, **({"marker": "o"} | style))
+        batches, means = [g["batch"] for g in points], [g[key]["mean"] for g in points]
+        bars = [[], []]
+        for g, mean in zip(points, means):
+            interval = (g.get("target_interval") or {}).get(key)
+            low, high = (interval[0], interval[1] if interval[1] is not None else mean) if interval else (
+                mean - (g[key]["std"] or 0.0), mean + (g[key]["std"] or 0.0))
+            bars[0].append(max(mean - low, 0.0))
+            bars[1].append(max(high - mean, 0.0))
+        axes.errorbar(batches, means, yerr=bars, capsize=3, label=label, **({"marker": "o"} | style))
+        unbounded = [(b, m) for g, b, m in zip(points, batches, means)
+                     if ((g.get("target_interval") or {}).get(key) or [0, 0])[1] is None]
+        if unbounded:
+            axes.plot(*zip(*unbounded), "^", fillstyle="none", markersize=9, color=style.get("color"))
     return bool(points)
 
 
@@ -94,17 +106,22 @@ def plots(report: dict, rows: list[dict], sweep_dir: str) -> dict[str, str]:
             fit = report["fits"][norm]["steps_to_target"]
             if fit and fit["determined"]:
                 b = np.geomspace(min(g["batch"] for g in groups), max(g["batch"] for g in groups), 100)
+                resampled = report["fits"][norm].get("steps_to_target_interval")
+                spread = (f", 95% [{resampled['b_crit'][0]:.3g}, " + (f"{resampled['b_crit'][1]:.3g}]"
+                          if resampled["b_crit"][1] is not None else "unbounded]")
+                          if resampled and resampled["b_crit"][0] is not None else "")
                 steps_axes.plot(b, fit["s_min"] * (1 + fit["b_crit"] / b), color=f"C{i}", alpha=0.7,
-                                label=f"{norm}: S(B) fit, B_crit={fit['b_crit']:.3g} ± {fit['b_crit_se']:.2g}")
+                                label=f"{norm}: S(B) fit, B_crit={fit['b_crit']:.3g} ± {fit['b_crit_se']:.2g}{spread}")
                 fitted.append(norm)
         for axes in (steps_axes, time_axes):
             _log2_batch_axis(axes, groups)
             axes.set_yscale("log")
             _legend(axes, 7)
         fit_title = "S(B) fit" if fitted else "S(B) fit not determined (< 3 batches reached)"
-        steps_axes.set(ylabel="steps to target (mean ± std over seeds)",
+        bars = ("95% bootstrap interval" if any(g.get("target_interval") for g in groups) else "std over seeds")
+        steps_axes.set(ylabel=f"steps to target (mean over seeds, {bars})",
                        title=f"Steps to {report['target_accuracy']:.0%} val acc; {fit_title}")
-        time_axes.set(ylabel="time to target (s)", title="Time to target: steps x time per step")
+        time_axes.set(ylabel=f"time to target (s; {bars})", title="Time to target: the training clock")
         save(figure, "steps_to_target")
 
     if any(g["grad_std"]["mean"] is not None for g in groups):

@@ -183,8 +183,16 @@ def test_sweep_report_puts_the_prediction_beside_the_measurements(tmp_path):
     for row in result["rows"]:
         assert row["predicted_step_ms"] == pytest.approx(10 + 0.4 * row["batch"])
         assert row["steps_off"] == pytest.approx(1.0) and row["time_off"] == pytest.approx(1.0)
+        # An exact prediction lies inside the measured bootstrap intervals.
+        assert row["steps_inside"] and row["time_inside"]
+        assert row["measured_steps_interval"][0] < row["measured_steps"] < row["measured_steps_interval"][1]
     assert result["fastest_batch"] == result["predicted_fastest"] == 32
+    # Batch 32's 68.4 s and batch 64's 71.2 s are within the validation noise of each other (test_report).
+    assert result["fastest_resolved"] is False and result["runner_up_batch"] == 64
     text = open(tmp_path / "report.md").read()
+    assert ("measured fastest: not resolved: batch 32 and 64 are not distinguishable (their intervals overlap)"
+            in text)
+    assert "| 1.00x (inside) |" in text
     # The optimum sqrt(0.01 * 64 / 0.0004) = 40 gains 1.1% over batch 32, under the 5% needed to switch.
     assert "## Predicted vs measured (batch-size advisor)" in text and "recommended batch 32" in text
     assert prediction.check(advice, [{"norm": "group"}]) is None
