@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pipeline import config as config_lib
-from pipeline import run_callbacks, rundir, runner, sweep
+from pipeline import flags, run_callbacks, rundir, runner, sweep
 from pipeline import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +123,7 @@ def test_failed_runs_are_recorded(tmp_path, monkeypatch):
 
     calls = record_calls(monkeypatch, flaky)
     out = str(tmp_path / "sweep")
-    spec = sweep.Spec(batches=(16, 32, 64), budget=sweep.Budget("epochs", 1))
+    spec = sweep.Spec(batches=(16, 32, 64), seeds=(0,), budget=sweep.Budget("epochs", 1))
     report = sweep.sweep(tiny_config(), spec, out)
     assert len(calls) == 3
     statuses = {r["batch"]: (r["status"], r["reason"]) for r in report["runs"]}
@@ -140,7 +140,7 @@ def test_failed_runs_are_recorded(tmp_path, monkeypatch):
 def test_changed_settings_are_refused(tmp_path, monkeypatch):
     record_calls(monkeypatch, fake_train)
     out = str(tmp_path / "sweep")
-    spec = sweep.Spec(batches=(32,), budget=sweep.Budget("epochs", 1))
+    spec = sweep.Spec(batches=(32,), seeds=(0,), budget=sweep.Budget("epochs", 1))
     sweep.sweep(tiny_config(), spec, out, report=False)
     refused = r"--out: .*batch-b32-s0 was run with lr=0.1, this sweep asks for 0.2"
     with pytest.raises(config_lib.InputError, match=refused):
@@ -175,7 +175,7 @@ def best_at_lr(peak):
 def test_tuner_picks_each_batch_its_best_lr(tmp_path, monkeypatch):
     calls = record_calls(monkeypatch, lambda c: fake_train(c, best_at_lr(0.01 * c.batch / 16)))
     out = str(tmp_path)
-    spec = sweep.Spec(batches=(16, 64), budget=sweep.Budget("epochs", 1), tuner="random", max_trials=4)
+    spec = sweep.Spec(batches=(16, 64), seeds=(0,), budget=sweep.Budget("epochs", 1), tuner="random", max_trials=4)
     report = sweep.sweep(tiny_config(lr=0.02), spec, out)
     trials = [c for c in calls if c.run_dir.startswith(os.path.join(out, "tuner"))]
     finals = [c for c in calls if c.run_dir.startswith(os.path.join(out, "runs"))]
@@ -202,7 +202,7 @@ def test_tuner_picks_each_batch_its_best_lr(tmp_path, monkeypatch):
 
 def test_hyperband_trains_rounds_of_the_epoch_budget(tmp_path, monkeypatch):
     calls = record_calls(monkeypatch, lambda c: fake_train(c, best_at_lr(0.05)))
-    spec = sweep.Spec(batches=(32,), budget=sweep.Budget("epochs", 9), tuner="hyperband",
+    spec = sweep.Spec(batches=(32,), seeds=(0,), budget=sweep.Budget("epochs", 9), tuner="hyperband",
                       tune=("lr", "momentum", "warmup"))
     sweep.sweep(tiny_config(), spec, str(tmp_path), report=False)
     trials = [c for c in calls if c.run_dir.startswith(os.path.join(str(tmp_path), "tuner"))]
@@ -369,3 +369,13 @@ def test_a_run_in_its_own_process_reports_bad_input_in_one_line(tmp_path):
     with pytest.raises(config_lib.InputError) as error:
         runner.run_one(config, str(tmp_path / "run"))
     assert str(error.value) == "--dataset: cannot read npz:/nonexistent.npz: No such file or directory"
+
+
+def test_default_study_runs_two_seeds():
+    """The default sweep has two seeds per batch size, so that its report shows run-to-run spread."""
+    config, args = flags.parse([], description="", extra=sweep.add_sweep_flags, preset=config_lib.batch_study())
+    spec = sweep.spec_from_flags(config, args, [])
+    assert spec.seeds == (0, 1) and spec.batches == (8, 16, 32, 64, 128)
+    _, args = flags.parse(["--seeds", "1"], description="", extra=sweep.add_sweep_flags,
+                          preset=config_lib.batch_study())
+    assert sweep.spec_from_flags(config, args, ["--seeds", "1"]).seeds == (0,)
