@@ -18,6 +18,12 @@ budget; the BN discrepancy is the root mean square over the run's measurements o
 vs population statistics, callbacks/bn_stats.py). Means and standard deviations are over seeds (sample std,
 ddof=1; none for a single seed); accuracies, times and instruments come from completed runs, the target metrics
 from completed runs that reached the target.
+
+Uncertainty of the target metrics (pipeline/bootstrap.py): each run's target checks recorded which validation
+examples they got right (pipeline/target_record.py), so steps, epochs and time to target get a bootstrap interval
+over the validation examples, and each (norm, batch) one over its seeds as well; the S(B) fit and the slope of
+steps are refitted to every bootstrap draw. With one seed per batch the report says that run-to-run spread is
+unknown.
 """
 
 from __future__ import annotations

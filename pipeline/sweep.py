@@ -13,6 +13,9 @@ Ctrl-C or a crash continues where it stopped. The report (pipeline/report.py) is
 to <out> at the end: report.md, report.json, PNG plots and TensorBoard HParams data
 (`tensorboard --logdir <out>`).
 
+By default a sweep runs seeds 0 and 1 at batch 8, 16, 32, 64 and 128 (DEFAULT_SEEDS, DEFAULT_BATCHES), so that
+its report shows run-to-run spread next to the validation set's sampling noise (pipeline/bootstrap.py).
+
 A sweep is a preset Config (config.batch_study(), or --config FILE.json) that every train flag overrides with its
 meaning in pipeline.train, plus a Spec: the batches, norms and seeds it runs, the budget and the tuner.
 
