@@ -142,11 +142,13 @@ def fit_intervals(batches: list[int], draws: list[np.ndarray]) -> dict:
 
     Returns:
       {"b_crit": [low, high or None], "s_min": [low, high], "slope": [low, high], "direction", "invalid": fraction
-      of draws whose line gave S_min <= 0 (B_crit unbounded: taken as +inf), "draws"}.
+      of draws whose line gave S_min <= 0 (B_crit unbounded: taken as +inf), "draws", "onsets": the share of draws
+      per onset of diminishing returns (fits.diminishing_returns; key "None": no onset)}.
     """
     stacked = np.stack(draws)  # (batches, RESAMPLES)
-    b_crits, s_mins, slopes = [], [], []
+    b_crits, s_mins, slopes, onsets = [], [], [], []
     for column in stacked.T:
+        onsets.append(fits_lib.diminishing_returns(batches, column.tolist()))
         fit = fits_lib.fit_steps_to_target(batches, column)
         s_mins.append(fit["s_min"])
         b_crits.append(fit["b_crit"] if fit["s_min"] > 0 else math.inf)
@@ -156,7 +158,8 @@ def fit_intervals(batches: list[int], draws: list[np.ndarray]) -> dict:
     return {"b_crit": [b_low if math.isfinite(b_low) else None, b_high if math.isfinite(b_high) else None],
             "s_min": list(percentile_interval(s_mins)), "slope": list(slope),
             "direction": "falls" if slope[1] < 0 else "rises" if slope[0] > 0 else "unclear",
-            "invalid": float(np.mean(~np.isfinite(b_crits))), "draws": stacked.shape[1]}
+            "invalid": float(np.mean(~np.isfinite(b_crits))), "draws": stacked.shape[1],
+            "onsets": {str(onset): onsets.count(onset) / len(onsets) for onset in sorted(set(onsets), key=str)}}
 
 
 def winner(groups: list[dict], key: str) -> dict | None:

@@ -115,30 +115,33 @@ def winner_sentence(groups: list[dict], key: str, what: str, fmt: str, unit: str
 def _steps(report, norm, fit, prefix):
     batches, steps = series(report["groups"], norm, "steps_to_target", True)
     trend = fits_lib.fit_power_law(batches, steps)
+    resampled = fit.get("steps_to_target_interval")
     if not trend or not trend["determined"]:
         out = [f"{prefix}not enough data: {len(batches)} batch size(s) reached the target in every run; a direction "
                f"needs {fits_lib.MIN_FIT_POINTS}."]
     else:
-        resampled = fit.get("steps_to_target_interval")
         direction = resampled["direction"] if resampled else trend["direction"]
         verdict = {"falls": "Yes", "rises": "No, they rose (opposite to the literature)",
                    "unclear": "Not clearly"}[direction]
-        spread = (f", {bootstrap.LEVEL:.0%} bootstrap interval of the slope {bootstrap.interval_text(resampled['slope'], '{:.2f}')}"
-                  if resampled else "")
+        spread = (f", {bootstrap.LEVEL:.0%} bootstrap interval of the slope "
+                  f"{bootstrap.interval_text(resampled['slope'], '{:.2f}')}" if resampled else "")
         out = [f"{prefix}{verdict}: steps to target went as {slope_text(trend)}{spread} among the batch sizes that "
                "reached it; McCandlish et al. 2018 predict a fall, as B^-1 well below B_crit, flattening to S_min above "
                "it."]
     if len(batches) >= fits_lib.MIN_FIT_POINTS:
         onset = fits_lib.diminishing_returns(batches, steps)
+        share = (f" In {resampled['onsets'].get(str(onset), 0.0):.0%} of the bootstrap draws the onset is the same."
+                 if resampled else "")
         if onset is not None:
             i = batches.index(onset)
             out.append(f"{prefix}diminishing returns begin at batch {onset}: from there on, each larger batch cut the "
                        f"steps to target by less than half as much as perfect scaling would (batch {batches[i]} -> "
                        f"{batches[i + 1]}: {steps[i]:.0f} -> {steps[i + 1]:.0f} steps, "
-                       f"{1 - steps[i + 1] / steps[i]:.0%} fewer; perfect scaling: {1 - batches[i] / batches[i + 1]:.0%}).")
+                       f"{1 - steps[i + 1] / steps[i]:.0%} fewer; perfect scaling: {1 - batches[i] / batches[i + 1]:.0%})."
+                       + share)
         else:
             out.append(f"{prefix}steps to target kept falling at least half as fast as perfect scaling up to batch "
-                       f"{batches[-1]}, the largest that reached the target: no diminishing returns yet.")
+                       f"{batches[-1]}, the largest that reached the target: no diminishing returns yet." + share)
     s_fit = fit["steps_to_target"]
     if not s_fit or not s_fit["determined"]:
         points = s_fit["points"] if s_fit else len(batches)

@@ -108,6 +108,11 @@ def test_fit_interval_widens_with_replicate_spread(tmp_path):
     assert wide["b_crit"][1] - wide["b_crit"][0] > 3 * (narrow["b_crit"][1] - narrow["b_crit"][0])
     assert wide["s_min"][1] - wide["s_min"][0] > narrow["s_min"][1] - narrow["s_min"][0]
     assert narrow["direction"] == "falls"
+    # The onset of diminishing returns (batch 32 on the exact curve) is as stable as the steps behind it.
+    assert narrow["onsets"]["32"] > 0.9 and wide["onsets"]["32"] < narrow["onsets"]["32"]
+    assert sum(wide["onsets"].values()) == pytest.approx(1.0)
+    assert report["answers"]["steps"][1].endswith(f"In {wide['onsets']['32']:.0%} of the bootstrap draws the onset is "
+                                                  "the same.")
     fit_sentence = report["answers"]["steps"][-1]
     assert "95% bootstrap intervals S_min [" in fit_sentence
     assert "(the validation noise and the run-to-run spread over seeds)" in fit_sentence
