@@ -162,6 +162,16 @@ def fit_intervals(batches: list[int], draws: list[np.ndarray]) -> dict:
             "onsets": {str(onset): onsets.count(onset) / len(onsets) for onset in sorted(set(onsets), key=str)}}
 
 
+def fit_for_norm(groups: list[dict], norm: str, draws: dict) -> dict | None:
+    """fit_intervals over the batches of `norm` that reached the target in every run, when each has draws (from
+    add_group_intervals) and there are fits.MIN_FIT_POINTS of them; else None."""
+    batches, _ = fits_lib.series(groups, norm, "steps_to_target", True)
+    keys = [(norm, batch, groups[0]["replicas"]) for batch in batches]
+    if len(batches) < fits_lib.MIN_FIT_POINTS or any(key not in draws for key in keys):
+        return None
+    return fit_intervals(batches, [draws[key]["steps_to_target"] for key in keys])
+
+
 def winner(groups: list[dict], key: str) -> dict | None:
     """The group with the least mean `key` and whether its interval lies below the runner-up's.
 

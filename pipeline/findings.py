@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline import bootstrap
+from pipeline import bootstrap, claims
 from pipeline import fits as fits_lib
 from pipeline import tuning
 from pipeline.fits import series
@@ -72,8 +72,8 @@ def _target(report, norm, mine, prefix):
     reached = [g for g in mine if g["time_to_target_s"]["mean"] is not None and g["reached"] == g["completed"]]
     if len(reached) >= 2:
         out.append(f"{prefix}{len(reached)} batch sizes reached {target:.0%} validation accuracy in every run.")
-        out.append(prefix + winner_sentence(reached, "time_to_target_s", "the least time", "{:.1f}", " s of training"))
-        out.append(prefix + winner_sentence(reached, "steps_to_target", "the fewest steps", "{:.0f}", " steps"))
+        out.append(prefix + claims.winner_sentence(reached, "time_to_target_s", "the least time", "{:.1f}", " s of training"))
+        out.append(prefix + claims.winner_sentence(reached, "steps_to_target", "the fewest steps", "{:.0f}", " steps"))
         if not report.get("run_to_run_known"):
             out.append(f"{prefix}run-to-run spread is unknown: one seed per batch size, so the intervals hold only "
                        "the validation set's sampling noise (rerun the sweep with --seeds 2 or more to measure it).")
@@ -87,29 +87,6 @@ def _target(report, norm, mine, prefix):
         out.append(f"{prefix}batch {g['batch']} did not reach {target:.0%} within the budget{runs}"
                    + (f" (best validation accuracy {best:.4f})." if best is not None else "."))
     return out
-
-
-def measured_text(group: dict, key: str, fmt: str, unit: str = "") -> str:
-    """'68.4 s [60.1, 75.0]': a group's mean of `key` with its bootstrap interval, when it has one."""
-    interval = (group.get("target_interval") or {}).get(key)
-    return fmt.format(group[key]["mean"]) + unit + (f" {bootstrap.interval_text(interval, fmt)}" if interval else "")
-
-
-def winner_sentence(groups: list[dict], key: str, what: str, fmt: str, unit: str) -> str:
-    """Which batch took `what` (the least mean `key`), said only when its interval lies below the runner-up's."""
-    result = bootstrap.winner(groups, key)
-    best, runner_up = result["best"], result["runner_up"]
-    best_text, runner_up_text = (measured_text(g, key, fmt, unit) for g in (best, runner_up))
-    if result["resolved"]:
-        return (f"batch {best['batch']} took {what} ({best_text}); its {bootstrap.LEVEL:.0%} interval lies below that "
-                f"of the runner-up, batch {runner_up['batch']} ({runner_up_text}).")
-    if result["resolved"] is False:
-        return (f"which batch took {what} is not resolved: batch {best['batch']} and {runner_up['batch']} are not "
-                f"distinguishable ({best_text} and {runner_up_text}: their {bootstrap.LEVEL:.0%} intervals overlap).")
-    return (f"which batch took {what} is not determined: batch {best['batch']} measured {best_text} and the "
-            f"runner-up, batch "
-            f"{runner_up['batch']}, {runner_up_text}, with no interval (the runs hold no record of which validation "
-            "examples each target check got right).")
 
 
 def _steps(report, norm, fit, prefix):
@@ -151,21 +128,8 @@ def _steps(report, norm, fit, prefix):
     else:
         out.append(f"{prefix}the fit S(B) = S_min (1 + B_crit / B) over {s_fit['points']} batch sizes gives S_min = "
                    f"{plus_minus(s_fit['s_min'], s_fit['s_min_se'])} steps and B_crit = "
-                   f"{plus_minus(s_fit['b_crit'], s_fit['b_crit_se'])} (standard errors)" + _fit_interval_text(report, fit))
+                   f"{plus_minus(s_fit['b_crit'], s_fit['b_crit_se'])} (standard errors)" + claims.fit_interval_text(report, fit))
     return out
-
-
-def _fit_interval_text(report, fit) -> str:
-    """'; bootstrap 95% intervals ...' of the S(B) fit, or why it has none; ends the fit's sentence."""
-    resampled = fit.get("steps_to_target_interval")
-    if not resampled:
-        return "; no bootstrap interval (a batch size's runs hold no record of their target checks' examples)."
-    spread = ("the validation noise and the run-to-run spread over seeds" if report.get("run_to_run_known") else
-              "the validation noise only: run-to-run spread is unknown with one seed")
-    invalid = (f"; {resampled['invalid']:.0%} of the draws gave S_min <= 0, an unbounded B_crit"
-               if resampled["invalid"] else "")
-    return (f"; {bootstrap.LEVEL:.0%} bootstrap intervals S_min {bootstrap.interval_text(resampled['s_min'])} steps "
-            f"and B_crit {bootstrap.interval_text(resampled['b_crit'], '{:.3g}')} ({spread}{invalid}).")
 
 
 def _noise_scale(fit, prefix):

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from pipeline import goodput
+from pipeline import bootstrap, goodput
 
 
 def for_sweep(sweep_dir: str, groups: list[dict]) -> dict | None:
@@ -62,8 +62,6 @@ def check(advice: dict, groups: list[dict]) -> dict | None:
                      "time_inside": inside(predicted_time, interval.get("time_to_target_s"))})
     timed = [r for r in rows if r["measured_time_s"]]
     fastest = min(timed, key=lambda r: r["measured_time_s"]) if timed else None
-    from pipeline import bootstrap
-
     reached = [g for g in members if g["time_to_target_s"]["mean"] is not None]
     race = bootstrap.winner(reached, "time_to_target_s") if len(reached) > 1 else None
     recommended = next((r for r in rows if r["batch"] == advice["batch"]), None)
@@ -92,10 +90,7 @@ def inside(value: float, interval: list | None) -> bool | None:
 def _measured(value, interval, fmt: str) -> str:
     if value is None:
         return "–"
-    if not interval:
-        return fmt.format(value)
-    high = fmt.format(interval[1]) if interval[1] is not None else "unbounded"
-    return f"{fmt.format(value)} [{fmt.format(interval[0])}, {high}]"
+    return fmt.format(value) + (f" {bootstrap.interval_text(interval, fmt)}" if interval else "")
 
 
 def _off(ratio, within) -> str:

@@ -18,12 +18,7 @@ budget; the BN discrepancy is the root mean square over the run's measurements o
 vs population statistics, callbacks/bn_stats.py). Means and standard deviations are over seeds (sample std,
 ddof=1; none for a single seed); accuracies, times and instruments come from completed runs, the target metrics
 from completed runs that reached the target.
-
-Uncertainty of the target metrics (pipeline/bootstrap.py): each run's target checks recorded which validation
-examples they got right (pipeline/target_record.py), so steps, epochs and time to target get a bootstrap interval
-over the validation examples, and each (norm, batch) one over its seeds as well; the S(B) fit and the slope of
-steps are refitted to every bootstrap draw. With one seed per batch the report says that run-to-run spread is
-unknown.
+Intervals of the target metrics and of the S(B) fit: bootstrap over validation examples and seeds (pipeline/bootstrap.py).
 """
 
 from __future__ import annotations
@@ -35,7 +30,7 @@ import sys
 
 import numpy as np
 
-from pipeline import bootstrap
+from pipeline import bootstrap, claims
 from pipeline import findings as findings_lib
 from pipeline import fits as fits_lib
 from pipeline import hparams, prediction, rundir, target_record, tuning
@@ -190,19 +185,6 @@ def _estimate(value, se, fmt="{:.3g}") -> str:
     return fmt.format(value) + (f" ± {fmt.format(se)}" if se is not None else "")
 
 
-def spread_note(report: dict) -> str:
-    """What the bracketed intervals of the table hold, and whether run-to-run spread is known."""
-    level = f"{bootstrap.LEVEL:.0%}"
-    text = (f"[low, high]: {level} bootstrap interval of the mean over seeds ({bootstrap.RESAMPLES} resamples of the "
-            "validation examples, seed "
-            f"{bootstrap.SEED}, and of the seeds; pipeline/bootstrap.py); \"unbounded\": more than "
-            f"{(1 - bootstrap.LEVEL) / 2:.1%} of the resamples crossed the target at no recorded check.")
-    if report.get("run_to_run_known"):
-        return text + " The intervals include the run-to-run spread over seeds."
-    return text + (" Run-to-run spread is unknown: one seed per batch size reached the target, so the intervals "
-                   "hold only the validation set's sampling noise; rerun with --seeds 2 or more to measure it.")
-
-
 def fits_markdown(report: dict) -> str:
     """Per norm: the S(B) fit, B_simple near the target and the fitted slopes, with standard errors and points."""
     lines = ["| norm | S_min (steps) | B_crit | points | B_simple near target (range over batches) | grad std slope "
@@ -252,7 +234,7 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
         "# Batch-size study", "", setting, "",
         "## Findings", "", *[f"- {s}" for s in report["findings"]], "",
         "## Per batch size (mean ± std over seeds)", "", headline(report), "",
-        spread_note(report), "",
+        claims.spread_note(report), "",
         "Steps to target: first check with validation accuracy >= target (checked every "
         "pipeline.target interval, the same fraction of an epoch at every batch); epochs to target: steps to "
         "target x batch / training examples; time to target: the run's training clock until that check, without "
@@ -287,16 +269,6 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fit_interval(groups: list[dict], norm: str, draws: dict) -> dict | None:
-    """bootstrap.fit_intervals over the batches of `norm` that reached the target in every run, when each has draws
-    and there are fits.MIN_FIT_POINTS of them."""
-    batches, _ = fits_lib.series(groups, norm, "steps_to_target", True)
-    keys = [(norm, batch, groups[0]["replicas"]) for batch in batches]
-    if len(batches) < fits_lib.MIN_FIT_POINTS or any(key not in draws for key in keys):
-        return None
-    return bootstrap.fit_intervals(batches, [draws[key]["steps_to_target"] for key in keys])
-
-
 def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     """Reads every run of a sweep, writes report.json, report.md, the PNGs and HParams data; returns the report.
 
@@ -320,7 +292,7 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     for norm, fit in report["fits"].items():
         fit["b_simple_interval"] = fits_lib.interval_union([r["noise_near_target"] for r in rows
                                                              if r["norm"] == norm and r["replicas"] == fewest])
-        fit["steps_to_target_interval"] = _fit_interval(groups, norm, draws)
+        fit["steps_to_target_interval"] = bootstrap.fit_for_norm(groups, norm, draws)
     report["replica_fits"] = fits_lib.per_device_batch(report["replica_groups"])
     report["answers"] = findings_lib.answers(report)
     report["findings"] = findings_lib.findings(report)
