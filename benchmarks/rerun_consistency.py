@@ -35,7 +35,11 @@ UNDETERMINED = re.compile(r"not resolved|not enough data|not clearly|not determi
 
 
 def verdict(sentence: str) -> str:
-    """The head of a finding: its text up to the first ':' or '(' (e.g. 'Yes', 'Batch 64 took the least time')."""
+    """The head of a finding: its text up to the first ':' or '(' (e.g. 'Yes', 'Batch 64 took the least time'); for
+    the best test accuracy, the batch when the difference to the worst is more than its noise, else undetermined."""
+    best = re.search(r"best test accuracy was [0-9.]+ at batch (\d+)", sentence)
+    if best:
+        return "not determined (within noise)" if "not more than" in sentence else f"best accuracy at {best[1]}"
     return re.split(r"[:(]", sentence, maxsplit=1)[0].strip()
 
 
@@ -107,8 +111,10 @@ def main(argv=None) -> int:
         wall, cpu = time.perf_counter(), time.process_time()
         report = sweep.sweep(config, spec, os.path.join(args.out, f"rerun-{rerun}"),
                              log=lambda line: print(line, flush=True))
+        # Each run's own wall time (summary.json) survives a resumed benchmark, where this process's clock does not.
+        runs = {r["name"]: {"wall_s": r["wall_time_s"], "status": r["status"]} for r in report["runs"]}
         rounds.append({"rerun": rerun, "seeds": list(spec.seeds), "wall_s": time.perf_counter() - wall,
-                       "cpu_s": time.process_time() - cpu, "findings": report["findings"],
+                       "cpu_s": time.process_time() - cpu, "runs": runs, "findings": report["findings"],
                        "b_crit": {n: f["steps_to_target"] for n, f in report["fits"].items()},
                        "b_crit_interval": {n: f.get("steps_to_target_interval") for n, f in report["fits"].items()}})
         reports.append(report)

@@ -72,8 +72,9 @@ def _target(report, norm, mine, prefix):
     reached = [g for g in mine if g["time_to_target_s"]["mean"] is not None and g["reached"] == g["completed"]]
     if len(reached) >= 2:
         out.append(f"{prefix}{len(reached)} batch sizes reached {target:.0%} validation accuracy in every run.")
-        out.append(prefix + claims.winner_sentence(reached, "time_to_target_s", "the least time", "{:.1f}", " s of training"))
-        out.append(prefix + claims.winner_sentence(reached, "steps_to_target", "the fewest steps", "{:.0f}", " steps"))
+        for key, what, fmt, unit in (("time_to_target_s", "the least time", "{:.1f}", " s of training"),
+                                     ("steps_to_target", "the fewest steps", "{:.0f}", " steps")):
+            out.append(prefix + claims.winner_sentence(reached, key, what, fmt, unit))
         if not report.get("run_to_run_known"):
             out.append(f"{prefix}run-to-run spread is unknown: one seed per batch size, so the intervals hold only "
                        "the validation set's sampling noise (rerun the sweep with --seeds 2 or more to measure it).")
@@ -103,8 +104,8 @@ def _steps(report, norm, fit, prefix):
         spread = (f", {bootstrap.LEVEL:.0%} bootstrap interval of the slope "
                   f"{bootstrap.interval_text(resampled['slope'], '{:.2f}')}" if resampled else "")
         out = [f"{prefix}{verdict}: steps to target went as {slope_text(trend)}{spread} among the batch sizes that "
-               "reached it; McCandlish et al. 2018 predict a fall, as B^-1 well below B_crit, flattening to S_min above "
-               "it."]
+               "reached it; McCandlish et al. 2018 predict a fall, as B^-1 well below B_crit, flattening to S_min "
+               "above it."]
     if len(batches) >= fits_lib.MIN_FIT_POINTS:
         onset = fits_lib.diminishing_returns(batches, steps)
         share = (f" In {resampled['onsets'].get(str(onset), 0.0):.0%} of the bootstrap draws the onset is the same."
@@ -114,8 +115,8 @@ def _steps(report, norm, fit, prefix):
             out.append(f"{prefix}diminishing returns begin at batch {onset}: from there on, each larger batch cut the "
                        f"steps to target by less than half as much as perfect scaling would (batch {batches[i]} -> "
                        f"{batches[i + 1]}: {steps[i]:.0f} -> {steps[i + 1]:.0f} steps, "
-                       f"{1 - steps[i + 1] / steps[i]:.0%} fewer; perfect scaling: {1 - batches[i] / batches[i + 1]:.0%})."
-                       + share)
+                       f"{1 - steps[i + 1] / steps[i]:.0%} fewer; perfect scaling: "
+                       f"{1 - batches[i] / batches[i + 1]:.0%})." + share)
         else:
             out.append(f"{prefix}steps to target kept falling at least half as fast as perfect scaling up to batch "
                        f"{batches[-1]}, the largest that reached the target: no diminishing returns yet." + share)
@@ -128,7 +129,8 @@ def _steps(report, norm, fit, prefix):
     else:
         out.append(f"{prefix}the fit S(B) = S_min (1 + B_crit / B) over {s_fit['points']} batch sizes gives S_min = "
                    f"{plus_minus(s_fit['s_min'], s_fit['s_min_se'])} steps and B_crit = "
-                   f"{plus_minus(s_fit['b_crit'], s_fit['b_crit_se'])} (standard errors)" + claims.fit_interval_text(report, fit))
+                   f"{plus_minus(s_fit['b_crit'], s_fit['b_crit_se'])} (standard errors)"
+                   + claims.fit_interval_text(report, fit))
     return out
 
 

@@ -122,12 +122,13 @@ def markdown(result: dict) -> str:
                      f"{_number(r['measured_step_ms'], '{:.1f}')} | {r['predicted_time_s']:.1f} | "
                      f"{_measured(r['measured_time_s'], r.get('measured_time_interval'), '{:.1f}')} | "
                      f"{_off(r['time_off'], r.get('time_inside'))} |")
-    lines += ["", "Measured [low, high]: the 95% bootstrap interval of the sweep's steps and time to target (validation "
-              "noise, and the run-to-run spread with several seeds; pipeline/bootstrap.py); inside / outside: whether "
-              "the prediction lies in it."]
+    lines += ["", "Measured [low, high]: the 95% bootstrap interval of the sweep's steps and time to target "
+              "(validation noise, and the run-to-run spread with several seeds; pipeline/bootstrap.py); inside / "
+              "outside: whether the prediction lies in it."]
     resolved = result.get("fastest_resolved")
     if resolved:
-        measured = f"{result['fastest_batch']} (its interval lies below the runner-up's, batch {result['runner_up_batch']})"
+        measured = (f"{result['fastest_batch']} (its interval lies below the runner-up's, batch "
+                    f"{result['runner_up_batch']})")
     elif resolved is False:
         measured = (f"not resolved: batch {result['fastest_batch']} and {result['runner_up_batch']} are not "
                     "distinguishable (their intervals overlap)")

@@ -18,7 +18,8 @@ budget; the BN discrepancy is the root mean square over the run's measurements o
 vs population statistics, callbacks/bn_stats.py). Means and standard deviations are over seeds (sample std,
 ddof=1; none for a single seed); accuracies, times and instruments come from completed runs, the target metrics
 from completed runs that reached the target.
-Intervals of the target metrics and of the S(B) fit: bootstrap over validation examples and seeds (pipeline/bootstrap.py).
+Intervals of the target metrics and of the S(B) fit: a bootstrap over validation examples and seeds
+(pipeline/bootstrap.py).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def read_run(run_dir: str) -> dict | None:
     # Validation noise of the target metrics: resampled first crossings (pipeline/bootstrap.py), not in report.json.
     row["target_draws"] = (bootstrap.run_draws(target_record.read(run_dir), history)
                            if row["status"] == "completed" and row["steps_to_target"] is not None else None)
-    row["target_interval"] = {k: v for k, v in row["target_draws"].items() if k != "draws"} if row["target_draws"] else None
+    row["target_interval"] = ({k: v for k, v in row["target_draws"].items() if k != "draws"}
+                              if row["target_draws"] else None)
 
     # Over the run's measurements, which the sweep spreads over the same fractions of every run's budget.
     stds = [r["grad/batch_std"] for r in grad if r.get("grad/batch_std") is not None]

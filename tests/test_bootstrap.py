@@ -40,7 +40,8 @@ def test_first_crossings_match_a_brute_force_loop():
               "correct": correct, "target": target}
     result = bootstrap.run_draws(record, history=[])
     crossings = np.sort(bootstrap.first_crossings(correct, target))
-    low, high = crossings[int(np.floor(0.025 * (len(crossings) - 1)))], crossings[int(np.ceil(0.975 * (len(crossings) - 1)))]
+    last = len(crossings) - 1
+    low, high = crossings[int(np.floor(0.025 * last))], crossings[int(np.ceil(0.975 * last))]
     assert result["intervals"]["steps_to_target"] == [10.0 * (low + 1), 10.0 * (high + 1) if high < checks else None]
     assert result["beyond_record"] == pytest.approx(np.mean(crossings == checks))
     assert result["intervals"]["time_to_target_s"][0] == pytest.approx(0.5 * (low + 1))
