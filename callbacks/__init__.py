@@ -7,5 +7,5 @@ from callbacks.dynamics import LearningDynamics
 from callbacks.gradient_stats import GradientStatistics
 from callbacks.precise_bn import PreciseBN, batch_norm_inputs, precise_bn
 
-__all__ = ["BatchNormStatistics", "Curvature", "GradientStatistics", "LearningDynamics", "PreciseBN", "batch_norm_inputs",
-           "precise_bn"]
+__all__ = ["BatchNormStatistics", "Curvature", "GradientStatistics", "LearningDynamics", "PreciseBN",
+           "batch_norm_inputs", "precise_bn"]

@@ -4,7 +4,8 @@ import math
 
 import keras
 
-# Key prefixes of the instruments that log NaN for an epoch without a new measurement (gradient_stats, bn_stats, curvature).
+# Key prefixes of the instruments that log NaN for an epoch without a new measurement (gradient_stats, bn_stats,
+# curvature).
 MEASURED_PREFIXES = ("grad/", "bn/", "curvature/")
 
 

@@ -144,8 +144,8 @@ def _fit(with_callback, tmp_path):
     model = _model("mlp_bn", dropout=0.3)
     callbacks = []
     if with_callback:
-        callbacks = [Curvature(x, y, every_n_steps=4, examples=64, trace_probes=4, max_products=10, out_path=str(tmp_path / "c.jsonl"),
-                               log_dir=str(tmp_path / "tb"))]
+        callbacks = [Curvature(x, y, every_n_steps=4, examples=64, trace_probes=4, max_products=10,
+                               out_path=str(tmp_path / "c.jsonl"), log_dir=str(tmp_path / "tb"))]
     history = model.fit(x[:320], y[:320], batch_size=32, epochs=2, shuffle=True, verbose=0, callbacks=callbacks)
     return model, history, callbacks
 
@@ -180,6 +180,20 @@ def test_state_resumes_and_rewrites_records(tmp_path):
     assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [0]
 
 
+def test_resumed_fit_continues_records_of_out_path(tmp_path):
+    """A fit that starts at step 8 keeps out_path's records up to step 8 and drops the later ones."""
+    x, y = _digits("mlp")
+    out = tmp_path / "c.jsonl"
+    out.write_text("".join(json.dumps({"step": step, "curvature/trace": 1.0}) + "\n" for step in (0, 4, 8, 12)))
+    model = _model("mlp")
+    model.optimizer.iterations.assign(8)
+    callback = Curvature(x, y, every_n_steps=4, examples=32, trace_probes=2, out_path=str(out))
+    callback.set_model(model)
+    callback.on_epoch_begin(0)
+    assert [r["step"] for r in callback.history] == [0, 4, 8]
+    assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [0, 4, 8]
+
+
 def test_dataset_gives_the_first_examples():
     x, y = _digits("mlp")
     dataset = tf.data.Dataset.from_tensor_slices((x[:100], y[:100])).batch(16)
@@ -211,3 +225,35 @@ def test_mismatched_lengths_and_dataset_with_y_raise():
         Curvature(x[:10], y[:9])
     with pytest.raises(ValueError, match="must be None"):
         Curvature(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), y)
+
+
+def test_train_flag_writes_curvature_records(tmp_path, monkeypatch):
+    """pipeline.train --curvature-every: records at step 0, every N steps and at the end, in curvature.jsonl and
+    the epoch metrics, with the measuring time counted as instrument time. (With several steps per execution a
+    measurement falls on the end of the execution that passes a multiple of N; one step here.)"""
+    import dataclasses
+
+    from pipeline import callback_list
+    from pipeline import config as config_lib
+    from pipeline import train
+
+    monkeypatch.setattr(callback_list, "CURVATURE_EXAMPLES", 128)  # a quarter of the cost
+    config = dataclasses.replace(config_lib.smoke(), run_dir=str(tmp_path / "run"), epochs=1, curvature_every=15,
+                                 grad_stats_every=0, bn_stats_every=0, dynamics=False, steps_per_execution="1")
+    summary = train.train(config)
+    assert summary.status == "completed", summary.reason
+    steps = 1293 // 64  # one epoch of the digits' training split
+    records = [json.loads(line) for line in (tmp_path / "run" / "curvature.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 15, steps]
+    assert all(r["curvature/max_eigenvalue_converged"] and r["curvature/trace_lo"] <= r["curvature/trace"]
+               <= r["curvature/trace_hi"] and r["examples"] == 128 for r in records)
+    epoch = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert epoch["curvature/max_eigenvalue"] == pytest.approx(records[1]["curvature/max_eigenvalue"])
+    assert epoch["instrument_time_s"] >= sum(r["curvature/seconds"] for r in records[:2])
+
+
+def test_train_flag_rejects_negative_interval(cli_error):
+    from pipeline import train
+
+    line = cli_error(train.main, ["--curvature-every", "-1"])
+    assert "--curvature-every" in line
