@@ -109,6 +109,7 @@ def test_hessian_vector_products_equal_exact(measured, case):
                                    atol=1e-5 * np.abs(matrix @ vector).max())
 
 
+@pytest.mark.slow
 def test_trace_interval_covers_exact_trace(measured):
     """The 95% interval covers tr(H) in >= 90% of 400 repeated estimates per trained case (32 Rademacher probes each),
     here from the quadratic forms of the exact H (the instrument's products equal it, test above; 400 x 32 products
