@@ -7,8 +7,8 @@ precise BN off), measuring at step 0, every --every steps and at the end. Printe
 benchmarks/results/curvature_cost.json:
   measurement s   mean wall time of the measurements after the first (the first holds the one-time tracing);
   products        mean Hessian-vector products per measurement (Lanczos + the trace's probes);
-  step s          training time per step in the same run: (epoch time - measuring time) / steps, epochs after the
-                  first;
+  step s          training time per step in the same run (pipeline.rundir.time_per_step: epochs after the first,
+                  measuring left out);
   ratio           measurement s / step s: a measurement costs this many training steps;
   interval_10pct  the smallest --curvature-every at which the measurements add at most 10% to training time
                   (10 x ratio, rounded up to a multiple of 10).
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
+from pipeline import rundir  # noqa: E402
 
 
 def one_round(config) -> dict:
@@ -39,22 +40,14 @@ def one_round(config) -> dict:
         raise RuntimeError(f"the run did not complete: {summary.reason}")
     with open(os.path.join(config.run_dir, "curvature.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    with open(os.path.join(config.run_dir, "metrics.jsonl")) as f:
-        epochs = [json.loads(line) for line in f]
+    history = rundir.read_history(config.run_dir)
     later = records[1:] or records
-    steps, previous, training = 0, 0, 0.0
-    for epoch in epochs:
-        steps_in_epoch, previous = epoch["step"] - previous, epoch["step"]
-        if epoch is not epochs[0] or len(epochs) == 1:
-            steps += steps_in_epoch
-            training += epoch["epoch_time_s"] - epoch["instrument_time_s"]
     return {
         "measurements": len(records),
         "measurement_s": statistics.mean(r["curvature/seconds"] for r in later),
         "first_measurement_s": records[0]["curvature/seconds"],
         "products": statistics.mean(r["curvature/hessian_vector_products"] for r in later),
-        "step_s": training / steps,
-        "steps_timed": steps,
+        "step_s": rundir.time_per_step(history),
     }
 
 
