@@ -4,8 +4,9 @@ import math
 
 import keras
 
-# Key prefixes of the instruments that log NaN for an epoch without a new measurement (gradient_stats, bn_stats).
-MEASURED_PREFIXES = ("grad/", "bn/")
+# Key prefixes of the instruments that log NaN for an epoch without a new measurement (gradient_stats, bn_stats,
+# curvature).
+MEASURED_PREFIXES = ("grad/", "bn/", "curvature/")
 
 
 class DropUnmeasured(keras.callbacks.Callback):

@@ -12,10 +12,13 @@ from pipeline.config import Config
 # whole set). A look costs ~0.1 of a training step per example (ResNet-20 on digits: ~12 ms for 258 examples
 # against a 0.6 s epoch), so a tenth of the training set costs ~1% of an epoch; at most 1000 examples.
 DYNAMICS_FRACTION, DYNAMICS_MAX = 0.1, 1000
+# Training examples (the first, un-augmented) of the loss whose curvature callbacks.Curvature measures; a
+# measurement costs ~60 Hessian-vector products of these, each about two training steps of 512 examples.
+CURVATURE_EXAMPLES = 512
 
 
 def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None = None, replicas: int = 1) -> list:
-    """The measuring callbacks that config turns on: gradient and BN statistics, learning dynamics.
+    """The measuring callbacks that config turns on: gradient and BN statistics, learning dynamics, curvature.
 
     With several replicas the gradient statistics come from the training steps' replica gradients (the model must
     be compiled_model(..., replica_norms=True)); else they, and the others, draw their batches from a dataset object
@@ -58,6 +61,12 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
             result.append(callbacks.LearningDynamics(
                 x, y, class_names=data.class_names, log_dir=tensorboard_dir,
                 out_dir=os.path.join(run_dir, "dynamics")))
+    if config.curvature_every:
+        x, y = data.arrays("train", limit=CURVATURE_EXAMPLES)
+        with config_lib.as_flag_error("curvature_every"):
+            result.append(callbacks.Curvature(
+                x, y, every_n_steps=config.curvature_every, seed=config.seed, log_dir=tensorboard_dir,
+                out_path=os.path.join(run_dir, "curvature.jsonl")))
     return result
 
 

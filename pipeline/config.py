@@ -74,6 +74,8 @@ class Config:
     grad_stats_every: int = _field(-1, "steps between gradient-statistics measurements (0: off, -1: automatic)")
     bn_stats_every: int = _field(-1, "steps between BN-statistics measurements (0: off, -1: automatic)")
     dynamics: bool = _field(True, "per-class accuracy and forgetting events on a fixed subset")
+    curvature_every: int = _field(0, "steps between measurements of the loss's top Hessian eigenvalue and trace on a "
+                                  "fixed training subset (0: off; also at step 0 and the end; curvature.jsonl)")
     target_accuracy: float = _field(0.0, "record steps and time until validation accuracy first reaches this")
     target_checks_per_epoch: int = _field(8, "validation checks for --target-accuracy per epoch (pipeline/target.py)")
     # Devices and speed.
@@ -246,6 +248,7 @@ def validate(config: Config) -> Config:
     _check(c.precise_bn_samples >= 0, "precise_bn_samples", "must be >= 0 (0: off)")
     _check(c.grad_stats_every >= -1, "grad_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
     _check(c.bn_stats_every >= -1, "bn_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
+    _check(c.curvature_every >= 0, "curvature_every", "must be >= 0 steps (0: off)")
     _check(_finite(c.target_accuracy) and 0 <= c.target_accuracy <= 1, "target_accuracy", "must be in [0, 1]")
     _check(c.target_checks_per_epoch >= 1, "target_checks_per_epoch", "must be an integer >= 1")
     _check(c.strategy in STRATEGIES, "strategy", f"got {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")

@@ -218,12 +218,12 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
     from pipeline import callback_list
 
     bn_batch = config.batch if config.norm == "syncbatch" else topology.per_replica_batch(config.batch)
-    # Under multiworker only the gradient statistics from the replicas measure (on fresh batches, BN statistics and
-    # dynamics would run on the chief alone).
+    # Under multiworker only the gradient statistics from the replicas measure (on fresh batches, BN statistics,
+    # dynamics and curvature would run on the chief alone).
     if topology.workers == 1:
         measuring = callback_list.instruments(config, data, model, run_dir, bn_batch, topology.replicas)
     else:
-        gradients_only = dataclasses.replace(config, bn_stats_every=0, dynamics=False)
+        gradients_only = dataclasses.replace(config, bn_stats_every=0, dynamics=False, curvature_every=0)
         measuring = callback_list.instruments(gradients_only, data, model, run_dir, replicas=topology.replicas)
     if config.target_accuracy and topology.workers == 1:
         measuring.append(callback_list.target_check(config, data, run_dir, measuring))

@@ -1,0 +1,245 @@
+"""Curvature of the loss during fit: the Hessian's top eigenvalue and trace, and the stability ratio of the step.
+
+At step 0, every N steps and at the end of training, the callback measures the Hessian H of the model's compiled loss
+on a fixed set of K examples (the first K of the data it is given, the same examples every time; pass them
+un-augmented), with the model in INFERENCE mode: BatchNormalization normalizes with its moving statistics and
+dropout is off, so the measured loss is one deterministic function of the weights (callbacks/hessian.py gives the
+Hessian-vector products and the estimators, with their formulas and papers):
+
+- lambda_max, the largest eigenvalue of H ("sharpness", Keskar et al. 2017; Cohen et al. 2021), by Lanczos on
+  Hessian-vector products to a relative tolerance (default 1e-3: the Ritz residual, which bounds the distance to an
+  eigenvalue, is at most 1e-3 lambda_max), with the number of products used (Yao et al. 2020, "PyHessian");
+- tr(H), the sum of all curvatures (Yao et al. 2020 report it beside lambda_max), by Hutchinson's estimator
+  (Hutchinson 1990) with Rademacher probes, with a 95% interval;
+- the stability ratio  lambda_max * lr / (2 (1 + beta))  for SGD with learning rate lr and heavy-ball momentum beta:
+  gradient descent on a quadratic with curvature lambda_max diverges when lambda_max > 2 (1 + beta) / lr, and full-
+  batch training rises to that threshold and hovers there, "at the edge of stability" (Cohen et al. 2021, ICLR,
+  sec. 3 and appendix for momentum), so a ratio near 1 means training sits at the edge. lr is the optimizer's
+  current learning rate, beta its momentum (`momentum` overrides it). For optimizers other than SGD the ratio is
+  NaN unless `momentum` is given: Adam's threshold applies to the preconditioned Hessian (Cohen et al. 2022), which
+  this callback does not measure. Nesterov momentum has a different threshold in Cohen et al.; this ratio uses the
+  heavy-ball one. Decoupled weight decay is not part of the loss and not in H.
+
+Caveats. Sharpness is not invariant to reparametrization (Dinh et al. 2017, "Sharp Minima Can Generalize for
+Deep Nets"): the weights before a BatchNormalization layer are scale-invariant, so scaling them by c leaves the
+function unchanged and divides their curvature by c^2; weight decay and the learning rate move that scale, so
+compare sharpness only between runs of the same architecture and weight decay, and read it beside the generalization
+gap, not as a proxy of it. The K examples are a sample: lambda_max and tr(H) are those of the loss on them, not of
+the whole training loss.
+
+Side effects: none on training. The examples are taken once, at construction (from a dataset: one iteration of
+the first batches of the object given; iterators of one tf.data object share its shuffle seed generator, so pass an
+object of its own, not the one given to fit). The products run in a keras.StatelessScope, which discards BN moving
+statistics, seed states and metric updates; the optimizer is never called. The probes and start vectors come from
+NumPy generators seeded with (seed, measurement number), so a measurement does not depend on anything else.
+
+Outputs: batch logs of the measured step and epoch logs (NaN in an epoch without a measurement) get LOG_KEYS;
+`out_path` gets one JSON line per measurement (RECORD_KEYS, non-finite values as null); `log_dir` gets TensorBoard
+scalars of LOG_KEYS under log_dir/curvature at the training step. get_state()/set_state() carry the records across
+a resume; without set_state, a fit that starts at step s > 0 (a resumed run) continues out_path's records up to s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from callbacks import hessian
+from callbacks.checked_io import check_positive_int, finite_or_none, write_atomic
+from callbacks.events import EventWriter
+from callbacks.steps import Steps
+from callbacks.timing import timed
+
+LOG_KEYS = ("curvature/max_eigenvalue", "curvature/trace", "curvature/trace_lo", "curvature/trace_hi",
+            "curvature/stability_ratio")
+RECORD_KEYS = ("step", "epoch", "examples", *LOG_KEYS, "curvature/max_eigenvalue_residual",
+               "curvature/max_eigenvalue_converged", "curvature/trace_se", "curvature/trace_probes",
+               "curvature/learning_rate", "curvature/momentum", "curvature/hessian_vector_products",
+               "curvature/seconds")
+
+
+class Curvature(keras.callbacks.Callback):
+    """Measures lambda_max, tr(H) and the stability ratio of the module docstring during fit.
+
+    Put it before CSVLogger and TensorBoard so that they see the keys it adds to the epoch logs.
+    """
+
+    def __init__(self, x, y=None, every_n_steps=None, *, examples=512, batch_size=256, tolerance=1e-3,
+                 max_products=100, trace_probes=32, at_train_end=True, momentum=None, seed=0, log_dir=None,
+                 out_path=None):
+        """Creates the callback.
+
+        Args:
+            x: inputs (NumPy array, first axis examples), or a tf.data.Dataset of (x, y) batches (then y is None).
+            y: targets as the compiled loss takes them, for array x.
+            every_n_steps: training steps between measurements; None measures only at step 0 and at the end.
+            examples: K, the first K examples of x are the fixed evaluation set (fewer if x has fewer).
+            batch_size: most examples per chunk of a Hessian-vector product.
+            tolerance: relative tolerance of lambda_max (Ritz residual / lambda_max), in (0, 1).
+            max_products: most Hessian-vector products for lambda_max; it is reported unconverged after them.
+            trace_probes: Rademacher probes of the trace estimate, >= 2 (each one product).
+            at_train_end: also measure at the end of training (if the last step was not measured).
+            momentum: the beta of the stability ratio; None reads it from an SGD optimizer.
+            seed: seed of the start vectors and probes.
+            log_dir: TensorBoard directory (events go to log_dir/curvature), or None.
+            out_path: JSON-lines file, one record per measurement, or None.
+        """
+        super().__init__()
+        check_positive_int("Curvature examples", examples)
+        check_positive_int("Curvature batch_size", batch_size)
+        check_positive_int("Curvature max_products", max_products)
+        check_positive_int("Curvature trace_probes", trace_probes)
+        if trace_probes < 2:
+            raise ValueError(f"Curvature trace_probes: needs at least 2 probes for an interval, got {trace_probes}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0.0 < tolerance < 1.0:
+            raise ValueError(f"Curvature tolerance: must be a relative tolerance in (0, 1), got {tolerance!r}")
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"Curvature momentum: must be in [0, 1) or None, got {momentum!r}")
+        self._steps = Steps(every_n_steps, name="Curvature every_n_steps")
+        self.x, self.y = _first_examples(x, y, examples)
+        self.every_n_steps, self.batch_size, self.tolerance = every_n_steps, batch_size, float(tolerance)
+        self.max_products, self.trace_probes, self.at_train_end = max_products, trace_probes, at_train_end
+        self.momentum, self.seed, self.log_dir, self.out_path = momentum, seed, log_dir, out_path
+        self.history = []  # one record per measurement, as written to out_path
+        self._products = self._writer = None
+        self._epoch, self._measured_this_epoch, self._resume_checked = 0, False, False
+
+    # Resume.
+
+    def get_state(self) -> dict:
+        """The records so far, JSON-serializable; set_state() of a new instance continues from them."""
+        return {"history": finite_or_none(self.history)}
+
+    def set_state(self, state: dict) -> None:
+        """Continues from get_state()'s records, and rewrites out_path to hold exactly them (a resumed run trains
+        again from its checkpoint, so later records of the interrupted run would be measured again)."""
+        self.history = [{k: math.nan if v is None else v for k, v in record.items()} for record in state["history"]]
+        if self.out_path:
+            write_atomic(self.out_path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in self.history))
+
+    def _continue_records(self) -> None:
+        """A run resumed at step s > 0 without set_state continues the records of out_path up to step s (those after
+        it belong to steps that are trained again)."""
+        if self.history or self._steps.step == 0 or not self.out_path or not os.path.exists(self.out_path):
+            return
+        with open(self.out_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        self.set_state({"history": [r for r in records if r["step"] <= self._steps.step]})
+
+    # Keras hooks.
+
+    def on_train_begin(self, logs=None):
+        if self._products is None or self._products.model is not self.model:
+            self._products = hessian.HessianVectorProducts(self.model, self.x, self.y, self.batch_size)
+        if self.log_dir and self._writer is None:
+            self._writer = EventWriter(os.path.join(self.log_dir, "curvature"))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._measured_this_epoch = epoch, False
+        self._steps.epoch_begin(self.model)
+        if not self._resume_checked:
+            self._resume_checked = True
+            self._continue_records()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._steps.step == 0 and not self.history:
+            self.measure()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._steps.batch_end(self.model, batch):
+            self.measure()
+            if logs is not None:
+                logs.update(self._latest())
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            latest = self._latest() if self._measured_this_epoch else {}
+            logs.update({key: latest.get(key, math.nan) for key in LOG_KEYS})
+
+    def on_train_end(self, logs=None):
+        if self.at_train_end and (not self.history or self.history[-1]["step"] < self._steps.step):
+            self.measure()
+        if self._writer:
+            self._writer.flush()
+
+    # Measurement.
+
+    @timed
+    def measure(self) -> dict:
+        """Measures at the current weights and step, records it everywhere, and returns the record."""
+        started = time.perf_counter()
+        products = self._products
+        generator = np.random.default_rng([self.seed, len(self.history)])
+        first = products.products
+        top = hessian.top_eigenvalue(products, products.dimension, generator, self.tolerance, self.max_products)
+        trace = hessian.hutchinson_trace(products, products.dimension, generator, self.trace_probes)
+        learning_rate, momentum = self._step_settings()
+        ratio = top["value"] * learning_rate / (2.0 * (1.0 + momentum)) if momentum is not None else math.nan
+        record = {
+            "step": self._steps.step, "epoch": self._epoch, "examples": len(self.y),
+            "curvature/max_eigenvalue": top["value"], "curvature/trace": trace["value"],
+            "curvature/trace_lo": trace["lo"], "curvature/trace_hi": trace["hi"],
+            "curvature/stability_ratio": ratio, "curvature/max_eigenvalue_residual": top["residual"],
+            "curvature/max_eigenvalue_converged": top["converged"], "curvature/trace_se": trace["se"],
+            "curvature/trace_probes": trace["probes"], "curvature/learning_rate": learning_rate,
+            "curvature/momentum": math.nan if momentum is None else momentum,
+            "curvature/hessian_vector_products": products.products - first,
+            "curvature/seconds": time.perf_counter() - started,
+        }
+        self.history.append(record)
+        self._measured_this_epoch = True
+        if self.out_path:
+            with open(self.out_path, "a") as f:
+                f.write(json.dumps(finite_or_none(record)) + "\n")
+        if self._writer:
+            scalars = [(key, value) for key, value in self._latest().items() if math.isfinite(value)]
+            self._writer.write(record["step"], scalars)
+        return record
+
+    def _latest(self) -> dict:
+        return {key: float(self.history[-1][key]) for key in LOG_KEYS}
+
+    def _step_settings(self):
+        """The optimizer's current learning rate, and the momentum of the ratio (None: not SGD and not given)."""
+        optimizer = getattr(self.model, "optimizer", None)
+        while hasattr(optimizer, "inner_optimizer"):  # LossScaleOptimizer
+            optimizer = optimizer.inner_optimizer
+        if optimizer is None:
+            return math.nan, self.momentum
+        learning_rate = float(np.asarray(optimizer.learning_rate))
+        if self.momentum is not None:
+            return learning_rate, float(self.momentum)
+        if isinstance(optimizer, keras.optimizers.SGD):
+            return learning_rate, float(optimizer.momentum)
+        return learning_rate, None
+
+
+def _first_examples(x, y, examples: int):
+    """The first `examples` (x, y) of arrays or of a dataset of (x, y) batches, as NumPy arrays."""
+    if isinstance(x, tf.data.Dataset):
+        if y is not None:
+            raise ValueError("Curvature y: must be None when x is a tf.data.Dataset of (x, y) batches")
+        xs, ys, count = [], [], 0
+        for element in x:
+            if not isinstance(element, tuple) or len(element) < 2:
+                raise ValueError("Curvature x: the dataset must yield (x, y) batches")
+            xs.append(np.asarray(element[0]))
+            ys.append(np.asarray(element[1]))
+            count += len(xs[-1])
+            if count >= examples:
+                break
+        if not xs:
+            raise ValueError("Curvature x: the dataset is empty")
+        x, y = np.concatenate(xs), np.concatenate(ys)
+    if y is None:
+        raise ValueError("Curvature y: targets are needed with array x")
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"Curvature x, y: need the same number (> 0) of examples, got {len(x)} and {len(y)}")
+    return x[:examples], y[:examples]
