@@ -91,7 +91,8 @@ class Config:
     seed: int = _field(0, "initialization, data order, augmentation and instrument batches")
     deterministic: bool = _field(False, "bit-reproducible ops (tf.config.experimental.enable_op_determinism)")
     run_dir: str = _field("", '"" = runs/<time>-<model>-b<batch>')
-    resume: bool = _field(False, "continue the run in run_dir from its last checkpoint")
+    resume: bool = _field(False, "continue the run in run_dir from its last checkpoint (without --run-dir: the "
+                                 "most recent interrupted or failed run of this config under runs/)")
     overwrite: bool = _field(False, "replace a finished run in run_dir")
     export: bool = _field(True, "write a SavedModel in TF Serving layout under <run_dir>/export")
     verbose: int = _field(-1, "Keras fit verbosity (-1: progress bar on a terminal, one line per epoch otherwise)")

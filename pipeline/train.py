@@ -139,6 +139,8 @@ def train(config: Config) -> Summary:
     if config.strategy == "multiworker" and not config.run_dir:
         raise InputError("--run-dir: a multiworker run needs one --run-dir, the same on every worker")
     run_dir = config.run_dir or config_lib.default_run_dir(config, time.strftime("%Y%m%d-%H%M%S"))
+    if config.resume and not config.run_dir:  # the most recent unfinished run of this config, next to new runs
+        run_dir = rundir.latest_resumable(config, os.path.dirname(run_dir))
     config = dataclasses.replace(config, run_dir=run_dir)
     chief = config.strategy != "multiworker" or distribute.is_chief(distribute.read_tf_config())
     # Only the chief checks and writes the run directory; another worker continues when told to (--resume).
