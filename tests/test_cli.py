@@ -144,3 +144,11 @@ def test_help_comes_from_the_config_fields():
     parser = flags.Parser()
     flags.add_config_flags(parser, preset=config_lib.batch_study())  # the sweep shows its preset's defaults
     assert "(default: 0.05)" in " ".join(parser.format_help().split())
+
+
+def test_intra_op_threads_takes_auto_as_its_config_does():
+    from pipeline import flags
+
+    assert flags.parse(["--intra-op-threads", "auto"], "")[0].intra_op_threads == -1  # Config's automatic
+    assert flags.parse(["--intra-op-threads", "3"], "")[0].intra_op_threads == 3
+    assert flags.parse([], "")[0].intra_op_threads == -1
