@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline import findings as findings_lib
 from pipeline import fits as fits_lib
-from pipeline import hparams, prediction, rundir, tuning
+from pipeline import hparams, prediction, rundir, startup, tuning
 from pipeline.config import InputError
 from pipeline.plots import plots
 
@@ -315,6 +315,7 @@ def main(argv=None) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m pipeline.report SWEEP_DIR", file=sys.stderr)
         return 2
+    startup.quiet_libraries()  # no library warnings (Matplotlib's, NumPy's) between our lines
     try:
         report = build_report(argv[0])
     except InputError as e:
