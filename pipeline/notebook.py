@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import tempfile
 
 from pipeline import flags, startup
 from pipeline.config import InputError
@@ -56,7 +57,18 @@ def run(sweep_dir: str, out: str, timeout: int = 600) -> str:
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     os.environ["BATCHSCOPE_SWEEP_DIR"] = sweep_dir  # the kernel inherits the environment
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": "."}})
-    client.execute()
+    if os.environ.get(startup.ENV) == "1":
+        client.execute()
+    else:
+        # The kernel process logs its own start-up warnings (e.g. about its local TCP transport) to stderr; they are
+        # shown only when a cell fails.
+        with tempfile.TemporaryFile(mode="w+") as kernel_log:
+            try:
+                client.execute(stderr=kernel_log)
+            except Exception:
+                kernel_log.seek(0)
+                sys.stderr.write(kernel_log.read())
+                raise
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     nbformat.write(notebook, out)
     return out
