@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m pipeline.report SWEEP_DIR", file=sys.stderr)
         return 2
-    startup.quiet_libraries()  # no library warnings (Matplotlib's, NumPy's) between our lines
+    startup.import_tensorflow()  # the report writes TensorBoard HParams data: TF without its start-up lines
     try:
         report = build_report(argv[0])
     except InputError as e:
