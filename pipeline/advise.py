@@ -14,7 +14,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import flags, startup
+from pipeline import flags, interrupts, startup
 from pipeline.config import InputError
 
 # Config fields the advisor decides or does not use: the probe runs at --base-batch, in --out.
@@ -63,6 +63,7 @@ def advise(config, probe_steps: int, max_batch: int, out: str) -> dict:
 
 def main(argv=None) -> int:
     """Parses flags, probes, prints the recommendation; bad input exits with code 2 and one line."""
+    interrupts.install()  # SIGTERM ends it as Ctrl-C does
     try:
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=_add_flags)
         max_batch = args.max_batch or 8 * config.base_batch
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return interrupts.exit_code()
     print(f"advice: {advice['message']} (details: {os.path.join(out, 'advice.md')})")
     return 0
 

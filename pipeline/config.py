@@ -23,9 +23,12 @@ class InputError(ValueError):
     """A bad flag, file or config value; entry points print it on one line and exit with code 2."""
 
 
-def _field(default, help: str):
-    """A Config field with its default and the help text of its flag (flags.py reads it from the metadata)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def _field(default, help: str, names: dict | None = None):
+    """A Config field with its default and the help text of its flag (flags.py reads it from the metadata).
+
+    names: words its flag also accepts for values, e.g. {"auto": -1}.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "names": names or {}})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +90,15 @@ class Config:
     steps_per_execution: str = _field("auto", "training steps per compiled call: a positive integer or auto")
     precision: str = _field("float32", "float32 | mixed_float16 | mixed_bfloat16 (Keras dtype policy; mixed for GPUs)")
     jit: bool = _field(False, "compile the training step with XLA (jit_compile)")
-    intra_op_threads: int = _field(-1, "threads one op may use (0: TensorFlow's default, one per core; -1: automatic, "
-                                   "1 on a machine of at most 2 cores and no GPU, where it measured faster)")
+    intra_op_threads: int = _field(-1, "threads one op may use (0: TensorFlow's default, one per core; -1 or auto: "
+                                   "automatic, 1 on a machine of at most 2 cores and no GPU, where it measured "
+                                   "faster)", names={"auto": -1})
     # Run.
     seed: int = _field(0, "initialization, data order, augmentation and instrument batches")
     deterministic: bool = _field(False, "bit-reproducible ops (tf.config.experimental.enable_op_determinism)")
     run_dir: str = _field("", '"" = runs/<time>-<model>-b<batch>')
-    resume: bool = _field(False, "continue the run in run_dir from its last checkpoint")
+    resume: bool = _field(False, "continue the run in run_dir from its last checkpoint (without --run-dir: the "
+                                 "most recent interrupted or failed run of this config under runs/)")
     overwrite: bool = _field(False, "replace a finished run in run_dir")
     export: bool = _field(True, "write a SavedModel in TF Serving layout under <run_dir>/export")
     verbose: int = _field(-1, "Keras fit verbosity (-1: progress bar on a terminal, one line per epoch otherwise)")

@@ -276,6 +276,7 @@ def load(config: Config) -> Data:
         if split not in splits:
             fraction = TEST_FRACTION if split == "test" else config.val_fraction
             splits["train"], splits[split] = hold_out(*splits["train"], fraction, source)
+    sources.check_classes(class_names, source, splits["train"][1])
     images = splits["train"][0]
     mean, variance = _channel_stats(images)
     return Data(

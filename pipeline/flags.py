@@ -38,8 +38,20 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=type(default).__name__.upper(),
-                                help=help_text)
+            parser.add_argument(flag, type=_value_type(type(default), field.metadata.get("names", {})),
+                                default=argparse.SUPPRESS, metavar=type(default).__name__.upper(), help=help_text)
+
+
+def _value_type(kind: type, names: dict):
+    """kind itself, or a function that also accepts the words in names (e.g. "auto" for -1), for argparse's type."""
+    if not names:
+        return kind
+
+    def value(text: str):
+        return names[text] if text in names else kind(text)
+
+    value.__name__ = kind.__name__  # argparse's "expected an integer, got 'x'" names the type
+    return value
 
 
 def parse(argv, description: str, extra=None, preset: config_lib.Config | None = None

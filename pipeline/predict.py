@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pipeline import flags, startup
@@ -60,6 +61,21 @@ def read_images(paths: list[str], image_shape=None) -> list[bytes]:
                              f"{image_shape[0]}x{image_shape[1]} (height x width)")
         contents.append(data)
     return contents
+
+
+def check_paths(paths: list[str], model: str | None) -> None:
+    """Refuses a missing image file or --model path before TensorFlow is imported (which takes seconds).
+
+    Raises:
+      InputError: naming the first missing path.
+    """
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(f"IMAGE {path}: cannot read it ({'a folder' if os.path.isdir(path) else 'no such file'})")
+    if model is not None and not os.path.isdir(model):
+        # pipeline.served_model (which imports TensorFlow) says the same of a path that is no SavedModel.
+        raise InputError(f"--model: {model} is not a folder; pass a SavedModel folder, a model folder of numeric "
+                         "versions, or a run directory")
 
 
 def build_request(model_name: str, contents: list[bytes]):
@@ -121,6 +137,7 @@ def main(argv=None) -> int:
     """Parses flags, classifies, prints one JSON line per image; bad input or no server: one line, exit 2."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        check_paths(args.images, args.model)
         startup.import_tensorflow()  # without its C++ start-up lines (pipeline/startup.py)
         results = predict(args.images, server=args.server, model=args.model, model_name=args.model_name,
                           timeout=args.timeout)

@@ -70,9 +70,10 @@ def measure_noise(model, train_batches, instrument_batches, steps: int, *, batch
                                log_dir=log_dir, histograms=False)
     recorder = LossRecorder()
     # The first half trains unmeasured; the second half, the phase the advice is for, is measured and pooled.
-    model.fit(train_batches, steps_per_epoch=steps // 2, epochs=1, callbacks=[recorder], verbose=0)
+    # shuffle=False: the datasets are in their own order already (and Keras warns that it ignores shuffle=True).
+    model.fit(train_batches, steps_per_epoch=steps // 2, epochs=1, callbacks=[recorder], verbose=0, shuffle=False)
     model.fit(train_batches.skip(steps // 2), steps_per_epoch=steps - steps // 2, epochs=1,
-              callbacks=[stats, recorder], verbose=0)
+              callbacks=[stats, recorder], verbose=0, shuffle=False)
     tenth = max(1, len(losses) // 10)
     result = noise_estimates.pool(stats.history, first_step=steps // 2)
     if result is None:
@@ -139,7 +140,7 @@ def fit_step_seconds(model, batches_of):
     def step_seconds(batch):
         timer = StepTimer()
         model.fit(batches_of(batch), steps_per_epoch=WARMUP_STEPS + TIMED_STEPS, epochs=1, callbacks=[timer],
-                  verbose=0)
+                  verbose=0, shuffle=False)
         return np.diff(timer.ends[WARMUP_STEPS - 1:]).tolist()
 
     return step_seconds

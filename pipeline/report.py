@@ -34,7 +34,7 @@ import numpy as np
 from pipeline import bootstrap, claims
 from pipeline import findings as findings_lib
 from pipeline import fits as fits_lib
-from pipeline import hparams, prediction, rundir, target_record, tuning
+from pipeline import hparams, prediction, rundir, startup, target_record, tuning
 from pipeline.config import InputError
 from pipeline.plots import plots
 
@@ -334,6 +334,7 @@ def main(argv=None) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m pipeline.report SWEEP_DIR", file=sys.stderr)
         return 2
+    startup.import_tensorflow()  # the report writes TensorBoard HParams data: TF without its start-up lines
     try:
         report = build_report(argv[0])
     except InputError as e:

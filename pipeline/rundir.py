@@ -117,6 +117,36 @@ def config_change(run_dir: str, config: Config, *, resuming: bool) -> tuple[str,
     return None
 
 
+def latest_resumable(config: Config, folder: str) -> str:
+    """The run directory that `--resume` without `--run-dir` continues: the most recent unfinished run (interrupted,
+    failed, or stopped before writing its summary) under `folder` that `config_change` lets this config continue.
+
+    Raises:
+      InputError: no such run, in one line listing the runs found and why each is not continued.
+    """
+    found = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        run_dir = os.path.join(folder, name)
+        if recorded_config(run_dir) is None:
+            continue
+        summary = read_summary(run_dir)
+        status = summary.get("status", "unknown") if summary else "unfinished"
+        latest = os.path.getmtime(os.path.join(run_dir, SUMMARY if summary else CONFIG))
+        change = None if status == "completed" else config_change(run_dir, config, resuming=True)
+        found.append((latest, run_dir, status, change))
+    for _, run_dir, status, change in sorted(found, reverse=True):
+        if status != "completed" and change is None:
+            print(f"--resume: continuing {run_dir} ({status}), the most recent unfinished run of this config",
+                  file=sys.stderr)
+            return run_dir
+    listed = "; ".join(f"{run_dir} {status}" + (f" (--{change[0].replace('_', '-')} {change[1]!r}, this command "
+                                                  f"{change[2]!r})" if change else "")
+                       for _, run_dir, status, change in sorted(found, reverse=True)[:5])
+    raise InputError(f"--resume: no interrupted or failed run of this config under {folder}/ "
+                     f"({'found: ' + listed if found else 'it holds no runs'}); pass --run-dir to choose one, or "
+                     "leave out --resume to start a new run")
+
+
 def _check_writable(run_dir: str) -> None:
     """Raises InputError unless run_dir exists as a writable folder or could be created; creates nothing."""
     path = os.path.abspath(run_dir)

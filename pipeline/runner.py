@@ -98,7 +98,7 @@ def _train_apart(config: Config) -> dict:
 
     Raises:
       InputError: the run refused its input (exit code 2), with the run's own one-line message.
-      KeyboardInterrupt: the run was interrupted (exit code 130).
+      KeyboardInterrupt: the run was interrupted (exit code 130 or 143).
       RuntimeError: the process ended without a summary of this attempt (a crash), with the end of its stderr.
     """
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this code, not another install
@@ -127,7 +127,7 @@ def _train_apart(config: Config) -> dict:
     last = lines[-1] if lines else ""
     if code == 2:
         raise InputError(last.removeprefix("error: "))
-    if code == 130:
+    if code in (130, 143):  # ended by SIGINT or SIGTERM, with its summary (pipeline/interrupts.py)
         raise KeyboardInterrupt
     summary_file = os.path.join(config.run_dir, "summary.json")
     fresh = os.path.exists(summary_file) and os.path.getmtime(summary_file) >= started

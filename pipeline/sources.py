@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
+import zipfile
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -20,6 +23,9 @@ from pipeline.config import Config, InputError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 ACCEPTED = "digits, a TFDS image-classification name (cifar10, mnist, fashion_mnist, ...), folder:PATH or npz:PATH"
 SPLITS = ("train", "val", "test")
+# What NumPy raises for a truncated or corrupt .npz: no zip directory, a bad CRC, a broken deflate stream, a short
+# array, and (ValueError) a file that is no archive at all, which NumPy takes for a pickle and refuses.
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def decode_image(contents: tf.Tensor) -> tf.Tensor:
@@ -103,21 +109,43 @@ def _tfds_splits(name: str, info) -> dict[str, str]:
     return wanted
 
 
-def class_files(path: str) -> dict[str, list[str]]:
-    """{class name: its image files, sorted} of a folder: dataset, classes sorted by name."""
+def class_files(path: str, report_skipped: bool = False) -> dict[str, list[str]]:
+    """{class name: its image files, sorted} of a folder: dataset, classes sorted by name.
+
+    report_skipped: say in one line on stderr how many files were skipped as not images (the loaders do, once).
+
+    Raises:
+        InputError: no folder, fewer than 2 class subfolders, or a class without images.
+    """
     if not os.path.isdir(path):
         raise InputError(f"--dataset: folder:{path} is not a directory; folder:PATH needs one subfolder per class")
     class_names = sorted(d for d in os.listdir(path) if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
     if not class_names:
         raise InputError(f"--dataset: folder:{path} has no class subfolders; put each class's images in its own one")
-    classes = {}
+    check_classes(class_names, f"folder:{path}")
+    classes, skipped = {}, 0
     for class_name in class_names:
         folder = os.path.join(path, class_name)
-        files = sorted(f for f in os.listdir(folder) if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+        names = [f for f in os.listdir(folder) if not f.startswith(".")]
+        files = sorted(f for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise InputError(f"--dataset: class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        skipped += len(names) - len(files)
         classes[class_name] = [os.path.join(folder, f) for f in files]
+    if skipped and report_skipped:
+        print(f"--dataset: folder:{path}: skipped {skipped} files that are not images ({', '.join(IMAGE_EXTENSIONS)})",
+              file=sys.stderr)
     return classes
+
+
+def check_classes(class_names: list[str], source: str, train_labels: np.ndarray | None = None) -> None:
+    """Raises InputError unless the source has at least 2 classes, and its training split examples of 2."""
+    if len(class_names) < 2:
+        raise InputError(f"--dataset: {source} has {len(class_names)} class ({', '.join(class_names)}); a classifier "
+                         "needs at least 2")
+    if train_labels is not None and len(np.unique(train_labels)) < 2:
+        raise InputError(f"--dataset: the training split of {source} holds examples of only one class "
+                         f"({class_names[int(train_labels[0])]}); a classifier needs at least 2")
 
 
 def split_sizes(source: str, config: Config) -> dict[str, int] | None:
@@ -132,7 +160,7 @@ def split_sizes(source: str, config: Config) -> dict[str, int] | None:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 return {s: len(archive[f"y_{s}"]) for s in SPLITS if f"y_{s}" in archive.files}
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (*NPZ_ERRORS, TypeError, AttributeError):
             return None  # loading says what is wrong
     import tensorflow_datasets as tfds
 
@@ -165,7 +193,7 @@ def read_image(file: str, like: tuple[str, tuple] | None = None) -> np.ndarray:
 
 
 def folder(path: str):
-    classes, images, labels, first = class_files(path), [], [], None
+    classes, images, labels, first = class_files(path, report_skipped=True), [], [], None
     for label, files in enumerate(classes.values()):
         for file in files:
             image = read_image(file, first)
@@ -180,8 +208,9 @@ def npz(path: str):
         archive = np.load(path, allow_pickle=False)
     except OSError as e:
         raise InputError(f"--dataset: cannot read npz:{path}: {e.strerror or e}") from None
-    except ValueError:  # NumPy takes a file that is neither .npy nor .npz for a pickle, which it refuses.
-        raise InputError(f"--dataset: npz:{path} is not a NumPy .npz archive; write one with np.savez") from None
+    except (ValueError, zipfile.BadZipFile):  # NumPy takes a file that is neither .npy nor .npz for a pickle.
+        raise InputError(f"--dataset: npz:{path} is not a NumPy .npz archive, or is truncated; write one with "
+                         "np.savez") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise InputError(f"--dataset: npz:{path} is one array; save x_train, y_train, x_test, y_test with np.savez")
     with archive:
@@ -194,8 +223,14 @@ def npz(path: str):
                              "y_test (x_val, y_val and class_names optional)")
         try:
             arrays = {key: archive[key] for key in keys}
-        except ValueError:  # allow_pickle=False refuses object arrays.
-            raise InputError(f"--dataset: npz:{path} holds pickled Python objects; save numeric arrays") from None
+        except ValueError as e:  # allow_pickle=False refuses object arrays; a short array cannot be reshaped.
+            if "allow_pickle" in str(e):
+                raise InputError(f"--dataset: npz:{path} holds pickled Python objects; save numeric arrays") from None
+            raise InputError(f"--dataset: npz:{path} is corrupt ({str(e).splitlines()[0]}); write it again with "
+                             "np.savez") from None
+        except NPZ_ERRORS as e:
+            raise InputError(f"--dataset: npz:{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                             "write it again with np.savez") from None
     splits = {s: _npz_split(arrays[f"x_{s}"], arrays[f"y_{s}"], s, path) for s in SPLITS if f"x_{s}" in keys}
     class_names = [str(c) for c in arrays["class_names"]] if "class_names" in keys else None
     shapes = {s: x.shape[1:] for s, (x, _) in splits.items()}

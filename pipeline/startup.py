@@ -8,8 +8,10 @@ finds its devices; afterwards the captured lines are written back except those b
 in effect (2 unless the user set it, so that errors stay visible), absl's notice about logging before
 initialization, and cuInit's error on a machine that TF already found has no CUDA driver.
 
-Set BATCHSCOPE_TF_LOGS=1 to see everything TensorFlow prints, or TF_CPP_MIN_LOG_LEVEL=0 to see its
-start-up INFO lines.
+Python warnings of the libraries (Keras, TensorFlow, TFDS, keras-tuner, scikit-learn, SciPy, Matplotlib, NumPy,
+protobuf, absl) and the warnings of TensorFlow's and absl's Python loggers are not shown either: the commands say
+what matters in their own lines. Set BATCHSCOPE_TF_LOGS=1 to see everything TensorFlow and the libraries print,
+or TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's start-up INFO lines.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 
 ENV = "BATCHSCOPE_TF_LOGS"
 DEFAULT_LEVEL = "2"  # TF_CPP_MIN_LOG_LEVEL: 0 all, 1 hides INFO, 2 also WARNING, 3 also ERROR
 _SEVERITY = re.compile(r"^([IWEF])\d{4} ")  # absl's prefix: I0000 00:00:1796002490.09 8452 port.cc:153] ...
 _NO_DRIVER = "Could not find cuda drivers"
 _NOISE = ("All log messages before absl::InitializeLog() is called",)
+# Modules whose Python warnings are hidden (a warning is attributed to the module that its stack level names).
+LIBRARIES = ("keras", "tensorflow", "tensorflow_datasets", "keras_tuner", "sklearn", "scipy", "matplotlib", "numpy",
+             "google", "absl", "tf_keras", "h5py", "jupyter_client", "jupyter_core", "nbclient", "nbformat", "zmq",
+             "traitlets", "ipykernel", "IPython")
 
 
 def _keep(lines: list[str], min_level: int) -> list[str]:
@@ -49,7 +56,10 @@ def import_tensorflow() -> None:
     Entry points call it after parsing flags, so that --help stays fast. Without effect when TensorFlow is
     already imported or BATCHSCOPE_TF_LOGS=1.
     """
-    if "tensorflow" in sys.modules or os.environ.get(ENV) == "1":
+    if os.environ.get(ENV) == "1":
+        return
+    quiet_libraries()
+    if "tensorflow" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", DEFAULT_LEVEL)
     try:
@@ -73,6 +83,15 @@ def import_tensorflow() -> None:
             lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
             sys.stderr.write("".join(_keep(lines, min_level)))
             sys.stderr.flush()
-    # TFDS warns through absl's Python logger when it looks for a dataset that is not prepared, just before
-    # raising the error that pipeline.sources turns into a one-line message.
-    logging.getLogger("absl").addFilter(lambda record: "has no dataset_info.json" not in record.getMessage())
+
+
+def quiet_libraries() -> None:
+    """Hides the libraries' Python warnings and their Python loggers' warnings (errors stay visible); entry points
+    get it through import_tensorflow, the notebook calls it itself. Without effect when BATCHSCOPE_TF_LOGS=1."""
+    if os.environ.get(ENV) == "1":
+        return
+    warnings.filterwarnings("ignore", module=rf"({'|'.join(LIBRARIES)})(\.|$)")
+    # absl's logger carries TFDS's warning about a dataset that is not prepared, just before the error that
+    # pipeline.sources turns into a one-line message.
+    for name in ("tensorflow", "absl", "keras_tuner"):
+        logging.getLogger(name).setLevel(logging.ERROR)

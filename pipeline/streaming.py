@@ -199,7 +199,7 @@ def _tfds(name: str, config: Config):
 def _folder(path: str, config: Config):
     """(read, class names, the image files, what identifies the data) of a folder: dataset: one file per example,
     decoded in parallel."""
-    classes = sources.class_files(path)
+    classes = sources.class_files(path, report_skipped=True)
     files = np.array([file for names in classes.values() for file in names])
     labels = np.concatenate([np.full(len(names), label, np.int32) for label, names in enumerate(classes.values())])
     splits = {"train": (files, labels)}

@@ -47,7 +47,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import flags, rundir, runner, speed, startup, tuning
+from pipeline import flags, interrupts, rundir, runner, speed, startup, tuning
 from pipeline import report as report_lib
 from pipeline.config import Config, InputError
 
@@ -301,6 +301,7 @@ def spec_from_flags(config: Config, args: argparse.Namespace, argv) -> Spec:
 
 def main(argv=None) -> int:
     """Parses flags, runs the sweep, prints the headline table; bad input exits with code 2 and one line."""
+    interrupts.install()  # SIGTERM ends it as Ctrl-C does
     try:
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=add_sweep_flags,
                                    preset=config_lib.batch_study())
@@ -314,7 +315,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         print("sweep interrupted; run the same command again to resume it", file=sys.stderr)
-        return 130
+        return interrupts.exit_code()
     if report:
         print(report_lib.headline(report))
         print(f"report: {os.path.join(out, 'report.md')}")

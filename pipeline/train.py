@@ -13,7 +13,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import distribute, flags, rundir, startup
+from pipeline import distribute, flags, interrupts, rundir, startup
 from pipeline.config import Config, InputError
 
 
@@ -139,6 +139,8 @@ def train(config: Config) -> Summary:
     if config.strategy == "multiworker" and not config.run_dir:
         raise InputError("--run-dir: a multiworker run needs one --run-dir, the same on every worker")
     run_dir = config.run_dir or config_lib.default_run_dir(config, time.strftime("%Y%m%d-%H%M%S"))
+    if config.resume and not config.run_dir:  # the most recent unfinished run of this config, next to new runs
+        run_dir = rundir.latest_resumable(config, os.path.dirname(run_dir))
     config = dataclasses.replace(config, run_dir=run_dir)
     chief = config.strategy != "multiworker" or distribute.is_chief(distribute.read_tf_config())
     # Only the chief checks and writes the run directory; another worker continues when told to (--resume).
@@ -176,12 +178,13 @@ def train(config: Config) -> Summary:
     if continuing:  # Another worker restores from a copy: restoring removes unfinished files from its folder.
         with strategy.scope():  # Restoring builds the optimizer's variables.
             restored = checkpoint.restore(model, checkpoints if chief else distribute.worker_folder(checkpoints))
-    if chief:
-        rundir.create(config, run_dir, parallel)
-
-    summary = Summary(status="completed", run_dir=run_dir, stage="setup", batch_source=batch_source, **parallel)
+    with interrupts.deferred():  # A signal from here on ends the run with its summary (checked in the try below).
+        if chief:
+            rundir.create(config, run_dir, parallel)
+        summary = Summary(status="completed", run_dir=run_dir, stage="setup", batch_source=batch_source, **parallel)
     lost_worker = tf.errors.OpError if topology.workers > 1 else ()  # a collective failed: a worker is gone
     try:
+        interrupts.check()
         _fit(config, data, model, run_dir, restored, schedule, summary, strategy, topology)
         _finish(config, data, model, run_dir, summary, chief)
     except run_callbacks.NonFiniteLoss as e:
@@ -200,7 +203,9 @@ def train(config: Config) -> Summary:
     return summary
 
 
+@interrupts.deferred()
 def _write_summary(summary: Summary, config: Config, started: float) -> None:
+    """Completes the summary from the run directory and writes it; a further signal meanwhile is only recorded."""
     from pipeline import checkpoint
     from pipeline import target as target_lib
 
@@ -227,7 +232,9 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
         measuring = callback_list.instruments(gradients_only, data, model, run_dir, replicas=topology.replicas)
     if config.target_accuracy and topology.workers == 1:
         measuring.append(callback_list.target_check(config, data, run_dir, measuring))
+    # Last: a signal whose KeyboardInterrupt was lost (pipeline/interrupts.py) ends the run after the batch.
     callbacks = callback_list.build(config, data, run_dir, schedule, strategy, topology, measuring)
+    callbacks.append(interrupts.callback())
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     val = data.eval_dataset("val", config.batch)
     trained, steps = (restored["epoch"], restored["step"]) if restored else (0, 0)
@@ -251,12 +258,18 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
             break
 
 
+def _enter(summary: Summary, stage: str) -> None:
+    """Records that the run enters `stage` ("" once finished), after a signal's safe point (pipeline/interrupts.py)."""
+    interrupts.check()
+    summary.stage = stage
+
+
 def _finish(config: Config, data, model, run_dir: str, summary: Summary, chief: bool = True) -> None:
     """Precise BN, evaluation on every split and export, each recorded as the summary's stage while it runs."""
     from callbacks import batch_norm_inputs, precise_bn
     from pipeline import export as export_lib
 
-    summary.stage = "precise_bn"
+    _enter(summary, "precise_bn")
     has_batch_norm = bool(batch_norm_inputs(model))
     if has_batch_norm and config.precise_bn_samples:
         num = min(config.precise_bn_samples, data.num_train)
@@ -272,13 +285,13 @@ def _finish(config: Config, data, model, run_dir: str, summary: Summary, chief: 
         if summary.replicas > 1:
             scope = "the global batch, all-reduced" if config.norm == "syncbatch" else "each replica's slice"
             summary.bn_statistics += f" ({scope}); one set for all {summary.replicas} replicas after training"
-    summary.stage = "evaluation"
+    _enter(summary, "evaluation")
     for split in ("train", "val", "test"):
         loss, accuracy = model.evaluate(data.eval_dataset(split, max(config.batch, 256)), verbose=0)
         setattr(summary, f"{split}_accuracy", float(accuracy))
         if split == "test":
             summary.test_loss = float(loss)
-    summary.stage = "export"
+    _enter(summary, "export")
     if config.export:
         # The first 512 training images are the warmup requests and the throughput measurement's inputs.
         examples, _ = next(iter(data.eval_dataset("train", 512)))
@@ -287,11 +300,12 @@ def _finish(config: Config, data, model, run_dir: str, summary: Summary, chief: 
         exported = export_lib.export_model(model, export_dir, config.model, examples=examples.numpy(),
                                            class_names=data.class_names)
         summary.export_path = exported if chief else None
-    summary.stage = ""
+    _enter(summary, "")
 
 
 def main(argv=None) -> int:
     """Parses flags, trains, prints the summary as one JSON line; bad input exits with code 2 and one line."""
+    interrupts.install()  # SIGTERM ends a run as Ctrl-C does
     try:
         config, _ = flags.parse(argv, description=__doc__.splitlines()[0])
         startup.import_tensorflow()
@@ -302,13 +316,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Before the run directory was created: there is nothing to resume.
         print(json.dumps({"status": "interrupted", "stage": "setup", "run_dir": None}))
         print("interrupted before the run started; nothing was written", file=sys.stderr)
-        return 130
+        return interrupts.exit_code()
     keys = ("status", "stage", "reason", "test_accuracy", "val_accuracy", "train_accuracy", "steps", "wall_time_s",
             "export_path", "run_dir")
     print(json.dumps({k: getattr(summary, k) for k in keys}, default=str))
     if summary.status != "completed":
         print(f"run {summary.status}: {summary.reason}", file=sys.stderr)
-    return {"completed": 0, "failed": 1, "interrupted": 130}[summary.status]
+    # An interrupted run exits as the signal would have ended it: 130 after SIGINT, 143 after SIGTERM.
+    return {"completed": 0, "failed": 1, "interrupted": interrupts.exit_code()}[summary.status]
 
 
 if __name__ == "__main__":

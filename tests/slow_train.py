@@ -5,13 +5,17 @@ Usage: python tests/slow_train.py TRAIN_FLAGS..., with these environment variabl
                      halves with a pause between them (a signal then leaves a truncated file), then it pauses
                      before the rename and again before checkpoint.json is replaced (the commit)
   PAUSE_STAGE        precise_bn | evaluation | export: pause PAUSE_S seconds (default 600) in that stage, after
-                     creating the file PAUSE_MARKER, so that a test knows when to send its signal
+                     creating the file PAUSE_MARKER, so that a test knows when to send its signal; training: the
+                     same after the second training batch; weakref: the same inside a weakref callback run after
+                     the second training batch (where a KeyboardInterrupt is printed and lost)
+  SUMMARY_MARKER     pause SUMMARY_PAUSE_S seconds (default 600) while the summary is written, after creating this file
 """
 
 import os
 import signal
 import sys
 import time
+import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,6 +75,38 @@ def pause_in(stage: str, marker: str, seconds: float) -> None:
             pause()
 
         archive_class.write_out = paused_write_out
+    elif stage in ("training", "weakref"):
+        import keras
+
+        from pipeline import callback_list
+
+        class Resource:  # stands for a TensorFlow object whose deleter runs in a weakref callback
+            pass
+
+        def after_batch(batch, logs=None, calls=[]):
+            calls.append(batch)
+            if len(calls) != 2:
+                return
+            if stage == "training":
+                pause()
+                return
+            resource = Resource()
+            deleter = weakref.ref(resource, lambda ref: pause())  # noqa: F841 -- alive until `del` runs it
+            del resource
+
+        build = callback_list.build
+        callback_list.build = lambda *args: build(*args) + [keras.callbacks.LambdaCallback(on_train_batch_end=after_batch)]
+
+
+def pause_in_summary(marker: str, seconds: float) -> None:
+    fill = train._fill_from_history
+
+    def paused_fill(*args):
+        open(marker, "w").close()
+        time.sleep(seconds)
+        fill(*args)
+
+    train._fill_from_history = paused_fill
 
 
 if __name__ == "__main__":
@@ -84,4 +120,6 @@ if __name__ == "__main__":
 
         startup.import_tensorflow()
         pause_in(os.environ["PAUSE_STAGE"], os.environ["PAUSE_MARKER"], float(os.environ.get("PAUSE_S", 600)))
+    if os.environ.get("SUMMARY_MARKER"):
+        pause_in_summary(os.environ["SUMMARY_MARKER"], float(os.environ.get("SUMMARY_PAUSE_S", 600)))
     sys.exit(train.main())

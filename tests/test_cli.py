@@ -98,6 +98,9 @@ def test_finished_run_needs_resume_or_overwrite(tmp_path):
         (lambda tmp: ["--dataset", f"npz:{tmp}/bad_labels.npz"], ["bad_labels.npz"]),
         (lambda tmp: ["--dataset", f"folder:{tmp}/corrupt"], ["broken.png"]),
         (lambda tmp: ["--dataset", f"folder:{tmp}/empty_class"], ["b"]),
+        (lambda tmp: ["--dataset", f"npz:{tmp}/truncated.npz"], ["truncated.npz", "truncated"]),
+        (lambda tmp: ["--dataset", f"folder:{tmp}/one_class"], ["one_class", "1 class (a)", "at least 2"]),
+        (lambda tmp: ["--dataset", f"npz:{tmp}/one_label.npz"], ["one_label.npz", "only one class (0)"]),
     ],
 )
 def test_bad_data(tmp_path, make_args, words):
@@ -105,9 +108,15 @@ def test_bad_data(tmp_path, make_args, words):
     np.savez(tmp_path / "bad_keys.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(10))
     np.savez(tmp_path / "bad_labels.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(9, int),
              x_test=np.zeros((5, 4, 4)), y_test=np.zeros(5, int))
+    np.savez(tmp_path / "one_label.npz", x_train=rng.random((40, 4, 4)), y_train=np.zeros(40, int),
+             x_test=rng.random((10, 4, 4)), y_test=np.arange(10) % 2)
+    np.savez(tmp_path / "whole.npz", x_train=rng.random((40, 4, 4)), y_train=np.arange(40) % 2,
+             x_test=rng.random((10, 4, 4)), y_test=np.arange(10) % 2)
+    whole = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(whole[: len(whole) // 2])  # as an interrupted copy leaves it
     import tensorflow as tf
 
-    for folder, classes in (("corrupt", ("a", "b")), ("empty_class", ("a", "b"))):
+    for folder, classes in (("corrupt", ("a", "b")), ("empty_class", ("a", "b")), ("one_class", ("a",))):
         for name in classes:
             os.makedirs(tmp_path / folder / name)
             if folder == "empty_class" and name == "b":
@@ -135,3 +144,11 @@ def test_help_comes_from_the_config_fields():
     parser = flags.Parser()
     flags.add_config_flags(parser, preset=config_lib.batch_study())  # the sweep shows its preset's defaults
     assert "(default: 0.05)" in " ".join(parser.format_help().split())
+
+
+def test_intra_op_threads_takes_auto_as_its_config_does():
+    from pipeline import flags
+
+    assert flags.parse(["--intra-op-threads", "auto"], "")[0].intra_op_threads == -1  # Config's automatic
+    assert flags.parse(["--intra-op-threads", "3"], "")[0].intra_op_threads == 3
+    assert flags.parse([], "")[0].intra_op_threads == -1

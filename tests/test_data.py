@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from pipeline import data, sources
+from pipeline import data, inputs, sources
 from pipeline.config import Config, InputError
 
 
@@ -268,10 +268,13 @@ def write_folder(root, shapes):
     return written
 
 
-def test_folder_source(tmp_path):
+def test_folder_source(tmp_path, capsys):
     written = write_folder(tmp_path / "images", {name: [(6, 5, 3)] * 12 for name in ("b_cat", "a_dog", "c_owl")})
     (tmp_path / "images" / "a_dog" / "notes.txt").write_text("not an image")
+    (tmp_path / "images" / "c_owl" / "labels.csv").write_text("not an image either")
     loaded = data.load(Config(dataset=f"folder:{tmp_path / 'images'}", val_fraction=0.25))
+    assert capsys.readouterr().err == (f"--dataset: folder:{tmp_path / 'images'}: skipped 2 files that are not images "
+                                       f"({', '.join(sources.IMAGE_EXTENSIONS)})\n")
     assert (loaded.class_names, loaded.input_shape, loaded.num_classes) == (["a_dog", "b_cat", "c_owl"], (6, 5, 3), 3)
     assert (loaded.num_train, loaded.num_val, loaded.num_test) == (21, 7, 8)
     merged = sum((rows(*loaded.arrays(s)) for s in ("train", "val", "test")), collections.Counter())
@@ -292,6 +295,40 @@ def test_folder_errors_name_the_file_or_folder(tmp_path):
     write_folder(tmp_path / "empty", {"a": [(4, 4, 3)] * 2, "b": []})
     with pytest.raises(InputError, match=r"class folder .*empty/b holds no images"):
         data.load(Config(dataset=f"folder:{tmp_path / 'empty'}"))
+
+
+def test_fewer_than_two_classes_is_refused_in_every_source(tmp_path):
+    write_folder(tmp_path / "one", {"a": [(4, 4, 3)] * 6})
+    for input_mode in ("memory", "stream"):
+        with pytest.raises(InputError, match=r"folder:.*one has 1 class \(a\); a classifier needs at least 2"):
+            data.count(Config(dataset=f"folder:{tmp_path / 'one'}", input=input_mode))
+        with pytest.raises(InputError, match=r"folder:.*one has 1 class"):
+            inputs.load(Config(dataset=f"folder:{tmp_path / 'one'}", input=input_mode))
+    # Two class names, but every training example is of one class.
+    one_label = write_npz(tmp_path / "a.npz", x_train=np.ones((20, 3, 3)), y_train=np.ones(20, int),
+                          x_test=np.ones((4, 3, 3)), y_test=np.arange(4) % 2)
+    with pytest.raises(InputError, match=r"training split of npz:.*a\.npz holds examples of only one class \(1\)"):
+        data.load(Config(dataset=one_label))
+
+
+def test_corrupt_npz_is_one_error_naming_the_file(tmp_path):
+    arrays = dict(x_train=np.random.default_rng(0).random((50, 8, 8)), y_train=np.arange(50) % 2,
+                  x_test=np.zeros((4, 8, 8)), y_test=np.arange(4) % 2)
+    for name, save in (("plain", np.savez), ("compressed", np.savez_compressed)):
+        save(tmp_path / f"{name}.npz", **arrays)
+        whole = (tmp_path / f"{name}.npz").read_bytes()
+        damaged = bytearray(whole)
+        damaged[1000:1100] = bytes(100)  # inside x_train's data: a bad CRC, or a broken deflate stream
+        for kind, contents in (("truncated", whole[: len(whole) // 2]), ("short", whole[:-30]),
+                               ("damaged", bytes(damaged))):
+            path = tmp_path / f"{name}-{kind}.npz"
+            path.write_bytes(contents)
+            with pytest.raises(InputError, match=rf"--dataset: npz:{path} is (corrupt|not a NumPy .npz archive, or "
+                                                 r"is truncated)"):
+                data.load(Config(dataset=f"npz:{path}"))
+            if kind != "damaged":  # counting reads only the labels, which the damage leaves intact
+                with pytest.raises(InputError, match=rf"npz:{path}"):
+                    data.count(Config(dataset=f"npz:{path}"))
 
 
 def test_npz_source(tmp_path):

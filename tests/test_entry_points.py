@@ -36,3 +36,17 @@ def test_bad_input_after_tensorflow_import_is_one_line(tmp_path, module, make_ar
     for word in words:
         assert word in lines[0], lines[0]
     assert not os.path.exists(tmp_path / "advice")  # a rejected command creates nothing
+
+
+@pytest.mark.parametrize("args, line", [
+    (["missing.png", "--model", "."], "error: IMAGE missing.png: cannot read it (no such file)"),
+    (["image.png", "--model", "missing"], "error: --model: missing is not a folder; pass a SavedModel folder, a model "
+                                          "folder of numeric versions, or a run directory"),
+])
+def test_predict_refuses_missing_paths_before_importing_tensorflow(tmp_path, args, line):
+    (tmp_path / "image.png").write_bytes(b"not checked before the model loads")
+    code = ("import sys; from pipeline import predict; code = predict.main(sys.argv[1:]); "
+            "print('tensorflow' in sys.modules); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert (result.returncode, result.stderr, result.stdout) == (2, line + "\n", "False\n")

@@ -1,19 +1,24 @@
-"""The batch-size notebook runs from top to bottom on a tiny real sweep (nbclient), so that it never rots."""
+"""The batch-size notebook runs from top to bottom on a tiny real sweep with its documented command,
+`python -m pipeline.notebook SWEEP_DIR`, from the working directory, so that it never rots."""
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import nbformat
-from nbclient import NotebookClient
+import pytest
 
 from pipeline import config as config_lib
+from pipeline import notebook as notebook_lib
 from pipeline import rundir, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "batch_size_study.ipynb")
 
 
-def test_notebook_runs_on_a_tiny_sweep(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_notebook_runs_on_a_tiny_sweep(tmp_path):
     out = str(tmp_path / "sweep")
     config = dataclasses.replace(config_lib.smoke(), export=False, dynamics=False, precise_bn_samples=64,
                                  target_accuracy=0.3)
@@ -24,12 +29,17 @@ def test_notebook_runs_on_a_tiny_sweep(tmp_path, monkeypatch):
         assert os.path.getsize(os.path.join(out, "runs", f"batch-b{batch}-s0", "grad_stats.jsonl")) > 0
         assert os.path.getsize(os.path.join(out, "runs", f"batch-b{batch}-s0", "bn_stats.json")) > 0
 
-    monkeypatch.setenv("BATCHSCOPE_SWEEP_DIR", out)  # the kernel inherits the environment
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+    # The documented command, from another folder than the repository root, with the sweep folder relative to it.
+    env = {k: v for k, v in os.environ.items() if k not in ("BATCHSCOPE_SWEEP_DIR", "BATCHSCOPE_TF_LOGS")}
+    result = subprocess.run([sys.executable, "-m", "pipeline.notebook", "sweep"], cwd=tmp_path, capture_output=True,
+                            text=True, env=dict(env, PYTHONPATH=REPO), timeout=600)
+    executed = os.path.join("sweep", "batch_size_study.ipynb")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"notebook: {executed}\n", ""), result.stderr
+    notebook = nbformat.read(tmp_path / executed, as_version=4)
 
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"]  # no library warnings
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert len(images) >= 4  # grad_std, steps_to_target, throughput, accuracy, noise_scale, bn_discrepancy
     texts = "".join(o.data.get("text/markdown", "") for o in outputs if o.output_type == "display_data")
@@ -45,3 +55,17 @@ def test_notebook_runs_on_a_tiny_sweep(tmp_path, monkeypatch):
     # The notebook leaves the committed file untouched: no outputs are saved back.
     assert all(not cell.get("outputs") for cell in nbformat.read(NOTEBOOK, as_version=4).cells
                if cell.cell_type == "code")
+
+
+def test_notebook_command_names_the_missing_package_and_the_extra(monkeypatch, capsys, tmp_path):
+    real = notebook_lib.importlib.util.find_spec
+    monkeypatch.setattr(notebook_lib.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "nbclient" else real(name, *args))
+    assert notebook_lib.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ('error: nbclient is not installed; the notebook extra installs it: '
+                                       'python -m pip install -e ".[notebook]"\n')
+
+
+def test_notebook_command_refuses_a_folder_without_runs(capsys, tmp_path):
+    assert notebook_lib.main([str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: SWEEP_DIR: {tmp_path / 'nothing'} holds no runs;")
