@@ -14,6 +14,7 @@ import tensorflow as tf
 from callbacks.checked_io import check_positive_int, write_atomic
 from callbacks.events import EventWriter
 from callbacks.precise_bn import batch_norm_inputs, population_moments, side_model, take_inputs
+from callbacks import schedule as schedule_lib
 from callbacks.steps import Steps
 from callbacks.timing import timed
 from models.norm import virtual_batches
@@ -37,9 +38,25 @@ QUANTITIES = (
 )
 ERRORS = QUANTITIES[:4]  # averaged over layers as bn/<error> in the logs and TensorBoard
 SUMMARY_KEYS = tuple(f"bn/{key}" for key in ERRORS)
+# "bn/<error>_below" = r: the error is below the resolution r of the population sample (bn/<error> is absent).
+BELOW_KEYS = tuple(f"bn/{key}_below" for key in ERRORS)
 
 # The epoch-log keys: the averages over layers of the latest measurement in the epoch, and its step.
-EPOCH_KEYS = (*SUMMARY_KEYS, "bn/step")
+EPOCH_KEYS = (*SUMMARY_KEYS, *BELOW_KEYS, "bn/step")
+
+
+def resolved(errors, resolutions) -> dict:
+    """{error: value, or None when value <= its resolution; "<error>_resolution": resolution} for ERRORS.
+
+    The population sample's own noise has been subtracted from each squared error; an error at or below the RMS
+    standard error of the population statistics (the resolution) is not distinguishable from that noise, so it is
+    reported as "< resolution" (None here, "bn/<error>_below" in the logs), never as 0.
+    """
+    result = {}
+    for key, error, resolution in zip(ERRORS, np.asarray(errors, float), np.asarray(resolutions, float)):
+        result[key] = float(error) if error > resolution else None
+        result[f"{key}_resolution"] = float(resolution)
+    return result
 
 
 def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -59,8 +76,8 @@ def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tu
 
 
 class BatchNormStatistics(keras.callbacks.Callback):
-    """At step 0 and every `every_n_steps` steps, compares each BN layer's batch and moving statistics with its
-    population statistics at the current weights.
+    """At step 0, on a schedule (callbacks/schedule.py) and at the end of training, compares each BN layer's batch and
+    moving statistics with its population statistics at the current weights.
 
     BN normalizes with the statistics of the current batch in training and with moving averages at inference;
     both differ from the population statistics of the layer's input at the current weights, for two reasons
@@ -86,10 +103,18 @@ class BatchNormStatistics(keras.callbacks.Callback):
         batch_var_error   = sqrt(mean_c [(var_B,c - var_P,c)^2 - se(var_P,c)^2] / (var_P,c + eps)^2)
         moving_mean_error, moving_var_error: the same with mu_M, var_M in place of mu_B, var_B
 
-    (clipped at 0 under the root). These are root-mean-square shifts of the normalization in population standard
+    (clipped at 0 under the root, see Resolution). These are root-mean-square shifts of the normalization in population standard
     deviations and relative changes of its squared scale. Subtracting se^2 removes the population sample's own
     noise, E (mu_B - mu_P)^2 = E (mu_B - mu)^2 + se(mu_P)^2 for independent samples, so that batch_*_error
-    estimates the batch's error alone and falls as B^-0.5 also when B approaches N. For GhostBatchNormalization
+    estimates the batch's error alone and falls as B^-0.5 also when B approaches N.
+
+    Resolution: an error is reported only when it exceeds the population sample's resolution
+    r = sqrt(mean_c se^2 / units) (same units as the error: the RMS standard error of the population statistic), i.e.
+    when the squared deviation is more than twice the sample's own noise; otherwise it is "< r" (None in the
+    tables, "<error>_resolution" = r beside it, `bn/<error>_below` = r in the logs), never 0. r falls as
+    N^-0.5: the default sample of 2048 examples (at most the training split) is there so that the moving statistics'
+    error at the end of the default run is resolved. The averages over layers compare the mean error with the mean
+    resolution. For GhostBatchNormalization
     the batch statistics are those of each virtual batch, the squares averaged over virtual batches. Drift since
     the previous measurement (the start of training for the first one) is the RMS change per channel of the moving
     statistics: ||mu_t - mu_prev|| / sqrt(C), same for var.
@@ -103,7 +128,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
 
     Args:
         dataset: a tf.data.Dataset of training batches, (x, y), (x, y, sample_weight) or x; repeated as needed.
-        every_n_steps: training steps between measurements.
+        every_n_steps: training steps between measurements, or None (default): the geometric schedule.
         log_dir: TensorBoard directory, or None for none.
         out_dir: directory for bn_stats.json and bn_stats.md, or None for none.
         population: batches of examples for the population statistics (see precise_bn), e.g. the un-augmented
@@ -112,18 +137,20 @@ class BatchNormStatistics(keras.callbacks.Callback):
             measurement runs the model over them once in training mode.
 
     Attributes:
-        history: {layer name: [measurement dict with "step" and QUANTITIES]}.
-        averages: [{"step", and each of ERRORS averaged over layers}], one per measurement.
+        history: {layer name: [measurement dict with "step", QUANTITIES and "<error>_resolution" for ERRORS]}.
+        averages: [{"step", each of ERRORS averaged over layers (or None) and its resolution}], one per
+            measurement.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, every_n_steps: int = 100, log_dir: str | None = None,
-                 out_dir: str | None = None, population=None, population_samples: int = 256):
+    def __init__(self, dataset: tf.data.Dataset, every_n_steps: int | None = None, log_dir: str | None = None,
+                 out_dir: str | None = None, population=None, population_samples: int = 2048):
         super().__init__()
-        self._steps = Steps(every_n_steps)
+        self.schedule = schedule_lib.build(every_n_steps)
+        self._steps = Steps(None)
         if check_positive_int("population_samples", population_samples) < 2:
             raise ValueError(f"population_samples: must be at least 2, got {population_samples!r}")
         self.dataset = dataset
-        self.every_n_steps = int(every_n_steps)
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
         self.log_dir = log_dir
         self.out_dir = out_dir
         self.population = dataset if population is None else population
@@ -198,6 +225,9 @@ class BatchNormStatistics(keras.callbacks.Callback):
                 def error(deviation_sq, noise_sq, units):
                     return tf.sqrt(tf.maximum(tf.reduce_mean((deviation_sq - noise_sq) / units), 0.0))
 
+                def resolution(noise_sq, units):
+                    return tf.sqrt(tf.reduce_mean(noise_sq / units))
+
                 rows.append(tf.stack([
                     error(tf.reduce_mean(tf.square(batch_mean - mean), 0), mean_se2, scale),
                     error(tf.reduce_mean(tf.square(batch_variance - variance), 0), variance_se2, tf.square(scale)),
@@ -205,6 +235,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
                     error(tf.square(moving_variance - variance), variance_se2, tf.square(scale)),
                     tf.reduce_mean(moving_mean), tf.reduce_min(moving_mean), tf.reduce_max(moving_mean),
                     tf.reduce_mean(moving_variance), tf.reduce_min(moving_variance), tf.reduce_max(moving_variance),
+                    resolution(mean_se2, scale), resolution(variance_se2, tf.square(scale)),
+                    resolution(mean_se2, scale), resolution(variance_se2, tf.square(scale)),
                 ]))
                 means.append(moving_mean)
                 variances.append(moving_variance)
@@ -220,7 +252,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if not self._layers:
             return
-        if self._steps.batch_end(self.model, batch):
+        if schedule_lib.crossed(self.schedule, self._steps, self.model, batch):
             summary = self.measure()
             if logs is not None:
                 logs.update(summary)
@@ -239,12 +271,15 @@ class BatchNormStatistics(keras.callbacks.Callback):
         step, rows = self._steps.step, {}
         for i, layer in enumerate(self._layers):
             rows[layer.name] = row = {"step": step}
-            row.update(zip(ERRORS, values[i, :4].astype(float).tolist()))
+            row.update(resolved(values[i, :4], values[i, 10:14]))
             row.update(moving_mean_drift=float(drifts[0][i]), moving_variance_drift=float(drifts[1][i]))
-            row.update(zip(QUANTITIES[6:], values[i, 4:].astype(float).tolist()))
+            row.update(zip(QUANTITIES[6:], values[i, 4:10].astype(float).tolist()))
             self.history[layer.name].append(row)
-        summary = {f"bn/{key}": float(np.mean(values[:, k])) for k, key in enumerate(ERRORS)}
-        self.averages.append({"step": step} | {key: summary[f"bn/{key}"] for key in ERRORS})
+        # Over layers: the mean estimate against the mean resolution.
+        average = resolved(values[:, :4].mean(axis=0), values[:, 10:14].mean(axis=0))
+        self.averages.append({"step": step} | average)
+        summary = {f"bn/{key}": average[key] for key in ERRORS if average[key] is not None}
+        summary.update({f"bn/{key}_below": average[f"{key}_resolution"] for key in ERRORS if average[key] is None})
         if self._writer is not None:
             self._summaries(step, rows, summary, np.split(mean, self._starts[1:]),
                             np.split(variance, self._starts[1:]))
@@ -257,7 +292,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
         scalars = list(summary.items())
         histograms = []
         for layer, mean, variance in zip(self._layers, means, variances):
-            scalars += [(f"bn/{layer.name}/{key}", rows[layer.name][key]) for key in QUANTITIES]
+            scalars += [(f"bn/{layer.name}/{key}", rows[layer.name][key]) for key in QUANTITIES
+                        if rows[layer.name][key] is not None]
             histograms += [(f"bn/{layer.name}/moving_mean", mean), (f"bn/{layer.name}/moving_variance", variance)]
         self._writer.write(step, scalars, histograms)
 
@@ -274,7 +310,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
             write_atomic(os.path.join(self.out_dir, "bn_stats.md"), self.markdown())
 
     def table(self) -> dict:
-        """Per layer: channels, every measurement, the final one and the run's average errors."""
+        """Per layer: channels, every measurement, the final one and the run's average errors (over the measurements
+        that resolved them)."""
         layers = {}
         for layer in self._layers:
             rows = self.history[layer.name]
@@ -282,7 +319,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
                 "channels": int(layer.moving_mean.shape[0]),
                 "virtual_batch_size": getattr(layer, "virtual_batch_size", None),
                 "final": rows[-1],
-                "run_mean": {key: float(np.mean([row[key] for row in rows])) for key in ERRORS},
+                # Over the measurements that resolved the error (None if none did).
+                "run_mean": {key: _mean([row[key] for row in rows if row[key] is not None]) for key in ERRORS},
                 "measurements": rows,
             }
         return {"every_n_steps": self.every_n_steps, "population_samples": int(tf.nest.flatten(self._sample)[0].shape[0]),
@@ -291,11 +329,11 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def markdown(self) -> str:
         """The per-layer table of bn_stats.md: final measurement, run averages, moving-variance range."""
         lines = [
-            f"# BatchNorm statistics (final step {self._steps.step}, every {self.every_n_steps} steps)",
+            f"# BatchNorm statistics (final step {self._steps.step}, {self.schedule})",
             "",
             "Errors against population statistics at the measured weights (RMS over channels): batch = a fresh "
             "batch's statistics (sampling noise), moving = the moving averages (lag); mean shift in population-std "
-            "units, relative error of the variance.",
+            "units, relative error of the variance; \"< r\": below the resolution r of the population sample.",
             "",
             "| layer | channels | batch mean error | batch var error | moving mean error | moving var error "
             "| run mean batch var error | run mean moving var error | moving mean drift | moving var drift |",
@@ -303,7 +341,19 @@ class BatchNormStatistics(keras.callbacks.Callback):
         ]
         for name, entry in self.table()["layers"].items():
             final, run = entry["final"], entry["run_mean"]
-            values = [final[key] for key in ERRORS] + [run["batch_var_error"], run["moving_var_error"],
-                                                       final["moving_mean_drift"], final["moving_variance_drift"]]
-            lines.append(f"| {name} | {entry['channels']} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
+            cells = [_shown(final[key], final[f"{key}_resolution"]) for key in ERRORS]
+            cells += [_shown(run["batch_var_error"]), _shown(run["moving_var_error"])]
+            cells += [f"{final['moving_mean_drift']:.4g}", f"{final['moving_variance_drift']:.4g}"]
+            lines.append(f"| {name} | {entry['channels']} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
+
+
+def _mean(values):
+    return float(np.mean(values)) if values else None
+
+
+def _shown(value, resolution=None) -> str:
+    """A table cell: the value, "< resolution" for an error below it, or "n/a"."""
+    if value is not None:
+        return f"{value:.4g}"
+    return f"< {resolution:.2g}" if resolution is not None else "n/a"
