@@ -140,6 +140,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
         history: {layer name: [measurement dict with "step", QUANTITIES and "<error>_resolution" for ERRORS]}.
         averages: [{"step", each of ERRORS averaged over layers (or None) and its resolution}], one per
             measurement.
+        estimates: [{each of ERRORS averaged over layers, below the resolution too}], one per measurement: the
+            noise-subtracted estimates themselves (clipped at 0), for fits over many measurements; not reported.
     """
 
     def __init__(self, dataset: tf.data.Dataset, every_n_steps: int | None = None, log_dir: str | None = None,
@@ -157,6 +159,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
         self.population_samples = int(population_samples)
         self.history: dict[str, list[dict]] = {}
         self.averages: list[dict] = []
+        self.estimates: list[dict] = []
         self._layers: list = []
         self._compiled_for = None
         self._epoch_summary = None
@@ -179,7 +182,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
             self._sample = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *sample)
             self._previous = self._moving()
             self.history = {layer.name: [] for layer in self._layers}
-            self.averages = []
+            self.averages, self.estimates = [], []
             self._writer = EventWriter(self.log_dir) if self.log_dir else None
             self._last_measured = None
         self._steps.epoch_begin(self.model)
@@ -278,6 +281,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
         # Over layers: the mean estimate against the mean resolution.
         average = resolved(values[:, :4].mean(axis=0), values[:, 10:14].mean(axis=0))
         self.averages.append({"step": step} | average)
+        self.estimates.append(dict(zip(ERRORS, values[:, :4].mean(axis=0).astype(float).tolist())))
         summary = {f"bn/{key}": average[key] for key in ERRORS if average[key] is not None}
         summary.update({f"bn/{key}_below": average[f"{key}_resolution"] for key in ERRORS if average[key] is None})
         if self._writer is not None:
