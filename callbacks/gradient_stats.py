@@ -15,10 +15,13 @@ B_simple), which grows during training, so a fixed n is either wasted early or t
 micro-batches estimates |G|^2 and its standard error; noise_estimates.micro_batches_needed turns them into the M
 that brings |G|^2's interval to +- relative_half_width of it; then M micro-batches are measured AFRESH and only they
 are reported (the pilot is discarded, so the reported interval has its nominal coverage: its size depends on the
-pilot alone, which is independent of it). M is capped by the budget: max_examples, the training split (M = N // b:
-"whole_split" true; then |G|^2 includes the finite-population term and is all but exact) and budget_fraction of
-the examples trained since the previous measurement. A budget of at most two pilots is spent on one measurement of
-that size, fixed in advance. With `micro_batches` given, every measurement has that size (no pilot).
+pilot alone, which is independent of it). The cost of a measurement, pilot included, is at most max_examples and
+budget_fraction of the examples trained since the previous measurement; a cost of at most two pilots is spent on
+one measurement of that size, fixed in advance. M is at most the training split, N // b micro-batches: with
+`population_data` such a measurement takes the whole split once, in an order drawn from (seed, step)
+("whole_split" true), and when b divides N "exact_norm_sq" is true: |G|^2 is the population's own, its interval a
+point, and B_simple's interval is tr(Sigma)'s over it (without it the M b examples come from the stream). With
+`micro_batches` given, every measurement has that size (no pilot).
 
 Smoothing: the `_smoothed` keys pool the measurements of a trailing window, those at steps >= (1 - window) * s at
 step s (default WINDOW: the last 5% of the steps so far, so no value from a different phase of training, such as
@@ -28,10 +31,10 @@ geometric schedule, whose measurements are more than 5% of the steps apart).
 
 Record (one JSON line of out_path per measurement, and `history`): "step", "epoch", "batch_size",
 "micro_batch_size", "micro_batches", "examples", "pilot_micro_batches" (0: no pilot), "micro_batches_needed" (the
-pilot's answer), "budget_micro_batches", "population", "whole_split"; for each key in KEYS "grad/<key>" with
-"grad/<key>_lo", "grad/<key>_hi"; "grad/noise_scale_is_lower_bound" (True: |G|^2 is not distinguishable from zero,
-"grad/noise_scale" is null, "grad/noise_scale_lo" the lower bound X of B_simple > X when one is supported, and
-"grad/snr_hi" the upper bound B / X); "notes": {key: why its value is null}; "grad/trace_cov_se", "grad/norm_sq_se",
+pilot's answer), "most_micro_batches" (the budget's), "population", "whole_split", "exact_norm_sq"; for each key
+in KEYS "grad/<key>" with "grad/<key>_lo", "grad/<key>_hi"; "grad/noise_scale_is_lower_bound" (True: |G|^2 is
+not distinguishable from zero, "grad/noise_scale" is null, "grad/noise_scale_lo" the lower bound X of B_simple > X
+when one is supported, and "grad/snr_hi" the upper bound B / X); "notes": {key: why its value is null}; "grad/trace_cov_se", "grad/norm_sq_se",
 "grad/trace_norm_sq_corr" (for noise_estimates.pool); where the window pools more than one measurement,
 "grad/<key>_smoothed" with "_smoothed_lo", "_smoothed_hi", "grad/noise_scale_smoothed_is_lower_bound",
 "smoothed_first_step", "smoothed_measurements"; and, at every histogram_every-th measurement, "variables":
@@ -149,6 +152,8 @@ class GradientStatistics(NoiseRecords):
         max_examples=MAX_EXAMPLES,
         budget_fraction=BUDGET_FRACTION,
         population=None,
+        population_data=None,
+        seed=0,
         window=WINDOW,
         log_dir=None,
         out_path=None,
@@ -174,6 +179,11 @@ class GradientStatistics(NoiseRecords):
         population: Examples in the training split that the dataset draws from without replacement, for the
             finite-population term of |G|^2 (noise_estimates) and the largest sample; None for an endless stream
             or draws with replacement.
+        population_data: The `population` examples themselves, a finite tf.data.Dataset of (x, y) or (x, y,
+            sample_weight) batches, or None. With it, a measurement that needs the whole split takes all of it
+            once, in micro-batches of an order drawn from (seed, step); when the split is a whole number of
+            micro-batches, |G|^2 is then exact (noise_estimates.measurement). Read once, when first needed.
+        seed: Seed of those orders.
         window: The smoothed keys pool the measurements at steps >= (1 - window) * step, in (0, 1].
         log_dir: TensorBoard directory (events go to log_dir/gradients), or None.
         out_path: JSON-lines file, one record per measurement, or None.
@@ -201,11 +211,12 @@ class GradientStatistics(NoiseRecords):
             raise ValueError(f"budget_fraction: must be > 0 or None, got {budget_fraction!r}")
         self.micro_batches, self.pilot_micro_batches = micro_batches, int(pilot_micro_batches)
         self.relative_half_width, self.budget_fraction = float(relative_half_width), budget_fraction
-        # The most micro-batches one measurement can take: the budget, and draws without replacement.
+        # The most micro-batches one measurement may cost (pilot included), and the most one sample can hold
+        # (draws without replacement).
         self.max_micro_batches = max(self.pilot_micro_batches, int(max_examples) // self.micro_batch_size)
-        if population:
-            self.max_micro_batches = max(3, min(self.max_micro_batches, population // self.micro_batch_size))
+        self.sample_micro_batches = max(3, population // self.micro_batch_size) if population else math.inf
         self.dataset, self.histograms = dataset, histograms
+        self.population_data, self.seed, self._population_examples = population_data, int(seed), None
         if histogram_every is None:
             histogram_every = 1 if every_n_steps is None else max(10, math.ceil(100 / every_n_steps))
         self.histogram_every = histogram_every
@@ -236,44 +247,50 @@ class GradientStatistics(NoiseRecords):
         super().on_train_end(logs)
 
     def sizes(self, step, previous_step):
-        """(pilot, budget) in micro-batches for a measurement at `step` after one at `previous_step` (or None).
+        """(pilot, most) in micro-batches for a measurement at `step` after one at `previous_step` (or None).
 
-        The budget is the most the measurement may take, pilot included: budget_fraction of the examples trained
-        since the previous measurement, at least the pilot, at most max_micro_batches. A budget of at most two
-        pilots is spent on one measurement of that size (pilot 0), a larger one on a pilot and a measurement
-        afresh of the size the pilot asks for (noise_estimates.micro_batches_needed), at most the rest.
+        The cost of a measurement, pilot included, is at most budget_fraction of the examples trained since the
+        previous measurement, at least the pilot, at most max_micro_batches. A cost of at most two pilots is spent
+        on one measurement of that size (pilot 0), a larger one on a pilot and a measurement afresh of the size the
+        pilot asks for (noise_estimates.micro_batches_needed), at most `most`: the rest of the cost, and the
+        training split.
         """
         if self.micro_batches:
             return 0, self.micro_batches
-        budget = self.max_micro_batches
+        cost = self.max_micro_batches
         if self.budget_fraction is not None and previous_step is not None:
             trained = (step - previous_step) * self.batch_size / self.micro_batch_size
-            budget = min(budget, math.floor(self.budget_fraction * trained))
-        budget = max(budget, min(self.pilot_micro_batches, self.max_micro_batches))
-        pilot = self.pilot_micro_batches if budget > 2 * self.pilot_micro_batches else 0
-        return pilot, budget
+            cost = min(cost, math.floor(self.budget_fraction * trained))
+        cost = max(cost, self.pilot_micro_batches)
+        if cost <= 2 * self.pilot_micro_batches:
+            return 0, min(cost, self.sample_micro_batches)
+        return self.pilot_micro_batches, min(cost - self.pilot_micro_batches, self.sample_micro_batches)
 
     @timed
     def _measure(self, step):
         """One measurement at the current weights, its size chosen by a pilot, recorded (NoiseRecords._record)."""
         seed_offset = (len(self.history) + 1) * 1_000_003  # far from the counters the training's dropout reaches
-        pilot, budget = self.sizes(step, self.history[-1]["step"] if self.history else None)
-        micro_batches, needed = budget, None
+        pilot, most = self.sizes(step, self.history[-1]["step"] if self.history else None)
+        micro_batches, needed = most, None
         if pilot:
             gram, *_ = self._gradients(self._fresh_examples(pilot), seed_offset + 500_000, self.population)
             estimates = noise_estimates.gram_estimates(gram, self.micro_batch_size, self.population)
             needed = noise_estimates.micro_batches_needed(estimates, pilot, self.relative_half_width)
-            wanted = math.ceil(needed) if math.isfinite(needed) else budget
-            micro_batches = min(max(wanted, pilot), budget - pilot)
+            wanted = math.ceil(needed) if math.isfinite(needed) else most
+            micro_batches = min(max(wanted, pilot), most)
         per_variable = len(self.history) % self.histogram_every == 0
-        gram, norm_sq, trace, per_parameter = self._gradients(self._fresh_examples(micro_batches), seed_offset,
-                                                              self.population)
-        raw = noise_estimates.measurement(gram, self.micro_batch_size, self.batch_size, self.population)
+        whole_split = (self.population_data is not None and self.population
+                       and micro_batches == self.population // self.micro_batch_size)
+        examples = self._whole_split(step) if whole_split else self._fresh_examples(micro_batches)
+        gram, norm_sq, trace, per_parameter = self._gradients(examples, seed_offset, self.population)
+        exact = bool(whole_split) and micro_batches * self.micro_batch_size == self.population
+        raw = noise_estimates.measurement(gram, self.micro_batch_size, self.batch_size, self.population,
+                                          whole_population=exact)
         fields = {"batch_size": self.batch_size, "micro_batch_size": self.micro_batch_size,
                   "micro_batches": micro_batches, "examples": micro_batches * self.micro_batch_size,
-                  "pilot_micro_batches": pilot, "micro_batches_needed": needed, "budget_micro_batches": budget,
+                  "pilot_micro_batches": pilot, "micro_batches_needed": needed, "most_micro_batches": most,
                   "population": self.population,
-                  "whole_split": bool(self.population) and micro_batches == self.population // self.micro_batch_size}
+                  "whole_split": bool(whole_split), "exact_norm_sq": exact}
         variables = _per_variable(self._gradients.paths, norm_sq, trace, self.batch_size) if per_variable else None
         histograms = per_parameter() if self._writer and self.histograms and per_variable else ([], [])
         self._record(step, raw, fields, variables, histograms)
@@ -288,3 +305,15 @@ class GradientStatistics(NoiseRecords):
         if len(parts) == 1 and count == needed:
             return parts[0]
         return tf.nest.map_structure(lambda *ts: tf.concat(ts, axis=0)[:needed], *parts)
+
+    def _whole_split(self, step):
+        """The population's examples in an order drawn from (seed, step), cut to whole micro-batches."""
+        if self._population_examples is None:
+            parts = [keras.utils.unpack_x_y_sample_weight(element) for element in self.population_data]
+            parts = [(x, y) if w is None else (x, y, w) for x, y, w in parts]
+            self._population_examples = tf.nest.map_structure(lambda *ts: tf.concat(ts, axis=0), *parts)
+        n = int(tf.nest.flatten(self._population_examples)[0].shape[0])
+        if n != self.population:
+            raise ValueError(f"population_data: holds {n} examples, population says {self.population}")
+        order = np.random.default_rng([self.seed, step]).permutation(n)[: n - n % self.micro_batch_size]
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), self._population_examples)

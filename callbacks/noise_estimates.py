@@ -168,9 +168,17 @@ def derive(trace, norm_sq, trace_var, norm_sq_var, covariance, q, batch_size) ->
 
 
 def measurement(gram, micro_batch_size: int, batch_size: int, population: int | None = None,
-                confidence: float = CONFIDENCE) -> dict:
-    """One measurement's KEYS with intervals (see derive), plus the standard errors and their covariance."""
+                confidence: float = CONFIDENCE, whole_population: bool = False) -> dict:
+    """One measurement's KEYS with intervals (see derive), plus the standard errors and their covariance.
+
+    whole_population: the M micro-batches partition all N = M b examples of the population. Then |G|^2 is exact:
+    with sum_i g_i = M G, (|sum_i g_i|^2 - sum_i |g_i|^2) / (M (M - 1)) + tr(Sigma) / N = |sum_i g_i|^2 / M^2 for
+    tr(Sigma) from the same micro-batches, so its standard error and covariance are 0; tr(Sigma) keeps its interval
+    (the partition into micro-batches is random) and B_simple's is tr(Sigma)'s divided by |G|^2.
+    """
     e = gram_estimates(gram, micro_batch_size, population)
+    if whole_population:
+        e.update(norm_sq=float(np.sum(gram) / len(gram) ** 2), norm_sq_se=0.0, covariance=0.0)
     q = quantile(e["degrees_of_freedom"], confidence)
     record = derive(e["trace_cov"], e["norm_sq"], e["trace_cov_se"] ** 2, e["norm_sq_se"] ** 2, e["covariance"], q,
                     batch_size)
