@@ -46,7 +46,8 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
                 instrument_data, every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
                 relative_half_width=config.grad_stats_precision, max_examples=config.grad_stats_max_examples,
                 budget_fraction=config.grad_stats_budget or None, population=data.num_train,
-                log_dir=tensorboard_dir, out_path=out_path))
+                population_data=_whole_split(config, data), seed=config.seed + 1, log_dir=tensorboard_dir,
+                out_path=out_path))
     if bn_every != 0 and callbacks.batch_norm_inputs(model):
         # Population statistics over the un-augmented training examples that precise BN uses.
         population = data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0)
@@ -62,6 +63,16 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
                 x, y, class_names=data.class_names, log_dir=tensorboard_dir,
                 out_dir=os.path.join(run_dir, "dynamics")))
     return result
+
+
+def _whole_split(config: Config, data):
+    """The un-augmented training split for a gradient measurement that needs all of it, or None: augmented data
+    (its population is not the split's examples) or a split larger than a measurement may take."""
+    if data.augmentation == "crop-flip" or data.num_train > config.grad_stats_max_examples:
+        return None
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(data.arrays("train")).batch(1024)
 
 
 def build(config, data, run_dir: str, schedule, strategy, topology, measuring: list) -> list:
