@@ -1,9 +1,10 @@
 """GradientStatistics with its sizes chosen by precision, on least squares, where the truth is exact at every step.
 
-Linear regression y = x . w* + noise on N = 4096 examples, trained by SGD at batch 64 with the mean squared error,
-measured every 5 steps with the callback's defaults (budget_fraction off: at every 5 steps it would hold every
-measurement to its pilot). Per-example gradients are 2 (x . w - y) x, so tr(Sigma), |G|^2 and B_simple of the
-training split at the measured weights come from NumPy in closed form, not from the callback's code.
+The run of benchmarks/noise_accuracy.py: linear regression on N = 4096 examples, trained by SGD at batch 64 with the
+mean squared error, measured every 5 steps with the callback's defaults (budget_fraction off: at every 5 steps it
+would hold every measurement to its pilot). Per-example gradients are 2 (x . w - y) x, so tr(Sigma), |G|^2 and
+B_simple of the training split at the measured weights come from NumPy in closed form, not from the callback's
+code.
 """
 
 import keras
@@ -11,57 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmarks.noise_accuracy import BATCH, CHECKED_STEPS, FEATURES, N, exact_statistics, inside, least_squares, run
 from callbacks import gradient_stats
-
-N, FEATURES, BATCH = 4096, 16, 64
-CHECKED_STEPS = (10, 30, 300)
-
-
-def _least_squares(seed=0):
-    rng = np.random.default_rng(seed)
-    x = (rng.normal(size=(N, FEATURES)) * rng.uniform(0.5, 1.5, FEATURES)).astype(np.float32)
-    y = (x @ rng.normal(size=FEATURES) + rng.normal(size=N) * 0.5).astype(np.float32)[:, None]
-    return x, y
-
-
-def _truth(w, x, y):
-    """tr(Sigma) (unbiased per-example variance, summed), |G|^2 and B_simple of all N examples at weights w."""
-    x, y = x.astype(np.float64), y.astype(np.float64)
-    g = 2 * (x @ w - y) * x  # (N, FEATURES): d/dw (x . w - y)^2
-    trace, norm_sq = float(np.sum(g.var(axis=0, ddof=1))), float(np.sum(g.mean(axis=0) ** 2))
-    return {"trace_cov": trace, "norm_sq": norm_sq, "noise_scale": trace / norm_sq}
-
-
-class Truth(keras.callbacks.Callback):
-    """After each new measurement of `instrument`, the truth at the weights it measured."""
-
-    def __init__(self, instrument, x, y):
-        super().__init__()
-        self.instrument, self.x, self.y, self.truth = instrument, x, y, {}
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.on_train_batch_end(batch)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.instrument.history and self.instrument.history[-1]["step"] not in self.truth:
-            w = self.model.trainable_variables[0].numpy().astype(np.float64)
-            self.truth[self.instrument.history[-1]["step"]] = _truth(w, self.x, self.y)
 
 
 @pytest.fixture(scope="module")
 def least_squares_run():
-    keras.utils.set_random_seed(0)
-    x, y = _least_squares()
-    model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(1, use_bias=False,
-                                                                           kernel_initializer="zeros")])
-    model.compile(keras.optimizers.SGD(0.02), "mse")
-    examples = tf.data.Dataset.from_tensor_slices((x, y))
-    stream = examples.shuffle(N, seed=1).batch(BATCH, drop_remainder=True)
-    instrument = gradient_stats.GradientStatistics(stream, every_n_steps=5, budget_fraction=None, population=N,
-                                                   population_data=examples.batch(1024), histograms=False)
-    truth = Truth(instrument, x, y)
-    model.fit(x, y, batch_size=BATCH, epochs=5, shuffle=True, callbacks=[instrument, truth], verbose=0)
-    return instrument.history, truth.truth
+    return run(every=5, epochs=5, budget_fraction=None)
 
 
 @pytest.mark.slow
@@ -96,13 +53,8 @@ def test_values_are_within_2x_of_the_truth(least_squares_run, step):
 @pytest.mark.parametrize("key", ["trace_cov", "norm_sq", "noise_scale"])
 def test_intervals_hold_the_truth_in_90_percent_of_the_measurements(least_squares_run, key):
     history, truth = least_squares_run
-    inside = []
-    for r in history:
-        lo = r[f"grad/{key}_lo"] if r[f"grad/{key}_lo"] is not None else 0.0
-        hi = r[f"grad/{key}_hi"] if r[f"grad/{key}_hi"] is not None else np.inf
-        value = truth[r["step"]][key]
-        inside.append(lo * (1 - 1e-6) <= value <= hi * (1 + 1e-6))
-    assert np.mean(inside) >= 0.9, [r["step"] for r, ok in zip(history, inside) if not ok]
+    held = [inside(r, key, truth[r["step"]][key]) for r in history]
+    assert np.mean(held) >= 0.9, [r["step"] for r, ok in zip(history, held) if not ok]
 
 
 @pytest.mark.slow
@@ -110,9 +62,9 @@ def test_a_pilot_sized_measurement_keeps_its_coverage_at_fixed_weights():
     # Frozen weights (lr 0) and examples drawn with replacement, 129 measurements sized by their pilots: the fresh
     # measurement's 95% interval holds |G|^2 in >= 85% of them (P < 0.1% for a true coverage of 95%), and the
     # size the pilot chose brings the median half-width near the 50% sought.
-    x, y = _least_squares(seed=3)
+    x, y = least_squares(seed=3)
     w = np.random.default_rng(4).normal(size=(FEATURES, 1)) * 0.05  # near the optimum: B_simple in the hundreds
-    exact = _truth(np.linalg.lstsq(x.astype(np.float64), y, rcond=None)[0] + w, x, y)
+    exact = exact_statistics(np.linalg.lstsq(x.astype(np.float64), y, rcond=None)[0] + w, x, y)
     exact["trace_cov"] *= (N - 1) / N  # draws with replacement: the population variance (ddof 0)
     model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(1, use_bias=False)])
     model.layers[0].kernel.assign((np.linalg.lstsq(x, y, rcond=None)[0] + w).astype(np.float32))
@@ -124,9 +76,9 @@ def test_a_pilot_sized_measurement_keeps_its_coverage_at_fixed_weights():
     model.fit(x, y, batch_size=BATCH, epochs=2, callbacks=[instrument], verbose=0)  # 128 steps
     history = instrument.history
     assert len(history) == 129 and all(r["pilot_micro_batches"] == 8 for r in history)
-    inside = [r["grad/norm_sq_lo"] <= exact["norm_sq"] <= r["grad/norm_sq_hi"] for r in history]
+    held = [inside(r, "norm_sq", exact["norm_sq"]) for r in history]
     half_widths = [(r["grad/norm_sq_hi"] - r["grad/norm_sq_lo"]) / 2 / exact["norm_sq"] for r in history]
-    print("coverage", np.mean(inside), "median half-width", np.median(half_widths),
+    print("coverage", np.mean(held), "median half-width", np.median(half_widths),
           "micro-batches", sorted(r["micro_batches"] for r in history))
-    assert np.mean(inside) >= 0.85
+    assert np.mean(held) >= 0.85
     assert np.median(half_widths) <= 0.75
