@@ -82,8 +82,8 @@ class Config:
                                           "training split)")
     grad_stats_budget: float = _field(0.1, "a gradient measurement takes at most this fraction of the examples "
                                       "trained since the previous one (0: no such limit)")
-    bn_stats_samples: int = _field(2048, "examples of the population sample of the BN statistics (at most the "
-                                   "training split)")
+    bn_stats_samples: int = _field(256, "examples of the population sample of the BN statistics (at most the "
+                                   "training split); errors below its resolution are reported as < resolution")
     dynamics: bool = _field(True, "per-class accuracy and forgetting events on a fixed subset")
     target_accuracy: float = _field(0.0, "record steps and time until validation accuracy first reaches this")
     target_checks_per_epoch: int = _field(8, "validation checks for --target-accuracy per epoch (pipeline/target.py)")
