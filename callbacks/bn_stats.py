@@ -11,52 +11,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from callbacks import bn_tables
+from callbacks import schedule as schedule_lib
+from callbacks.bn_tables import ERRORS, QUANTITIES, resolved
 from callbacks.checked_io import check_positive_int, write_atomic
 from callbacks.events import EventWriter
 from callbacks.precise_bn import batch_norm_inputs, population_moments, side_model, take_inputs
-from callbacks import schedule as schedule_lib
 from callbacks.steps import Steps
 from callbacks.timing import timed
 from models.norm import virtual_batches
 
 logger = logging.getLogger(__name__)
 
-# Per-layer quantities of one measurement, in the order of the markdown table.
-QUANTITIES = (
-    "batch_mean_error",
-    "batch_var_error",
-    "moving_mean_error",
-    "moving_var_error",
-    "moving_mean_drift",
-    "moving_variance_drift",
-    "moving_mean_avg",
-    "moving_mean_min",
-    "moving_mean_max",
-    "moving_variance_avg",
-    "moving_variance_min",
-    "moving_variance_max",
-)
-ERRORS = QUANTITIES[:4]  # averaged over layers as bn/<error> in the logs and TensorBoard
 SUMMARY_KEYS = tuple(f"bn/{key}" for key in ERRORS)
 # "bn/<error>_below" = r: the error is below the resolution r of the population sample (bn/<error> is absent).
 BELOW_KEYS = tuple(f"bn/{key}_below" for key in ERRORS)
 
 # The epoch-log keys: the averages over layers of the latest measurement in the epoch, and its step.
 EPOCH_KEYS = (*SUMMARY_KEYS, *BELOW_KEYS, "bn/step")
-
-
-def resolved(errors, resolutions) -> dict:
-    """{error: value, or None when value <= its resolution; "<error>_resolution": resolution} for ERRORS.
-
-    The population sample's own noise has been subtracted from each squared error; an error at or below the RMS
-    standard error of the population statistics (the resolution) is not distinguishable from that noise, so it is
-    reported as "< resolution" (None here, "bn/<error>_below" in the logs), never as 0.
-    """
-    result = {}
-    for key, error, resolution in zip(ERRORS, np.asarray(errors, float), np.asarray(resolutions, float)):
-        result[key] = float(error) if error > resolution else None
-        result[f"{key}_resolution"] = float(resolution)
-    return result
 
 
 def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -326,40 +298,12 @@ class BatchNormStatistics(keras.callbacks.Callback):
                 "virtual_batch_size": getattr(layer, "virtual_batch_size", None),
                 "final": rows[-1],
                 # Over the measurements that resolved the error (None if none did).
-                "run_mean": {key: _mean([row[key] for row in rows if row[key] is not None]) for key in ERRORS},
+                "run_mean": bn_tables.run_mean(rows),
                 "measurements": rows,
             }
         return {"every_n_steps": self.every_n_steps, "population_samples": int(tf.nest.flatten(self._sample)[0].shape[0]),
                 "averages": self.averages, "layers": layers}
 
     def markdown(self) -> str:
-        """The per-layer table of bn_stats.md: final measurement, run averages, moving-variance range."""
-        lines = [
-            f"# BatchNorm statistics (final step {self._steps.step}, {self.schedule})",
-            "",
-            "Errors against population statistics at the measured weights (RMS over channels): batch = a fresh "
-            "batch's statistics (sampling noise), moving = the moving averages (lag); mean shift in population-std "
-            "units, relative error of the variance; \"< r\": below the resolution r of the population sample.",
-            "",
-            "| layer | channels | batch mean error | batch var error | moving mean error | moving var error "
-            "| run mean batch var error | run mean moving var error | moving mean drift | moving var drift |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, entry in self.table()["layers"].items():
-            final, run = entry["final"], entry["run_mean"]
-            cells = [_shown(final[key], final[f"{key}_resolution"]) for key in ERRORS]
-            cells += [_shown(run["batch_var_error"]), _shown(run["moving_var_error"])]
-            cells += [f"{final['moving_mean_drift']:.4g}", f"{final['moving_variance_drift']:.4g}"]
-            lines.append(f"| {name} | {entry['channels']} | " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
-
-
-def _mean(values):
-    return float(np.mean(values)) if values else None
-
-
-def _shown(value, resolution=None) -> str:
-    """A table cell: the value, "< resolution" for an error below it, or "n/a"."""
-    if value is not None:
-        return f"{value:.4g}"
-    return f"< {resolution:.2g}" if resolution is not None else "n/a"
+        """The per-layer table of bn_stats.md (callbacks/bn_tables.py)."""
+        return bn_tables.markdown(self.table(), self._steps.step, self.schedule)
