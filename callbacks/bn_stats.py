@@ -75,8 +75,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
         batch_var_error   = sqrt(mean_c [(var_B,c - var_P,c)^2 - se(var_P,c)^2] / (var_P,c + eps)^2)
         moving_mean_error, moving_var_error: the same with mu_M, var_M in place of mu_B, var_B
 
-    (clipped at 0 under the root, see Resolution). These are root-mean-square shifts of the normalization in population standard
-    deviations and relative changes of its squared scale. Subtracting se^2 removes the population sample's own
+    (clipped at 0 under the root, see Resolution). These are root-mean-square shifts of the normalization in
+    population standard deviations and relative changes of its squared scale. Subtracting se^2 removes the population sample's own
     noise, E (mu_B - mu_P)^2 = E (mu_B - mu)^2 + se(mu_P)^2 for independent samples, so that batch_*_error
     estimates the batch's error alone and falls as B^-0.5 also when B approaches N.
 

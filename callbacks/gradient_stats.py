@@ -34,8 +34,8 @@ Record (one JSON line of out_path per measurement, and `history`): "step", "epoc
 pilot's answer), "most_micro_batches" (the budget's), "population", "whole_split", "exact_norm_sq"; for each key
 in KEYS "grad/<key>" with "grad/<key>_lo", "grad/<key>_hi"; "grad/noise_scale_is_lower_bound" (True: |G|^2 is
 not distinguishable from zero, "grad/noise_scale" is null, "grad/noise_scale_lo" the lower bound X of B_simple > X
-when one is supported, and "grad/snr_hi" the upper bound B / X); "notes": {key: why its value is null}; "grad/trace_cov_se", "grad/norm_sq_se",
-"grad/trace_norm_sq_corr" (for noise_estimates.pool); where the window pools more than one measurement,
+when one is supported, and "grad/snr_hi" the upper bound B / X); "notes": {key: why its value is null};
+"grad/trace_cov_se", "grad/norm_sq_se", "grad/trace_norm_sq_corr" (for noise_estimates.pool); where the window pools more than one measurement,
 "grad/<key>_smoothed" with "_smoothed_lo", "_smoothed_hi", "grad/noise_scale_smoothed_is_lower_bound",
 "smoothed_first_step", "smoothed_measurements"; and, at every histogram_every-th measurement, "variables":
 {variable path: raw values without intervals}. Values that are not determined (NaN) or unbounded ends are written

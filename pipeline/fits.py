@@ -133,7 +133,8 @@ def pooled_noise_scale(records: list[dict], first_step: float, last_step: float)
             "trace_cov": pooled["trace_cov"], "norm_sq": pooled["norm_sq"],
             "noise_scale": None if bound else pooled["noise_scale"],
             "noise_scale_lo": pooled["noise_scale_lo"] if math.isfinite(pooled["noise_scale_lo"]) else None,
-            "noise_scale_hi": None if bound or not math.isfinite(pooled["noise_scale_hi"]) else pooled["noise_scale_hi"]}
+            "noise_scale_hi": None if bound or not math.isfinite(pooled["noise_scale_hi"])
+            else pooled["noise_scale_hi"]}
 
 
 def interval_union(windows: list[dict | None]) -> dict | None:
