@@ -11,6 +11,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from callbacks import bn_tables
+from callbacks import schedule as schedule_lib
+from callbacks.bn_tables import ERRORS, QUANTITIES, resolved
 from callbacks.checked_io import check_positive_int, write_atomic
 from callbacks.events import EventWriter
 from callbacks.precise_bn import batch_norm_inputs, population_moments, side_model, take_inputs
@@ -20,26 +23,12 @@ from models.norm import virtual_batches
 
 logger = logging.getLogger(__name__)
 
-# Per-layer quantities of one measurement, in the order of the markdown table.
-QUANTITIES = (
-    "batch_mean_error",
-    "batch_var_error",
-    "moving_mean_error",
-    "moving_var_error",
-    "moving_mean_drift",
-    "moving_variance_drift",
-    "moving_mean_avg",
-    "moving_mean_min",
-    "moving_mean_max",
-    "moving_variance_avg",
-    "moving_variance_min",
-    "moving_variance_max",
-)
-ERRORS = QUANTITIES[:4]  # averaged over layers as bn/<error> in the logs and TensorBoard
 SUMMARY_KEYS = tuple(f"bn/{key}" for key in ERRORS)
+# "bn/<error>_below" = r: the error is below the resolution r of the population sample (bn/<error> is absent).
+BELOW_KEYS = tuple(f"bn/{key}_below" for key in ERRORS)
 
 # The epoch-log keys: the averages over layers of the latest measurement in the epoch, and its step.
-EPOCH_KEYS = (*SUMMARY_KEYS, "bn/step")
+EPOCH_KEYS = (*SUMMARY_KEYS, *BELOW_KEYS, "bn/step")
 
 
 def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -59,8 +48,8 @@ def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tu
 
 
 class BatchNormStatistics(keras.callbacks.Callback):
-    """At step 0 and every `every_n_steps` steps, compares each BN layer's batch and moving statistics with its
-    population statistics at the current weights.
+    """At step 0, on a schedule (callbacks/schedule.py) and at the end of training, compares each BN layer's batch and
+    moving statistics with its population statistics at the current weights.
 
     BN normalizes with the statistics of the current batch in training and with moving averages at inference;
     both differ from the population statistics of the layer's input at the current weights, for two reasons
@@ -86,10 +75,20 @@ class BatchNormStatistics(keras.callbacks.Callback):
         batch_var_error   = sqrt(mean_c [(var_B,c - var_P,c)^2 - se(var_P,c)^2] / (var_P,c + eps)^2)
         moving_mean_error, moving_var_error: the same with mu_M, var_M in place of mu_B, var_B
 
-    (clipped at 0 under the root). These are root-mean-square shifts of the normalization in population standard
-    deviations and relative changes of its squared scale. Subtracting se^2 removes the population sample's own
+    (clipped at 0 under the root, see Resolution). These are root-mean-square shifts of the normalization in
+    population standard deviations and relative changes of its squared scale. Subtracting se^2 removes the population sample's own
     noise, E (mu_B - mu_P)^2 = E (mu_B - mu)^2 + se(mu_P)^2 for independent samples, so that batch_*_error
-    estimates the batch's error alone and falls as B^-0.5 also when B approaches N. For GhostBatchNormalization
+    estimates the batch's error alone and falls as B^-0.5 also when B approaches N.
+
+    Resolution: an error is reported only when it exceeds the population sample's resolution
+    r = sqrt(mean_c se^2 / units) (same units as the error: the RMS standard error of the population statistic), i.e.
+    when the squared deviation is more than twice the sample's own noise; otherwise it is "< r" (None in the
+    tables, "<error>_resolution" = r beside it, `bn/<error>_below` = r in the logs), never 0. r falls as
+    N^-0.5, and a measurement costs a forward pass over the N examples. On the digits the moving statistics' error
+    at the end of training is below the resolution of the whole training split (1280 examples: r = 0.008 for the
+    mean, 0.016 for the variance, after 4 epochs of the default run), so no sample resolves it there and the
+    default stays at 256 examples, which resolve the batch statistics' error. The averages over layers compare the
+    mean error with the mean resolution. For GhostBatchNormalization
     the batch statistics are those of each virtual batch, the squares averaged over virtual batches. Drift since
     the previous measurement (the start of training for the first one) is the RMS change per channel of the moving
     statistics: ||mu_t - mu_prev|| / sqrt(C), same for var.
@@ -103,7 +102,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
 
     Args:
         dataset: a tf.data.Dataset of training batches, (x, y), (x, y, sample_weight) or x; repeated as needed.
-        every_n_steps: training steps between measurements.
+        every_n_steps: training steps between measurements, or None (default): the geometric schedule.
         log_dir: TensorBoard directory, or None for none.
         out_dir: directory for bn_stats.json and bn_stats.md, or None for none.
         population: batches of examples for the population statistics (see precise_bn), e.g. the un-augmented
@@ -112,24 +111,29 @@ class BatchNormStatistics(keras.callbacks.Callback):
             measurement runs the model over them once in training mode.
 
     Attributes:
-        history: {layer name: [measurement dict with "step" and QUANTITIES]}.
-        averages: [{"step", and each of ERRORS averaged over layers}], one per measurement.
+        history: {layer name: [measurement dict with "step", QUANTITIES and "<error>_resolution" for ERRORS]}.
+        averages: [{"step", each of ERRORS averaged over layers (or None) and its resolution}], one per
+            measurement.
+        estimates: [{each of ERRORS averaged over layers, below the resolution too}], one per measurement: the
+            noise-subtracted estimates themselves (clipped at 0), for fits over many measurements; not reported.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, every_n_steps: int = 100, log_dir: str | None = None,
+    def __init__(self, dataset: tf.data.Dataset, every_n_steps: int | None = None, log_dir: str | None = None,
                  out_dir: str | None = None, population=None, population_samples: int = 256):
         super().__init__()
-        self._steps = Steps(every_n_steps)
+        self.schedule = schedule_lib.build(every_n_steps)
+        self._steps = Steps(None)
         if check_positive_int("population_samples", population_samples) < 2:
             raise ValueError(f"population_samples: must be at least 2, got {population_samples!r}")
         self.dataset = dataset
-        self.every_n_steps = int(every_n_steps)
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
         self.log_dir = log_dir
         self.out_dir = out_dir
         self.population = dataset if population is None else population
         self.population_samples = int(population_samples)
         self.history: dict[str, list[dict]] = {}
         self.averages: list[dict] = []
+        self.estimates: list[dict] = []
         self._layers: list = []
         self._compiled_for = None
         self._epoch_summary = None
@@ -152,7 +156,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
             self._sample = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *sample)
             self._previous = self._moving()
             self.history = {layer.name: [] for layer in self._layers}
-            self.averages = []
+            self.averages, self.estimates = [], []
             self._writer = EventWriter(self.log_dir) if self.log_dir else None
             self._last_measured = None
         self._steps.epoch_begin(self.model)
@@ -198,6 +202,9 @@ class BatchNormStatistics(keras.callbacks.Callback):
                 def error(deviation_sq, noise_sq, units):
                     return tf.sqrt(tf.maximum(tf.reduce_mean((deviation_sq - noise_sq) / units), 0.0))
 
+                def resolution(noise_sq, units):
+                    return tf.sqrt(tf.reduce_mean(noise_sq / units))
+
                 rows.append(tf.stack([
                     error(tf.reduce_mean(tf.square(batch_mean - mean), 0), mean_se2, scale),
                     error(tf.reduce_mean(tf.square(batch_variance - variance), 0), variance_se2, tf.square(scale)),
@@ -205,6 +212,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
                     error(tf.square(moving_variance - variance), variance_se2, tf.square(scale)),
                     tf.reduce_mean(moving_mean), tf.reduce_min(moving_mean), tf.reduce_max(moving_mean),
                     tf.reduce_mean(moving_variance), tf.reduce_min(moving_variance), tf.reduce_max(moving_variance),
+                    resolution(mean_se2, scale), resolution(variance_se2, tf.square(scale)),
+                    resolution(mean_se2, scale), resolution(variance_se2, tf.square(scale)),
                 ]))
                 means.append(moving_mean)
                 variances.append(moving_variance)
@@ -220,7 +229,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if not self._layers:
             return
-        if self._steps.batch_end(self.model, batch):
+        if schedule_lib.crossed(self.schedule, self._steps, self.model, batch):
             summary = self.measure()
             if logs is not None:
                 logs.update(summary)
@@ -239,12 +248,16 @@ class BatchNormStatistics(keras.callbacks.Callback):
         step, rows = self._steps.step, {}
         for i, layer in enumerate(self._layers):
             rows[layer.name] = row = {"step": step}
-            row.update(zip(ERRORS, values[i, :4].astype(float).tolist()))
+            row.update(resolved(values[i, :4], values[i, 10:14]))
             row.update(moving_mean_drift=float(drifts[0][i]), moving_variance_drift=float(drifts[1][i]))
-            row.update(zip(QUANTITIES[6:], values[i, 4:].astype(float).tolist()))
+            row.update(zip(QUANTITIES[6:], values[i, 4:10].astype(float).tolist()))
             self.history[layer.name].append(row)
-        summary = {f"bn/{key}": float(np.mean(values[:, k])) for k, key in enumerate(ERRORS)}
-        self.averages.append({"step": step} | {key: summary[f"bn/{key}"] for key in ERRORS})
+        # Over layers: the mean estimate against the mean resolution.
+        average = resolved(values[:, :4].mean(axis=0), values[:, 10:14].mean(axis=0))
+        self.averages.append({"step": step} | average)
+        self.estimates.append(dict(zip(ERRORS, values[:, :4].mean(axis=0).astype(float).tolist())))
+        summary = {f"bn/{key}": average[key] for key in ERRORS if average[key] is not None}
+        summary.update({f"bn/{key}_below": average[f"{key}_resolution"] for key in ERRORS if average[key] is None})
         if self._writer is not None:
             self._summaries(step, rows, summary, np.split(mean, self._starts[1:]),
                             np.split(variance, self._starts[1:]))
@@ -257,7 +270,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
         scalars = list(summary.items())
         histograms = []
         for layer, mean, variance in zip(self._layers, means, variances):
-            scalars += [(f"bn/{layer.name}/{key}", rows[layer.name][key]) for key in QUANTITIES]
+            scalars += [(f"bn/{layer.name}/{key}", rows[layer.name][key]) for key in QUANTITIES
+                        if rows[layer.name][key] is not None]
             histograms += [(f"bn/{layer.name}/moving_mean", mean), (f"bn/{layer.name}/moving_variance", variance)]
         self._writer.write(step, scalars, histograms)
 
@@ -274,7 +288,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
             write_atomic(os.path.join(self.out_dir, "bn_stats.md"), self.markdown())
 
     def table(self) -> dict:
-        """Per layer: channels, every measurement, the final one and the run's average errors."""
+        """Per layer: channels, every measurement, the final one and the run's average errors (over the measurements
+        that resolved them)."""
         layers = {}
         for layer in self._layers:
             rows = self.history[layer.name]
@@ -282,28 +297,13 @@ class BatchNormStatistics(keras.callbacks.Callback):
                 "channels": int(layer.moving_mean.shape[0]),
                 "virtual_batch_size": getattr(layer, "virtual_batch_size", None),
                 "final": rows[-1],
-                "run_mean": {key: float(np.mean([row[key] for row in rows])) for key in ERRORS},
+                # Over the measurements that resolved the error (None if none did).
+                "run_mean": bn_tables.run_mean(rows),
                 "measurements": rows,
             }
         return {"every_n_steps": self.every_n_steps, "population_samples": int(tf.nest.flatten(self._sample)[0].shape[0]),
                 "averages": self.averages, "layers": layers}
 
     def markdown(self) -> str:
-        """The per-layer table of bn_stats.md: final measurement, run averages, moving-variance range."""
-        lines = [
-            f"# BatchNorm statistics (final step {self._steps.step}, every {self.every_n_steps} steps)",
-            "",
-            "Errors against population statistics at the measured weights (RMS over channels): batch = a fresh "
-            "batch's statistics (sampling noise), moving = the moving averages (lag); mean shift in population-std "
-            "units, relative error of the variance.",
-            "",
-            "| layer | channels | batch mean error | batch var error | moving mean error | moving var error "
-            "| run mean batch var error | run mean moving var error | moving mean drift | moving var drift |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, entry in self.table()["layers"].items():
-            final, run = entry["final"], entry["run_mean"]
-            values = [final[key] for key in ERRORS] + [run["batch_var_error"], run["moving_var_error"],
-                                                       final["moving_mean_drift"], final["moving_variance_drift"]]
-            lines.append(f"| {name} | {entry['channels']} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
-        return "\n".join(lines) + "\n"
+        """The per-layer table of bn_stats.md (callbacks/bn_tables.py)."""
+        return bn_tables.markdown(self.table(), self._steps.step, self.schedule)

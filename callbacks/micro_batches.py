@@ -3,33 +3,30 @@
 The model and its compiled loss run in one `keras.StatelessScope` (the mechanism of `Model.stateless_call`; one
 scope so that compute_loss also sees the layers' add_loss and regularization losses), which discards
 BatchNormalization moving statistics, dropout seed state and metric updates; the optimizer is never called.
-Up to UNROLL micro-batches are independent subgraphs of one `tf.function`, which TensorFlow runs concurrently; more
-go through a `tf.map_fn` while loop (sequential, traced once). The statistics are computed on the flattened
-(M, parameters) gradient matrix, a few ops rather than a few per variable. A `tf.vectorized_map` version took
-~10 s to trace for ResNet-20.
+The micro-batches go through a `tf.map_fn` while loop, traced once for any number M of them (the examples' first
+dimension is left unknown in the trace), so that a measurement can choose M after a pilot without a new trace.
+The statistics are computed on the flattened (M, parameters) gradient matrix, a few ops rather than a few per
+variable. A `tf.vectorized_map` version took ~10 s to trace for ResNet-20.
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-# Micro-batches up to this many are unrolled into independent subgraphs (concurrent, ~1.4 s more tracing each for
-# ResNet-20); more go through a while loop (sequential, one trace).
-UNROLL = 4
-
 
 class MicroBatchGradients:
     """One compiled function: the micro-batch gradients' Gram matrix, per-variable moments, per-parameter values."""
 
-    def __init__(self, model, micro_batch_size, micro_batches):
-        self.model, self.b, self.m = model, micro_batch_size, micro_batches
+    def __init__(self, model, micro_batch_size):
+        self.model, self.b = model, micro_batch_size
         self.paths = [v.path for v in model.trainable_variables]
         self.sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
         self._seed_states = [v.path.endswith("seed_generator_state") for v in model.non_trainable_variables]
-        self._function = tf.function(self._moments, reduce_retracing=True)
+        self._function = tf.function(self._moments)
+        self._traced = None
 
     def __call__(self, data, seed_offset, population=None):
-        """Statistics of data = (x, y) or (x, y, sample_weight) with exactly M * b examples.
+        """Statistics of data = (x, y) or (x, y, sample_weight) with exactly M * b examples, M >= 2.
 
         Returns:
             The (M, M) Gram matrix of the micro-batch mean gradients (float64), for the totals and their intervals;
@@ -37,15 +34,19 @@ class MicroBatchGradients:
             function that returns the per-parameter mean gradients and per-example gradient standard deviations
             sqrt(diag(Sigma)), one array per variable (computed in the same call, converted only when asked for).
         """
-        gram, mean_sq, deviation_sq, mean, deviation = self._function(data, tf.constant(seed_offset, tf.int64))
-        trace = self.b / (self.m - 1) * deviation_sq.numpy().astype(np.float64)
-        norm_sq = mean_sq.numpy().astype(np.float64) - trace / (self.m * self.b)
+        m = int(tf.nest.flatten(data)[0].shape[0]) // self.b
+        if self._traced is None:  # one trace for every M: the examples' dimension unknown
+            specs = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), data)
+            self._traced = self._function.get_concrete_function(specs, tf.TensorSpec([], tf.int64))
+        gram, mean_sq, deviation_sq, mean, deviation = self._traced(data, tf.constant(seed_offset, tf.int64))
+        trace = self.b / (m - 1) * deviation_sq.numpy().astype(np.float64)
+        norm_sq = mean_sq.numpy().astype(np.float64) - trace / (m * self.b)
         if population:
             norm_sq += trace / population  # the finite-population term of callbacks.noise_estimates
 
         def per_parameter():
             split = np.cumsum(self.sizes)[:-1]
-            stds = np.sqrt(self.b / (self.m - 1) * deviation.numpy())
+            stds = np.sqrt(self.b / (m - 1) * deviation.numpy())
             return np.split(mean.numpy(), split), np.split(stds, split)
 
         return gram.numpy(), norm_sq, trace, per_parameter
@@ -54,7 +55,7 @@ class MicroBatchGradients:
         model = self.model
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
-        split = lambda t: tf.reshape(t, [self.m, self.b] + list(t.shape[1:]))  # noqa: E731
+        split = lambda t: tf.reshape(t, [-1, self.b] + list(t.shape[1:]))  # noqa: E731
 
         def micro_batch_gradient(inputs):
             """The micro-batch's mean gradient, all variables flattened into one float32 vector."""
@@ -73,15 +74,10 @@ class MicroBatchGradients:
             gradients = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in gradients], 0)
 
-        parts, offsets = tf.nest.map_structure(split, data), seed_offset + tf.range(self.m, dtype=tf.int64)
-        if self.m <= UNROLL:
-            # Independent subgraphs, one per micro-batch: the runtime runs them concurrently (inter-op threads).
-            inputs = [(tf.nest.map_structure(lambda t: t[i], parts), offsets[i]) for i in range(self.m)]  # noqa: B023
-            gradients = tf.stack([micro_batch_gradient(micro_batch) for micro_batch in inputs])
-        else:
-            # A while loop, traced once for one micro-batch.
-            gradients = tf.map_fn(micro_batch_gradient, (parts, offsets), parallel_iterations=2,
-                                  fn_output_signature=tf.TensorSpec([sum(self.sizes)], tf.float32))
+        parts = tf.nest.map_structure(split, data)
+        offsets = seed_offset + tf.range(tf.shape(tf.nest.flatten(parts)[0])[0], dtype=tf.int64)
+        gradients = tf.map_fn(micro_batch_gradient, (parts, offsets), parallel_iterations=2,
+                              fn_output_signature=tf.TensorSpec([sum(self.sizes)], tf.float32))
         # On the flat (M, parameters) matrix: a few ops instead of a few per variable (the runtime's cost per op
         # is what a small model's measurement spends most on).
         mean = tf.reduce_mean(gradients, axis=0)

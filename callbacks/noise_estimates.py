@@ -20,12 +20,20 @@ the examples are drawn with replacement or from a stream). Intervals (confidence
 - tr(Sigma) and |G|^2: the estimate +- t_{M-1} * s.e., the standard errors and their covariance by the
   delete-one jackknife over the M micro-batches (Efron and Stein 1981; for U-statistics it is conservative).
   tr(Sigma) >= 0, so its lower end is clipped at 0.
+  |G|^2 >= 0, so its lower end is clipped at 0 too; an estimate |G|^2 <= 0 is not a value (NaN, see below).
 - B_simple: Fieller's interval for a ratio of two correlated estimates (Fieller 1954): all rho with
-  (T - rho N)^2 <= q^2 (var T - 2 rho cov + rho^2 var N). When |G|^2 is not distinguishable from zero at this
-  confidence (N^2 <= q^2 var N) that set is unbounded above: B_simple is then reported as its lower bound X
-  ("B_simple > X", noise_scale_is_lower_bound true), never as NaN or a huge ratio of noise.
+  (T - rho N)^2 <= q^2 (var T - 2 rho cov + rho^2 var N), when |G|^2 is distinguishable from zero at this
+  confidence (N > q s.e.(N)); a lower end of 0 (tr(Sigma) not distinguishable from zero) is left out (NaN).
+- Otherwise B_simple is not determined (noise_scale NaN, noise_scale_is_lower_bound true) and its lower end is the
+  Bonferroni bound X = tr(Sigma)_lo / |G|^2_hi: each end is a one-sided bound at confidence 1 - alpha / 2, whose
+  t quantile is the two-sided quantile q at 1 - alpha used for the reported ends, so with probability >= 1 - alpha
+  both hold and B_simple >= X ("B_simple > X"). When tr(Sigma)_lo = 0 no positive bound is supported: the lower end
+  is NaN as well. `notes` says why a value is missing.
 - batch_std and SNR: monotone functions of tr(Sigma) and of B_simple, so their intervals are the images of those
-  intervals (when B_simple is a lower bound, SNR is an upper bound B / X).
+  intervals (when B_simple is only bounded below by X, SNR is only bounded above by B / X).
+
+NaN means "not determined": the callbacks leave it out of the logs and TensorBoard and write null in JSON, with the
+reason from `notes`. No noise scale, SNR or |G|^2 value is ever reported as 0 or negative.
 
 Two batch sizes (`two_batch_estimates`, for data-parallel training): a step with R replicas computes R gradients
 over b = B / R examples and their mean over the B examples of the global batch. Both are drawn without replacement
@@ -127,34 +135,80 @@ def ratio_interval(trace, norm_sq, trace_var, norm_sq_var, covariance, q):
 
 def derive(trace, norm_sq, trace_var, norm_sq_var, covariance, q, batch_size) -> dict:
     """All KEYS with intervals: {"trace_cov": v, "trace_cov_lo": lo, "trace_cov_hi": hi, ...,
-    "noise_scale_is_lower_bound": bool}."""
+    "noise_scale_is_lower_bound": bool, "notes": {key: why its value is NaN}} (the rules of the module docstring)."""
     trace_se, norm_sq_se = math.sqrt(max(trace_var, 0.0)), math.sqrt(max(norm_sq_var, 0.0))
-    noise, noise_lo, noise_hi, is_bound = ratio_interval(trace, norm_sq, trace_var, norm_sq_var, covariance, q)
     trace_lo, trace_hi = max(trace - q * trace_se, 0.0), trace + q * trace_se
+    norm_sq_lo, norm_sq_hi = max(norm_sq - q * norm_sq_se, 0.0), norm_sq + q * norm_sq_se
+    notes = {}
+    if norm_sq <= 0:
+        notes["norm_sq"] = f"estimate {norm_sq:.3g} <= 0: |G|^2 is below its resolution, at most norm_sq_hi"
+    noise, noise_lo, noise_hi, is_bound = ratio_interval(trace, norm_sq, trace_var, norm_sq_var, covariance, q)
+    if is_bound:
+        noise, noise_hi = math.nan, math.inf
+        noise_lo = trace_lo / norm_sq_hi if trace_lo > 0 and norm_sq_hi > 0 else math.nan
+        notes["noise_scale"] = (
+            "|G|^2 not distinguishable from 0: B_simple > noise_scale_lo (tr(Sigma)'s lower end over |G|^2's upper "
+            "end, Bonferroni)" if noise_lo > 0 else
+            "not determined: neither tr(Sigma) nor |G|^2 is distinguishable from 0")
     values = {
         "trace_cov": (trace, trace_lo, trace_hi),
-        "norm_sq": (norm_sq, norm_sq - q * norm_sq_se, norm_sq + q * norm_sq_se),
-        "noise_scale": (noise, noise_lo, noise_hi),
+        "norm_sq": (norm_sq if norm_sq > 0 else math.nan, norm_sq_lo, norm_sq_hi),
+        "noise_scale": (noise if noise > 0 else math.nan, noise_lo if noise_lo > 0 else math.nan, noise_hi),
         "batch_std": tuple(math.sqrt(max(t, 0.0) / batch_size) for t in (trace, trace_lo, trace_hi)),
-        "snr": tuple(batch_size / n if n > 0 else math.inf for n in (noise, noise_hi, noise_lo)),
+        # SNR = B / B_simple: its ends are the images of B_simple's; an unbounded or missing end of B_simple gives
+        # a missing end here (never a 0).
+        "snr": tuple(batch_size / n if 0 < n < math.inf else math.nan for n in (noise, noise_hi, noise_lo)),
     }
     record = {}
     for key, (value, lo, hi) in values.items():
         record.update({key: value, f"{key}_lo": lo, f"{key}_hi": hi})
     record["noise_scale_is_lower_bound"] = is_bound
+    record["notes"] = notes
     return record
 
 
 def measurement(gram, micro_batch_size: int, batch_size: int, population: int | None = None,
-                confidence: float = CONFIDENCE) -> dict:
-    """One measurement's KEYS with intervals (see derive), plus the standard errors and their covariance."""
+                confidence: float = CONFIDENCE, whole_population: bool = False) -> dict:
+    """One measurement's KEYS with intervals (see derive), plus the standard errors and their covariance.
+
+    whole_population: the M micro-batches partition all N = M b examples of the population. Then |G|^2 is exact:
+    with sum_i g_i = M G, (|sum_i g_i|^2 - sum_i |g_i|^2) / (M (M - 1)) + tr(Sigma) / N = |sum_i g_i|^2 / M^2 for
+    tr(Sigma) from the same micro-batches, so its standard error and covariance are 0; tr(Sigma) keeps its interval
+    (the partition into micro-batches is random) and B_simple's is tr(Sigma)'s divided by |G|^2.
+    """
     e = gram_estimates(gram, micro_batch_size, population)
+    if whole_population:
+        e.update(norm_sq=float(np.sum(gram) / len(gram) ** 2), norm_sq_se=0.0, covariance=0.0)
     q = quantile(e["degrees_of_freedom"], confidence)
     record = derive(e["trace_cov"], e["norm_sq"], e["trace_cov_se"] ** 2, e["norm_sq_se"] ** 2, e["covariance"], q,
                     batch_size)
     record.update(trace_cov_se=e["trace_cov_se"], norm_sq_se=e["norm_sq_se"],
                   trace_norm_sq_corr=_correlation(e["covariance"], e["trace_cov_se"], e["norm_sq_se"]))
     return record
+
+
+def micro_batches_needed(pilot: dict, pilot_micro_batches: int, relative_half_width: float,
+                         confidence: float = CONFIDENCE) -> float:
+    """Micro-batches M at which |G|^2's interval would reach +- relative_half_width * |G|^2, from a pilot.
+
+    The variance of the |G|^2 U-statistic is a 1 / M term (the signal's scatter) plus a 1 / M^2 term (the noise's
+    own products), so its s.e. falls at least as 1 / sqrt(M): M = M_0 (q s.e._0 / (r |G|^2_0))^2 from the pilot's
+    M_0, estimate and jackknife s.e. (q: the pilot's t quantile, larger than the final one) is enough. The pilot's
+    values decide only the size; the measurement that is reported is taken afresh, so its interval keeps its
+    coverage (a stopping rule that reused the pilot would not).
+
+    Args:
+        pilot: gram_estimates (or measurement) of the pilot.
+        pilot_micro_batches: M_0.
+        relative_half_width: r, the half-width of the interval wanted, as a fraction of |G|^2.
+
+    Returns:
+        M (a float, inf when the pilot's |G|^2 is not positive).
+    """
+    if pilot["norm_sq"] <= 0:
+        return math.inf
+    q = quantile(pilot_micro_batches - 1, confidence)
+    return pilot_micro_batches * (q * pilot["norm_sq_se"] / (relative_half_width * pilot["norm_sq"])) ** 2
 
 
 def _correlation(covariance, se_a, se_b):

@@ -26,6 +26,11 @@ EPOCH_KEYS = tuple(f"grad/{key}{suffix}" for suffix in SUFFIXES for key in KEYS)
 _POOLED = {f"{key}{suffix}" for key in KEYS for suffix in ("", "_lo", "_hi")} | {"noise_scale_is_lower_bound"}
 
 
+def _missing(value) -> bool:
+    """True for a number that is not determined (NaN) or unbounded (inf)."""
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def prefixed(values, suffix=""):
     """noise_estimates' {"trace_cov_lo": v, ...} as {"grad/trace_cov<suffix>_lo": v, ...}."""
     result = {}
@@ -53,7 +58,8 @@ class NoiseRecords(keras.callbacks.Callback):
             raise ValueError(f"window: must be a fraction of the steps so far in (0, 1], got {window!r}")
         if population is not None and population < 1:
             raise ValueError(f"population: must be a number of examples >= 1 or None, got {population!r}")
-        self.every_n_steps, self.batch_size, self.window = int(every_n_steps), batch_size, window
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
+        self.batch_size, self.window = batch_size, window
         self.population, self.log_dir, self.out_path = population, log_dir, out_path
         self.history = []  # one record per measurement as written to out_path, without the per-variable values
         self._writer, self._out, self._latest = None, None, {}
@@ -93,13 +99,17 @@ class NoiseRecords(keras.callbacks.Callback):
             smoothed: The smoothed values in pool's form (with "first_step" and "measurements"), or None: pool
                 the records of the window.
         """
-        record = {"step": step, "epoch": self._epoch, **fields, **prefixed(raw)}
+        raw = dict(raw)
+        notes = {f"grad/{key}": why for key, why in raw.pop("notes", {}).items()}
+        record = {"step": step, "epoch": self._epoch, **fields, **prefixed(raw), "notes": notes}
         if smoothed is None:
             first_step = math.ceil((1 - self.window) * step)
             smoothed = pool(self.history + [record], first_step, step, batch_size=self.batch_size)
-        record.update(prefixed({k: v for k, v in smoothed.items() if k in _POOLED}, "_smoothed"))
-        record.update(smoothed_first_step=smoothed["first_step"], smoothed_measurements=smoothed["measurements"])
-        self._latest = {k: v for k, v in record.items() if k in EPOCH_KEYS}
+        if smoothed["measurements"] > 1:  # a window of one measurement would repeat the raw keys
+            record.update(prefixed({k: v for k, v in smoothed.items() if k in _POOLED}, "_smoothed"))
+            record.update(smoothed_first_step=smoothed["first_step"], smoothed_measurements=smoothed["measurements"])
+        # Only determined values reach the logs: NaN (not determined) and infinite ends stay in the JSON record.
+        self._latest = {k: v for k, v in record.items() if k in EPOCH_KEYS and not _missing(v)}
         self._latest["grad/step"] = step
         self._measured_this_epoch = True
         self.history.append(record)
@@ -113,7 +123,7 @@ class NoiseRecords(keras.callbacks.Callback):
     def _summaries(self, step, variables, means, stds):
         """Writes the TensorBoard summaries of one measurement as one event (callbacks.events); unbounded interval
         ends are left out."""
-        scalars = [(name, value) for name, value in self._latest.items() if name != "grad/step" and math.isfinite(value)]
+        scalars = [(name, value) for name, value in self._latest.items() if name != "grad/step"]
         for path, values in variables.items():
             scalars += [(f"grad_variables/{path}/{key}", value) for key, value in values.items()]
         histograms = []

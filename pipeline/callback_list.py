@@ -34,27 +34,31 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
     bn_every = config_lib.instrument_interval(config.bn_stats_every)
     result = []
     out_path = os.path.join(run_dir, "grad_stats.jsonl")
-    if grad_every and replicas > 1:
+    if grad_every != 0 and replicas > 1:  # None: the geometric schedule
         from callbacks.replica_gradient_stats import ReplicaGradientStatistics
 
         with config_lib.as_flag_error("grad_stats_every"):
             # A record pools at least 2 steps (its interval comes from their scatter).
-            result.append(ReplicaGradientStatistics(replicas, max(2, grad_every),
+            result.append(ReplicaGradientStatistics(replicas, max(2, grad_every or config_lib.AUTO_INTERVAL),
                                                     batch_size=config.batch * config.accumulate,
                                                     population=data.num_train, log_dir=tensorboard_dir,
                                                     out_path=out_path))
-    elif grad_every:
+    elif grad_every != 0:
         with config_lib.as_flag_error("grad_stats_every"):
             result.append(callbacks.GradientStatistics(
                 instrument_data, every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
-                population=data.num_train, log_dir=tensorboard_dir, out_path=out_path))
-    if bn_every and callbacks.batch_norm_inputs(model):
+                relative_half_width=config.grad_stats_precision, max_examples=config.grad_stats_max_examples,
+                budget_fraction=config.grad_stats_budget or None, population=data.num_train,
+                population_data=_whole_split(config, data), seed=config.seed + 1, log_dir=tensorboard_dir,
+                out_path=out_path))
+    if bn_every != 0 and callbacks.batch_norm_inputs(model):
         # Population statistics over the un-augmented training examples that precise BN uses.
         population = data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0)
         with config_lib.as_flag_error("bn_stats_every"):
             bn_data = data.stream(bn_batch, seed=config.seed + 1) if bn_batch not in (None, config.batch) else None
             result.append(callbacks.BatchNormStatistics(bn_data or instrument_data, every_n_steps=bn_every,
-                                                        log_dir=tensorboard_dir, out_dir=run_dir, population=population))
+                                                        log_dir=tensorboard_dir, out_dir=run_dir, population=population,
+                                                        population_samples=config.bn_stats_samples))
     if config.dynamics:
         x, y = data.arrays("train", limit=min(DYNAMICS_MAX, max(1, int(data.num_train * DYNAMICS_FRACTION))))
         with config_lib.as_flag_error("dynamics"):
@@ -68,6 +72,16 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
                 x, y, every_n_steps=config.curvature_every, seed=config.seed, log_dir=tensorboard_dir,
                 out_path=os.path.join(run_dir, "curvature.jsonl")))
     return result
+
+
+def _whole_split(config: Config, data):
+    """The un-augmented training split for a gradient measurement that needs all of it, or None: augmented data
+    (its population is not the split's examples) or a split larger than a measurement may take."""
+    if data.augmentation == "crop-flip" or data.num_train > config.grad_stats_max_examples:
+        return None
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(data.arrays("train")).batch(1024)
 
 
 def build(config, data, run_dir: str, schedule, strategy, topology, measuring: list) -> list:

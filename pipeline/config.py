@@ -74,8 +74,19 @@ class Config:
         "", 'e.g. "32@0,128@10": batch 32 from epoch 0, 128 from epoch 10 (Smith et al. 2018)')
     # Evaluation and instruments.
     precise_bn_samples: int = _field(8192, "training examples for the precise-BN pass before evaluation (0: off)")
-    grad_stats_every: int = _field(-1, "steps between gradient-statistics measurements (0: off, -1: automatic)")
-    bn_stats_every: int = _field(-1, "steps between BN-statistics measurements (0: off, -1: automatic)")
+    grad_stats_every: int = _field(-1, "steps between gradient-statistics measurements (0: off, -1: automatic: "
+                                   "steps 0, 10, 20, 40, ... and the last; in a sweep 16 per run, evenly spaced)")
+    bn_stats_every: int = _field(-1, "steps between BN-statistics measurements (0: off, -1: automatic, as "
+                                 "--grad-stats-every)")
+    # Precision and cost of a measurement (callbacks/gradient_stats.py, callbacks/bn_stats.py).
+    grad_stats_precision: float = _field(0.5, "half-width of |G|^2's 95% interval sought, as a fraction of |G|^2 "
+                                         "(a pilot decides the examples, a fresh sample measures)")
+    grad_stats_max_examples: int = _field(8192, "examples one gradient measurement takes at most (and at most the "
+                                          "training split)")
+    grad_stats_budget: float = _field(0.1, "a gradient measurement takes at most this fraction of the examples "
+                                      "trained since the previous one (0: no such limit)")
+    bn_stats_samples: int = _field(256, "examples of the population sample of the BN statistics (at most the "
+                                   "training split); errors below its resolution are reported as < resolution")
     dynamics: bool = _field(True, "per-class accuracy and forgetting events on a fixed subset")
     curvature_every: int = _field(0, "steps between measurements of the loss's top Hessian eigenvalue and trace on a "
                                   "fixed training subset (0: off; also at step 0 and the end; curvature.jsonl)")
@@ -153,26 +164,24 @@ def batch_study() -> Config:
     return dataclasses.replace(Config(), epochs=12, lr=0.05, lr_scaling="linear", target_accuracy=0.98)
 
 
-# Automatic interval (-1) of the gradient and BN statistics in a run, in steps. After a one-time trace of 1-3 s
-# each, a BN measurement costs about one training step and a gradient measurement (1024 examples) about 1024 / B
-# (benchmarks/instrument_overhead.py, README "Benchmarks"): every 100 steps at batch 32, ~1% and ~27%.
+# Automatic (-1) measurements of the gradient and BN statistics: in a run of its own, step 0 and the geometric
+# schedule of callbacks/schedule.py (steps 10, 20, 40, ...), dense where training changes fast, plus the last step.
+# A sweep gives every run MEASUREMENTS_PER_RUN measurements at the same fractions of its budget: the same number at
+# every batch size, where a fixed interval would leave the few steps of a large batch unmeasured (plus one at step
+# 0). Replica gradient statistics pool the steps between records, and take AUTO_INTERVAL steps in a run of its own.
 AUTO_INTERVAL = 100
-# Automatic intervals in a sweep give every run this many measurements at the same fractions of its budget: the same
-# number at every batch size, where a fixed interval would leave the few steps of a large batch unmeasured (plus
-# one at step 0). A gradient measurement costs about max(8, 1024 / B) training steps (1024 examples), so the runs'
-# measuring costs about as much as their training; time per step and time to target leave the measuring out.
 MEASUREMENTS_PER_RUN = 16
 
 
-def instrument_interval(every: int, total_steps: int | None = None) -> int:
-    """Steps between measurements for a grad_stats_every or bn_stats_every value (0: off).
+def instrument_interval(every: int, total_steps: int | None = None) -> int | None:
+    """Steps between measurements for a grad_stats_every or bn_stats_every value: 0 off, None the geometric schedule.
 
-    -1 (automatic) is AUTO_INTERVAL steps in a run of its own, and for a sweep's run of `total_steps` steps
+    -1 (automatic) is None (geometric) in a run of its own, and for a sweep's run of `total_steps` steps
     MEASUREMENTS_PER_RUN measurements spread evenly over them: max(1, total_steps // MEASUREMENTS_PER_RUN).
     """
     if every != -1:
         return every
-    return AUTO_INTERVAL if total_steps is None else max(1, total_steps // MEASUREMENTS_PER_RUN)
+    return None if total_steps is None else max(1, total_steps // MEASUREMENTS_PER_RUN)
 
 
 @contextlib.contextmanager
@@ -254,6 +263,12 @@ def validate(config: Config) -> Config:
     _check(c.grad_stats_every >= -1, "grad_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
     _check(c.bn_stats_every >= -1, "bn_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
     _check(c.curvature_every >= 0, "curvature_every", "must be >= 0 steps (0: off)")
+    _check(_finite(c.grad_stats_precision) and c.grad_stats_precision > 0, "grad_stats_precision",
+           "must be a fraction > 0, e.g. 0.5")
+    _check(c.grad_stats_max_examples >= 1, "grad_stats_max_examples", "must be >= 1 example")
+    _check(_finite(c.grad_stats_budget) and c.grad_stats_budget >= 0, "grad_stats_budget",
+           "must be a fraction >= 0 (0: no limit)")
+    _check(c.bn_stats_samples >= 2, "bn_stats_samples", "must be >= 2 examples")
     _check(_finite(c.target_accuracy) and 0 <= c.target_accuracy <= 1, "target_accuracy", "must be in [0, 1]")
     _check(c.target_checks_per_epoch >= 1, "target_checks_per_epoch", "must be an integer >= 1")
     _check(c.strategy in STRATEGIES, "strategy", f"got {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")

@@ -131,8 +131,10 @@ def pooled_noise_scale(records: list[dict], first_step: float, last_step: float)
     bound = pooled["noise_scale_is_lower_bound"]
     return {"first_step": first_step, "last_step": last_step, "measurements": pooled["measurements"],
             "trace_cov": pooled["trace_cov"], "norm_sq": pooled["norm_sq"],
-            "noise_scale": None if bound else pooled["noise_scale"], "noise_scale_lo": pooled["noise_scale_lo"],
-            "noise_scale_hi": None if bound or not math.isfinite(pooled["noise_scale_hi"]) else pooled["noise_scale_hi"]}
+            "noise_scale": None if bound else pooled["noise_scale"],
+            "noise_scale_lo": pooled["noise_scale_lo"] if math.isfinite(pooled["noise_scale_lo"]) else None,
+            "noise_scale_hi": None if bound or not math.isfinite(pooled["noise_scale_hi"])
+            else pooled["noise_scale_hi"]}
 
 
 def interval_union(windows: list[dict | None]) -> dict | None:

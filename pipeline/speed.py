@@ -46,7 +46,11 @@ def steps_per_execution(config: Config, num_train: int, replicas: int = 1) -> in
     if replicas > 1:
         return 1
     counts = [num_train // batch for _, batch in config.batch_phases]
-    counts += [config_lib.instrument_interval(flag) for flag in (config.grad_stats_every, config.bn_stats_every)]
+    from callbacks import schedule  # here: the callbacks package imports Keras
+
+    for flag in (config.grad_stats_every, config.bn_stats_every):
+        every = config_lib.instrument_interval(flag)
+        counts.append(schedule.FIRST if every is None else every)  # the geometric schedule's steps are multiples
     counts += [config.max_steps]
     common = 0
     for count in counts:

@@ -170,7 +170,7 @@ def train(config: Config) -> Summary:
                 "intra_op_threads": threads}
     speed.set_precision(config)
     # With replicas, the gradient statistics come from the training step itself (callbacks/replica_norms.py).
-    replica_norms = topology.replicas > 1 and config_lib.instrument_interval(config.grad_stats_every) > 0
+    replica_norms = topology.replicas > 1 and config_lib.instrument_interval(config.grad_stats_every) != 0
     with strategy.scope():
         model, schedule = compiled_model(config, data, parallel["steps_per_execution"], replica_norms)
     checkpoints = os.path.join(run_dir, "checkpoints")

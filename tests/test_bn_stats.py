@@ -75,6 +75,10 @@ def numpy_errors(model: keras.Model, x: np.ndarray, sample: np.ndarray) -> dict[
             error(np.square(moving_mean - mean), mean_se2, scale),
             error(np.square(moving_variance - variance), variance_se2, scale**2),
         ]
+        # The resolution: the population sample's RMS standard error in the error's units.
+        mean_resolution = float(np.sqrt(np.mean(mean_se2 / scale)))
+        variance_resolution = float(np.sqrt(np.mean(variance_se2 / scale**2)))
+        result[f"{name}_resolution"] = [mean_resolution, variance_resolution] * 2
     return result
 
 
@@ -114,10 +118,13 @@ def test_errors_match_numpy_and_leave_moving_statistics_alone(batch, sample):
         row = callback.history[name][-1]
         np.testing.assert_allclose([row[key] for key in ERRORS], expected[name], rtol=1e-3)
         assert min(expected[name]) > 0.05  # none of them clipped at 0: the comparison is not vacuous
+        resolutions = expected[f"{name}_resolution"]
+        np.testing.assert_allclose([row[f"{key}_resolution"] for key in ERRORS], resolutions, rtol=1e-3)
+        assert all(e > r for e, r in zip(expected[name], resolutions))  # all resolved: values, not bounds
         assert row["moving_mean_drift"] == 0.0  # nothing changed since the start of training
     assert logs["loss"] == 1.0
     for k, key in enumerate(ERRORS):
-        np.testing.assert_allclose(logs[f"bn/{key}"], np.mean([expected[n][k] for n in expected]), rtol=1e-3)
+        np.testing.assert_allclose(logs[f"bn/{key}"], np.mean([expected[n][k] for n in ("bn", "ghost")]), rtol=1e-3)
 
     # Drift: the RMS change per channel since the previous measurement.
     layer = model.get_layer("bn")
@@ -148,8 +155,15 @@ def test_fit_writes_tensorboard_and_tables(tmp_path, batch):
 
     # 8 steps: measured before the first step, after steps 3 and 6, and once more at the end; traced once.
     assert callback._measure_function.experimental_get_tracing_count() == 1
-    assert seen[2] == seen[5] == sorted(SUMMARY_KEYS) and seen[0] == []
+    assert seen[0] == []
+    for keys in (seen[2], seen[5]):  # each error as a value, or as "below" its resolution
+        assert all((f"bn/{key}" in keys) != (f"bn/{key}_below" in keys) for key in ERRORS) and "bn/step" not in keys
     table = json.loads((tmp_path / "bn_stats.json").read_text())
+    # The batch holds the population's examples (x is 4 copies of it): its statistics ARE the population's, the
+    # error is 0, and it is reported as below the resolution of the sample, never as 0.
+    for row in table["layers"]["bn"]["measurements"]:
+        assert row["batch_mean_error"] is None and row["batch_mean_error_resolution"] > 0
+    assert "< " in (tmp_path / "bn_stats.md").read_text()
     assert list(table["layers"]) == ["bn", "ghost"]
     assert [row["step"] for row in table["layers"]["bn"]["measurements"]] == [0, 3, 6, 8]
     assert table["layers"]["ghost"]["virtual_batch_size"] == 4
@@ -163,8 +177,12 @@ def test_fit_writes_tensorboard_and_tables(tmp_path, batch):
     for path in (tmp_path / "tb").iterdir():
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             tags.update(value.tag for value in event.summary.value)
-    assert {"bn/bn/batch_mean_error", "bn/ghost/moving_var_error", "bn/bn/moving_mean_drift", "bn/bn/moving_mean",
-            "bn/ghost/moving_variance", *SUMMARY_KEYS} <= tags
+    assert {"bn/bn/moving_mean_drift", "bn/bn/moving_mean", "bn/ghost/moving_variance"} <= tags
+    for name in ("bn", "ghost"):  # an error's scalar exists only where some measurement resolved it
+        for key in ERRORS:
+            resolved = any(row[key] is not None for row in table["layers"][name]["measurements"])
+            assert (f"bn/{name}/{key}" in tags) == resolved, (name, key)
+    assert "bn/bn/batch_mean_error" not in tags
 
     # A second fit (as a batch schedule runs one per phase) continues the history with the same compiled function.
     model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[callback])
@@ -212,8 +230,13 @@ def test_epochs_without_a_new_measurement_report_none(batch):
     assert [row["step"] for row in callback.history["bn"]] == [0, 7, 12]  # 12: the final one, after the last epoch
     assert [logs["bn/step"] for logs in raw[:2]] == [0, 7] and np.isnan(raw[2]["bn/step"])
     assert np.isnan(raw[2]["bn/batch_var_error"])
-    means = [callback.history[name][1]["batch_var_error"] for name in ("bn", "ghost")]
-    assert raw[1]["bn/batch_var_error"] == pytest.approx(np.mean(means))
+    average = callback.averages[1]
+    for key in ERRORS:  # the epoch's measurement: a value, or NaN with the resolution it is below
+        if average[key] is not None:
+            assert raw[1][f"bn/{key}"] == pytest.approx(average[key]) and np.isnan(raw[1][f"bn/{key}_below"])
+        else:
+            assert np.isnan(raw[1][f"bn/{key}"])
+            assert raw[1][f"bn/{key}_below"] == pytest.approx(average[f"{key}_resolution"])
     assert not any(key.startswith("bn/") for key in shown[2]) and "loss" in shown[2]
     assert shown[1]["bn/step"] == 7
 
@@ -271,7 +294,8 @@ def digits_run():
                 deviations = [(b.mean(axis=(0, 1)) - mean) ** 2, (b.var(axis=(0, 1)) - variance) ** 2,
                               (moving[0] - mean) ** 2, (moving[1] - variance) ** 2]
                 noises, units = [mean_se2, variance_se2] * 2, [scale, scale**2] * 2
-                errors.append([np.sqrt(max(np.mean((d - n) / u), 0.0)) for d, n, u in zip(deviations, noises, units)])
+                errors.append([np.sqrt(max(np.mean((d - n) / u), 0.0)) for d, n, u in zip(deviations, noises, units)]
+                              + [np.sqrt(np.mean(n / u)) for n, u in zip(noises, units)])  # and the resolutions
             self.rows.append(np.mean(errors, axis=0))
 
     brute_force = BruteForce()
@@ -284,9 +308,19 @@ def test_errors_match_brute_force_during_training(digits_run):
     # 57 steps per epoch (1797 examples); measured at steps 0, 10, ..., 110 and once more at the end (114).
     assert [a["step"] for a in callback.averages] == [*range(0, 111, 10), 114]
     assert len(rows) == 12
-    measured = np.array([[a[key] for key in ERRORS] for a in callback.averages[:12]])
-    np.testing.assert_allclose(measured, np.array(rows), rtol=2e-3, atol=1e-5)
-    assert np.all(measured[:, 1] > 0.01) and np.all(measured[:, 3] > 0.01)  # variance errors are not clipped at 0
+    rows = np.array(rows)  # per measurement: 4 errors and 4 resolutions, averaged over layers
+    resolutions = np.array([[a[f"{key}_resolution"] for key in ERRORS] for a in callback.averages[:12]])
+    np.testing.assert_allclose(resolutions, rows[:, 4:], rtol=2e-3, atol=1e-6)
+    # The rule: an error is a value where the brute-force error exceeds the resolution, else None ("< resolution").
+    for average, row in zip(callback.averages, rows):
+        for k, key in enumerate(ERRORS):
+            if row[k] > row[4 + k] * 1.01:
+                assert average[key] == pytest.approx(row[k], rel=2e-3, abs=1e-5), (average["step"], key)
+            elif row[k] < row[4 + k] * 0.99:
+                assert average[key] is None, (average["step"], key)
+    resolved = np.array([[a[key] is not None for key in ERRORS] for a in callback.averages[:12]])
+    assert resolved[:, 1].all() and resolved[:, 3].all()  # the variance errors exceed 300 examples' resolution
+    print("resolved per error (batch mean, batch var, moving mean, moving var):", resolved.sum(axis=0))
 
 
 def test_batch_error_falls_as_inverse_square_root_of_batch(digits_run):
@@ -302,7 +336,10 @@ def test_batch_error_falls_as_inverse_square_root_of_batch(digits_run):
                                     population_samples=300)
         probe.set_model(model)
         probe.on_train_begin()
-        errors = [probe.measure()["bn/batch_var_error"] for _ in range(16)]
+        errors = []
+        for _ in range(16):  # single batches fall below the resolution at times: the estimates, not the reports
+            probe.measure()
+            errors.append(probe.estimates[-1]["batch_var_error"])
         values.append(float(np.sqrt(np.mean(np.square(errors)))))
     fit = fit_power_law([4, 16, 64], values)
     print("batch_var_error at B = 4, 16, 64:", values, "slope", fit["slope"])

@@ -107,8 +107,8 @@ def test_micro_batch_estimates_match_softmax_regression_brute_force():
 
 
 def test_default_measurements_are_unbiased_and_their_intervals_cover_the_truth():
-    # Frozen weights (lr 0) and fresh examples drawn with replacement from a population of 4096: the defaults at
-    # B = 32 (32 micro-batches of 32) give tr(Sigma) and |G|^2 whose means over 40 measurements match the
+    # Frozen weights (lr 0) and fresh examples drawn with replacement from a population of 4096: a fixed size at
+    # B = 32 (32 micro-batches of 32) gives tr(Sigma) and |G|^2 whose means over 40 measurements match the
     # population's (computed one example at a time), and whose 95% intervals hold it in most measurements.
     x, y = _softmax_data(4096, seed=11)
     model = _softmax_regression(10, 3)
@@ -116,8 +116,8 @@ def test_default_measurements_are_unbiased_and_their_intervals_cover_the_truth()
     truth = _brute_force(_softmax_per_example_gradients(model, x, y), ddof=0)
     index = np.random.default_rng(12).integers(0, len(x), size=40 * 1024)
     dataset = tf.data.Dataset.from_tensor_slices((x[index], y[index])).batch(32)
-    callback = gradient_stats.GradientStatistics(dataset, every_n_steps=1, batch_size=32)
-    assert (callback.micro_batches, callback.micro_batch_size) == (32, 32)
+    callback = gradient_stats.GradientStatistics(dataset, every_n_steps=1, batch_size=32, micro_batches=32)
+    assert callback.sizes(1, 0) == (0, 32) and callback.micro_batch_size == 32
     model.fit(x[:39 * 32], y[:39 * 32], batch_size=32, callbacks=[callback], verbose=0)
     assert len(callback.history) == 40
     norm_sq, trace = truth["total"]
@@ -271,16 +271,16 @@ def test_keys_reach_later_callbacks_csv_jsonl_and_tensorboard(tmp_path):
 
     keys = [f"grad/{key}{suffix}" for key in gradient_stats.KEYS for suffix in gradient_stats.SUFFIXES]
     measured_steps = [record["step"] for record in callback.history]
-    assert measured_steps == [0, 3, 6, 9, 12, 15]  # step 0: before the first update
-    assert [i + 1 for i, logs in enumerate(seen) if set(keys) <= set(logs)] == measured_steps[1:]
-    assert seen[14]["grad/snr"] == callback.history[-1]["grad/snr"] and seen[14]["grad/step"] == 15
+    assert measured_steps == [0, 3, 6, 9, 12, 15, 16]  # step 0: before the first update; 16: the last step
+    assert [i + 1 for i, logs in enumerate(seen) if "grad/trace_cov" in logs] == measured_steps[1:-1]
+    assert seen[14]["grad/trace_cov"] == callback.history[-2]["grad/trace_cov"] and seen[14]["grad/step"] == 15
     # Smoothed at step 15 with window 0.5: the measurements at steps >= 7.5 (9, 12, 15), pooled.
-    last = callback.history[-1]
+    last = callback.history[-2]
     assert (last["smoothed_first_step"], last["smoothed_measurements"]) == (9, 3)
-    pooled = noise_estimates.pool(callback.history[3:])
+    pooled = noise_estimates.pool(callback.history[3:6])
     for key in gradient_stats.KEYS:
-        assert last[f"grad/{key}_smoothed"] == pytest.approx(pooled[key], rel=1e-12)
-    trace = np.mean([record["grad/trace_cov"] for record in callback.history[3:]])
+        assert last[f"grad/{key}_smoothed"] == pytest.approx(pooled[key], rel=1e-12, nan_ok=True)
+    trace = np.mean([record["grad/trace_cov"] for record in callback.history[3:6]])
     assert last["grad/trace_cov_smoothed"] == pytest.approx(trace, rel=1e-9)
     assert last["grad/batch_std_smoothed"] == pytest.approx(math.sqrt(trace / 16), rel=1e-9)
     assert math.isfinite(stop.best)
@@ -290,22 +290,29 @@ def test_keys_reach_later_callbacks_csv_jsonl_and_tensorboard(tmp_path):
     assert float(rows[1]["grad/trace_cov_smoothed"]) == pytest.approx(last["grad/trace_cov_smoothed"])
     assert float(rows[1]["grad/step"]) == 15
     lines = (tmp_path / "grad.jsonl").read_text().splitlines()
-    assert len(lines) == 6
+    assert len(lines) == 7
     records = [json.loads(line) for line in lines]
-    assert records[-1]["step"] == 15 and set(keys) <= set(records[-1])
+    assert records[-1]["step"] == 16 and set(keys) <= set(records[-1])
+    # The first measurement pools nothing else: no smoothed keys.
+    assert not any(key.endswith("_smoothed") for key in records[0])
     for record in records:
-        assert {"epoch", "batch_size", "micro_batch_size", "micro_batches", *gradient_stats.FLAGS} <= set(record)
+        assert {"epoch", "batch_size", "micro_batch_size", "micro_batches", "grad/noise_scale_is_lower_bound",
+                "notes"} <= set(record)
+        assert ("grad/noise_scale_smoothed_is_lower_bound" in record) == (record["step"] >= 6)  # pools >= 2
         assert (record["micro_batch_size"], record["micro_batches"]) == (16, 4)
     # Per-variable values at every histogram_every-th (10th) measurement, the first included.
-    assert [("variables" in record) for record in records] == [True] + [False] * 5
+    assert [("variables" in record) for record in records] == [True] + [False] * 6
     assert set(records[0]["variables"]) == {v.path for v in model.trainable_variables}
     tags = set()
     for path in glob.glob(str(tmp_path / "tb" / "gradients" / "events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
             tags.update(value.tag for value in event.summary.value)
     kernel = model.trainable_variables[0].path
-    assert {"grad/noise_scale", "grad/noise_scale_smoothed", "grad/trace_cov_lo", "grad/trace_cov_smoothed_hi",
-            f"grad_mean/{kernel}", f"grad_std/{kernel}"} <= tags
+    assert {"grad/trace_cov", "grad/trace_cov_lo", "grad/trace_cov_smoothed_hi", f"grad_mean/{kernel}",
+            f"grad_std/{kernel}"} <= tags
+    # A value that no measurement determined is never written (no 0 or NaN in its place).
+    for key in ("grad/noise_scale", "grad/noise_scale_smoothed", "grad/norm_sq"):
+        assert (key in tags) == any(record.get(key) is not None for record in records), key
     assert f"grad_variables/{kernel}/snr" in tags
     assert callback._gradients._function.experimental_get_tracing_count() == 1
 
@@ -322,7 +329,7 @@ def test_epochs_without_a_new_measurement_report_none(tmp_path):
     csv_logger = keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))
     model.fit(x, y, batch_size=16, epochs=4, verbose=0,
               callbacks=[callback, csv_logger, epoch_logs.DropUnmeasured(), shown])
-    assert [record["step"] for record in callback.history] == [0, 6, 12]
+    assert [record["step"] for record in callback.history] == [0, 6, 12, 16]  # 16: the end of training
     assert [logs.get("grad/step") for logs in epochs] == [0, 6, 12, None]
     assert not any(key.startswith("grad/") for key in epochs[3]) and "loss" in epochs[3]
     assert epochs[2]["grad/trace_cov"] == callback.history[2]["grad/trace_cov"]

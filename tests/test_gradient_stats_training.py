@@ -1,8 +1,9 @@
 """GradientStatistics as users see it: during a real fit, against per-example gradients over the whole training split.
 
 A BN-free CNN on the digits (batch 32, SGD lr 0.05, the pipeline's defaults otherwise), measured every 10 steps with
-the callback's defaults as pipeline.train wires it. At every measurement, the truth at the same weights comes from
-per-example gradients of all 1293 training examples (tests/brute_force.py, not the callback's micro-batch code).
+the callback's defaults as pipeline.train wires it, but no cost budget (--grad-stats-budget 0: every measurement takes
+the examples its pilot asks for, up to the whole split). At every measurement, the truth at the same weights comes
+from per-example gradients of all 1293 training examples (tests/brute_force.py, not the callback's micro-batch code).
 """
 
 import dataclasses
@@ -46,7 +47,7 @@ class BruteForce(keras.callbacks.Callback):
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     config = dataclasses.replace(config_lib.Config(), model="cnn", norm="none", batch=32, lr=0.05, epochs=10,
-                                 grad_stats_every=10, bn_stats_every=0, dynamics=False)
+                                 grad_stats_every=10, grad_stats_budget=0.0, bn_stats_every=0, dynamics=False)
     keras.utils.set_random_seed(0)
     data = data_lib.load(config)
     x, y = data.arrays("train")
@@ -64,25 +65,34 @@ def digits_run(tmp_path_factory):
 def test_measures_every_10_steps_with_the_defaults(digits_run):
     history, truth = digits_run
     assert [r["step"] for r in history] == list(range(0, 401, 10)) == sorted(truth)
-    assert {(r["micro_batches"], r["micro_batch_size"], r["population"]) for r in history} == {(32, 32, 1293)}
+    # Pilot-sized: 8 micro-batches of 32, then what the pilot asked for, at most the whole split (40 of 32).
+    assert {(r["pilot_micro_batches"], r["micro_batch_size"], r["population"]) for r in history} == {(8, 32, 1293)}
+    assert all(8 <= r["micro_batches"] <= 40 for r in history)
+    print("examples per measurement:", [r["examples"] for r in history])
 
 
 @pytest.mark.parametrize("step", CHECKED_STEPS)
-def test_smoothed_values_match_brute_force_at_those_weights(digits_run, step):
+def test_values_match_brute_force_at_those_weights(digits_run, step):
     history, truth = digits_run
     record = next(r for r in history if r["step"] == step)
-    for key, tolerance in (("trace_cov", 1.5), ("norm_sq", 2.0), ("noise_scale", 2.0)):
-        ratio = record[f"grad/{key}_smoothed"] / truth[step][key]
-        assert 1 / tolerance <= ratio <= tolerance, (key, ratio, record[f"grad/{key}_smoothed"], truth[step][key])
-    assert not record["grad/noise_scale_smoothed_is_lower_bound"]
+    for key, tolerance in (("trace_cov", 1.5), ("norm_sq", 2.0)):
+        ratio = record[f"grad/{key}"] / truth[step][key]
+        assert 1 / tolerance <= ratio <= tolerance, (key, ratio, record[f"grad/{key}"], truth[step][key])
+    if record["grad/noise_scale_is_lower_bound"]:
+        # Late in training B_simple (~2000 at step 390) exceeds what the 1280 examples of one measurement resolve
+        # (1293 is no whole number of micro-batches, so |G|^2 is not exact), and a few examples carry tr(Sigma):
+        # the bound, where one is supported, holds; the record says why B_simple is missing.
+        lo = record["grad/noise_scale_lo"]
+        assert lo is None or not lo > truth[step]["noise_scale"], lo
+        assert record["notes"]["grad/noise_scale"]
+    else:
+        assert 0.5 <= record["grad/noise_scale"] / truth[step]["noise_scale"] <= 2
 
 
-@pytest.mark.parametrize("suffix", ["", "_smoothed"])
 @pytest.mark.parametrize("key", ["trace_cov", "norm_sq", "noise_scale"])
-def test_intervals_hold_the_truth_in_most_measurements(digits_run, key, suffix):
+def test_intervals_hold_the_truth_in_most_measurements(digits_run, key):
+    from benchmarks.noise_accuracy import inside
+
     history, truth = digits_run
-    inside = []
-    for r in history:
-        hi = r[f"grad/{key}{suffix}_hi"] if r[f"grad/{key}{suffix}_hi"] is not None else np.inf
-        inside.append(r[f"grad/{key}{suffix}_lo"] <= truth[r["step"]][key] <= hi)
-    assert np.mean(inside) >= 0.8, [r["step"] for r, ok in zip(history, inside) if not ok]
+    held = [inside(r, key, truth[r["step"]][key]) for r in history]
+    assert np.mean(held) >= 0.8, [r["step"] for r, ok in zip(history, held) if not ok]

@@ -11,13 +11,14 @@ import sys
 import numpy as np
 import pytest
 
+from callbacks import schedule
 from pipeline import config as config_lib
 from pipeline import speed
 
 
 @pytest.mark.parametrize("changes, expected", [
     # 1293 digits examples: 40 steps per epoch at batch 32, 20 at batch 64.
-    (dict(batch=32, grad_stats_every=-1, bn_stats_every=-1), 10),  # gcd(40, 100) = 20 -> 10
+    (dict(batch=32, grad_stats_every=-1, bn_stats_every=-1), 10),  # gcd(40, 10): the geometric schedule's 10
     (dict(batch=32, grad_stats_every=0, bn_stats_every=0), 10),  # 40 -> 10
     (dict(batch=32, grad_stats_every=5, bn_stats_every=0), 5),
     (dict(batch=64, grad_stats_every=0, bn_stats_every=0, max_steps=30), 10),  # gcd(20, 30) = 10
@@ -33,7 +34,8 @@ def test_auto_steps_per_execution_divides_every_exact_step(changes, expected):
     assert steps == expected
     if config.steps_per_execution == "auto":
         exact = [1293 // b for _, b in config.batch_phases] + [config.max_steps]
-        exact += [config_lib.instrument_interval(f) for f in (config.grad_stats_every, config.bn_stats_every)]
+        every = [config_lib.instrument_interval(f) for f in (config.grad_stats_every, config.bn_stats_every)]
+        exact += [schedule.FIRST if e is None else e for e in every]  # None: the geometric schedule
         assert all(count % steps == 0 for count in exact)
 
 

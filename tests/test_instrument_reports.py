@@ -1,0 +1,83 @@
+"""The default run's instruments, shortened to 4 epochs: no noise scale, SNR or |G|^2 logged as 0 or negative, no
+BN error logged as 0, and the records say why a value is missing."""
+
+import csv
+import dataclasses
+import glob
+import json
+import math
+import os
+
+import pytest
+import tensorflow as tf
+
+from pipeline import config as config_lib
+from pipeline import train as train_lib
+
+# Keys that must never be logged as 0 or negative: a missing value is absent, with its reason in the record.
+POSITIVE = ("grad/noise_scale", "grad/snr", "grad/norm_sq", "bn/batch_mean_error", "bn/batch_var_error",
+            "bn/moving_mean_error", "bn/moving_var_error")
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("default") / "run")
+    config = dataclasses.replace(config_lib.Config(), epochs=4, run_dir=run_dir, export=False, verbose=0)
+    summary = train_lib.train(config)
+    assert summary.status == "completed", summary.reason
+    return run_dir
+
+
+def _positive_keys(names):
+    """The keys of POSITIVE with their interval ends, but not |G|^2's lower end: 0 there is the trivial bound."""
+    return [n for n in names if n.startswith(POSITIVE) and not n.endswith(("_is_lower_bound", "_below"))
+            and not n.startswith("grad/norm_sq_lo")]
+
+
+@pytest.mark.slow
+def test_no_logged_noise_scale_or_error_is_zero_or_negative(default_run):
+    with open(os.path.join(default_run, "grad_stats.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r["step"] for r in records]
+    assert steps[:4] == [0, 10, 20, 40] and steps[-1] == 160  # geometric, and the last step (4 epochs of 40)
+    assert not any(key.endswith("_smoothed") for r in records for key in r)  # never more than one per window
+    for r in records:
+        for key in _positive_keys(r):
+            assert r[key] is None or r[key] > 0, (r["step"], key, r[key])
+        for key in ("grad/noise_scale", "grad/norm_sq"):
+            if r[key] is None:
+                assert r["notes"][key], (r["step"], key)
+    with open(os.path.join(default_run, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in _positive_keys(row):
+            value = float(row[key])
+            assert math.isnan(value) or value > 0, (row["epoch"], key, value)
+    values = []
+    for path in glob.glob(os.path.join(default_run, "tensorboard", "**", "events.out.tfevents.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tag = value.tag.replace("epoch_", "")
+                if _positive_keys([tag]) or ("/" in tag[3:] and tag.startswith("bn/") and tag.endswith("_error")):
+                    number = value.simple_value if value.HasField("simple_value") else float(
+                        tf.make_ndarray(value.tensor))
+                    values.append((tag, number))
+    assert values and all(number > 0 for _, number in values), [v for v in values if not v[1] > 0]
+    determined = [r["grad/noise_scale"] is not None or r["grad/noise_scale_lo"] is not None for r in records[1:]]
+    print("steps", steps, "examples", [r["examples"] for r in records], "B_simple",
+          [(r["grad/noise_scale"], r["grad/noise_scale_lo"], r["grad/noise_scale_hi"]) for r in records])
+    assert all(determined), steps
+
+
+@pytest.mark.slow
+def test_bn_tables_report_below_resolution_never_zero(default_run):
+    with open(os.path.join(default_run, "bn_stats.json")) as f:
+        table = json.load(f)
+    assert table["population_samples"] == 256
+    for layer in table["layers"].values():
+        for row in layer["measurements"]:
+            for key in ("batch_mean_error", "batch_var_error", "moving_mean_error", "moving_var_error"):
+                assert row[f"{key}_resolution"] > 0
+                assert row[key] is None or row[key] > row[f"{key}_resolution"]
+    final = table["averages"][-1]
+    print("final BN averages", final)
