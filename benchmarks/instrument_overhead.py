@@ -39,6 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import config as config_lib  # noqa: E402
 
+import results  # noqa: E402  (benchmarks/results.py, beside this script)
+
 OFF = dict(grad_stats_every=0, bn_stats_every=0, dynamics=False)
 # name: (Config overrides, micro-batches per gradient measurement or None for the default of 1024 examples)
 VARIANTS = {
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
         parser.error("--epochs must be >= 2 and --rounds >= 1")
     if args.default_run:
         return default_run(args.rounds, args.grad_stats_every)
+    recorder = results.Recorder("instrument_overhead")
 
     import keras
 
@@ -124,6 +127,8 @@ def main(argv=None) -> int:
     print(f"{'variant':56s} {'epoch s':>8s} {'ratio':>6s} {'measuring':>9s} {'one-time s':>10s}")
     plain = [statistics.mean(times) for name, times, _, _ in runs if name == "plain fit"]
     print(f"{'plain fit (all runs)':56s} {statistics.mean(plain):8.3f} {max(plain) / min(plain):5.2f}x")
+    table = [{"variant": "plain fit (all runs): slowest / fastest", "epoch s": round(statistics.mean(plain), 4),
+              "ratio": round(max(plain) / min(plain), 3), "measuring": None, "one-time s": None}]
     for variant in VARIANTS:
         epochs, ratios, shares, once = [], [], [], []
         for i, (name, times, first, measuring) in enumerate(runs):
@@ -137,6 +142,14 @@ def main(argv=None) -> int:
             once.append(first - (before[2] + after[2]) / 2)
         print(f"{variant:56s} {statistics.mean(epochs):8.3f} {statistics.mean(ratios):5.2f}x "
               f"{statistics.mean(shares):8.1%} {statistics.mean(once):10.1f}")
+        table.append({"variant": variant, "epoch s": round(statistics.mean(epochs), 4),
+                      "ratio": round(statistics.mean(ratios), 3), "measuring": f"{statistics.mean(shares):.1%}",
+                      "one-time s": round(statistics.mean(once), 2)})
+    raw = [{"variant": name, "timed_epoch_s": times, "first_epoch_s": first, "measuring_s": measuring}
+           for name, times, first, measuring in runs]
+    settings = vars(args) | {"steps_per_epoch": steps_per_epoch, "auto_interval": config_lib.AUTO_INTERVAL}
+    path = recorder.write(rounds=raw, summary={"tables": {"Epoch time against plain fit": table}}, settings=settings)
+    print(f"result: {path}")
     return 0
 
 
@@ -144,7 +157,8 @@ def default_run(rounds: int, grad_stats_every: int = -1) -> int:
     """Wall time of the default run with and without the instruments, alternating, in one process."""
     from pipeline import train
 
-    walls, shares = {"instruments": [], "off": []}, []
+    recorder = results.Recorder("instrument_overhead_default_run")
+    walls, shares, raw = {"instruments": [], "off": []}, [], []
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(rounds):
             for name, overrides in (("off", OFF), ("instruments", dict(grad_stats_every=grad_stats_every))):
@@ -155,6 +169,9 @@ def default_run(rounds: int, grad_stats_every: int = -1) -> int:
                 walls[name].append(time.perf_counter() - started)
                 if name == "instruments":
                     shares.append(summary.instrument_time_s / summary.train_time_s)
+                raw.append({"round": round_ + 1, "variant": name, "wall_s": walls[name][-1],
+                            "train_time_s": summary.train_time_s, "instrument_time_s": summary.instrument_time_s,
+                            "test_accuracy": summary.test_accuracy})
                 print(f"{name:12s} wall {walls[name][-1]:6.1f} s, training epochs {summary.train_time_s:6.1f} s, "
                       f"measuring {summary.instrument_time_s:5.2f} s, test accuracy {summary.test_accuracy:.4f}",
                       flush=True)
@@ -162,6 +179,14 @@ def default_run(rounds: int, grad_stats_every: int = -1) -> int:
     print(f"default run, {rounds} round(s): wall time with instruments / without = {ratio:.3f}x; instruments' own "
           f"timer = {statistics.mean(shares):.1%} of the training epochs (tracing and the step-0 measurements "
           f"included)")
+    table = [{"measurement": "wall time, default instruments / instruments off", "value": f"{ratio:.3f}x",
+              "rounds": " ".join(f"{a / b:.3f}" for a, b in zip(walls["instruments"], walls["off"])),
+              "goal": "<= 1.10x", "met": ratio <= 1.10},
+             {"measurement": "instruments' own timer / training epochs", "value": f"{statistics.mean(shares):.1%}",
+              "rounds": " ".join(f"{s:.1%}" for s in shares), "goal": "<= 5%", "met": statistics.mean(shares) <= 0.05}]
+    path = recorder.write(rounds=raw, summary={"tables": {"The default run with and without its instruments": table}},
+                          settings={"rounds": rounds, "grad_stats_every": grad_stats_every})
+    print(f"result: {path}")
     return 0
 
 

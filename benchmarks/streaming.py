@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import config as config_lib  # noqa: E402
 
+import results  # noqa: E402  (benchmarks/results.py, beside this script)
+
 def write_digits_folder(root: str) -> str:
     """The sklearn digits as 32x32x3 PNG files in root/<digit>/<index>.png; returns folder:root."""
     import numpy as np
@@ -113,6 +115,7 @@ def main(argv=None) -> int:
         parser.error("--epochs must be >= 2 and --rounds >= 1")
     from pipeline import speed
 
+    recorder = results.Recorder("streaming")
     # Threads per op as pipeline.train sets them by default, before anything starts TensorFlow's runtime.
     print(f"threads per op: {speed.set_threads(config_lib.Config()) or 'TensorFlow default'}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,10 +125,10 @@ def main(argv=None) -> int:
         config_lib.validate(base)
         variants = {"memory": base, "stream": dataclasses.replace(base, input="stream"),
                     "stream --cache-dir": dataclasses.replace(base, input="stream", cache_dir=os.path.join(tmp, "cache"))}
-        return measure(variants, args.rounds)
+        return measure(variants, args.rounds, recorder, settings=vars(args))
 
 
-def measure(variants: dict, rounds: int) -> int:
+def measure(variants: dict, rounds: int, recorder: results.Recorder, settings: dict) -> int:
     from pipeline import inputs
 
     data, load_seconds = {}, {}
