@@ -169,6 +169,19 @@ RUN_FILES = {
     "summary.json": "how the run ended and what it measured (keys below); written by every ending of a started run",
 }
 OPTIONAL = ()
+# summary.json keys whose Summary field has no comment of its own.
+SUMMARY_NOTES = {
+    "run_dir": "the run directory",
+    "workers": "worker processes (more than 1 only under `--strategy multiworker`)",
+    "val_accuracy": "accuracy on the validation split, with the statistics the exported model uses",
+    "test_accuracy": "accuracy on the test split, with the statistics the exported model uses",
+    "test_loss": "loss on the test split",
+    "epochs": "epochs trained",
+    "time_per_step_s": "median seconds per training step over the epochs after the first, the instruments' "
+                       "measuring left out (defined in `pipeline/rundir.py`; the sweep report shows the same number)",
+    "export_path": "the exported SavedModel version folder (null with `--no-export`)",
+    "target_accuracy": "`--target-accuracy`, when one was given",
+}
 
 
 def _summary_comments() -> dict[str, str]:
@@ -181,16 +194,17 @@ def _summary_comments() -> dict[str, str]:
         lines = source.splitlines()
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ClassDef) and node.name == "Summary":
-                comments, pending = {}, []
+                comments = {}
                 for item in node.body:
                     if not isinstance(item, ast.AnnAssign):
                         continue
                     line = lines[item.lineno - 1]
-                    above = lines[item.lineno - 2].strip() if item.lineno >= 2 else ""
-                    comment = line.split("  # ", 1)[1].strip() if "  # " in line else ""
-                    if not comment and above.startswith("#"):
-                        comment = above.lstrip("# ").strip()
-                    comments[item.target.id] = comment
+                    above, index = [], item.lineno - 2
+                    while index >= 0 and lines[index].strip().startswith("#"):  # a comment block over the field
+                        above.insert(0, lines[index].strip().lstrip("# ").strip())
+                        index -= 1
+                    inline = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+                    comments[item.target.id] = inline or " ".join(above)
                 doc = ast.get_docstring(node) or ""
                 comments[""] = doc.splitlines()[0] if doc else ""
                 return comments
@@ -218,8 +232,14 @@ def _tiny_run(scratch: str) -> str:
 
 
 def _tree(path: str, depth: int = 0, max_depth: int = 3) -> list[str]:
+    """The folder's entries, indented, TensorBoard event files (named after host and time) as one pattern."""
     lines = []
-    for name in sorted(os.listdir(path)):
+    names = sorted(os.listdir(path))
+    events = [name for name in names if name.startswith("events.out.tfevents.")]
+    if events:
+        names = [name for name in names if name not in events]
+        lines.append("    " * depth + f"events.out.tfevents.* ({len(events)} file{'s' if len(events) > 1 else ''})")
+    for name in names:
         full = os.path.join(path, name)
         if os.path.isdir(full):
             lines.append("    " * depth + name + "/")
@@ -264,9 +284,9 @@ def run_directory_page() -> str:
     ]
     lines += [f"| `{name}` | {RUN_FILES[name]} |" for name in sorted(RUN_FILES)]
     lines += ["", "The tiny run's files:", "", "```", *tree, "```", "", "## summary.json", "",
-              comments.get("", ""), "", "| key | what |", "|---|---|"]
+              _escape(comments.get("", "")), "", "| key | what |", "|---|---|"]
     for key in summary:
-        lines.append(f"| `{key}` | {_escape(comments.get(key, ''))} |")
+        lines.append(f"| `{key}` | {_escape(comments.get(key) or SUMMARY_NOTES.get(key, ''))} |")
     lines += ["", "## config.json", "", "Top-level keys: " + ", ".join(f"`{k}`" for k in config_keys) + ". "
               "`config` holds every field of `Config`, one per training flag ([flag reference](flags.md)).", "",
               "## metrics.jsonl", "",
