@@ -4,7 +4,7 @@ Usage: python benchmarks/instrument_overhead.py [--model resnet20] [--dataset di
                                                 [--rounds 2]
        --dataset synthetic:32x32x3 trains on 2048 random images of that shape (CIFAR-sized, for timing only).
        python benchmarks/instrument_overhead.py --default-run [--rounds 2] [--grad-stats-every N]
-       runs the README's default run (`python -m pipeline.train --batch 32`, through train()) with the default
+       runs the default run (`python -m pipeline.train --batch 32`, through train()) with the default
        instruments and with --grad-stats-every 0 --bn-stats-every 0 --no-dynamics, alternating, and prints the wall
        time ratio (tracing, precise BN, evaluation and export included) and the instruments' own timer as a share
        of the training epochs.
@@ -21,7 +21,7 @@ over minutes, more than the effects measured. Columns:
   one-time s  first epoch minus the neighbouring plain runs' first epoch: tracing the instruments and measuring
               at step 0.
 Goals: all defaults together <= 5% of the training time by their own timer and <= 1.10x wall time on the default
-run, where precision comes first: a gradient measurement takes 1024 examples (README "Benchmarks" says what each
+run, where precision comes first: a gradient measurement takes 1024 examples (docs/benchmarks.md shows what each
 variant costs).
 """
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10, help="epochs per round; the first of each is not timed")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--default-run", action="store_true", help="time the README's default run end to end")
+    parser.add_argument("--default-run", action="store_true", help="time the default run end to end")
     parser.add_argument("--grad-stats-every", type=int, default=-1,
                         help="with --default-run: the gradient-statistics interval of the instrumented run")
     args = parser.parse_args(argv)

@@ -39,7 +39,7 @@ class Config:
     download: bool = _field(False, "let TFDS download a dataset that is not prepared (needs network)")
     val_fraction: float = _field(0.1, "fraction of train held out for validation when a dataset has none")
     input: str = _field("memory", "memory (decode every split once and hold it in memory) | stream (read TFDS and "
-                        "folder: data from its files every epoch, each worker its own files; README 'Streaming input')")
+                        "folder: data from its files every epoch, each worker its own files; docs/streaming.md)")
     cache_dir: str = _field("", "--input stream: keep the decoded examples in files here after the first pass, reused "
                             "by later runs (\"\": decode every epoch)")
     augment: str = _field("auto", "auto (crop-flip for 32x32 colour images, none otherwise) | none | crop-flip")
@@ -138,7 +138,7 @@ def smoke() -> Config:
 
 
 def batch_study() -> Config:
-    """The runs of the default batch-size sweep on digits (about 6.5 minutes on 2 CPU cores, README).
+    """The runs of the default batch-size sweep on digits (benchmarks/advisor.py times it).
 
     12 epochs per run; lr 0.05 at batch 32 for SGD with momentum 0.9, scaled linearly (0.4 at batch 256); target
     98% validation accuracy, which ResNet-20 reaches on digits in a few epochs, but not at every batch.
@@ -148,7 +148,7 @@ def batch_study() -> Config:
 
 # Automatic interval (-1) of the gradient and BN statistics in a run, in steps. After a one-time trace of 1-3 s
 # each, a BN measurement costs about one training step and a gradient measurement (1024 examples) about 1024 / B
-# (benchmarks/instrument_overhead.py, README "Benchmarks"): every 100 steps at batch 32, ~1% and ~27%.
+# (benchmarks/instrument_overhead.py, docs/benchmarks.md): every 100 steps at batch 32, ~1% and ~27%.
 AUTO_INTERVAL = 100
 # Automatic intervals in a sweep give every run this many measurements at the same fractions of its budget: the same
 # number at every batch size, where a fixed interval would leave the few steps of a large batch unmeasured (plus

@@ -19,6 +19,8 @@ SPAN = re.compile(r"`([^`]+)`")
 # Commands of other programs, whose flags are theirs (pip, pytest, docker, TensorBoard, ...).
 OTHER_COMMANDS = re.compile(r"^\s*((python -m )?(pip|pytest)|docker|tensorboard|curl|saved_model_cli|tfds|mkdocs|"
                             r"jupyter|flock)\b|^\s*(python )?(benchmarks|docs)/|^\s*[A-Z_]+=\S+ (?!python -m pipeline)")
+# A command of an entry point, after any environment variables, up to a shell comment.
+COMMAND = re.compile(r"(?:^|\s)python -m pipeline\.(\w+)([^#]*)")
 # "`--flag ...` (default X" in prose.
 INLINE_DEFAULT = re.compile(r"`(--[a-z][a-z0-9-]*)[^`]*` \(default:? `?([^`),:;]+)`?")
 
@@ -83,19 +85,13 @@ def readme_flags(text: str, page: str = "pipeline.train"):
     """
     found = []
     for section, block, code in _blocks(text):
-        if code:
-            for command in _commands(block):
-                entry = ENTRY.search(command)
-                if command.startswith("python -m pipeline.") or (entry and not OTHER_COMMANDS.match(command)):
-                    found += [(flag, {f"pipeline.{entry.group(1)}"}, command) for flag in FLAG.findall(command)]
-            continue
         near = _near_entry_points(section, block, page)
-        for span in SPAN.findall(block):
-            if OTHER_COMMANDS.match(span):
-                continue
-            entry = ENTRY.search(span)
-            owners = {f"pipeline.{entry.group(1)}"} if span.startswith("python -m pipeline.") else near
-            found += [(flag, owners, span) for flag in FLAG.findall(span)]
+        for item in _commands(block) if code else SPAN.findall(block):
+            command = COMMAND.search(item)
+            if command:  # after any environment variables: python -m pipeline.X FLAGS
+                found += [(flag, {f"pipeline.{command.group(1)}"}, item) for flag in FLAG.findall(command.group(2))]
+            elif not code and not OTHER_COMMANDS.match(item):  # a flag in prose
+                found += [(flag, near, item) for flag in FLAG.findall(item)]
     return found
 
 
@@ -104,7 +100,7 @@ def readme_commands(text: str):
     commands = []
     for _, block, code in _blocks(text):
         for command in _commands(block) if code else SPAN.findall(block):
-            found = re.match(r"python -m pipeline\.(\w+)(.*)$", command.split("#")[0].strip())
+            found = COMMAND.search(command)
             if found:
                 commands.append((f"pipeline.{found.group(1)}", found.group(2).split()))
     return commands
