@@ -158,8 +158,9 @@ RUN_FILES = {
     "bn_stats.md": "a per-layer table of the last BatchNorm-statistics measurement",
     "dynamics/": "learning dynamics: `forgetting.json`, `class_accuracy.png`, `gallery_forgotten.png`, "
                  "`gallery_misclassified.png`",
-    "checkpoints/": "the last two finished epochs' weights and optimizer state (`epoch-NNNN.weights.h5`) and "
-                    "`checkpoint.json`, which names the latest and is renamed into place last",
+    "checkpoints/": "the last two finished epochs: weights and optimizer state (`epoch-NNNN.weights.h5`), the "
+                    "instruments' state (`epoch-NNNN.instruments.json`), and `checkpoint.json`, which names the latest "
+                    "and is renamed into place last",
     "export/": "the SavedModel in TF Serving's layout (`<model>/<version>/` with `assets.extra/`), `models.config` "
                "and `batching_parameters.txt` (see Serving)",
     "target.json": "with `--target-accuracy`: the step, epoch and time at which validation accuracy first reached "
@@ -167,8 +168,11 @@ RUN_FILES = {
     "evaluation/": "written by `python -m pipeline.evaluate RUN`: one folder per split with `evaluation.json`, "
                    "`confusion_matrix.json`, the plots and TensorBoard images",
     "summary.json": "how the run ended and what it measured (keys below); written by every ending of a started run",
+    "target_checks.npz": "with `--target-accuracy`: which validation examples each target check classified "
+                         "correctly, the data of the sweep report's bootstrap intervals of steps and time to target",
 }
-OPTIONAL = ()
+# Entries that the tiny run may not write.
+OPTIONAL = ("target_checks.npz",)
 # summary.json keys whose Summary field has no comment of its own.
 SUMMARY_NOTES = {
     "run_dir": "the run directory",
