@@ -34,8 +34,21 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(ROOT, "docs", "reference")
-ENTRY_POINTS = ("pipeline.train", "pipeline.sweep", "pipeline.advise", "pipeline.evaluate", "pipeline.predict",
-                "pipeline.report")
+FIRST = ("train", "sweep", "advise", "evaluate", "predict", "report")  # the order of the flag reference
+
+
+def _entry_points() -> tuple[str, ...]:
+    """pipeline.<name> for every module of pipeline/ that runs as `python -m pipeline.<name>`."""
+    names = []
+    for path in glob.glob(os.path.join(ROOT, "pipeline", "*.py")):
+        with open(path, encoding="utf-8") as f:
+            if 'if __name__ == "__main__":' in f.read():
+                names.append(os.path.splitext(os.path.basename(path))[0])
+    names.sort(key=lambda name: (FIRST.index(name) if name in FIRST else len(FIRST), name))
+    return tuple(f"pipeline.{name}" for name in names)
+
+
+ENTRY_POINTS = _entry_points()
 
 
 class _Parsed(BaseException):
@@ -142,6 +155,8 @@ def flags_page() -> str:
 # What each entry of a run directory is. The build fails if a tiny real run writes an entry not listed here, or
 # does not write one listed here (except those marked optional, which the tiny run cannot make).
 RUN_FILES = {
+    "curvature.jsonl": "with `--curvature-every N`: every curvature measurement (largest Hessian eigenvalue, trace "
+                       "with its interval, stability ratio)",
     "config.json": "the resolved config (`config`: every `Config` field; reload it with `--config`), the "
                    "effective learning rate, TensorFlow/Keras/TFDS versions, git commit, command line and the "
                    "parallel setup (`parallel`)",
@@ -171,8 +186,8 @@ RUN_FILES = {
     "target_checks.npz": "with `--target-accuracy`: which validation examples each target check classified "
                          "correctly, the data of the sweep report's bootstrap intervals of steps and time to target",
 }
-# Entries that the tiny run may not write.
-OPTIONAL = ("target_checks.npz",)
+# Entries that the tiny run may not write (the curvature instrument is off by default).
+OPTIONAL = ("target_checks.npz", "curvature.jsonl")
 # summary.json keys whose Summary field has no comment of its own.
 SUMMARY_NOTES = {
     "run_dir": "the run directory",

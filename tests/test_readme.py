@@ -13,29 +13,35 @@ import re
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY = re.compile(r"\bpipeline\.(train|sweep|advise|evaluate|predict|report)\b")
-FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w-])")
-SPAN = re.compile(r"`([^`]+)`")
-# Commands of other programs, whose flags are theirs (pip, pytest, docker, TensorBoard, ...).
-OTHER_COMMANDS = re.compile(r"^\s*((python -m )?(pip|pytest)|docker|tensorboard|curl|saved_model_cli|tfds|mkdocs|"
-                            r"jupyter|flock)\b|^\s*(python )?(benchmarks|docs)/|^\s*[A-Z_]+=\S+ (?!python -m pipeline)")
-# A command of an entry point, after any environment variables, up to a shell comment.
-COMMAND = re.compile(r"(?:^|\s)python -m pipeline\.(\w+)([^#]*)")
-# "`--flag ...` (default X" in prose.
-INLINE_DEFAULT = re.compile(r"`(--[a-z][a-z0-9-]*)[^`]*` \(default:? `?([^`),:;]+)`?")
 
 
-def _load_gen_reference():
-    spec = importlib.util.spec_from_file_location("gen_reference", os.path.join(REPO, "docs", "gen_reference.py"))
+def _load_script(path: str):
+    """A script of the repository (docs/, benchmarks/) loaded as a module from its file."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], os.path.join(REPO, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+GEN = _load_script("docs/gen_reference.py")
+FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w-])")
+SPAN = re.compile(r"`([^`]+)`")
+# Commands of other programs, whose flags are theirs (pip, pytest, docker, TensorBoard, ...).
+OTHER_COMMANDS = re.compile(r"^\s*((python -m )?(pip|pytest)|docker|tensorboard|curl|saved_model_cli|tfds|mkdocs|"
+                            r"jupyter|flock)\b|^\s*(python )?(benchmarks|docs)/|^\s*[A-Z_]+=\S+ (?!python -m pipeline)")
+# The entry points (`python -m pipeline.X`) that the repository has, as docs/gen_reference.py finds them.
+NAMES = "|".join(name.split(".")[1] for name in GEN.ENTRY_POINTS)
+ENTRY = re.compile(rf"\bpipeline\.({NAMES})\b")
+# A command of an entry point, after any environment variables, up to a shell comment.
+COMMAND = re.compile(rf"(?:^|\s)python -m pipeline\.({NAMES})\b([^#]*)")
+# "`--flag ...` (default X" in prose.
+INLINE_DEFAULT = re.compile(r"`(--[a-z][a-z0-9-]*)[^`]*` \(default:? `?([^`),:;]+)`?")
+
+
 @pytest.fixture(scope="module")
 def entry_flags():
     """{"pipeline.train": {"--batch": "32", ...}, ...}: every entry point's option strings and default texts."""
-    gen = _load_gen_reference()
+    gen = GEN
     flags = {}
     for module_name in gen.ENTRY_POINTS:
         parser = gen.entry_point_parser(module_name)
@@ -120,7 +126,8 @@ def readme_values(text: str, page: str = "pipeline.train"):
             continue
         for span in SPAN.findall(block):
             words = span.split()
-            if len(words) == 2 and FLAG.fullmatch(words[0]) and not re.search(r"[|<>.]|^[A-Z_,]+$", words[1]):
+            if (len(words) == 2 and FLAG.fullmatch(words[0]) and not words[1].startswith("-")
+                    and not re.search(r"[|<>.]|^[A-Z_,]+$", words[1])):
                 values.append((words[0], words[1], _near_entry_points(section, block, page)))
     return values
 
@@ -229,7 +236,7 @@ def _parses(gen, entry: str, arguments: list[str]) -> bool:
 def test_every_command_and_flag_value_parses(page, entry_flags):
     """The commands and `--flag VALUE` examples are accepted by the parsers (types and choices), e.g. not an integer
     flag given a word."""
-    gen, text = _load_gen_reference(), _read(page)
+    gen, text = GEN, _read(page)
     rejected = []
     commands = readme_commands(text)
     if page == "README.md":
@@ -264,17 +271,10 @@ def test_the_checks_catch_a_wrong_flag_and_a_wrong_default(entry_flags):
     assert (flag, value) == ("--batch", "64") and not _same_default(value, entry_flags["pipeline.train"]["--batch"])
     assert readme_values("Set `--intra-op-threads auto`, or `--epochs N`.") == [
         ("--intra-op-threads", "auto", {"pipeline.train"})]
-    gen = _load_gen_reference()
+    gen = GEN
     assert not _accepts(gen, "pipeline.train", "--intra-op-threads", "auto")
     assert _accepts(gen, "pipeline.train", "--intra-op-threads", "-1")
     assert not _accepts(gen, "pipeline.evaluate", "--split", "validation")
-
-
-def _load_script(path: str):
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], os.path.join(REPO, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_benchmark_page_shows_each_figure_with_its_run_and_says_when_there_is_none(tmp_path, monkeypatch):
@@ -298,7 +298,7 @@ def test_the_benchmark_page_shows_each_figure_with_its_run_and_says_when_there_i
 def test_the_flag_reference_has_a_row_for_every_config_field():
     from pipeline import config as config_lib
 
-    page = _load_gen_reference().flags_page()
+    page = GEN.flags_page()
     train = page.split("## `python -m pipeline.sweep`")[0]
     for field in dataclasses.fields(config_lib.Config):
         assert f"| `--{field.name.replace('_', '-')}`" in train, field.name
