@@ -269,11 +269,10 @@ def test_the_checks_catch_a_wrong_flag_and_a_wrong_default(entry_flags):
     assert bad == {"--no-such-flag", "--probe-steps"}
     (flag, value, owners), = readme_defaults(text)
     assert (flag, value) == ("--batch", "64") and not _same_default(value, entry_flags["pipeline.train"]["--batch"])
-    assert readme_values("Set `--intra-op-threads auto`, or `--epochs N`.") == [
-        ("--intra-op-threads", "auto", {"pipeline.train"})]
+    assert readme_values("Set `--epochs many`, or `--epochs N`.") == [("--epochs", "many", {"pipeline.train"})]
     gen = GEN
-    assert not _accepts(gen, "pipeline.train", "--intra-op-threads", "auto")
-    assert _accepts(gen, "pipeline.train", "--intra-op-threads", "-1")
+    assert not _accepts(gen, "pipeline.train", "--epochs", "many")
+    assert _accepts(gen, "pipeline.train", "--epochs", "3")
     assert not _accepts(gen, "pipeline.evaluate", "--split", "validation")
 
 
