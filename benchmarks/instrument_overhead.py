@@ -4,7 +4,7 @@ Usage: python benchmarks/instrument_overhead.py [--model resnet20] [--dataset di
                                                 [--rounds 2]
        --dataset synthetic:32x32x3 trains on 2048 random images of that shape (CIFAR-sized, for timing only).
        python benchmarks/instrument_overhead.py --default-run [--rounds 2] [--grad-stats-every N]
-       runs the default run (`python -m pipeline.train --batch 32`, through train()) with the default
+       runs the README's default run (`python -m pipeline.train --batch 32`, through train()) with the default
        instruments and with --grad-stats-every 0 --bn-stats-every 0 --no-dynamics, alternating, and prints the wall
        time ratio (tracing, precise BN, evaluation and export included) and the instruments' own timer as a share
        of the training epochs.
@@ -21,7 +21,7 @@ over minutes, more than the effects measured. Columns:
   one-time s  first epoch minus the neighbouring plain runs' first epoch: tracing the instruments and measuring
               at step 0.
 Goals: all defaults together <= 5% of the training time by their own timer and <= 1.10x wall time on the default
-run, where precision comes first: a gradient measurement takes 1024 examples (docs/benchmarks.md shows what each
+run, where precision comes first: a gradient measurement takes 1024 examples (README "Benchmarks" says what each
 variant costs).
 """
 
@@ -38,8 +38,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import config as config_lib  # noqa: E402
-
-import results  # noqa: E402  (benchmarks/results.py, beside this script)
 
 OFF = dict(grad_stats_every=0, bn_stats_every=0, dynamics=False)
 # name: (Config overrides, micro-batches per gradient measurement or None for the default of 1024 examples)
@@ -61,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10, help="epochs per round; the first of each is not timed")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--default-run", action="store_true", help="time the default run end to end")
+    parser.add_argument("--default-run", action="store_true", help="time the README's default run end to end")
     parser.add_argument("--grad-stats-every", type=int, default=-1,
                         help="with --default-run: the gradient-statistics interval of the instrumented run")
     args = parser.parse_args(argv)
@@ -69,7 +67,6 @@ def main(argv=None) -> int:
         parser.error("--epochs must be >= 2 and --rounds >= 1")
     if args.default_run:
         return default_run(args.rounds, args.grad_stats_every)
-    recorder = results.Recorder("instrument_overhead")
 
     import keras
 
@@ -127,8 +124,6 @@ def main(argv=None) -> int:
     print(f"{'variant':56s} {'epoch s':>8s} {'ratio':>6s} {'measuring':>9s} {'one-time s':>10s}")
     plain = [statistics.mean(times) for name, times, _, _ in runs if name == "plain fit"]
     print(f"{'plain fit (all runs)':56s} {statistics.mean(plain):8.3f} {max(plain) / min(plain):5.2f}x")
-    table = [{"variant": "plain fit (all runs): slowest / fastest", "epoch s": round(statistics.mean(plain), 4),
-              "ratio": round(max(plain) / min(plain), 3), "measuring": None, "one-time s": None}]
     for variant in VARIANTS:
         epochs, ratios, shares, once = [], [], [], []
         for i, (name, times, first, measuring) in enumerate(runs):
@@ -142,14 +137,6 @@ def main(argv=None) -> int:
             once.append(first - (before[2] + after[2]) / 2)
         print(f"{variant:56s} {statistics.mean(epochs):8.3f} {statistics.mean(ratios):5.2f}x "
               f"{statistics.mean(shares):8.1%} {statistics.mean(once):10.1f}")
-        table.append({"variant": variant, "epoch s": round(statistics.mean(epochs), 4),
-                      "ratio": round(statistics.mean(ratios), 3), "measuring": f"{statistics.mean(shares):.1%}",
-                      "one-time s": round(statistics.mean(once), 2)})
-    raw = [{"variant": name, "timed_epoch_s": times, "first_epoch_s": first, "measuring_s": measuring}
-           for name, times, first, measuring in runs]
-    settings = vars(args) | {"steps_per_epoch": steps_per_epoch, "auto_interval": config_lib.AUTO_INTERVAL}
-    path = recorder.write(rounds=raw, summary={"tables": {"Epoch time against plain fit": table}}, settings=settings)
-    print(f"result: {path}")
     return 0
 
 
@@ -157,8 +144,7 @@ def default_run(rounds: int, grad_stats_every: int = -1) -> int:
     """Wall time of the default run with and without the instruments, alternating, in one process."""
     from pipeline import train
 
-    recorder = results.Recorder("instrument_overhead_default_run")
-    walls, shares, raw = {"instruments": [], "off": []}, [], []
+    walls, shares = {"instruments": [], "off": []}, []
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(rounds):
             for name, overrides in (("off", OFF), ("instruments", dict(grad_stats_every=grad_stats_every))):
@@ -169,9 +155,6 @@ def default_run(rounds: int, grad_stats_every: int = -1) -> int:
                 walls[name].append(time.perf_counter() - started)
                 if name == "instruments":
                     shares.append(summary.instrument_time_s / summary.train_time_s)
-                raw.append({"round": round_ + 1, "variant": name, "wall_s": walls[name][-1],
-                            "train_time_s": summary.train_time_s, "instrument_time_s": summary.instrument_time_s,
-                            "test_accuracy": summary.test_accuracy})
                 print(f"{name:12s} wall {walls[name][-1]:6.1f} s, training epochs {summary.train_time_s:6.1f} s, "
                       f"measuring {summary.instrument_time_s:5.2f} s, test accuracy {summary.test_accuracy:.4f}",
                       flush=True)
@@ -179,14 +162,6 @@ def default_run(rounds: int, grad_stats_every: int = -1) -> int:
     print(f"default run, {rounds} round(s): wall time with instruments / without = {ratio:.3f}x; instruments' own "
           f"timer = {statistics.mean(shares):.1%} of the training epochs (tracing and the step-0 measurements "
           f"included)")
-    table = [{"measurement": "wall time, default instruments / instruments off", "value": f"{ratio:.3f}x",
-              "rounds": " ".join(f"{a / b:.3f}" for a, b in zip(walls["instruments"], walls["off"])),
-              "goal": "<= 1.10x", "met": ratio <= 1.10},
-             {"measurement": "instruments' own timer / training epochs", "value": f"{statistics.mean(shares):.1%}",
-              "rounds": " ".join(f"{s:.1%}" for s in shares), "goal": "<= 5%", "met": statistics.mean(shares) <= 0.05}]
-    path = recorder.write(rounds=raw, summary={"tables": {"The default run with and without its instruments": table}},
-                          settings={"rounds": rounds, "grad_stats_every": grad_stats_every})
-    print(f"result: {path}")
     return 0
 
 

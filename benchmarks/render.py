@@ -54,13 +54,52 @@ def _script_of(record: dict) -> str:
 def _cell(value) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):
+        return ", ".join(_cell(item) for item in value)
     if value is True:
-        return "met"
+        return "yes"
     if value is False:
-        return "**not met**"
+        return "**no**"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value).replace("|", "\\|")
+
+
+def _flat(value) -> bool:
+    """A value that fits in a table cell: a number, a string, a flag, or a short list of them."""
+    if isinstance(value, list):
+        return len(value) <= 12 and all(_flat(item) and not isinstance(item, list) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _rows(value) -> list[dict] | None:
+    """Table rows for a list of flat dicts, a dict of flat dicts or a flat dict; None for anything else."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) and all(map(_flat, v.values())) for v in value):
+        return value
+    if isinstance(value, dict) and value and all(isinstance(v, dict) and all(map(_flat, v.values()))
+                                                 for v in value.values()):
+        return [{"key": key, **row} for key, row in value.items()]
+    if isinstance(value, dict) and value and all(map(_flat, value.values())):
+        return [{"key": key, "value": item} for key, item in value.items()]
+    return None
+
+
+def render_summary(summary: dict) -> list[str]:
+    """The summary figures: its named tables, its single figures as one table, and each nested part as a table (or
+    as JSON when it is no table)."""
+    lines = []
+    for title, rows in summary.get("tables", {}).items():
+        lines += [f"**{title}**", "", *_table(rows), ""]
+    rest = {key: value for key, value in summary.items() if key != "tables"}
+    figures = [{"figure": key, "value": value} for key, value in rest.items() if _flat(value)]
+    if figures:
+        lines += ["**Figures**", "", *_table(figures), ""]
+    for key, value in rest.items():
+        if _flat(value):
+            continue
+        rows = _rows(value)
+        lines += [f"**{key}**", ""] + (_table(rows) if rows else ["```json", json.dumps(value, indent=1), "```"]) + [""]
+    return lines
 
 
 def _table(rows: list[dict]) -> list[str]:
@@ -87,12 +126,7 @@ def render_record(record: dict) -> list[str]:
         "- versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()),
         "",
     ]
-    summary = record.get("summary", {})
-    for title, rows in summary.get("tables", {}).items():
-        lines += [f"**{title}**", "", *_table(rows), ""]
-    other = {key: value for key, value in summary.items() if key != "tables"}
-    if other:
-        lines += ["Other figures:", "", "```json", json.dumps(other, indent=1, sort_keys=True), "```", ""]
+    lines += render_summary(record.get("summary", {}))
     lines += ["Settings:", "", "```json", json.dumps(record.get("settings", {}), indent=1, sort_keys=True), "```", ""]
     lines += ["Every round's raw numbers:", "", "```json", json.dumps(record.get("rounds", []), indent=1), "```", ""]
     return lines

@@ -38,7 +38,7 @@ loss, so it is not in |G|^2. Steps are batches, counted by the optimizer's itera
 count).
 
 Speed: a measurement computes the gradients of M * b fresh examples, M times the forward and backward pass of a
-training step at b = B (benchmarks/instrument_overhead.py measures it; docs/benchmarks.md).
+training step at b = B (see benchmarks/instrument_overhead.py and the README's Benchmarks).
 """
 
 import math
@@ -54,7 +54,7 @@ from callbacks.noise_records import EPOCH_KEYS, FLAGS, SUFFIXES, WINDOW, NoiseRe
 from callbacks.timing import timed
 
 # Examples per measurement by default: M = max(MIN_MICRO_BATCHES, ceil(EXAMPLES / b)) micro-batches of b = B. Chosen
-# by measurement (tests/test_gradient_stats_training.py, docs/changelog.md): with 256 examples a single |G|^2 of
+# by measurement (tests/test_gradient_stats_training.py, README "Instruments"): with 256 examples a single |G|^2 of
 # the digits CNN was indistinguishable from zero in most measurements after the first epoch, with 1024 every
 # checked value was within 1.5x of the truth.
 EXAMPLES, MIN_MICRO_BATCHES = 1024, 8

@@ -138,7 +138,7 @@ def smoke() -> Config:
 
 
 def batch_study() -> Config:
-    """The runs of the default batch-size sweep on digits (benchmarks/advisor.py times it).
+    """The runs of the default batch-size sweep on digits (about 6.5 minutes on 2 CPU cores, README).
 
     12 epochs per run; lr 0.05 at batch 32 for SGD with momentum 0.9, scaled linearly (0.4 at batch 256); target
     98% validation accuracy, which ResNet-20 reaches on digits in a few epochs, but not at every batch.
@@ -148,7 +148,7 @@ def batch_study() -> Config:
 
 # Automatic interval (-1) of the gradient and BN statistics in a run, in steps. After a one-time trace of 1-3 s
 # each, a BN measurement costs about one training step and a gradient measurement (1024 examples) about 1024 / B
-# (benchmarks/instrument_overhead.py, docs/benchmarks.md): every 100 steps at batch 32, ~1% and ~27%.
+# (benchmarks/instrument_overhead.py, README "Benchmarks"): every 100 steps at batch 32, ~1% and ~27%.
 AUTO_INTERVAL = 100
 # Automatic intervals in a sweep give every run this many measurements at the same fractions of its budget: the same
 # number at every batch size, where a fixed interval would leave the few steps of a large batch unmeasured (plus

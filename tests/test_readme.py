@@ -281,16 +281,18 @@ def test_the_benchmark_page_shows_each_figure_with_its_run_and_says_when_there_i
     results, render = _load_script("benchmarks/results.py"), _load_script("benchmarks/render.py")
     recorder = results.Recorder("speed", argv=["benchmarks/speed.py", "--rounds", "1"])
     recorder.write(rounds=[{"round": 1, "epoch_s": [1.5, 0.61]}],
-                   summary={"tables": {"Speed-up": [{"variant": "a vs b", "speed-up": 1.234, "met": True}]}},
+                   summary={"tables": {"Speed-up": [{"variant": "a vs b", "speed-up": 1.234, "met": True}]},
+                            "wall_ratio": 1.5, "coverage": {"norm_sq": 0.875}},
                    directory=str(tmp_path))
     scripts = {"speed.py": "Training speed.", "streaming.py": "Streamed input."}
     page = render.render(render.read_results(str(tmp_path)), scripts)
     speed, streaming = page.split("## `benchmarks/streaming.py`")
-    assert "`python benchmarks/speed.py --rounds 1`" in speed and "| a vs b | 1.234 | met |" in speed
+    assert "`python benchmarks/speed.py --rounds 1`" in speed and "| a vs b | 1.234 | yes |" in speed
     assert recorder.started.isoformat(timespec="seconds") in speed and '"epoch_s": [' in speed
+    assert "| wall_ratio | 1.5 |" in speed and "| norm_sq | 0.875 |" in speed  # summaries without named tables
     assert "No result file yet; run `python benchmarks/streaming.py`." in streaming
     found = set(render.benchmark_scripts())  # the scripts that write a result file, not the helpers
-    assert {"advisor.py", "instrument_overhead.py", "replica_gradient_stats.py", "speed.py", "streaming.py"} <= found
+    assert {"advisor.py", "replica_gradient_stats.py", "speed.py", "streaming.py"} <= found
     assert not found & {"render.py", "results.py", "shapes.py"}
 
 
