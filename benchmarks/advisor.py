@@ -27,9 +27,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import results  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
-
-import results  # noqa: E402  (benchmarks/results.py, beside this script)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ running this twice gives the same page.
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import json
 import os
@@ -27,8 +28,9 @@ def benchmark_scripts() -> dict[str, str]:
     for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
         with open(path, encoding="utf-8") as f:
             source = f.read()
-        if "\nimport results" not in source:  # the scripts that write a result file
-            continue
+        calls = [node.func for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)]
+        if not any(getattr(func, "attr", getattr(func, "id", None)) == "Recorder" for func in calls):
+            continue  # not a benchmark: it writes no result file
         first = source.split('"""', 2)[1].strip().splitlines()[0] if source.startswith('"""') else ""
         scripts[os.path.basename(path)] = first
     return scripts

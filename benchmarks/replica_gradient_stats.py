@@ -26,9 +26,10 @@ import subprocess
 import sys
 import tempfile
 
-import results  # benchmarks/results.py, beside this script
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import results  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -30,9 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import results  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
-
-import results  # noqa: E402  (benchmarks/results.py, beside this script)
 
 OFF = dict(grad_stats_every=0, bn_stats_every=0, dynamics=False)
 # name: (runner, Config changes); "bare" runs the bare script with the Config's speed settings.

@@ -36,9 +36,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import results  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
-
-import results  # noqa: E402  (benchmarks/results.py, beside this script)
 
 def write_digits_folder(root: str) -> str:
     """The sklearn digits as 32x32x3 PNG files in root/<digit>/<index>.png; returns folder:root."""
