@@ -77,6 +77,11 @@ def _blocks(text: str):
             block.append(line)
 
 
+def _spans(block: str):
+    """The inline code spans of a paragraph, a line break inside one read as a space."""
+    return [" ".join(span.split()) for span in SPAN.findall(block)]
+
+
 def _commands(code: str):
     """The command lines of a code block, with backslash continuations joined."""
     return [line.strip() for line in code.replace("\\\n", " ").splitlines() if line.strip()]
@@ -92,7 +97,7 @@ def readme_flags(text: str, page: str = "pipeline.train"):
     found = []
     for section, block, code in _blocks(text):
         near = _near_entry_points(section, block, page)
-        for item in _commands(block) if code else SPAN.findall(block):
+        for item in _commands(block) if code else _spans(block):
             command = COMMAND.search(item)
             if command:  # after any environment variables: python -m pipeline.X FLAGS
                 found += [(flag, {f"pipeline.{command.group(1)}"}, item) for flag in FLAG.findall(command.group(2))]
@@ -105,7 +110,7 @@ def readme_commands(text: str):
     """(entry point, arguments) of every `python -m pipeline.X ...` command in the text, in code or inline."""
     commands = []
     for _, block, code in _blocks(text):
-        for command in _commands(block) if code else SPAN.findall(block):
+        for command in _commands(block) if code else _spans(block):
             found = COMMAND.search(command)
             if found:
                 commands.append((f"pipeline.{found.group(1)}", found.group(2).split()))
@@ -124,7 +129,7 @@ def readme_values(text: str, page: str = "pipeline.train"):
     for section, block, code in _blocks(text):
         if code:
             continue
-        for span in SPAN.findall(block):
+        for span in _spans(block):
             words = span.split()
             if (len(words) == 2 and FLAG.fullmatch(words[0]) and not words[1].startswith("-")
                     and not re.search(r"[|<>.]|^[A-Z_,]+$", words[1])):
