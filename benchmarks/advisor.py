@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import results  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 
 
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
         # The sweep would resume: it would skip the runs found there, made perhaps by another version of the code.
         parser.error(f"--out: {args.out} is not empty; give a new directory (the benchmark starts from scratch)")
     os.makedirs(args.out, exist_ok=True)
+    recorder = results.Recorder("advisor-" + config_lib.default_out(config, ""))  # e.g. advisor-digits-resnet20
+    rows = []  # (measurement, value, goal, met) for the result file
 
     started = time.perf_counter()
     advice = advise.advise(dataclasses.replace(config, warmup_epochs=warmup), 0, max(batches),
@@ -74,25 +77,47 @@ def main(argv=None) -> int:
           + ", ".join(f"{b}: {t:.1f} s; {steady[b]:.2f} s" for b, t in sorted(times.items())), flush=True)
 
     print(f"probe / sweep time: {probe_s / sweep_s:.3f} (goal <= 0.1)")
+    rows.append(("probe time / sweep time", round(probe_s / sweep_s, 4), "<= 0.1", probe_s / sweep_s <= 0.1))
+    raw = {"probe_s": probe_s, "sweep_s": sweep_s, "advice": advice["message"],
+           "sweep_time_to_target_s": times, "sweep_steady_time_to_target_s": steady}
+
+    def record() -> None:
+        table = [dict(zip(("measurement", "value", "goal", "met"), row)) for row in rows]
+        settings = vars(args) | {"batches": list(batches), "epochs": config.epochs,
+                                 "target_accuracy": config.target_accuracy}
+        print(f"result: {recorder.write(rounds=[raw], summary={'tables': {'Goals': table}}, settings=settings)}")
+
     if advice["status"] != "recommended":
         print("no recommendation, so no advised run: " + advice["message"])
+        record()
         return 0
     run_dir = os.path.join(args.out, "advised")
     summary = train.train(dataclasses.replace(config, warmup_epochs=warmup, run_dir=run_dir, overwrite=True,
                                               advice=os.path.join(args.out, "advice", "advice.json")))
     row = report.read_run(run_dir)
+    raw |= {"advised_batch_source": summary.batch_source, "advised_steps_to_target": row["steps_to_target"],
+            "advised_time_to_target_s": row["time_to_target_s"], "advised_time_per_step_ms": row["time_per_step_ms"]}
     print(f"advised run: {summary.batch_source}; steps to target {row['steps_to_target']}, time to target "
           + (f"{row['time_to_target_s']:.1f} s" if row["time_to_target_s"] else "not reached"))
     if row["time_to_target_s"]:
-        print(f"advised / best sweep time to target, training clock: {row['time_to_target_s'] / times[best_batch]:.2f} "
+        clock = row["time_to_target_s"] / times[best_batch]
+        print(f"advised / best sweep time to target, training clock: {clock:.2f} "
               f"(best: batch {best_batch}, {times[best_batch]:.1f} s; goal <= 1.25)")
         advised_steady = row["steps_to_target"] * row["time_per_step_ms"] / 1000
         print(f"advised / best sweep time to target, steady speed: {advised_steady / steady[best_steady]:.2f} "
               f"({advised_steady:.2f} s; best: batch {best_steady}, {steady[best_steady]:.2f} s; goal <= 1.25)")
+        rows.append((f"advised / best time to target, training clock (best: batch {best_batch})", round(clock, 3),
+                     "<= 1.25", clock <= 1.25))
+        rows.append((f"advised / best time to target, steady speed (best: batch {best_steady})",
+                     round(advised_steady / steady[best_steady], 3), "<= 1.25",
+                     advised_steady / steady[best_steady] <= 1.25))
     prediction = result.get("prediction")
     if prediction:
         print(f"predicted fastest batch {prediction['predicted_fastest']}, measured fastest "
               f"{prediction['fastest_batch']}; steps off by {prediction['steps_off_typical']:.2f}x (median)")
+        rows.append(("predicted fastest batch / measured fastest batch",
+                     f"{prediction['predicted_fastest']} / {prediction['fastest_batch']}", "", None))
+    record()
     print(f"report: {os.path.join(args.out, 'sweep', 'report.md')}")
     return 0
 

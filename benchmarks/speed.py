@@ -30,6 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import results  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 
 OFF = dict(grad_stats_every=0, bn_stats_every=0, dynamics=False)
@@ -132,7 +133,8 @@ def main(argv=None) -> int:
         print(json.dumps(variant_epoch_times(args.variant, base)))
         return 0
 
-    means = {name: [] for name in VARIANTS}
+    recorder = results.Recorder("speed")
+    means, epoch_times = {name: [] for name in VARIANTS}, []
     common = ["--model", args.model, "--dataset", args.dataset, "--batch", str(args.batch), "--epochs",
               str(args.epochs)]
     print(f"{args.model} on {args.dataset}, batch {args.batch}; each variant in a process of its own", flush=True)
@@ -143,6 +145,7 @@ def main(argv=None) -> int:
             if done.returncode:
                 raise SystemExit(f"variant {name!r} failed:\n{done.stderr[-2000:]}")
             times = json.loads(done.stdout.strip().splitlines()[-1])
+            epoch_times.append({"round": round_index + 1, "variant": name, "epoch_s": times})
             means[name].append(statistics.mean(times[1:]))
             print(f"round {round_index + 1}: {name}: {means[name][-1]:.3f} s per epoch", flush=True)
     mean = {name: statistics.mean(values) for name, values in means.items()}
@@ -150,10 +153,22 @@ def main(argv=None) -> int:
     for name in VARIANTS:
         print(f"{name:60s} {mean[name]:8.3f}  {' '.join(f'{t:.3f}' for t in means[name])}")
     print(f"\n{'speed-up (reference time / variant time)':100s} {'ratio':>6s} {'goal':>6s}  per round")
+    epochs = [{"variant": name, "s per epoch": round(mean[name], 4),
+               "rounds": " ".join(f"{t:.3f}" for t in means[name])} for name in VARIANTS]
+    speedups = []
     for variant, reference, goal in RATIOS:
         row = f"{variant} vs {reference}"
-        rounds = " ".join(f"{r / v:.2f}" for r, v in zip(means[reference], means[variant]))
-        print(f"{row:100s} {mean[reference] / mean[variant]:6.2f} {'>= ' + str(goal) if goal else '':>6s}  {rounds}")
+        per_round = [r / v for r, v in zip(means[reference], means[variant])]
+        ratio = mean[reference] / mean[variant]
+        print(f"{row:100s} {ratio:6.2f} {'>= ' + str(goal) if goal else '':>6s}  {' '.join(f'{r:.2f}' for r in per_round)}")
+        speedups.append({"variant": variant, "reference": reference, "speed-up": round(ratio, 3),
+                         "rounds": " ".join(f"{r:.2f}" for r in per_round),
+                         "goal": f">= {goal}" if goal else "", "met": (ratio >= goal) if goal else None})
+    tables = {"Seconds per epoch (mean of the epochs after the first)": epochs,
+              "Speed-up (reference time / variant time)": speedups}
+    settings = {k: v for k, v in vars(args).items() if k != "variant"}
+    path = recorder.write(rounds=epoch_times, summary={"tables": tables}, settings=settings)
+    print(f"result: {path}")
     return 0
 
 

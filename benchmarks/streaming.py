@@ -36,6 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import results  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 
 def write_digits_folder(root: str) -> str:
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
         parser.error("--epochs must be >= 2 and --rounds >= 1")
     from pipeline import speed
 
+    recorder = results.Recorder("streaming")
     # Threads per op as pipeline.train sets them by default, before anything starts TensorFlow's runtime.
     print(f"threads per op: {speed.set_threads(config_lib.Config()) or 'TensorFlow default'}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,10 +124,10 @@ def main(argv=None) -> int:
         config_lib.validate(base)
         variants = {"memory": base, "stream": dataclasses.replace(base, input="stream"),
                     "stream --cache-dir": dataclasses.replace(base, input="stream", cache_dir=os.path.join(tmp, "cache"))}
-        return measure(variants, args.rounds)
+        return measure(variants, args.rounds, recorder, settings=vars(args))
 
 
-def measure(variants: dict, rounds: int) -> int:
+def measure(variants: dict, rounds: int, recorder: results.Recorder, settings: dict) -> int:
     from pipeline import inputs
 
     data, load_seconds = {}, {}
@@ -178,6 +180,24 @@ def measure(variants: dict, rounds: int) -> int:
         print(f"{'training speed, ' + name + ' vs memory (memory wall time / its wall time)':76s} "
               f"{wall['memory'] / wall[name]:8.3f} {'>= 0.97':>8s}   rounds: {rounds_text}")
         print(f"{'  the same in process CPU time (memory CPU time / its CPU time)':76s} {cpu['memory'] / cpu[name]:8.3f}")
+    table = [{"measurement": f"input pipeline alone, --input {name} / model consumption",
+              "value": round(rate[name] / rate["model"], 2), "rounds": "", "goal": ">= 3",
+              "met": rate[name] / rate["model"] >= 3} for name in streams]
+    for name in streams:
+        ratio = wall["memory"] / wall[name]
+        table.append({"measurement": f"training, --input {name} vs memory: memory wall time / its wall time",
+                      "value": round(ratio, 3), "goal": ">= 0.97", "met": ratio >= 0.97,
+                      "rounds": " ".join(f"{m[1] / s[1]:.3f}" for m, s in zip(trained["memory"], trained[name]))})
+        table.append({"measurement": f"the same in process CPU time (--input {name})",
+                      "value": round(cpu["memory"] / cpu[name], 3), "rounds": "", "goal": "", "met": None})
+    raw = [{"round": i + 1, "model_consumption_s": consumed[i],
+            "pipeline_alone_s": {name: piped[name][i] for name in streams},
+            "training": {name: dict(zip(("first_epoch_wall_s", "steady_wall_s", "steady_cpu_s"), trained[name][i]))
+                         for name in variants}} for i in range(rounds)]
+    settings = settings | {"source": str(memory.source), "num_train": memory.num_train, "load_s": load_seconds}
+    path = recorder.write(rounds=raw, summary={"tables": {"Ratios (steady epochs; means over the rounds)": table},
+                                               "rates_examples_per_s": rate}, settings=settings)
+    print(f"result: {path}")
     return 0
 
 

@@ -42,7 +42,7 @@ class Config:
     download: bool = _field(False, "let TFDS download a dataset that is not prepared (needs network)")
     val_fraction: float = _field(0.1, "fraction of train held out for validation when a dataset has none")
     input: str = _field("memory", "memory (decode every split once and hold it in memory) | stream (read TFDS and "
-                        "folder: data from its files every epoch, each worker its own files; README 'Streaming input')")
+                        "folder: data from its files every epoch, each worker its own files; docs/streaming.md)")
     cache_dir: str = _field("", "--input stream: keep the decoded examples in files here after the first pass, reused "
                             "by later runs (\"\": decode every epoch)")
     augment: str = _field("auto", "auto (crop-flip for 32x32 colour images, none otherwise) | none | crop-flip")
