@@ -170,9 +170,9 @@ def sweep(config: Config, spec: Spec, out: str = "sweeps/default", *, report: bo
     budget = spec.budget or Budget("epochs", config.epochs)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     if spec.advice:
-        from pipeline import advice
+        from pipeline import advised_config
 
-        rundir.write_json_atomic(os.path.join(out, "advice.json"), advice.read(spec.advice))
+        rundir.write_json_atomic(os.path.join(out, "advice.json"), advised_config.read(spec.advice))
     rundir.write_json_atomic(os.path.join(out, "sweep.json"), {
         "batches": list(spec.batches), "norms": list(spec.norms), "seeds": list(spec.seeds),
         "replicas": list(spec.replicas) if spec.replicas else None,

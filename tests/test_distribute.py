@@ -296,7 +296,7 @@ def test_two_streaming_workers_train_on_both_shards(image_folder, tmp_path, free
     import keras
 
     from pipeline import checkpoint, inputs
-    from pipeline import train as train_lib
+    from pipeline import fit_loop
 
     chief_dir = str(tmp_path / "run")
     cache = ["--cache-dir", str(tmp_path / "cache")]  # each worker writes its own shard's cache
@@ -305,7 +305,7 @@ def test_two_streaming_workers_train_on_both_shards(image_folder, tmp_path, free
     config = _streamed_config(image_folder, str(tmp_path / "reference"))
     keras.utils.set_random_seed(config.seed)  # as pipeline.train does, before loading and building
     data = inputs.load(config)
-    model, _ = train_lib.compiled_model(config, data)
+    model, _ = fit_loop.compiled_model(config, data)
     steps = data.num_train // config.batch
 
     def global_batches(epoch):

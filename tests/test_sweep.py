@@ -11,8 +11,7 @@ import time
 import pytest
 
 from pipeline import config as config_lib
-from pipeline import run_callbacks, rundir, runner, sweep
-from pipeline import train as train_lib
+from pipeline import fit_loop, run_callbacks, rundir, runner, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN = 1293  # digits: 1797 examples - 20% test - 10% of the rest for validation
@@ -25,13 +24,13 @@ def tiny_config(**changes):
 
 def record_calls(monkeypatch, fake=None):
     """Replaces train() by a wrapper (around the real one, or `fake`) that records each call's config."""
-    calls, real = [], train_lib.train
+    calls, real = [], fit_loop.train
 
     def wrapper(config):
         calls.append(config)
         return (fake or real)(config)
 
-    monkeypatch.setattr(train_lib, "train", wrapper)
+    monkeypatch.setattr(fit_loop, "train", wrapper)
     return calls
 
 
@@ -41,7 +40,7 @@ def fake_train(config, val_accuracy=None, status="completed"):
     rundir.write_json_atomic(os.path.join(config.run_dir, "config.json"),
                              {"config": config_lib.to_dict(config), "effective_lr": config.effective_lr})
     accuracy = val_accuracy(config) if val_accuracy else 0.9
-    summary = train_lib.Summary(status=status, run_dir=config.run_dir, steps=10, epochs=config.epochs,
+    summary = fit_loop.Summary(status=status, run_dir=config.run_dir, steps=10, epochs=config.epochs,
                                 val_accuracy=accuracy if status == "completed" else None,
                                 test_accuracy=accuracy if status == "completed" else None,
                                 train_accuracy=accuracy if status == "completed" else None,
