@@ -70,7 +70,7 @@ def read_checkpoint_state(directory: str) -> dict | None:
 
 
 def read_summary(run_dir: str) -> dict | None:
-    """summary.json (pipeline.train.Summary as a dict), or None before the run has ended."""
+    """summary.json (pipeline.fit_loop.Summary as a dict), or None before the run has ended."""
     return read_json(os.path.join(run_dir, SUMMARY))
 
 

@@ -1,6 +1,6 @@
 """Batch-size sweeps over train(): `python -m pipeline.sweep --batch 8,16,32,64,128,256 --norm batch,group`.
 
-Every (norm, batch, seed) combination is one in-process call of pipeline.train.train() with its own run
+Every (norm, batch, seed) combination is one in-process call of pipeline.fit_loop.train() with its own run
 directory <out>/runs/<norm>-b<batch>-s<seed>. With --replicas 1,2,4 every combination also runs on each number of
 replicas at the same global batch, in <out>/runs/<norm>-b<batch>-r<replicas>-s<seed>: one device for 1, else
 MirroredStrategy over the first R GPUs, or over R logical CPUs when there is no GPU, each such run in a process
