@@ -204,6 +204,7 @@ def run_module(module, *args):
     ("pipeline.train", ["--advice", "/nonexistent/advice.json"], ["--advice", "/nonexistent/advice.json"]),
     ("pipeline.train", ["--advice", "x.json", "--batch-schedule", "32@0"], ["--advice", "--batch-schedule"]),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(module, args, words):
     result = run_module(module, *args)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -23,6 +23,7 @@ FLAGS = ["--model", "cnn", "--batch", "64", "--epochs", "1", "--seed", "3", "--v
 STAGES = ("precise_bn", "evaluation", "export")
 
 
+@pytest.mark.slow
 def test_interrupted_after_training_says_what_is_done_and_resume_finishes(tmp_path):
     runs = {}
     for stage in STAGES:

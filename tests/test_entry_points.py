@@ -26,6 +26,7 @@ def run(module, *args, cwd):
     ("pipeline.advise", lambda d: ["--dataset", f"npz:{d / 'missing.npz'}", "--out", str(d / "advice")],
      ["missing.npz"]),
 ])
+@pytest.mark.slow
 def test_bad_input_after_tensorflow_import_is_one_line(tmp_path, module, make_args, words):
     (tmp_path / "empty").mkdir()
     (tmp_path / "image.png").write_bytes(b"not an image")

@@ -42,6 +42,7 @@ def test_several_steps_per_call_with_replicas_is_refused():
         speed.steps_per_execution(dataclasses.replace(config_lib.Config(), steps_per_execution="4"), 1293, 2)
 
 
+@pytest.mark.slow
 def test_threads_per_op_are_set_in_a_new_process_and_recorded(tmp_path):
     """An explicit --intra-op-threads is set in the run's process and recorded in summary.json and config.json (auto
     in a new process: tests/test_distribute.py's workers record speed.resolved_threads)."""

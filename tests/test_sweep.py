@@ -236,6 +236,7 @@ def test_bad_flags_exit_2_with_one_line(args, words, capsys):
     assert all(word in lines[0] for word in words), lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert sweep.main(["--batch", "8,4096", "--out", str(tmp_path)]) == 2  # needs the data to know
     assert capsys.readouterr().err == "error: --batch: 4096 is larger than the training split (1293 examples)\n"
@@ -300,6 +301,7 @@ def test_replica_sweep_trains_each_count_and_resumes(tmp_path, monkeypatch, caps
     assert calls == [] and capsys.readouterr().out.count("skipped (finished before)") == 2
 
 
+@pytest.mark.slow
 def test_distributed_tuning_survives_a_killed_worker(tmp_path, free_ports, monkeypatch):
     """keras-tuner's chief and one worker on 127.0.0.1 tune the lr of one batch size in 2 trials. The worker is
     killed while it holds trial 1: the oracle keeps that trial for its TUNER_ID and the chief waits; started again
