@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline import findings as findings_lib
 from pipeline import fits as fits_lib
-from pipeline import hparams, prediction, rundir, tuning
+from pipeline import cli, hparams, prediction, rundir, tuning
 from pipeline.config import InputError
 from pipeline.plots import plots
 
@@ -298,15 +298,15 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m pipeline.report SWEEP_DIR", file=sys.stderr)
-        return 2
-    try:
+        return cli.BAD_INPUT
+
+    def command() -> int:
         report = build_report(argv[0])
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(headline(report))
-    print("\n".join(f"- {s}" for s in report["findings"]))
-    return 0
+        print(headline(report))
+        print("\n".join(f"- {s}" for s in report["findings"]))
+        return 0
+
+    return cli.run(command, "interrupted; run the same command to rebuild the report")
 
 
 if __name__ == "__main__":

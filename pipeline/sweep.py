@@ -44,7 +44,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import flags, rundir, runner, speed, startup, tuning
+from pipeline import cli, flags, rundir, runner, speed, startup, tuning
 from pipeline import report as report_lib
 from pipeline.config import Config, InputError
 
@@ -291,7 +291,7 @@ def spec_from_flags(config: Config, args: argparse.Namespace, argv) -> Spec:
 
 def main(argv=None) -> int:
     """Parses flags, runs the sweep, prints the headline table; bad input exits with code 2 and one line."""
-    try:
+    def command() -> int:
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=add_sweep_flags,
                                    preset=config_lib.batch_study())
         startup.import_tensorflow()
@@ -299,16 +299,12 @@ def main(argv=None) -> int:
         spec = spec_from_flags(config, args, argv)
         out = vars(args).get("out") or config_lib.default_out(config, "sweeps")
         report = sweep(config, spec, out)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sweep interrupted; run the same command again to resume it", file=sys.stderr)
-        return 130
-    if report:
-        print(report_lib.headline(report))
-        print(f"report: {os.path.join(out, 'report.md')}")
-    return 0
+        if report:
+            print(report_lib.headline(report))
+            print(f"report: {os.path.join(out, 'report.md')}")
+        return 0
+
+    return cli.run(command, "sweep interrupted; run the same command again to resume it")
 
 
 if __name__ == "__main__":

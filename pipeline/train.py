@@ -8,30 +8,26 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline import flags, startup
-from pipeline.config import InputError
+from pipeline import cli, flags, startup
 from pipeline.fit_loop import train
 
 
 def main(argv=None) -> int:
     """Parses flags, trains, prints the summary as one JSON line; bad input exits with code 2 and one line."""
-    try:
+    def command() -> int:
         config, _ = flags.parse(argv, description=__doc__.splitlines()[0])
         startup.import_tensorflow()
         summary = train(config)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Before the run directory was created: there is nothing to resume.
-        print(json.dumps({"status": "interrupted", "stage": "setup", "run_dir": None}))
-        print("interrupted before the run started; nothing was written", file=sys.stderr)
-        return 130
-    keys = ("status", "stage", "reason", "test_accuracy", "val_accuracy", "train_accuracy", "steps", "wall_time_s",
-            "export_path", "run_dir")
-    print(json.dumps({k: getattr(summary, k) for k in keys}, default=str))
-    if summary.status != "completed":
-        print(f"run {summary.status}: {summary.reason}", file=sys.stderr)
-    return {"completed": 0, "failed": 1, "interrupted": 130}[summary.status]
+        keys = ("status", "stage", "reason", "test_accuracy", "val_accuracy", "train_accuracy", "steps",
+                "wall_time_s", "export_path", "run_dir")
+        print(json.dumps({k: getattr(summary, k) for k in keys}, default=str))
+        if summary.status != "completed":
+            print(f"run {summary.status}: {summary.reason}", file=sys.stderr)
+        return {"completed": 0, "failed": 1, "interrupted": cli.INTERRUPTED}[summary.status]
+
+    # A Ctrl-C that reaches here came before the run directory was created: there is nothing to resume.
+    return cli.run(command, "interrupted before the run started; nothing was written",
+                   interrupted_json={"status": "interrupted", "stage": "setup", "run_dir": None})
 
 
 if __name__ == "__main__":
