@@ -80,6 +80,7 @@ def test_threads_per_op_cannot_change_once_tensorflow_runs():
 
 
 @pytest.mark.parametrize("precision, jit", [("mixed_float16", True), ("mixed_bfloat16", False)])
+@pytest.mark.slow
 def test_mixed_precision_and_xla_train_measure_and_export(tmp_path, precision, jit):
     import tensorflow as tf
 

@@ -64,6 +64,7 @@ def test_budget_conversion_matches_counting_steps():
         assert (run.max_steps or run.epochs * (NUM_TRAIN // batch)) == steps, (kind, amount, batch)
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
     out = str(tmp_path / "sweep")
     calls = record_calls(monkeypatch)
@@ -275,6 +276,7 @@ def test_replica_axis_configs():
         sweep.run_configs(tiny_config(strategy="multiworker"), spec, NUM_TRAIN)
 
 
+@pytest.mark.slow
 def test_replica_sweep_trains_each_count_and_resumes(tmp_path, monkeypatch, capsys):
     """A real sweep over 1 and 2 replicas (the second in its own process, on 2 logical CPUs): the run on 2
     replicas normalizes over 16 of the 32 examples, the report has the devices' columns, and running the same
@@ -364,6 +366,7 @@ def test_distributed_tuning_survives_a_killed_worker(tmp_path, free_ports, monke
     assert sweep.main(args) == 0 and calls == []
 
 
+@pytest.mark.slow
 def test_a_run_in_its_own_process_reports_bad_input_in_one_line(tmp_path):
     config = tiny_config(strategy="mirrored", replicas=2, logical_cpus=2, dataset="npz:/nonexistent.npz")
     assert runner.needs_own_process(config) and not runner.needs_own_process(tiny_config())
