@@ -101,6 +101,7 @@ def test_failed_run_prints_its_json_line(tmp_path, monkeypatch, capsys):
     assert "loss became nan" in summary["reason"] and err == f"run failed: {summary['reason']}\n"
 
 
+@pytest.mark.slow
 def test_an_error_after_training_is_recorded_then_raised(tmp_path, monkeypatch):
     def broken_export(*args, **kwargs):
         raise OSError(28, "No space left on device")

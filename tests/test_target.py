@@ -60,6 +60,7 @@ def test_first_reaching_check_matches_brute_force_during_training(tmp_path):
     assert check.seconds > 0 and reached["seconds_into_epoch"] > 0
 
 
+@pytest.mark.slow
 def test_summary_reports_steps_epochs_and_time_to_target(tmp_path):
     config = dataclasses.replace(config_lib.smoke(), run_dir=str(tmp_path / "run"), target_accuracy=0.5, epochs=3,
                                  export=False, dynamics=False, grad_stats_every=0, bn_stats_every=0,
