@@ -16,10 +16,9 @@ from callbacks import schedule as schedule_lib
 from callbacks.bn_tables import ERRORS, QUANTITIES, resolved
 from callbacks.checked_io import check_positive_int, write_atomic
 from callbacks.events import EventWriter
-from callbacks.precise_bn import batch_norm_inputs, population_moments, side_model, take_inputs
+from callbacks.precise_bn import batch_norm_inputs, group_moments, population_moments, side_model, take_inputs
 from callbacks.steps import Steps
 from callbacks.timing import timed
-from models.norm import virtual_batches
 
 logger = logging.getLogger(__name__)
 
@@ -29,22 +28,6 @@ BELOW_KEYS = tuple(f"bn/{key}_below" for key in ERRORS)
 
 # The epoch-log keys: the averages over layers of the latest measurement in the epoch, and its step.
 EPOCH_KEYS = (*SUMMARY_KEYS, *BELOW_KEYS, "bn/step")
-
-
-def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-group, per-channel mean and biased variance of `x` over examples and positions, shape (G, C) each."""
-    x = tf.cast(x, tf.float32)
-    rank = len(x.shape)
-    axis = axis % rank
-    x = tf.transpose(x, [0] + [i for i in range(1, rank) if i != axis] + [axis]) if axis != rank - 1 else x
-    x = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])  # (B, positions, C)
-    group_of, groups = virtual_batches(tf.shape(x)[0], virtual_batch_size)
-    sizes = tf.math.unsorted_segment_sum(tf.ones_like(group_of, tf.float32), group_of, groups)[:, None]
-    mean = tf.math.unsorted_segment_sum(tf.reduce_mean(x, axis=1), group_of, groups) / sizes
-    # Two passes (mean first, then squared deviations), so that large means do not cost float32 precision.
-    deviation = x - tf.gather(mean, group_of)[:, None, :]
-    variance = tf.math.unsorted_segment_sum(tf.reduce_mean(tf.square(deviation), axis=1), group_of, groups) / sizes
-    return mean, variance
 
 
 class BatchNormStatistics(keras.callbacks.Callback):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -11,10 +10,10 @@ import re
 import keras
 import numpy as np
 import tensorflow as tf
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from callbacks.checked_io import check_positive_int, finite_or_none, write_atomic
+from callbacks.figures import display_image, figure_png
 from callbacks.steps import Steps
 from callbacks.timing import timed
 
@@ -233,13 +232,13 @@ class LearningDynamics(keras.callbacks.Callback):
             figure.text(0.5, 0.5, "none", ha="center", va="center")
         for position, i in enumerate(chosen):
             axes = figure.add_subplot(rows, columns, position + 1)
-            axes.imshow(_display_image(self.x[i]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            axes.imshow(display_image(self.x[i]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
             events = "never learned" if self.first_learned_look[i] < 0 else f"forgotten {self.forgetting_events[i]}"
             true, predicted = self.class_names[self.y[i]], self.class_names[self.predictions[i]]
             axes.set_title(f"true {true} / pred {predicted}\n{events}", fontsize=6)
             axes.set_axis_off()
         figure.tight_layout()
-        return _png(figure)
+        return figure_png(figure)
 
     def _class_accuracy_png(self) -> bytes:
         """Per-class accuracy over training, one line per class, and the whole subset's accuracy dashed."""
@@ -256,27 +255,7 @@ class LearningDynamics(keras.callbacks.Callback):
         if len(self.class_names) <= MAX_LEGEND_CLASSES:
             axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         figure.tight_layout()
-        return _png(figure)
-
-
-def _display_image(image: np.ndarray) -> np.ndarray:
-    """One example as (H, W) or (H, W, 3) in [0, 1], scaled by its own min and max."""
-    image = np.asarray(image, np.float64)
-    if image.ndim == 1:  # flat features: a square image if the length is a square, else one row
-        side = math.isqrt(image.size)
-        image = image.reshape(side, side) if side * side == image.size else image[None, :]
-    if image.ndim == 3 and image.shape[-1] != 3:
-        image = image[..., 0]  # grayscale (H, W, 1); other channel counts show their first channel
-    low, high = np.nanmin(image), np.nanmax(image)
-    return (image - low) / (high - low) if high > low else np.zeros_like(image)
-
-
-def _png(figure: Figure) -> bytes:
-    # The Agg canvas renders without pyplot, so the user's global matplotlib backend is left alone.
-    FigureCanvasAgg(figure)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+        return figure_png(figure)
 
 
 def _decode(png: bytes) -> tf.Tensor:

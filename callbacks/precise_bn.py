@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from callbacks.checked_io import check_positive_int
+from models.norm import virtual_batches
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,31 @@ def batch_moments(x: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, tf.Ten
     return count, tf.reshape(mean, [-1]), m2
 
 
+def _by_example(x: tf.Tensor, axis: int) -> tf.Tensor:
+    """`x` as float32 of shape (examples, positions, channels), channels from `axis`."""
+    x = tf.cast(x, tf.float32)
+    rank = len(x.shape)
+    axis = axis % rank
+    x = tf.transpose(x, [0] + [i for i in range(1, rank) if i != axis] + [axis]) if axis != rank - 1 else x
+    return tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
+
+
+def group_moments(x: tf.Tensor, axis: int, virtual_batch_size: int | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-group, per-channel mean and biased variance of `x` over examples and positions, shape (G, C) each.
+
+    The groups are those that models.norm.GhostBatchNormalization normalizes over (virtual_batches; one group when
+    virtual_batch_size is None).
+    """
+    x = _by_example(x, axis)  # (B, positions, C)
+    group_of, groups = virtual_batches(tf.shape(x)[0], virtual_batch_size)
+    sizes = tf.math.unsorted_segment_sum(tf.ones_like(group_of, tf.float32), group_of, groups)[:, None]
+    mean = tf.math.unsorted_segment_sum(tf.reduce_mean(x, axis=1), group_of, groups) / sizes
+    # Two passes (mean first, then squared deviations), so that large means do not cost float32 precision.
+    deviation = x - tf.gather(mean, group_of)[:, None, :]
+    variance = tf.math.unsorted_segment_sum(tf.reduce_mean(tf.square(deviation), axis=1), group_of, groups) / sizes
+    return mean, variance
+
+
 def population_moments(x: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Per-channel mean and biased variance of `x` over examples and positions, and their squared standard errors.
 
@@ -116,11 +142,7 @@ def population_moments(x: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, t
     variance = mean_i s_i, se(mean)^2 = var_i(m_i) / N and se(variance)^2 = var_i(s_i) / N (sample variances):
     the examples are independent, the positions within one are not. Shapes (C,) each.
     """
-    x = tf.cast(x, tf.float32)
-    rank = len(x.shape)
-    axis = axis % rank
-    x = tf.transpose(x, [0] + [i for i in range(1, rank) if i != axis] + [axis]) if axis != rank - 1 else x
-    x = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])  # (N, positions, C)
+    x = _by_example(x, axis)  # (N, positions, C)
     count = tf.cast(tf.shape(x)[0], tf.float32)
     per_example_mean = tf.reduce_mean(x, axis=1)
     mean = tf.reduce_mean(per_example_mean, axis=0)

@@ -91,7 +91,7 @@ def flag_rows(parser: argparse.ArgumentParser) -> list[dict]:
     for action in parser._actions:  # argparse keeps no public list of its actions
         if not action.option_strings or isinstance(action, argparse._HelpAction):
             continue
-        help_text = action.help or ""
+        help_text = (action.help or "").replace("%%", "%")  # argparse's escape of a literal %
         if action.default is argparse.SUPPRESS:  # Config flags: the preset's default is in the help text
             found = _DEFAULT.search(help_text)
             default = found.group(1) if found else ""

@@ -1,7 +1,7 @@
-"""The advisor's artifact: advice from the probe's measurements, advice.json / advice.md / goodput.png, and its reader.
+"""The advisor's artifact: advice from the probe's measurements, written as advice.json / advice.md / goodput.png.
 
-`build` turns pipeline.probe's measurements into advice with pipeline.goodput's formulas; `write` writes it;
-`read` and `apply` are the only readers of advice.json (pipeline.train --advice, the sweep's prediction check).
+`build` turns pipeline.probe's measurements into advice with pipeline.goodput's formulas; `write` writes it.
+Its one reader is pipeline/advised_config.py (pipeline.train --advice, the sweep's prediction check).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 import os
 
 from pipeline import goodput
-from pipeline.config import Config, InputError, read_json
+from pipeline.config import Config
 
 MAX_SPREAD = 4.0  # B_simple's interval hi / lo above which the noise scale counts as not determined
 MEMORY_MARGIN = 0.9  # after an out-of-memory error, candidates stop 10% below the largest batch that ran
@@ -173,32 +173,3 @@ def _finite_or_none(value):
     if isinstance(value, list):
         return [_finite_or_none(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def read(path: str, flag: str = "--advice") -> dict:
-    """advice.json (or a directory holding it), checked; raises InputError naming `flag` when unusable."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "advice.json")
-    advice = read_json(path, flag)
-    if not isinstance(advice, dict) or "status" not in advice:
-        raise InputError(f"{flag}: {path} is not an advice.json written by pipeline.advise")
-    if advice["status"] != "recommended":
-        raise InputError(f"{flag}: {path} holds no recommendation ({advice.get('reason', '')}); "
-                         "run pipeline.advise with a longer --probe-steps")
-    return advice | {"path": path}
-
-
-def apply(config: Config) -> tuple[Config, str]:
-    """The config with config.advice's batch and learning rate, and a line saying where the batch came from."""
-    import dataclasses
-
-    advice = read(config.advice)
-    for key, measured in advice["config"].items():
-        if key in ("dataset", "model", "norm", "optimizer") and getattr(config, key) != measured:
-            raise InputError(f"--advice: {advice['path']} was measured with --{key} {measured}, this run uses "
-                             f"{getattr(config, key)}; run pipeline.advise for this setting")
-    # base_batch = batch makes effective_lr the advised lr under any --lr-scaling.
-    config = dataclasses.replace(config, batch=advice["batch"], base_batch=advice["batch"], lr=advice["lr"])
-    return config, (f"advice {advice['path']}: batch {advice['batch']}, lr {advice['lr']:.4g} "
-                    f"(B_simple {advice['noise']['noise_scale']:.3g}, {advice['lr_rule']})")
-

@@ -14,7 +14,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import flags, interrupts, startup
+from pipeline import cli, flags, startup
 from pipeline.config import InputError
 
 # Config fields the advisor decides or does not use: the probe runs at --base-batch, in --out.
@@ -63,21 +63,16 @@ def advise(config, probe_steps: int, max_batch: int, out: str) -> dict:
 
 def main(argv=None) -> int:
     """Parses flags, probes, prints the recommendation; bad input exits with code 2 and one line."""
-    interrupts.install()  # SIGTERM ends it as Ctrl-C does
-    try:
+    def command() -> int:
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=_add_flags)
         max_batch = args.max_batch or 8 * config.base_batch
         out = args.out or config_lib.default_out(config, "advice")
         startup.import_tensorflow()  # without its C++ start-up lines (pipeline/startup.py)
         advice = advise(config, args.probe_steps, max_batch, out)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return interrupts.exit_code()
-    print(f"advice: {advice['message']} (details: {os.path.join(out, 'advice.md')})")
-    return 0
+        print(f"advice: {advice['message']} (details: {os.path.join(out, 'advice.md')})")
+        return 0
+
+    return cli.run(command)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ import re
 import sys
 
 from pipeline.config import InputError
+from pipeline.rundir import CHECKPOINT_STATE as STATE
+from pipeline.rundir import read_checkpoint_state as read_state
 
-STATE = "checkpoint.json"
 PARTIAL = ".partial-"  # prefix of files that a save has not committed yet
 
 
@@ -36,16 +37,6 @@ class CheckpointError(InputError):
 
 def weights_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}.weights.h5"
-
-
-def read_state(directory: str) -> dict | None:
-    """The last committed checkpoint's record ({"epoch", "step", "weights", "previous"}), or None."""
-    try:
-        with open(os.path.join(directory, STATE), encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) and "weights" in state else None
 
 
 def latest_weights(directory: str) -> str | None:

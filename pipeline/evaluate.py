@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from pipeline import flags, rundir, startup
+from pipeline import cli, flags, rundir, startup
 from pipeline.config import InputError
 
 BENCHMARK_EXAMPLE = "1,8,32,128,512"
@@ -154,20 +154,20 @@ def evaluate(path: str, *, dataset: str | None = None, data_dir: str | None = No
 def main(argv=None) -> int:
     """Parses flags, evaluates, prints a JSON line (and the throughput finding); bad input: one line, exit 2."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def command() -> int:
         startup.import_tensorflow()  # without its C++ start-up lines (pipeline/startup.py)
         result = evaluate(args.path, dataset=args.dataset, data_dir=args.data_dir, split=args.split, out=args.out,
                           batch=args.batch, top_k=args.top_k, calibration_bins=args.calibration_bins,
                           gallery=args.gallery, benchmark_batches=args.benchmark_batches)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    keys = ("accuracy", "loss", f"top_{args.top_k}_accuracy", "run_test_accuracy", "num_examples", "out")
-    line = {k: result[k] for k in keys if k in result} | {"ece": result["calibration"]["ece"]}
-    print(json.dumps(line))
-    if "throughput" in result:
-        print(result["throughput"]["finding"])
-    return 0
+        keys = ("accuracy", "loss", f"top_{args.top_k}_accuracy", "run_test_accuracy", "num_examples", "out")
+        line = {k: result[k] for k in keys if k in result} | {"ece": result["calibration"]["ece"]}
+        print(json.dumps(line))
+        if "throughput" in result:
+            print(result["throughput"]["finding"])
+        return 0
+
+    return cli.run(command)
 
 
 if __name__ == "__main__":

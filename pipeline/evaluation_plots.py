@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-
-def _png(figure: Figure) -> bytes:
-    # The Agg canvas renders without pyplot, so the user's matplotlib backend is left alone.
-    FigureCanvasAgg(figure)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+from callbacks.figures import display_image, figure_png
 
 
 def confusion_png(matrix, class_names: list[str], title: str) -> bytes:
@@ -29,7 +21,7 @@ def confusion_png(matrix, class_names: list[str], title: str) -> bytes:
         ax=axes, cmap="Blues", colorbar=False, include_values=len(class_names) <= 30)
     axes.set_title(title, fontsize=9)
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)
 
 
 def reliability_png(calibration: dict, title: str) -> bytes:
@@ -50,15 +42,7 @@ def reliability_png(calibration: dict, title: str) -> bytes:
     bottom.bar(edges[:-1], calibration["bin_count"], width=width, align="edge", edgecolor="black")
     bottom.set(xlabel="confidence (top-class probability)", ylabel="examples", yscale="symlog")
     figure.tight_layout()
-    return _png(figure)
-
-
-def _display(image: np.ndarray) -> np.ndarray:
-    """(H, W) or (H, W, 3) in [0, 1], scaled by the image's own range so that 0..16 digits and 0..255 photos show."""
-    image = np.asarray(image, np.float64)
-    image = image[..., 0] if image.shape[-1] != 3 else image
-    low, high = image.min(), image.max()
-    return (image - low) / (high - low) if high > low else np.zeros_like(image)
+    return figure_png(figure)
 
 
 def gallery_png(images, labels, predicted, confidence, class_names: list[str], title: str, limit: int = 25) -> bytes:
@@ -72,12 +56,12 @@ def gallery_png(images, labels, predicted, confidence, class_names: list[str], t
         figure.text(0.5, 0.5, "none", ha="center", va="center")
     for position in range(count):
         axes = figure.add_subplot(rows, columns, position + 1)
-        axes.imshow(_display(images[position]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        axes.imshow(display_image(images[position]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         axes.set_title(f"true {class_names[labels[position]]} / pred {class_names[predicted[position]]}\n"
                        f"p={confidence[position]:.2f}", fontsize=6)
         axes.set_axis_off()
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)
 
 
 def throughput_png(rows: list[dict], title: str) -> bytes:
@@ -98,4 +82,4 @@ def throughput_png(rows: list[dict], title: str) -> bytes:
         axes.grid(alpha=0.3, which="both")
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)

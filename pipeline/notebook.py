@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from pipeline import flags, startup
+from pipeline import cli, flags, startup
 from pipeline.config import InputError
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks",
@@ -77,21 +77,22 @@ def run(sweep_dir: str, out: str, timeout: int = 600) -> str:
 def main(argv=None) -> int:
     """Parses flags, runs the notebook, prints where the executed copy is; bad input: one line, exit 2."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def command() -> int:
         check_installed()
         startup.quiet_libraries()  # the kernel's own start-up messages are not shown either
-        out = run(args.sweep_dir, args.out or os.path.join(args.sweep_dir, os.path.basename(NOTEBOOK)), args.timeout)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # nbclient's CellExecutionError (its module needs the extra): say which cell failed
-        if type(e).__name__ != "CellExecutionError":
-            raise
-        print(f"error: the notebook failed in a cell: {e.ename}: {e.evalue}", file=sys.stderr)
-        return 1
-    print(f"notebook: {out}")
-    return 0
+        try:
+            out = run(args.sweep_dir, args.out or os.path.join(args.sweep_dir, os.path.basename(NOTEBOOK)),
+                      args.timeout)
+        except Exception as e:  # nbclient's CellExecutionError (its module needs the extra): say which cell failed
+            if type(e).__name__ != "CellExecutionError":
+                raise
+            print(f"error: the notebook failed in a cell: {e.ename}: {e.evalue}", file=sys.stderr)
+            return 1
+        print(f"notebook: {out}")
+        return 0
 
+    return cli.run(command, "interrupted; run the same command again to execute the notebook")
 
 if __name__ == "__main__":
     sys.exit(main())

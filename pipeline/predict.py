@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from pipeline import flags, startup
+from pipeline import cli, flags, startup
 from pipeline.config import InputError
 
 DEFAULT_MODEL_NAME = "resnet20"  # the default run's export folder, TF Serving's --model_name
@@ -136,17 +136,17 @@ def predict(paths: list[str], *, server: str | None = None, model: str | None = 
 def main(argv=None) -> int:
     """Parses flags, classifies, prints one JSON line per image; bad input or no server: one line, exit 2."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def command() -> int:
         check_paths(args.images, args.model)
         startup.import_tensorflow()  # without its C++ start-up lines (pipeline/startup.py)
         results = predict(args.images, server=args.server, model=args.model, model_name=args.model_name,
                           timeout=args.timeout)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for result in results:
-        print(json.dumps(result))
-    return 0
+        for result in results:
+            print(json.dumps(result))
+        return 0
+
+    return cli.run(command)
 
 
 if __name__ == "__main__":

@@ -20,19 +20,19 @@ from pipeline import bootstrap, goodput
 
 def for_sweep(sweep_dir: str, groups: list[dict]) -> dict | None:
     """check() with the advice the sweep was given (<sweep_dir>/advice.json, from --advice), or None without one."""
-    from pipeline import advice
+    from pipeline import advised_config
 
     path = os.path.join(sweep_dir, "advice.json")
     if not os.path.exists(path):
         return None
-    return check(advice.read(path, flag=f"advice of {sweep_dir}"), groups)
+    return check(advised_config.read(path, flag=f"advice of {sweep_dir}"), groups)
 
 
 def check(advice: dict, groups: list[dict]) -> dict | None:
     """Predicted beside measured for the sweep's groups of the advice's norm; None if no batch reached the target.
 
     Args:
-        advice: pipeline.advice.read()'s dict (a recommendation).
+        advice: pipeline.advised_config.read()'s dict (a recommendation).
         groups: pipeline.report.aggregate()'s rows (per norm and batch, mean over seeds).
     """
     phi = advice["noise"]["noise_scale"]

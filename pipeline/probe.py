@@ -177,14 +177,14 @@ def probe(config: Config, steps: int, max_batch: int, out_dir: str) -> dict:
     import keras
 
     from pipeline import inputs, speed
-    from pipeline import train as train_lib
+    from pipeline import fit_loop
 
     started = time.perf_counter()
     speed.set_threads(config)  # as pipeline.train sets them, so that the step times it measures are the runs' own
     config = dataclasses.replace(config, batch=config.base_batch)
     keras.utils.set_random_seed(config.seed)
     data = inputs.load(config)
-    model, _ = train_lib.compiled_model(config, data)
+    model, _ = fit_loop.compiled_model(config, data)
     # Only once the data is accepted, so that a rejected command creates nothing.
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, "grad_stats.jsonl")):

@@ -25,7 +25,6 @@ Intervals of the target metrics and of the S(B) fit: a bootstrap over validation
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 
@@ -34,7 +33,7 @@ import numpy as np
 from pipeline import bootstrap, claims
 from pipeline import findings as findings_lib
 from pipeline import fits as fits_lib
-from pipeline import hparams, prediction, rundir, startup, target_record, tuning
+from pipeline import cli, hparams, prediction, rundir, startup, target_record, tuning
 from pipeline.config import InputError
 from pipeline.plots import plots
 
@@ -59,21 +58,6 @@ METRICS = ("test_accuracy", "train_accuracy", "val_accuracy", "best_val_accuracy
 BN_KEYS = ("batch_mean_error", "batch_var_error", "moving_mean_error", "moving_var_error")
 
 
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def read_run(run_dir: str) -> dict | None:
     """One row of the report from a run directory, or None if the run has not written its config."""
     recorded = rundir.read_config(run_dir)
@@ -95,9 +79,9 @@ def read_run(run_dir: str) -> dict | None:
     train, test = row["train_accuracy"], row["test_accuracy"]
     row["generalization_gap"] = train - test if train is not None and test is not None else None
     # A resumed run measures the steps after its checkpoint again; the last measurement of a step counts.
-    by_step = {r["step"]: r for r in _read_jsonl(os.path.join(run_dir, "grad_stats.jsonl")) if "step" in r}
+    by_step = {r["step"]: r for r in rundir.read_jsonl(os.path.join(run_dir, "grad_stats.jsonl")) if "step" in r}
     grad = [by_step[step] for step in sorted(by_step)]
-    bn_averages = (_read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("averages", [])
+    bn_averages = (rundir.read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("averages", [])
 
     history = rundir.read_history(run_dir)
     row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
@@ -280,7 +264,7 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     rows = [row for row in map(read_run, sorted(glob.glob(os.path.join(sweep_dir, "runs", "*")))) if row]
     if not rows:
         raise InputError(f"sweep directory {sweep_dir} holds no runs (expected {os.path.join(sweep_dir, 'runs', '*')})")
-    sweep = _read_json(os.path.join(sweep_dir, "sweep.json")) or {"config": {}}
+    sweep = rundir.read_json(os.path.join(sweep_dir, "sweep.json")) or {"config": {}}
     all_groups = aggregate(rows)
     # The batch-size study is the one at the sweep's fewest replicas; every replica count is in replica_groups.
     fewest = min(g["replicas"] for g in all_groups)
@@ -315,7 +299,7 @@ def load_report(sweep_dir: str) -> dict:
     newest = max(map(os.path.getmtime, summaries), default=0.0)
     if not os.path.exists(path) or os.path.getmtime(path) < newest:
         return build_report(sweep_dir)
-    return _read_json(path)
+    return rundir.read_json(path)
 
 
 def show(sweep_dir: str, name: str):
@@ -333,16 +317,16 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m pipeline.report SWEEP_DIR", file=sys.stderr)
-        return 2
-    startup.import_tensorflow()  # the report writes TensorBoard HParams data: TF without its start-up lines
-    try:
+        return cli.BAD_INPUT
+
+    def command() -> int:
+        startup.import_tensorflow()  # the report writes TensorBoard HParams data: TF without its start-up lines
         report = build_report(argv[0])
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(headline(report))
-    print("\n".join(f"- {s}" for s in report["findings"]))
-    return 0
+        print(headline(report))
+        print("\n".join(f"- {s}" for s in report["findings"]))
+        return 0
+
+    return cli.run(command, "interrupted; run the same command to rebuild the report")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pipeline.config import Config, InputError, from_dict, to_dict
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG, HISTORY, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
+# pipeline/checkpoint.py's folder and its record of the last committed checkpoint (read here, written there).
+CHECKPOINTS, CHECKPOINT_STATE = "checkpoints", "checkpoint.json"
 
 
 def write_json_atomic(path: str, value) -> None:
@@ -30,7 +32,8 @@ def write_json_atomic(path: str, value) -> None:
     checked_io.write_json_atomic(path, value)
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
+    """A JSON file of a run or sweep directory, or None when it is missing or not complete JSON (yet)."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -50,9 +53,25 @@ AFTER_TRAINING_FIELDS = ("precise_bn_samples", "export")
 STOP_FIELDS = ("epochs", "max_steps")
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file of a run directory (metrics.jsonl, grad_stats.jsonl), in order; [] without
+    the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_checkpoint_state(directory: str) -> dict | None:
+    """The last committed checkpoint's record ({"epoch", "step", "weights", "previous"}) in a checkpoints folder,
+    or None."""
+    state = read_json(os.path.join(directory, CHECKPOINT_STATE))
+    return state if isinstance(state, dict) and "weights" in state else None
+
+
 def read_summary(run_dir: str) -> dict | None:
-    """summary.json (pipeline.train.Summary as a dict), or None before the run has ended."""
-    return _read_json(os.path.join(run_dir, SUMMARY))
+    """summary.json (pipeline.fit_loop.Summary as a dict), or None before the run has ended."""
+    return read_json(os.path.join(run_dir, SUMMARY))
 
 
 def write_summary(run_dir: str, summary: dict) -> None:
@@ -61,7 +80,7 @@ def write_summary(run_dir: str, summary: dict) -> None:
 
 def read_config(run_dir: str) -> dict | None:
     """config.json: {"config": Config fields, "effective_lr", ...} (write_config), or None before it is written."""
-    recorded = _read_json(os.path.join(run_dir, CONFIG))
+    recorded = read_json(os.path.join(run_dir, CONFIG))
     return recorded if isinstance(recorded, dict) and isinstance(recorded.get("config"), dict) else None
 
 
@@ -97,8 +116,6 @@ def config_change(run_dir: str, config: Config, *, resuming: bool) -> tuple[str,
     Returns:
       (field, recorded value, new value, why the change is refused), or None.
     """
-    from pipeline import checkpoint
-
     recorded = recorded_config(run_dir)
     if recorded is None:
         return None  # Stopped before writing its config: nothing to compare, it starts afresh.
@@ -108,7 +125,7 @@ def config_change(run_dir: str, config: Config, *, resuming: bool) -> tuple[str,
         if field in recorded and recorded[field] != value and field not in allowed:
             return field, recorded[field], value, "it changes what was already trained"
     if resuming:
-        trained = checkpoint.read_state(os.path.join(run_dir, "checkpoints")) or {"epoch": 0, "step": 0}
+        trained = read_checkpoint_state(os.path.join(run_dir, CHECKPOINTS)) or {"epoch": 0, "step": 0}
         for field in STOP_FIELDS:
             if field in recorded and recorded[field] != wanted[field]:
                 why = _stop_refusal(field, recorded, config, trained)
@@ -266,11 +283,7 @@ def run_config(run_dir: str) -> Config:
 
 def read_history(run_dir: str) -> list[dict]:
     """The run's per-epoch records (pipeline.run_callbacks.MetricsLogger), in order; [] before an epoch ends."""
-    path = os.path.join(run_dir, HISTORY)
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(run_dir, HISTORY))
 
 
 def keep_history_before(run_dir: str, epoch: int) -> None:

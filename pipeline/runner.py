@@ -25,7 +25,7 @@ import traceback
 
 from pipeline import config as config_lib
 from pipeline import rundir
-from pipeline import train as train_lib
+from pipeline import fit_loop
 from pipeline.config import Config, InputError
 
 
@@ -67,7 +67,7 @@ def run_one(config: Config, run_dir: str) -> dict:
     started = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
     config = dataclasses.replace(config, run_dir=run_dir, resume=started and not config.overwrite)
     try:
-        result = _train_apart(config) if needs_own_process(config) else dataclasses.asdict(train_lib.train(config))
+        result = _train_apart(config) if needs_own_process(config) else dataclasses.asdict(fit_loop.train(config))
     except (InputError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 -- one failed run must not end a sweep of many
@@ -77,7 +77,7 @@ def run_one(config: Config, run_dir: str) -> dict:
         with open(os.path.join(run_dir, "error.txt"), "w", encoding="utf-8") as f:
             f.write(traceback.format_exc())
         message = str(e).splitlines()[0] if str(e) else ""
-        result = dataclasses.asdict(train_lib.Summary(status="failed", run_dir=run_dir,
+        result = dataclasses.asdict(fit_loop.Summary(status="failed", run_dir=run_dir,
                                                       reason=f"{type(e).__name__}: {message}"))
         rundir.write_summary(run_dir, result)
     if result["status"] == "interrupted":

@@ -1,6 +1,6 @@
 """Batch-size sweeps over train(): `python -m pipeline.sweep --batch 8,16,32,64,128,256 --norm batch,group`.
 
-Every (norm, batch, seed) combination is one in-process call of pipeline.train.train() with its own run
+Every (norm, batch, seed) combination is one in-process call of pipeline.fit_loop.train() with its own run
 directory <out>/runs/<norm>-b<batch>-s<seed>. With --replicas 1,2,4 every combination also runs on each number of
 replicas at the same global batch, in <out>/runs/<norm>-b<batch>-r<replicas>-s<seed>: one device for 1, else
 MirroredStrategy over the first R GPUs, or over R logical CPUs when there is no GPU, each such run in a process
@@ -47,7 +47,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import flags, interrupts, rundir, runner, speed, startup, tuning
+from pipeline import cli, flags, rundir, runner, speed, startup, tuning
 from pipeline import report as report_lib
 from pipeline.config import Config, InputError
 
@@ -178,9 +178,9 @@ def sweep(config: Config, spec: Spec, out: str = "sweeps/default", *, report: bo
     budget = spec.budget or Budget("epochs", config.epochs)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     if spec.advice:
-        from pipeline import advice
+        from pipeline import advised_config
 
-        rundir.write_json_atomic(os.path.join(out, "advice.json"), advice.read(spec.advice))
+        rundir.write_json_atomic(os.path.join(out, "advice.json"), advised_config.read(spec.advice))
     rundir.write_json_atomic(os.path.join(out, "sweep.json"), {
         "batches": list(spec.batches), "norms": list(spec.norms), "seeds": list(spec.seeds),
         "replicas": list(spec.replicas) if spec.replicas else None,
@@ -301,8 +301,7 @@ def spec_from_flags(config: Config, args: argparse.Namespace, argv) -> Spec:
 
 def main(argv=None) -> int:
     """Parses flags, runs the sweep, prints the headline table; bad input exits with code 2 and one line."""
-    interrupts.install()  # SIGTERM ends it as Ctrl-C does
-    try:
+    def command() -> int:
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=add_sweep_flags,
                                    preset=config_lib.batch_study())
         startup.import_tensorflow()
@@ -310,16 +309,12 @@ def main(argv=None) -> int:
         spec = spec_from_flags(config, args, argv)
         out = vars(args).get("out") or config_lib.default_out(config, "sweeps")
         report = sweep(config, spec, out)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sweep interrupted; run the same command again to resume it", file=sys.stderr)
-        return interrupts.exit_code()
-    if report:
-        print(report_lib.headline(report))
-        print(f"report: {os.path.join(out, 'report.md')}")
-    return 0
+        if report:
+            print(report_lib.headline(report))
+            print(f"report: {os.path.join(out, 'report.md')}")
+        return 0
+
+    return cli.run(command, "sweep interrupted; run the same command again to resume it")
 
 
 if __name__ == "__main__":

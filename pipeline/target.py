@@ -23,7 +23,6 @@ for a while after the target is first reached, for the same reason.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -45,11 +44,7 @@ def interval(steps_per_epoch: int, checks_per_epoch: int) -> int:
 
 def read(run_dir: str) -> dict | None:
     """target.json of a run, or None if the run has not reached its target (or has none)."""
-    try:
-        with open(os.path.join(run_dir, FILE), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return rundir.read_json(os.path.join(run_dir, FILE))
 
 
 class TargetCheck(keras.callbacks.Callback):

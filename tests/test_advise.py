@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import advice as advice_lib
 from pipeline import config as config_lib
-from pipeline import goodput, prediction, probe
+from pipeline import advised_config, goodput, prediction, probe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LADDER = (8, 16, 32, 64, 128, 256)
@@ -122,7 +122,7 @@ def test_undetermined_noise_recommends_a_longer_probe(tmp_path):
     advice_lib.write(advice, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["advice.json", "advice.md"]
     with pytest.raises(config_lib.InputError, match="--advice: .* holds no recommendation"):
-        advice_lib.read(str(tmp_path / "advice.json"))
+        advised_config.read(str(tmp_path / "advice.json"))
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def advice_dir(tmp_path_factory):
 
 
 def test_advice_files(advice_dir):
-    advice = advice_lib.read(advice_dir)
+    advice = advised_config.read(advice_dir)
     assert sorted(os.listdir(advice_dir)) == ["advice.json", "advice.md", "goodput.png"]
     # T = 10 ms + 0.1 ms B and phi = 400: the optimum sqrt(0.01 * 400 / 0.0001) = 200 lies between the grid's 181
     # and 215; goodput (B / T(B) / (phi + B)) is 0.0879 at 181 and 0.0880 at 215.
@@ -151,7 +151,7 @@ def test_advice_files(advice_dir):
 def test_train_uses_the_advice_and_records_it(advice_dir, tmp_path):
     from pipeline import train
 
-    advice = advice_lib.read(advice_dir)
+    advice = advised_config.read(advice_dir)
     config = dataclasses.replace(config_lib.smoke(), epochs=1, export=False, dynamics=False, precise_bn_samples=0,
                                  grad_stats_every=0, bn_stats_every=0, advice=advice["path"],
                                  run_dir=str(tmp_path / "run"))
@@ -212,6 +212,7 @@ def run_module(module, *args):
     ("pipeline.train", ["--advice", "/nonexistent/advice.json"], ["--advice", "/nonexistent/advice.json"]),
     ("pipeline.train", ["--advice", "x.json", "--batch-schedule", "32@0"], ["--advice", "--batch-schedule"]),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(module, args, words):
     result = run_module(module, *args)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -303,6 +303,7 @@ def digits_run():
     return model, callback, brute_force.rows, x
 
 
+@pytest.mark.slow
 def test_errors_match_brute_force_during_training(digits_run):
     _, callback, rows, _ = digits_run
     # 57 steps per epoch (1797 examples); measured at steps 0, 10, ..., 110 and once more at the end (114).

@@ -53,10 +53,12 @@ def assert_one_line_error(result, *words):
         (["--config", "/nonexistent/config.json"], ["--config", "/nonexistent/config.json"]),
     ],
 )
+@pytest.mark.slow
 def test_bad_flags(args, words):
     assert_one_line_error(run_train(*args), *words)
 
 
+@pytest.mark.slow
 def test_bad_config_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"batch": "big"}))
@@ -67,12 +69,14 @@ def test_bad_config_file(tmp_path):
     assert_one_line_error(run_train("--config", str(path)), "--config", "JSON")
 
 
+@pytest.mark.slow
 def test_unwritable_run_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
     assert_one_line_error(run_train("--run-dir", str(blocker / "run")), "--run-dir")
 
 
+@pytest.mark.slow
 def test_finished_run_needs_resume_or_overwrite(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -103,6 +107,7 @@ def test_finished_run_needs_resume_or_overwrite(tmp_path):
         (lambda tmp: ["--dataset", f"npz:{tmp}/one_label.npz"], ["one_label.npz", "only one class (0)"]),
     ],
 )
+@pytest.mark.slow
 def test_bad_data(tmp_path, make_args, words):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "bad_keys.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(10))
@@ -131,6 +136,7 @@ def test_bad_data(tmp_path, make_args, words):
     assert not os.path.exists(tmp_path / "runs")  # a rejected command creates nothing
 
 
+@pytest.mark.slow
 def test_help_comes_from_the_config_fields():
     from pipeline import config as config_lib
     from pipeline import flags

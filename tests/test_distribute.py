@@ -175,6 +175,7 @@ def _reference(one_device, name: str) -> dict:
     return _checkpoint(run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm, reference", [("none", "none"), ("syncbatch", "batch"), ("batch", "ghost16")])
 def test_mirrored_over_two_logical_cpus_equals_one_device(one_device, tmp_path, norm, reference):
     # BN-free: the same weights. syncbatch normalizes over the global batch as one device does; per-replica batch
@@ -195,6 +196,7 @@ def test_mirrored_over_two_logical_cpus_equals_one_device(one_device, tmp_path, 
     assert _max_difference(_checkpoint(run_dir), _reference(one_device, reference)) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_device_and_only_the_chief_writes(one_device, tmp_path, free_ports):
     # The second worker is given a run directory of its own: it must stay untouched (it only reads on --resume).
     chief_dir, other_dir = str(tmp_path / "run"), str(tmp_path / "other")
@@ -224,6 +226,7 @@ def _check_replica_records(run_dir: str) -> None:
     assert not any(key in e for e in epochs for key in ("grad/replica_norm_sq", "grad/global_norm_sq"))
 
 
+@pytest.mark.slow
 def test_a_killed_worker_ends_the_other_and_both_resume(tmp_path, free_ports):
     run_dir = str(tmp_path / "run")
     ports = free_ports(2)
@@ -274,6 +277,7 @@ def _streamed_config(folder: str, run_dir: str):
     return config
 
 
+@pytest.mark.slow
 def test_mirrored_streaming_equals_one_device_streaming(image_folder, tmp_path):
     # Under mirrored the stream's global batches are cut into the replicas' slices, as in-memory ones are.
     from pipeline import train as train_lib
@@ -287,6 +291,7 @@ def test_mirrored_streaming_equals_one_device_streaming(image_folder, tmp_path):
     assert _max_difference(_checkpoint(str(tmp_path / "mirrored")), _checkpoint(one.run_dir)) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_two_streaming_workers_train_on_both_shards(image_folder, tmp_path, free_ports):
     """Each worker fills its half of every global batch from its own files (pipeline/streaming.py), so the run
     equals one device trained on the concatenation of the two workers' per-replica batches, built here from
@@ -296,7 +301,7 @@ def test_two_streaming_workers_train_on_both_shards(image_folder, tmp_path, free
     import keras
 
     from pipeline import checkpoint, inputs
-    from pipeline import train as train_lib
+    from pipeline import fit_loop
 
     chief_dir = str(tmp_path / "run")
     cache = ["--cache-dir", str(tmp_path / "cache")]  # each worker writes its own shard's cache
@@ -305,7 +310,7 @@ def test_two_streaming_workers_train_on_both_shards(image_folder, tmp_path, free
     config = _streamed_config(image_folder, str(tmp_path / "reference"))
     keras.utils.set_random_seed(config.seed)  # as pipeline.train does, before loading and building
     data = inputs.load(config)
-    model, _ = train_lib.compiled_model(config, data)
+    model, _ = fit_loop.compiled_model(config, data)
     steps = data.num_train // config.batch
 
     def global_batches(epoch):

@@ -218,6 +218,7 @@ def test_end_to_end_on_digits_matches_independent_predictions(tmp_path):
         assert_png((tmp_path / "out" / f"{name}.png").read_bytes())
 
 
+@pytest.mark.slow
 def test_every_n_steps_looks_at_multiples_and_at_the_end():
     x, y = digits_subset(300)
     model = tiny_model()

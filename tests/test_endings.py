@@ -23,6 +23,7 @@ FLAGS = ["--model", "cnn", "--batch", "64", "--epochs", "1", "--seed", "3", "--v
 STAGES = ("precise_bn", "evaluation", "export")
 
 
+@pytest.mark.slow
 def test_interrupted_after_training_says_what_is_done_and_resume_finishes(tmp_path):
     runs = {}
     for stage in STAGES:
@@ -100,6 +101,7 @@ def test_failed_run_prints_its_json_line(tmp_path, monkeypatch, capsys):
     assert "loss became nan" in summary["reason"] and err == f"run failed: {summary['reason']}\n"
 
 
+@pytest.mark.slow
 def test_an_error_after_training_is_recorded_then_raised(tmp_path, monkeypatch):
     def broken_export(*args, **kwargs):
         raise OSError(28, "No space left on device")

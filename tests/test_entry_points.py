@@ -26,6 +26,7 @@ def run(module, *args, cwd):
     ("pipeline.advise", lambda d: ["--dataset", f"npz:{d / 'missing.npz'}", "--out", str(d / "advice")],
      ["missing.npz"]),
 ])
+@pytest.mark.slow
 def test_bad_input_after_tensorflow_import_is_one_line(tmp_path, module, make_args, words):
     (tmp_path / "empty").mkdir()
     (tmp_path / "image.png").write_bytes(b"not an image")
@@ -43,6 +44,7 @@ def test_bad_input_after_tensorflow_import_is_one_line(tmp_path, module, make_ar
     (["image.png", "--model", "missing"], "error: --model: missing is not a folder; pass a SavedModel folder, a model "
                                           "folder of numeric versions, or a run directory"),
 ])
+@pytest.mark.slow
 def test_predict_refuses_missing_paths_before_importing_tensorflow(tmp_path, args, line):
     (tmp_path / "image.png").write_bytes(b"not checked before the model loads")
     code = ("import sys; from pipeline import predict; code = predict.main(sys.argv[1:]); "

@@ -172,6 +172,7 @@ def test_bad_flags_and_datasets(trained_run, tmp_path, cli_error):
     assert "no export" in cli_error(evaluate.main, [str(tmp_path / "run")])
 
 
+@pytest.mark.slow
 def test_help_does_not_import_tensorflow():
     code = ("import sys; from pipeline import evaluate, predict; "
             "[m.parser().format_help() for m in (evaluate, predict)]; print('tensorflow' in sys.modules)")

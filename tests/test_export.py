@@ -77,6 +77,7 @@ def test_reloaded_predictions_equal_keras(exported):
     np.testing.assert_array_equal(outputs["classes"].numpy(), expected.argmax(-1))
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_signature(exported):
     _, _, path = exported
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -197,6 +198,7 @@ def test_interrupted_warmup_leaves_no_version(tmp_path, monkeypatch):
     assert not (tmp_path / "models.config").exists()
 
 
+@pytest.mark.slow
 def test_the_next_export_removes_temporary_folders_of_ended_processes(tmp_path):
     """An export interrupted for good leaves its hidden folder; the next export into that folder removes it, but not
     the folder of a process that still runs (it may still finish)."""

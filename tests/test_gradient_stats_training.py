@@ -18,6 +18,9 @@ from pipeline import callback_list, optim
 from pipeline import config as config_lib
 from pipeline import data as data_lib
 
+# An acceptance run during real training (about two minutes on 2 cores): outside the `-m "not slow"` edit loop.
+pytestmark = pytest.mark.slow
+
 CHECKED_STEPS = (40, 150, 390)
 
 

@@ -102,6 +102,7 @@ def test_first_layer_normalizes_raw_pixels():
     np.testing.assert_allclose(bare(expected, training=False), model(x, training=False), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resnet_round_trips_through_weights_keras_file_and_saved_model(tmp_path):
     def build():
         return models.build_model("resnet20", (8, 8, 1), 10, mean=np.array([5.0]), variance=np.array([30.0]))

@@ -129,14 +129,24 @@ def test_ghost_serialization_round_trip(tmp_path):
 
 
 def test_ghost_trains_with_fit_on_uneven_batches():
+    """fit over batches of 7, 7 and 6 with virtual batches of 3 (the remainder joins the last: 3 + 4, 3 + 4, 3 + 3):
+    the moving statistics after the three steps follow brute force over each step's virtual batches."""
     rng = np.random.default_rng(6)
-    x, y = rng.normal(size=(20, 6)).astype("float32"), rng.integers(0, 3, 20).astype("int32")
+    x, y = rng.normal(1.0, 2.0, size=(20, 6)).astype("float32"), rng.integers(0, 3, 20).astype("int32")
     inputs = keras.Input((6,))
-    hidden = keras.layers.ReLU()(GhostBatchNormalization(4)(keras.layers.Dense(8, use_bias=False)(inputs)))
+    ghost = GhostBatchNormalization(3, momentum=0.8)
+    hidden = keras.layers.ReLU()(keras.layers.Dense(8)(ghost(inputs)))  # ghost first: its inputs are x itself
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     before = [w.copy() for w in model.get_weights()]
-    history = model.fit(x, y, batch_size=7, epochs=1, verbose=0)  # Batches of 7, 7, 6.
+    mean, variance = ghost.moving_mean.numpy().copy(), ghost.moving_variance.numpy().copy()
+    gamma, beta = ghost.gamma.numpy().copy(), ghost.beta.numpy().copy()
+    history = model.fit(x, y, batch_size=7, epochs=1, verbose=0, shuffle=False)
+    for start, stop in ((0, 7), (7, 14), (14, 20)):
+        groups = [range(0, 3), range(3, stop - start)]
+        _, mean, variance = _brute_force_ghost(x[start:stop], groups, gamma, beta, mean, variance, momentum=0.8)
+    np.testing.assert_allclose(ghost.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ghost.moving_variance.numpy(), variance, rtol=1e-5, atol=1e-6)
     assert np.isfinite(history.history["loss"][0])
     assert all(not np.allclose(a, b) for a, b in zip(before, model.get_weights()))
 
@@ -172,3 +182,24 @@ def test_layer_norm_of_conv_features_normalizes_each_example_over_height_width_c
         values = x[i].astype(np.float64)
         expected = (values - values.mean()) / np.sqrt(values.var() + EPSILON)
         np.testing.assert_allclose(out[i], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["group", "batch", "syncbatch"])
+def test_group_and_batch_norm_of_conv_features_match_brute_force(kind):
+    """group: each example over height, width and its group's channels (group_count(16) = 8 groups of 2);
+    batch and syncbatch (one device): each channel over the batch, height and width."""
+    x = np.random.default_rng(9).normal(2.0, 3.0, (3, 4, 4, 16)).astype("float32")
+    layer = Norm(kind)(16)
+    out = layer(x, training=True).numpy()  # gamma = 1, beta = 0 at initialization.
+    epsilon = layer.epsilon
+    expected = np.zeros(x.shape)
+    if kind == "group":
+        for i in range(len(x)):
+            for g in range(8):
+                values = x[i, ..., 2 * g:2 * g + 2].astype(np.float64)
+                expected[i, ..., 2 * g:2 * g + 2] = (values - values.mean()) / np.sqrt(values.var() + epsilon)
+    else:
+        for c in range(16):
+            values = x[..., c].astype(np.float64)
+            expected[..., c] = (values - values.mean()) / np.sqrt(values.var() + epsilon)
+    np.testing.assert_allclose(out, expected, atol=1e-4)

@@ -1,6 +1,7 @@
 """The batch-size notebook runs from top to bottom on a tiny real sweep with its documented command,
 `python -m pipeline.notebook SWEEP_DIR`, from the working directory, so that it never rots."""
 
+import base64
 import dataclasses
 import os
 import subprocess
@@ -15,6 +16,13 @@ from pipeline import rundir, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "batch_size_study.ipynb")
+# The plots the notebook shows, in its order (report.show).
+SHOWN = ("grad_std", "steps_to_target", "throughput", "accuracy", "noise_scale", "bn_discrepancy", "tuning")
+
+
+def _base64(path):
+    with open(path, "rb") as f:
+        return base64.b64encode(f.read()).decode()
 
 
 @pytest.mark.slow
@@ -40,9 +48,14 @@ def test_notebook_runs_on_a_tiny_sweep(tmp_path):
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"]  # no library warnings
-    images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
-    assert len(images) >= 4  # grad_std, steps_to_target, throughput, accuracy, noise_scale, bn_discrepancy
+    images = [o.data["image/png"] for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
     texts = "".join(o.data.get("text/markdown", "") for o in outputs if o.output_type == "display_data")
+    # Every plot the notebook shows is the sweep's own PNG, byte for byte, in the notebook's order; a plot the sweep
+    # has no data for (tuning: this sweep has no tuner) is a note instead.
+    written = [name for name in SHOWN if os.path.exists(os.path.join(out, f"{name}.png"))]
+    assert written == [name for name in SHOWN if name != "tuning"]
+    assert images == [_base64(os.path.join(out, f"{name}.png")) for name in written]
+    assert "*(no tuning plot: this sweep has no data for it)*" in texts
     assert "| batch | 64 |" in texts and "| batch | 128 |" in texts
     # Headings ask; the generated answers say what two batch sizes can and cannot show.
     headings = [line for cell in notebook.cells if cell.cell_type == "markdown" for line in cell.source.splitlines()

@@ -146,11 +146,13 @@ def _record(run, step):
     return next(r for r in run["history"] if r["step"] == step)
 
 
+@pytest.mark.slow
 def test_weights_are_those_of_training_without_the_statistics(mirrored_run):
     # The first epoch (40 steps) again with the model's own Keras train_step, same strategy and schedule.
     assert mirrored_run["weight_difference"] <= 1e-6
 
 
+@pytest.mark.slow
 def test_a_record_every_10_steps_from_both_replicas(mirrored_run):
     history = mirrored_run["history"]
     assert mirrored_run["replicas"] == 2 and mirrored_run["num_train"] == 1293 and mirrored_run["window"] == WINDOW
@@ -159,6 +161,7 @@ def test_a_record_every_10_steps_from_both_replicas(mirrored_run):
             for r in history} == {("replicas", 16, 2 * EVERY, EVERY, 1293)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", CHECKED)
 def test_smoothed_values_match_brute_force_over_their_window(mirrored_run, step):
     record = _record(mirrored_run, step)
@@ -176,6 +179,7 @@ def test_smoothed_values_match_brute_force_over_their_window(mirrored_run, step)
           + ", ".join(f"{key} {record[f'grad/{key}_smoothed'] / at_step[key]:.2f}" for key in truth))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", ["", "_smoothed"])
 @pytest.mark.parametrize("key", ["trace_cov", "norm_sq", "noise_scale"])
 def test_intervals_hold_the_truth_of_their_steps(mirrored_run, key, suffix):

@@ -81,6 +81,7 @@ def reference(tmp_path_factory):
         process.wait()
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, reference):
     killed_dir = tmp_path / "killed"
     victim = start(killed_dir)
@@ -188,6 +189,7 @@ def interrupt(run, deadline):
     run["process"] = process
 
 
+@pytest.mark.slow
 def test_signals_at_many_moments_never_lose_a_checkpoint(tmp_path, reference):
     runs = [{"dir": tmp_path / f"run{i}", "plan": plan, "log": []} for i, plan in enumerate(PLANS)]
     deadline = time.time() + 900

@@ -101,6 +101,7 @@ def test_resume_without_a_run_says_it_starts_one_and_creates_nothing(tmp_path, c
     assert not os.path.exists(tmp_path / "new")
 
 
+@pytest.mark.slow
 def test_more_epochs_on_resume_equal_the_longer_run(tmp_path, interrupt_after_first_epoch, final_weights):
     """A step schedule is defined per epoch: 2 epochs, interrupted after 1, resumed with 3 = 3 uninterrupted."""
     base = dataclasses.replace(config_lib.smoke(), schedule="step", step_epochs=1.0, gamma=0.5, deterministic=True,

@@ -44,6 +44,7 @@ def test_several_steps_per_call_with_replicas_is_refused():
         speed.steps_per_execution(dataclasses.replace(config_lib.Config(), steps_per_execution="4"), 1293, 2)
 
 
+@pytest.mark.slow
 def test_threads_per_op_are_set_in_a_new_process_and_recorded(tmp_path):
     """An explicit --intra-op-threads is set in the run's process and recorded in summary.json and config.json (auto
     in a new process: tests/test_distribute.py's workers record speed.resolved_threads)."""
@@ -81,6 +82,7 @@ def test_threads_per_op_cannot_change_once_tensorflow_runs():
 
 
 @pytest.mark.parametrize("precision, jit", [("mixed_float16", True), ("mixed_bfloat16", False)])
+@pytest.mark.slow
 def test_mixed_precision_and_xla_train_measure_and_export(tmp_path, precision, jit):
     import tensorflow as tf
 

@@ -98,6 +98,7 @@ def test_each_epoch_is_a_function_of_seed_and_epoch(streamed):
     assert not all(np.array_equal(a, b) for (a, _), (b, _) in zip(augmented, epoch1))
 
 
+@pytest.mark.slow
 def test_one_iterator_over_several_epochs_gives_each_epochs_batches(streamed):
     # pipeline.train's input (one iterator for a fit call) against train_dataset epoch by epoch, also per worker.
     for context in (None, *contexts(2)):
@@ -106,6 +107,7 @@ def test_one_iterator_over_several_epochs_gives_each_epochs_batches(streamed):
         assert together.cardinality() == 2 * (21 // 4) and same_batches(batches(together), epochs[0] + epochs[1])
 
 
+@pytest.mark.slow
 def test_a_cache_changes_the_speed_not_the_numbers(folder, streamed, tmp_path):
     cache_dir = tmp_path / "cache"
     cached = inputs.load(Config(dataset=folder, input="stream", cache_dir=str(cache_dir)))
@@ -203,6 +205,7 @@ def test_unwritable_cache_and_bad_image_are_one_line(cli_error, folder, tmp_path
     assert line.startswith(f"error: --dataset: cannot decode image {root / 'c1' / '5.png'}")
 
 
+@pytest.mark.slow
 def test_a_resumed_streaming_run_repeats_the_uninterrupted_one(folder, tmp_path, interrupt_after_first_epoch,
                                                                 final_weights):
     """Epoch e is a function of (seed, epoch): interrupted after epoch 1 and resumed (with a cache this time), a run

@@ -11,8 +11,7 @@ import time
 import pytest
 
 from pipeline import config as config_lib
-from pipeline import flags, run_callbacks, rundir, runner, sweep
-from pipeline import train as train_lib
+from pipeline import fit_loop, flags, run_callbacks, rundir, runner, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN = 1293  # digits: 1797 examples - 20% test - 10% of the rest for validation
@@ -25,13 +24,13 @@ def tiny_config(**changes):
 
 def record_calls(monkeypatch, fake=None):
     """Replaces train() by a wrapper (around the real one, or `fake`) that records each call's config."""
-    calls, real = [], train_lib.train
+    calls, real = [], fit_loop.train
 
     def wrapper(config):
         calls.append(config)
         return (fake or real)(config)
 
-    monkeypatch.setattr(train_lib, "train", wrapper)
+    monkeypatch.setattr(fit_loop, "train", wrapper)
     return calls
 
 
@@ -41,7 +40,7 @@ def fake_train(config, val_accuracy=None, status="completed"):
     rundir.write_json_atomic(os.path.join(config.run_dir, "config.json"),
                              {"config": config_lib.to_dict(config), "effective_lr": config.effective_lr})
     accuracy = val_accuracy(config) if val_accuracy else 0.9
-    summary = train_lib.Summary(status=status, run_dir=config.run_dir, steps=10, epochs=config.epochs,
+    summary = fit_loop.Summary(status=status, run_dir=config.run_dir, steps=10, epochs=config.epochs,
                                 val_accuracy=accuracy if status == "completed" else None,
                                 test_accuracy=accuracy if status == "completed" else None,
                                 train_accuracy=accuracy if status == "completed" else None,
@@ -65,6 +64,7 @@ def test_budget_conversion_matches_counting_steps():
         assert (run.max_steps or run.epochs * (NUM_TRAIN // batch)) == steps, (kind, amount, batch)
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch):
     out = str(tmp_path / "sweep")
     calls = record_calls(monkeypatch)
@@ -237,6 +237,7 @@ def test_bad_flags_exit_2_with_one_line(args, words, capsys):
     assert all(word in lines[0] for word in words), lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert sweep.main(["--batch", "8,4096", "--out", str(tmp_path)]) == 2  # needs the data to know
     assert capsys.readouterr().err == "error: --batch: 4096 is larger than the training split (1293 examples)\n"
@@ -275,6 +276,7 @@ def test_replica_axis_configs():
         sweep.run_configs(tiny_config(strategy="multiworker"), spec, NUM_TRAIN)
 
 
+@pytest.mark.slow
 def test_replica_sweep_trains_each_count_and_resumes(tmp_path, monkeypatch, capsys):
     """A real sweep over 1 and 2 replicas (the second in its own process, on 2 logical CPUs): the run on 2
     replicas normalizes over 16 of the 32 examples, the report has the devices' columns, and running the same
@@ -301,6 +303,7 @@ def test_replica_sweep_trains_each_count_and_resumes(tmp_path, monkeypatch, caps
     assert calls == [] and capsys.readouterr().out.count("skipped (finished before)") == 2
 
 
+@pytest.mark.slow
 def test_distributed_tuning_survives_a_killed_worker(tmp_path, free_ports, monkeypatch):
     """keras-tuner's chief and one worker on 127.0.0.1 tune the lr of one batch size in 2 trials. The worker is
     killed while it holds trial 1: the oracle keeps that trial for its TUNER_ID and the chief waits; started again
@@ -363,6 +366,7 @@ def test_distributed_tuning_survives_a_killed_worker(tmp_path, free_ports, monke
     assert sweep.main(args) == 0 and calls == []
 
 
+@pytest.mark.slow
 def test_a_run_in_its_own_process_reports_bad_input_in_one_line(tmp_path):
     config = tiny_config(strategy="mirrored", replicas=2, logical_cpus=2, dataset="npz:/nonexistent.npz")
     assert runner.needs_own_process(config) and not runner.needs_own_process(tiny_config())

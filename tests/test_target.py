@@ -90,6 +90,7 @@ def test_record_resumes_without_the_epochs_trained_again(tmp_path):
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no temporary file left
 
 
+@pytest.mark.slow
 def test_summary_reports_steps_epochs_and_time_to_target(tmp_path):
     config = dataclasses.replace(config_lib.smoke(), run_dir=str(tmp_path / "run"), target_accuracy=0.5, epochs=3,
                                  export=False, dynamics=False, grad_stats_every=0, bn_stats_every=0,

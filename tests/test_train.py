@@ -78,6 +78,7 @@ def test_finished_run_is_not_overwritten(smoke_run):
         train_lib.train(config)
 
 
+@pytest.mark.slow
 def test_precise_bn_gives_batch_statistics_accuracy(tmp_path):
     """The pipeline issue's trap: a short ResNet run with BN momentum 0.99 evaluates with stale statistics."""
     config = smoke(tmp_path, model="resnet20", epochs=2, batch=32, bn_momentum=0.99, precise_bn_samples=8192,
@@ -141,6 +142,7 @@ def test_accumulated_batches_equal_one_large_batch(tmp_path):
         np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_batch_schedule_changes_batch_at_epochs_and_keeps_lr_in_epochs(tmp_path):
     config = smoke(tmp_path, batch_schedule="16@0,64@1,128@2", epochs=3, schedule="multistep", milestones="2",
                    gamma=0.1, lr=0.1, export=False, dynamics=False)
