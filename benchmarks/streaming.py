@@ -67,11 +67,11 @@ def fit_epochs(config, data, validation: bool) -> tuple[float, float, float]:
     import keras
 
     from pipeline import speed
-    from pipeline import train as train_lib
+    from pipeline import fit_loop
 
     keras.utils.set_random_seed(config.seed)
     steps_per_execution = speed.steps_per_execution(config, data.num_train)
-    model, _ = train_lib.compiled_model(config, data, steps_per_execution)
+    model, _ = fit_loop.compiled_model(config, data, steps_per_execution)
     make, steps = data.fit_input(config.batch, seed=config.seed, first_epoch=0, epochs=config.epochs,
                                  steps_per_execution=steps_per_execution)
     wall, cpu = [], []

@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from brute_force import PopulationStatistics  # noqa: E402
 
-from pipeline import callback_list, distribute, train  # noqa: E402
+from pipeline import callback_list, distribute, fit_loop  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 from pipeline import data as data_lib  # noqa: E402
 
@@ -57,7 +57,7 @@ class BruteForce(keras.callbacks.Callback):
 def run(config, data, strategy, topology, callbacks_for, epochs):
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model, _ = train.compiled_model(config, data, replica_norms=callbacks_for is not None)
+        model, _ = fit_loop.compiled_model(config, data, replica_norms=callbacks_for is not None)
     callbacks = callbacks_for(model) if callbacks_for else []
     train_data = distribute.distribute_train(
         strategy, topology, lambda: data.train_dataset(config.batch, seed=config.seed), config.batch)

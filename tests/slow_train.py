@@ -19,7 +19,7 @@ import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import checkpoint, train  # noqa: E402
+from pipeline import checkpoint, fit_loop, train  # noqa: E402
 
 
 def slow_checkpoints(pause: float) -> None:
@@ -99,14 +99,14 @@ def pause_in(stage: str, marker: str, seconds: float) -> None:
 
 
 def pause_in_summary(marker: str, seconds: float) -> None:
-    fill = train._fill_from_history
+    fill = fit_loop._fill_from_history
 
     def paused_fill(*args):
         open(marker, "w").close()
         time.sleep(seconds)
         fill(*args)
 
-    train._fill_from_history = paused_fill
+    fit_loop._fill_from_history = paused_fill
 
 
 if __name__ == "__main__":

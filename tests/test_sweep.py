@@ -282,9 +282,9 @@ def test_replica_sweep_trains_each_count_and_resumes(tmp_path, monkeypatch, caps
     replicas normalizes over 16 of the 32 examples, the report has the devices' columns, and running the same
     command again trains nothing."""
     out = str(tmp_path / "sweep")
-    args = ["--model", "mlp", "--batch", "32", "--replicas", "1,2", "--budget-steps", "6", "--bn-stats-every", "3",
-            "--grad-stats-every", "0", "--no-dynamics", "--no-export", "--precise-bn-samples", "0",
-            "--target-accuracy", "0", "--verbose", "0", "--out", out]
+    args = ["--model", "mlp", "--batch", "32", "--seeds", "1", "--replicas", "1,2", "--budget-steps", "6",
+            "--bn-stats-every", "3", "--grad-stats-every", "0", "--no-dynamics", "--no-export",
+            "--precise-bn-samples", "0", "--target-accuracy", "0", "--verbose", "0", "--out", out]
     assert sweep.main(args) == 0
     runs = os.path.join(out, "runs")
     assert sorted(os.listdir(runs)) == ["batch-b32-r1-s0", "batch-b32-r2-s0"]
@@ -310,8 +310,8 @@ def test_distributed_tuning_survives_a_killed_worker(tmp_path, free_ports, monke
     with the same id, the worker gets trial 1 back and finishes it, trial 0 is not run again, and the chief then
     trains the seed run and writes the report. Running the chief's command once more trains nothing."""
     out = tmp_path / "sweep"
-    args = ["--model", "mlp", "--batch", "64", "--budget-steps", "3", "--tuner", "random", "--max-trials", "2",
-            "--grad-stats-every", "0", "--bn-stats-every", "0", "--no-dynamics", "--no-export",
+    args = ["--model", "mlp", "--batch", "64", "--seeds", "1", "--budget-steps", "3", "--tuner", "random",
+            "--max-trials", "2", "--grad-stats-every", "0", "--bn-stats-every", "0", "--no-dynamics", "--no-export",
             "--precise-bn-samples", "0", "--target-accuracy", "0", "--verbose", "0", "--out", str(out)]
     oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_ports(1)[0])}
     started = []
