@@ -23,7 +23,8 @@ CHANGED = {
     "deterministic": True, "advice": "advice.json", "target_accuracy": 0.9, "target_checks_per_epoch": 4,
     "input": "stream", "strategy": "mirrored", "logical_cpus": 2, "replicas": 1, "steps_per_execution": "4",
     "precision": "mixed_bfloat16", "jit": True,
-    "grad_stats_precision": 0.25, "grad_stats_max_examples": 4096, "grad_stats_budget": 0.0, "bn_stats_samples": 256,
+    "grad_stats_precision": 0.25, "grad_stats_max_examples": 4096, "grad_stats_budget": 0.0, "bn_stats_samples": 512,
+    "curvature_every": 10,
 }
 ALLOWED = {"cache_dir": "cache", "intra_op_threads": 2, "verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "export": False}
 
