@@ -5,10 +5,14 @@ The error is reached after TensorFlow is imported, so the test also shows that i
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+from pipeline import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,3 +56,24 @@ def test_predict_refuses_missing_paths_before_importing_tensorflow(tmp_path, arg
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
                             env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
     assert (result.returncode, result.stderr, result.stdout) == (2, line + "\n", "False\n")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (None, 130)])
+def test_an_interruption_ends_a_command_with_the_shells_code(signum, code, capsys):
+    """pipeline.cli.run, every entry point's ending: SIGTERM ends a command as Ctrl-C does, with the code a shell
+    gives a process ended by the signal (128 + its number); a KeyboardInterrupt raised otherwise ends it with 130."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def command():
+        if signum is None:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+        time.sleep(60)  # the handler raises KeyboardInterrupt in here
+        return 0
+
+    try:
+        assert cli.run(command, "interrupted; kept", interrupted_json={"status": "interrupted"}) == code
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert capsys.readouterr() == ('{"status": "interrupted"}\n', "interrupted; kept\n")
