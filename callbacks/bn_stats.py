@@ -102,7 +102,9 @@ class BatchNormStatistics(keras.callbacks.Callback):
     and compiles the measuring function up front.
 
     Args:
-        dataset: a tf.data.Dataset of training batches, (x, y), (x, y, sample_weight) or x; repeated as needed.
+        dataset: a function of the step giving a tf.data.Dataset of training batches, (x, y), (x, y, sample_weight)
+            or x, whose first batch is measured at that step (a resumed run then measures on the batches of an
+            uninterrupted one); or one such dataset, read by one iterator that a resume does not restore.
         every_n_steps: training steps between measurements.
         log_dir: TensorBoard directory, or None for none.
         out_dir: directory for bn_stats.json and bn_stats.md, or None for none.
@@ -126,13 +128,14 @@ class BatchNormStatistics(keras.callbacks.Callback):
         self.every_n_steps = int(every_n_steps)
         self.log_dir = log_dir
         self.out_dir = out_dir
-        self.population = dataset if population is None else population
+        self.population = population if population is not None else dataset(0) if callable(dataset) else dataset
         self.population_samples = int(population_samples)
         self.history: dict[str, list[dict]] = {}
         self.averages: list[dict] = []
         self._layers: list = []
         self._compiled_for = None
         self._epoch_summary = None
+        self._previous = self._last_measured = self._writer = self._batches = None
 
     def on_train_begin(self, logs=None):
         pairs = batch_norm_inputs(self.model)
@@ -147,18 +150,41 @@ class BatchNormStatistics(keras.callbacks.Callback):
             # Where each layer's channels start in the concatenated moving statistics, and how many there are.
             self._channels = np.array([int(layer.moving_mean.shape[0]) for layer in self._layers])
             self._starts = np.cumsum(self._channels) - self._channels
-            self._batches = iter(self.dataset.repeat())
+            if not callable(self.dataset):
+                self._batches = iter(self.dataset.repeat())
             sample = take_inputs(self.population, self.population_samples)
             self._sample = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *sample)
-            self._previous = self._moving()
-            self.history = {layer.name: [] for layer in self._layers}
-            self.averages = []
+            if self._previous is None:  # else restored by set_state
+                self._previous = self._moving()
+            self.history = {layer.name: self.history.get(layer.name, []) for layer in self._layers}
             self._writer = EventWriter(self.log_dir) if self.log_dir else None
-            self._last_measured = None
-        self._steps.epoch_begin(self.model)
+
+    def get_state(self) -> dict:
+        """What a resumed run needs to go on as if uninterrupted: the step, the measurements, the moving statistics
+        of the last one (the next drift is measured from them)."""
+        previous = None if self._previous is None else [values.tolist() for values in self._previous]
+        return {"step": self._steps.step, "history": self.history, "averages": self.averages,
+                "previous": previous, "last_measured": self._last_measured}
+
+    def set_state(self, state: dict) -> list[str]:
+        """Restores `get_state`'s state before training resumes.
+
+        Returns:
+            What could not be restored, one line each.
+        """
+        self._steps.set_step(state["step"])
+        self.history = {name: [dict(row) for row in rows] for name, rows in state["history"].items()}
+        self.averages = [dict(row) for row in state["averages"]]
+        self._previous = None if state["previous"] is None else tuple(np.asarray(v, np.float64)
+                                                                     for v in state["previous"])
+        self._last_measured = state["last_measured"]
+        if callable(self.dataset):
+            return []
+        return ["BatchNormStatistics: its dataset is one object, whose iterator is not restored; the measurements "
+                "after the resume use other batches than an uninterrupted run's"]
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._steps.epoch_begin(self.model)
+        self._steps.epoch_begin((self.params or {}).get("steps"))
         self._epoch_summary = None  # the latest measurement of this epoch, for the epoch logs
 
     def on_epoch_end(self, epoch, logs=None):
@@ -220,7 +246,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if not self._layers:
             return
-        if self._steps.batch_end(self.model, batch):
+        if self._steps.batch_end(batch):
             summary = self.measure()
             if logs is not None:
                 logs.update(summary)
@@ -228,7 +254,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
     @timed
     def measure(self) -> dict[str, float]:
         """Takes one measurement on the next batch; returns the averages over layers, keyed as in the logs."""
-        element = next(self._batches)
+        step = self._steps.step
+        element = next(iter(self.dataset(step)) if callable(self.dataset) else self._batches)
         x = element[0] if isinstance(element, (tuple, list)) else element
         values, mean, variance = (t.numpy() for t in self._measure_function(x, self._sample))
         mean, variance = mean.astype(np.float64), variance.astype(np.float64)
@@ -236,7 +263,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
         drifts = [np.sqrt(np.add.reduceat(np.square(now - before), self._starts) / self._channels)
                   for now, before in zip((mean, variance), self._previous)]
         self._previous = mean, variance
-        step, rows = self._steps.step, {}
+        rows = {}
         for i, layer in enumerate(self._layers):
             rows[layer.name] = row = {"step": step}
             row.update(zip(ERRORS, values[i, :4].astype(float).tolist()))

@@ -28,14 +28,15 @@ is the lower bound X of B_simple > X, its "_hi" is null, and "grad/snr" is the u
 "variables": {variable path: raw values without intervals}. Non-finite values are written as null.
 
 The measurement has no side effects on training (callbacks/micro_batches.py: a stateless call, the optimizer never
-called), and its batches come from the callback's own iterator. That
-iterator must be over a dataset OBJECT of its own, e.g. `data.stream(batch, seed=seed + 1)`: iterators
-of one tf.data object share its shuffle seed generator, so iterating the object passed to `fit` would change the
-order of the training's later epochs. With BatchNormalization each micro-batch is normalized with its own
+called), and its batches come from a dataset of the callback's own: best a function of the step, e.g.
+`lambda step: data.draws(batch, seed=seed + 1, step=step)`, so that the examples of the measurement at step s
+are a function of (seed, s) and a resumed run measures on the examples an uninterrupted one does; or one dataset
+OBJECT of its own, read by one iterator (not restored on resume). Never the object passed to `fit`: iterators of
+one tf.data object share its shuffle seed generator, so iterating it would change the order of the training's
+later epochs. With BatchNormalization each micro-batch is normalized with its own
 statistics, so with the default b = B the noise is measured with BN at the run's batch. Dropout masks differ
 between micro-batches and measurements. Decoupled weight decay (the optimizer's weight_decay) is not part of the
-loss, so it is not in |G|^2. Steps are batches, counted by the optimizer's iterations (a resumed run continues its
-count).
+loss, so it is not in |G|^2. Steps are batches trained (callbacks/steps.py; a resumed run continues its count).
 
 Speed: a measurement computes the gradients of M * b fresh examples, M times the forward and backward pass of a
 training step at b = B (see benchmarks/instrument_overhead.py and the README's Benchmarks).
@@ -137,9 +138,10 @@ class GradientStatistics(NoiseRecords):
         histogram_every=None,
     ):
         """Args:
-        dataset: A tf.data.Dataset of training batches (x, y) or (x, y, sample_weight), an object of its own
-            (not the one passed to fit; see the module docstring). It is repeated, and its batches are split or
-            concatenated into micro_batches * micro_batch_size fresh examples per measurement.
+        dataset: A function of the step giving a tf.data.Dataset of training batches (x, y) or
+            (x, y, sample_weight), or one such dataset, an object of its own (not the one passed to fit; see the
+            module docstring). It is repeated, and its batches are split or concatenated into
+            micro_batches * micro_batch_size fresh examples per measurement.
         every_n_steps: Steps (batches) between measurements.
         batch_size: The run's batch size B for grad/batch_std and grad/snr (default: the dataset's batch size).
         micro_batch_size: Examples b per micro-batch (default: B, so that with BatchNormalization the noise is
@@ -158,7 +160,7 @@ class GradientStatistics(NoiseRecords):
             measurements, the first included. Default: every 10th, and at least 100 steps apart (for ResNet-20
             they cost ~50 ms).
         """
-        dataset_batch = tf.nest.flatten(dataset.element_spec)[0].shape[0]
+        dataset_batch = tf.nest.flatten((dataset(0) if callable(dataset) else dataset).element_spec)[0].shape[0]
         batch_size = batch_size or dataset_batch
         if not batch_size:
             raise ValueError("batch_size: the dataset's batch size is not static (no drop_remainder); pass it")
@@ -176,7 +178,7 @@ class GradientStatistics(NoiseRecords):
         self._iterator = self._gradients = None
 
     def on_train_begin(self, logs=None):
-        if self._iterator is None:
+        if self._iterator is None and not callable(self.dataset):
             self._iterator = iter(self.dataset.repeat())
         if self._gradients is None or self._gradients.model is not self.model:
             self._gradients = MicroBatchGradients(self.model, self.micro_batch_size, self.micro_batches)
@@ -187,7 +189,7 @@ class GradientStatistics(NoiseRecords):
             self._measure(0)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._steps.batch_end(self.model, batch):
+        if self._steps.batch_end(batch):
             self._measure(self._steps.step)
             if logs is not None:
                 logs.update(self._latest)
@@ -197,7 +199,8 @@ class GradientStatistics(NoiseRecords):
         """One measurement at the current weights, recorded (NoiseRecords._record)."""
         seed_offset = (len(self.history) + 1) * 1_000_003  # far from the counters the training's dropout reaches
         per_variable = len(self.history) % self.histogram_every == 0
-        gram, norm_sq, trace, per_parameter = self._gradients(self._fresh_examples(), seed_offset, self.population)
+        examples = self._fresh_examples(step)
+        gram, norm_sq, trace, per_parameter = self._gradients(examples, seed_offset, self.population)
         raw = noise_estimates.measurement(gram, self.micro_batch_size, self.batch_size, self.population)
         fields = {"batch_size": self.batch_size, "micro_batch_size": self.micro_batch_size,
                   "micro_batches": self.micro_batches, "population": self.population}
@@ -205,11 +208,20 @@ class GradientStatistics(NoiseRecords):
         histograms = per_parameter() if self._writer and self.histograms and per_variable else ([], [])
         self._record(step, raw, fields, variables, histograms)
 
-    def _fresh_examples(self):
-        """(x, y) or (x, y, sample_weight) of exactly micro_batches * micro_batch_size fresh examples."""
+    def set_state(self, state: dict) -> list[str]:
+        """NoiseRecords.set_state; a dataset given as one object cannot go back to where its iterator was."""
+        lost = super().set_state(state)
+        if not callable(self.dataset):
+            lost.append("GradientStatistics: its dataset is one object, whose iterator is not restored; the "
+                        "measurements after the resume draw other examples than an uninterrupted run's")
+        return lost
+
+    def _fresh_examples(self, step):
+        """(x, y) or (x, y, sample_weight) of exactly micro_batches * micro_batch_size fresh examples for `step`."""
         needed, parts, count = self.micro_batches * self.micro_batch_size, [], 0
+        iterator = iter(self.dataset(step).repeat()) if callable(self.dataset) else self._iterator
         while count < needed:
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(next(self._iterator))
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(next(iterator))
             parts.append((x, y) if sample_weight is None else (x, y, sample_weight))
             count += int(tf.nest.flatten(x)[0].shape[0])
         if len(parts) == 1 and count == needed:

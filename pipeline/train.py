@@ -19,7 +19,12 @@ from pipeline.config import Config, InputError
 
 @dataclasses.dataclass
 class Summary:
-    """What a run reports; written to <run_dir>/summary.json."""
+    """What a run reports; written to <run_dir>/summary.json.
+
+    A run may take several attempts (processes: interrupted, then --resume). The times wall_time_s, train_time_s and
+    instrument_time_s are all the last attempt's, the one that wrote this summary; `attempts` counts them. The
+    per-step and per-example rates come from every epoch of the run (pipeline/rundir.py).
+    """
 
     status: str  # completed | failed | interrupted
     run_dir: str
@@ -36,11 +41,15 @@ class Summary:
     val_accuracy: float | None = None
     test_accuracy: float | None = None
     test_loss: float | None = None
-    steps: int = 0  # batches trained (optimizer updates are steps / accumulate)
+    steps: int = 0  # batches trained, the unit of every step in the run's files (callbacks/steps.py)
+    updates: int = 0  # optimizer updates: steps // accumulate
     epochs: int = 0
-    wall_time_s: float = 0.0  # this process, from start to summary
-    train_time_s: float = 0.0  # time inside training epochs, summed over resumed attempts
+    attempts: int = 1  # processes that worked on this run: 1, plus one per --resume
+    wall_time_s: float = 0.0  # the last attempt's, from its start to this summary
+    train_time_s: float = 0.0  # the last attempt's time inside the training epochs it finished
     instrument_time_s: float = 0.0  # the part of train_time_s spent measuring (gradient/BN statistics, dynamics)
+    # What the instruments could not restore from the checkpoint when the run resumed, one line each.
+    instruments_not_restored: list = dataclasses.field(default_factory=list)
     # These three are defined once, in pipeline/rundir.py (medians over the epochs after the first, measuring
     # left out), and the sweep report shows the same numbers.
     examples_per_sec: float = 0.0
@@ -56,15 +65,20 @@ class Summary:
     final_logs: dict = dataclasses.field(default_factory=dict)  # last epoch's logs (incl. instruments)
 
 
-def _fill_from_history(summary: Summary, history: list[dict], target: float, reached: dict | None) -> None:
+def _fill_from_history(summary: Summary, history: list[dict], target: float, reached: dict | None,
+                       accumulate: int = 1, first_epoch: int = 0) -> None:
     """Steps, epochs, training time and time-to-target from the run's history, which survives resumes, and
-    pipeline/target.py's record of the target."""
+    pipeline/target.py's record of the target; the times of the epochs from first_epoch on, this attempt's."""
+    from callbacks.steps import updates
+
     if not history:
         return
     summary.steps = history[-1]["step"]
+    summary.updates = updates(summary.steps, accumulate)
     summary.epochs = history[-1]["epoch"] + 1
-    summary.train_time_s = rundir.train_time(history)
-    summary.instrument_time_s = rundir.instrument_time(history)
+    attempt = [record for record in history if record["epoch"] >= first_epoch]
+    summary.train_time_s = rundir.train_time(attempt)
+    summary.instrument_time_s = rundir.instrument_time(attempt)
     summary.examples_per_sec = rundir.examples_per_sec(history) or 0.0
     summary.time_per_step_s = rundir.time_per_step(history) or 0.0
     summary.final_logs = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
@@ -176,10 +190,11 @@ def train(config: Config) -> Summary:
     if continuing:  # Another worker restores from a copy: restoring removes unfinished files from its folder.
         with strategy.scope():  # Restoring builds the optimizer's variables.
             restored = checkpoint.restore(model, checkpoints if chief else distribute.worker_folder(checkpoints))
-    if chief:
-        rundir.create(config, run_dir, parallel)
+    attempts = rundir.create(config, run_dir, parallel) if chief else 1
 
-    summary = Summary(status="completed", run_dir=run_dir, stage="setup", batch_source=batch_source, **parallel)
+    summary = Summary(status="completed", run_dir=run_dir, stage="setup", batch_source=batch_source,
+                      attempts=attempts, **parallel)
+    first_epoch = restored["epoch"] if restored else 0  # of this attempt: later history records are its own
     lost_worker = tf.errors.OpError if topology.workers > 1 else ()  # a collective failed: a worker is gone
     try:
         _fit(config, data, model, run_dir, restored, schedule, summary, strategy, topology)
@@ -193,19 +208,19 @@ def train(config: Config) -> Summary:
     except Exception as e:
         summary.status, summary.reason = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if chief:
-            _write_summary(summary, config, started)
+            _write_summary(summary, config, started, first_epoch)
         raise
     if chief:
-        _write_summary(summary, config, started)
+        _write_summary(summary, config, started, first_epoch)
     return summary
 
 
-def _write_summary(summary: Summary, config: Config, started: float) -> None:
+def _write_summary(summary: Summary, config: Config, started: float, first_epoch: int) -> None:
     from pipeline import checkpoint
     from pipeline import target as target_lib
 
     _fill_from_history(summary, rundir.read_history(summary.run_dir), config.target_accuracy,
-                       target_lib.read(summary.run_dir))
+                       target_lib.read(summary.run_dir), config.accumulate, first_epoch)
     if summary.status == "interrupted":
         summary.reason = _interrupted(summary, checkpoint.read_state(os.path.join(summary.run_dir, "checkpoints")))
     summary.wall_time_s = time.perf_counter() - started
@@ -228,6 +243,8 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
     if config.target_accuracy and topology.workers == 1:
         measuring.append(callback_list.target_check(config, data, run_dir, measuring))
     callbacks = callback_list.build(config, data, run_dir, schedule, strategy, topology, measuring)
+    if topology.is_chief:
+        _restore_instruments(config, model, run_dir, restored, measuring, summary)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     val = data.eval_dataset("val", config.batch)
     trained, steps = (restored["epoch"], restored["step"]) if restored else (0, 0)
@@ -249,6 +266,29 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
                   steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
         if model.stop_training:
             break
+
+
+def _restore_instruments(config: Config, model, run_dir: str, restored: dict | None, instruments: list,
+                         summary: Summary) -> None:
+    """Gives the instruments the state committed with the restored weights (pipeline/checkpoint.py), so that their
+    files end as an uninterrupted run's: what they recorded after that checkpoint is dropped and made again.
+
+    A checkpoint taken at the end of a fit call (the last epoch, a batch phase's last epoch, max_steps) comes before
+    that call's on_train_end, where the instruments make their last measurement and write their files; a run
+    resumed from it makes them again here, as the call would have.
+    """
+    from pipeline import checkpoint
+
+    lost = checkpoint.restore_instruments(instruments, os.path.join(run_dir, "checkpoints"), restored)
+    for line in lost:
+        print(f"--resume: {line}", file=sys.stderr)
+    summary.instruments_not_restored = lost
+    fit_ends = [first for first, _ in config.batch_phases[1:]] + [config.epochs]
+    if restored and (restored["epoch"] in fit_ends or (config.max_steps and restored["step"] >= config.max_steps)):
+        for instrument in instruments:
+            instrument.set_model(model)
+            instrument.on_train_begin()
+            instrument.on_train_end()
 
 
 def _finish(config: Config, data, model, run_dir: str, summary: Summary, chief: bool = True) -> None:
