@@ -96,10 +96,12 @@ class BatchNormStatistics(keras.callbacks.Callback):
 
     Writes scalars `bn/<layer>/<quantity>` for every quantity of QUANTITIES, histograms `bn/<layer>/moving_mean` and
     `bn/<layer>/moving_variance`, and the averages over layers SUMMARY_KEYS (`bn/batch_var_error`, ...; also put
-    into the batch logs) to TensorBoard; at the end of training, after a last measurement, `bn_stats.json` (every
+    into the batch logs) to TensorBoard; at the end of each fit() call (of training; of each phase of a batch
+    schedule), after a last measurement at its last step unless one was taken there, `bn_stats.json` (every
     measurement per layer, and the averages over layers per measurement) and `bn_stats.md` (a per-layer table).
     Step 0 (before the first update of a run, not again when it resumes) shows the starting point of the drift
-    and compiles the measuring function up front.
+    and compiles the measuring function up front. Steps are batches trained (callbacks/steps.py); `get_state` and
+    `set_state` carry the measurements over a resume.
 
     Args:
         dataset: a function of the step giving a tf.data.Dataset of training batches, (x, y), (x, y, sample_weight)

@@ -4,7 +4,7 @@ A step is one batch trained: one call of the training step on one global batch, 
 whatever the gradient accumulation. With gradients accumulated over k batches (--accumulate k) the optimizer updates
 the weights once every k steps, so updates = steps // k (`updates`); the two are never mixed. Every interval
 (the instruments' every_n_steps, the target checks), every record's "step" (grad_stats.jsonl, bn_stats.json,
-dynamics/forgetting.json, target.json, metrics.jsonl, summary.json's "steps") and the instruments' TensorBoard steps
+dynamics/forgetting.json, target.json, the run's history and summary.json's "steps") and the instruments' TensorBoard steps
 are in steps.
 
 Keras' `optimizer.iterations` is not this count: it counts updates (batches // k) and, under a loss-scaled

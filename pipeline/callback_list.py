@@ -111,6 +111,7 @@ def target_check(config, data, run_dir: str, measuring: list):
     from callbacks import timing
     from pipeline import target as target_lib
 
+    # In steps of the first batch phase's epoch (config.batch), for the whole run.
     every = target_lib.interval(data.num_train // config.batch, config.target_checks_per_epoch)
     return target_lib.TargetCheck(data.eval_dataset("val", max(config.batch, 256)), config.target_accuracy, every,
                                   run_dir, lambda: timing.seconds(measuring))

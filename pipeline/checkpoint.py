@@ -210,6 +210,25 @@ def restore_instruments(instruments, directory: str, record: dict | None) -> lis
     return lost
 
 
+def resume_instruments(instruments, model, directory: str, record: dict | None, ended_fit: bool) -> list[str]:
+    """restore_instruments, then, if the checkpoint `record` ended a fit() call (`ended_fit`: the last epoch, a batch
+    phase's last epoch, max_steps), that call's on_train_end, where the instruments make their last measurement and
+    write their files: the checkpoint came before it, so that a run resumed from it makes them as the call would have.
+
+    Returns:
+      restore_instruments' lines, each also printed to stderr.
+    """
+    lost = restore_instruments(instruments, directory, record)
+    for line in lost:
+        print(f"--resume: {line}", file=sys.stderr)
+    if ended_fit:
+        for instrument in instruments:
+            instrument.set_model(model)
+            instrument.on_train_begin()
+            instrument.on_train_end()
+    return lost
+
+
 def callback(directory: str, first_step, instruments=()):
     """A Keras callback that commits a checkpoint at the end of every epoch.
 

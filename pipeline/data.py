@@ -200,13 +200,9 @@ class DataInfo:
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     def draws(self, batch_size: int, *, seed: int, step: int) -> tf.data.Dataset:
-        """Training batches for an instrument's measurement at `step`: one pass over the training split in an order
-        (and augmentation) keyed by (seed, -1 - step), a function of (seed, step) only, and never a training epoch's
-        key (those are (seed, epoch >= 0)).
-
-        So a measurement at step s sees the same examples in a resumed run as in an uninterrupted one: there is no
-        iterator position to save.
-        """
+        """An instrument's batches at `step`: one pass over the training split keyed by (seed, -1 - step), never a
+        training epoch's key (seed, epoch >= 0); a function of (seed, step) only, so a resumed run measures on the
+        examples of an uninterrupted one, with no iterator position to save."""
         return self.epoch(batch_size, seed, -1 - step, self.augmentation == "crop-flip", None)
 
     def epoch(self, batch_size: int, seed, epoch, augment: bool, input_context) -> tf.data.Dataset:

@@ -243,8 +243,13 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
     if config.target_accuracy and topology.workers == 1:
         measuring.append(callback_list.target_check(config, data, run_dir, measuring))
     callbacks = callback_list.build(config, data, run_dir, schedule, strategy, topology, measuring)
-    if topology.is_chief:
-        _restore_instruments(config, model, run_dir, restored, measuring, summary)
+    if topology.is_chief:  # the instruments go on from the state committed with the weights
+        from pipeline import checkpoint
+
+        fit_ends = [first for first, _ in config.batch_phases[1:]] + [config.epochs]
+        ended = bool(restored) and (restored["epoch"] in fit_ends or 0 < config.max_steps <= restored["step"])
+        summary.instruments_not_restored = checkpoint.resume_instruments(
+            measuring, model, os.path.join(run_dir, "checkpoints"), restored, ended)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     val = data.eval_dataset("val", config.batch)
     trained, steps = (restored["epoch"], restored["step"]) if restored else (0, 0)
@@ -266,29 +271,6 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
                   steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
         if model.stop_training:
             break
-
-
-def _restore_instruments(config: Config, model, run_dir: str, restored: dict | None, instruments: list,
-                         summary: Summary) -> None:
-    """Gives the instruments the state committed with the restored weights (pipeline/checkpoint.py), so that their
-    files end as an uninterrupted run's: what they recorded after that checkpoint is dropped and made again.
-
-    A checkpoint taken at the end of a fit call (the last epoch, a batch phase's last epoch, max_steps) comes before
-    that call's on_train_end, where the instruments make their last measurement and write their files; a run
-    resumed from it makes them again here, as the call would have.
-    """
-    from pipeline import checkpoint
-
-    lost = checkpoint.restore_instruments(instruments, os.path.join(run_dir, "checkpoints"), restored)
-    for line in lost:
-        print(f"--resume: {line}", file=sys.stderr)
-    summary.instruments_not_restored = lost
-    fit_ends = [first for first, _ in config.batch_phases[1:]] + [config.epochs]
-    if restored and (restored["epoch"] in fit_ends or (config.max_steps and restored["step"] >= config.max_steps)):
-        for instrument in instruments:
-            instrument.set_model(model)
-            instrument.on_train_begin()
-            instrument.on_train_end()
 
 
 def _finish(config: Config, data, model, run_dir: str, summary: Summary, chief: bool = True) -> None:

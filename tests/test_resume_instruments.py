@@ -90,7 +90,7 @@ PLANS = {
 }
 
 
-def run_plan(run_dir, plan, log, deadline):
+def run_plan(run_dir, plan, log, summaries, deadline):
     process = None
     for attempt, (pause, sig, moment, argument, delay) in enumerate(plan):
         process = start(run_dir, *(("--resume",) if attempt else ()), pause=pause)
@@ -101,6 +101,8 @@ def run_plan(run_dir, plan, log, deadline):
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=300)
         log.append((moment, argument, sig, process.returncode, ended_early, stderr))
+        if sig == signal.SIGINT:
+            summaries.append((read(run_dir, "summary.json"), read(run_dir, "metrics.jsonl")))
     last = start(run_dir, "--resume")
     log.append(("last", None, None, *_finished(last)))
 
@@ -190,9 +192,9 @@ def test_records_at_the_documented_steps(reference):
 
 
 def test_signals_at_many_moments_leave_the_records_of_an_uninterrupted_run(tmp_path, reference):
-    logs = {name: [] for name in PLANS}
+    logs, summaries = {name: [] for name in PLANS}, {name: [] for name in PLANS}
     deadline = time.time() + 900
-    threads = [threading.Thread(target=run_plan, args=(tmp_path / name, plan, logs[name], deadline))
+    threads = [threading.Thread(target=run_plan, args=(tmp_path / name, plan, logs[name], summaries[name], deadline))
                for name, plan in PLANS.items()]
     for thread in threads:
         thread.start()
@@ -217,3 +219,20 @@ def test_signals_at_many_moments_leave_the_records_of_an_uninterrupted_run(tmp_p
                 for key in ("run_dir", "export_path", "attempts"):
                     resumed.pop(key), clean.pop(key)
             assert_same(resumed, clean, f"run {name}: {file}")
+
+    # The times in summary.json are the last attempt's: the epochs it finished (not those of earlier attempts).
+    # Run a's first attempt trained epoch 0 and was stopped in epoch 1; run b's second resumed from epoch 1's
+    # checkpoint and finished epochs 1 and 2; every last attempt only finished the run.
+    (first_a, history_a), = summaries["a"][:1]
+    assert first_a["attempts"] == 1 and [record["epoch"] for record in history_a] == [0]
+    assert first_a["train_time_s"] == pytest.approx(history_a[0]["epoch_time_s"])
+    assert first_a["instrument_time_s"] == pytest.approx(history_a[0]["instrument_time_s"])
+    (second_b, history_b), = summaries["b"][:1]
+    assert second_b["attempts"] == 2 and [record["epoch"] for record in history_b] == [0, 1, 2]
+    assert second_b["train_time_s"] == pytest.approx(sum(record["epoch_time_s"] for record in history_b[1:]))
+    for name in PLANS:
+        final = read(tmp_path / name, "summary.json")
+        assert final["train_time_s"] == final["instrument_time_s"] == 0.0
+        assert 0 < final["wall_time_s"]
+    clean = read(reference_dir, "summary.json")
+    assert clean["train_time_s"] == pytest.approx(sum(r["epoch_time_s"] for r in read(reference_dir, "metrics.jsonl")))
