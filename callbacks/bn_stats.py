@@ -78,13 +78,17 @@ class BatchNormStatistics(keras.callbacks.Callback):
 
     Writes scalars `bn/<layer>/<quantity>` for every quantity of QUANTITIES, histograms `bn/<layer>/moving_mean` and
     `bn/<layer>/moving_variance`, and the averages over layers SUMMARY_KEYS (`bn/batch_var_error`, ...; also put
-    into the batch logs) to TensorBoard; at the end of training, after a last measurement, `bn_stats.json` (every
+    into the batch logs) to TensorBoard; at the end of each fit() call (of training; of each phase of a batch
+    schedule), after a last measurement at its last step unless one was taken there, `bn_stats.json` (every
     measurement per layer, and the averages over layers per measurement) and `bn_stats.md` (a per-layer table).
     Step 0 (before the first update of a run, not again when it resumes) shows the starting point of the drift
-    and compiles the measuring function up front.
+    and compiles the measuring function up front. Steps are batches trained (callbacks/steps.py); `get_state` and
+    `set_state` carry the measurements over a resume.
 
     Args:
-        dataset: a tf.data.Dataset of training batches, (x, y), (x, y, sample_weight) or x; repeated as needed.
+        dataset: a function of the step giving a tf.data.Dataset of training batches, (x, y), (x, y, sample_weight)
+            or x, whose first batch is measured at that step (a resumed run then measures on the batches of an
+            uninterrupted one); or one such dataset, read by one iterator that a resume does not restore.
         every_n_steps: training steps between measurements, or None (default): the geometric schedule.
         log_dir: TensorBoard directory, or None for none.
         out_dir: directory for bn_stats.json and bn_stats.md, or None for none.
@@ -101,7 +105,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
             noise-subtracted estimates themselves (clipped at 0), for fits over many measurements; not reported.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, every_n_steps: int | None = None, log_dir: str | None = None,
+    def __init__(self, dataset, every_n_steps: int | None = None, log_dir: str | None = None,
                  out_dir: str | None = None, population=None, population_samples: int = 256):
         super().__init__()
         self.schedule = schedule_lib.build(every_n_steps)
@@ -112,7 +116,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
         self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
         self.log_dir = log_dir
         self.out_dir = out_dir
-        self.population = dataset if population is None else population
+        self.population = population if population is not None else dataset(0) if callable(dataset) else dataset
         self.population_samples = int(population_samples)
         self.history: dict[str, list[dict]] = {}
         self.averages: list[dict] = []
@@ -120,6 +124,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
         self._layers: list = []
         self._compiled_for = None
         self._epoch_summary = None
+        self._previous = self._last_measured = self._writer = self._batches = None
 
     def on_train_begin(self, logs=None):
         pairs = batch_norm_inputs(self.model)
@@ -134,18 +139,42 @@ class BatchNormStatistics(keras.callbacks.Callback):
             # Where each layer's channels start in the concatenated moving statistics, and how many there are.
             self._channels = np.array([int(layer.moving_mean.shape[0]) for layer in self._layers])
             self._starts = np.cumsum(self._channels) - self._channels
-            self._batches = iter(self.dataset.repeat())
+            if not callable(self.dataset):
+                self._batches = iter(self.dataset.repeat())
             sample = take_inputs(self.population, self.population_samples)
             self._sample = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *sample)
-            self._previous = self._moving()
-            self.history = {layer.name: [] for layer in self._layers}
-            self.averages, self.estimates = [], []
+            if self._previous is None:  # else restored by set_state
+                self._previous = self._moving()
+            self.history = {layer.name: self.history.get(layer.name, []) for layer in self._layers}
             self._writer = EventWriter(self.log_dir) if self.log_dir else None
-            self._last_measured = None
-        self._steps.epoch_begin(self.model)
+
+    def get_state(self) -> dict:
+        """What a resumed run needs to go on as if uninterrupted: the step, the measurements, the moving statistics
+        of the last one (the next drift is measured from them)."""
+        previous = None if self._previous is None else [values.tolist() for values in self._previous]
+        return {"step": self._steps.step, "history": self.history, "averages": self.averages,
+                "estimates": self.estimates, "previous": previous, "last_measured": self._last_measured}
+
+    def set_state(self, state: dict) -> list[str]:
+        """Restores `get_state`'s state before training resumes.
+
+        Returns:
+            What could not be restored, one line each.
+        """
+        self._steps.set_step(state["step"])
+        self.history = {name: [dict(row) for row in rows] for name, rows in state["history"].items()}
+        self.averages = [dict(row) for row in state["averages"]]
+        self.estimates = [dict(row) for row in state["estimates"]]
+        self._previous = None if state["previous"] is None else tuple(np.asarray(v, np.float64)
+                                                                     for v in state["previous"])
+        self._last_measured = state["last_measured"]
+        if callable(self.dataset):
+            return []
+        return ["BatchNormStatistics: its dataset is one object, whose iterator is not restored; the measurements "
+                "after the resume use other batches than an uninterrupted run's"]
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._steps.epoch_begin(self.model)
+        self._steps.epoch_begin((self.params or {}).get("steps"))
         self._epoch_summary = None  # the latest measurement of this epoch, for the epoch logs
 
     def on_epoch_end(self, epoch, logs=None):
@@ -212,7 +241,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if not self._layers:
             return
-        if schedule_lib.crossed(self.schedule, self._steps, self.model, batch):
+        if schedule_lib.crossed(self.schedule, self._steps, batch):
             summary = self.measure()
             if logs is not None:
                 logs.update(summary)
@@ -220,7 +249,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
     @timed
     def measure(self) -> dict[str, float]:
         """Takes one measurement on the next batch; returns the averages over layers, keyed as in the logs."""
-        element = next(self._batches)
+        step = self._steps.step
+        element = next(iter(self.dataset(step)) if callable(self.dataset) else self._batches)
         x = element[0] if isinstance(element, (tuple, list)) else element
         values, mean, variance = (t.numpy() for t in self._measure_function(x, self._sample))
         mean, variance = mean.astype(np.float64), variance.astype(np.float64)
@@ -228,7 +258,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
         drifts = [np.sqrt(np.add.reduceat(np.square(now - before), self._starts) / self._channels)
                   for now, before in zip((mean, variance), self._previous)]
         self._previous = mean, variance
-        step, rows = self._steps.step, {}
+        rows = {}
         for i, layer in enumerate(self._layers):
             rows[layer.name] = row = {"step": step}
             row.update(resolved(values[i, :4], values[i, 10:14]))

@@ -35,8 +35,9 @@ NumPy generators seeded with (seed, measurement number), so a measurement does n
 
 Outputs: batch logs of the measured step and epoch logs (NaN in an epoch without a measurement) get LOG_KEYS;
 `out_path` gets one JSON line per measurement (RECORD_KEYS, non-finite values as null); `log_dir` gets TensorBoard
-scalars of LOG_KEYS under log_dir/curvature at the training step. get_state()/set_state() carry the records across
-a resume; without set_state, a fit that starts at step s > 0 (a resumed run) continues out_path's records up to s.
+scalars of LOG_KEYS under log_dir/curvature at the training step. Steps are batches trained (callbacks/steps.py);
+get_state()/set_state() carry the step and the records across a resume (pipeline/checkpoint.py commits them with
+the weights).
 """
 
 from __future__ import annotations
@@ -108,29 +109,27 @@ class Curvature(keras.callbacks.Callback):
         self.momentum, self.seed, self.log_dir, self.out_path = momentum, seed, log_dir, out_path
         self.history = []  # one record per measurement, as written to out_path
         self._products = self._writer = None
-        self._epoch, self._measured_this_epoch, self._resume_checked = 0, False, False
+        self._epoch, self._measured_this_epoch = 0, False
 
     # Resume.
 
     def get_state(self) -> dict:
-        """The records so far, JSON-serializable; set_state() of a new instance continues from them."""
-        return {"history": finite_or_none(self.history)}
+        """The step and the records so far, JSON-serializable; set_state() of a new instance continues from them."""
+        return {"step": self._steps.step, "epoch": self._epoch, "history": finite_or_none(self.history)}
 
-    def set_state(self, state: dict) -> None:
-        """Continues from get_state()'s records, and rewrites out_path to hold exactly them (a resumed run trains
-        again from its checkpoint, so later records of the interrupted run would be measured again)."""
+    def set_state(self, state: dict) -> list[str]:
+        """Continues from get_state()'s step and records, and rewrites out_path to hold exactly them (a resumed run
+        trains again from its checkpoint, so later records of the interrupted run would be measured again).
+
+        Returns:
+            What could not be restored, one line each (nothing here).
+        """
+        self._steps.set_step(state["step"])
+        self._epoch = state["epoch"]
         self.history = [{k: math.nan if v is None else v for k, v in record.items()} for record in state["history"]]
         if self.out_path:
             write_atomic(self.out_path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in self.history))
-
-    def _continue_records(self) -> None:
-        """A run resumed at step s > 0 without set_state continues the records of out_path up to step s (those after
-        it belong to steps that are trained again)."""
-        if self.history or self._steps.step == 0 or not self.out_path or not os.path.exists(self.out_path):
-            return
-        with open(self.out_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        self.set_state({"history": [r for r in records if r["step"] <= self._steps.step]})
+        return []
 
     # Keras hooks.
 
@@ -142,17 +141,14 @@ class Curvature(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._measured_this_epoch = epoch, False
-        self._steps.epoch_begin(self.model)
-        if not self._resume_checked:
-            self._resume_checked = True
-            self._continue_records()
+        self._steps.epoch_begin((self.params or {}).get("steps"))
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._steps.step == 0 and not self.history:
             self.measure()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._steps.batch_end(self.model, batch):
+        if self._steps.batch_end(batch):
             self.measure()
             if logs is not None:
                 logs.update(self._latest())

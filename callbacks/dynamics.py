@@ -36,8 +36,9 @@ class LearningDynamics(keras.callbacks.Callback):
     examples with at least one event, because never-learned ones are already misclassified and shown there.
 
     With `every_n_steps`, looks fall on steps that are multiples of it, plus one at the end of training if the
-    last step is not one; steps are counted from the optimizer's `iterations` at each epoch start. State is
-    kept across fit() calls, so a run split into several fits is counted as one; use a new instance per run.
+    last step is not one; steps are batches trained (callbacks/steps.py). State is kept across fit() calls, so a
+    run split into several fits is counted as one; use a new instance per run. `get_state` and `set_state` carry
+    it over a resume.
     Put this callback before CSVLogger and TensorBoard so that they see the keys it adds to the epoch logs.
 
     Outputs: epoch logs get "dynamics/forgetting_events" (total so far) and "dynamics/subset_accuracy" (NaN
@@ -93,12 +94,36 @@ class LearningDynamics(keras.callbacks.Callback):
         return self._steps.step
 
     def on_epoch_begin(self, epoch, logs=None):
-        # Re-reading the optimizer's counter keeps steps right after a resume or across several fit() calls.
         self._epoch = epoch
-        self._steps.epoch_begin(self.model)
+        self._steps.epoch_begin((self.params or {}).get("steps"))
+
+    def get_state(self) -> dict:
+        """Every look so far and the per-example history, for a resumed run to go on as if uninterrupted."""
+        arrays = ("forgetting_events", "first_learned_look", "correct", "predictions", "confidence")
+        return {"step": self._step, "epoch": self._epoch, "class_names": self.class_names,
+                "look_steps": self.look_steps, "look_epochs": self.look_epochs,
+                "subset_accuracy": self.subset_accuracy, "class_accuracy": [a.tolist() for a in self.class_accuracy],
+                **{name: None if getattr(self, name) is None else getattr(self, name).tolist() for name in arrays}}
+
+    def set_state(self, state: dict) -> list[str]:
+        """Restores `get_state`'s state before training resumes.
+
+        Returns:
+            What could not be restored, one line each (nothing here).
+        """
+        self._steps.set_step(state["step"])
+        self._epoch, self.class_names = state["epoch"], state["class_names"]
+        self.look_steps, self.look_epochs = list(state["look_steps"]), list(state["look_epochs"])
+        self.subset_accuracy = list(state["subset_accuracy"])
+        self.class_accuracy = [np.asarray(a, np.float64) for a in state["class_accuracy"]]
+        self.forgetting_events = np.asarray(state["forgetting_events"], np.int64)
+        self.first_learned_look = np.asarray(state["first_learned_look"], np.int64)
+        for name, dtype in (("correct", bool), ("predictions", np.int64), ("confidence", np.float64)):
+            setattr(self, name, None if state[name] is None else np.asarray(state[name], dtype))
+        return []
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._steps.batch_end(self.model, batch):
+        if self._steps.batch_end(batch):
             self.look()
 
     def on_epoch_end(self, epoch, logs=None):

@@ -42,14 +42,15 @@ when one is supported, and "grad/snr_hi" the upper bound B / X); "notes": {key: 
 as null and left out of the logs and TensorBoard.
 
 The measurement has no side effects on training (callbacks/micro_batches.py: a stateless call, the optimizer never
-called), and its batches come from the callback's own iterator. That
-iterator must be over a dataset OBJECT of its own, e.g. `data.stream(batch, seed=seed + 1)`: iterators
-of one tf.data object share its shuffle seed generator, so iterating the object passed to `fit` would change the
-order of the training's later epochs. With BatchNormalization each micro-batch is normalized with its own
+called), and its batches come from a dataset of the callback's own: best a function of the step, e.g.
+`lambda step: data.draws(batch, seed=seed + 1, step=step)`, so that the examples of the measurement at step s
+are a function of (seed, s) and a resumed run measures on the examples an uninterrupted one does; or one dataset
+OBJECT of its own, read by one iterator (not restored on resume). Never the object passed to `fit`: iterators of
+one tf.data object share its shuffle seed generator, so iterating it would change the order of the training's
+later epochs. With BatchNormalization each micro-batch is normalized with its own
 statistics, so with the default b = B the noise is measured with BN at the run's batch. Dropout masks differ
 between micro-batches and measurements. Decoupled weight decay (the optimizer's weight_decay) is not part of the
-loss, so it is not in |G|^2. Steps are batches, counted by the optimizer's iterations (a resumed run continues its
-count).
+loss, so it is not in |G|^2. Steps are batches trained (callbacks/steps.py; a resumed run continues its count).
 
 Speed: a measurement computes the gradients of M * b fresh examples, M times the forward and backward pass of a
 training step at b = B (see benchmarks/instrument_overhead.py and the README's Benchmarks).
@@ -66,7 +67,6 @@ from callbacks import schedule as schedule_lib
 from callbacks.micro_batches import MicroBatchGradients
 from callbacks.noise_estimates import KEYS  # noqa: F401  (the keys of a record, here with the record's docstring)
 from callbacks.noise_records import EPOCH_KEYS, FLAGS, SUFFIXES, WINDOW, NoiseRecords, prefixed  # noqa: F401
-from callbacks.steps import iterations
 from callbacks.timing import timed
 
 # The size of a measurement (module docstring): a pilot of PILOT_MICRO_BATCHES decides how many micro-batches bring
@@ -161,9 +161,10 @@ class GradientStatistics(NoiseRecords):
         histogram_every=None,
     ):
         """Args:
-        dataset: A tf.data.Dataset of training batches (x, y) or (x, y, sample_weight), an object of its own
-            (not the one passed to fit; see the module docstring). It is repeated, and its batches are split or
-            concatenated into the examples of each measurement.
+        dataset: A function of the step giving a tf.data.Dataset of training batches (x, y) or
+            (x, y, sample_weight), whose batches are the examples of the measurement at that step (pilot first),
+            or one such dataset, an object of its own (not the one passed to fit; see the module docstring). It is
+            repeated, and its batches are split or concatenated into the examples of each measurement.
         every_n_steps: None (default): step 0 and the geometric schedule of callbacks/schedule.py; n: step 0
             and every n steps. The last step of each fit is measured in both cases.
         batch_size: The run's batch size B for grad/batch_std and grad/snr (default: the dataset's batch size).
@@ -175,7 +176,8 @@ class GradientStatistics(NoiseRecords):
         pilot_micro_batches: M_0 >= 3, the pilot's micro-batches, and the least a measurement takes.
         max_examples: Examples a measurement (pilot included) takes at most.
         budget_fraction: A measurement (pilot included) takes at most this fraction of the examples trained since
-            the previous one (at least the pilot), or None for no such limit.
+            the previous one (at least the pilot), or None for no such limit. A step trains one batch of the
+            dataset's size (with gradient accumulation, a fraction of batch_size).
         population: Examples in the training split that the dataset draws from without replacement, for the
             finite-population term of |G|^2 (noise_estimates) and the largest sample; None for an endless stream
             or draws with replacement.
@@ -192,7 +194,7 @@ class GradientStatistics(NoiseRecords):
             measurements, the first included. Default: every 10th with every n steps (and at least 100 steps
             apart: for ResNet-20 they cost ~50 ms), every one with the geometric schedule.
         """
-        dataset_batch = tf.nest.flatten(dataset.element_spec)[0].shape[0]
+        dataset_batch = tf.nest.flatten((dataset(0) if callable(dataset) else dataset).element_spec)[0].shape[0]
         batch_size = batch_size or dataset_batch
         if not batch_size:
             raise ValueError("batch_size: the dataset's batch size is not static (no drop_remainder); pass it")
@@ -216,6 +218,7 @@ class GradientStatistics(NoiseRecords):
         self.max_micro_batches = max(self.pilot_micro_batches, int(max_examples) // self.micro_batch_size)
         self.sample_micro_batches = max(3, population // self.micro_batch_size) if population else math.inf
         self.dataset, self.histograms = dataset, histograms
+        self.step_examples = dataset_batch or batch_size  # examples trained per step (one batch of the dataset's)
         self.population_data, self.seed, self._population_examples = population_data, int(seed), None
         if histogram_every is None:
             histogram_every = 1 if every_n_steps is None else max(10, math.ceil(100 / every_n_steps))
@@ -223,7 +226,7 @@ class GradientStatistics(NoiseRecords):
         self._iterator = self._gradients = None
 
     def on_train_begin(self, logs=None):
-        if self._iterator is None:
+        if self._iterator is None and not callable(self.dataset):
             self._iterator = iter(self.dataset.repeat())
         if self._gradients is None or self._gradients.model is not self.model:
             self._gradients = MicroBatchGradients(self.model, self.micro_batch_size)
@@ -234,15 +237,14 @@ class GradientStatistics(NoiseRecords):
             self._measure(0)
 
     def on_train_batch_end(self, batch, logs=None):
-        if schedule_lib.crossed(self.schedule, self._steps, self.model, batch):
+        if schedule_lib.crossed(self.schedule, self._steps, batch):
             self._measure(self._steps.step)
             if logs is not None:
                 logs.update(self._latest)
 
     def on_train_end(self, logs=None):
-        step = iterations(self.model)
+        step = self._steps.step
         if self.history and self.history[-1]["step"] < step:  # the curve ends where training ends
-            self._steps.step = step
             self._measure(step)
         super().on_train_end(logs)
 
@@ -259,7 +261,7 @@ class GradientStatistics(NoiseRecords):
             return 0, self.micro_batches
         cost = self.max_micro_batches
         if self.budget_fraction is not None and previous_step is not None:
-            trained = (step - previous_step) * self.batch_size / self.micro_batch_size
+            trained = (step - previous_step) * self.step_examples / self.micro_batch_size
             cost = min(cost, math.floor(self.budget_fraction * trained))
         cost = max(cost, self.pilot_micro_batches)
         if cost <= 2 * self.pilot_micro_batches:
@@ -271,9 +273,9 @@ class GradientStatistics(NoiseRecords):
         """One measurement at the current weights, its size chosen by a pilot, recorded (NoiseRecords._record)."""
         seed_offset = (len(self.history) + 1) * 1_000_003  # far from the counters the training's dropout reaches
         pilot, most = self.sizes(step, self.history[-1]["step"] if self.history else None)
-        micro_batches, needed = most, None
+        micro_batches, needed, source = most, None, self._source(step)
         if pilot:
-            gram, *_ = self._gradients(self._fresh_examples(pilot), seed_offset + 500_000, self.population)
+            gram, *_ = self._gradients(self._fresh_examples(source, pilot), seed_offset + 500_000, self.population)
             estimates = noise_estimates.gram_estimates(gram, self.micro_batch_size, self.population)
             needed = noise_estimates.micro_batches_needed(estimates, pilot, self.relative_half_width)
             wanted = math.ceil(needed) if math.isfinite(needed) else most
@@ -281,7 +283,7 @@ class GradientStatistics(NoiseRecords):
         per_variable = len(self.history) % self.histogram_every == 0
         whole_split = (self.population_data is not None and self.population
                        and micro_batches == self.population // self.micro_batch_size)
-        examples = self._whole_split(step) if whole_split else self._fresh_examples(micro_batches)
+        examples = self._whole_split(step) if whole_split else self._fresh_examples(source, micro_batches)
         gram, norm_sq, trace, per_parameter = self._gradients(examples, seed_offset, self.population)
         exact = bool(whole_split) and micro_batches * self.micro_batch_size == self.population
         raw = noise_estimates.measurement(gram, self.micro_batch_size, self.batch_size, self.population,
@@ -295,11 +297,26 @@ class GradientStatistics(NoiseRecords):
         histograms = per_parameter() if self._writer and self.histograms and per_variable else ([], [])
         self._record(step, raw, fields, variables, histograms)
 
-    def _fresh_examples(self, micro_batches):
-        """(x, y) or (x, y, sample_weight) of exactly micro_batches * micro_batch_size fresh examples."""
+    def set_state(self, state: dict) -> list[str]:
+        """NoiseRecords.set_state (the records hold the previous measurement's step, from which the budget of the
+        next one is counted); a dataset given as one object cannot go back to where its iterator was."""
+        lost = super().set_state(state)
+        if not callable(self.dataset):
+            lost.append("GradientStatistics: its dataset is one object, whose iterator is not restored; the "
+                        "measurements after the resume draw other examples than an uninterrupted run's")
+        return lost
+
+    def _source(self, step):
+        """The iterator of the measurement at `step`: over the step's own dataset (its examples a function of the
+        step: the pilot takes the first, the measurement the next), or the one iterator over a dataset object."""
+        return iter(self.dataset(step).repeat()) if callable(self.dataset) else self._iterator
+
+    def _fresh_examples(self, source, micro_batches):
+        """(x, y) or (x, y, sample_weight) of exactly micro_batches * micro_batch_size fresh examples from the
+        iterator `source`."""
         needed, parts, count = micro_batches * self.micro_batch_size, [], 0
         while count < needed:
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(next(self._iterator))
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(next(source))
             parts.append((x, y) if sample_weight is None else (x, y, sample_weight))
             count += int(tf.nest.flatten(x)[0].shape[0])
         if len(parts) == 1 and count == needed:

@@ -72,7 +72,7 @@ class NoiseRecords(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._measured_this_epoch = epoch, False
-        self._steps.epoch_begin(self.model)
+        self._steps.epoch_begin((self.params or {}).get("steps"))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -80,6 +80,27 @@ class NoiseRecords(keras.callbacks.Callback):
                 value = self._latest.get(key) if self._measured_this_epoch else None
                 # An unbounded end (B_simple's "_hi" when it is only a lower bound) is NaN too: no number.
                 logs[key] = float(value) if value is not None and math.isfinite(value) else math.nan
+
+    def get_state(self) -> dict:
+        """What a resumed run needs to go on as if uninterrupted: the step, the records (the smoothed window pools
+        them) and the length of out_path, which `set_state` cuts the file back to."""
+        if self._out:
+            self._out.flush()
+        size = os.path.getsize(self.out_path) if self.out_path and os.path.exists(self.out_path) else 0
+        return {"step": self._steps.step, "epoch": self._epoch, "history": self.history, "out_bytes": size}
+
+    def set_state(self, state: dict) -> list[str]:
+        """Restores `get_state`'s state before training resumes; out_path loses the records written after it.
+
+        Returns:
+            What could not be restored, one line each (nothing here).
+        """
+        self._steps.set_step(state["step"])
+        self._epoch, self.history = state["epoch"], [dict(record) for record in state["history"]]
+        if self.out_path and os.path.exists(self.out_path):
+            with open(self.out_path, "r+b") as f:
+                f.truncate(state["out_bytes"])
+        return []
 
     def on_train_end(self, logs=None):
         if self._out:

@@ -42,7 +42,7 @@ steps; tests/test_replica_gradient_stats.py checks the windows at steps 40, 150 
   rather than for the whole split; the one-device measurement on fresh batches has no such effect.
 
 Cost: no extra forward or backward pass; the training step computes the squared norms and does one more all-reduce
-of the gradients (benchmarks/replica_gradient_stats.py). Steps are counted by the optimizer's iterations; the
+of the gradients (benchmarks/replica_gradient_stats.py). Steps are batches trained (callbacks/steps.py); the
 gradient of step s is taken at the weights after s - 1 updates.
 """
 
@@ -97,7 +97,7 @@ class ReplicaGradientStatistics(NoiseRecords):
         super().on_train_begin(logs)
 
     def on_train_batch_end(self, batch, logs=None):
-        due = self._steps.batch_end(self.model, batch)
+        due = self._steps.batch_end(batch)
         if logs is None or REPLICA_NORM_SQ not in logs:
             raise ValueError(f"model: its training step returns no {REPLICA_NORM_SQ!r}; build it with "
                              "callbacks.replica_norms.with_replica_norms(model)")
@@ -113,6 +113,19 @@ class ReplicaGradientStatistics(NoiseRecords):
         if due and len(self._traces) - self._record_start >= 2:
             self._measure(self._steps.step)
             logs.update(self._latest)
+
+    def get_state(self) -> dict:
+        """NoiseRecords.get_state and the per-step estimates that later records and windows pool."""
+        return super().get_state() | {"steps_seen": self._steps_seen, "traces": self._traces,
+                                      "norms_sq": self._norms_sq, "batches": self._batches,
+                                      "record_start": self._record_start}
+
+    def set_state(self, state: dict) -> list[str]:
+        lost = super().set_state(state)
+        self._steps_seen, self._traces = list(state["steps_seen"]), list(state["traces"])
+        self._norms_sq, self._batches = list(state["norms_sq"]), list(state["batches"])
+        self._record_start = state["record_start"]
+        return lost
 
     def on_epoch_end(self, epoch, logs=None):
         for key in STEP_KEYS:  # Keras' epoch logs are the last step's logs when a step returns extra keys

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 from callbacks.checked_io import check_positive_int
-from callbacks.steps import iterations
 
 # Step of the first measurement after step 0, and the factor between consecutive ones.
 FIRST, RATIO = 10, 2.0
@@ -62,13 +61,9 @@ def build(every: int | None) -> Every | Geometric:
     return Geometric() if every is None else Every(every)
 
 
-def crossed(schedule, steps, model, batch: int) -> bool:
+def crossed(schedule, steps, batch: int) -> bool:
     """Advances `steps` (a callbacks.steps.Steps that keeps the count) to the end of `batch`; True if a step of
-    `schedule` was passed since the last call, confirmed with the optimizer's count (Keras overstates the batch
-    index of a short last execution)."""
+    `schedule` was passed since the last call."""
     previous = steps.step
-    steps.batch_end(model, batch)
-    if not schedule.due(previous, steps.step):
-        return False
-    steps.step = iterations(model)
+    steps.batch_end(batch)
     return schedule.due(previous, steps.step)

@@ -21,15 +21,19 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
     """The measuring callbacks that config turns on: gradient and BN statistics, learning dynamics, curvature.
 
     With several replicas the gradient statistics come from the training steps' replica gradients (the model must
-    be compiled_model(..., replica_norms=True)); else they, and the others, draw their batches from a dataset object
-    of their own (seed + 1), never from the training iterator.
+    be compiled_model(..., replica_norms=True)); else they, and the others, draw the batches of the measurement at
+    step s from data.draws(seed=seed + 1, step=s), never from the training iterator, so that a resumed run measures
+    on the examples an uninterrupted one does.
     BatchNormStatistics measures batches of bn_batch examples (default: the global batch), the examples that one
     BN layer normalizes over in training: a replica's slice with --norm batch, the global batch with syncbatch.
     """
     import callbacks
 
     tensorboard_dir = os.path.join(run_dir, "tensorboard")
-    instrument_data = data.stream(config.batch, seed=config.seed + 1)
+
+    def draws(batch):
+        return lambda step: data.draws(batch, seed=config.seed + 1, step=step)
+
     grad_every = config_lib.instrument_interval(config.grad_stats_every)
     bn_every = config_lib.instrument_interval(config.bn_stats_every)
     result = []
@@ -46,7 +50,7 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
     elif grad_every != 0:
         with config_lib.as_flag_error("grad_stats_every"):
             result.append(callbacks.GradientStatistics(
-                instrument_data, every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
+                draws(config.batch), every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
                 relative_half_width=config.grad_stats_precision, max_examples=config.grad_stats_max_examples,
                 budget_fraction=config.grad_stats_budget or None, population=data.num_train,
                 population_data=_whole_split(config, data), seed=config.seed + 1, log_dir=tensorboard_dir,
@@ -55,8 +59,7 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
         # Population statistics over the un-augmented training examples that precise BN uses.
         population = data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0)
         with config_lib.as_flag_error("bn_stats_every"):
-            bn_data = data.stream(bn_batch, seed=config.seed + 1) if bn_batch not in (None, config.batch) else None
-            result.append(callbacks.BatchNormStatistics(bn_data or instrument_data, every_n_steps=bn_every,
+            result.append(callbacks.BatchNormStatistics(draws(bn_batch or config.batch), every_n_steps=bn_every,
                                                         log_dir=tensorboard_dir, out_dir=run_dir, population=population,
                                                         population_samples=config.bn_stats_samples))
     if config.dynamics:
@@ -116,8 +119,9 @@ def build(config, data, run_dir: str, schedule, strategy, topology, measuring: l
         DropUnmeasured(),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), write_graph=False),
         # Committed at every epoch end and kept at the end, so a NaN stop keeps the last good epoch.
+        # The instruments' state is committed with the weights (pipeline/checkpoint.py).
         checkpoint.callback(os.path.join(run_dir, "checkpoints"),
-                            lambda epoch: run.first_step(epoch, phases, data.num_train)),
+                            lambda epoch: run.first_step(epoch, phases, data.num_train), measuring),
     ]
     return result
 
@@ -131,6 +135,7 @@ def target_check(config, data, run_dir: str, measuring: list):
     from callbacks import timing
     from pipeline import target as target_lib
 
+    # In steps of the first batch phase's epoch (config.batch), for the whole run.
     every = target_lib.interval(data.num_train // config.batch, config.target_checks_per_epoch)
     return target_lib.TargetCheck(data.eval_dataset("val", max(config.batch, 256)), config.target_accuracy, every,
                                   run_dir, lambda: timing.seconds(measuring))

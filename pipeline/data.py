@@ -199,6 +199,12 @@ class DataInfo:
         dataset = epochs.flat_map(lambda epoch: self.epoch(batch_size, seed, epoch, augment, None))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
+    def draws(self, batch_size: int, *, seed: int, step: int) -> tf.data.Dataset:
+        """An instrument's batches at `step`: one pass over the training split keyed by (seed, -1 - step), never a
+        training epoch's key (seed, epoch >= 0); a function of (seed, step) only, so a resumed run measures on the
+        examples of an uninterrupted one, with no iterator position to save."""
+        return self.epoch(batch_size, seed, -1 - step, self.augmentation == "crop-flip", None)
+
     def epoch(self, batch_size: int, seed, epoch, augment: bool, input_context) -> tf.data.Dataset:
         raise NotImplementedError
 

@@ -20,7 +20,12 @@ from pipeline.config import Config, InputError
 
 @dataclasses.dataclass
 class Summary:
-    """What a run reports; written to <run_dir>/summary.json."""
+    """What a run reports; written to <run_dir>/summary.json.
+
+    A run may take several attempts (processes: interrupted, then --resume). The times wall_time_s, train_time_s and
+    instrument_time_s are all the last attempt's, the one that wrote this summary; `attempts` counts them. The
+    per-step and per-example rates come from every epoch of the run (pipeline/rundir.py).
+    """
 
     status: str  # completed | failed | interrupted
     run_dir: str
@@ -37,11 +42,15 @@ class Summary:
     val_accuracy: float | None = None
     test_accuracy: float | None = None
     test_loss: float | None = None
-    steps: int = 0  # batches trained (optimizer updates are steps / accumulate)
+    steps: int = 0  # batches trained, the unit of every step in the run's files (callbacks/steps.py)
+    updates: int = 0  # optimizer updates: steps // accumulate
     epochs: int = 0
-    wall_time_s: float = 0.0  # this process, from start to summary
-    train_time_s: float = 0.0  # time inside training epochs, summed over resumed attempts
+    attempts: int = 1  # processes that worked on this run: 1, plus one per --resume
+    wall_time_s: float = 0.0  # the last attempt's, from its start to this summary
+    train_time_s: float = 0.0  # the last attempt's time inside the training epochs it finished
     instrument_time_s: float = 0.0  # the part of train_time_s spent measuring (gradient/BN statistics, dynamics)
+    # What the instruments could not restore from the checkpoint when the run resumed, one line each.
+    instruments_not_restored: list = dataclasses.field(default_factory=list)
     # These three are defined once, in pipeline/rundir.py (medians over the epochs after the first, measuring
     # left out), and the sweep report shows the same numbers.
     examples_per_sec: float = 0.0
@@ -57,15 +66,20 @@ class Summary:
     final_logs: dict = dataclasses.field(default_factory=dict)  # last epoch's logs (incl. instruments)
 
 
-def _fill_from_history(summary: Summary, history: list[dict], target: float, reached: dict | None) -> None:
+def _fill_from_history(summary: Summary, history: list[dict], target: float, reached: dict | None,
+                       accumulate: int = 1, first_epoch: int = 0) -> None:
     """Steps, epochs, training time and time-to-target from the run's history, which survives resumes, and
-    pipeline/target.py's record of the target."""
+    pipeline/target.py's record of the target; the times of the epochs from first_epoch on, this attempt's."""
+    from callbacks.steps import updates
+
     if not history:
         return
     summary.steps = history[-1]["step"]
+    summary.updates = updates(summary.steps, accumulate)
     summary.epochs = history[-1]["epoch"] + 1
-    summary.train_time_s = rundir.train_time(history)
-    summary.instrument_time_s = rundir.instrument_time(history)
+    attempt = [record for record in history if record["epoch"] >= first_epoch]
+    summary.train_time_s = rundir.train_time(attempt)
+    summary.instrument_time_s = rundir.instrument_time(attempt)
     summary.examples_per_sec = rundir.examples_per_sec(history) or 0.0
     summary.time_per_step_s = rundir.time_per_step(history) or 0.0
     summary.final_logs = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
@@ -179,10 +193,11 @@ def train(config: Config) -> Summary:
     if continuing:  # Another worker restores from a copy: restoring removes unfinished files from its folder.
         with strategy.scope():  # Restoring builds the optimizer's variables.
             restored = checkpoint.restore(model, checkpoints if chief else distribute.worker_folder(checkpoints))
+    first_epoch = restored["epoch"] if restored else 0  # of this attempt: later history records are its own
     with interrupts.deferred():  # A signal from here on ends the run with its summary (checked in the try below).
-        if chief:
-            rundir.create(config, run_dir, parallel)
-        summary = Summary(status="completed", run_dir=run_dir, stage="setup", batch_source=batch_source, **parallel)
+        attempts = rundir.create(config, run_dir, parallel) if chief else 1
+        summary = Summary(status="completed", run_dir=run_dir, stage="setup", batch_source=batch_source,
+                          attempts=attempts, **parallel)
     lost_worker = tf.errors.OpError if topology.workers > 1 else ()  # a collective failed: a worker is gone
     try:
         interrupts.check()
@@ -197,21 +212,22 @@ def train(config: Config) -> Summary:
     except Exception as e:
         summary.status, summary.reason = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if chief:
-            _write_summary(summary, config, started)
+            _write_summary(summary, config, started, first_epoch)
         raise
     if chief:
-        _write_summary(summary, config, started)
+        _write_summary(summary, config, started, first_epoch)
     return summary
 
 
 @interrupts.deferred()
-def _write_summary(summary: Summary, config: Config, started: float) -> None:
-    """Completes the summary from the run directory and writes it; a further signal meanwhile is only recorded."""
+def _write_summary(summary: Summary, config: Config, started: float, first_epoch: int) -> None:
+    """Completes the summary from the run directory and writes it; a further signal meanwhile is only recorded.
+    The times are those of this attempt's epochs, from `first_epoch` on."""
     from pipeline import checkpoint
     from pipeline import target as target_lib
 
     _fill_from_history(summary, rundir.read_history(summary.run_dir), config.target_accuracy,
-                       target_lib.read(summary.run_dir))
+                       target_lib.read(summary.run_dir), config.accumulate, first_epoch)
     if summary.status == "interrupted":
         summary.reason = _interrupted(summary, checkpoint.read_state(os.path.join(summary.run_dir, "checkpoints")))
     summary.wall_time_s = time.perf_counter() - started
@@ -236,6 +252,13 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
     # Last: a signal whose KeyboardInterrupt was lost (pipeline/interrupts.py) ends the run after the batch.
     callbacks = callback_list.build(config, data, run_dir, schedule, strategy, topology, measuring)
     callbacks.append(interrupts.callback())
+    if topology.is_chief:  # the instruments go on from the state committed with the weights
+        from pipeline import checkpoint
+
+        fit_ends = [first for first, _ in config.batch_phases[1:]] + [config.epochs]
+        ended = bool(restored) and (restored["epoch"] in fit_ends or 0 < config.max_steps <= restored["step"])
+        summary.instruments_not_restored = checkpoint.resume_instruments(
+            measuring, model, os.path.join(run_dir, "checkpoints"), restored, ended)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     val = data.eval_dataset("val", config.batch)
     trained, steps = (restored["epoch"], restored["step"]) if restored else (0, 0)

@@ -69,6 +69,9 @@ def measure_noise(model, train_batches, instrument_batches, steps: int, *, batch
                                micro_batches=MICRO_BATCHES, population=population, out_path=out_path,
                                log_dir=log_dir, histograms=False)
     recorder = LossRecorder()
+    # The instrument's step count (callbacks/steps.py) goes on from the first half's steps, as a resumed run's does;
+    # its one line about a dataset object's iterator does not apply (nothing to restore).
+    stats.set_state(stats.get_state() | {"step": steps // 2})
     # The first half trains unmeasured; the second half, the phase the advice is for, is measured and pooled.
     # shuffle=False: the datasets are in their own order already (and Keras warns that it ignores shuffle=True).
     model.fit(train_batches, steps_per_epoch=steps // 2, epochs=1, callbacks=[recorder], verbose=0, shuffle=False)

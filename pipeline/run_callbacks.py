@@ -8,15 +8,16 @@ import time
 import keras
 
 from callbacks import timing
+from callbacks.steps import Steps
 from pipeline import rundir
 
 
 def first_step(epoch: int, batch_phases, num_train: int) -> int:
-    """Batches trained before `epoch`: whole epochs of num_train // batch batches in each phase before it.
+    """Steps (batches trained, callbacks/steps.py) before `epoch`: whole epochs of num_train // batch batches in
+    each phase before it.
 
-    This is the optimizer's own count of batches at the start of the epoch, also after a resume, which restarts at an
-    epoch (a run stops inside an epoch only at its end). Keras' public `optimizer.iterations` counts updates instead,
-    batches / accumulate, so the run counts its batches itself.
+    The run's callbacks start counting each epoch here (a resumed run restarts at an epoch; a run stops inside an
+    epoch only at its end, at max_steps), and the instruments' counts, restored from the checkpoint, agree with it.
     """
     steps = 0
     for i, (first_epoch, batch) in enumerate(batch_phases):
@@ -73,13 +74,15 @@ class StopAtMaxSteps(keras.callbacks.Callback):
     def __init__(self, max_steps: int, batch_phases, num_train: int):
         super().__init__()
         self.max_steps, self.batch_phases, self.num_train = max_steps, batch_phases, num_train
-        self._epoch_start = 0
+        self._steps = Steps(None)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = first_step(epoch, self.batch_phases, self.num_train)
+        self._steps.set_step(first_step(epoch, self.batch_phases, self.num_train))
+        self._steps.epoch_begin(self.params["steps"])
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._epoch_start + batch + 1 >= self.max_steps:
+        self._steps.batch_end(batch)
+        if self._steps.step >= self.max_steps:
             self.model.stop_training = True
 
 
@@ -112,20 +115,22 @@ class MetricsLogger(keras.callbacks.Callback):
             rundir.keep_history_before(self.run_dir, epoch)
             self._resumed = True
         self._start, self._start_measuring = time.perf_counter(), timing.seconds(self.instruments)
-        self._start_step = first_step(epoch, self.batch_phases, self.num_train)
-        self._batches = 0
+        self._steps = Steps(None)
+        self._steps.set_step(first_step(epoch, self.batch_phases, self.num_train))
+        self._steps.epoch_begin(self.params["steps"])
+        self._start_step = self._steps.step
 
     def on_train_batch_end(self, batch, logs=None):
-        self._batches = batch + 1
+        self._steps.batch_end(batch)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         seconds = time.perf_counter() - self._start
         measuring = timing.seconds(self.instruments) - self._start_measuring
-        step = self._start_step + self._batches
+        step, batches = self._steps.step, self._steps.step - self._start_step
         logs["learning_rate"] = float(self.learning_rate(max(step - 1, 0)))
         training = max(seconds - measuring, 1e-9)
-        logs["examples_per_sec"] = self._batches * phase_batch(epoch, self.batch_phases) / training
+        logs["examples_per_sec"] = batches * phase_batch(epoch, self.batch_phases) / training
         record = {"epoch": epoch, "step": step, "epoch_time_s": seconds, "instrument_time_s": measuring}
         # An instrument's NaN (no new measurement this epoch) is left out; an unbounded interval end is null.
         values = {k: float(v) for k, v in logs.items() if _is_number(v)}

@@ -208,15 +208,22 @@ def check(config: Config, run_dir: str) -> bool:
     return False
 
 
-def create(config: Config, run_dir: str, parallel: dict | None = None) -> None:
-    """Makes run_dir for an accepted run (emptying it first with --overwrite) and writes config.json."""
+def create(config: Config, run_dir: str, parallel: dict | None = None) -> int:
+    """Makes run_dir for an accepted run (emptying it first with --overwrite) and writes config.json.
+
+    Returns:
+      The attempt this is: 1 for a new run, one more than the previous attempt's for a run that continues.
+    """
     if config.overwrite and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
         raise InputError(f"--run-dir: cannot write to {run_dir} ({e.strerror}); choose a writable folder") from None
-    write_config(config, run_dir, parallel)
+    previous = read_config(run_dir)
+    attempt = previous.get("attempt", 1) + 1 if previous else 1
+    write_config(config, run_dir, parallel, attempt)
+    return attempt
 
 
 def git_commit() -> str | None:
@@ -248,11 +255,13 @@ def versions() -> dict:
     }
 
 
-def write_config(config: Config, run_dir: str, parallel: dict | None = None) -> None:
-    """config.json: the resolved config (loadable with --config), versions, commit and command line.
+def write_config(config: Config, run_dir: str, parallel: dict | None = None, attempt: int = 1) -> None:
+    """config.json: the resolved config (loadable with --config), versions, commit and command line of the attempt
+    that wrote it.
 
     parallel: how the steps run ({"strategy", "replicas", "workers", "per_replica_batch", "steps_per_execution",
       "intra_op_threads"}).
+    attempt: which attempt at the run this is (1, then one more at each --resume).
     """
     write_json_atomic(
         os.path.join(run_dir, CONFIG),
@@ -263,6 +272,7 @@ def write_config(config: Config, run_dir: str, parallel: dict | None = None) -> 
             "versions": versions(),
             "git_commit": git_commit(),
             "command": sys.argv,
+            "attempt": attempt,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
@@ -346,7 +356,7 @@ def time_to_target(history: list[dict], reached: dict | None) -> float | None:
 
 
 def train_time(history: list[dict]) -> float:
-    """Seconds inside training epochs (validation and measuring included), summed over resumed attempts."""
+    """Seconds inside the training epochs of `history` (validation and measuring included)."""
     return sum(record["epoch_time_s"] for record in history)
 
 

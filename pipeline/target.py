@@ -3,13 +3,13 @@
 Keras validates at epoch ends: every 161 steps at batch 8 on the digits and every 10 at batch 128, so steps to
 target checked there are quantized by one epoch, a different number of steps at every batch, which biases a fit
 of S(B). TargetCheck checks the validation accuracy every k = max(1, steps_per_epoch // checks_per_epoch) steps
-(counted by the optimizer): the same fraction of an epoch, i.e. the same number of examples, at every batch
+(batches trained, callbacks/steps.py): the same fraction of an epoch, i.e. the same number of examples, at every batch
 size (an eighth of an epoch by default; one step where an epoch has fewer steps than checks), until the target
 is first reached. A check runs the model in inference mode (moving BN statistics, as Keras' own validation)
 over the whole validation split.
 
 What it records (target.json in the run directory, read back with `read`) and what summary.json reports:
-- steps_to_target: the optimizer step of the first check with validation accuracy >= target.
+- steps_to_target: the step (batches trained) of the first check with validation accuracy >= target.
 - epochs_to_target: the epochs of training up to that step, fractional: epoch index + steps into that epoch /
   steps per epoch (examples seen / training examples for a fixed batch).
 - time_to_target_s: training time up to that step without measuring: the earlier epochs' time without the
@@ -18,7 +18,8 @@ What it records (target.json in the run directory, read back with `read`) and wh
   throughput leave them out.
 Every check also records which validation examples it classified correctly (pipeline/target_record.py,
 target_checks.npz), for the interval of these numbers from the validation set's sampling noise; the checks go on
-for a while after the target is first reached, for the same reason.
+for a while after the target is first reached, for the same reason. `get_state` and `set_state` carry both records
+over a resume: a resumed run holds the checks of the uninterrupted run, each once.
 """
 
 from __future__ import annotations
@@ -66,24 +67,46 @@ class TargetCheck(keras.callbacks.Callback):
         self._steps = Steps(every_n_steps)
         self._accuracy = keras.metrics.SparseCategoricalAccuracy()
         self._predict = None
-        self.reached = read(run_dir)
-        self.record = target_record.CheckRecord(run_dir, target)
+        self.reached = None
+        self.record = target_record.CheckRecord(run_dir, target)  # with the checks an earlier attempt wrote
 
     def on_train_begin(self, logs=None):
         if self._predict is None:
             self._predict = tf.function(lambda x: self.model(x, training=False))
 
+    def get_state(self) -> dict:
+        """The step, the record of the target if reached, and how many checks the per-example record holds (their
+        rows are in target_checks.npz, written at the epoch end, before the checkpoint commits this state)."""
+        return {"step": self._steps.step, "reached": self.reached, "checks": len(self.record.rows)}
+
+    def set_state(self, state: dict) -> list[str]:
+        """Restores `get_state`'s state before training resumes, and target.json and target_checks.npz with it:
+        what an attempt wrote after the checkpoint is removed, since the resumed run makes its checks again.
+
+        Returns:
+            What could not be restored, one line each: checks that target_checks.npz no longer holds.
+        """
+        self._steps.set_step(state["step"])
+        self.reached = state["reached"]
+        path = os.path.join(self.run_dir, FILE)
+        if self.reached:
+            rundir.write_json_atomic(path, self.reached)
+        elif os.path.exists(path):
+            os.remove(path)
+        checks = state.get("checks", 0)
+        kept = self.record.keep_first(checks)
+        if kept < checks:
+            return [f"TargetCheck: {target_record.FILE} holds {kept} of the {checks} checks before the checkpoint; "
+                    "the interval of steps to target comes from the checks it holds"]
+        return []
+
     def on_epoch_begin(self, epoch, logs=None):
-        self._steps.epoch_begin(self.model)
-        if self.reached and self.reached["epoch"] >= epoch:  # a resumed run trains this epoch again
-            os.remove(os.path.join(self.run_dir, FILE))
-            self.reached = None
-        self.record.drop_from_epoch(epoch)
+        self._steps.epoch_begin(self.params["steps"])
         self._epoch, self._first_step = epoch, self._steps.step
         self._started, self._measured = time.perf_counter(), self.measuring()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._steps.batch_end(self.model, batch) and not (self.reached and self.record.done):
+        if self._steps.batch_end(batch) and not (self.reached and self.record.done):
             seconds = self._seconds_into_epoch()
             accuracy = self.check()
             self.record.add(self._steps.step, self._epoch, self._epoch_fraction(), seconds, self._correct)

@@ -19,7 +19,8 @@ epoch end and at the end of training, with arrays
     target.json (seconds without measuring and checks, for pipeline.rundir.time_to_target);
   correct (C, N) bool: whether validation example n was classified correctly at check c;
   target () float64: the target accuracy.
-A resumed run trains its last unfinished epoch again, so the checks of that epoch and later are dropped first.
+A resumed run trains again from its checkpoint, so it keeps the checks made before it (their number is part of the
+checkpoint, pipeline/target.py) and drops the later ones.
 """
 
 from __future__ import annotations
@@ -77,12 +78,20 @@ class CheckRecord:
             if self.first_crossing is not None:
                 self.done = settled(accuracy, len(correct), self.target) or step >= FOLLOW_FACTOR * self.first_crossing
 
-    def drop_from_epoch(self, epoch: int) -> None:
-        """Forgets the checks of `epoch` and later: a resumed run trains them again."""
-        kept = [row for row in self.rows if row[1] < epoch]
-        if len(kept) != len(self.rows):
-            self.rows = kept
-            self._find_crossing()
+    def keep_first(self, checks: int) -> int:
+        """Forgets the checks after the first `checks` (a resumed run makes them again) and rewrites FILE to hold
+        exactly the rest (removes it if none is left).
+
+        Returns:
+            The checks kept: `checks`, or fewer if FILE held fewer.
+        """
+        self.rows = self.rows[:checks]
+        self._find_crossing()
+        if self.rows:
+            self.write()
+        elif self.run_dir and os.path.exists(os.path.join(self.run_dir, FILE)):
+            os.remove(os.path.join(self.run_dir, FILE))
+        return len(self.rows)
 
     def add(self, step: int, epoch: int, epoch_fraction: float, seconds_into_epoch: float, correct) -> None:
         """Records one check; `correct` is a bool per validation example."""

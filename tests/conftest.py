@@ -133,8 +133,8 @@ def interrupt_after_first_epoch(monkeypatch):
     def interrupting():
         save = checkpoint.save
 
-        def save_then_interrupt(model, directory, epoch, step):
-            state = save(model, directory, epoch, step)
+        def save_then_interrupt(model, directory, epoch, step, instruments=None):
+            state = save(model, directory, epoch, step, instruments)
             if epoch == 1:
                 raise KeyboardInterrupt
             return state

@@ -175,24 +175,36 @@ def test_state_resumes_and_rewrites_records(tmp_path):
     state = json.loads(json.dumps(first.get_state()))
     out.write_text("stale\n")
     second = Curvature(x, y, every_n_steps=2, examples=32, trace_probes=2, out_path=str(out))
-    second.set_state({"history": state["history"][:1]})
-    assert [r["step"] for r in second.history] == [0]
+    assert second.set_state({**state, "step": 1, "history": state["history"][:1]}) == []
+    assert [r["step"] for r in second.history] == [0] and second.get_state()["step"] == 1
     assert math.isnan(second.history[0]["curvature/trace_hi"])
     assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [0]
 
 
-def test_resumed_fit_continues_records_of_out_path(tmp_path):
-    """A fit that starts at step 8 keeps out_path's records up to step 8 and drops the later ones."""
+def test_checkpoint_carries_the_step_and_records_over_a_resume(tmp_path):
+    """pipeline/checkpoint.py commits the state with the weights after epoch 1; the run goes on to epoch 2 and is
+    interrupted; a resumed fit of epoch 2 counts on from the committed step and ends with the records of an
+    uninterrupted run's steps, each once, in memory and in out_path."""
+    from pipeline import checkpoint
+
     x, y = _digits("mlp")
-    out = tmp_path / "c.jsonl"
-    out.write_text("".join(json.dumps({"step": step, "curvature/trace": 1.0}) + "\n" for step in (0, 4, 8, 12)))
-    model = _model("mlp")
-    model.optimizer.iterations.assign(8)
-    callback = Curvature(x, y, every_n_steps=4, examples=32, trace_probes=2, out_path=str(out))
-    callback.set_model(model)
-    callback.on_epoch_begin(0)
-    assert [r["step"] for r in callback.history] == [0, 4, 8]
-    assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [0, 4, 8]
+    out, folder = tmp_path / "c.jsonl", str(tmp_path / "checkpoints")
+
+    def callback():
+        return Curvature(x, y, every_n_steps=4, examples=32, trace_probes=2, max_products=10, out_path=str(out))
+
+    model, first = _model("mlp"), callback()
+    model.fit(x[:320], y[:320], batch_size=32, epochs=1, verbose=0, callbacks=[first])
+    record = checkpoint.save(model, folder, 1, 10, checkpoint.instrument_states([first]))
+    model.fit(x[:320], y[:320], batch_size=32, initial_epoch=1, epochs=2, verbose=0, callbacks=[first])
+    assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [0, 4, 8, 10, 12, 16, 20]
+    resumed = callback()
+    assert checkpoint.restore_instruments([resumed], folder, record) == []
+    assert [r["step"] for r in resumed.history] == [0, 4, 8, 10]
+    assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [0, 4, 8, 10]
+    model.fit(x[:320], y[:320], batch_size=32, initial_epoch=1, epochs=2, verbose=0, callbacks=[resumed])
+    assert [r["step"] for r in resumed.history] == [0, 4, 8, 10, 12, 16, 20]
+    assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == [0, 4, 8, 10, 12, 16, 20]
 
 
 def test_dataset_gives_the_first_examples():

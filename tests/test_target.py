@@ -74,8 +74,9 @@ def test_first_reaching_check_matches_brute_force_during_training(tmp_path):
     assert record["seconds_into_epoch"][first] == reached["seconds_into_epoch"]  # target.json and the record agree
 
 
-def test_record_resumes_without_the_epochs_trained_again(tmp_path):
-    """A resumed run reads its earlier checks back and forgets those of the epoch it trains again."""
+def test_record_resumes_with_the_checks_of_its_checkpoint(tmp_path):
+    """A resumed run reads its earlier checks back, keeps those its checkpoint counted and forgets the later ones,
+    in memory and in the file."""
     record = target_record.CheckRecord(str(tmp_path), 0.5)
     for step, epoch, right in ((2, 0, 1), (4, 0, 3), (6, 1, 2), (8, 1, 4)):
         record.add(step, epoch, step / 4 - epoch, 0.1 * step, [i < right for i in range(4)])
@@ -83,11 +84,12 @@ def test_record_resumes_without_the_epochs_trained_again(tmp_path):
     record.write()
     resumed = target_record.CheckRecord(str(tmp_path), 0.5)
     assert resumed.first_crossing == 4 and len(resumed.rows) == 4
-    resumed.drop_from_epoch(1)
+    assert resumed.keep_first(2) == 2
     assert [row[0] for row in resumed.rows] == [2, 4] and not resumed.done
-    resumed.write()
     assert target_record.read(str(tmp_path))["steps"].tolist() == [2, 4]
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no temporary file left
+    assert target_record.CheckRecord(str(tmp_path), 0.5).keep_first(3) == 2  # the file holds fewer: said so
+    assert resumed.keep_first(0) == 0 and target_record.read(str(tmp_path)) is None  # a run that starts again
 
 
 @pytest.mark.slow
