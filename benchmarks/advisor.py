@@ -41,7 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", default=None, help="the sweep's batch sizes, comma-separated")
     args = parser.parse_args(argv)
 
-    from pipeline import advise, report, sweep, train
+    from pipeline import train
+    from pipeline.advisor import recommend as advise
+    from pipeline.study import batch_sweep as sweep, sweep_report
 
     config = dataclasses.replace(config_lib.batch_study(), dataset=args.dataset, model=args.model, verbose=0)
     if args.epochs:
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     run_dir = os.path.join(args.out, "advised")
     summary = train.train(dataclasses.replace(config, warmup_epochs=warmup, run_dir=run_dir, overwrite=True,
                                               advice=os.path.join(args.out, "advice", "advice.json")))
-    row = report.read_run(run_dir)
+    row = sweep_report.read_run(run_dir)
     raw |= {"advised_batch_source": summary.batch_source, "advised_steps_to_target": row["steps_to_target"],
             "advised_time_to_target_s": row["time_to_target_s"], "advised_time_per_step_ms": row["time_per_step_ms"]}
     print(f"advised run: {summary.batch_source}; steps to target {row['steps_to_target']}, time to target "

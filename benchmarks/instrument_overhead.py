@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     from benchmarks import results
     from callbacks import timing
     from models import Norm, build_model
-    from pipeline import data as data_lib
-    from pipeline import callback_list, optim
+    from pipeline.data import in_memory as data_lib
+    from pipeline.training import callback_setup, optim
 
     class EpochTimer(keras.callbacks.Callback):
         def __init__(self, instruments):
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                 schedule = optim.learning_rate(config, [(0, steps_per_epoch)])
                 model.compile(optimizer=optim.build_optimizer(config, schedule),
                               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-                instruments = callback_list.instruments(config, data, model, run_dir)
+                instruments = callback_setup.instruments(config, data, model, run_dir)
                 if micro_batches:
                     instruments[0].micro_batches = micro_batches
                 timer = EpochTimer(instruments)

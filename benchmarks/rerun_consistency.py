@@ -91,14 +91,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     recorder = results.Recorder("rerun_consistency")
 
-    from pipeline import speed, startup, sweep
+    from pipeline import startup
+    from pipeline.study import batch_sweep as sweep
+    from pipeline.training import execution
 
     startup.import_tensorflow()
     config = dataclasses.replace(config_lib.batch_study(), verbose=0)
     overrides = {"epochs": args.epochs, "model": args.model, "val_fraction": args.val_fraction,
                  "target_accuracy": args.target_accuracy}
     config = config_lib.validate(dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None}))
-    speed.set_threads(config)
+    execution.set_threads(config)
     batches = tuple(int(b) for b in args.batch.split(",")) if args.batch else sweep.DEFAULT_BATCHES
     seeds = args.seeds or sweep.DEFAULT_SEEDS
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:

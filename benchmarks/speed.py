@@ -66,15 +66,15 @@ def bare_epoch_times(config, data) -> list[float]:
     import keras
 
     from models import Norm, build_model
-    from pipeline import optim, speed
+    from pipeline.training import execution, optim
 
     keras.utils.set_random_seed(config.seed)
-    speed.set_precision(config)
+    execution.set_precision(config)
     model = build_model(config.model, data.input_shape, data.num_classes, Norm(config.norm), mean=data.mean,
                         variance=data.variance)
     schedule = optim.learning_rate(config, [(0, data.num_train // config.batch)])
     model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=speed.steps_per_execution(config, data.num_train),
+                  metrics=["accuracy"], steps_per_execution=execution.steps_per_execution(config, data.num_train),
                   jit_compile=config.jit)
     times = []
 
@@ -104,12 +104,12 @@ def train_epoch_times(config) -> list[float]:
 
 def variant_epoch_times(name: str, base) -> list[float]:
     """Runs one variant in this process (threads per op can be set only before TensorFlow starts)."""
-    from pipeline import data as data_lib
-    from pipeline import speed
+    from pipeline.data import in_memory as data_lib
+    from pipeline.training import execution
 
     runner, changes = VARIANTS[name]
     config = dataclasses.replace(base, **changes)
-    speed.set_threads(config)  # pipeline.train sets them too, as first thing; the bare script as the pipeline does
+    execution.set_threads(config)  # pipeline.train sets them too, as first thing; the bare script as the pipeline does
     if runner == "bare":
         return bare_epoch_times(config, data_lib.load(config))
     return train_epoch_times(config)

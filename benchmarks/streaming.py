@@ -66,11 +66,11 @@ def fit_epochs(config, data, validation: bool) -> tuple[float, float, float]:
     """
     import keras
 
-    from pipeline import speed
-    from pipeline import fit_loop
+    from pipeline.training import execution
+    from pipeline.training import fit_loop
 
     keras.utils.set_random_seed(config.seed)
-    steps_per_execution = speed.steps_per_execution(config, data.num_train)
+    steps_per_execution = execution.steps_per_execution(config, data.num_train)
     model, _ = fit_loop.compiled_model(config, data, steps_per_execution)
     make, steps = data.fit_input(config.batch, seed=config.seed, first_epoch=0, epochs=config.epochs,
                                  steps_per_execution=steps_per_execution)
@@ -112,11 +112,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 2 or args.rounds < 1:
         parser.error("--epochs must be >= 2 and --rounds >= 1")
-    from pipeline import speed
+    from pipeline.training import execution
 
     recorder = results.Recorder("streaming")
     # Threads per op as pipeline.train sets them by default, before anything starts TensorFlow's runtime.
-    print(f"threads per op: {speed.set_threads(config_lib.Config()) or 'TensorFlow default'}", flush=True)
+    print(f"threads per op: {execution.set_threads(config_lib.Config()) or 'TensorFlow default'}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         dataset = args.dataset or write_digits_folder(os.path.join(tmp, "digits"))
         base = dataclasses.replace(config_lib.Config(), dataset=dataset, data_dir=args.data_dir, model=args.model,
@@ -128,12 +128,12 @@ def main(argv=None) -> int:
 
 
 def measure(variants: dict, rounds: int, recorder: results.Recorder, settings: dict) -> int:
-    from pipeline import inputs
+    from pipeline.data import loading
 
     data, load_seconds = {}, {}
     for name, config in variants.items():  # the cache is filled here, by the statistics pass
         start = time.perf_counter()
-        data[name] = inputs.load(config)
+        data[name] = loading.load(config)
         load_seconds[name] = time.perf_counter() - start
     memory, config = data["memory"], variants["memory"]
     examples = (memory.num_train // config.batch) * config.batch

@@ -36,7 +36,7 @@ NumPy generators seeded with (seed, measurement number), so a measurement does n
 Outputs: batch logs of the measured step and epoch logs (NaN in an epoch without a measurement) get LOG_KEYS;
 `out_path` gets one JSON line per measurement (RECORD_KEYS, non-finite values as null); `log_dir` gets TensorBoard
 scalars of LOG_KEYS under log_dir/curvature at the training step. Steps are batches trained (callbacks/steps.py);
-get_state()/set_state() carry the step and the records across a resume (pipeline/checkpoint.py commits them with
+get_state()/set_state() carry the step and the records across a resume (pipeline/training/checkpoint.py commits them with
 the weights).
 """
 

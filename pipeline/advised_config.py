@@ -1,6 +1,6 @@
 """The reader of the advisor's advice.json, and the Config that `--advice` gives: the advised batch and lr.
 
-pipeline/advice.py writes the file; a run (pipeline.train --advice) and a sweep (its prediction check) read it here,
+pipeline/advisor/advice_report.py writes the file; a run (pipeline.train --advice) and a sweep (its prediction check) read it here,
 below the advisor, so that training never imports the advisor that itself trains.
 """
 

@@ -91,7 +91,7 @@ class Config:
     curvature_every: int = _field(0, "steps between measurements of the loss's top Hessian eigenvalue and trace on a "
                                   "fixed training subset (0: off; also at step 0 and the end; curvature.jsonl)")
     target_accuracy: float = _field(0.0, "record steps and time until validation accuracy first reaches this")
-    target_checks_per_epoch: int = _field(8, "validation checks for --target-accuracy per epoch (pipeline/target.py)")
+    target_checks_per_epoch: int = _field(8, "validation checks for --target-accuracy per epoch (pipeline/training/target.py)")
     # Devices and speed.
     strategy: str = _field("auto", "auto (mirrored with >1 GPU, else one) | one | mirrored | multiworker (reads "
                            "TF_CONFIG)")

@@ -18,7 +18,7 @@ from pipeline.config import Config, InputError, from_dict, to_dict
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG, HISTORY, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
-# pipeline/checkpoint.py's folder and its record of the last committed checkpoint (read here, written there).
+# pipeline/training/checkpoint.py's folder and its record of the last committed checkpoint (read here, written there).
 CHECKPOINTS, CHECKPOINT_STATE = "checkpoints", "checkpoint.json"
 
 
@@ -43,11 +43,11 @@ def read_json(path: str) -> dict | None:
 
 # Config fields that say where and how a run is started, not what it computes: they may differ between the
 # attempts of one run (--resume) and between a sweep's reruns. A cache of streamed input holds the order that
-# streaming reads without it, so it changes the speed of a run, not its numbers (pipeline/streaming.py). The threads
+# streaming reads without it, so it changes the speed of a run, not its numbers (pipeline/data/streamed.py). The threads
 # per op change the speed and the order of sums inside an op, so the rounding, as another machine would.
 PER_RUN_FIELDS = ("run_dir", "resume", "overwrite", "verbose", "cache_dir", "intra_op_threads")
 # Fields that act only after training (precise BN, evaluation, export), which a resumed run redoes: --resume may
-# change them. The target accuracy is not one: it is checked during training (pipeline/target.py).
+# change them. The target accuracy is not one: it is checked during training (pipeline/training/target.py).
 AFTER_TRAINING_FIELDS = ("precise_bn_samples", "export")
 # Where training stops: --resume may move them under the rules of `config_change`.
 STOP_FIELDS = ("epochs", "max_steps")
@@ -70,7 +70,7 @@ def read_checkpoint_state(directory: str) -> dict | None:
 
 
 def read_summary(run_dir: str) -> dict | None:
-    """summary.json (pipeline.fit_loop.Summary as a dict), or None before the run has ended."""
+    """summary.json (pipeline.training.fit_loop.Summary as a dict), or None before the run has ended."""
     return read_json(os.path.join(run_dir, SUMMARY))
 
 
@@ -292,7 +292,7 @@ def run_config(run_dir: str) -> Config:
 
 
 def read_history(run_dir: str) -> list[dict]:
-    """The run's per-epoch records (pipeline.run_callbacks.MetricsLogger), in order; [] before an epoch ends."""
+    """The run's per-epoch records (pipeline.training.run_control.MetricsLogger), in order; [] before an epoch ends."""
     return read_jsonl(os.path.join(run_dir, HISTORY))
 
 
@@ -339,7 +339,7 @@ def time_per_step(history: list[dict]) -> float | None:
 
 def examples_per_sec(history: list[dict]) -> float | None:
     """Training examples per second: the median over the steady epochs of their examples_per_sec (examples /
-    (epoch time - measuring), as pipeline.run_callbacks.MetricsLogger logs it); None without one."""
+    (epoch time - measuring), as pipeline.training.run_control.MetricsLogger logs it); None without one."""
     rates = [record["examples_per_sec"] for record, steps in _steady(history)
              if steps > 0 and "examples_per_sec" in record]
     return float(statistics.median(rates)) if rates else None
@@ -347,7 +347,7 @@ def examples_per_sec(history: list[dict]) -> float | None:
 
 def time_to_target(history: list[dict], reached: dict | None) -> float | None:
     """Training seconds until the target was first reached: the epochs before it without their measuring, plus
-    the seconds into its epoch that pipeline/target.py recorded (also without measuring and its own checks);
+    the seconds into its epoch that pipeline/training/target.py recorded (also without measuring and its own checks);
     None when it was not reached. summary.json and the sweep report both use this number."""
     if not reached:
         return None

@@ -92,6 +92,6 @@ def quiet_libraries() -> None:
         return
     warnings.filterwarnings("ignore", module=rf"({'|'.join(LIBRARIES)})(\.|$)")
     # absl's logger carries TFDS's warning about a dataset that is not prepared, just before the error that
-    # pipeline.sources turns into a one-line message.
+    # pipeline.data.sources turns into a one-line message.
     for name in ("tensorflow", "absl", "keras_tuner"):
         logging.getLogger(name).setLevel(logging.ERROR)

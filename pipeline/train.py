@@ -1,6 +1,6 @@
 """Trains, evaluates and exports one model: `python -m pipeline.train --batch 32`.
 
-The run itself is pipeline.fit_loop.train(); this module only parses the flags, calls it and prints the summary.
+The run itself is pipeline.training.fit_loop.train(); this module only parses the flags, calls it and prints the summary.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import sys
 
 from pipeline import cli, flags, startup
-from pipeline.fit_loop import train
+from pipeline.training.fit_loop import train
 
 
 def main(argv=None) -> int:

@@ -12,10 +12,11 @@ def pytest_configure(config):
     """Threads per op as pipeline.train's default sets them in a process of its own: the runs of this process then
     round like the runs that tests start as subprocesses (the thread count changes the order of sums)."""
     from pipeline import config as config_lib
-    from pipeline import speed, startup
+    from pipeline import startup
+    from pipeline.training import execution
 
     startup.import_tensorflow()  # without its C++ start-up lines
-    speed.set_threads(config_lib.Config())
+    execution.set_threads(config_lib.Config())
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +47,7 @@ def trained_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_evaluation(trained_run):
     """pipeline.evaluate of the shared run's export on its test split, with throughput at request batches 1, 8, 32."""
-    from pipeline import evaluate
+    from pipeline.serving import evaluation as evaluate
 
     config, _ = trained_run
     return evaluate.evaluate(config.run_dir, benchmark_batches=(1, 8, 32))
@@ -109,7 +110,7 @@ def final_weights():
     """A function: {name: array} of every variable (model and optimizer) in a run directory's last checkpoint."""
     import h5py
 
-    from pipeline import checkpoint
+    from pipeline.training import checkpoint
 
     def read(run_dir):
         arrays = {}
@@ -127,7 +128,7 @@ def interrupt_after_first_epoch(monkeypatch):
     interrupted there leaves its run directory."""
     import contextlib
 
-    from pipeline import checkpoint
+    from pipeline.training import checkpoint
 
     @contextlib.contextmanager
     def interrupting():

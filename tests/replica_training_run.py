@@ -24,9 +24,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from brute_force import PopulationStatistics  # noqa: E402
 
-from pipeline import callback_list, distribute, fit_loop  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
-from pipeline import data as data_lib  # noqa: E402
+from pipeline.data import in_memory as data_lib  # noqa: E402
+from pipeline.training import callback_setup, distribute, fit_loop  # noqa: E402
 
 EVERY = 10  # steps per record
 
@@ -76,7 +76,7 @@ def main(out_path, steps):
     run_dir = os.path.dirname(os.path.abspath(out_path))
 
     def with_statistics(model):
-        (instrument,) = callback_list.instruments(config, data, model, run_dir, replicas=topology.replicas)
+        (instrument,) = callback_setup.instruments(config, data, model, run_dir, replicas=topology.replicas)
         return [instrument, BruteForce(x, y, [int(s) for s in steps.split(",") if s])]
 
     _, (instrument, truth), seconds = run(config, data, strategy, topology, with_statistics, config.epochs)

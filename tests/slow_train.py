@@ -19,7 +19,8 @@ import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import checkpoint, fit_loop, train  # noqa: E402
+from pipeline import train  # noqa: E402
+from pipeline.training import checkpoint, fit_loop
 
 
 def slow_checkpoints(pause: float) -> None:
@@ -78,7 +79,7 @@ def pause_in(stage: str, marker: str, seconds: float) -> None:
     elif stage in ("training", "weakref"):
         import keras
 
-        from pipeline import callback_list
+        from pipeline.training import callback_setup
 
         class Resource:  # stands for a TensorFlow object whose deleter runs in a weakref callback
             pass
@@ -94,8 +95,8 @@ def pause_in(stage: str, marker: str, seconds: float) -> None:
             deleter = weakref.ref(resource, lambda ref: pause())  # noqa: F841 -- alive until `del` runs it
             del resource
 
-        build = callback_list.build
-        callback_list.build = lambda *args: build(*args) + [keras.callbacks.LambdaCallback(on_train_batch_end=after_batch)]
+        build = callback_setup.build
+        callback_setup.build = lambda *args: build(*args) + [keras.callbacks.LambdaCallback(on_train_batch_end=after_batch)]
 
 
 def pause_in_summary(marker: str, seconds: float) -> None:

@@ -2,7 +2,7 @@
 
 import math
 
-from pipeline import target_record
+from pipeline.training import target_record
 
 
 def write_record(run_dir, steps_to_target, target, *, rise=0.5, every=None, examples=400, seconds_per_step=0.01):

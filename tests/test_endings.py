@@ -13,9 +13,9 @@ import keras
 import pytest
 
 from pipeline import config as config_lib
-from pipeline import export as export_lib
-from pipeline import optim
 from pipeline import train as train_lib
+from pipeline.serving import export as export_lib
+from pipeline.training import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--model", "cnn", "--batch", "64", "--epochs", "1", "--seed", "3", "--verbose", "0",

@@ -51,7 +51,7 @@ def test_bad_input_after_tensorflow_import_is_one_line(tmp_path, module, make_ar
 @pytest.mark.slow
 def test_predict_refuses_missing_paths_before_importing_tensorflow(tmp_path, args, line):
     (tmp_path / "image.png").write_bytes(b"not checked before the model loads")
-    code = ("import sys; from pipeline import predict; code = predict.main(sys.argv[1:]); "
+    code = ("import sys; from pipeline.serving import client as predict; code = predict.main(sys.argv[1:]); "
             "print('tensorflow' in sys.modules); sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
                             env=dict(os.environ, PYTHONPATH=REPO), timeout=300)

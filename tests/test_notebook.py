@@ -12,7 +12,8 @@ import pytest
 
 from pipeline import config as config_lib
 from pipeline import notebook as notebook_lib
-from pipeline import rundir, sweep
+from pipeline import rundir
+from pipeline.study import batch_sweep as sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "batch_size_study.ipynb")

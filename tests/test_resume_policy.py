@@ -8,10 +8,11 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import checkpoint, rundir
+from pipeline import rundir
 from pipeline import config as config_lib
 from pipeline import train as train_lib
 from pipeline.config import Config, InputError
+from pipeline.training import checkpoint
 
 # A value different from the default for every field that --resume must refuse to change.
 CHANGED = {

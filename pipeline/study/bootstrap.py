@@ -1,0 +1,202 @@
+"""Bootstrap intervals of a sweep: steps, epochs and time to target within a run, and across runs for fits and winners.
+
+Within a run (validation noise): the run's target checks recorded which validation examples each classified
+correctly (pipeline/training/target_record.py). A resample draws N of the N validation examples with replacement; its
+accuracy at check c is the mean correctness of the drawn examples, and its first crossing is the first check with
+accuracy >= target. RESAMPLES resamples with the fixed SEED give RESAMPLES first crossings; the interval is their
+LEVEL percentile interval (lower end rounded down, upper end up, to recorded checks), mapped to steps, epochs and
+time at those checks. Every run of a sweep on the same validation split gets the same resampled examples (the same
+seed and size), so resample r is one alternative validation set for all runs: paired, as the runs share the split.
+A resample that crosses at no recorded check counts as crossing at the last one (a lower bound), and the interval's
+upper end is then unbounded if more than (1 - LEVEL) / 2 of them did.
+
+Across runs (run-to-run spread): per (norm, batch), draw r is the mean over the group's seeds drawn with
+replacement (Efron's bootstrap over runs), each seed at its own resample r; with one seed it is that run's
+resample r, which holds the validation noise only, and run-to-run spread is unknown. Fits (the S(B) fit and the
+power law of steps) are refitted to every draw r over the batches; their intervals are the LEVEL percentile
+intervals of the refitted values. So both the validation noise and the seeds' spread widen them.
+
+A winner (least time, fewest steps) is named only when its interval lies below the runner-up's without overlap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline import rundir
+from pipeline.study import fits as fits_lib
+
+RESAMPLES = 1000  # bootstrap resamples of the validation examples and of the seeds
+SEED = 0  # seed of the resampling, fixed so that a report rebuilt from the same runs is the same
+LEVEL = 0.95  # coverage of the percentile intervals
+CHUNK = 200  # resamples computed at once (a CHUNK x N matrix of counts)
+TARGET_KEYS = ("steps_to_target", "epochs_to_target", "time_to_target_s")
+
+
+def resample_counts(examples: int, resamples: int = RESAMPLES, seed: int = SEED):
+    """Yields (r, examples) matrices of how often each example was drawn, CHUNK resamples at a time.
+
+    The draws are rng.integers(0, examples, size=examples) per resample, in order, from default_rng(seed).
+    """
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, CHUNK):
+        rows = min(CHUNK, resamples - start)
+        drawn = rng.integers(0, examples, size=(rows, examples))
+        counts = np.zeros((rows, examples), np.float64)
+        np.add.at(counts, (np.arange(rows)[:, None], drawn), 1.0)
+        yield counts
+
+
+def first_crossings(correct, target: float, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """Per resample, the index of the first check whose resampled accuracy is >= target (C: none crosses).
+
+    Args:
+      correct: (C, N) bool, whether validation example n was right at check c.
+      target: the target accuracy.
+    """
+    correct = np.asarray(correct, np.float64)
+    checks, examples = correct.shape
+    found = []
+    for counts in resample_counts(examples, resamples, seed):
+        crossed = counts @ correct.T >= target * examples - 1e-9  # (r, C): correct draws >= target x N
+        found.append(np.where(crossed.any(axis=1), crossed.argmax(axis=1), checks))
+    return np.concatenate(found)
+
+
+def percentile_interval(values, level: float = LEVEL) -> tuple[float, float]:
+    """The level percentile interval of `values`: lower end rounded down, upper end up, to values that occur."""
+    tail = (1 - level) / 2
+    values = np.asarray(values, np.float64)
+    return float(np.quantile(values, tail, method="lower")), float(np.quantile(values, 1 - tail, method="higher"))
+
+
+def run_draws(record: dict | None, history: list[dict]) -> dict | None:
+    """Per target quantity, one value per resample from a run's target_checks.npz, and its interval.
+
+    Returns:
+      None without a record or a crossing; else {"draws": {key: (RESAMPLES,) array}, "intervals": {key: [low, high
+      or None]}, "beyond_record": fraction of resamples that crossed at no recorded check, "checks", "val_examples"}.
+    """
+    if record is None or not len(record["steps"]):
+        return None
+    correct = record["correct"]
+    if not np.any(correct.mean(axis=1) >= record["target"]):
+        return None
+    index = first_crossings(correct, record["target"])
+    checks = len(record["steps"])
+    values = {
+        "steps_to_target": record["steps"].astype(np.float64),
+        "epochs_to_target": record["epochs"] + record["epoch_fractions"],
+        "time_to_target_s": np.array([rundir.time_to_target(history, {"epoch": int(e), "seconds_into_epoch": float(s)})
+                                      for e, s in zip(record["epochs"], record["seconds_into_epoch"])]),
+    }
+    beyond = float(np.mean(index == checks))
+    low, high = percentile_interval(index)
+    draws, intervals = {}, {}
+    for key, per_check in values.items():
+        draws[key] = per_check[np.minimum(index, checks - 1)]  # beyond the record: the last check, a lower bound
+        intervals[key] = [float(per_check[int(low)]) if low < checks else float(per_check[-1]),
+                          float(per_check[int(high)]) if high < checks else None]
+    return {"draws": draws, "intervals": intervals, "beyond_record": beyond, "checks": checks,
+            "val_examples": int(correct.shape[1])}
+
+
+def group_draws(members: list[np.ndarray], rng) -> np.ndarray:
+    """Draw r of a group's mean: the mean over seeds drawn with replacement, each at its own resample r."""
+    stacked = np.stack(members)  # (seeds, RESAMPLES)
+    if len(members) == 1:
+        return stacked[0]
+    picks = rng.integers(0, len(members), size=(stacked.shape[1], len(members)))
+    return stacked[picks, np.arange(stacked.shape[1])[:, None]].mean(axis=1)
+
+
+def add_group_intervals(groups: list[dict], rows: list[dict]) -> dict:
+    """Adds "target_interval" to every group whose runs that reached the target all have draws.
+
+    group["target_interval"] = {key: [low, high or None] for TARGET_KEYS} | {"seeds": runs resampled,
+    "beyond_record": largest fraction among them}, or None. Returns {(norm, batch, replicas): {key: draws}} for
+    the fits.
+    """
+    rng = np.random.default_rng(SEED + 1)
+    draws = {}
+    for group in groups:
+        members = [r for r in rows if (r["norm"], r["batch"], r["replicas"]) == (group["norm"], group["batch"],
+                   group["replicas"]) and r["status"] == "completed" and r["steps_to_target"] is not None]
+        group["target_interval"] = None
+        if not members or any(r.get("target_draws") is None for r in members):
+            continue
+        mine = {key: group_draws([r["target_draws"]["draws"][key] for r in members], rng) for key in TARGET_KEYS}
+        draws[(group["norm"], group["batch"], group["replicas"])] = mine
+        beyond = max(r["target_draws"]["beyond_record"] for r in members)
+        group["target_interval"] = {"seeds": len(members), "beyond_record": beyond}
+        for key in TARGET_KEYS:
+            low, high = percentile_interval(mine[key])
+            group["target_interval"][key] = [low, None if beyond > (1 - LEVEL) / 2 else high]
+    return draws
+
+
+def fit_intervals(batches: list[int], draws: list[np.ndarray]) -> dict:
+    """The S(B) fit and the power law of steps refitted to every draw over the batches; their percentile intervals.
+
+    Returns:
+      {"b_crit": [low, high or None], "s_min": [low, high], "slope": [low, high], "direction", "invalid": fraction
+      of draws whose line gave S_min <= 0 (B_crit unbounded: taken as +inf), "draws", "onsets": the share of draws
+      per onset of diminishing returns (fits.diminishing_returns; key "None": no onset)}.
+    """
+    stacked = np.stack(draws)  # (batches, RESAMPLES)
+    b_crits, s_mins, slopes, onsets = [], [], [], []
+    for column in stacked.T:
+        onsets.append(fits_lib.diminishing_returns(batches, column.tolist()))
+        fit = fits_lib.fit_steps_to_target(batches, column)
+        s_mins.append(fit["s_min"])
+        b_crits.append(fit["b_crit"] if fit["s_min"] > 0 else math.inf)
+        slopes.append(np.polyfit(np.log(batches), np.log(column), 1)[0])
+    b_low, b_high = percentile_interval(b_crits)
+    slope = percentile_interval(slopes)
+    return {"b_crit": [b_low if math.isfinite(b_low) else None, b_high if math.isfinite(b_high) else None],
+            "s_min": list(percentile_interval(s_mins)), "slope": list(slope),
+            "direction": "falls" if slope[1] < 0 else "rises" if slope[0] > 0 else "unclear",
+            "invalid": float(np.mean(~np.isfinite(b_crits))), "draws": stacked.shape[1],
+            "onsets": {str(onset): onsets.count(onset) / len(onsets) for onset in sorted(set(onsets), key=str)}}
+
+
+def fit_for_norm(groups: list[dict], norm: str, draws: dict) -> dict | None:
+    """fit_intervals over the batches of `norm` that reached the target in every run, when each has draws (from
+    add_group_intervals) and there are fits.MIN_FIT_POINTS of them; else None."""
+    batches, _ = fits_lib.series(groups, norm, "steps_to_target", True)
+    keys = [(norm, batch, groups[0]["replicas"]) for batch in batches]
+    if len(batches) < fits_lib.MIN_FIT_POINTS or any(key not in draws for key in keys):
+        return None
+    return fit_intervals(batches, [draws[key]["steps_to_target"] for key in keys])
+
+
+def winner(groups: list[dict], key: str) -> dict | None:
+    """The group with the least mean `key` and whether its interval lies below the runner-up's.
+
+    Returns:
+      None for fewer than two groups; else {"best", "runner_up" (groups), "resolved": True / False, or None when
+      either has no interval}.
+    """
+    ranked = sorted(groups, key=lambda g: g[key]["mean"])
+    if len(ranked) < 2:
+        return None
+    best, runner_up = ranked[:2]
+    intervals = [g.get("target_interval") for g in (best, runner_up)]
+    resolved = None
+    if all(intervals):
+        best_high = intervals[0][key][1]
+        resolved = best_high is not None and best_high < intervals[1][key][0]
+    return {"best": best, "runner_up": runner_up, "resolved": resolved}
+
+
+def interval_text(interval, fmt: str = "{:.0f}") -> str:
+    """'[120, 160]', or '[120, beyond the record]' for an upper end that no recorded check bounds."""
+    high = fmt.format(interval[1]) if interval[1] is not None else "unbounded"
+    return f"[{fmt.format(interval[0])}, {high}]"
+
+
+def run_to_run_known(groups: list[dict]) -> bool:
+    """Whether some group has several seeds that reached the target, so that the intervals hold run-to-run spread."""
+    return any((g.get("target_interval") or {}).get("seeds", 0) > 1 for g in groups)

@@ -1,0 +1,55 @@
+"""Sentences that state a measured difference or fit only as far as its bootstrap intervals (pipeline/study/bootstrap.py)
+support it: a winner only where its interval lies below the runner-up's, and what the intervals hold (the validation
+set's sampling noise, and the run-to-run spread when there are several seeds)."""
+
+from __future__ import annotations
+
+from pipeline.study import bootstrap
+
+
+def measured_text(group: dict, key: str, fmt: str, unit: str = "") -> str:
+    """'68.4 s [60.1, 75.0]': a group's mean of `key` with its bootstrap interval, when it has one."""
+    interval = (group.get("target_interval") or {}).get(key)
+    return fmt.format(group[key]["mean"]) + unit + (f" {bootstrap.interval_text(interval, fmt)}" if interval else "")
+
+
+def winner_sentence(groups: list[dict], key: str, what: str, fmt: str, unit: str) -> str:
+    """Which batch took `what` (the least mean `key`), said only when its interval lies below the runner-up's."""
+    result = bootstrap.winner(groups, key)
+    best, runner_up = result["best"], result["runner_up"]
+    best_text, runner_up_text = (measured_text(g, key, fmt, unit) for g in (best, runner_up))
+    if result["resolved"]:
+        return (f"batch {best['batch']} took {what} ({best_text}); its {bootstrap.LEVEL:.0%} interval lies below that "
+                f"of the runner-up, batch {runner_up['batch']} ({runner_up_text}).")
+    if result["resolved"] is False:
+        return (f"which batch took {what} is not resolved: batch {best['batch']} and {runner_up['batch']} are not "
+                f"distinguishable ({best_text} and {runner_up_text}: their {bootstrap.LEVEL:.0%} intervals overlap).")
+    return (f"which batch took {what} is not determined: batch {best['batch']} measured {best_text} and the "
+            f"runner-up, batch {runner_up['batch']}, {runner_up_text}, with no interval (the runs hold no record of "
+            "which validation examples each target check got right).")
+
+
+def fit_interval_text(report, fit) -> str:
+    """'; bootstrap 95% intervals ...' of the S(B) fit, or why it has none; ends the fit's sentence."""
+    resampled = fit.get("steps_to_target_interval")
+    if not resampled:
+        return "; no bootstrap interval (a batch size's runs hold no record of their target checks' examples)."
+    spread = ("the validation noise and the run-to-run spread over seeds" if report.get("run_to_run_known") else
+              "the validation noise only: run-to-run spread is unknown with one seed")
+    invalid = (f"; {resampled['invalid']:.0%} of the draws gave S_min <= 0, an unbounded B_crit"
+               if resampled["invalid"] else "")
+    return (f"; {bootstrap.LEVEL:.0%} bootstrap intervals S_min {bootstrap.interval_text(resampled['s_min'])} steps "
+            f"and B_crit {bootstrap.interval_text(resampled['b_crit'], '{:.3g}')} ({spread}{invalid}).")
+
+
+def spread_note(report: dict) -> str:
+    """What the bracketed intervals of the table hold, and whether run-to-run spread is known."""
+    level = f"{bootstrap.LEVEL:.0%}"
+    text = (f"[low, high]: {level} bootstrap interval of the mean over seeds ({bootstrap.RESAMPLES} resamples of the "
+            f"validation examples, seed {bootstrap.SEED}, and of the seeds; pipeline/study/bootstrap.py); \"unbounded\": "
+            "more than "
+            f"{(1 - bootstrap.LEVEL) / 2:.1%} of the resamples crossed the target at no recorded check.")
+    if report.get("run_to_run_known"):
+        return text + " The intervals include the run-to-run spread over seeds."
+    return text + (" Run-to-run spread is unknown: one seed per batch size reached the target, so the intervals "
+                   "hold only the validation set's sampling noise; rerun with --seeds 2 or more to measure it.")

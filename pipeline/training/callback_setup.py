@@ -1,0 +1,141 @@
+"""The training run's callback list: data epoch and stops, replica BN statistics, instruments, logs, checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+from pipeline import config as config_lib
+from pipeline.config import Config
+from pipeline.training import distribute
+
+# Training examples whose predictions LearningDynamics follows at each epoch end (Toneva et al. 2019 use the
+# whole set). A look costs ~0.1 of a training step per example (ResNet-20 on digits: ~12 ms for 258 examples
+# against a 0.6 s epoch), so a tenth of the training set costs ~1% of an epoch; at most 1000 examples.
+DYNAMICS_FRACTION, DYNAMICS_MAX = 0.1, 1000
+# Training examples (the first, un-augmented) of the loss whose curvature callbacks.Curvature measures; a
+# measurement costs ~60 Hessian-vector products of these, each about two training steps of 512 examples.
+CURVATURE_EXAMPLES = 512
+
+
+def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None = None, replicas: int = 1) -> list:
+    """The measuring callbacks that config turns on: gradient and BN statistics, learning dynamics, curvature.
+
+    With several replicas the gradient statistics come from the training steps' replica gradients (the model must
+    be compiled_model(..., replica_norms=True)); else they, and the others, draw the batches of the measurement at
+    step s from data.draws(seed=seed + 1, step=s), never from the training iterator, so that a resumed run measures
+    on the examples an uninterrupted one does.
+    BatchNormStatistics measures batches of bn_batch examples (default: the global batch), the examples that one
+    BN layer normalizes over in training: a replica's slice with --norm batch, the global batch with syncbatch.
+    """
+    import callbacks
+
+    tensorboard_dir = os.path.join(run_dir, "tensorboard")
+
+    def draws(batch):
+        return lambda step: data.draws(batch, seed=config.seed + 1, step=step)
+
+    grad_every = config_lib.instrument_interval(config.grad_stats_every)
+    bn_every = config_lib.instrument_interval(config.bn_stats_every)
+    result = []
+    out_path = os.path.join(run_dir, "grad_stats.jsonl")
+    if grad_every != 0 and replicas > 1:  # None: the geometric schedule
+        from callbacks.replica_gradient_stats import ReplicaGradientStatistics
+
+        with config_lib.as_flag_error("grad_stats_every"):
+            # A record pools at least 2 steps (its interval comes from their scatter).
+            result.append(ReplicaGradientStatistics(replicas, max(2, grad_every or config_lib.AUTO_INTERVAL),
+                                                    batch_size=config.batch * config.accumulate,
+                                                    population=data.num_train, log_dir=tensorboard_dir,
+                                                    out_path=out_path))
+    elif grad_every != 0:
+        with config_lib.as_flag_error("grad_stats_every"):
+            result.append(callbacks.GradientStatistics(
+                draws(config.batch), every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
+                relative_half_width=config.grad_stats_precision, max_examples=config.grad_stats_max_examples,
+                budget_fraction=config.grad_stats_budget or None, population=data.num_train,
+                population_data=_whole_split(config, data), seed=config.seed + 1, log_dir=tensorboard_dir,
+                out_path=out_path))
+    if bn_every != 0 and callbacks.batch_norm_inputs(model):
+        # Population statistics over the un-augmented training examples that precise BN uses.
+        population = data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0)
+        with config_lib.as_flag_error("bn_stats_every"):
+            result.append(callbacks.BatchNormStatistics(draws(bn_batch or config.batch), every_n_steps=bn_every,
+                                                        log_dir=tensorboard_dir, out_dir=run_dir, population=population,
+                                                        population_samples=config.bn_stats_samples))
+    if config.dynamics:
+        x, y = data.arrays("train", limit=min(DYNAMICS_MAX, max(1, int(data.num_train * DYNAMICS_FRACTION))))
+        with config_lib.as_flag_error("dynamics"):
+            result.append(callbacks.LearningDynamics(
+                x, y, class_names=data.class_names, log_dir=tensorboard_dir,
+                out_dir=os.path.join(run_dir, "dynamics")))
+    if config.curvature_every:
+        x, y = data.arrays("train", limit=CURVATURE_EXAMPLES)
+        with config_lib.as_flag_error("curvature_every"):
+            result.append(callbacks.Curvature(
+                x, y, every_n_steps=config.curvature_every, seed=config.seed, log_dir=tensorboard_dir,
+                out_path=os.path.join(run_dir, "curvature.jsonl")))
+    return result
+
+
+def _whole_split(config: Config, data):
+    """The un-augmented training split for a gradient measurement that needs all of it, or None: augmented data
+    (its population is not the split's examples) or a split larger than a measurement may take."""
+    if data.augmentation == "crop-flip" or data.num_train > config.grad_stats_max_examples:
+        return None
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(data.arrays("train")).batch(1024)
+
+
+def build(config, data, run_dir: str, schedule, strategy, topology, measuring: list) -> list:
+    """The callback list, in order: the run's stops, the instruments `measuring`, then loggers and the checkpoint.
+
+    Instruments come before the loggers, so that loggers see their values.
+    A multi-worker run's other workers (not the chief) get only the callbacks that keep them in step; they write
+    nowhere in the run directory and commit their checkpoints in a folder of their own (distribute.worker_folder).
+    """
+    import keras
+
+    from callbacks.epoch_logs import DropUnmeasured
+    from callbacks.replica_bn import AverageReplicaStatistics
+    from pipeline.training import checkpoint
+    from pipeline.training import run_control as run
+
+    phases = config.batch_phases
+    result = [run.SetEpoch(data), run.StopOnNonFinite()]
+    if config.max_steps:
+        result.append(run.StopAtMaxSteps(config.max_steps, phases, data.num_train))
+    if topology.replicas > 1:  # Before the checkpoint: one set of BN moving statistics on every replica.
+        result.append(AverageReplicaStatistics(strategy))
+    if not topology.is_chief:
+        return result + [checkpoint.callback(distribute.worker_folder(),
+                                             lambda epoch: run.first_step(epoch, phases, data.num_train))]
+    result += measuring
+    result += [
+        run.MetricsLogger(run_dir, phases, data.num_train, schedule, measuring),
+        # CSVLogger sees an instrument's NaN in epochs without a new measurement (stable columns); TensorBoard and
+        # the console line, after DropUnmeasured, see only measured values.
+        keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True),
+        DropUnmeasured(),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), write_graph=False),
+        # Committed at every epoch end and kept at the end, so a NaN stop keeps the last good epoch.
+        # The instruments' state is committed with the weights (pipeline/training/checkpoint.py).
+        checkpoint.callback(os.path.join(run_dir, "checkpoints"),
+                            lambda epoch: run.first_step(epoch, phases, data.num_train), measuring),
+    ]
+    return result
+
+
+def target_check(config, data, run_dir: str, measuring: list):
+    """pipeline.training.target's check of --target-accuracy; its time is left out of training time, as the instruments' is.
+
+    Args:
+      measuring: the instruments, whose measuring time the check's timer includes.
+    """
+    from callbacks import timing
+    from pipeline.training import target as target_lib
+
+    # In steps of the first batch phase's epoch (config.batch), for the whole run.
+    every = target_lib.interval(data.num_train // config.batch, config.target_checks_per_epoch)
+    return target_lib.TargetCheck(data.eval_dataset("val", max(config.batch, 256)), config.target_accuracy, every,
+                                  run_dir, lambda: timing.seconds(measuring))

@@ -1,0 +1,119 @@
+"""Bootstrap intervals of steps to target: against a brute-force resampling loop, and on synthetic sweeps whose
+validation noise and run-to-run spread are known (a resolved and an unresolved winner; a fit whose interval widens
+with the seeds' spread)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.study import bootstrap
+from pipeline.study import sweep_report as report_lib
+from study.test_findings import TARGET, write_run
+
+
+def test_first_crossings_match_a_brute_force_loop():
+    """Per resample: draw N example indices, count the right ones at every check in Python, take the first check
+    at or above the target (C when none is); the vectorized chunks must give the same crossings."""
+    rng = np.random.default_rng(5)
+    checks, examples, target, resamples = 12, 50, 0.8, 450  # 450: more than two chunks of CHUNK
+    rising = np.linspace(0.6, 0.9, checks)
+    correct = rng.random((checks, examples)) < rising[:, None]
+    draws = np.random.default_rng(bootstrap.SEED)
+    expected = []
+    for _ in range(resamples):
+        drawn = draws.integers(0, examples, size=examples)
+        first = checks
+        for c in range(checks):
+            if sum(bool(correct[c][i]) for i in drawn) / examples >= target:
+                first = c
+                break
+        expected.append(first)
+    found = bootstrap.first_crossings(correct, target, resamples)
+    assert found.tolist() == expected
+    assert len(set(expected)) >= 4  # the crossing moves between resamples: a case worth checking
+
+    # The run's interval: the 2.5% and 97.5% points of the crossings (rounded outwards), mapped to the checks' steps.
+    record = {"steps": 10 * np.arange(1, checks + 1), "epochs": np.zeros(checks, int),
+              "epoch_fractions": np.arange(1, checks + 1) / 100, "seconds_into_epoch": 0.5 * np.arange(1, checks + 1),
+              "correct": correct, "target": target}
+    result = bootstrap.run_draws(record, history=[])
+    crossings = np.sort(bootstrap.first_crossings(correct, target))
+    last = len(crossings) - 1
+    low, high = crossings[int(np.floor(0.025 * last))], crossings[int(np.ceil(0.975 * last))]
+    assert result["intervals"]["steps_to_target"] == [10.0 * (low + 1), 10.0 * (high + 1) if high < checks else None]
+    assert result["beyond_record"] == pytest.approx(np.mean(crossings == checks))
+    assert result["intervals"]["time_to_target_s"][0] == pytest.approx(0.5 * (low + 1))
+
+
+def sweep(tmp_path, runs, seeds):
+    """Completed runs {(batch, seed): write_run keywords}, and sweep.json."""
+    for (batch, seed), kwargs in runs.items():
+        write_run(str(tmp_path), batch, seed=seed, grad_std=1.0, **kwargs)
+    (tmp_path / "sweep.json").write_text(json.dumps({"num_test": 2000, "config": {}, "seeds": list(seeds)}))
+    return report_lib.build_report(str(tmp_path), tensorboard=False)
+
+
+def test_winner_resolved_only_where_intervals_separate(tmp_path):
+    """Batch 64 needs 300 steps x 0.08 s = 24 s and batch 32 needs 480 x 0.0566 s = 27.2 s (time per step 0.01
+    sqrt(B)). With the validation accuracy rising steeply through the target (0.5 of it per steps to target on 400
+    examples) the intervals are about +-6% and separate the two; with a shallow rise (0.02: a crossing within a
+    binomial standard error of the target for a long stretch) they overlap, and the report names no winner."""
+    steep = sweep(tmp_path / "steep", {(32, 0): dict(steps_to_target=480), (64, 0): dict(steps_to_target=300)}, [0])
+    assert steep["answers"]["target"][1].startswith("Batch 64 took the least time (24.0 s of training [")
+    assert "its 95% interval lies below that of the runner-up, batch 32 (27.2 s of training [" in \
+        steep["answers"]["target"][1]
+    shallow = sweep(tmp_path / "shallow", {(32, 0): dict(steps_to_target=480, rise=0.02),
+                                           (64, 0): dict(steps_to_target=300, rise=0.02)}, [0])
+    sentence = shallow["answers"]["target"][1]
+    assert sentence.startswith("Which batch took the least time is not resolved: batch 64 and 32 are not "
+                               "distinguishable (24.0 s of training [")
+    assert "took the least time (" not in " ".join(shallow["findings"])
+    for report in (steep, shallow):  # one seed: the intervals hold only the validation noise, and the report says so
+        assert report["answers"]["target"][3].startswith("Run-to-run spread is unknown: one seed per batch size")
+        assert not report["run_to_run_known"]
+    # Two binomial standard errors (0.03) span 1.5 steps to target at this rise, beyond the record's S +- S: more than
+    # 2.5% of the resamples cross at no recorded check, so the upper ends are unbounded.
+    for group in shallow["groups"]:
+        assert group["target_interval"]["beyond_record"] > 0.025
+        assert group["target_interval"]["steps_to_target"][1] is None
+
+
+def test_winner_not_resolved_when_seeds_disagree(tmp_path):
+    """Clean validation (steep rise) but three seeds per batch whose steps spread +-30%: the run-to-run spread alone
+    keeps batch 64 (mean 300 steps) from being told apart from batch 32 (mean 330)."""
+    runs = {(batch, seed): dict(steps_to_target=round(mean * (1 + 0.3 * (seed - 1))))
+            for batch, mean in ((32, 330), (64, 300)) for seed in range(3)}
+    report = sweep(tmp_path, runs, range(3))
+    assert report["run_to_run_known"]
+    assert report["answers"]["target"][2].startswith("Which batch took the fewest steps is not resolved: batch 64 "
+                                                     "and 32 are not distinguishable (300 steps [")
+    assert len(report["answers"]["target"]) == 3  # no "run-to-run spread is unknown"
+
+
+def fit_interval(tmp_path, spread):
+    """B_crit's bootstrap interval on S(B) = 300 (1 + 40 / B) at batch 8 ... 128 with three seeds per batch whose
+    steps are S(B) x exp(spread x (seed - 1)) (so that the seeds' geometric mean is S(B) itself)."""
+    runs = {(b, seed): dict(steps_to_target=round(300 * (1 + 40 / b) * math.exp(spread * (seed - 1))))
+            for b in (8, 16, 32, 64, 128) for seed in range(3)}
+    report = sweep(tmp_path, runs, range(3))
+    return report["fits"]["batch"]["steps_to_target_interval"], report
+
+
+def test_fit_interval_widens_with_replicate_spread(tmp_path):
+    narrow, _ = fit_interval(tmp_path / "narrow", 0.01)
+    wide, report = fit_interval(tmp_path / "wide", 0.2)
+    for interval in (narrow, wide):
+        assert interval["b_crit"][0] < 40 < interval["b_crit"][1]
+    assert wide["b_crit"][1] - wide["b_crit"][0] > 3 * (narrow["b_crit"][1] - narrow["b_crit"][0])
+    assert wide["s_min"][1] - wide["s_min"][0] > narrow["s_min"][1] - narrow["s_min"][0]
+    assert narrow["direction"] == "falls"
+    # The onset of diminishing returns (batch 32 on the exact curve) is as stable as the steps behind it.
+    assert narrow["onsets"]["32"] > 0.9 and wide["onsets"]["32"] < narrow["onsets"]["32"]
+    assert sum(wide["onsets"].values()) == pytest.approx(1.0)
+    assert report["answers"]["steps"][1].endswith(f"In {wide['onsets']['32']:.0%} of the bootstrap draws the onset is "
+                                                  "the same.")
+    fit_sentence = report["answers"]["steps"][-1]
+    assert "95% bootstrap intervals S_min [" in fit_sentence
+    assert "(the validation noise and the run-to-run spread over seeds)" in fit_sentence

@@ -1,0 +1,208 @@
+"""Each generated finding on synthetic sweeps whose true answer is known: only one batch reached, two points,
+not enough data, a direction opposite to the literature, and a sweep where everything agrees."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.study import sweep_report as report_lib
+from target_records import write_record
+
+TARGET = 0.9
+
+
+def write_run(sweep_dir, batch, *, steps_to_target, grad_std, bn_error=None, test_accuracy=0.95, steps=2000,
+              noise=lambda step: (10.0, 0.1), norm="batch", measurements=17, seed=0, rise=0.5):
+    """One completed run: config, summary, gradient measurements spread over its steps, BN averages, and a record of
+    its target checks whose validation accuracy rises by `rise` per steps to target (None: no record)."""
+    run_dir = os.path.join(sweep_dir, "runs", f"{norm}-b{batch}-s{seed}")
+    os.makedirs(run_dir)
+    config = {"norm": norm, "batch": batch, "seed": seed, "lr": 0.1, "target_accuracy": TARGET}
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"config": config, "effective_lr": 0.1}, f)
+    time_per_step = 0.01 * batch**0.5
+    summary = {"status": "completed", "train_accuracy": test_accuracy + 0.01, "test_accuracy": test_accuracy,
+               "val_accuracy": test_accuracy, "steps": steps, "epochs": 10, "time_per_step_s": time_per_step,
+               "steps_to_target": steps_to_target, "epochs_to_target": None, "wall_time_s": 10.0,
+               "time_to_target_s": steps_to_target * time_per_step if steps_to_target else None}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(run_dir, "grad_stats.jsonl"), "w") as f:
+        for step in np.linspace(0, steps, measurements):
+            trace, norm_sq = noise(step)
+            f.write(json.dumps({"step": float(step), "grad/batch_std": grad_std, "grad/trace_cov": trace,
+                                "grad/norm_sq": norm_sq, "grad/noise_scale": trace / norm_sq,
+                                "grad/trace_cov_se": 0.05 * trace, "grad/norm_sq_se": 0.05 * norm_sq,
+                                "batch_size": batch, "micro_batches": 32,
+                                "grad/noise_scale_is_lower_bound": bool(step == steps)}) + "\n")
+    if steps_to_target and rise is not None:
+        write_record(run_dir, steps_to_target, TARGET, rise=rise, seconds_per_step=time_per_step)
+    if bn_error is not None:
+        with open(os.path.join(run_dir, "bn_stats.json"), "w") as f:
+            json.dump({"averages": [{"step": 0, "batch_var_error": bn_error, "batch_mean_error": bn_error / 2}]}, f)
+
+
+def build(tmp_path, runs, num_test=2000):
+    for batch, kwargs in runs.items():
+        write_run(str(tmp_path), batch, **kwargs)
+    (tmp_path / "sweep.json").write_text(json.dumps({"num_test": num_test, "config": {}}))
+    return report_lib.build_report(str(tmp_path), tensorboard=False)
+
+
+def test_only_one_batch_reached(tmp_path):
+    report = build(tmp_path, {16: dict(steps_to_target=500, grad_std=2.0), 64: dict(steps_to_target=None, grad_std=1.0)})
+    answers = report["answers"]
+    assert answers["target"][0] == ("Not enough data: 1 batch size(s) (batch 16) reached 90% validation accuracy in "
+                                    "every run; least time and fewest steps need two.")
+    assert not any("least time" in s and "took" in s for s in report["findings"])
+    assert answers["steps"][0].startswith("Not enough data: 1 batch size(s) reached the target")
+    assert "is not determined: 1 batch size(s) reached the target in every run (it needs 3)" in answers["steps"][1]
+    assert answers["target"][1] == "Batch 64 did not reach 90% within the budget."
+    report_lib.build_report(str(tmp_path), tensorboard=False)  # rebuilt from report.json's runs: same curves
+    rows = [report_lib.read_run(str(tmp_path / "runs" / name)) for name in ("batch-b16-s0", "batch-b64-s0")]
+    assert [p["lower_bound"] for p in rows[0]["noise_curve"]] == [False] * 16 + [True]  # the last: a bound
+    assert os.path.getsize(tmp_path / "noise_scale.png") > 1000
+    # The plot marks batch 64 as never reached and does not promise a fit it does not draw.
+    assert os.path.getsize(tmp_path / "steps_to_target.png") > 1000
+
+
+def test_two_points(tmp_path):
+    report = build(tmp_path, {16: dict(steps_to_target=800, grad_std=2.0, bn_error=0.2),
+                              64: dict(steps_to_target=300, grad_std=1.0, bn_error=0.1)})
+    answers = report["answers"]
+    # Least time and fewest steps among the two that reached: batch 64 (300 steps x 0.08 s against 800 x 0.04 s).
+    # Validation accuracy rises by half the target's distance per steps to target on 400 examples: tight intervals.
+    assert answers["target"][0] == "2 batch sizes reached 90% validation accuracy in every run."
+    assert answers["target"][1].startswith("Batch 64 took the least time (24.0 s of training [")
+    assert answers["target"][2].startswith("Batch 64 took the fewest steps (300 steps [")
+    assert answers["target"][3].startswith("Run-to-run spread is unknown: one seed per batch size")
+    assert answers["grad_std"] == ["Not enough data: the gradient's standard deviation was measured at 2 batch "
+                                   "size(s); a fitted slope needs 3."]
+    assert answers["bn"][0].startswith("Not enough data: BatchNorm's batch-vs-population variance discrepancy was "
+                                       "measured at 2 batch size(s)")
+    assert "The fit S(B) = S_min (1 + B_crit / B) is not determined: 2 batch size(s)" in answers["steps"][1]
+    assert report["fits"]["batch"]["steps_to_target"]["b_crit_se"] is None
+    fits_table = report_lib.fits_markdown(report)
+    assert "| batch | not determined | not determined | 2 |" in fits_table
+    assert "-0.50 (2 points, not determined)" in fits_table
+
+
+def test_directions_opposite_to_the_literature(tmp_path):
+    # Gradient noise and BN error rise with B, steps to target rise, the noise scale falls during training.
+    def falling(step):
+        return 100.0 * (1 + 0.02 * math.sin(step)), 1.0 + step / 500
+
+    runs = {b: dict(steps_to_target=100 * b ** 0.5, grad_std=0.1 * b ** 0.3 * (1 + 0.01 * i), bn_error=0.01 * b ** 0.4,
+                    noise=falling) for i, b in enumerate((8, 16, 32, 64))}
+    answers = build(tmp_path, runs)["answers"]
+    assert answers["grad_std"][0].startswith("No: the gradient's standard deviation went as B^0.31 ± 0.00 "
+                                             "(4 batch sizes); sigma / sqrt(B) predicts B^-0.50")
+    assert answers["grad_std"][0].endswith("but the data rose (opposite to the literature).")
+    assert answers["bn"][0].startswith("No: BatchNorm's batch-vs-population variance discrepancy went as B^0.40")
+    assert answers["steps"][0].startswith("No, they rose (opposite to the literature): steps to target went as B^0.50")
+    assert answers["noise_growth"][0].startswith("No, it fell (opposite to McCandlish et al. 2018, who find that it "
+                                                 "grows): B_simple pooled over the last quarter")
+    assert "fell at batch 8, 16, 32, 64" in answers["noise_growth"][0]
+
+
+def test_not_enough_data(tmp_path):
+    # Two measurements per run: no window holds two, and no gradient measurement lands in [S/2, S].
+    runs = {b: dict(steps_to_target=None, grad_std=1 / b ** 0.5, measurements=2) for b in (8, 32)}
+    report = build(tmp_path, runs)
+    answers = report["answers"]
+    assert answers["noise_growth"][0].startswith("Not enough data: in no run did B_simple's intervals")
+    assert answers["noise_scale"][0].startswith("Not enough data: no run has an interval for B_simple near the target")
+    assert answers["target"][0].startswith("Not enough data: 0 batch size(s) reached")
+    assert answers["bn"] == [] and answers["bn_vs_gn"] == [] and answers["tuning"] == []
+    assert report_lib.answer(report, "bn").data.startswith("- Not enough data")
+
+
+def test_everything_agrees(tmp_path):
+    """S(B) = 300 (1 + 40 / B), gradient std and BN error as B^-0.5, each off by +-3% alternately (symmetric, so
+    the fits are unbiased and have a standard error), B_simple near the target about 40, the noise scale growing
+    10-fold over each run: every answer is a yes."""
+    rng = np.random.default_rng(1)
+
+    def growing(step):  # B_simple = 4 + 72 step / steps: about 40 over the second half of the way to the target
+        return 4.0 + 72.0 * step / 2000 * (1 + 0.02 * rng.normal()), 1.0
+
+    runs = {}
+    for i, b in enumerate((8, 16, 32, 64, 128)):
+        scatter = math.exp(0.03 * (-1) ** i)
+        runs[b] = dict(steps_to_target=300 * (1 + 40 / b) * scatter, grad_std=3 / b ** 0.5 * scatter,
+                       bn_error=0.5 / b ** 0.5 * scatter, noise=growing)
+    report = build(tmp_path, runs)
+    answers = report["answers"]
+    fit = report["fits"]["batch"]["steps_to_target"]
+    assert fit["determined"] and abs(fit["b_crit"] - 40) < 2 * fit["b_crit_se"] + 4
+    assert answers["steps"][0].startswith("Yes: steps to target went as B^")
+    assert answers["steps"][-1].startswith("The fit S(B) = S_min (1 + B_crit / B) over 5 batch sizes gives S_min = ")
+    assert answers["grad_std"][0].startswith("Yes: the gradient's standard deviation went as B^-0.")
+    assert answers["bn"][0].startswith("Yes: BatchNorm's batch-vs-population variance discrepancy went as B^-0.")
+    assert answers["noise_growth"][0].startswith("Yes: B_simple pooled over the last quarter")
+    assert answers["time_per_step"][0].startswith("Yes: time per step went as B^0.50 ± 0.00 (5 batch sizes)")
+    assert answers["noise_scale"][0].startswith("Yes: B_simple near the target")
+    assert answers["target"][0].startswith("5 batch sizes reached")
+    assert not any(s.startswith(("No", "Not enough data")) for s in report["findings"])
+
+
+def write_replica_run(sweep_dir, norm, batch, replicas, *, bn_error, test_accuracy, status="completed"):
+    """One run of a sweep over replicas at global batch `batch`: config.json with its devices, summary, BN averages."""
+    run_dir = os.path.join(sweep_dir, "runs", f"{norm}-b{batch}-r{replicas}-s0")
+    os.makedirs(run_dir)
+    config = {"norm": norm, "batch": batch, "seed": 0, "lr": 0.1, "target_accuracy": 0.0, "replicas": replicas}
+    bn_batch = batch if norm == "syncbatch" else batch // replicas
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"config": config, "effective_lr": 0.1,
+                   "parallel": {"strategy": "mirrored", "replicas": replicas, "per_replica_batch": batch // replicas}}, f)
+    done = status == "completed"
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({"status": status, "test_accuracy": test_accuracy if done else None, "steps": 100, "epochs": 2,
+                   "train_accuracy": test_accuracy if done else None, "bn_batch": bn_batch, "wall_time_s": 5.0}, f)
+    with open(os.path.join(run_dir, "bn_stats.json"), "w") as f:
+        json.dump({"averages": [{"step": 0, "batch_var_error": bn_error, "batch_mean_error": bn_error / 2}]}, f)
+
+
+def test_replicas_bn_error_against_the_batch_per_device(tmp_path):
+    """Per-replica BN at global batch 64 on 1, 2, 4 replicas: the error goes as (B / R)^-0.5 (+-3% alternately)
+    and test accuracy falls by 0.05, 6 binomial standard errors on 2000 test examples; synchronized BN keeps the
+    BN batch at 64 and its accuracy within noise."""
+    for i, replicas in enumerate((1, 2, 4)):
+        write_replica_run(str(tmp_path), "batch", 64, replicas, bn_error=0.5 / (64 / replicas) ** 0.5
+                          * math.exp(0.03 * (-1) ** i), test_accuracy={1: 0.95, 2: 0.93, 4: 0.90}[replicas])
+        write_replica_run(str(tmp_path), "syncbatch", 64, replicas, bn_error=0.06, test_accuracy=0.95 - 0.001 * i)
+    (tmp_path / "sweep.json").write_text(json.dumps({"num_test": 2000, "config": {}, "replicas": [1, 2, 4]}))
+    report = report_lib.build_report(str(tmp_path), tensorboard=False)
+    assert [(g["norm"], g["replicas"]) for g in report["groups"]] == [("batch", 1), ("syncbatch", 1)]
+    assert [(g["replicas"], g["per_replica_batch"], g["bn_batch"]) for g in report["replica_groups"]] == [
+        (1, 64, 64), (2, 32, 32), (4, 16, 16), (1, 64, 64), (2, 32, 64), (4, 16, 64)]
+    table = report_lib.headline(report)
+    assert "| norm | batch | replicas | per-replica batch | BN batch | lr |" in table
+    assert "| batch | 64 | 4 | 16 | 16 | 0.1 | 0.9000 |" in table and "| syncbatch | 64 | 4 | 16 | 64 |" in table
+    fit = report["replica_fits"]["batch"]["bn_batch_var_error"]
+    x, y = np.log([64, 32, 16]), np.log([g["bn_batch_var_error"]["mean"] for g in report["replica_groups"][:3]])
+    assert fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0]) and abs(fit["slope"] + 0.5) < 2 * fit["slope_se"]
+    bn, accuracy, sync_bn, sync_accuracy = report["answers"]["replicas"]
+    assert bn.startswith("BatchNorm: Yes: BatchNorm's batch-vs-population variance discrepancy went as (BN batch)^-0.")
+    assert "(3 points: 0.0644 at BN batch 64 (batch 64 on 1 replica), 0.0858 at BN batch 32" in bn
+    assert accuracy.startswith("BatchNorm: at global batch 64, test accuracy was 0.9500 on 1 replica(s) (64 examples "
+                               "per device) and 0.9000 on 4 (16 per device); the difference -0.0500 is more than 2")
+    assert sync_bn.startswith("Synchronized BatchNorm: the BN batch was 64 examples at every replica count")
+    assert "the difference -0.0020 is not more than 2 standard errors" in sync_accuracy
+    assert os.path.getsize(tmp_path / "replicas.png") > 1000
+
+
+def test_replicas_not_enough_data(tmp_path):
+    write_replica_run(str(tmp_path), "batch", 32, 1, bn_error=0.1, test_accuracy=0.9)
+    write_replica_run(str(tmp_path), "batch", 32, 2, bn_error=0.14, test_accuracy=None, status="failed")
+    (tmp_path / "sweep.json").write_text(json.dumps({"num_test": 2000, "config": {}}))
+    answers = report_lib.build_report(str(tmp_path), tensorboard=False)["answers"]
+    assert answers["replicas"][0] == ("Not enough data: BatchNorm's batch-vs-population variance discrepancy was "
+                                      "0.1 at BN batch 32 (batch 32 on 1 replica), at one replica count; a "
+                                      "comparison needs two.")
+    assert answers["replicas"][1] == ("Not enough data: at global batch 32, 1 replica count(s) completed; a "
+                                      "comparison needs two.")
+    assert answers["failed"] == ["Yes: 1 run(s) failed: batch-b32-r2-s0 (see each run's summary.json)."]
