@@ -34,7 +34,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
             continue
         flag = "--" + field.name.replace("_", "-")
         default = getattr(preset, field.name)
-        help_text = f"{field.metadata.get('help', '')} (default: {default!r})"
+        # argparse %-formats help strings ("%(default)s"), so a literal "%" in a help or default is written "%%".
+        help_text = f"{field.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
