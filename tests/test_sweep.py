@@ -282,7 +282,7 @@ def test_replica_sweep_trains_each_count_and_resumes(tmp_path, monkeypatch, caps
     out = str(tmp_path / "sweep")
     args = ["--model", "mlp", "--batch", "32", "--replicas", "1,2", "--budget-steps", "6", "--bn-stats-every", "3",
             "--grad-stats-every", "0", "--no-dynamics", "--no-export", "--precise-bn-samples", "0",
-            "--target-accuracy", "0", "--verbose", "0", "--out", out]
+            "--target-accuracy", "0", "--verbose", "0", "--seeds", "1", "--out", out]
     assert sweep.main(args) == 0
     runs = os.path.join(out, "runs")
     assert sorted(os.listdir(runs)) == ["batch-b32-r1-s0", "batch-b32-r2-s0"]
