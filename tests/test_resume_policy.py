@@ -25,6 +25,7 @@ CHANGED = {
     "input": "stream", "strategy": "mirrored", "logical_cpus": 2, "replicas": 1, "steps_per_execution": "4",
     "precision": "mixed_bfloat16", "jit": True,
     "grad_stats_precision": 0.25, "grad_stats_max_examples": 4096, "grad_stats_budget": 0.0, "bn_stats_samples": 512,
+    # Measurement schedules leave the weights alone but decide what the run records, as grad/bn_stats_every do.
     "curvature_every": 10,
 }
 ALLOWED = {"cache_dir": "cache", "intra_op_threads": 2, "verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "export": False}
@@ -41,6 +42,8 @@ def recorded_run(tmp_path, config: Config, epoch: int, step: int) -> str:
 
 
 def test_every_field_is_either_refused_or_allowed():
+    defaults = Config()
+    assert [field for field, value in CHANGED.items() if getattr(defaults, field) == value] == []  # each a change
     fields = {f.name for f in dataclasses.fields(Config)}
     assert fields == set(CHANGED) | set(ALLOWED) | set(rundir.STOP_FIELDS) | {"overwrite"}
 

@@ -183,15 +183,25 @@ def test_smoothed_values_match_brute_force_over_their_window(mirrored_run, step)
 @pytest.mark.parametrize("suffix", ["", "_smoothed"])
 @pytest.mark.parametrize("key", ["trace_cov", "norm_sq", "noise_scale"])
 def test_intervals_hold_the_truth_of_their_steps(mirrored_run, key, suffix):
+    from benchmarks.noise_accuracy import inside as holds
+
     # Raw: the 13 records whose 10 steps lie in the windows; smoothed: the values at steps 40, 150 and 390.
-    inside = []
+    inside, checked = [], []
     for r in mirrored_run["history"]:
         first = r["smoothed_first_step"] if suffix else r["step"] - EVERY + 1
         in_window = any(low <= first and r["step"] <= high for low, high, _ in WINDOWS)
         if not in_window or (suffix and r["step"] not in CHECKED):
             continue
         truth = _truth_over(mirrored_run, first, r["step"])[key]
-        hi = r[f"grad/{key}{suffix}_hi"] if r[f"grad/{key}{suffix}_hi"] is not None else np.inf
-        lo = r[f"grad/{key}{suffix}_lo"] if r[f"grad/{key}{suffix}_lo"] is not None else 0.0  # null: no bound
-        inside.append(lo <= truth <= hi)
-    assert len(inside) == (3 if suffix else 13) and np.mean(inside) >= 0.8, inside
+        # The run's history holds the callback's records, where an end that is not determined is NaN (null only
+        # in grad_stats.jsonl): a missing end bounds nothing, as on one device (benchmarks.noise_accuracy.inside).
+        inside.append(holds(r, key + suffix, truth))
+        checked.append((r["step"], r[f"grad/{key}{suffix}"], r[f"grad/{key}{suffix}_lo"], r[f"grad/{key}{suffix}_hi"],
+                        truth))
+    # On failure: (step, value, lo, hi, truth of its steps) of every interval checked.
+    assert len(inside) == (3 if suffix else 13) and np.mean(inside) >= 0.8, checked
+    # An interval with no finite end holds anything; those with one must hold the truth as often (late in training
+    # B_simple is unresolved in most raw records, so the rate over all of them alone could not fail).
+    bounded = [ok for ok, (*_, lo, hi, _truth) in zip(inside, checked) if np.isfinite(lo or np.nan)
+               or np.isfinite(hi or np.nan)]
+    assert len(bounded) >= 3 and np.mean(bounded) >= 0.75, checked
