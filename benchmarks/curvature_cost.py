@@ -7,7 +7,7 @@ precise BN off), measuring at step 0, every --every steps and at the end. Printe
 benchmarks/results/curvature_cost.json:
   measurement s   mean wall time of the measurements after the first (the first holds the one-time tracing);
   products        mean Hessian-vector products per measurement (Lanczos + the trace's probes);
-  step s          training time per step in the same run (pipeline.rundir.time_per_step: epochs after the first,
+  step s          training time per step in the same run (pipeline.run_timing.time_per_step: epochs after the first,
                   measuring left out);
   ratio           measurement s / step s: a measurement costs this many training steps;
   interval_10pct  the smallest --curvature-every at which the measurements add at most 10% to training time
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
-from pipeline import rundir  # noqa: E402
+from pipeline import run_timing, rundir  # noqa: E402
 
 
 def one_round(config) -> dict:
@@ -47,7 +47,7 @@ def one_round(config) -> dict:
         "measurement_s": statistics.mean(r["curvature/seconds"] for r in later),
         "first_measurement_s": records[0]["curvature/seconds"],
         "products": statistics.mean(r["curvature/hessian_vector_products"] for r in later),
-        "step_s": rundir.time_per_step(history),
+        "step_s": run_timing.time_per_step(history),
     }
 
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import rundir
+from pipeline import run_timing, rundir
 from pipeline.config import Config, InputError
 
 
@@ -25,23 +25,23 @@ def history(times, steps_per_epoch=10, measuring=None, batch=32):
 
 def test_time_per_step_leaves_out_tracing_and_measuring():
     records = history([10.0, 1.0, 3.0, 1.2])
-    assert rundir.time_per_step(records) == pytest.approx(np.median([0.1, 0.3, 0.12]))
+    assert run_timing.time_per_step(records) == pytest.approx(np.median([0.1, 0.3, 0.12]))
     records = history([10.0, 1.0, 3.0, 1.2], measuring={2: 1.9})  # the slow epoch measured for 1.9 s
-    assert rundir.time_per_step(records) == pytest.approx(np.median([0.1, 0.11, 0.12]))
-    assert rundir.time_per_step(records[:1]) == pytest.approx(1.0)  # one epoch: nothing else to use
-    assert rundir.time_per_step([]) is None
+    assert run_timing.time_per_step(records) == pytest.approx(np.median([0.1, 0.11, 0.12]))
+    assert run_timing.time_per_step(records[:1]) == pytest.approx(1.0)  # one epoch: nothing else to use
+    assert run_timing.time_per_step([]) is None
 
 
 def test_throughput_time_to_target_and_totals_follow_the_same_epochs():
     records = history([10.0, 1.0, 3.0, 1.2], measuring={0: 2.0, 2: 1.9})
     # Brute force: each steady epoch's examples over its time without measuring, then the median.
-    assert rundir.examples_per_sec(records) == pytest.approx(np.median([320 / 1.0, 320 / 1.1, 320 / 1.2]))
-    assert rundir.examples_per_sec(records) == pytest.approx(32 / rundir.time_per_step(records))  # odd count
+    assert run_timing.examples_per_sec(records) == pytest.approx(np.median([320 / 1.0, 320 / 1.1, 320 / 1.2]))
+    assert run_timing.examples_per_sec(records) == pytest.approx(32 / run_timing.time_per_step(records))  # odd count
     # Epochs 0 and 1 without their measuring (10 - 2, 1), then 0.5 s into epoch 2.
-    assert rundir.time_to_target(records, {"epoch": 2, "seconds_into_epoch": 0.5}) == pytest.approx(8.0 + 1.0 + 0.5)
-    assert rundir.time_to_target(records, None) is None
-    assert rundir.train_time(records) == pytest.approx(15.2)
-    assert rundir.instrument_time(records) == pytest.approx(3.9)
+    assert run_timing.time_to_target(records, {"epoch": 2, "seconds_into_epoch": 0.5}) == pytest.approx(8.0 + 1.0 + 0.5)
+    assert run_timing.time_to_target(records, None) is None
+    assert run_timing.train_time(records) == pytest.approx(15.2)
+    assert run_timing.instrument_time(records) == pytest.approx(3.9)
 
 
 def test_readers(tmp_path):

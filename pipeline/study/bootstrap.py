@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from pipeline import rundir
+from pipeline import run_timing
 from pipeline.study import fits as fits_lib
 
 RESAMPLES = 1000  # bootstrap resamples of the validation examples and of the seeds
@@ -89,7 +89,7 @@ def run_draws(record: dict | None, history: list[dict]) -> dict | None:
     values = {
         "steps_to_target": record["steps"].astype(np.float64),
         "epochs_to_target": record["epochs"] + record["epoch_fractions"],
-        "time_to_target_s": np.array([rundir.time_to_target(history, {"epoch": int(e), "seconds_into_epoch": float(s)})
+        "time_to_target_s": np.array([run_timing.time_to_target(history, {"epoch": int(e), "seconds_into_epoch": float(s)})
                                       for e, s in zip(record["epochs"], record["seconds_into_epoch"])]),
     }
     beyond = float(np.mean(index == checks))

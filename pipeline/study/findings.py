@@ -171,7 +171,7 @@ def _accuracy(report, mine, prefix):
     if not best:
         return []
     worst = min((g for g in mine if g["test_accuracy"]["mean"] is not None), key=lambda g: g["test_accuracy"]["mean"])
-    noise = difference_noise(best["test_accuracy"], worst["test_accuracy"], report["sweep"].get("num_test"))
+    noise = fits_lib.difference_noise(best["test_accuracy"], worst["test_accuracy"], report["sweep"].get("num_test"))
     gap = best["test_accuracy"]["mean"] - worst["test_accuracy"]["mean"]
     verdict = ("" if noise is None else f"; best minus worst {gap:.4f} against a standard error of the difference of "
                f"{noise:.4f} ({'more' if gap > fits_lib.Z * noise else 'not more'} than {fits_lib.Z:.0f} of them)")
@@ -202,20 +202,6 @@ def _noise_growth(report, norm, prefix):
             f"{detail} (grew or fell: the 95% intervals do not overlap)."]
 
 
-def difference_noise(a: dict, b: dict, num_test: int | None) -> float | None:
-    """Standard error of the difference of two mean accuracies: from the seeds (std / sqrt(n)) with several, else
-    the binomial standard error sqrt(p (1 - p) / N) of one run on N test examples."""
-    errors = []
-    for stat in (a, b):
-        if stat["std"] is not None:
-            errors.append(stat["std"] / math.sqrt(stat["n"]))
-        elif num_test:
-            errors.append(math.sqrt(stat["mean"] * (1 - stat["mean"]) / num_test))
-        else:
-            return None
-    return math.hypot(*errors)
-
-
 def _bn_vs_gn(report):
     groups = report["groups"]
     measured = {norm: {g["batch"]: g["test_accuracy"] for g in groups if g["norm"] == norm
@@ -225,7 +211,7 @@ def _bn_vs_gn(report):
         return []
     b = common[0]
     bn, gn = measured["batch"][b], measured["group"][b]
-    noise = difference_noise(bn, gn, report["sweep"].get("num_test"))
+    noise = fits_lib.difference_noise(bn, gn, report["sweep"].get("num_test"))
     gap = gn["mean"] - bn["mean"]
     if noise is None:
         return [f"Not enough data: at the smallest batch ({b}) test accuracy was {bn['mean']:.4f} with BatchNorm and "
@@ -288,7 +274,7 @@ def _per_device_accuracy(report, mine, prefix):
             continue
         few, many = done[0], done[-1]
         gap = many["test_accuracy"]["mean"] - few["test_accuracy"]["mean"]
-        noise = difference_noise(few["test_accuracy"], many["test_accuracy"], report["sweep"].get("num_test"))
+        noise = fits_lib.difference_noise(few["test_accuracy"], many["test_accuracy"], report["sweep"].get("num_test"))
         verdict = (" (no noise estimate)" if noise is None else
                    f"; the difference {gap:+.4f} is {'more' if abs(gap) > fits_lib.Z * noise else 'not more'} than "
                    f"{fits_lib.Z:.0f} standard errors of the difference (standard error {noise:.4f})")

@@ -208,3 +208,17 @@ def per_device_batch(groups: list[dict]) -> dict:
         result[norm] = {"bn_batches": sorted({b for b, _ in points}),
                         "bn_batch_var_error": fit_power_law(*zip(*points)) if points else None}
     return result
+
+
+def difference_noise(a: dict, b: dict, num_test: int | None) -> float | None:
+    """Standard error of the difference of two mean accuracies: from the seeds (std / sqrt(n)) with several, else
+    the binomial standard error sqrt(p (1 - p) / N) of one run on N test examples."""
+    errors = []
+    for stat in (a, b):
+        if stat["std"] is not None:
+            errors.append(stat["std"] / math.sqrt(stat["n"]))
+        elif num_test:
+            errors.append(math.sqrt(stat["mean"] * (1 - stat["mean"]) / num_test))
+        else:
+            return None
+    return math.hypot(*errors)

@@ -4,7 +4,7 @@ From the probe's B_simple = phi, steps to the target follow S(B) = S_min (1 + ph
 The probe predicts the shape, not the scale: S_min is fitted to the sweep's measured steps with phi held fixed
 (the geometric mean of S_measured / (1 + phi / B), so that every batch counts by its relative error). Predicted
 time to target is S(B) x T_step(B), the probe's step-time fit. The sweep's measured time to target is each run's
-training clock until the target (pipeline.rundir.time_to_target: the first epoch's tracing and the epoch-end
+training clock until the target (pipeline.run_timing.time_to_target: the first epoch's tracing and the epoch-end
 validations included, which the prediction leaves out); "off" is predicted / measured.
 """
 

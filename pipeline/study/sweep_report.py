@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from pipeline import cli, rundir, startup
+from pipeline import cli, run_timing, rundir, startup
 from pipeline.config import InputError
 from pipeline.study import bootstrap, claims
 from pipeline.study import findings as findings_lib
@@ -88,9 +88,9 @@ def read_run(run_dir: str) -> dict | None:
     history = rundir.read_history(run_dir)
     row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
     # The same definitions as summary.json's (pipeline.rundir); a run without a history has only its summary.
-    seconds = rundir.time_per_step(history) or summary.get("time_per_step_s")
+    seconds = run_timing.time_per_step(history) or summary.get("time_per_step_s")
     row["time_per_step_ms"] = 1000 * seconds if seconds else None
-    row["examples_per_sec"] = rundir.examples_per_sec(history) or summary.get("examples_per_sec")
+    row["examples_per_sec"] = run_timing.examples_per_sec(history) or summary.get("examples_per_sec")
     # Validation noise of the target metrics: resampled first crossings (pipeline/study/bootstrap.py), not in report.json.
     row["target_draws"] = (bootstrap.run_draws(target_record.read(run_dir), history)
                            if row["status"] == "completed" and row["steps_to_target"] is not None else None)

@@ -14,7 +14,7 @@ import sys
 import time
 
 from pipeline import config as config_lib
-from pipeline import interrupts, rundir
+from pipeline import interrupts, run_timing, rundir
 from pipeline.config import Config, InputError
 from pipeline.training import distribute
 
@@ -79,17 +79,17 @@ def _fill_from_history(summary: Summary, history: list[dict], target: float, rea
     summary.updates = updates(summary.steps, accumulate)
     summary.epochs = history[-1]["epoch"] + 1
     attempt = [record for record in history if record["epoch"] >= first_epoch]
-    summary.train_time_s = rundir.train_time(attempt)
-    summary.instrument_time_s = rundir.instrument_time(attempt)
-    summary.examples_per_sec = rundir.examples_per_sec(history) or 0.0
-    summary.time_per_step_s = rundir.time_per_step(history) or 0.0
+    summary.train_time_s = run_timing.train_time(attempt)
+    summary.instrument_time_s = run_timing.instrument_time(attempt)
+    summary.examples_per_sec = run_timing.examples_per_sec(history) or 0.0
+    summary.time_per_step_s = run_timing.time_per_step(history) or 0.0
     summary.final_logs = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
     if target > 0:
         summary.target_accuracy = target
     if target > 0 and reached:  # pipeline/training/target.py's record
         summary.steps_to_target = reached["step"]
         summary.epochs_to_target = reached["epoch"] + reached["epoch_fraction"]
-        summary.time_to_target_s = rundir.time_to_target(history, reached)
+        summary.time_to_target_s = run_timing.time_to_target(history, reached)
 
 
 def compiled_model(config: Config, data, steps_per_execution: int = 1, replica_norms: bool = False):

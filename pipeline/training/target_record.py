@@ -16,7 +16,7 @@ File: target_checks.npz in the run directory (one writer and one reader, both he
 epoch end and at the end of training, with arrays
   steps (C,) int64: the optimizer step of each check;
   epochs (C,) int64, epoch_fractions (C,) float64, seconds_into_epoch (C,) float64: where the check fell, as in
-    target.json (seconds without measuring and checks, for pipeline.rundir.time_to_target);
+    target.json (seconds without measuring and checks, for pipeline.run_timing.time_to_target);
   correct (C, N) bool: whether validation example n was classified correctly at check c;
   target () float64: the target accuracy.
 A resumed run trains again from its checkpoint, so it keeps the checks made before it (their number is part of the

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import rundir
+from pipeline import run_timing
 from pipeline.study import claims
 from pipeline.study import sweep_report as report_lib
 from target_records import write_record
@@ -82,10 +82,10 @@ def sweep_dir(tmp_path):
 
 def test_time_per_step_leaves_out_tracing_and_measuring():
     history = [{"epoch": e, "step": 10 * (e + 1), "epoch_time_s": t} for e, t in enumerate([10.0, 1.0, 3.0, 1.2])]
-    assert rundir.time_per_step(history) == pytest.approx(np.median([0.1, 0.3, 0.12]))
+    assert run_timing.time_per_step(history) == pytest.approx(np.median([0.1, 0.3, 0.12]))
     history[2]["instrument_time_s"] = 1.9  # the slow epoch measured for 1.9 s
-    assert rundir.time_per_step(history) == pytest.approx(np.median([0.1, 0.11, 0.12]))
-    assert rundir.time_per_step(history[:1]) == pytest.approx(1.0)  # one epoch: nothing else to use
+    assert run_timing.time_per_step(history) == pytest.approx(np.median([0.1, 0.11, 0.12]))
+    assert run_timing.time_per_step(history[:1]) == pytest.approx(1.0)  # one epoch: nothing else to use
 
 
 def test_report_numbers(sweep_dir):
