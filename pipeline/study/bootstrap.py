@@ -172,23 +172,32 @@ def fit_for_norm(groups: list[dict], norm: str, draws: dict) -> dict | None:
     return fit_intervals(batches, [draws[key]["steps_to_target"] for key in keys])
 
 
-def winner(groups: list[dict], key: str) -> dict | None:
+def winner(groups: list[dict], key: str, censored: list[dict] = ()) -> dict | None:
     """The group with the least mean `key` and whether its interval lies below the runner-up's.
 
+    A censored group (a run that never reached the target: sweep_report.aggregate's "censored_bound", the lower bound
+    of its mean) is not ruled out while that bound lies below the best's upper end; then the winner is not resolved.
+
+    Args:
+      groups: the groups whose every run reached the target.
+      censored: groups with runs that did not reach it.
+
     Returns:
-      None for fewer than two groups; else {"best", "runner_up" (groups), "resolved": True / False, or None when
-      either has no interval}.
+      None for fewer than two groups; else {"best", "runner_up" (groups), "separated": the best's interval lies
+      below the runner-up's, "not_ruled_out" (censored groups), "resolved": separated and nothing censored left
+      open; None when either has no interval}.
     """
     ranked = sorted(groups, key=lambda g: g[key]["mean"])
     if len(ranked) < 2:
         return None
     best, runner_up = ranked[:2]
     intervals = [g.get("target_interval") for g in (best, runner_up)]
-    resolved = None
-    if all(intervals):
-        best_high = intervals[0][key][1]
-        resolved = best_high is not None and best_high < intervals[1][key][0]
-    return {"best": best, "runner_up": runner_up, "resolved": resolved}
+    best_high = intervals[0][key][1] if intervals[0] else best[key]["mean"]
+    not_ruled_out = [g for g in censored if g.get("censored_bound")
+                     and (best_high is None or g["censored_bound"][key] < best_high)]
+    separated = all(intervals) and best_high is not None and best_high < intervals[1][key][0]
+    return {"best": best, "runner_up": runner_up, "separated": separated, "not_ruled_out": not_ruled_out,
+            "resolved": separated and not not_ruled_out if all(intervals) else None}
 
 
 def interval_text(interval, fmt: str = "{:.0f}") -> str:

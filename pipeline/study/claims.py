@@ -13,17 +13,31 @@ def measured_text(group: dict, key: str, fmt: str, unit: str = "") -> str:
     return fmt.format(group[key]["mean"]) + unit + (f" {bootstrap.interval_text(interval, fmt)}" if interval else "")
 
 
-def winner_sentence(groups: list[dict], key: str, what: str, fmt: str, unit: str) -> str:
-    """Which batch took `what` (the least mean `key`), said only when its interval lies below the runner-up's."""
-    result = bootstrap.winner(groups, key)
+def censored_text(group: dict, key: str, fmt: str, unit: str) -> str:
+    """'batch 128 (2 of 2 runs did not reach the target: its mean is known only to exceed 40.0 s of training)'."""
+    return (f"batch {group['batch']} ({group['completed'] - group['reached']} of {group['completed']} runs did not "
+            f"reach the target: its mean is known only to exceed {fmt.format(group['censored_bound'][key])}{unit})")
+
+
+def winner_sentence(groups: list[dict], key: str, what: str, fmt: str, unit: str, censored: list[dict] = ()) -> str:
+    """Which batch took `what` (the least mean `key`), said only when its interval lies below the runner-up's and no
+    batch with runs that did not reach the target (censored) could still be below it."""
+    result = bootstrap.winner(groups, key, censored)
     best, runner_up = result["best"], result["runner_up"]
     best_text, runner_up_text = (measured_text(g, key, fmt, unit) for g in (best, runner_up))
+    open_ = "; ".join(censored_text(g, key, fmt, unit) for g in result["not_ruled_out"])
     if result["resolved"]:
         return (f"batch {best['batch']} took {what} ({best_text}); its {bootstrap.LEVEL:.0%} interval lies below that "
-                f"of the runner-up, batch {runner_up['batch']} ({runner_up_text}).")
+                f"of the runner-up, batch {runner_up['batch']} ({runner_up_text})"
+                + (", and below the bounds of the batch sizes whose runs did not all reach the target."
+                   if any(g.get("censored_bound") for g in censored) else "."))
+    if result["separated"] and open_:
+        return (f"which batch took {what} is not resolved: batch {best['batch']} leads the batch sizes that reached "
+                f"the target in every run ({best_text}), but runs that did not reach it leave open {open_}.")
     if result["resolved"] is False:
         return (f"which batch took {what} is not resolved: batch {best['batch']} and {runner_up['batch']} are not "
-                f"distinguishable ({best_text} and {runner_up_text}: their {bootstrap.LEVEL:.0%} intervals overlap).")
+                f"distinguishable ({best_text} and {runner_up_text}: their {bootstrap.LEVEL:.0%} intervals overlap)"
+                + (f"; runs that did not reach the target also leave open {open_}." if open_ else "."))
     return (f"which batch took {what} is not determined: batch {best['batch']} measured {best_text} and the "
             f"runner-up, batch {runner_up['batch']}, {runner_up_text}, with no interval (the runs hold no record of "
             "which validation examples each target check got right).")
@@ -53,3 +67,16 @@ def spread_note(report: dict) -> str:
         return text + " The intervals include the run-to-run spread over seeds."
     return text + (" Run-to-run spread is unknown: one seed per batch size reached the target, so the intervals "
                    "hold only the validation set's sampling noise; rerun with --seeds 2 or more to measure it.")
+
+
+def censored_sentences(groups: list[dict], prefix: str) -> list[str]:
+    """What the steps-to-target fits leave out: the batch sizes with runs that did not reach the target (censored,
+    their steps known only from below), named with how many runs and the bound."""
+    left_out = [g for g in groups if g["completed"] and g["reached"] < g["completed"]]
+    if not left_out:
+        return []
+    which = "; ".join(f"batch {g['batch']}: {g['completed'] - g['reached']} of {g['completed']} runs"
+                      + (f", steps to target above {g['censored_bound']['steps_to_target']:.0f} on average"
+                         if g.get("censored_bound") else "") for g in left_out)
+    return [f"{prefix}the slope, the onset and the S(B) fit of steps to target leave out the batch sizes whose runs "
+            f"did not all reach the target (censored: their steps are known only from below; {which})."]

@@ -45,11 +45,22 @@ def plus_minus(value: float, se: float) -> str:
 
 
 def slope_text(fit: dict) -> str:
-    """'B^-0.46 ± 0.03 (5 batch sizes)', or the slope with 'not determined' for fewer than 3 points."""
+    """'B^-0.46 ± 0.03 (5 batch sizes; ...)' with what the standard error holds (fits.fit_power_law), or the slope
+    with 'not determined' for fewer than 3 points."""
     if fit["determined"]:
-        return f"B^{fit['slope']:.2f} ± {fit['slope_se']:.2f} ({fit['points']} batch sizes)"
+        return f"B^{fit['slope']:.2f} ± {fit['slope_se']:.2f} ({fit['points']} batch sizes; {error_source(fit)})"
     return (f"B^{fit['slope']:.2f} from {fit['points']} batch sizes (not determined: a slope's error needs "
             f"{fits_lib.MIN_FIT_POINTS})")
+
+
+def error_source(fit: dict) -> str:
+    """Which spread a power law's standard error holds (fits.fit_power_law: the larger of the seeds' and the
+    residuals'), or that the run-to-run spread is unknown."""
+    if fit.get("replicate_se") is None:
+        return "residual standard error; run-to-run spread unknown with one seed"
+    if fit["replicate_se"] >= fit["residual_se"]:
+        return f"standard error from the seeds' spread, {fit['replicate_dof']} degrees of freedom"
+    return "residual standard error, larger than the seeds' spread"
 
 
 def power_law_answer(fit: dict | None, quantity: str, expected: float, because: str) -> str:
@@ -74,7 +85,8 @@ def _target(report, norm, mine, prefix):
         out.append(f"{prefix}{len(reached)} batch sizes reached {target:.0%} validation accuracy in every run.")
         for key, what, fmt, unit in (("time_to_target_s", "the least time", "{:.1f}", " s of training"),
                                      ("steps_to_target", "the fewest steps", "{:.0f}", " steps")):
-            out.append(prefix + claims.winner_sentence(reached, key, what, fmt, unit))
+            out.append(prefix + claims.winner_sentence(reached, key, what, fmt, unit,
+                                                       [g for g in mine if g.get("censored_bound")]))
         if not report.get("run_to_run_known"):
             out.append(f"{prefix}run-to-run spread is unknown: one seed per batch size, so the intervals hold only "
                        "the validation set's sampling noise (rerun the sweep with --seeds 2 or more to measure it).")
@@ -92,7 +104,8 @@ def _target(report, norm, mine, prefix):
 
 def _steps(report, norm, fit, prefix):
     batches, steps = series(report["groups"], norm, "steps_to_target", True)
-    trend = fits_lib.fit_power_law(batches, steps)
+    trend = fits_lib.fit_over_seeds([(g["batch"], g["steps_to_target"]) for g in report["groups"]
+                                     if g["norm"] == norm and g["batch"] in batches])
     resampled = fit.get("steps_to_target_interval")
     if not trend or not trend["determined"]:
         out = [f"{prefix}not enough data: {len(batches)} batch size(s) reached the target in every run; a direction "
@@ -108,9 +121,13 @@ def _steps(report, norm, fit, prefix):
                "above it."]
     if len(batches) >= fits_lib.MIN_FIT_POINTS:
         onset = fits_lib.diminishing_returns(batches, steps)
-        share = (f" In {resampled['onsets'].get(str(onset), 0.0):.0%} of the bootstrap draws the onset is the same."
-                 if resampled else "")
-        if onset is not None:
+        agreeing = resampled["onsets"].get(str(onset), 0.0) if resampled else None
+        share = (f" In {agreeing:.0%} of the bootstrap draws the onset is the same." if resampled else "")
+        if agreeing is not None and agreeing < bootstrap.LEVEL:
+            where = f"at batch {onset}" if onset is not None else "nowhere up to batch " + str(batches[-1])
+            out.append(f"{prefix}where returns diminish is not resolved: the mean steps put the onset {where}, which "
+                       f"{agreeing:.0%} of the bootstrap draws share (a resolved onset needs {bootstrap.LEVEL:.0%}).")
+        elif onset is not None:
             i = batches.index(onset)
             out.append(f"{prefix}diminishing returns begin at batch {onset}: from there on, each larger batch cut the "
                        f"steps to target by less than half as much as perfect scaling would (batch {batches[i]} -> "
@@ -131,7 +148,7 @@ def _steps(report, norm, fit, prefix):
                    f"{plus_minus(s_fit['s_min'], s_fit['s_min_se'])} steps and B_crit = "
                    f"{plus_minus(s_fit['b_crit'], s_fit['b_crit_se'])} (standard errors)"
                    + claims.fit_interval_text(report, fit))
-    return out
+    return out + claims.censored_sentences([g for g in report["groups"] if g["norm"] == norm], prefix)
 
 
 def _noise_scale(fit, prefix):
@@ -249,7 +266,7 @@ def _per_device_bn(report, norm, mine, prefix):
                 f"slope against the BN batch needs {fits_lib.MIN_FIT_POINTS} points, this sweep has "
                 f"{fit['points'] if fit else len(measured)}."]
     text = (f"BatchNorm's batch-vs-population variance discrepancy went as (BN batch)^{fit['slope']:.2f} ± "
-            f"{fit['slope_se']:.2f} ({fit['points']} points: {values})")
+            f"{fit['slope_se']:.2f} ({fit['points']} points, {error_source(fit)}: {values})")
     if fits_lib.agrees(fit, -0.5):
         verdict = (f"Yes: {text}; it grew as the batch per device shrank, within {fits_lib.Z:.0f} standard errors of "
                    "the sampling-noise prediction (BN batch)^-0.50.")

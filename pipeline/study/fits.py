@@ -9,6 +9,16 @@ residuals, so a fit needs n >= 3 points to have one (two points fit any line exa
 error by the delta method. A direction ("falls", "rises") is called only when the slope is more than Z standard
 errors from 0; otherwise it is "unclear".
 
+Run-to-run spread in a power law (gradient std, time per step, BN discrepancy against B): each point is the mean
+over n_b seeds, so log(mean) has variance v / n_b with v the seeds' relative variance, pooled over the batch sizes
+with two or more seeds, v = sum (n_b - 1) (s_b / m_b)^2 / sum (n_b - 1) (s_b the seeds' sample std, m_b their mean;
+the delta method var(log x) ~ var(x) / x^2). The line is fitted with weights w_b = n_b / v (weighted least squares),
+slope = sum w (x - xbar)(y - ybar) / sum w (x - xbar)^2, whose standard error from the seeds alone is
+sqrt(v / sum n (x - xbar)^2). The slope's standard error is the larger of that and the residuals' (the Birge ratio:
+the seeds' spread cannot make a fit more certain than its scatter about the line shows, nor a line through few
+points more certain than its seeds allow). With one seed per batch size only the residuals' error exists and the
+run-to-run spread is unknown ("replicate_se" None).
+
 B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8) pooled over a window of a run's measurements is
 callbacks.noise_estimates.pool (the one estimator: the ratio of the window's mean tr(Sigma) to its mean |G|^2,
 with the 95% interval from the measurements' own jackknife errors and Fieller's interval for the ratio). Here it is
@@ -54,26 +64,65 @@ def fit_steps_to_target(batches, steps) -> dict | None:
     return result
 
 
-def fit_power_law(batches, values) -> dict | None:
-    """log(value) = log(c) + slope * log(B) by least squares.
+def fit_power_law(batches, values, seeds=None, replicate=None) -> dict | None:
+    """log(value) = log(c) + slope * log(B) by least squares, weighted by the seeds behind each point.
+
+    Args:
+      batches, values: the points (values: means over seeds).
+      seeds: seeds behind each value (weights n_b; default 1 each).
+      replicate: replicate_spread() of the points' seeds, or None (one seed: run-to-run spread unknown).
 
     Returns:
-      {"slope", "slope_se", "c", "points", "determined", "direction"}, or None for fewer than 2 batch sizes or a
-      non-positive value. slope_se is None and direction "not determined" with fewer than MIN_FIT_POINTS points;
+      {"slope", "slope_se", "residual_se", "replicate_se", "replicate_dof", "c", "points", "determined",
+      "direction"}, or None for fewer than 2 batch sizes or a non-positive value. slope_se (the larger of
+      residual_se and replicate_se) is None and direction "not determined" with fewer than MIN_FIT_POINTS points;
       otherwise direction is "falls", "rises" or "unclear" (slope within Z standard errors of 0).
     """
     batches, values = np.asarray(batches, float), np.asarray(values, float)
     if len(set(batches.tolist())) < 2 or np.any(values <= 0):
         return None
+    weights = np.ones_like(batches) if seeds is None else np.asarray(seeds, float)
     x, y = np.log(batches), np.log(values)
-    slope, intercept = np.polyfit(x, y, 1)
-    result = {"slope": float(slope), "c": float(np.exp(intercept)), "points": len(batches), "slope_se": None,
+    x_mean, y_mean = np.average(x, weights=weights), np.average(y, weights=weights)
+    spread_x = np.sum(weights * (x - x_mean) ** 2)
+    slope = float(np.sum(weights * (x - x_mean) * (y - y_mean)) / spread_x)
+    intercept = y_mean - slope * x_mean
+    result = {"slope": slope, "c": float(np.exp(intercept)), "points": len(batches), "slope_se": None,
+              "residual_se": None, "replicate_se": None, "replicate_dof": replicate["dof"] if replicate else 0,
               "determined": len(batches) >= MIN_FIT_POINTS, "direction": "not determined"}
+    if replicate:
+        result["replicate_se"] = float(math.sqrt(replicate["variance"] / spread_x))
     if result["determined"]:
         residuals = y - (intercept + slope * x)
-        result["slope_se"] = float(math.sqrt(residuals @ residuals / (len(x) - 2) / np.sum((x - x.mean()) ** 2)))
+        result["residual_se"] = float(math.sqrt(np.sum(weights * residuals**2) / (len(x) - 2) / spread_x))
+        result["slope_se"] = max(result["residual_se"], result["replicate_se"] or 0.0)
         result["direction"] = direction(slope, result["slope_se"])
     return result
+
+
+def replicate_spread(stats: list[dict]) -> dict | None:
+    """The seeds' relative variance v of one quantity pooled over the groups with two or more seeds (module
+    docstring), or None when no group has two.
+
+    Args:
+      stats: per group {"mean", "std", "n"} (sweep_report.aggregate's statistics over seeds).
+
+    Returns:
+      {"variance": v, "dof": sum (n_b - 1)}.
+    """
+    spread = [(s["n"] - 1, (s["std"] / s["mean"]) ** 2) for s in stats if s["std"] is not None and s["mean"]]
+    dof = sum(d for d, _ in spread)
+    if not dof:
+        return None
+    return {"variance": sum(d * v for d, v in spread) / dof, "dof": dof}
+
+
+def fit_over_seeds(points: list[tuple[float, dict]]) -> dict | None:
+    """fit_power_law over (batch, statistics over seeds) points, weighted by their seeds and with their spread."""
+    if not points:
+        return None
+    batches, stats = zip(*points)
+    return fit_power_law(batches, [s["mean"] for s in stats], [s["n"] for s in stats], replicate_spread(stats))
 
 
 def direction(slope: float, se: float) -> str:
@@ -180,6 +229,11 @@ def series(groups, norm, key, require_all_reached=False):
     return [b for b, _ in points], [v for _, v in points]
 
 
+def seed_series(groups, norm, key) -> list[tuple[int, dict]]:
+    """(batch, statistics over seeds) of one quantity for one normalization, where it was measured."""
+    return [(g["batch"], g[key]) for g in groups if g["norm"] == norm and g[key]["mean"] is not None]
+
+
 def per_norm(groups: list[dict]) -> dict:
     """Per norm: the S(B) fit, the power laws of steps, gradient std, time per step and BN discrepancy against B,
     and the range of B_simple near the target over batch sizes."""
@@ -188,9 +242,9 @@ def per_norm(groups: list[dict]) -> dict:
         noise = series(groups, norm, "noise_scale")[1]
         result[norm] = {
             "steps_to_target": fit_steps_to_target(*series(groups, norm, "steps_to_target", True)),
-            "grad_std": fit_power_law(*series(groups, norm, "grad_std")),
-            "time_per_step": fit_power_law(*series(groups, norm, "time_per_step_ms")),
-            "bn_batch_var_error": fit_power_law(*series(groups, norm, "bn_batch_var_error")),
+            "grad_std": fit_over_seeds(seed_series(groups, norm, "grad_std")),
+            "time_per_step": fit_over_seeds(seed_series(groups, norm, "time_per_step_ms")),
+            "bn_batch_var_error": fit_over_seeds(seed_series(groups, norm, "bn_batch_var_error")),
             "b_simple": {"median": float(np.median(noise)), "low": min(noise), "high": max(noise),
                          "batches": len(noise)} if noise else None,
         }
@@ -203,10 +257,9 @@ def per_device_batch(groups: list[dict]) -> dict:
     (sampling noise predicts bn_batch^-0.5, as against B in a one-device sweep)."""
     result = {}
     for norm in dict.fromkeys(g["norm"] for g in groups):
-        points = sorted((g["bn_batch"], g["bn_batch_var_error"]["mean"]) for g in groups
-                        if g["norm"] == norm and g["bn_batch_var_error"]["mean"] is not None)
-        result[norm] = {"bn_batches": sorted({b for b, _ in points}),
-                        "bn_batch_var_error": fit_power_law(*zip(*points)) if points else None}
+        points = sorted(((g["bn_batch"], g["bn_batch_var_error"]) for g in groups
+                         if g["norm"] == norm and g["bn_batch_var_error"]["mean"] is not None), key=lambda p: p[0])
+        result[norm] = {"bn_batches": sorted({b for b, _ in points}), "bn_batch_var_error": fit_over_seeds(points)}
     return result
 
 

@@ -96,6 +96,11 @@ def read_run(run_dir: str) -> dict | None:
                            if row["status"] == "completed" and row["steps_to_target"] is not None else None)
     row["target_interval"] = ({k: v for k, v in row["target_draws"].items() if k != "draws"}
                               if row["target_draws"] else None)
+    # A completed run that never reached the target is censored: its steps and time to target exceed what it trained.
+    row["censored_at"] = ({"steps_to_target": row["steps"], "time_to_target_s":
+                           run_timing.train_time(history) - run_timing.instrument_time(history)}
+                          if row["status"] == "completed" and row["target"] and row["steps_to_target"] is None
+                          and row["steps"] else None)
 
     # Over the run's measurements, which the sweep spreads over the same fractions of every run's budget.
     stds = [r["grad/batch_std"] for r in grad if r.get("grad/batch_std") is not None]
@@ -137,6 +142,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
                  "failed": [r["name"] for r in members if r["status"] == "failed"], "reached": len(reached)}
         for key in METRICS:
             group[key] = _stats([r[key] for r in (reached if key in TARGET_KEYS else completed)])
+        # With censored runs, the group's mean over all its completed runs is only bounded from below.
+        censored = [r["censored_at"] for r in completed if r.get("censored_at")]
+        group["censored_bound"] = ({key: float(np.mean([r[key] if r[key] is not None else r["censored_at"][key]
+                                                        for r in completed])) for key in ("steps_to_target",
+                                                                                          "time_to_target_s")}
+                                   if censored and len(censored) + len(reached) == len(completed) else None)
         result.append(group)
     return result
 

@@ -102,7 +102,7 @@ def fit_interval(tmp_path, spread):
 
 
 def test_fit_interval_widens_with_replicate_spread(tmp_path):
-    narrow, _ = fit_interval(tmp_path / "narrow", 0.01)
+    narrow, narrow_report = fit_interval(tmp_path / "narrow", 0.01)
     wide, report = fit_interval(tmp_path / "wide", 0.2)
     for interval in (narrow, wide):
         assert interval["b_crit"][0] < 40 < interval["b_crit"][1]
@@ -110,10 +110,15 @@ def test_fit_interval_widens_with_replicate_spread(tmp_path):
     assert wide["s_min"][1] - wide["s_min"][0] > narrow["s_min"][1] - narrow["s_min"][0]
     assert narrow["direction"] == "falls"
     # The onset of diminishing returns (batch 32 on the exact curve) is as stable as the steps behind it.
-    assert narrow["onsets"]["32"] > 0.9 and wide["onsets"]["32"] < narrow["onsets"]["32"]
+    assert narrow["onsets"]["32"] >= 0.95 and wide["onsets"]["32"] < narrow["onsets"]["32"]
     assert sum(wide["onsets"].values()) == pytest.approx(1.0)
-    assert report["answers"]["steps"][1].endswith(f"In {wide['onsets']['32']:.0%} of the bootstrap draws the onset is "
-                                                  "the same.")
+    # Named only where LEVEL of the draws agree; otherwise the report says it is not resolved.
+    assert narrow_report["answers"]["steps"][1].startswith("Diminishing returns begin at batch 32")
+    assert narrow_report["answers"]["steps"][1].endswith(f"In {narrow['onsets']['32']:.0%} of the bootstrap draws "
+                                                         "the onset is the same.")
+    assert report["answers"]["steps"][1] == (f"Where returns diminish is not resolved: the mean steps put the onset at "
+                                             f"batch 32, which {wide['onsets']['32']:.0%} of the bootstrap draws share "
+                                             "(a resolved onset needs 95%).")
     fit_sentence = report["answers"]["steps"][-1]
     assert "95% bootstrap intervals S_min [" in fit_sentence
     assert "(the validation noise and the run-to-run spread over seeds)" in fit_sentence

@@ -61,6 +61,10 @@ def test_only_one_batch_reached(tmp_path):
     assert answers["steps"][0].startswith("Not enough data: 1 batch size(s) reached the target")
     assert "is not determined: 1 batch size(s) reached the target in every run (it needs 3)" in answers["steps"][1]
     assert answers["target"][1] == "Batch 64 did not reach 90% within the budget."
+    # Censored, not dropped: the fits say what they leave out, with the bound (the 2000 steps the run trained).
+    assert answers["steps"][2] == ("The slope, the onset and the S(B) fit of steps to target leave out the batch "
+                                   "sizes whose runs did not all reach the target (censored: their steps are known "
+                                   "only from below; batch 64: 1 of 1 runs, steps to target above 2000 on average).")
     report_lib.build_report(str(tmp_path), tensorboard=False)  # rebuilt from report.json's runs: same curves
     rows = [report_lib.read_run(str(tmp_path / "runs" / name)) for name in ("batch-b16-s0", "batch-b64-s0")]
     assert [p["lower_bound"] for p in rows[0]["noise_curve"]] == [False] * 16 + [True]  # the last: a bound
@@ -99,7 +103,8 @@ def test_directions_opposite_to_the_literature(tmp_path):
                     noise=falling) for i, b in enumerate((8, 16, 32, 64))}
     answers = build(tmp_path, runs)["answers"]
     assert answers["grad_std"][0].startswith("No: the gradient's standard deviation went as B^0.31 ± 0.00 "
-                                             "(4 batch sizes); sigma / sqrt(B) predicts B^-0.50")
+                                             "(4 batch sizes; residual standard error; run-to-run spread unknown with one seed); "
+                                             "sigma / sqrt(B) predicts B^-0.50")
     assert answers["grad_std"][0].endswith("but the data rose (opposite to the literature).")
     assert answers["bn"][0].startswith("No: BatchNorm's batch-vs-population variance discrepancy went as B^0.40")
     assert answers["steps"][0].startswith("No, they rose (opposite to the literature): steps to target went as B^0.50")
@@ -143,7 +148,8 @@ def test_everything_agrees(tmp_path):
     assert answers["grad_std"][0].startswith("Yes: the gradient's standard deviation went as B^-0.")
     assert answers["bn"][0].startswith("Yes: BatchNorm's batch-vs-population variance discrepancy went as B^-0.")
     assert answers["noise_growth"][0].startswith("Yes: B_simple pooled over the last quarter")
-    assert answers["time_per_step"][0].startswith("Yes: time per step went as B^0.50 ± 0.00 (5 batch sizes)")
+    assert answers["time_per_step"][0].startswith("Yes: time per step went as B^0.50 ± 0.00 (5 batch sizes; residual "
+                                                   "standard error; run-to-run spread unknown with one seed)")
     assert answers["noise_scale"][0].startswith("Yes: B_simple near the target")
     assert answers["target"][0].startswith("5 batch sizes reached")
     assert not any(s.startswith(("No", "Not enough data")) for s in report["findings"])
@@ -187,7 +193,7 @@ def test_replicas_bn_error_against_the_batch_per_device(tmp_path):
     assert fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0]) and abs(fit["slope"] + 0.5) < 2 * fit["slope_se"]
     bn, accuracy, sync_bn, sync_accuracy = report["answers"]["replicas"]
     assert bn.startswith("BatchNorm: Yes: BatchNorm's batch-vs-population variance discrepancy went as (BN batch)^-0.")
-    assert "(3 points: 0.0644 at BN batch 64 (batch 64 on 1 replica), 0.0858 at BN batch 32" in bn
+    assert "(3 points, residual standard error; run-to-run spread unknown with one seed: 0.0644 at BN batch 64 (batch 64 on 1 replica), 0.0858 at BN batch 32" in bn
     assert accuracy.startswith("BatchNorm: at global batch 64, test accuracy was 0.9500 on 1 replica(s) (64 examples "
                                "per device) and 0.9000 on 4 (16 per device); the difference -0.0500 is more than 2")
     assert sync_bn.startswith("Synchronized BatchNorm: the BN batch was 64 examples at every replica count")

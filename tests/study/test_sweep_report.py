@@ -131,12 +131,12 @@ def test_report_numbers(sweep_dir):
     assert "diminishing returns begin at batch 64" in text
     assert "Yes: BatchNorm fell behind GroupNorm" in text
     assert "S_min = 1000 ± 0 steps and B_crit = 64.0 ± 0.0" in text
-    assert "Yes: steps to target went as B^-0.65 ± 0.05 (5 batch sizes)" in text
+    assert "Yes: steps to target went as B^-0.65 ± 0.05 (5 batch sizes; residual standard error, larger than the seeds' spread)" in text
     # Seed standard errors: sample std / sqrt(3) of each norm's accuracies at batch 8, combined.
     bn, gn = ([accuracy(norm, 8, s) for s in SEEDS] for norm in ("batch", "group"))
     noise = math.hypot(np.std(bn, ddof=1) / math.sqrt(3), np.std(gn, ddof=1) / math.sqrt(3))
     assert f"standard error of the difference {noise:.4f}" in text
-    assert "Yes: the gradient's standard deviation went as B^-0.50 ± 0.00 (5 batch sizes)" in text
+    assert "Yes: the gradient's standard deviation went as B^-0.50 ± 0.00 (5 batch sizes; " in text
     assert "BatchNorm: Yes: BatchNorm's batch-vs-population variance discrepancy went as B^-0.50 ± 0.00" in text
     assert "batch-b256-s0" in text
 
