@@ -193,8 +193,8 @@ def winner(groups: list[dict], key: str, censored: list[dict] = ()) -> dict | No
     best, runner_up = ranked[:2]
     intervals = [g.get("target_interval") for g in (best, runner_up)]
     best_high = intervals[0][key][1] if intervals[0] else best[key]["mean"]
-    not_ruled_out = [g for g in censored if g.get("censored_bound")
-                     and (best_high is None or g["censored_bound"][key] < best_high)]
+    bounds = [(g, g["censored_bound"][key]) for g in censored if g.get("censored_bound")]
+    not_ruled_out = [g for g, bound in bounds if best_high is None or bound is None or bound < best_high]
     separated = all(intervals) and best_high is not None and best_high < intervals[1][key][0]
     return {"best": best, "runner_up": runner_up, "separated": separated, "not_ruled_out": not_ruled_out,
             "resolved": separated and not not_ruled_out if all(intervals) else None}

@@ -15,8 +15,10 @@ def measured_text(group: dict, key: str, fmt: str, unit: str = "") -> str:
 
 def censored_text(group: dict, key: str, fmt: str, unit: str) -> str:
     """'batch 128 (2 of 2 runs did not reach the target: its mean is known only to exceed 40.0 s of training)'."""
+    bound = group["censored_bound"][key]
+    known = f"known only to exceed {fmt.format(bound)}{unit}" if bound is not None else "not bounded (no history)"
     return (f"batch {group['batch']} ({group['completed'] - group['reached']} of {group['completed']} runs did not "
-            f"reach the target: its mean is known only to exceed {fmt.format(group['censored_bound'][key])}{unit})")
+            f"reach the target: its mean is {known})")
 
 
 def winner_sentence(groups: list[dict], key: str, what: str, fmt: str, unit: str, censored: list[dict] = ()) -> str:
@@ -77,6 +79,6 @@ def censored_sentences(groups: list[dict], prefix: str) -> list[str]:
         return []
     which = "; ".join(f"batch {g['batch']}: {g['completed'] - g['reached']} of {g['completed']} runs"
                       + (f", steps to target above {g['censored_bound']['steps_to_target']:.0f} on average"
-                         if g.get("censored_bound") else "") for g in left_out)
+                         if (g.get("censored_bound") or {}).get("steps_to_target") is not None else "") for g in left_out)
     return [f"{prefix}the slope, the onset and the S(B) fit of steps to target leave out the batch sizes whose runs "
             f"did not all reach the target (censored: their steps are known only from below; {which})."]

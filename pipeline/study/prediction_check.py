@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.advisor import goodput
 from pipeline.study import bootstrap
+from pipeline.study import fits as fits_lib
 
 
 def for_sweep(sweep_dir: str, groups: list[dict]) -> dict | None:
@@ -52,19 +53,24 @@ def check(advice: dict, groups: list[dict]) -> dict | None:
         steps, seconds = g["steps_to_target"]["mean"], g["time_to_target_s"]["mean"]
         per_step = g["time_per_step_ms"]["mean"]
         interval = g.get("target_interval") or {}
+        step_interval = seed_interval(g["time_per_step_ms"])
         rows.append({"batch": batch, "predicted_steps": predicted_steps, "measured_steps": steps,
                      "steps_off": predicted_steps / steps if steps else None,
                      "measured_steps_interval": interval.get("steps_to_target"),
                      "steps_inside": inside(predicted_steps, interval.get("steps_to_target")),
                      "predicted_step_ms": 1000 * float(step_time(batch)), "measured_step_ms": per_step,
+                     "measured_step_ms_interval": step_interval,
+                     "step_ms_inside": inside(1000 * float(step_time(batch)), step_interval),
                      "predicted_time_s": predicted_time, "measured_time_s": seconds,
                      "time_off": predicted_time / seconds if seconds else None,
                      "measured_time_interval": interval.get("time_to_target_s"),
                      "time_inside": inside(predicted_time, interval.get("time_to_target_s"))})
     timed = [r for r in rows if r["measured_time_s"]]
     fastest = min(timed, key=lambda r: r["measured_time_s"]) if timed else None
-    reached = [g for g in members if g["time_to_target_s"]["mean"] is not None]
-    race = bootstrap.winner(reached, "time_to_target_s") if len(reached) > 1 else None
+    # As the findings do: among the batches whose every run reached the target, the others bounding it from below.
+    reached = [g for g in members if g["time_to_target_s"]["mean"] is not None and g["reached"] == g["completed"]]
+    censored = [g for g in members if g.get("censored_bound")]
+    race = bootstrap.winner(reached, "time_to_target_s", censored) if len(reached) > 1 else None
     recommended = next((r for r in rows if r["batch"] == advice["batch"]), None)
     result = {"norm": norm, "recommended_batch": advice["batch"], "recommended_lr": advice["lr"],
               "noise_scale": phi, "noise_scale_lo": advice["noise"]["noise_scale_lo"],
@@ -72,6 +78,7 @@ def check(advice: dict, groups: list[dict]) -> dict | None:
               "fastest_batch": fastest["batch"] if fastest else None,
               "fastest_resolved": race["resolved"] if race else None,
               "runner_up_batch": race["runner_up"]["batch"] if race else None,
+              "fastest_not_ruled_out": [g["batch"] for g in race["not_ruled_out"]] if race else [],
               "predicted_fastest": min(rows, key=lambda r: r["predicted_time_s"])["batch"],
               "recommended_vs_fastest": None}
     if fastest and recommended and recommended["measured_time_s"]:
@@ -79,6 +86,15 @@ def check(advice: dict, groups: list[dict]) -> dict | None:
     off = [abs(math.log(r["steps_off"])) for r in rows if r["steps_off"]]
     result["steps_off_typical"] = math.exp(float(np.median(off))) if off else None
     return result
+
+
+def seed_interval(stat: dict) -> list | None:
+    """[mean - Z se, mean + Z se] with se = std / sqrt(n) over the seeds (fits.Z); None with one seed, whose
+    run-to-run spread is unknown."""
+    if stat["mean"] is None or stat["std"] is None:
+        return None
+    half = fits_lib.Z * stat["std"] / math.sqrt(stat["n"])
+    return [stat["mean"] - half, stat["mean"] + half]
 
 
 def inside(value: float, interval: list | None) -> bool | None:
@@ -97,7 +113,11 @@ def _measured(value, interval, fmt: str) -> str:
 def _off(ratio, within) -> str:
     if ratio is None:
         return "–"
-    return f"{ratio:.2f}x" + {True: " (inside)", False: " (outside)", None: ""}[within]
+    return f"{ratio:.2f}x" + _within(within)
+
+
+def _within(inside_interval) -> str:
+    return {True: " (inside)", False: " (outside)", None: ""}[inside_interval]
 
 
 def _number(value, fmt: str) -> str:
@@ -120,16 +140,22 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['batch']} | {r['predicted_steps']:.0f} | "
                      f"{_measured(r['measured_steps'], r.get('measured_steps_interval'), '{:.0f}')} | "
                      f"{_off(r['steps_off'], r.get('steps_inside'))} | {r['predicted_step_ms']:.1f} | "
-                     f"{_number(r['measured_step_ms'], '{:.1f}')} | {r['predicted_time_s']:.1f} | "
+                     f"{_measured(r['measured_step_ms'], r.get('measured_step_ms_interval'), '{:.1f}')}"
+                     f"{_within(r.get('step_ms_inside'))} | {r['predicted_time_s']:.1f} | "
                      f"{_measured(r['measured_time_s'], r.get('measured_time_interval'), '{:.1f}')} | "
                      f"{_off(r['time_off'], r.get('time_inside'))} |")
     lines += ["", "Measured [low, high]: the 95% bootstrap interval of the sweep's steps and time to target "
-              "(validation noise, and the run-to-run spread with several seeds; pipeline/study/bootstrap.py); inside / "
-              "outside: whether the prediction lies in it."]
+              "(validation noise, and the run-to-run spread with several seeds; pipeline/study/bootstrap.py), and for "
+              f"ms/step the mean ± {fits_lib.Z:.0f} standard errors over seeds (none with one seed: run-to-run spread "
+              "unknown); inside / outside: whether the prediction lies in it."]
     resolved = result.get("fastest_resolved")
     if resolved:
         measured = (f"{result['fastest_batch']} (its interval lies below the runner-up's, batch "
                     f"{result['runner_up_batch']})")
+    elif resolved is False and result.get("fastest_not_ruled_out"):
+        measured = (f"not resolved: batch {result['fastest_batch']} leads, but the runs of batch "
+                    f"{', '.join(map(str, result['fastest_not_ruled_out']))} that did not reach the target bound their "
+                    "time only from below, below its upper end")
     elif resolved is False:
         measured = (f"not resolved: batch {result['fastest_batch']} and {result['runner_up_batch']} are not "
                     "distinguishable (their intervals overlap)")

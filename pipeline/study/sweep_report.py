@@ -97,8 +97,10 @@ def read_run(run_dir: str) -> dict | None:
     row["target_interval"] = ({k: v for k, v in row["target_draws"].items() if k != "draws"}
                               if row["target_draws"] else None)
     # A completed run that never reached the target is censored: its steps and time to target exceed what it trained.
-    row["censored_at"] = ({"steps_to_target": row["steps"], "time_to_target_s":
-                           run_timing.train_time(history) - run_timing.instrument_time(history)}
+    # (Without a history: the steps at the summary's time per step.)
+    trained = (run_timing.train_time(history) - run_timing.instrument_time(history) if history
+               else seconds * row["steps"] if seconds and row["steps"] else None)
+    row["censored_at"] = ({"steps_to_target": row["steps"], "time_to_target_s": trained}
                           if row["status"] == "completed" and row["target"] and row["steps_to_target"] is None
                           and row["steps"] else None)
 
@@ -144,9 +146,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
             group[key] = _stats([r[key] for r in (reached if key in TARGET_KEYS else completed)])
         # With censored runs, the group's mean over all its completed runs is only bounded from below.
         censored = [r["censored_at"] for r in completed if r.get("censored_at")]
-        group["censored_bound"] = ({key: float(np.mean([r[key] if r[key] is not None else r["censored_at"][key]
-                                                        for r in completed])) for key in ("steps_to_target",
-                                                                                          "time_to_target_s")}
+        bounds = {key: [r[key] if r[key] is not None else r["censored_at"][key] for r in completed]
+                  for key in ("steps_to_target", "time_to_target_s")}
+        group["censored_bound"] = ({key: float(np.mean(v)) if None not in v else None for key, v in bounds.items()}
                                    if censored and len(censored) + len(reached) == len(completed) else None)
         result.append(group)
     return result

@@ -180,7 +180,8 @@ def test_sweep_report_puts_the_prediction_beside_the_measurements(tmp_path):
     config = dataclasses.replace(config_lib.smoke(), norm="batch", base_batch=32)
     advice = advice_lib.build(measured(known_noise(phi=B_CRIT)), config, max_batch=256)
     advice_lib.write(advice, str(tmp_path))
-    result = sweep_report.build_report(str(tmp_path), tensorboard=False)["prediction"]
+    report = sweep_report.build_report(str(tmp_path), tensorboard=False)
+    result = report["prediction"]
     assert result["s_min"] == pytest.approx(S_MIN, rel=1e-9)
     for row in result["rows"]:
         assert row["predicted_step_ms"] == pytest.approx(10 + 0.4 * row["batch"])
@@ -198,6 +199,15 @@ def test_sweep_report_puts_the_prediction_beside_the_measurements(tmp_path):
     # The optimum sqrt(0.01 * 64 / 0.0004) = 40 gains 1.1% over batch 32, under the 5% needed to switch.
     assert "## Predicted vs measured (batch-size advisor)" in text and "recommended batch 32" in text
     assert prediction_check.check(advice, [{"norm": "group"}]) is None
+    # ms/step against the seeds' interval, mean ± 2 std / sqrt(n): a 1 ms spread over 3 seeds holds the prediction,
+    # a step time measured 20% slower does not; one seed has no interval (run-to-run spread unknown).
+    groups = [g | {"time_per_step_ms": {"mean": (10 + 0.4 * g["batch"]) * (1.2 if g["batch"] == 64 else 1.0),
+                                        "std": 1.0 if g["batch"] != 128 else None, "n": 3 if g["batch"] != 128 else 1}}
+              for g in report["groups"]]
+    rows = {r["batch"]: r for r in prediction_check.check(advice, groups)["rows"]}
+    assert rows[32]["measured_step_ms_interval"] == pytest.approx([22.8 - 2 / math.sqrt(3), 22.8 + 2 / math.sqrt(3)])
+    assert rows[32]["step_ms_inside"] is True and rows[64]["step_ms_inside"] is False
+    assert rows[128]["measured_step_ms_interval"] is None and rows[128]["step_ms_inside"] is None
 
 
 def run_module(module, *args):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.study import bootstrap
+from pipeline.study import bootstrap, claims
 from pipeline.study import sweep_report as report_lib
 from study.test_findings import TARGET, write_run
 
@@ -122,3 +122,56 @@ def test_fit_interval_widens_with_replicate_spread(tmp_path):
     fit_sentence = report["answers"]["steps"][-1]
     assert "95% bootstrap intervals S_min [" in fit_sentence
     assert "(the validation noise and the run-to-run spread over seeds)" in fit_sentence
+
+
+def test_slope_interval_widens_with_replicate_spread_and_decides_only_when_resolved(tmp_path):
+    """Time per step 0.01 B^0.1 s x exp(spread x (seed - 1)) at batch 8, 32, 128, three seeds: the seeds' means lie
+    exactly on the law (no residuals), so only the seeds' spread can widen the slope's error. With 1% spread the
+    rise is resolved ("Yes"); with 40% it is not ("Not clearly"), and the standard error is the seeds' (written out:
+    the pooled relative variance over sum n (log B - mean)^2)."""
+    def report(spread):
+        runs = {(b, seed): dict(steps_to_target=300, rise=None,  # no target record: the fits alone
+                                time_per_step=0.01 * b**0.1 * math.exp(spread * (seed - 1)))
+                for b in (8, 32, 128) for seed in range(3)}
+        return sweep(tmp_path / str(spread), runs, range(3))
+
+    narrow, wide = report(0.01), report(0.4)
+    fits = [r["fits"]["batch"]["time_per_step"] for r in (narrow, wide)]
+    for fit, spread in zip(fits, (0.01, 0.4)):
+        factors = np.exp(spread * np.arange(-1, 2))
+        relative_var = np.var(factors, ddof=1) / np.mean(factors) ** 2
+        x = np.log([8, 32, 128])
+        assert fit["slope"] == pytest.approx(0.1, abs=1e-9) and fit["residual_se"] < 1e-9
+        assert fit["slope_se"] == pytest.approx(math.sqrt(relative_var / (3 * np.sum((x - x.mean()) ** 2))), rel=1e-9)
+    assert fits[1]["slope_se"] > 10 * fits[0]["slope_se"]
+    assert narrow["answers"]["time_per_step"][0].startswith("Yes: time per step went as B^0.10 ± 0.00 (3 batch sizes; "
+                                                            "standard error from the seeds' spread, 6 degrees of "
+                                                            "freedom)")
+    assert wide["answers"]["time_per_step"][0].startswith("Not clearly (within 2 standard errors of flat): time per "
+                                                          "step went as B^0.10 ± 0.")
+
+
+def test_runs_that_never_reach_the_target_are_censored_not_dropped(tmp_path):
+    """Batch 32 and 64 reach the target (480 and 300 steps, separated); batch 128 never does. Trained for 2000 steps
+    (226 s at 0.113 s per step), its bound lies above batch 64's interval and the winner stands; trained for only 100
+    steps (11.3 s), it could still be the fastest, and the report says the winner is not resolved."""
+    def report(name, trained):
+        return sweep(tmp_path / name, {(32, 0): dict(steps_to_target=480), (64, 0): dict(steps_to_target=300),
+                                       (128, 0): dict(steps_to_target=None, steps=trained)}, [0])
+
+    long, short = report("long", 2000), report("short", 100)
+    censored = next(g for g in long["groups"] if g["batch"] == 128)["censored_bound"]
+    assert censored == pytest.approx({"steps_to_target": 2000, "time_to_target_s": 2000 * 0.01 * 128**0.5})
+    assert long["answers"]["target"][1].startswith("Batch 64 took the least time (24.0 s of training [")
+    assert long["answers"]["target"][1].endswith("and below the bounds of the batch sizes whose runs did not all "
+                                                 "reach the target.")
+    assert "Batch 128 did not reach 90% within the budget" in long["answers"]["target"][-1]
+    assert long["answers"]["steps"][-1].endswith("(censored: their steps are known only from below; batch 128: 1 of 1 "
+                                                 "runs, steps to target above 2000 on average).")
+    assert short["answers"]["target"][2] == (
+        "Which batch took the fewest steps is not resolved: batch 64 leads the batch sizes that reached the target in "
+        f"every run ({claims.measured_text(short['groups'][1], 'steps_to_target', '{:.0f}', ' steps')}), but runs "
+        "that did not reach it leave open batch 128 (1 of 1 runs did not reach the target: its mean is known only to "
+        "exceed 100 steps).")
+    assert short["answers"]["target"][1].startswith("Which batch took the least time is not resolved: batch 64 leads")
+    assert not any("took the least time (" in s or "took the fewest steps (" in s for s in short["findings"])

@@ -15,7 +15,7 @@ TARGET = 0.9
 
 
 def write_run(sweep_dir, batch, *, steps_to_target, grad_std, bn_error=None, test_accuracy=0.95, steps=2000,
-              noise=lambda step: (10.0, 0.1), norm="batch", measurements=17, seed=0, rise=0.5):
+              noise=lambda step: (10.0, 0.1), norm="batch", measurements=17, seed=0, rise=0.5, time_per_step=None):
     """One completed run: config, summary, gradient measurements spread over its steps, BN averages, and a record of
     its target checks whose validation accuracy rises by `rise` per steps to target (None: no record)."""
     run_dir = os.path.join(sweep_dir, "runs", f"{norm}-b{batch}-s{seed}")
@@ -23,7 +23,7 @@ def write_run(sweep_dir, batch, *, steps_to_target, grad_std, bn_error=None, tes
     config = {"norm": norm, "batch": batch, "seed": seed, "lr": 0.1, "target_accuracy": TARGET}
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({"config": config, "effective_lr": 0.1}, f)
-    time_per_step = 0.01 * batch**0.5
+    time_per_step = time_per_step or 0.01 * batch**0.5
     summary = {"status": "completed", "train_accuracy": test_accuracy + 0.01, "test_accuracy": test_accuracy,
                "val_accuracy": test_accuracy, "steps": steps, "epochs": 10, "time_per_step_s": time_per_step,
                "steps_to_target": steps_to_target, "epochs_to_target": None, "wall_time_s": 10.0,
