@@ -8,11 +8,19 @@ Runs the default sweep (pipeline.sweep's defaults and config.batch_study(), with
 into <out>/rerun-<i>, each with its own seeds (rerun i uses seeds i*S .. i*S+S-1 for S seeds, so that the reruns
 differ as reruns on new seeds do; --same-seeds gives every rerun seeds 0..S-1, which then differ only by
 nondeterministic ops), and checks the acceptance rules of the report's uncertainty:
-  1. every finding gives the same verdict in all reruns: the same head ("Yes", "No", "Batch 64 took the least
-     time", ...), or one of them is undetermined ("not resolved", "Not enough data", "Not clearly", "not determined");
+  1. every finding gives the same verdict in all reruns, or is undetermined in some of them. Findings are paired
+     across reruns by topic (classify: the question, the normalization, and which finding: least time, fewest steps,
+     the onset of diminishing returns, a batch's accuracy on more replicas, ...), not by position. A verdict is the
+     decided answer ("Yes", "No", "batch 64" for a resolved winner, "onset at batch 32", "best accuracy at batch
+     16"); undetermined ones say "not resolved", "Not enough data", "Not clearly", "not determined", "within noise",
+     "Mixed", or leave the finding out; sentences that state measurements (how many batches reached the target, a
+     batch that did not, the S(B) fit with its errors, what a fit leaves out) are information, not verdicts;
   2. each rerun's fitted B_crit lies inside every other rerun's bootstrap interval.
 A noisy study (a small validation split, a target near the plateau: --val-fraction 0.03 --target-accuracy 0.99) shows
 whether the report says which differences it cannot resolve instead of naming a winner.
+--resume continues the reruns in --out; a rerun directory whose runs are all finished (at least batches x seeds run
+directories, each completed or failed) trains nothing: its report is rebuilt from the runs by this code
+(pipeline.study.sweep_report.build_report), so that a finished benchmark can be re-judged after the report changes.
 Writes benchmarks/results/rerun_consistency.json (benchmarks/results.py) with every rerun's verdicts, B_crit and its
 interval, wall and CPU seconds.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import os
 import re
 import sys
@@ -30,49 +39,121 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
+from pipeline.study import findings  # noqa: E402
 
-UNDETERMINED = re.compile(r"not resolved|not enough data|not clearly|not determined|unclear|mixed", re.IGNORECASE)
+UNDETERMINED = re.compile(r"not resolved|not enough data|not clearly|not determined|unclear|mixed|within noise|"
+                          r"\(absent\)", re.IGNORECASE)
+INFO = "(information)"  # a sentence that states a measurement or what was left out, not a verdict
+NORM_NAMES = tuple(name[:1].upper() + name[1:] for name in findings.NAMES.values())
 
 
-def verdict(sentence: str) -> str:
-    """The head of a finding: its text up to the first ':' or '(' (e.g. 'Yes', 'Batch 64 took the least time'); for
-    the best test accuracy, the batch when the difference to the worst is more than its noise, else undetermined."""
-    best = re.search(r"best test accuracy was [0-9.]+ at batch (\d+)", sentence)
+def split_norm(sentence: str) -> tuple[str, str]:
+    """('BatchNorm: ', the rest) for a finding prefixed with its normalization, else ('', sentence)."""
+    for name in NORM_NAMES:
+        if sentence.startswith(name + ": "):
+            return name + ": ", sentence[len(name) + 2:]
+    return "", sentence
+
+
+def classify(question: str, sentence: str) -> tuple[str, str]:
+    """(topic, verdict) of a finding: the topic pairs the same finding across reruns (question, normalization and,
+    where a question has several, which finding: least time, fewest steps, the onset, a batch that did not reach the
+    target, an accuracy at one global batch), the verdict is its decided answer, an undetermined one (UNDETERMINED)
+    or INFO for sentences that state measurements (counts, fits with their errors, what a fit leaves out)."""
+    norm, body = split_norm(sentence)
+    text = body.lower()
+    topic = f"{question}: {norm}"
+    winner = re.search(r"took (the least time|the fewest steps)", text)
+    if winner:
+        batch = re.match(r"batch (\d+) took", text)
+        return topic + winner[1], f"batch {batch[1]}" if batch else "not resolved"
+    if question == "target":
+        not_reached = re.match(r"batch (\d+) did not reach", text)
+        if not_reached:
+            return topic + f"batch {not_reached[1]} did not reach the target", INFO
+        if text.startswith("not enough data"):
+            return topic + "the least time", "not enough data"
+        return topic + ("run-to-run spread" if "run-to-run spread is unknown" in text else "runs that reached"), INFO
+    if "within noise of" in text:  # BatchNorm against GroupNorm within the noise of the difference
+        return topic.rstrip(": "), "within noise"
+    onset = re.match(r"diminishing returns begin at batch (\d+)", text)
+    if onset or "no diminishing returns yet" in text or text.startswith("where returns diminish"):
+        return topic + "onset", f"onset at batch {onset[1]}" if onset else (
+            "no onset" if "no diminishing returns yet" in text else "not resolved")
+    if text.startswith("the fit s(b)") or "leave out the batch sizes" in text or text.startswith("tuned per batch") \
+            or text.startswith("the bn batch was") or question == "failed":
+        return topic + text[:20], INFO
+    best = re.search(r"best test accuracy was [0-9.]+ at batch (\d+)", text)
     if best:
-        return "not determined (within noise)" if "not more than" in sentence else f"best accuracy at {best[1]}"
-    return re.split(r"[:(]", sentence, maxsplit=1)[0].strip()
+        decided = "not more than" not in text and "standard error of the difference" in text
+        return topic + "best accuracy", f"best accuracy at batch {best[1]}" if decided else "not determined"
+    per_device = re.match(r"at global batch (\d+), test accuracy", text)
+    if per_device:
+        gap = re.search(r"the difference ([+-])[0-9.]+ is (more|not more) than", text)
+        decided = gap and gap[2] == "more"
+        return topic + f"accuracy at global batch {per_device[1]}", (
+            f"accuracy {'higher' if gap[1] == '+' else 'lower'} on more replicas" if decided else "not determined")
+    return topic.rstrip(": "), re.split(r"[:(]", body, maxsplit=1)[0].strip()
+
+
+def verdict(sentence: str, question: str = "") -> str:
+    """The verdict of one finding (classify's second part)."""
+    return classify(question, sentence)[1]
 
 
 def consistent(heads: list[str]) -> bool:
-    """Whether the reruns' heads of one finding agree, ignoring the reruns that left it undetermined."""
-    decided = {head for head in heads if not UNDETERMINED.search(head)}
+    """Whether the reruns' verdicts of one finding agree, ignoring the reruns that left it undetermined (or did not
+    state it) and sentences that are information rather than verdicts."""
+    decided = {head for head in heads if head != INFO and not UNDETERMINED.search(head)}
     return len(decided) <= 1
 
 
 def compare(reports: list[dict]) -> dict:
-    """Verdicts per finding across the reruns, and each rerun's B_crit against every other rerun's interval."""
+    """Verdicts per finding across the reruns (paired by classify's topic), and each rerun's B_crit against every
+    other rerun's interval."""
+    per_rerun = []
+    for report in reports:
+        topics = {}
+        for question, sentences in report["answers"].items():
+            for sentence in sentences:
+                topic, head = classify(question, sentence)
+                while topic in topics:  # the same topic twice in one report: keep both, in order
+                    topic += "+"
+                topics[topic] = head
+        per_rerun.append(topics)
     findings = {}
-    for question in reports[0]["answers"]:
-        per_rerun = [[verdict(s) for s in r["answers"][question]] for r in reports]
-        for i in range(max(map(len, per_rerun))):
-            heads = [v[i] if i < len(v) else "(absent)" for v in per_rerun]
-            findings[f"{question}[{i}]"] = {"heads": heads, "consistent": consistent(heads)}
+    for topic in dict.fromkeys(t for topics in per_rerun for t in topics):
+        heads = [topics.get(topic, "(absent)") for topics in per_rerun]
+        findings[topic] = {"heads": heads, "consistent": consistent(heads),
+                           "decided": sum(h != INFO and not UNDETERMINED.search(h) for h in heads),
+                           "information": all(h in (INFO, "(absent)") for h in heads)}
     crits = []
-    for r in reports:
+    for i, r in enumerate(reports):
         for norm, fit in r["fits"].items():
             interval = fit.get("steps_to_target_interval")
-            crits.append({"norm": norm, "b_crit": fit["steps_to_target"]["b_crit"] if fit["steps_to_target"] else None,
+            crits.append({"rerun": i, "norm": norm,
+                          "b_crit": fit["steps_to_target"]["b_crit"] if fit["steps_to_target"] else None,
                           "interval": interval["b_crit"] if interval else None})
     inside = []
-    for i, mine in enumerate(crits):
-        for j, other in enumerate(crits):
-            if i != j and mine["norm"] == other["norm"] and mine["b_crit"] is not None and other["interval"]:
+    for mine in crits:
+        for other in crits:
+            if other["rerun"] != mine["rerun"] and mine["norm"] == other["norm"] and mine["b_crit"] is not None \
+                    and other["interval"]:
                 low, high = other["interval"]
-                inside.append({"rerun": i, "in_interval_of": j, "inside": (low is None or low <= mine["b_crit"])
-                               and (high is None or mine["b_crit"] <= high)})
+                inside.append({"rerun": mine["rerun"], "in_interval_of": other["rerun"], "norm": mine["norm"],
+                               "inside": (low is None or low <= mine["b_crit"]) and (high is None or mine["b_crit"] <= high)})
     return {"findings": findings, "b_crit": crits, "b_crit_inside": inside,
             "all_verdicts_consistent": all(f["consistent"] for f in findings.values()),
             "all_b_crit_inside": bool(inside) and all(x["inside"] for x in inside)}
+
+
+def finished(sweep_dir: str, expected: int) -> bool:
+    """Whether sweep_dir holds at least `expected` runs and every one is finished (completed, or failed: a result)."""
+    from pipeline import rundir
+
+    runs = glob.glob(os.path.join(sweep_dir, "runs", "*"))
+    statuses = [(rundir.read_summary(run) or {}).get("status") for run in runs]
+    return len(runs) >= expected and all(status in ("completed", "failed") for status in statuses)
 
 
 def main(argv=None) -> int:
@@ -93,6 +174,7 @@ def main(argv=None) -> int:
 
     from pipeline import startup
     from pipeline.study import batch_sweep as sweep
+    from pipeline.study import sweep_report
     from pipeline.training import execution
 
     startup.import_tensorflow()
@@ -111,11 +193,17 @@ def main(argv=None) -> int:
         spec = sweep.Spec(batches=batches, seeds=tuple(range(first, first + seeds)),
                           warmup_fraction=sweep.WARMUP_FRACTION)
         wall, cpu = time.perf_counter(), time.process_time()
-        report = sweep.sweep(config, spec, os.path.join(args.out, f"rerun-{rerun}"),
-                             log=lambda line: print(line, flush=True))
+        sweep_dir = os.path.join(args.out, f"rerun-{rerun}")
+        rebuilt = args.resume and finished(sweep_dir, len(batches) * seeds)
+        if rebuilt:  # every run is finished: only the report is made again, by this code
+            report = sweep_report.build_report(sweep_dir)
+            print(f"rerun {rerun}: {sweep_dir} is finished; report rebuilt from its runs", flush=True)
+        else:
+            report = sweep.sweep(config, spec, sweep_dir, log=lambda line: print(line, flush=True))
         # Each run's own wall time (summary.json) survives a resumed benchmark, where this process's clock does not.
         runs = {r["name"]: {"wall_s": r["wall_time_s"], "status": r["status"]} for r in report["runs"]}
-        rounds.append({"rerun": rerun, "seeds": list(spec.seeds), "wall_s": time.perf_counter() - wall,
+        rounds.append({"rerun": rerun, "seeds": list(spec.seeds), "report_rebuilt_only": rebuilt,
+                       "wall_s": time.perf_counter() - wall,
                        "cpu_s": time.process_time() - cpu, "runs": runs, "findings": report["findings"],
                        "b_crit": {n: f["steps_to_target"] for n, f in report["fits"].items()},
                        "b_crit_interval": {n: f.get("steps_to_target_interval") for n, f in report["fits"].items()}})
@@ -125,8 +213,8 @@ def main(argv=None) -> int:
     summary["wall_s"] = [r["wall_s"] for r in rounds]
     summary["cpu_s"] = [r["cpu_s"] for r in rounds]
     for key, value in summary.get("findings", {}).items():
-        if not value["consistent"]:
-            print(f"inconsistent: {key}: {value['heads']}")
+        if not value["information"]:
+            print(f"{'consistent' if value['consistent'] else 'INCONSISTENT'}: {key}: {value['heads']}")
     print(f"verdicts consistent: {summary.get('all_verdicts_consistent')}; each B_crit inside the others' intervals: "
           f"{summary.get('all_b_crit_inside')}")
     settings = {"batches": list(batches), "seeds_per_rerun": seeds, "same_seeds": args.same_seeds,

@@ -151,15 +151,24 @@ def test_slope_interval_widens_with_replicate_spread_and_decides_only_when_resol
                                                           "step went as B^0.10 ± 0.")
 
 
-def test_runs_that_never_reach_the_target_are_censored_not_dropped(tmp_path):
-    """Batch 32 and 64 reach the target (480 and 300 steps, separated); batch 128 never does. Trained for 2000 steps
-    (226 s at 0.113 s per step), its bound lies above batch 64's interval and the winner stands; trained for only 100
-    steps (11.3 s), it could still be the fastest, and the report says the winner is not resolved."""
-    def report(name, trained):
-        return sweep(tmp_path / name, {(32, 0): dict(steps_to_target=480), (64, 0): dict(steps_to_target=300),
-                                       (128, 0): dict(steps_to_target=None, steps=trained)}, [0])
+@pytest.fixture(scope="module")
+def censored_reports(tmp_path_factory):
+    """Batch 32 and 64 reach the target (480 and 300 steps: batch 64 ahead, separated) and batch 128 never does,
+    trained for 2000 steps ("long") or 100 ("short"); "swapped": batch 32 ahead (300 against 480 steps)."""
+    root = tmp_path_factory.mktemp("censored")
 
-    long, short = report("long", 2000), report("short", 100)
+    def report(name, trained, steps_32=480, steps_64=300):
+        return sweep(root / name, {(32, 0): dict(steps_to_target=steps_32), (64, 0): dict(steps_to_target=steps_64),
+                                   (128, 0): dict(steps_to_target=None, steps=trained)}, [0])
+
+    return {"long": report("long", 2000), "short": report("short", 100), "swapped": report("swapped", 2000, 300, 480)}
+
+
+def test_runs_that_never_reach_the_target_are_censored_not_dropped(censored_reports):
+    """Trained for 2000 steps (226 s at 0.113 s per step), batch 128's bound lies above batch 64's interval and the
+    winner stands; trained for only 100 steps (11.3 s), it could still be the fastest, and the report says the winner
+    is not resolved."""
+    long, short = censored_reports["long"], censored_reports["short"]
     censored = next(g for g in long["groups"] if g["batch"] == 128)["censored_bound"]
     assert censored == pytest.approx({"steps_to_target": 2000, "time_to_target_s": 2000 * 0.01 * 128**0.5})
     assert long["answers"]["target"][1].startswith("Batch 64 took the least time (24.0 s of training [")
@@ -175,3 +184,38 @@ def test_runs_that_never_reach_the_target_are_censored_not_dropped(tmp_path):
         "exceed 100 steps).")
     assert short["answers"]["target"][1].startswith("Which batch took the least time is not resolved: batch 64 leads")
     assert not any("took the least time (" in s or "took the fewest steps (" in s for s in short["findings"])
+
+
+def test_rerun_verdicts_pair_findings_by_topic_and_ignore_undetermined(censored_reports):
+    """benchmarks/rerun_consistency.py on the reports of synthetic reruns: the winner resolved in one rerun and not in
+    another is consistent; batch 64 in one and batch 32 in another is not; every sentence of these reports is
+    classified as information, undetermined or one of the verdicts written out here."""
+    from benchmarks import rerun_consistency as bench
+
+    long, short, swapped = (censored_reports[name] for name in ("long", "short", "swapped"))
+    agreeing = bench.compare([long, short])
+    assert agreeing["findings"]["target: the least time"]["heads"] == ["batch 64", "not resolved"]
+    assert agreeing["findings"]["target: the fewest steps"]["consistent"]
+    assert agreeing["findings"]["target: batch 128 did not reach the target"]["information"]
+    assert agreeing["all_verdicts_consistent"]
+    disagreeing = bench.compare([long, swapped])
+    assert disagreeing["findings"]["target: the least time"] == {"heads": ["batch 64", "batch 32"],
+                                                                 "consistent": False, "decided": 2,
+                                                                 "information": False}
+    assert not disagreeing["all_verdicts_consistent"]
+    known = {"batch 64", "batch 32", "Yes", "No", "No, not as predicted", "No, they rose", "No, it fell",
+             "best accuracy at batch 32", "best accuracy at batch 64", "onset at batch 32", "no onset"}
+    for report in (long, short, swapped):
+        for question, sentences in report["answers"].items():
+            for sentence in sentences:
+                head = bench.verdict(sentence, question)
+                assert head == bench.INFO or bench.UNDETERMINED.search(head) or head in known, (sentence, head)
+    # The rules on their own: undetermined wording never counts as a verdict, nor does a finding left out.
+    assert bench.consistent(["Yes", "Not enough data", "(absent)", "Yes"])
+    assert not bench.consistent(["Yes", "No"])
+    assert bench.consistent(["No, not as predicted", "Not clearly", bench.INFO])
+    assert bench.verdict("No: BatchNorm was within noise of GroupNorm at the smallest batch (8): ...", "bn_vs_gn") == \
+        "within noise"
+    assert bench.classify("replicas", "BatchNorm: at global batch 64, test accuracy was 0.95 on 1 replica(s) and 0.90 "
+                          "on 4; the difference -0.0500 is more than 2 standard errors of the difference") == \
+        ("replicas: BatchNorm: accuracy at global batch 64", "accuracy lower on more replicas")
