@@ -140,8 +140,9 @@ def compare(reports: list[dict]) -> dict:
             if other["rerun"] != mine["rerun"] and mine["norm"] == other["norm"] and mine["b_crit"] is not None \
                     and other["interval"]:
                 low, high = other["interval"]
+                holds = (low is None or low <= mine["b_crit"]) and (high is None or mine["b_crit"] <= high)
                 inside.append({"rerun": mine["rerun"], "in_interval_of": other["rerun"], "norm": mine["norm"],
-                               "inside": (low is None or low <= mine["b_crit"]) and (high is None or mine["b_crit"] <= high)})
+                               "inside": holds})
     return {"findings": findings, "b_crit": crits, "b_crit_inside": inside,
             "all_verdicts_consistent": all(f["consistent"] for f in findings.values()),
             "all_b_crit_inside": bool(inside) and all(x["inside"] for x in inside)}

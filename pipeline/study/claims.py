@@ -77,8 +77,9 @@ def censored_sentences(groups: list[dict], prefix: str) -> list[str]:
     left_out = [g for g in groups if g["completed"] and g["reached"] < g["completed"]]
     if not left_out:
         return []
+    bounds = [(g.get("censored_bound") or {}).get("steps_to_target") for g in left_out]
     which = "; ".join(f"batch {g['batch']}: {g['completed'] - g['reached']} of {g['completed']} runs"
-                      + (f", steps to target above {g['censored_bound']['steps_to_target']:.0f} on average"
-                         if (g.get("censored_bound") or {}).get("steps_to_target") is not None else "") for g in left_out)
+                      + (f", steps to target above {bound:.0f} on average" if bound is not None else "")
+                      for g, bound in zip(left_out, bounds))
     return [f"{prefix}the slope, the onset and the S(B) fit of steps to target leave out the batch sizes whose runs "
             f"did not all reach the target (censored: their steps are known only from below; {which})."]

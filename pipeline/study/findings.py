@@ -182,6 +182,13 @@ def _noise_scale(fit, prefix):
             "(McCandlish et al. 2018 find B_crit close to B_simple at the target)."]
 
 
+def _binomial_note(*stats) -> str:
+    """Where fits.difference_noise fell back on the test set's binomial error: a single seed, spread unknown."""
+    if all(s["std"] is not None for s in stats):
+        return ""
+    return "; binomial over the test examples, one seed: run-to-run spread unknown"
+
+
 def _accuracy(report, mine, prefix):
     best = max((g for g in mine if g["test_accuracy"]["mean"] is not None),
                key=lambda g: g["test_accuracy"]["mean"], default=None)
@@ -191,7 +198,8 @@ def _accuracy(report, mine, prefix):
     noise = fits_lib.difference_noise(best["test_accuracy"], worst["test_accuracy"], report["sweep"].get("num_test"))
     gap = best["test_accuracy"]["mean"] - worst["test_accuracy"]["mean"]
     verdict = ("" if noise is None else f"; best minus worst {gap:.4f} against a standard error of the difference of "
-               f"{noise:.4f} ({'more' if gap > fits_lib.Z * noise else 'not more'} than {fits_lib.Z:.0f} of them)")
+               f"{noise:.4f} ({'more' if gap > fits_lib.Z * noise else 'not more'} than {fits_lib.Z:.0f} of them"
+               f"{_binomial_note(best['test_accuracy'], worst['test_accuracy'])})")
     gaps = [g for g in mine if g["generalization_gap"]["mean"] is not None]
     widest = max(gaps, key=lambda g: g["generalization_gap"]["mean"])
     return [f"{prefix}the best test accuracy was {best['test_accuracy']['mean']:.4f} at batch {best['batch']} and the "
@@ -236,7 +244,8 @@ def _bn_vs_gn(report):
     verdict = ("Yes: BatchNorm fell behind" if gap > fits_lib.Z * noise else
                "No: BatchNorm was ahead of" if gap < -fits_lib.Z * noise else "No: BatchNorm was within noise of")
     return [f"{verdict} GroupNorm at the smallest batch ({b}): test accuracy {bn['mean']:.4f} vs {gn['mean']:.4f} "
-            f"(standard error of the difference {noise:.4f}; a verdict needs {fits_lib.Z:.0f} of them)."]
+            f"(standard error of the difference {noise:.4f}; a verdict needs {fits_lib.Z:.0f} of them"
+            f"{_binomial_note(bn, gn)})."]
 
 
 def _stat_text(stat: dict, fmt: str = "{:.3g}") -> str:
@@ -294,7 +303,8 @@ def _per_device_accuracy(report, mine, prefix):
         noise = fits_lib.difference_noise(few["test_accuracy"], many["test_accuracy"], report["sweep"].get("num_test"))
         verdict = (" (no noise estimate)" if noise is None else
                    f"; the difference {gap:+.4f} is {'more' if abs(gap) > fits_lib.Z * noise else 'not more'} than "
-                   f"{fits_lib.Z:.0f} standard errors of the difference (standard error {noise:.4f})")
+                   f"{fits_lib.Z:.0f} standard errors of the difference (standard error {noise:.4f}"
+                   f"{_binomial_note(few['test_accuracy'], many['test_accuracy'])})")
         out.append(f"{prefix}at global batch {batch}, test accuracy was {_stat_text(few['test_accuracy'], '{:.4f}')} "
                    f"on {few['replicas']} replica(s) ({few['per_replica_batch']} examples per device) and "
                    f"{_stat_text(many['test_accuracy'], '{:.4f}')} on {many['replicas']} ({many['per_replica_batch']} "

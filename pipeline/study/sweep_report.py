@@ -146,10 +146,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
             group[key] = _stats([r[key] for r in (reached if key in TARGET_KEYS else completed)])
         # With censored runs, the group's mean over all its completed runs is only bounded from below.
         censored = [r["censored_at"] for r in completed if r.get("censored_at")]
-        bounds = {key: [r[key] if r[key] is not None else r["censored_at"][key] for r in completed]
-                  for key in ("steps_to_target", "time_to_target_s")}
-        group["censored_bound"] = ({key: float(np.mean(v)) if None not in v else None for key, v in bounds.items()}
-                                   if censored and len(censored) + len(reached) == len(completed) else None)
+        group["censored_bound"] = None
+        if censored and len(censored) + len(reached) == len(completed):
+            bounds = {key: [r[key] if r[key] is not None else r["censored_at"][key] for r in completed]
+                      for key in ("steps_to_target", "time_to_target_s")}
+            group["censored_bound"] = {key: float(np.mean(v)) if None not in v else None for key, v in bounds.items()}
         result.append(group)
     return result
 

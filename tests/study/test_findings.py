@@ -103,7 +103,8 @@ def test_directions_opposite_to_the_literature(tmp_path):
                     noise=falling) for i, b in enumerate((8, 16, 32, 64))}
     answers = build(tmp_path, runs)["answers"]
     assert answers["grad_std"][0].startswith("No: the gradient's standard deviation went as B^0.31 ± 0.00 "
-                                             "(4 batch sizes; residual standard error; run-to-run spread unknown with one seed); "
+                                             "(4 batch sizes; residual standard error; run-to-run spread unknown with one "
+                                             "seed); "
                                              "sigma / sqrt(B) predicts B^-0.50")
     assert answers["grad_std"][0].endswith("but the data rose (opposite to the literature).")
     assert answers["bn"][0].startswith("No: BatchNorm's batch-vs-population variance discrepancy went as B^0.40")
@@ -193,7 +194,8 @@ def test_replicas_bn_error_against_the_batch_per_device(tmp_path):
     assert fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0]) and abs(fit["slope"] + 0.5) < 2 * fit["slope_se"]
     bn, accuracy, sync_bn, sync_accuracy = report["answers"]["replicas"]
     assert bn.startswith("BatchNorm: Yes: BatchNorm's batch-vs-population variance discrepancy went as (BN batch)^-0.")
-    assert "(3 points, residual standard error; run-to-run spread unknown with one seed: 0.0644 at BN batch 64 (batch 64 on 1 replica), 0.0858 at BN batch 32" in bn
+    assert "(3 points, residual standard error; run-to-run spread unknown with one seed: " \
+        "0.0644 at BN batch 64 (batch 64 on 1 replica), 0.0858 at BN batch 32" in bn
     assert accuracy.startswith("BatchNorm: at global batch 64, test accuracy was 0.9500 on 1 replica(s) (64 examples "
                                "per device) and 0.9000 on 4 (16 per device); the difference -0.0500 is more than 2")
     assert sync_bn.startswith("Synchronized BatchNorm: the BN batch was 64 examples at every replica count")

@@ -131,7 +131,8 @@ def test_report_numbers(sweep_dir):
     assert "diminishing returns begin at batch 64" in text
     assert "Yes: BatchNorm fell behind GroupNorm" in text
     assert "S_min = 1000 ± 0 steps and B_crit = 64.0 ± 0.0" in text
-    assert "Yes: steps to target went as B^-0.65 ± 0.05 (5 batch sizes; residual standard error, larger than the seeds' spread)" in text
+    assert ("Yes: steps to target went as B^-0.65 ± 0.05 (5 batch sizes; residual standard error, larger than the "
+            "seeds' spread)") in text
     # Seed standard errors: sample std / sqrt(3) of each norm's accuracies at batch 8, combined.
     bn, gn = ([accuracy(norm, 8, s) for s in SEEDS] for norm in ("batch", "group"))
     noise = math.hypot(np.std(bn, ddof=1) / math.sqrt(3), np.std(gn, ddof=1) / math.sqrt(3))
@@ -200,4 +201,5 @@ def test_one_seed_compares_norms_within_binomial_noise(tmp_path):
     # One example apart on 360: the binomial standard errors sqrt(p (1 - p) / 360) combined are larger.
     noise = math.hypot(math.sqrt(358 / 360 * 2 / 360 / 360), math.sqrt(359 / 360 * 1 / 360 / 360))
     assert (f"No: BatchNorm was within noise of GroupNorm at the smallest batch (8): test accuracy 0.9944 vs 0.9972 "
-            f"(standard error of the difference {noise:.4f}; a verdict needs 2 of them).") in report["findings"]
+            f"(standard error of the difference {noise:.4f}; a verdict needs 2 of them; binomial over the test "
+            "examples, one seed: run-to-run spread unknown).") in report["findings"]
