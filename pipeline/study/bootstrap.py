@@ -183,19 +183,21 @@ def winner(groups: list[dict], key: str, censored: list[dict] = ()) -> dict | No
       censored: groups with runs that did not reach it.
 
     Returns:
-      None for fewer than two groups; else {"best", "runner_up" (groups), "separated": the best's interval lies
+      None without a group, or with fewer than two groups and censored groups together; else {"best",
+      "runner_up" (groups; runner_up None when the best is the only one that reached), "separated": the best's
+      interval lies
       below the runner-up's, "not_ruled_out" (censored groups), "resolved": separated and nothing censored left
       open; None when either has no interval}.
     """
     ranked = sorted(groups, key=lambda g: g[key]["mean"])
-    if len(ranked) < 2:
-        return None
-    best, runner_up = ranked[:2]
-    intervals = [g.get("target_interval") for g in (best, runner_up)]
-    best_high = intervals[0][key][1] if intervals[0] else best[key]["mean"]
     bounds = [(g, g["censored_bound"][key]) for g in censored if g.get("censored_bound")]
+    if len(ranked) + len(bounds) < 2 or not ranked:
+        return None
+    best, runner_up = ranked[0], ranked[1] if len(ranked) > 1 else None
+    intervals = [g.get("target_interval") for g in (best, runner_up) if g]
+    best_high = intervals[0][key][1] if intervals[0] else best[key]["mean"]
     not_ruled_out = [g for g, bound in bounds if best_high is None or bound is None or bound < best_high]
-    separated = all(intervals) and best_high is not None and best_high < intervals[1][key][0]
+    separated = all(intervals) and best_high is not None and (runner_up is None or best_high < intervals[1][key][0])
     return {"best": best, "runner_up": runner_up, "separated": separated, "not_ruled_out": not_ruled_out,
             "resolved": separated and not not_ruled_out if all(intervals) else None}
 

@@ -23,26 +23,37 @@ def censored_text(group: dict, key: str, fmt: str, unit: str) -> str:
 
 def winner_sentence(groups: list[dict], key: str, what: str, fmt: str, unit: str, censored: list[dict] = ()) -> str:
     """Which batch took `what` (the least mean `key`), said only when its interval lies below the runner-up's and no
-    batch with runs that did not reach the target (censored) could still be below it."""
+    batch with runs that did not reach the target (censored) could still be below it.
+
+    Args:
+      groups: the batch sizes whose every run reached the target (one is enough when others are censored).
+      censored: the batch sizes with runs that did not reach it.
+    """
     result = bootstrap.winner(groups, key, censored)
     best, runner_up = result["best"], result["runner_up"]
-    best_text, runner_up_text = (measured_text(g, key, fmt, unit) for g in (best, runner_up))
+    best_text = measured_text(best, key, fmt, unit)
+    leader = (f"batch {best['batch']} leads the batch sizes that reached the target in every run" if runner_up else
+              f"batch {best['batch']} is the only batch size that reached the target in every run")
     open_ = "; ".join(censored_text(g, key, fmt, unit) for g in result["not_ruled_out"])
+    bounded = (", and below the bounds of the batch sizes whose runs did not all reach the target"
+               if any(g.get("censored_bound") for g in censored) else "")
     if result["resolved"]:
-        return (f"batch {best['batch']} took {what} ({best_text}); its {bootstrap.LEVEL:.0%} interval lies below that "
-                f"of the runner-up, batch {runner_up['batch']} ({runner_up_text})"
-                + (", and below the bounds of the batch sizes whose runs did not all reach the target."
-                   if any(g.get("censored_bound") for g in censored) else "."))
+        than = (f"that of the runner-up, batch {runner_up['batch']} ({measured_text(runner_up, key, fmt, unit)})"
+                if runner_up else "the bounds of the batch sizes whose runs did not all reach the target")
+        return (f"batch {best['batch']} took {what} ({best_text}); its {bootstrap.LEVEL:.0%} interval lies below "
+                f"{than}{bounded if runner_up else ''}.")
     if result["separated"] and open_:
-        return (f"which batch took {what} is not resolved: batch {best['batch']} leads the batch sizes that reached "
-                f"the target in every run ({best_text}), but runs that did not reach it leave open {open_}.")
+        return (f"which batch took {what} is not resolved: {leader} ({best_text}), but runs that did not reach it "
+                f"leave open {open_}.")
     if result["resolved"] is False:
         return (f"which batch took {what} is not resolved: batch {best['batch']} and {runner_up['batch']} are not "
-                f"distinguishable ({best_text} and {runner_up_text}: their {bootstrap.LEVEL:.0%} intervals overlap)"
+                f"distinguishable ({best_text} and {measured_text(runner_up, key, fmt, unit)}: their "
+                f"{bootstrap.LEVEL:.0%} intervals overlap)"
                 + (f"; runs that did not reach the target also leave open {open_}." if open_ else "."))
-    return (f"which batch took {what} is not determined: batch {best['batch']} measured {best_text} and the "
-            f"runner-up, batch {runner_up['batch']}, {runner_up_text}, with no interval (the runs hold no record of "
-            "which validation examples each target check got right).")
+    others = (f"the runner-up, batch {runner_up['batch']}, {measured_text(runner_up, key, fmt, unit)}" if runner_up
+              else "the batch sizes whose runs did not all reach the target only bounds")
+    return (f"which batch took {what} is not determined: batch {best['batch']} measured {best_text} and {others}, "
+            "with no interval (the runs hold no record of which validation examples each target check got right).")
 
 
 def fit_interval_text(report, fit) -> str:

@@ -81,12 +81,14 @@ def power_law_answer(fit: dict | None, quantity: str, expected: float, because: 
 def _target(report, norm, mine, prefix):
     target, out = report["target_accuracy"], []
     reached = [g for g in mine if g["time_to_target_s"]["mean"] is not None and g["reached"] == g["completed"]]
-    if len(reached) >= 2:
-        out.append(f"{prefix}{len(reached)} batch sizes reached {target:.0%} validation accuracy in every run.")
+    censored = [g for g in mine if g.get("censored_bound")]
+    if len(reached) >= 2 or (reached and censored):
+        out.append(f"{prefix}{len(reached)} batch size{'s' if len(reached) > 1 else ''} reached {target:.0%} "
+                   "validation accuracy in every run"
+                   + (f"; {len(censored)} had runs that did not (below)." if censored else "."))
         for key, what, fmt, unit in (("time_to_target_s", "the least time", "{:.1f}", " s of training"),
                                      ("steps_to_target", "the fewest steps", "{:.0f}", " steps")):
-            out.append(prefix + claims.winner_sentence(reached, key, what, fmt, unit,
-                                                       [g for g in mine if g.get("censored_bound")]))
+            out.append(prefix + claims.winner_sentence(reached, key, what, fmt, unit, censored))
         if not report.get("run_to_run_known"):
             out.append(f"{prefix}run-to-run spread is unknown: one seed per batch size, so the intervals hold only "
                        "the validation set's sampling noise (rerun the sweep with --seeds 2 or more to measure it).")

@@ -70,14 +70,14 @@ def check(advice: dict, groups: list[dict]) -> dict | None:
     # As the findings do: among the batches whose every run reached the target, the others bounding it from below.
     reached = [g for g in members if g["time_to_target_s"]["mean"] is not None and g["reached"] == g["completed"]]
     censored = [g for g in members if g.get("censored_bound")]
-    race = bootstrap.winner(reached, "time_to_target_s", censored) if len(reached) > 1 else None
+    race = bootstrap.winner(reached, "time_to_target_s", censored) if reached else None
     recommended = next((r for r in rows if r["batch"] == advice["batch"]), None)
     result = {"norm": norm, "recommended_batch": advice["batch"], "recommended_lr": advice["lr"],
               "noise_scale": phi, "noise_scale_lo": advice["noise"]["noise_scale_lo"],
               "noise_scale_hi": advice["noise"]["noise_scale_hi"], "s_min": s_min, "rows": rows,
               "fastest_batch": fastest["batch"] if fastest else None,
               "fastest_resolved": race["resolved"] if race else None,
-              "runner_up_batch": race["runner_up"]["batch"] if race else None,
+              "runner_up_batch": race["runner_up"]["batch"] if race and race["runner_up"] else None,
               "fastest_not_ruled_out": [g["batch"] for g in race["not_ruled_out"]] if race else [],
               "predicted_fastest": min(rows, key=lambda r: r["predicted_time_s"])["batch"],
               "recommended_vs_fastest": None}
@@ -151,7 +151,9 @@ def markdown(result: dict) -> str:
     resolved = result.get("fastest_resolved")
     if resolved:
         measured = (f"{result['fastest_batch']} (its interval lies below the runner-up's, batch "
-                    f"{result['runner_up_batch']})")
+                    f"{result['runner_up_batch']})" if result["runner_up_batch"] is not None else
+                    f"{result['fastest_batch']} (its interval lies below the bounds of the runs that did not reach "
+                    "the target)")
     elif resolved is False and result.get("fastest_not_ruled_out"):
         measured = (f"not resolved: batch {result['fastest_batch']} leads, but the runs of batch "
                     f"{', '.join(map(str, result['fastest_not_ruled_out']))} that did not reach the target bound their "
