@@ -15,7 +15,8 @@ nondeterministic ops), and checks the acceptance rules of the report's uncertain
      16"); undetermined ones say "not resolved", "Not enough data", "Not clearly", "not determined", "within noise",
      "Mixed", or leave the finding out; sentences that state measurements (how many batches reached the target, a
      batch that did not, the S(B) fit with its errors, what a fit leaves out) are information, not verdicts;
-  2. each rerun's fitted B_crit lies inside every other rerun's bootstrap interval.
+  2. each rerun's fitted B_crit lies inside every other rerun's bootstrap interval (None, not False, when no rerun
+     has a B_crit and another an interval to hold it).
 A noisy study (a small validation split, a target near the plateau: --val-fraction 0.03 --target-accuracy 0.99) shows
 whether the report says which differences it cannot resolve instead of naming a winner.
 --resume continues the reruns in --out; a rerun directory whose runs are all finished (at least batches x seeds run
@@ -145,7 +146,8 @@ def compare(reports: list[dict]) -> dict:
                                "inside": holds})
     return {"findings": findings, "b_crit": crits, "b_crit_inside": inside,
             "all_verdicts_consistent": all(f["consistent"] for f in findings.values()),
-            "all_b_crit_inside": bool(inside) and all(x["inside"] for x in inside)}
+            # None: no rerun has both a fitted B_crit and another rerun's interval to hold it (not determined).
+            "all_b_crit_inside": all(x["inside"] for x in inside) if inside else None}
 
 
 def finished(sweep_dir: str, expected: int) -> bool:

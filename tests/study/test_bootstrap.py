@@ -198,6 +198,7 @@ def test_rerun_verdicts_pair_findings_by_topic_and_ignore_undetermined(censored_
     assert agreeing["findings"]["target: the fewest steps"]["consistent"]
     assert agreeing["findings"]["target: batch 128 did not reach the target"]["information"]
     assert agreeing["all_verdicts_consistent"]
+    assert agreeing["all_b_crit_inside"] is None  # two batch sizes reached the target: no B_crit to compare
     disagreeing = bench.compare([long, swapped])
     assert disagreeing["findings"]["target: the least time"] == {"heads": ["batch 64", "batch 32"],
                                                                  "consistent": False, "decided": 2,
