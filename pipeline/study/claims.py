@@ -1,6 +1,7 @@
-"""Sentences that state a measured difference or fit only as far as its bootstrap intervals (pipeline/study/bootstrap.py)
-support it: a winner only where its interval lies below the runner-up's, and what the intervals hold (the validation
-set's sampling noise, and the run-to-run spread when there are several seeds)."""
+"""Sentences that state a measured difference or fit only as far as its uncertainty supports it: a winner only where its
+bootstrap interval (pipeline/study/bootstrap.py) lies below the runner-up's and above no censored batch's bound (runs
+that never reached the target), and what each interval or standard error holds (the validation set's sampling noise,
+the run-to-run spread over seeds, or the residuals, with "run-to-run spread unknown" for one seed)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,20 @@ def censored_sentences(groups: list[dict], prefix: str) -> list[str]:
                       for g, bound in zip(left_out, bounds))
     return [f"{prefix}the slope, the onset and the S(B) fit of steps to target leave out the batch sizes whose runs "
             f"did not all reach the target (censored: their steps are known only from below; {which})."]
+
+
+def error_source(fit: dict) -> str:
+    """Which spread a power law's standard error holds (fits.fit_power_law: the larger of the seeds' and the
+    residuals'), or that the run-to-run spread is unknown."""
+    if fit.get("replicate_se") is None:
+        return "residual standard error; run-to-run spread unknown with one seed"
+    if fit["replicate_se"] >= fit["residual_se"]:
+        return f"standard error from the seeds' spread, {fit['replicate_dof']} degrees of freedom"
+    return "residual standard error, larger than the seeds' spread"
+
+
+def binomial_note(*stats) -> str:
+    """Where fits.difference_noise fell back on the test set's binomial error: one seed, run-to-run spread unknown."""
+    if all(s["std"] is not None for s in stats):
+        return ""
+    return "; binomial over the test examples, one seed: run-to-run spread unknown"

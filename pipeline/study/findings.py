@@ -48,19 +48,9 @@ def slope_text(fit: dict) -> str:
     """'B^-0.46 ± 0.03 (5 batch sizes; ...)' with what the standard error holds (fits.fit_power_law), or the slope
     with 'not determined' for fewer than 3 points."""
     if fit["determined"]:
-        return f"B^{fit['slope']:.2f} ± {fit['slope_se']:.2f} ({fit['points']} batch sizes; {error_source(fit)})"
+        return f"B^{fit['slope']:.2f} ± {fit['slope_se']:.2f} ({fit['points']} batch sizes; {claims.error_source(fit)})"
     return (f"B^{fit['slope']:.2f} from {fit['points']} batch sizes (not determined: a slope's error needs "
             f"{fits_lib.MIN_FIT_POINTS})")
-
-
-def error_source(fit: dict) -> str:
-    """Which spread a power law's standard error holds (fits.fit_power_law: the larger of the seeds' and the
-    residuals'), or that the run-to-run spread is unknown."""
-    if fit.get("replicate_se") is None:
-        return "residual standard error; run-to-run spread unknown with one seed"
-    if fit["replicate_se"] >= fit["residual_se"]:
-        return f"standard error from the seeds' spread, {fit['replicate_dof']} degrees of freedom"
-    return "residual standard error, larger than the seeds' spread"
 
 
 def power_law_answer(fit: dict | None, quantity: str, expected: float, because: str) -> str:
@@ -184,13 +174,6 @@ def _noise_scale(fit, prefix):
             "(McCandlish et al. 2018 find B_crit close to B_simple at the target)."]
 
 
-def _binomial_note(*stats) -> str:
-    """Where fits.difference_noise fell back on the test set's binomial error: a single seed, spread unknown."""
-    if all(s["std"] is not None for s in stats):
-        return ""
-    return "; binomial over the test examples, one seed: run-to-run spread unknown"
-
-
 def _accuracy(report, mine, prefix):
     best = max((g for g in mine if g["test_accuracy"]["mean"] is not None),
                key=lambda g: g["test_accuracy"]["mean"], default=None)
@@ -201,7 +184,7 @@ def _accuracy(report, mine, prefix):
     gap = best["test_accuracy"]["mean"] - worst["test_accuracy"]["mean"]
     verdict = ("" if noise is None else f"; best minus worst {gap:.4f} against a standard error of the difference of "
                f"{noise:.4f} ({'more' if gap > fits_lib.Z * noise else 'not more'} than {fits_lib.Z:.0f} of them"
-               f"{_binomial_note(best['test_accuracy'], worst['test_accuracy'])})")
+               f"{claims.binomial_note(best['test_accuracy'], worst['test_accuracy'])})")
     gaps = [g for g in mine if g["generalization_gap"]["mean"] is not None]
     widest = max(gaps, key=lambda g: g["generalization_gap"]["mean"])
     return [f"{prefix}the best test accuracy was {best['test_accuracy']['mean']:.4f} at batch {best['batch']} and the "
@@ -247,7 +230,7 @@ def _bn_vs_gn(report):
                "No: BatchNorm was ahead of" if gap < -fits_lib.Z * noise else "No: BatchNorm was within noise of")
     return [f"{verdict} GroupNorm at the smallest batch ({b}): test accuracy {bn['mean']:.4f} vs {gn['mean']:.4f} "
             f"(standard error of the difference {noise:.4f}; a verdict needs {fits_lib.Z:.0f} of them"
-            f"{_binomial_note(bn, gn)})."]
+            f"{claims.binomial_note(bn, gn)})."]
 
 
 def _stat_text(stat: dict, fmt: str = "{:.3g}") -> str:
@@ -277,7 +260,7 @@ def _per_device_bn(report, norm, mine, prefix):
                 f"slope against the BN batch needs {fits_lib.MIN_FIT_POINTS} points, this sweep has "
                 f"{fit['points'] if fit else len(measured)}."]
     text = (f"BatchNorm's batch-vs-population variance discrepancy went as (BN batch)^{fit['slope']:.2f} ± "
-            f"{fit['slope_se']:.2f} ({fit['points']} points, {error_source(fit)}: {values})")
+            f"{fit['slope_se']:.2f} ({fit['points']} points, {claims.error_source(fit)}: {values})")
     if fits_lib.agrees(fit, -0.5):
         verdict = (f"Yes: {text}; it grew as the batch per device shrank, within {fits_lib.Z:.0f} standard errors of "
                    "the sampling-noise prediction (BN batch)^-0.50.")
@@ -306,7 +289,7 @@ def _per_device_accuracy(report, mine, prefix):
         verdict = (" (no noise estimate)" if noise is None else
                    f"; the difference {gap:+.4f} is {'more' if abs(gap) > fits_lib.Z * noise else 'not more'} than "
                    f"{fits_lib.Z:.0f} standard errors of the difference (standard error {noise:.4f}"
-                   f"{_binomial_note(few['test_accuracy'], many['test_accuracy'])})")
+                   f"{claims.binomial_note(few['test_accuracy'], many['test_accuracy'])})")
         out.append(f"{prefix}at global batch {batch}, test accuracy was {_stat_text(few['test_accuracy'], '{:.4f}')} "
                    f"on {few['replicas']} replica(s) ({few['per_replica_batch']} examples per device) and "
                    f"{_stat_text(many['test_accuracy'], '{:.4f}')} on {many['replicas']} ({many['per_replica_batch']} "
