@@ -210,7 +210,8 @@ def fits_markdown(report: dict) -> str:
                          + f" ({slope['points']} points{'' if slope['determined'] else ', not determined'})")
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nStandard errors of the least-squares fits (pipeline/study/fits.py); a fit with fewer " \
-        "than 3 points has none and is marked not determined. [low, high]: the S(B) fit refitted to every bootstrap " \
+        "than 3 points has none and is marked not determined. A slope's is the larger of the residuals' and the " \
+        "seeds' spread (the residuals' alone with one seed: run-to-run spread unknown). [low, high]: the S(B) fit refitted to every bootstrap " \
         f"draw of the steps to target ({bootstrap.LEVEL:.0%} percentile interval; it holds the validation noise and, " \
         "with several seeds, the run-to-run spread; pipeline/study/bootstrap.py)."
 
