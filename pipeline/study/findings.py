@@ -138,7 +138,8 @@ def _steps(report, norm, fit, prefix):
     else:
         out.append(f"{prefix}the fit S(B) = S_min (1 + B_crit / B) over {s_fit['points']} batch sizes gives S_min = "
                    f"{plus_minus(s_fit['s_min'], s_fit['s_min_se'])} steps and B_crit = "
-                   f"{plus_minus(s_fit['b_crit'], s_fit['b_crit_se'])} (standard errors)"
+                   f"{plus_minus(s_fit['b_crit'], s_fit['b_crit_se'])} (least-squares standard errors, from the "
+                   "residuals about the fit)"
                    + claims.fit_interval_text(report, fit))
     return out + claims.censored_sentences([g for g in report["groups"] if g["norm"] == norm], prefix)
 
