@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reruns", type=int, default=3)
     parser.add_argument("--same-seeds", action="store_true", help="every rerun on seeds 0..S-1")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the reruns in --out (finished runs are skipped, as the sweep does)")
+                        help="continue the reruns in --out (finished runs are skipped, as the sweep does; a rerun "
+                             "whose runs are all finished only gets its report rebuilt)")
     parser.add_argument("--batch", default=None, help="batch sizes, comma-separated (default: the sweep's)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per batch (default: the sweep's)")
     parser.add_argument("--epochs", type=int, default=None)
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
     batches = tuple(int(b) for b in args.batch.split(",")) if args.batch else sweep.DEFAULT_BATCHES
     seeds = args.seeds or sweep.DEFAULT_SEEDS
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:
-        parser.error(f"--out: {args.out} is not empty; give a new directory (the benchmark starts from scratch)")
+        parser.error(f"--out: {args.out} is not empty; give a new directory, or --resume to continue it (a "
+                     "finished rerun only gets its report rebuilt)")
     reports, rounds = [], []
     for rerun in range(args.reruns):
         first = 0 if args.same_seeds else rerun * seeds
