@@ -185,9 +185,8 @@ def winner(groups: list[dict], key: str, censored: list[dict] = ()) -> dict | No
     Returns:
       None without a group, or with fewer than two groups and censored groups together; else {"best",
       "runner_up" (groups; runner_up None when the best is the only one that reached), "separated": the best's
-      interval lies
-      below the runner-up's, "not_ruled_out" (censored groups), "resolved": separated and nothing censored left
-      open; None when either has no interval}.
+      interval lies below the runner-up's, "not_ruled_out" (censored groups), "resolved": separated and nothing
+      censored left open; None when either has no interval}.
     """
     ranked = sorted(groups, key=lambda g: g[key]["mean"])
     bounds = [(g, g["censored_bound"][key]) for g in censored if g.get("censored_bound")]

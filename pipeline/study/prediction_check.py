@@ -65,12 +65,12 @@ def check(advice: dict, groups: list[dict]) -> dict | None:
                      "time_off": predicted_time / seconds if seconds else None,
                      "measured_time_interval": interval.get("time_to_target_s"),
                      "time_inside": inside(predicted_time, interval.get("time_to_target_s"))})
-    timed = [r for r in rows if r["measured_time_s"]]
-    fastest = min(timed, key=lambda r: r["measured_time_s"]) if timed else None
     # As the findings do: among the batches whose every run reached the target, the others bounding it from below.
     reached = [g for g in members if g["time_to_target_s"]["mean"] is not None and g["reached"] == g["completed"]]
     censored = [g for g in members if g.get("censored_bound")]
     race = bootstrap.winner(reached, "time_to_target_s", censored) if reached else None
+    timed = [r for r in rows if r["measured_time_s"] and (not race or r["batch"] == race["best"]["batch"])]
+    fastest = min(timed, key=lambda r: r["measured_time_s"]) if timed else None
     recommended = next((r for r in rows if r["batch"] == advice["batch"]), None)
     result = {"norm": norm, "recommended_batch": advice["batch"], "recommended_lr": advice["lr"],
               "noise_scale": phi, "noise_scale_lo": advice["noise"]["noise_scale_lo"],
