@@ -78,6 +78,7 @@ def check(advice: dict, groups: list[dict]) -> dict | None:
               "fastest_batch": fastest["batch"] if fastest else None,
               "fastest_resolved": race["resolved"] if race else None,
               "runner_up_batch": race["runner_up"]["batch"] if race and race["runner_up"] else None,
+              "fastest_separated": race["separated"] if race else None,
               "fastest_not_ruled_out": [g["batch"] for g in race["not_ruled_out"]] if race else [],
               "predicted_fastest": min(rows, key=lambda r: r["predicted_time_s"])["batch"],
               "recommended_vs_fastest": None}
@@ -154,13 +155,15 @@ def markdown(result: dict) -> str:
                     f"{result['runner_up_batch']})" if result["runner_up_batch"] is not None else
                     f"{result['fastest_batch']} (its interval lies below the bounds of the runs that did not reach "
                     "the target)")
-    elif resolved is False and result.get("fastest_not_ruled_out"):
-        measured = (f"not resolved: batch {result['fastest_batch']} leads, but the runs of batch "
-                    f"{', '.join(map(str, result['fastest_not_ruled_out']))} that did not reach the target bound their "
-                    "time only from below, below its upper end")
     elif resolved is False:
-        measured = (f"not resolved: batch {result['fastest_batch']} and {result['runner_up_batch']} are not "
-                    "distinguishable (their intervals overlap)")
+        reasons = [] if result.get("fastest_separated") else [
+            f"batch {result['fastest_batch']} and {result['runner_up_batch']} are not distinguishable (their intervals "
+            "overlap)"]
+        if result.get("fastest_not_ruled_out"):
+            reasons.append(f"the runs of batch {', '.join(map(str, result['fastest_not_ruled_out']))} that did not "
+                           f"reach the target bound their time only from below, under batch {result['fastest_batch']}'s "
+                           "upper end")
+        measured = "not resolved: " + "; ".join(reasons)
     elif result.get("runner_up_batch") is not None:
         measured = (f"not determined: batch {result['fastest_batch']} had the least mean time, with no interval to "
                     f"separate it from batch {result['runner_up_batch']}")

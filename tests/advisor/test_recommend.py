@@ -208,6 +208,15 @@ def test_sweep_report_puts_the_prediction_beside_the_measurements(tmp_path):
     assert rows[32]["measured_step_ms_interval"] == pytest.approx([22.8 - 2 / math.sqrt(3), 22.8 + 2 / math.sqrt(3)])
     assert rows[32]["step_ms_inside"] is True and rows[64]["step_ms_inside"] is False
     assert rows[128]["measured_step_ms_interval"] is None and rows[128]["step_ms_inside"] is None
+    # A batch with a run that never reached the target, censored at 1 s: it could be the fastest, and is named.
+    censored = [g | {"reached": g["completed"] - 1, "censored_bound": {"steps_to_target": 10.0,
+                                                                       "time_to_target_s": 1.0}}
+                if g["batch"] == 128 else g for g in report["groups"]]
+    result = prediction_check.check(advice, censored)
+    assert result["fastest_batch"] == 32 and result["fastest_not_ruled_out"] == [128]
+    assert ("measured fastest: not resolved: batch 32 and 64 are not distinguishable (their intervals overlap); the "
+            "runs of batch 128 that did not reach the target bound their time only from below, under batch 32's upper "
+            "end.") in prediction_check.markdown(result)
 
 
 def run_module(module, *args):
