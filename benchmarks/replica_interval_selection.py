@@ -5,7 +5,8 @@ Usage: python benchmarks/replica_interval_selection.py [--records 300]
 A simulation of late training on 2 replicas x 16 examples: per-example gradients of a population of 1293 (as the
 digits' training split) with B_simple in the thousands, each record the mean of 10 steps' two-batch estimates
 (noise_estimates.step_means, as callbacks/replica_gradient_stats.py records them), for Gaussian gradients, for
-heavy-tailed ones (3% of the examples carry most of the variance), and with the scatter taken over 40 steps. It counts
+heavy-tailed ones (3% of the examples carry most of the variance), and with the scatter taken over 40 steps; and the
+same with a 4x larger mean gradient (B_simple 100-175, where about half the records resolve |G|^2). It counts
 the records whose B_simple is determined (a finite Fieller interval) and how many of those hold the truth, and the
 records with only a Bonferroni lower bound and how many of those hold. Writes
 benchmarks/results/replica_interval_selection.json (benchmarks/results.py).
@@ -38,8 +39,8 @@ def population(heavy: bool, signal: float = 0.03, seed: int = 0):
     return gradients, float(np.sum(np.var(gradients, axis=0, ddof=1))), float(mean @ mean)
 
 
-def simulate(heavy: bool, steps: int, scatter_steps: int, records: int, seed: int = 1) -> dict:
-    gradients, trace, norm_sq = population(heavy)
+def simulate(heavy: bool, steps: int, scatter_steps: int, records: int, signal: float = 0.03, seed: int = 1) -> dict:
+    gradients, trace, norm_sq = population(heavy, signal)
     truth = trace / norm_sq
     rng = np.random.default_rng(seed)
     counts = {"determined": 0, "determined_held": 0, "bounded": 0, "bound_held": 0, "missed_below": 0}
@@ -60,8 +61,8 @@ def simulate(heavy: bool, steps: int, scatter_steps: int, records: int, seed: in
         elif not math.isnan(record["noise_scale_lo"]):
             counts["bounded"] += 1
             counts["bound_held"] += record["noise_scale_lo"] <= truth
-    return {"heavy_tailed": heavy, "steps": steps, "scatter_steps": scatter_steps, "truth_noise_scale": truth,
-            **counts}
+    return {"heavy_tailed": heavy, "steps": steps, "scatter_steps": scatter_steps, "signal": signal,
+            "truth_noise_scale": truth, **counts}
 
 
 def main(argv=None) -> int:
@@ -73,9 +74,12 @@ def main(argv=None) -> int:
     from benchmarks import results
 
     recorder = results.Recorder("replica_interval_selection")
-    rounds = [simulate(heavy, 10, scatter, args.records) for heavy, scatter in ((False, 10), (True, 10), (True, 40))]
+    # Late training (|G|^2 resolved in a few percent of the records), then a larger signal (in about half of them).
+    cases = [(False, 10, 0.03), (True, 10, 0.03), (True, 40, 0.03), (False, 10, 0.12), (True, 10, 0.12),
+             (True, 40, 0.12)]
+    rounds = [simulate(heavy, 10, scatter, args.records, signal) for heavy, scatter, signal in cases]
     for r in rounds:
-        print(f"heavy-tailed {r['heavy_tailed']!s:5s} scatter over {r['scatter_steps']:2d} steps, truth "
+        print(f"signal {r['signal']:.2f} heavy-tailed {r['heavy_tailed']!s:5s} scatter over {r['scatter_steps']:2d} steps, truth "
               f"B_simple {r['truth_noise_scale']:.0f}: determined {r['determined']}, held {r['determined_held']} "
               f"({r['missed_below']} missed below); bounded {r['bounded']}, held {r['bound_held']}")
     recorder.write(rounds=rounds, summary={
