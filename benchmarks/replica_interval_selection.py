@@ -79,13 +79,12 @@ def main(argv=None) -> int:
              (True, 40, 0.12)]
     rounds = [simulate(heavy, 10, scatter, args.records, signal) for heavy, scatter, signal in cases]
     for r in rounds:
-        print(f"signal {r['signal']:.2f} heavy-tailed {r['heavy_tailed']!s:5s} scatter over {r['scatter_steps']:2d} steps, truth "
-              f"B_simple {r['truth_noise_scale']:.0f}: determined {r['determined']}, held {r['determined_held']} "
-              f"({r['missed_below']} missed below); bounded {r['bounded']}, held {r['bound_held']}")
-    recorder.write(rounds=rounds, summary={
-        "determined": sum(r["determined"] for r in rounds), "determined_held": sum(r["determined_held"] for r in rounds),
-        "bounded": sum(r["bounded"] for r in rounds), "bound_held": sum(r["bound_held"] for r in rounds)},
-        settings=vars(args))
+        print(f"signal {r['signal']:.2f} heavy-tailed {r['heavy_tailed']!s:5s} scatter over {r['scatter_steps']:2d} "
+              f"steps, truth B_simple {r['truth_noise_scale']:.0f}: determined {r['determined']}, held "
+              f"{r['determined_held']} ({r['missed_below']} missed below); bounded {r['bounded']}, held "
+              f"{r['bound_held']}")
+    totals = {key: sum(r[key] for r in rounds) for key in ("determined", "determined_held", "bounded", "bound_held")}
+    recorder.write(rounds=rounds, summary=totals, settings=vars(args))
     return 0
 
 

@@ -25,7 +25,8 @@ FLAGS = ("grad/noise_scale_is_lower_bound", "grad/noise_scale_smoothed_is_lower_
 EPOCH_KEYS = tuple(f"grad/{key}{suffix}" for suffix in SUFFIXES for key in KEYS) + FLAGS + ("grad/step",)
 _POOLED = {f"{key}{suffix}" for key in KEYS for suffix in ("", "_lo", "_hi")} | {"noise_scale_is_lower_bound"}
 # Quantities >= 0 whose intervals noise_estimates clips at 0: a lower end of 0 is the trivial bound, not a value.
-_CLIPPED = tuple(f"grad/{key}{suffix}_lo" for key in ("norm_sq", "trace_cov", "batch_std") for suffix in ("", "_smoothed"))
+_CLIPPED = tuple(f"grad/{key}{suffix}_lo" for key in ("norm_sq", "trace_cov", "batch_std")
+                 for suffix in ("", "_smoothed"))
 TRIVIAL_END = "the interval reaches 0: no lower bound above the trivial one, 0"
 
 

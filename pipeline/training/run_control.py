@@ -95,8 +95,8 @@ class MetricsLogger(keras.callbacks.Callback):
     measuring) and `instrument_time_s`, the part of it that `instruments` (callbacks with a `seconds` total, see
     callbacks.timing) spent measuring; examples_per_sec leaves that part out. `instrument_phases_s` splits the
     measuring time of the process so far per instrument and phase ({"GradientStatistics": {"tracing": s,
-    "execution": s, "other": s}, ...}: one-time traces, the compiled measurements, and the rest). NaN values (an instrument's keys in
-    an epoch without a new measurement) are left out of the record.
+    "execution": s, "other": s}, ...}: one-time traces, the compiled measurements, and the rest). NaN values (an
+    instrument's keys in an epoch without a new measurement) are left out of the record.
 
     Args:
         run_dir: the run directory.
