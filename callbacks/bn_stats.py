@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from callbacks import bn_tables
 from callbacks import schedule as schedule_lib
+from callbacks import timing
 from callbacks.bn_tables import ERRORS, QUANTITIES, resolved
 from callbacks.checked_io import check_positive_int, write_atomic
 from callbacks.events import EventWriter
@@ -134,7 +135,6 @@ class BatchNormStatistics(keras.callbacks.Callback):
                            self.model.name)
             return
         if self._compiled_for is not self.model:  # one trace per model, not per fit()
-            self._measure_function = self._compile(side_model(self.model, [tensor for _, tensor in pairs]))
             self._compiled_for = self.model
             # Where each layer's channels start in the concatenated moving statistics, and how many there are.
             self._channels = np.array([int(layer.moving_mean.shape[0]) for layer in self._layers])
@@ -143,6 +143,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
                 self._batches = iter(self.dataset.repeat())
             sample = take_inputs(self.population, self.population_samples)
             self._sample = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *sample)
+            self._measure_function = self._compile(side_model(self.model, [tensor for _, tensor in pairs]))
             if self._previous is None:  # else restored by set_state
                 self._previous = self._moving()
             self.history = {layer.name: self.history.get(layer.name, []) for layer in self._layers}
@@ -192,16 +193,23 @@ class BatchNormStatistics(keras.callbacks.Callback):
 
     def _compile(self, side: keras.Model):
         layers = self._layers
+        specs = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), self._sample)
 
-        @tf.function(reduce_retracing=True)
-        def measure(x, sample):
-            """Per layer [batch mean/var error, moving mean/var error, moving mean avg/min/max, moving variance
-            avg/min/max], and every layer's moving mean and variance, concatenated (one call: few ops, one transfer)."""
+        @tf.function(input_signature=[specs], autograph=False)
+        def inputs(x):
+            """The BN layers' inputs in training mode, traced once for any number of examples and called twice
+            below (the batch and the population sample), so that the model is traced once, not twice."""
             trainable = [v.value for v in side.trainable_variables]
             non_trainable = [v.value for v in side.non_trainable_variables]
             # The updated moving statistics that a training call would assign are returned and dropped.
-            outputs, _ = side.stateless_call(trainable, non_trainable, x, training=True)
-            population, _ = side.stateless_call(trainable, non_trainable, sample, training=True)
+            return side.stateless_call(trainable, non_trainable, x, training=True)[0]
+
+        # No autograph: the loop over layers is Python, unrolled once at tracing (autograph spent seconds on it).
+        @tf.function(autograph=False)
+        def measure(x, sample):
+            """Per layer [batch mean/var error, moving mean/var error, moving mean avg/min/max, moving variance
+            avg/min/max], and every layer's moving mean and variance, concatenated (one call: few ops, one transfer)."""
+            outputs, population = inputs(x), inputs(sample)
             rows, means, variances = [], [], []
             for output, whole, layer in zip(tf.nest.flatten(outputs), tf.nest.flatten(population), layers):
                 batch_mean, batch_variance = group_moments(output, layer.axis,
@@ -252,7 +260,8 @@ class BatchNormStatistics(keras.callbacks.Callback):
         step = self._steps.step
         element = next(iter(self.dataset(step)) if callable(self.dataset) else self._batches)
         x = element[0] if isinstance(element, (tuple, list)) else element
-        values, mean, variance = (t.numpy() for t in self._measure_function(x, self._sample))
+        outputs = timing.call(self, self._measure_function, x, self._sample)
+        values, mean, variance = (t.numpy() for t in outputs)
         mean, variance = mean.astype(np.float64), variance.astype(np.float64)
         # Drift: RMS change per channel since the previous measurement, per layer.
         drifts = [np.sqrt(np.add.reduceat(np.square(now - before), self._starts) / self._channels)

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
+from callbacks import timing
 from callbacks.checked_io import check_positive_int, finite_or_none, write_atomic
 from callbacks.figures import display_image, figure_png
 from callbacks.steps import Steps
@@ -167,7 +168,9 @@ class LearningDynamics(keras.callbacks.Callback):
             # returns the copies concatenated; predict splits the batch.
             def predict(batch):
                 return self.model.predict(batch, batch_size=len(batch), verbose=0)
-        probabilities = np.concatenate([np.asarray(predict(batch)) for batch in batches])
+        # The first look traces Keras's predict function: filed as tracing (callbacks.timing), the others as execution.
+        with timing.phase(self, "execution" if self.look_steps else "tracing"):
+            probabilities = np.concatenate([np.asarray(predict(batch)) for batch in batches])
         if probabilities.ndim != 2 or len(probabilities) != len(self.y):
             shape = probabilities.shape
             raise ValueError(f"LearningDynamics: the model needs one output of shape (n, classes), got {shape}")

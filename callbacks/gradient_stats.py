@@ -34,7 +34,8 @@ Record (one JSON line of out_path per measurement, and `history`): "step", "epoc
 pilot's answer), "most_micro_batches" (the budget's), "population", "whole_split", "exact_norm_sq"; for each key
 in KEYS "grad/<key>" with "grad/<key>_lo", "grad/<key>_hi"; "grad/noise_scale_is_lower_bound" (True: |G|^2 is
 not distinguishable from zero, "grad/noise_scale" is null, "grad/noise_scale_lo" the lower bound X of B_simple > X
-when one is supported, and "grad/snr_hi" the upper bound B / X); "notes": {key: why its value is null};
+when one is supported, and "grad/snr_hi" the upper bound B / X); "notes": {key: why its value is null} (also for a lower end of |G|^2, tr(Sigma) or batch_std at the trivial 0, which
+is null);
 "grad/trace_cov_se", "grad/norm_sq_se", "grad/trace_norm_sq_corr" (for noise_estimates.pool); where the window pools more than one measurement,
 "grad/<key>_smoothed" with "_smoothed_lo", "_smoothed_hi", "grad/noise_scale_smoothed_is_lower_bound",
 "smoothed_first_step", "smoothed_measurements"; and, at every histogram_every-th measurement, "variables":
@@ -229,7 +230,7 @@ class GradientStatistics(NoiseRecords):
         if self._iterator is None and not callable(self.dataset):
             self._iterator = iter(self.dataset.repeat())
         if self._gradients is None or self._gradients.model is not self.model:
-            self._gradients = MicroBatchGradients(self.model, self.micro_batch_size)
+            self._gradients = MicroBatchGradients(self.model, self.micro_batch_size, timer=self)
         super().on_train_begin(logs)
 
     def on_train_batch_begin(self, batch, logs=None):

@@ -9,20 +9,30 @@ The statistics are computed on the flattened (M, parameters) gradient matrix, a 
 variable. A `tf.vectorized_map` version took ~10 s to trace for ResNet-20.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
+
+from callbacks import timing
 
 
 class MicroBatchGradients:
     """One compiled function: the micro-batch gradients' Gram matrix, per-variable moments, per-parameter values."""
 
-    def __init__(self, model, micro_batch_size):
-        self.model, self.b = model, micro_batch_size
+    def __init__(self, model, micro_batch_size, timer=None):
+        """Args:
+        model: The Keras model whose gradients are measured.
+        micro_batch_size: Examples b per micro-batch.
+        timer: The instrument whose time the calls are filed under (callbacks.timing phases), or None.
+        """
+        self.model, self.b, self.timer = model, micro_batch_size, timer
         self.paths = [v.path for v in model.trainable_variables]
         self.sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
         self._seed_states = [v.path.endswith("seed_generator_state") for v in model.non_trainable_variables]
-        self._function = tf.function(self._moments)
+        # No autograph: the loop over micro-batches is an explicit tf.map_fn, the rest straight-line code.
+        self._function = tf.function(self._moments, autograph=False)
         self._traced = None
 
     def __call__(self, data, seed_offset, population=None):
@@ -37,8 +47,11 @@ class MicroBatchGradients:
         m = int(tf.nest.flatten(data)[0].shape[0]) // self.b
         if self._traced is None:  # one trace for every M: the examples' dimension unknown
             specs = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), data)
-            self._traced = self._function.get_concrete_function(specs, tf.TensorSpec([], tf.int64))
-        gram, mean_sq, deviation_sq, mean, deviation = self._traced(data, tf.constant(seed_offset, tf.int64))
+            with timing.phase(self.timer, "tracing") if self.timer else contextlib.nullcontext():
+                self._traced = self._function.get_concrete_function(specs, tf.TensorSpec([], tf.int64))
+        arguments = (data, tf.constant(seed_offset, tf.int64))
+        outputs = timing.call(self.timer, self._traced, *arguments) if self.timer else self._traced(*arguments)
+        gram, mean_sq, deviation_sq, mean, deviation = outputs
         trace = self.b / (m - 1) * deviation_sq.numpy().astype(np.float64)
         norm_sq = mean_sq.numpy().astype(np.float64) - trace / (m * self.b)
         if population:

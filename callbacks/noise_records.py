@@ -24,6 +24,10 @@ SUFFIXES = ("", "_lo", "_hi", "_smoothed", "_smoothed_lo", "_smoothed_hi")
 FLAGS = ("grad/noise_scale_is_lower_bound", "grad/noise_scale_smoothed_is_lower_bound")
 EPOCH_KEYS = tuple(f"grad/{key}{suffix}" for suffix in SUFFIXES for key in KEYS) + FLAGS + ("grad/step",)
 _POOLED = {f"{key}{suffix}" for key in KEYS for suffix in ("", "_lo", "_hi")} | {"noise_scale_is_lower_bound"}
+# Quantities >= 0 whose intervals noise_estimates clips at 0: a lower end of 0 is the trivial bound, not a value.
+_CLIPPED = tuple(f"grad/{key}{suffix}_lo" for key in ("norm_sq", "trace_cov", "batch_std")
+                 for suffix in ("", "_smoothed"))
+TRIVIAL_END = "the interval reaches 0: no lower bound above the trivial one, 0"
 
 
 def _missing(value) -> bool:
@@ -129,6 +133,9 @@ class NoiseRecords(keras.callbacks.Callback):
         if smoothed["measurements"] > 1:  # a window of one measurement would repeat the raw keys
             record.update(prefixed({k: v for k, v in smoothed.items() if k in _POOLED}, "_smoothed"))
             record.update(smoothed_first_step=smoothed["first_step"], smoothed_measurements=smoothed["measurements"])
+        for key in _CLIPPED:  # null in the record with the reason, absent from the logs and TensorBoard
+            if key in record and not _missing(record[key]) and record[key] <= 0:
+                record[key], notes[key] = math.nan, TRIVIAL_END
         # Only determined values reach the logs: NaN (not determined) and infinite ends stay in the JSON record.
         self._latest = {k: v for k, v in record.items() if k in EPOCH_KEYS and not _missing(v)}
         self._latest["grad/step"] = step

@@ -15,8 +15,8 @@ from pipeline import config as config_lib
 from pipeline import train as train_lib
 
 # Keys that must never be logged as 0 or negative: a missing value is absent, with its reason in the record.
-POSITIVE = ("grad/noise_scale", "grad/snr", "grad/norm_sq", "bn/batch_mean_error", "bn/batch_var_error",
-            "bn/moving_mean_error", "bn/moving_var_error")
+POSITIVE = ("grad/noise_scale", "grad/snr", "grad/norm_sq", "grad/trace_cov", "grad/batch_std", "bn/batch_mean_error",
+            "bn/batch_var_error", "bn/moving_mean_error", "bn/moving_var_error")
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,8 @@ def default_run(tmp_path_factory):
 
 
 def _positive_keys(names):
-    """The keys of POSITIVE with their interval ends, but not |G|^2's lower end: 0 there is the trivial bound."""
-    return [n for n in names if n.startswith(POSITIVE) and not n.endswith(("_is_lower_bound", "_below"))
-            and not n.startswith("grad/norm_sq_lo")]
+    """The keys of POSITIVE with their interval ends: a lower end at the trivial 0 is absent too (null in JSON)."""
+    return [n for n in names if n.startswith(POSITIVE) and not n.endswith(("_is_lower_bound", "_below"))]
 
 
 @pytest.mark.slow
@@ -44,7 +43,7 @@ def test_no_logged_noise_scale_or_error_is_zero_or_negative(default_run):
     for r in records:
         for key in _positive_keys(r):
             assert r[key] is None or r[key] > 0, (r["step"], key, r[key])
-        for key in ("grad/noise_scale", "grad/norm_sq"):
+        for key in ("grad/noise_scale", "grad/norm_sq", "grad/norm_sq_lo", "grad/trace_cov_lo", "grad/batch_std_lo"):
             if r[key] is None:
                 assert r["notes"][key], (r["step"], key)
     with open(os.path.join(default_run, "metrics.csv")) as f:

@@ -93,8 +93,10 @@ class MetricsLogger(keras.callbacks.Callback):
     CSVLogger, which come after it in the callback list, record them too. On resume, the records of epochs that are
     run again are dropped first. Each record has the epoch's wall time `epoch_time_s` (training, validation,
     measuring) and `instrument_time_s`, the part of it that `instruments` (callbacks with a `seconds` total, see
-    callbacks.timing) spent measuring; examples_per_sec leaves that part out. NaN values (an instrument's keys in
-    an epoch without a new measurement) are left out of the record.
+    callbacks.timing) spent measuring; examples_per_sec leaves that part out. `instrument_phases_s` splits the
+    measuring time of the process so far per instrument and phase ({"GradientStatistics": {"tracing": s,
+    "execution": s, "other": s}, ...}: one-time traces, the compiled measurements, and the rest). NaN values (an
+    instrument's keys in an epoch without a new measurement) are left out of the record.
 
     Args:
         run_dir: the run directory.
@@ -132,6 +134,8 @@ class MetricsLogger(keras.callbacks.Callback):
         training = max(seconds - measuring, 1e-9)
         logs["examples_per_sec"] = batches * phase_batch(epoch, self.batch_phases) / training
         record = {"epoch": epoch, "step": step, "epoch_time_s": seconds, "instrument_time_s": measuring}
+        if self.instruments:  # what instrument_time_s is made of, so far in this process (callbacks.timing.phases)
+            record["instrument_phases_s"] = timing.phases(self.instruments)
         # An instrument's NaN (no new measurement this epoch) is left out; an unbounded interval end is null.
         values = {k: float(v) for k, v in logs.items() if _is_number(v)}
         record.update({k: v if math.isfinite(v) else None for k, v in values.items() if not math.isnan(v)})

@@ -54,6 +54,11 @@ def test_smoke_run_completes_and_writes_everything(smoke_run):
     # Measuring time is recorded per epoch and left out of throughput: examples / (epoch time - measuring).
     assert all(0 < l["instrument_time_s"] < l["epoch_time_s"] for l in lines)
     assert summary.instrument_time_s == pytest.approx(sum(l["instrument_time_s"] for l in lines))
+    # What it is made of, per instrument and phase so far (callbacks.timing), adds up to the epochs' measuring time.
+    phases = lines[-1]["instrument_phases_s"]
+    assert {"GradientStatistics", "BatchNormStatistics"} <= set(phases) and phases["GradientStatistics"]["tracing"] > 0
+    assert sum(sum(by_phase.values()) for by_phase in phases.values()) == pytest.approx(
+        sum(l["instrument_time_s"] for l in lines))
     for l in lines[1:]:
         steps = 1293 // 64
         assert l["examples_per_sec"] == pytest.approx(steps * 64 / (l["epoch_time_s"] - l["instrument_time_s"]))

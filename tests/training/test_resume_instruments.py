@@ -32,8 +32,8 @@ FLAGS = ["--model", "cnn", "--batch-schedule", "32@0,64@2", "--accumulate", str(
          "--seed", "3", "--deterministic", "--verbose", "2", "--precise-bn-samples", "128",
          "--grad-stats-every", str(EVERY), "--bn-stats-every", str(EVERY), "--target-accuracy", "0.96"]
 # Clock fields: the only ones allowed to differ from the uninterrupted run.
-CLOCK = {"epoch_time_s", "instrument_time_s", "examples_per_sec", "seconds_into_epoch", "wall_time_s", "train_time_s",
-         "time_per_step_s", "time_to_target_s"}
+CLOCK = {"epoch_time_s", "instrument_time_s", "instrument_phases_s", "examples_per_sec", "seconds_into_epoch",
+         "wall_time_s", "train_time_s", "time_per_step_s", "time_to_target_s"}
 FILES = ("grad_stats.jsonl", "bn_stats.json", "bn_stats.md", "dynamics/forgetting.json", "metrics.jsonl",
          "target.json", "summary.json")
 
