@@ -77,7 +77,8 @@ def groups(rows: list[dict]) -> list[dict]:
             by_key.setdefault((row["norm"], row["batch"], row.get("lr_scaling")), []).append(row)
     return [{"norm": norm, "batch": batch, "lr_scaling": scaling, **{k: _stats(r[k] for r in members)
                                                                      for k in GROUP_KEYS}}
-            for (norm, batch, scaling), members in sorted(by_key.items(), key=lambda item: str(item[0]))]
+            for (norm, batch, scaling), members in sorted(by_key.items(), key=lambda item: (item[0][0], item[0][1],
+                                                                                      str(item[0][2])))]
 
 
 def seed_slope(rows: list[dict], key: str, log: bool, x_key: str = "batch") -> dict | None:
