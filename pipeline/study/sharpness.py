@@ -49,7 +49,7 @@ def run_fields(run_dir: str, row: dict, config: dict, summary: dict) -> dict:
     records = [r for r in rundir.read_jsonl(os.path.join(run_dir, "curvature.jsonl")) if "step" in r]
     last = max(records, key=lambda r: r["step"]) if records else {}
     fields = {key: last.get(f"curvature/{key}") for key in KEYS}
-    fields["curvature_step"] = last.get("step")
+    fields["curvature_step"], fields["curvature_examples"] = last.get("step"), last.get("examples")
     fields["curvature_seconds"] = sum(r.get("curvature/seconds") or 0.0 for r in records) or None
     fields["lr_scaling"] = config.get("lr_scaling")
     fields["lr_over_batch"] = row["lr"] / row["batch"] if row.get("lr") else None
@@ -174,7 +174,9 @@ def _edge_answer(rows: list[dict]) -> str:
     top, peak, batch = max(ratios)
     highest_peak = max((p for _, p, _ in ratios if p is not None), default=None)
     against_peak = (f"; the final lambda_max against the peak lr's threshold 2(1+beta)/lr reaches "
-                    f"{highest_peak:.3g}" if highest_peak is not None else "")
+                    f"{highest_peak:.3g}" + (" (above 1: sharper than training at the peak lr could stay in, "
+                                             "reached after the lr decayed)" if highest_peak > 1 else "")
+                    if highest_peak is not None else "")
     verdict = "Yes" if top >= EDGE else "No"
     return (f"{verdict}: the highest measured lambda_max x lr / (2(1+beta)) is {top:.3g} (batch {batch}; 1 is the "
             f"edge, {EDGE} counts as reached){against_peak}. Cohen et al. 2021 find full-batch training at the edge; "
@@ -205,7 +207,7 @@ def pick_line_runs(rows: list[dict]) -> tuple[dict, dict] | None:
     return None
 
 
-def markdown(part: dict, line: dict | None) -> list[str]:
+def markdown(part: dict, line: dict | None, rows: list[dict]) -> list[str]:
     """The report's section on sharpness: the per-batch table, the answers and the line's setting."""
     if not part.get("measured"):
         return ["## Sharpness", "", "Not measured: run the sweep with --curvature-every -1 (one measurement at the "
@@ -217,8 +219,10 @@ def markdown(part: dict, line: dict | None) -> list[str]:
         cells = [_cell(g[k]) for k in ("lr_over_batch", "max_eigenvalue", "trace", "stability_ratio",
                                         "generalization_gap", "loss_gap")]
         lines.append(f"| {g['norm']} | {g['batch']} | " + " | ".join(cells) + " |")
-    lines += ["", "At the end of each run, on its first 512 un-augmented training examples with BN in inference mode "
-              "(callbacks.Curvature); the stability ratio uses the lr of the last step. " + DINH, ""]
+    examples = sorted({r["curvature_examples"] for r in rows if r.get("curvature_examples")})
+    lines += ["", f"At the end of each run, on the first {'/'.join(map(str, examples))} un-augmented training examples "
+              "(the same for every run) with BN in inference mode (callbacks.Curvature); the stability ratio uses the "
+              "lr of the last step; test - train loss is positive when the test set does worse. " + DINH, ""]
     for key, question in QUESTIONS.items():
         lines += [f"**{question}**", "", *[f"- {s}" for s in part["answers"][key]], ""]
     if line:

@@ -252,7 +252,8 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
     failed = [r for r in report["runs"] if r["status"] != "completed"]
     if failed:
         lines += ["", "## Runs not completed", ""] + [f"- {r['name']}: {r['status']} {r['reason']}" for r in failed]
-    lines += ["", *sharpness.markdown(report.get("sharpness", {}), report.get("sharpness", {}).get("line"))]
+    part = report.get("sharpness", {})
+    lines += ["", *sharpness.markdown(part, part.get("line"), report["runs"])]
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in plot_files.items()]
     lines += ["", f"TensorBoard: `tensorboard --logdir {report['sweep_dir']}` (HParams dashboard: tensorboard/; "
               "training curves: runs/*/tensorboard)."]
