@@ -53,11 +53,12 @@ def run_fields(run_dir: str, row: dict, config: dict, summary: dict) -> dict:
     fields["curvature_seconds"] = sum(r.get("curvature/seconds") or 0.0 for r in records) or None
     fields["lr_scaling"] = config.get("lr_scaling")
     fields["lr_over_batch"] = row["lr"] / row["batch"] if row.get("lr") else None
-    momentum = config.get("momentum") or 0.0
-    fields["peak_stability_ratio"] = (fields["max_eigenvalue"] * row["lr"] / (2 * (1 + momentum))
-                                      if fields["max_eigenvalue"] is not None and row.get("lr") else None)
     ratios = [r.get("curvature/stability_ratio") for r in records if r.get("curvature/stability_ratio") is not None]
     fields["max_stability_ratio"] = max(ratios) if ratios else None
+    # The last measurement's lambda_max against the threshold of the run's peak lr (only where the run had one).
+    momentum = last.get("curvature/momentum")
+    fields["peak_stability_ratio"] = (fields["max_eigenvalue"] * row["lr"] / (2 * (1 + momentum))
+                                      if ratios and momentum is not None and row.get("lr") else None)
     train, test = summary.get("train_loss"), summary.get("test_loss")
     fields["loss_gap"] = test - train if train is not None and test is not None else None
     return fields
