@@ -106,7 +106,7 @@ def _prediction(scalings: set) -> str | None:
     return "flat" if scalings == {"linear"} else "up"
 
 
-def _direction_answer(fit: dict, quantity: str, per_doubling, prediction: str | None, paper: str) -> str:
+def _direction_answer(fit: dict, quantity: str, per_doubling, prediction: str | None, papers: dict) -> str:
     """Yes / No / Not enough data from seed_slope; per_doubling(slope) says the change per doubling of B."""
     if fit["direction"] is None:
         return (f"Not enough data: {quantity} needs at least 2 seeds with 2 or more batch sizes for a direction "
@@ -118,7 +118,7 @@ def _direction_answer(fit: dict, quantity: str, per_doubling, prediction: str | 
     if prediction is not None:
         expected = {"up": "a growth with B", "flat": "no change with B"}[prediction]
         agrees = fit["direction"] == prediction
-        text += (f" {paper} predict {expected} under this sweep's lr scaling; the data "
+        text += (f" {papers[prediction]} predict {expected} under this sweep's lr scaling; the data "
                  f"{'agree' if agrees else 'disagree with the paper'}.")
     return text
 
@@ -133,11 +133,14 @@ def answers(rows: list[dict]) -> dict:
     sharp = seed_slope(measured, "max_eigenvalue", log=True)
     result["sharpness"] = [_direction_answer(sharp, "lambda_max at the end of training",
                                              lambda slope: f"a factor {2 ** slope:.3g}", prediction,
-                                             "Keskar et al. 2017 (fixed lr) and Jastrzebski et al. 2017") + " " + DINH]
+                                             {"up": "Keskar et al. 2017 (lr/B falls as B grows)",
+                                              "flat": "Jastrzebski et al. 2017 (lr/B sets the width; it is fixed)"})
+                           + " " + DINH]
     gap = seed_slope(done, "generalization_gap", log=False)
     result["generalization_gap"] = [_direction_answer(gap, "the train - test accuracy gap", lambda slope: f"{slope:+.3g}",
                                                       prediction,
-                                                      "Keskar et al. 2017 (fixed lr) and Goyal et al. 2017")]
+                                                      {"up": "Keskar et al. 2017 (lr/B falls as B grows)",
+                                                       "flat": "Goyal et al. 2017 (linear scaling)"})]
     if scalings >= {"linear", "none"}:
         result["lr_over_batch"] = [_predictor_answer(measured)]
     else:
@@ -190,7 +193,11 @@ def study(rows: list[dict]) -> dict:
     """The report's "sharpness" part: per-batch groups and answers, or {"measured": False}."""
     if not any(r.get("max_eigenvalue") is not None for r in rows):
         return {"measured": False}
-    return {"measured": True, "groups": groups(rows), "answers": answers(rows)}
+    measured = [r for r in rows if r.get("curvature_seconds") and r.get("wall_time_s")]
+    cost = {"curvature_s": sum(r["curvature_seconds"] for r in measured),
+            "wall_time_s": sum(r["wall_time_s"] for r in measured), "runs": len(measured)}
+    cost["fraction"] = cost["curvature_s"] / cost["wall_time_s"] if cost["wall_time_s"] else None
+    return {"measured": True, "groups": groups(rows), "answers": answers(rows), "cost": cost}
 
 
 def pick_line_runs(rows: list[dict]) -> tuple[dict, dict] | None:
@@ -224,6 +231,11 @@ def markdown(part: dict, line: dict | None, rows: list[dict]) -> list[str]:
     lines += ["", f"At the end of each run, on the first {'/'.join(map(str, examples))} un-augmented training examples "
               "(the same for every run) with BN in inference mode (callbacks.Curvature); the stability ratio uses the "
               "lr of the last step; test - train loss is positive when the test set does worse. " + DINH, ""]
+    cost = part.get("cost") or {}
+    if cost.get("fraction") is not None:
+        lines += [f"Cost: the curvature measurements took {cost['curvature_s']:.0f} s of the {cost['wall_time_s']:.0f} s "
+                  f"that {cost['runs']} runs took ({cost['fraction']:.0%}; the tracing of each run's product function "
+                  "included, the loss line not).", ""]
     for key, question in QUESTIONS.items():
         lines += [f"**{question}**", "", *[f"- {s}" for s in part["answers"][key]], ""]
     if line:

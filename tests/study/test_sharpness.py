@@ -126,6 +126,7 @@ def test_tiny_sweep_reports_sharpness_and_the_loss_line(tmp_path, monkeypatch):
     part = report["sharpness"]
     assert part["measured"] and [g["batch"] for g in part["groups"]] == [64, 128]
     assert all(r["max_eigenvalue"] > 0 and r["loss_gap"] is not None for r in report["runs"])
+    assert 0 < part["cost"]["curvature_s"] < part["cost"]["wall_time_s"] and part["cost"]["runs"] == 2
     line = part["line"]
     assert line["alphas"][0] == -0.5 and line["alphas"][-1] == 1.5 and len(line["test_loss"]) == 9
     assert line["small"]["batch"] == 64 and line["large"]["batch"] == 128 and "recomputed" in line["bn"]
@@ -134,5 +135,6 @@ def test_tiny_sweep_reports_sharpness_and_the_loss_line(tmp_path, monkeypatch):
     for question in sharpness.QUESTIONS.values():
         assert question in text
     assert "Not enough data: lambda_max at the end of training needs at least 2 seeds" in text
+    assert "Cost: the curvature measurements took" in text
     assert "![sharpness](sharpness.png)" in text and "![loss_line](loss_line.png)" in text
     assert os.path.getsize(os.path.join(out, "sharpness.png")) > 0 and os.path.getsize(os.path.join(out, "loss_line.png"))
