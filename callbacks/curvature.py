@@ -7,10 +7,12 @@ dropout is off, so the measured loss is one deterministic function of the weight
 Hessian-vector products and the estimators, with their formulas and papers):
 
 - lambda_max, the largest eigenvalue of H ("sharpness", Keskar et al. 2017; Cohen et al. 2021), by Lanczos on
-  Hessian-vector products to a relative tolerance (default 1e-3: the Ritz residual, which bounds the distance to an
-  eigenvalue, is at most 1e-3 lambda_max), with the number of products used (Yao et al. 2020, "PyHessian");
+  Hessian-vector products to a relative tolerance (default 1e-2: the Ritz residual, which bounds the distance to an
+  eigenvalue, is at most 1e-2 lambda_max), with the number of products used (Yao et al. 2020, "PyHessian");
 - tr(H), the sum of all curvatures (Yao et al. 2020 report it beside lambda_max), by Hutchinson's estimator
-  (Hutchinson 1990) with Rademacher probes, with a 95% interval;
+  (Hutchinson 1990) with Rademacher probes, with a 95% interval: probes in blocks of TRACE_BLOCK until the interval
+  is within TRACE_TOLERANCE of the estimate, at most trace_probes (the trace's probes are most of a measurement's
+  products; benchmarks/curvature_cost.py);
 - the stability ratio  lambda_max * lr / (2 (1 + beta))  for SGD with learning rate lr and heavy-ball momentum beta:
   gradient descent on a quadratic with curvature lambda_max diverges when lambda_max > 2 (1 + beta) / lr, and full-
   batch training rises to that threshold and hovers there, "at the edge of stability" (Cohen et al. 2021, ICLR,
