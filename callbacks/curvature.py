@@ -7,10 +7,12 @@ dropout is off, so the measured loss is one deterministic function of the weight
 Hessian-vector products and the estimators, with their formulas and papers):
 
 - lambda_max, the largest eigenvalue of H ("sharpness", Keskar et al. 2017; Cohen et al. 2021), by Lanczos on
-  Hessian-vector products to a relative tolerance (default 1e-3: the Ritz residual, which bounds the distance to an
-  eigenvalue, is at most 1e-3 lambda_max), with the number of products used (Yao et al. 2020, "PyHessian");
+  Hessian-vector products to a relative tolerance (default 1e-2: the Ritz residual, which bounds the distance to an
+  eigenvalue, is at most 1e-2 lambda_max), with the number of products used (Yao et al. 2020, "PyHessian");
 - tr(H), the sum of all curvatures (Yao et al. 2020 report it beside lambda_max), by Hutchinson's estimator
-  (Hutchinson 1990) with Rademacher probes, with a 95% interval;
+  (Hutchinson 1990) with Rademacher probes, with a 95% interval: probes in blocks of TRACE_BLOCK until the interval
+  is within TRACE_TOLERANCE of the estimate, at most trace_probes (the trace's probes are most of a measurement's
+  products; benchmarks/curvature_cost.py);
 - the stability ratio  lambda_max * lr / (2 (1 + beta))  for SGD with learning rate lr and heavy-ball momentum beta:
   gradient descent on a quadratic with curvature lambda_max diverges when lambda_max > 2 (1 + beta) / lr, and full-
   batch training rises to that threshold and hovers there, "at the edge of stability" (Cohen et al. 2021, ICLR,
@@ -63,6 +65,11 @@ RECORD_KEYS = ("step", "epoch", "examples", *LOG_KEYS, "curvature/max_eigenvalue
                "curvature/max_eigenvalue_converged", "curvature/trace_se", "curvature/trace_probes",
                "curvature/learning_rate", "curvature/momentum", "curvature/hessian_vector_products",
                "curvature/seconds")
+# Defaults of a measurement's precision, and what they cost (benchmarks/curvature_cost.py, docs/instruments.md):
+# the Ritz residual bounds the distance of lambda_max to an eigenvalue of H, so 1e-2 places it within 1% of one
+# (the top Ritz value's own error is about residual^2 / gap, far smaller); the trace stops at the first block of
+# TRACE_BLOCK probes whose 95% interval is within TRACE_TOLERANCE of the estimate, at most trace_probes.
+TOLERANCE, TRACE_TOLERANCE, TRACE_BLOCK = 1e-2, 0.25, 16
 
 
 class Curvature(keras.callbacks.Callback):
@@ -71,9 +78,9 @@ class Curvature(keras.callbacks.Callback):
     Put it before CSVLogger and TensorBoard so that they see the keys it adds to the epoch logs.
     """
 
-    def __init__(self, x, y=None, every_n_steps=None, *, examples=512, batch_size=256, tolerance=1e-3,
-                 max_products=100, trace_probes=32, at_train_end=True, momentum=None, seed=0, log_dir=None,
-                 out_path=None):
+    def __init__(self, x, y=None, every_n_steps=None, *, examples=512, batch_size=256, tolerance=TOLERANCE,
+                 max_products=100, trace_probes=32, trace_tolerance=TRACE_TOLERANCE, at_train_begin=True,
+                 at_train_end=True, momentum=None, seed=0, log_dir=None, out_path=None):
         """Creates the callback.
 
         Args:
@@ -84,7 +91,10 @@ class Curvature(keras.callbacks.Callback):
             batch_size: most examples per chunk of a Hessian-vector product.
             tolerance: relative tolerance of lambda_max (Ritz residual / lambda_max), in (0, 1).
             max_products: most Hessian-vector products for lambda_max; it is reported unconverged after them.
-            trace_probes: Rademacher probes of the trace estimate, >= 2 (each one product).
+            trace_probes: most Rademacher probes of the trace estimate, >= 2 (each one product).
+            trace_tolerance: stop adding probes (in blocks of TRACE_BLOCK) once the trace's 95% interval is within
+                this fraction of the estimate on either side; None always draws trace_probes.
+            at_train_begin: measure at step 0.
             at_train_end: also measure at the end of training (if the last step was not measured).
             momentum: the beta of the stability ratio; None reads it from an SGD optimizer.
             seed: seed of the start vectors and probes.
@@ -102,10 +112,15 @@ class Curvature(keras.callbacks.Callback):
             raise ValueError(f"Curvature tolerance: must be a relative tolerance in (0, 1), got {tolerance!r}")
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"Curvature momentum: must be in [0, 1) or None, got {momentum!r}")
+        if trace_tolerance is not None and not (isinstance(trace_tolerance, (int, float))
+                                                and not isinstance(trace_tolerance, bool) and trace_tolerance > 0):
+            raise ValueError(f"Curvature trace_tolerance: must be a relative half-width > 0 or None, got "
+                             f"{trace_tolerance!r}")
         self._steps = Steps(every_n_steps, name="Curvature every_n_steps")
         self.x, self.y = _first_examples(x, y, examples)
         self.every_n_steps, self.batch_size, self.tolerance = every_n_steps, batch_size, float(tolerance)
         self.max_products, self.trace_probes, self.at_train_end = max_products, trace_probes, at_train_end
+        self.trace_tolerance, self.at_train_begin = trace_tolerance, at_train_begin
         self.momentum, self.seed, self.log_dir, self.out_path = momentum, seed, log_dir, out_path
         self.history = []  # one record per measurement, as written to out_path
         self._products = self._writer = None
@@ -144,7 +159,7 @@ class Curvature(keras.callbacks.Callback):
         self._steps.epoch_begin((self.params or {}).get("steps"))
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._steps.step == 0 and not self.history:
+        if self.at_train_begin and self._steps.step == 0 and not self.history:
             self.measure()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -174,7 +189,8 @@ class Curvature(keras.callbacks.Callback):
         generator = np.random.default_rng([self.seed, len(self.history)])
         first = products.products
         top = hessian.top_eigenvalue(products, products.dimension, generator, self.tolerance, self.max_products)
-        trace = hessian.hutchinson_trace(products, products.dimension, generator, self.trace_probes)
+        trace = hessian.hutchinson_trace(products, products.dimension, generator, self.trace_probes,
+                                         relative_half_width=self.trace_tolerance, min_probes=TRACE_BLOCK)
         learning_rate, momentum = self._step_settings()
         ratio = top["value"] * learning_rate / (2.0 * (1.0 + momentum)) if momentum is not None else math.nan
         record = {

@@ -20,7 +20,10 @@ a random start makes that improbable.
 
 Trace by Hutchinson's estimator (Hutchinson 1990; Avron & Toledo 2011) with m Rademacher probes z_i in {-1, +1}^P:
 tr(H) ~ t = (1/m) sum_i z_i^T H z_i, an unbiased estimate with Var(z^T H z) = 2 sum_{i != j} H_ij^2; the 95% interval
-is t +- t_{m-1, 0.975} s / sqrt(m), with s the sample standard deviation of the m quadratic forms.
+is t +- t_{m-1, 0.975} s / sqrt(m), with s the sample standard deviation of the m quadratic forms. With a relative
+tolerance r the probes are drawn in blocks of `min_probes` and stop after the first block at which the half-width
+t_{m-1, 0.975} s / sqrt(m) <= r |t| (or at the most probes): a sequential rule, so its coverage is that of the rule
+(tested against the exact trace, tests/callbacks/test_curvature.py), not the fixed-m t interval's.
 """
 
 from __future__ import annotations
@@ -122,19 +125,30 @@ def top_eigenvalue(hvp, dimension: int, rng: np.random.Generator, tolerance: flo
     return {"value": theta, "residual": residual, "products": len(basis), "converged": dimension == len(basis)}
 
 
-def hutchinson_trace(hvp, dimension: int, rng: np.random.Generator, probes: int, confidence: float = 0.95) -> dict:
-    """tr(H) by Hutchinson's estimator with `probes` Rademacher probes drawn from rng (module docstring).
+def hutchinson_trace(hvp, dimension: int, rng: np.random.Generator, probes: int, confidence: float = 0.95,
+                     relative_half_width: float | None = None, min_probes: int = 8) -> dict:
+    """tr(H) by Hutchinson's estimator with at most `probes` Rademacher probes drawn from rng (module docstring).
+
+    Args:
+        relative_half_width: stop at the first block of min_probes probes whose interval's half-width is at most
+            this fraction of |estimate|; None draws all `probes`.
+        min_probes: the block size of the sequential rule (at least 2).
 
     Returns:
         trace_interval of the probes' quadratic forms z^T H z.
     """
     if probes < 2:
         raise ValueError(f"trace_probes: needs at least 2 probes for an interval, got {probes}")
-    forms = np.empty(probes)
-    for i in range(probes):
-        z = rng.integers(0, 2, dimension) * 2.0 - 1.0
-        forms[i] = z @ hvp(z)
-    return trace_interval(forms, confidence)
+    block = max(2, min(min_probes, probes)) if relative_half_width else probes
+    forms = []
+    while len(forms) < probes:
+        for _ in range(min(block, probes - len(forms))):
+            z = rng.integers(0, 2, dimension) * 2.0 - 1.0
+            forms.append(float(z @ hvp(z)))
+        result = trace_interval(np.array(forms), confidence)
+        if relative_half_width and result["hi"] - result["value"] <= relative_half_width * abs(result["value"]):
+            break
+    return result
 
 
 def trace_interval(forms: np.ndarray, confidence: float = 0.95) -> dict:

@@ -89,7 +89,8 @@ class Config:
                                    "training split); errors below its resolution are reported as < resolution")
     dynamics: bool = _field(True, "per-class accuracy and forgetting events on a fixed subset")
     curvature_every: int = _field(0, "steps between measurements of the loss's top Hessian eigenvalue and trace on a "
-                                  "fixed training subset (0: off; also at step 0 and the end; curvature.jsonl)")
+                                  "fixed training subset (0: off; also at step 0 and the end; -1: at the end only, as a "
+                                  "sweep's study of sharpness uses it; curvature.jsonl)")
     target_accuracy: float = _field(0.0, "record steps and time until validation accuracy first reaches this")
     target_checks_per_epoch: int = _field(8, "validation checks for --target-accuracy per epoch (pipeline/training/target.py)")
     # Devices and speed.
@@ -262,7 +263,7 @@ def validate(config: Config) -> Config:
     _check(c.precise_bn_samples >= 0, "precise_bn_samples", "must be >= 0 (0: off)")
     _check(c.grad_stats_every >= -1, "grad_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
     _check(c.bn_stats_every >= -1, "bn_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
-    _check(c.curvature_every >= 0, "curvature_every", "must be >= 0 steps (0: off)")
+    _check(c.curvature_every >= -1, "curvature_every", "must be >= 0 steps (0: off) or -1 (at the end only)")
     _check(_finite(c.grad_stats_precision) and c.grad_stats_precision > 0, "grad_stats_precision",
            "must be a fraction > 0, e.g. 0.5")
     _check(c.grad_stats_max_examples >= 1, "grad_stats_max_examples", "must be >= 1 example")

@@ -35,7 +35,7 @@ from pipeline.config import InputError
 from pipeline.study import bootstrap, claims
 from pipeline.study import findings as findings_lib
 from pipeline.study import fits as fits_lib
-from pipeline.study import hparams, prediction_check, tuning
+from pipeline.study import hparams, loss_line, prediction_check, sharpness, sharpness_plots, tuning
 from pipeline.study.report_plots import plots
 from pipeline.training import target_record
 
@@ -118,6 +118,7 @@ def read_run(run_dir: str) -> dict | None:
     for key in BN_KEYS:
         values = [m[key] for m in bn_averages if m.get(key) is not None]
         row[f"bn_{key}"] = float(np.sqrt(np.mean(np.square(values)))) if values else None
+    row.update(sharpness.run_fields(run_dir, row, config, summary))
     return row
 
 
@@ -266,6 +267,8 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
     failed = [r for r in report["runs"] if r["status"] != "completed"]
     if failed:
         lines += ["", "## Runs not completed", ""] + [f"- {r['name']}: {r['status']} {r['reason']}" for r in failed]
+    part = report.get("sharpness", {})
+    lines += ["", *sharpness.markdown(part, part.get("line"), report["runs"])]
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in plot_files.items()]
     lines += ["", f"TensorBoard: `tensorboard --logdir {report['sweep_dir']}` (HParams dashboard: tensorboard/; "
               "training curves: runs/*/tensorboard)."]
@@ -301,6 +304,14 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     report["findings"] = findings_lib.findings(report)
     report["prediction"] = prediction_check.for_sweep(sweep_dir, groups)
     report["plots"] = plots(report, rows, sweep_dir)
+    report["sharpness"] = sharpness.study(rows)
+    if report["sharpness"]["measured"]:
+        pair = sharpness.pick_line_runs(rows)
+        report["sharpness"]["line"] = loss_line.sweep_line(sweep_dir, *pair) if pair else None
+        report["answers"].update(report["sharpness"]["answers"])
+        report["findings"] += [f"{sharpness.QUESTIONS[key]} {sentence}"
+                               for key, sentences in report["sharpness"]["answers"].items() for sentence in sentences]
+        report["plots"].update(sharpness_plots.plots(rows, report["sharpness"]["line"], sweep_dir))
     if tensorboard:
         report["tensorboard"] = hparams.write_hparams(rows, sweep_dir, [key for key in METRICS if key != "lr"])
     with open(os.path.join(sweep_dir, "report.md"), "w", encoding="utf-8") as f:

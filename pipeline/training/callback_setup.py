@@ -13,7 +13,8 @@ from pipeline.training import distribute
 # against a 0.6 s epoch), so a tenth of the training set costs ~1% of an epoch; at most 1000 examples.
 DYNAMICS_FRACTION, DYNAMICS_MAX = 0.1, 1000
 # Training examples (the first, un-augmented) of the loss whose curvature callbacks.Curvature measures; a
-# measurement costs ~60 Hessian-vector products of these, each about two training steps of 512 examples.
+# measurement costs ~20-50 Hessian-vector products of these (callbacks/curvature.py's defaults), each about two
+# training steps of 512 examples.
 CURVATURE_EXAMPLES = 512
 
 
@@ -71,8 +72,10 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
     if config.curvature_every:
         x, y = data.arrays("train", limit=CURVATURE_EXAMPLES)
         with config_lib.as_flag_error("curvature_every"):
+            end_only = config.curvature_every < 0
             result.append(callbacks.Curvature(
-                x, y, every_n_steps=config.curvature_every, seed=config.seed, log_dir=tensorboard_dir,
+                x, y, every_n_steps=None if end_only else config.curvature_every, at_train_begin=not end_only,
+                seed=config.seed, log_dir=tensorboard_dir,
                 out_path=os.path.join(run_dir, "curvature.jsonl")))
     return result
 

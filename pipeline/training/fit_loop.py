@@ -43,6 +43,7 @@ class Summary:
     val_accuracy: float | None = None
     test_accuracy: float | None = None
     test_loss: float | None = None
+    train_loss: float | None = None  # inference mode, on the whole training split (the generalization gap's loss)
     steps: int = 0  # batches trained, the unit of every step in the run's files (callbacks/steps.py)
     updates: int = 0  # optimizer updates: steps // accumulate
     epochs: int = 0
@@ -315,8 +316,8 @@ def _finish(config: Config, data, model, run_dir: str, summary: Summary, chief: 
     for split in ("train", "val", "test"):
         loss, accuracy = model.evaluate(data.eval_dataset(split, max(config.batch, 256)), verbose=0)
         setattr(summary, f"{split}_accuracy", float(accuracy))
-        if split == "test":
-            summary.test_loss = float(loss)
+        if split in ("train", "test"):
+            setattr(summary, f"{split}_loss", float(loss))
     _enter(summary, "export")
     if config.export:
         # The first 512 training images are the warmup requests and the throughput measurement's inputs.
