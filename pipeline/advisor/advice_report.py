@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 
-from pipeline.advisor import goodput
+from pipeline.training import goodput
 from pipeline.config import Config
 
 MAX_SPREAD = 4.0  # B_simple's interval hi / lo above which the noise scale counts as not determined
@@ -38,7 +38,7 @@ def phase_text(phase: dict) -> str:
 
 
 def build(measured: dict, config: Config, max_batch: int) -> dict:
-    """Advice from probe.probe()'s measurements (see pipeline/advisor/goodput.py for the formulas).
+    """Advice from probe.probe()'s measurements (see pipeline/training/goodput.py for the formulas).
 
     Returns:
         A dict with "status" ("recommended" or "undetermined"), "message" (one line), the measurements, and for

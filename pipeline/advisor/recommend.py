@@ -1,7 +1,7 @@
 """Recommends a batch size and learning rate from a short probe: `python -m pipeline.advise --max-batch 256`.
 
 The probe (pipeline/advisor/probe.py) trains a few hundred steps at --base-batch with --lr, measuring the gradient noise
-scale, and times training steps at a ladder of batch sizes up to --max-batch; pipeline/advisor/goodput.py turns that into
+scale, and times training steps at a ladder of batch sizes up to --max-batch; pipeline/training/goodput.py turns that into
 goodput by batch size; <out>/advice.json, advice.md and goodput.png hold the result, and one line is printed.
 `python -m pipeline.train --advice <out>/advice.json` then trains at the advised batch and learning rate.
 """

@@ -14,7 +14,8 @@ import pytest
 from pipeline import config as config_lib
 from pipeline import advised_config
 from pipeline.advisor import advice_report as advice_lib
-from pipeline.advisor import goodput, probe
+from pipeline.advisor import probe
+from pipeline.training import goodput, step_times
 from pipeline.study import prediction_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,7 +105,7 @@ def test_out_of_memory_is_reported_and_caps_the_advice():
         return [0.02, 0.01, 0.03]
 
     rows = probe.time_ladder(host_memory, LADDER)
-    assert rows[0]["seconds_per_step"] == pytest.approx(np.quantile([0.02, 0.01, 0.03], probe.QUANTILE))
+    assert rows[0]["seconds_per_step"] == pytest.approx(np.quantile([0.02, 0.01, 0.03], step_times.QUANTILE))
     assert rows[-1] == {"batch": 32, "error": "out of memory (MemoryError: MemoryError)"}
 
     # With noise that favours large batches, the advice stays 10% under the largest batch that ran.
