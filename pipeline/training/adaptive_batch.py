@@ -39,6 +39,9 @@ from pipeline.training import batch_policy, goodput
 from pipeline.training.run_control import first_step, phase_batch
 
 DECISIONS = "batch_decisions.jsonl"
+# Timed steps per batch of the ladder at the start: fewer than the advisor's 16, since the run's own steps replace
+# each batch's time once it trains at it.
+LADDER_TIMED_STEPS = 6
 
 
 class AdaptiveBatch(keras.callbacks.Callback):
@@ -185,7 +188,7 @@ class AdaptiveBatch(keras.callbacks.Callback):
         return []
 
 
-def time_grid(model, data, batches: list[int], seed: int) -> tuple[dict, list[dict]]:
+def time_grid(model, data, batches: list[int], seed: int, strategy) -> tuple[dict, list[dict]]:
     """Times training steps at each batch of the grid (step_times.time_ladder) and puts the model back as it was.
 
     Returns:
@@ -195,12 +198,13 @@ def time_grid(model, data, batches: list[int], seed: int) -> tuple[dict, list[di
     from pipeline.training import step_times
 
     if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
     variables = model.variables + model.optimizer.variables
     saved = [v.numpy() for v in variables]
     try:
         step_seconds = step_times.fit_step_seconds(
-            model, lambda batch: step_times.any_batch(data.stream(batch, seed=seed)))
+            model, lambda batch: step_times.any_batch(data.stream(batch, seed=seed)), LADDER_TIMED_STEPS)
         rows = step_times.time_ladder(step_seconds, batches)
     finally:
         for variable, value in zip(variables, saved):

@@ -315,7 +315,7 @@ def _fit_adaptive(config: Config, data, model, controller, schedule, strategy, t
 
     if config.batch_policy == "goodput" and not controller.ladder:
         started = time.perf_counter()
-        controller.ladder, rows = adaptive_batch.time_grid(model, data, controller.batches, config.seed)
+        controller.ladder, rows = adaptive_batch.time_grid(model, data, controller.batches, config.seed, strategy)
         times = ", ".join(f"{b}: {1000 * s:.1f} ms" for b, s in controller.ladder.items())
         print(f"adaptive batch: step times {times} ({time.perf_counter() - started:.1f} s)"
               + (f"; {rows[-1]['batch']}: {rows[-1]['error']}" if "error" in rows[-1] else ""), flush=True)

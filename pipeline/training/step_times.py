@@ -62,8 +62,9 @@ def any_batch(dataset):
     return dataset.map(relax)
 
 
-def fit_step_seconds(model, batches_of):
-    """A step_seconds function for time_ladder: fit's own steps on batches_of(batch), timed between batch ends."""
+def fit_step_seconds(model, batches_of, timed_steps: int = TIMED_STEPS):
+    """A step_seconds function for time_ladder: fit's own steps on batches_of(batch), timed between batch ends
+    (timed_steps of them after WARMUP_STEPS)."""
     import keras
 
     class StepTimer(keras.callbacks.Callback):
@@ -76,7 +77,7 @@ def fit_step_seconds(model, batches_of):
 
     def step_seconds(batch):
         timer = StepTimer()
-        model.fit(batches_of(batch), steps_per_epoch=WARMUP_STEPS + TIMED_STEPS, epochs=1, callbacks=[timer],
+        model.fit(batches_of(batch), steps_per_epoch=WARMUP_STEPS + timed_steps, epochs=1, callbacks=[timer],
                   verbose=0, shuffle=False)
         return np.diff(timer.ends[WARMUP_STEPS - 1:]).tolist()
 
