@@ -17,8 +17,10 @@ from pipeline import config as config_lib
 from pipeline import cli, flags, startup
 from pipeline.config import InputError
 
-# Config fields the advisor decides or does not use: the probe runs at --base-batch, in --out.
-NOT_FLAGS = ("batch", "batch_schedule", "advice", "run_dir", "resume", "overwrite", "export")
+# Config fields the advisor decides or does not use: the probe runs at --base-batch, in --out; its own --max-batch
+# replaces the adaptive batch's.
+NOT_FLAGS = ("batch", "batch_schedule", "advice", "run_dir", "resume", "overwrite", "export", "max_batch",
+             "batch_policy", "norm_test_theta")
 
 
 def _count(text: str) -> int:
