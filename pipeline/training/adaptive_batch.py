@@ -35,7 +35,7 @@ import keras
 from callbacks import noise_estimates, timing
 from callbacks.events import EventWriter
 from callbacks.steps import Steps
-from pipeline.training import batch_policy, goodput
+from pipeline.training import batch_policy, distribute, goodput
 from pipeline.training.run_control import first_step, phase_batch
 
 DECISIONS = "batch_decisions.jsonl"
@@ -210,3 +210,47 @@ def time_grid(model, data, batches: list[int], seed: int, strategy) -> tuple[dic
         for variable, value in zip(variables, saved):
             variable.assign(value)
     return {r["batch"]: r["seconds_per_step"] for r in rows if "error" not in r}, rows
+
+
+def train_phases(config, data, model, controller, schedule, strategy, topology, callbacks, val, verbose,
+                  trained: int) -> float:
+    """--batch adaptive: one fit() call per batch phase, each ended by the controller's decision to change the batch.
+
+    The goodput policy first times the grid's batches (time_grid, the model put back as it was), unless a resumed
+    run's controller holds those times; batches that ran out of memory leave the grid.
+
+    Args:
+      config, data, model, schedule, strategy, topology: the run's (pipeline/training/fit_loop.py); schedule an
+        optim.AdaptiveSchedule.
+      controller: the run's AdaptiveBatch, restored from the checkpoint when resuming.
+      callbacks, val, verbose: what each fit() call gets.
+      trained: epochs finished before this attempt.
+
+    Returns:
+      The seconds spent timing the grid (0 when it was not timed in this attempt).
+    """
+    ladder_seconds = 0.0
+    if config.batch_policy == "goodput" and not controller.ladder:
+        started = time.perf_counter()
+        controller.ladder, rows = time_grid(model, data, controller.batches, config.seed, strategy)
+        ladder_seconds = time.perf_counter() - started
+        times = ", ".join(f"{b}: {1000 * s:.1f} ms" for b, s in controller.ladder.items())
+        print(f"adaptive batch: step times {times} ({ladder_seconds:.1f} s)"
+              + (f"; {rows[-1]['batch']}: {rows[-1]['error']}" if "error" in rows[-1] else ""), flush=True)
+    if controller.ladder:
+        controller.batches = [b for b in controller.batches if b in controller.ladder]
+    while trained < config.epochs:
+        i = max(k for k, (first, _) in enumerate(controller.phases) if first <= trained)
+        first, batch = controller.phases[i]
+        schedule.set_phase(first_step(first, controller.phases, data.num_train), first, data.num_train // batch,
+                           controller.gains[i])
+        controller.follow(batch)
+        make, steps = data.fit_input(batch, seed=config.seed, first_epoch=trained, epochs=config.epochs,
+                                     steps_per_execution=1)
+        train_data = distribute.distribute_train(strategy, topology, make, batch, sharded=config.input == "stream")
+        model.fit(train_data, validation_data=val, shuffle=False, initial_epoch=trained, epochs=config.epochs,
+                  steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
+        if not controller.changed:
+            break
+        trained = controller.phases[-1][0]
+    return ladder_seconds

@@ -50,6 +50,9 @@ class Summary:
     wall_time_s: float = 0.0  # the last attempt's, from its start to this summary
     train_time_s: float = 0.0  # the last attempt's time inside the training epochs it finished
     instrument_time_s: float = 0.0  # the part of train_time_s spent measuring (gradient/BN statistics, dynamics)
+    # --batch adaptive, goodput policy: the last attempt's seconds timing the grid's batches before training (each
+    # traced there), outside train_time_s and the time to target.
+    batch_ladder_s: float = 0.0
     # What the instruments could not restore from the checkpoint when the run resumed, one line each.
     instruments_not_restored: list = dataclasses.field(default_factory=list)
     # These three are defined once, in pipeline/rundir.py (medians over the epochs after the first, measuring
@@ -284,7 +287,10 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
     if config.max_steps and steps >= config.max_steps:
         return
     if controller:
-        _fit_adaptive(config, data, model, controller, schedule, strategy, topology, callbacks, val, verbose, trained)
+        from pipeline.training import adaptive_batch
+
+        summary.batch_ladder_s = adaptive_batch.train_phases(config, data, model, controller, schedule, strategy,
+                                                             topology, callbacks, val, verbose, trained)
         return
     for i, (first_epoch, batch) in enumerate(config.batch_phases):
         last_epoch = config.batch_phases[i + 1][0] if i + 1 < len(config.batch_phases) else config.epochs
@@ -301,40 +307,6 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
                   steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
         if model.stop_training:
             break
-
-
-def _fit_adaptive(config: Config, data, model, controller, schedule, strategy, topology, callbacks, val, verbose,
-                  trained: int) -> None:
-    """--batch adaptive: one fit() call per batch phase, each ended by the controller's decision to change the batch.
-
-    The goodput policy first times the grid's batches (adaptive_batch.time_grid, the model put back as it was),
-    unless a resumed run's controller holds those times; batches that ran out of memory leave the grid.
-    """
-    from pipeline.training import adaptive_batch
-    from pipeline.training.run_control import first_step
-
-    if config.batch_policy == "goodput" and not controller.ladder:
-        started = time.perf_counter()
-        controller.ladder, rows = adaptive_batch.time_grid(model, data, controller.batches, config.seed, strategy)
-        times = ", ".join(f"{b}: {1000 * s:.1f} ms" for b, s in controller.ladder.items())
-        print(f"adaptive batch: step times {times} ({time.perf_counter() - started:.1f} s)"
-              + (f"; {rows[-1]['batch']}: {rows[-1]['error']}" if "error" in rows[-1] else ""), flush=True)
-    if controller.ladder:
-        controller.batches = [b for b in controller.batches if b in controller.ladder]
-    while trained < config.epochs:
-        i = max(k for k, (first, _) in enumerate(controller.phases) if first <= trained)
-        first, batch = controller.phases[i]
-        schedule.set_phase(first_step(first, controller.phases, data.num_train), first, data.num_train // batch,
-                           controller.gains[i])
-        controller.follow(batch)
-        make, steps = data.fit_input(batch, seed=config.seed, first_epoch=trained, epochs=config.epochs,
-                                     steps_per_execution=1)
-        train_data = distribute.distribute_train(strategy, topology, make, batch, sharded=config.input == "stream")
-        model.fit(train_data, validation_data=val, shuffle=False, initial_epoch=trained, epochs=config.epochs,
-                  steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
-        if not controller.changed:
-            break
-        trained = controller.phases[-1][0]
 
 
 def _enter(summary: Summary, stage: str) -> None:
