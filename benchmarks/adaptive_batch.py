@@ -164,7 +164,35 @@ def compare(report: dict, sweep_dir: str) -> dict:
                             "missed_by": None if summary[k] is None or summary[k] <= v else summary[k] / v - 1}
                         for k, v in GOALS.items()}
     summary["all_goals_met"] = all(g["met"] for g in summary["goals"].values())
+    summary["diagnosis"] = diagnosis(report, per_seed)
     return {"per_seed": per_seed, "summary": summary}
+
+
+def diagnosis(report: dict, per_seed: list[dict]) -> dict:
+    """Which term of the goodput model was wrong: the step time (the decisions' T_step fit against the steady step
+    times measured in the sweep) and the statistical efficiency (the B_simple decided on against the B_crit that
+    the fixed runs' steps to target give, S(B) = S_min (1 + B_crit / B), McCandlish et al. 2018)."""
+    checks = [c for s in per_seed for c in s["model_check"]]
+    ratios = [c["step_time_ratio_measured"] / c["step_time_ratio_predicted"] for c in checks
+              if c["step_time_ratio_measured"] and c["step_time_ratio_predicted"]]
+    used = [c["noise_used"] for c in checks if c["noise_used"]]
+    fit = next(iter(report["fits"].values()), {}).get("steps_to_target") or {}
+    interval = (next(iter(report["fits"].values()), {}).get("steps_to_target_interval") or {}).get("b_crit")
+    b_crit = fit.get("b_crit") if fit.get("determined") else None
+    result = {"step_time_measured_over_predicted": statistics.median(ratios) if ratios else None,
+              "b_simple_decided_on": used, "b_crit_of_fixed_runs": b_crit, "b_crit_interval": interval,
+              "b_simple_over_b_crit": statistics.median(used) / b_crit if used and b_crit else None}
+    lines = []
+    if result["step_time_measured_over_predicted"] is not None:
+        lines.append(f"step time: a doubling of the batch cost {result['step_time_measured_over_predicted']:.2f}x "
+                     "the step time the fit predicted (median over the changes)")
+    if result["b_simple_over_b_crit"] is not None:
+        lines.append(f"efficiency: the B_simple decided on (median {statistics.median(used):.0f}) was "
+                     f"{result['b_simple_over_b_crit']:.1f}x the B_crit of the fixed runs' steps to target "
+                     f"({b_crit:.0f}" + (f", 95% interval {interval[0]:.3g} to {interval[1]:.3g}" if interval else "")
+                     + "), so the model overstated what larger batches save in steps")
+    result["text"] = "; ".join(lines)
+    return result
 
 
 def main(argv=None) -> int:
@@ -206,6 +234,7 @@ def main(argv=None) -> int:
     for name, goal in result["summary"]["goals"].items():
         measured = "not measured" if goal["measured"] is None else f"{goal['measured']:.3f}"
         print(f"{name}: {measured} (goal {goal['goal']}: {'met' if goal['met'] else 'missed'})")
+    print(f"diagnosis: {result['summary']['diagnosis']['text']}")
     print(f"result: {path}")
     return 0
 
