@@ -114,8 +114,8 @@ def compiled_model(config: Config, data, steps_per_execution: int = 1, replica_n
         from callbacks.replica_norms import with_replica_norms
 
         model = with_replica_norms(model)
-    schedule = optim.learning_rate(config, [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases],
-                                   adaptive)
+    phases = [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases]
+    schedule = optim.adaptive_learning_rate(config, phases[0][1]) if adaptive else optim.learning_rate(config, phases)
     model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], steps_per_execution=steps_per_execution, jit_compile=config.jit)
     return model, schedule

@@ -141,11 +141,13 @@ def decay_schedule(config: Config, steps_per_epoch: int):
     return schedules.CosineDecay(lr, decay_steps=epochs * steps_per_epoch)
 
 
-def learning_rate(config: Config, phases: list[tuple[int, int]], adaptive: bool = False) -> EpochSchedule:
-    """The run's schedule. phases: ((first_epoch, batches_per_epoch), ...); one phase without a batch schedule, the
-    first with an adaptive batch (an AdaptiveSchedule)."""
-    if adaptive:
-        return AdaptiveSchedule(decay_schedule(config, phases[0][1]), phases[0][1], config.warmup_epochs)
+def adaptive_learning_rate(config: Config, steps_per_epoch: int) -> AdaptiveSchedule:
+    """The schedule of --batch adaptive, starting with steps_per_epoch batches of --base-batch per epoch."""
+    return AdaptiveSchedule(decay_schedule(config, steps_per_epoch), steps_per_epoch, config.warmup_epochs)
+
+
+def learning_rate(config: Config, phases: list[tuple[int, int]]) -> EpochSchedule:
+    """The run's schedule. phases: ((first_epoch, batches_per_epoch), ...); one phase without a batch schedule."""
     return EpochSchedule(decay_schedule(config, phases[0][1]), phases, config.warmup_epochs)
 
 
