@@ -239,8 +239,14 @@ def _counts(example: str):
 
 _replica_counts = _counts("1,2,4")
 # Batch sizes, and "adaptive" (config_lib.ADAPTIVE, 0): a run whose batch follows the noise scale, at --base-batch.
-_batches = _flag_type(lambda t: tuple(sorted(config_lib.ADAPTIVE if i == "adaptive" else int(i) for i in _items(t))),
-                      lambda v: min(v) >= 0 and len(set(v)) == len(v),
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    sizes = [config_lib.ADAPTIVE if item == "adaptive" else int(item) for item in _items(text)]
+    if any(size < 1 for size, item in zip(sizes, _items(text)) if item != "adaptive"):
+        raise ValueError(text)
+    return tuple(sorted(sizes))
+
+
+_batches = _flag_type(_batch_sizes, lambda v: len(set(v)) == len(v),
                       "use distinct positive integers or adaptive separated by commas, e.g. 8,16,32,adaptive")
 _norms = _flag_type(_items, lambda v: set(v) <= set(config_lib.NORMS) and len(set(v)) == len(v),
                     f"use distinct names from {', '.join(config_lib.NORMS)} separated by commas, e.g. batch,group")
