@@ -1,7 +1,7 @@
 """The sweep report's "Adaptive batch" section: each `--batch adaptive` run beside the fixed batches, and its plot.
 
-Examples to target of a run whose batch changes: the sum over its epochs of steps x the epoch's batch
-(metrics.jsonl's "batch_size") up to the step at which the target was reached. The fixed batches' are steps to
+Examples to target of a run whose batch changes: the sum over its epochs of steps x the epoch's batch (the history's
+"batch_size", rundir.read_history) up to the step at which the target was reached. The fixed batches' are steps to
 target x batch. The plot shows each adaptive run's batch over steps (a step line from batch_decisions.jsonl's
 phases) against the B_simple it measured (grad_stats.jsonl, with the 95% intervals).
 """

@@ -20,7 +20,7 @@ Every decision, kept or changed, is one JSON line of <run_dir>/batch_decisions.j
 "noise_measurements", "noise_first_step", "noise_last_step" (the pooled estimate), "noise_used" (the phi decided
 on), "predicted_gain", "goodput" ({batch: goodput / goodput(old_batch)}), "step_time" ({"alpha", "beta",
 "rms_log_error"} or null), "theta" (norm-test), "reason". The batch in force is also "batch_size" in the epoch
-logs (metrics.jsonl, the console) and "train/batch_size" in TensorBoard (tensorboard/batch).
+logs (the run history, the console) and "train/batch_size" in TensorBoard (tensorboard/batch).
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ class AdaptiveBatch(keras.callbacks.Callback):
             self.changed = True
             self.model.stop_training = True  # fit_loop starts the next fit() at the new batch
             estimate = "undetermined" if decision["noise_used"] is None else f"{decision['noise_used']:.3g}"
-            print(f"adaptive batch: {old_batch} -> {new_batch} from epoch {epoch + 2} (step {step}), lr x{new_gain:.3g} "
-                  f"of --lr; B_simple {estimate}; {decision['reason']}", flush=True)
+            print(f"adaptive batch: {old_batch} -> {new_batch} from epoch {epoch + 2} (step {step}), "
+                  f"lr x{new_gain:.3g} of --lr; B_simple {estimate}; {decision['reason']}", flush=True)
 
     def on_train_end(self, logs=None):
         if self._writer:

@@ -7,13 +7,13 @@ import math
 import os
 import types
 
-import h5py
 import numpy as np
 import pytest
 
 from pipeline import config as config_lib
 from pipeline import train as train_entry
-from pipeline.training import adaptive_batch, batch_policy, checkpoint
+from pipeline.training import adaptive_batch, batch_policy
+from test_fit_loop import checkpoint_weights  # the last checkpoint's arrays (tests/training/)
 
 BASE = 32
 
@@ -141,13 +141,6 @@ def run_dir_files(run_dir):
             "bn_stats": json.load(open(os.path.join(run_dir, "bn_stats.json")))}
 
 
-def weights(run_dir):
-    arrays = {}
-    with h5py.File(checkpoint.latest_weights(os.path.join(run_dir, "checkpoints")), "r") as f:
-        f.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
-    return arrays
-
-
 @pytest.fixture(scope="module")
 def adaptive_runs(tmp_path_factory):
     """An uninterrupted adaptive run, and one interrupted at INTERRUPT_AT and resumed."""
@@ -204,7 +197,7 @@ def test_resume_across_a_change_is_exact(adaptive_runs):
     assert first.status == "interrupted" and resumed.status == "completed"
     decisions = run_dir_files(reference.run_dir)["decisions"]
     assert decisions[0]["changed"] and decisions[0]["step"] < INTERRUPT_AT < decisions[1]["step"]
-    a, b = weights(reference.run_dir), weights(interrupted.run_dir)
+    a, b = checkpoint_weights(reference.run_dir), checkpoint_weights(interrupted.run_dir)
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
