@@ -1,6 +1,7 @@
 """The advisor's artifact: advice from the probe's measurements, written as advice.json / advice.md / goodput.png.
 
-`build` turns pipeline.advisor.probe's measurements into advice with pipeline.training.goodput's formulas; `write` writes it.
+`build` turns pipeline.advisor.probe's measurements into advice with pipeline.training.goodput's formulas; `write`
+writes it.
 Its one reader is pipeline/advised_config.py (pipeline.train --advice, the sweep's prediction check).
 """
 
