@@ -223,3 +223,22 @@ def test_resume_across_a_change_is_exact(adaptive_runs):
 ])
 def test_bad_values_are_one_line_errors(cli_error, argv, flag):
     assert cli_error(train_entry.main, argv).startswith(f"error: {flag}:")
+
+
+def test_timing_the_grid_leaves_the_model_and_optimizer_as_they_were():
+    import tensorflow as tf
+
+    from pipeline.data import loading
+    from pipeline.training import fit_loop
+
+    config = dataclasses.replace(config_lib.smoke(), batch=BASE, model="mlp")
+    data = loading.load(config)
+    model, _ = fit_loop.compiled_model(config, data)
+    before = [v.numpy().copy() for v in model.variables]
+    times, rows = adaptive_batch.time_grid(model, data, [32, 64], seed=0, strategy=tf.distribute.get_strategy())
+    assert sorted(times) == [32, 64] and all(t > 0 for t in times.values()) and len(rows) == 2
+    after = [v.numpy() for v in model.variables]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    # The ladder built the optimizer and trained 2 x 8 steps; its variables are back at their fresh values.
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert all(not np.any(v.numpy()) for v in model.optimizer.variables if "momentum" in v.path)
