@@ -249,6 +249,12 @@ class GradientStatistics(NoiseRecords):
             self._measure(step)
         super().on_train_end(logs)
 
+    def measure_now(self):
+        """Measures at the current step unless the latest record is of it: for a caller deciding on the latest noise
+        (an adaptive batch at an epoch's end); the record goes where the scheduled ones go."""
+        if not self.history or self.history[-1]["step"] < self._steps.step:
+            self._measure(self._steps.step)
+
     def sizes(self, step, previous_step):
         """(pilot, most) in micro-batches for a measurement at `step` after one at `previous_step` (or None).
 

@@ -166,7 +166,8 @@ RUN_FILES = {
     "tensorboard/": "TensorBoard logs: Keras' per-epoch scalars `epoch_<key>` in the folders `train/` and "
                     "`validation/`; every gradient-statistics measurement (x axis: step) in the folder `gradients/`, "
                     "tags `grad/...`, `grad_variables/...`, `grad_mean/...`, `grad_std/...`; the BatchNorm statistics "
-                    "and learning dynamics in the top folder itself, under the tag prefixes `bn/` and `dynamics/`",
+                    "and learning dynamics in the top folder itself, under the tag prefixes `bn/` and `dynamics/`; with "
+                    "`--batch adaptive`, `train/batch_size` and `train/lr_gain` by step in the folder `batch/`",
     "grad_stats.jsonl": "every gradient-statistics measurement: the estimates with their 95% intervals, and per "
                         "variable at every 10th measurement",
     "bn_stats.json": "every BatchNorm-statistics measurement, per layer, with the averages over layers",
@@ -183,11 +184,14 @@ RUN_FILES = {
     "evaluation/": "written by `python -m pipeline.evaluate RUN`: one folder per split with `evaluation.json`, "
                    "`confusion_matrix.json`, the plots and TensorBoard images",
     "summary.json": "how the run ended and what it measured (keys below); written by every ending of a started run",
+    "batch_decisions.jsonl": "with `--batch adaptive`: one line per decision at an epoch's end (step, old and new "
+                             "batch and learning rate, the pooled noise scale with its interval, the predicted goodput "
+                             "gain, the policy and its reason; see Adaptive batch)",
     "target_checks.npz": "with `--target-accuracy`: which validation examples each target check classified "
                          "correctly, the data of the sweep report's bootstrap intervals of steps and time to target",
 }
-# Entries that the tiny run may not write (the curvature instrument is off by default).
-OPTIONAL = ("target_checks.npz", "curvature.jsonl")
+# Entries that the tiny run may not write (the curvature instrument is off by default, the batch is fixed).
+OPTIONAL = ("target_checks.npz", "curvature.jsonl", "batch_decisions.jsonl")
 # summary.json keys whose Summary field has no comment of its own.
 SUMMARY_NOTES = {
     "run_dir": "the run directory",

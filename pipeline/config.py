@@ -17,6 +17,8 @@ AUGMENTS = ("auto", "none", "crop-flip")
 INPUTS = ("memory", "stream")
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+BATCH_POLICIES = ("goodput", "norm-test")
+ADAPTIVE = 0  # the value of --batch adaptive
 
 
 class InputError(ValueError):
@@ -54,7 +56,8 @@ class Config:
     bn_momentum: float = _field(0.9, "moving-average momentum of BatchNormalization (Keras default is 0.99)")
     # Optimization.
     batch: int = _field(32, "examples per step over all replicas, the global batch (per optimizer update: "
-                        "batch * accumulate)")
+                        "batch * accumulate); adaptive: start at --base-batch and follow the measured noise scale "
+                        "(--batch-policy, docs/adaptive_batch.md)", names={"adaptive": ADAPTIVE})
     epochs: int = _field(30, "passes over the training split")
     max_steps: int = _field(0, "stop after this many steps (0: no limit); a sweep's step or example budget")
     optimizer: str = _field("sgd", "sgd | nesterov | adam | adamw")
@@ -72,6 +75,13 @@ class Config:
     advice: str = _field("", "advice.json of pipeline.advise: train at its batch and learning rate (over --batch, --lr)")
     batch_schedule: str = _field(
         "", 'e.g. "32@0,128@10": batch 32 from epoch 0, 128 from epoch 10 (Smith et al. 2018)')
+    max_batch: int = _field(0, "--batch adaptive: the largest batch it may move to (0: the training split); the "
+                            "step-time ladder's memory limit caps it too")
+    batch_policy: str = _field("goodput", "--batch adaptive, decided at every epoch's end: goodput (the batch of "
+                               "highest predicted goodput, Pollux) | norm-test (double while the batch gradient's "
+                               "variance exceeds theta^2 |G|^2, De et al. 2017)")
+    norm_test_theta: float = _field(1.0, "--batch-policy norm-test: theta; the batch doubles while it is below "
+                                    "B_simple / theta^2")
     # Evaluation and instruments.
     precise_bn_samples: int = _field(8192, "training examples for the precise-BN pass before evaluation (0: off)")
     grad_stats_every: int = _field(-1, "steps between gradient-statistics measurements (0: off, -1: automatic: "
@@ -123,8 +133,13 @@ class Config:
         for square-root scaling (Krizhevsky 2014; Hoffer et al. 2017). The batch is the update's batch,
         batch * accumulate.
         """
-        ratio = self.batch * self.accumulate / self.base_batch
+        ratio = (self.batch or self.base_batch) * self.accumulate / self.base_batch
         return self.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
+
+    @property
+    def adaptive_batch(self) -> bool:
+        """--batch adaptive: the batch starts at base_batch and is decided during the run (training/adaptive_batch.py)."""
+        return self.batch == ADAPTIVE
 
     @property
     def milestone_epochs(self) -> tuple[float, ...]:
@@ -132,9 +147,10 @@ class Config:
 
     @property
     def batch_phases(self) -> tuple[tuple[int, int], ...]:
-        """The batch schedule as ((first_epoch, batch), ...), or ((0, batch),) when there is none."""
+        """The batch schedule as ((first_epoch, batch), ...), or ((0, batch),) when there is none; an adaptive batch's
+        first phase is ((0, base_batch),), the later ones are decided during the run."""
         if not self.batch_schedule:
-            return ((0, self.batch),)
+            return ((0, self.base_batch if self.adaptive_batch else self.batch),)
         phases = []
         for item in self.batch_schedule.split(","):
             batch, epoch = item.split("@")
@@ -205,6 +221,29 @@ def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _check_adaptive(c: Config) -> None:
+    """The fields of --batch adaptive, and the flags it cannot be combined with."""
+    _check(c.max_batch >= 0, "max_batch", f"got {c.max_batch}; must be >= 0 (0: the training split)")
+    _check(c.batch_policy in BATCH_POLICIES, "batch_policy",
+           f"got {c.batch_policy!r}; choose one of {', '.join(BATCH_POLICIES)}")
+    _check(_finite(c.norm_test_theta) and c.norm_test_theta > 0, "norm_test_theta", "must be a number > 0, e.g. 1")
+    if not c.adaptive_batch:
+        return
+    _check(not c.batch_schedule, "batch_schedule", "cannot be combined with --batch adaptive; choose one way for the "
+           "batch to change")
+    _check(not c.advice, "advice", "cannot be combined with --batch adaptive")
+    _check(c.max_batch == 0 or c.max_batch >= c.base_batch, "max_batch", f"{c.max_batch} is below --base-batch "
+           f"{c.base_batch}; --batch adaptive starts at the base batch and grows from it")
+    _check(c.lr_scaling == "none", "lr_scaling", "--batch adaptive scales --lr by AdaScale's gain from --base-batch; "
+           "use --lr-scaling none")
+    _check(c.accumulate == 1, "accumulate", "--batch adaptive sets the batch itself; use --accumulate 1")
+    _check(c.strategy != "multiworker", "strategy", "--batch adaptive decides on one worker; use one or mirrored")
+    _check(c.grad_stats_every != 0, "grad_stats_every", "--batch adaptive decides from the gradient statistics; use "
+           "-1 (automatic) or N > 0 steps")
+    _check(c.steps_per_execution in ("auto", "1"), "steps_per_execution", "--batch adaptive times single steps; use "
+           "1 or auto")
+
+
 def validate(config: Config) -> Config:
     """Checks every field that can be checked without reading data; raises InputError naming the flag."""
     c = config
@@ -221,7 +260,7 @@ def validate(config: Config) -> Config:
     _check(c.norm in NORMS, "norm", f"got {c.norm!r}; choose one of {', '.join(NORMS)}")
     _check(c.ghost_batch >= 1, "ghost_batch", "must be a positive integer")
     _check(_finite(c.bn_momentum) and 0 <= c.bn_momentum < 1, "bn_momentum", "must be in [0, 1)")
-    _check(c.batch >= 1, "batch", f"got {c.batch}; must be a positive integer")
+    _check(c.batch >= 1 or c.adaptive_batch, "batch", f"got {c.batch}; must be a positive integer or adaptive")
     _check(c.epochs >= 1, "epochs", f"got {c.epochs}; must be a positive integer")
     _check(c.max_steps >= 0, "max_steps", "must be >= 0 (0: no limit)")
     _check(c.optimizer in OPTIMIZERS, "optimizer", f"got {c.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -260,6 +299,7 @@ def validate(config: Config) -> Config:
         "e.g. 32@0,128@10",
     )
     _check(not (c.advice and c.batch_schedule), "advice", "cannot be combined with --batch-schedule")
+    _check_adaptive(c)
     _check(c.precise_bn_samples >= 0, "precise_bn_samples", "must be >= 0 (0: off)")
     _check(c.grad_stats_every >= -1, "grad_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
     _check(c.bn_stats_every >= -1, "bn_stats_every", "must be >= 0 steps (0: off) or -1 (automatic)")
@@ -279,7 +319,7 @@ def validate(config: Config) -> Config:
            f"{c.replicas} replicas need --strategy mirrored (got {c.strategy})")
     _check(c.replicas <= 1 or c.logical_cpus <= 1 or c.replicas <= c.logical_cpus, "replicas",
            f"{c.replicas} replicas need at least as many devices; --logical-cpus is {c.logical_cpus}")
-    _check(c.batch % max(1, c.replicas) == 0, "batch",
+    _check((c.batch or c.base_batch) % max(1, c.replicas) == 0, "base_batch" if c.adaptive_batch else "batch",
            f"{c.batch} does not split evenly over {c.replicas} replicas; use a multiple of --replicas")
     _check(c.steps_per_execution == "auto" or (c.steps_per_execution.isdigit() and int(c.steps_per_execution) >= 1),
            "steps_per_execution", f"got {c.steps_per_execution!r}; use a positive integer or auto")
@@ -341,4 +381,4 @@ def default_out(config: Config, folder: str) -> str:
 
 def default_run_dir(config: Config, now: str) -> str:
     """runs/<time>-<model>-b<batch>, the place a run writes to when --run-dir is not given."""
-    return os.path.join("runs", f"{now}-{config.model}-b{config.batch}")
+    return os.path.join("runs", f"{now}-{config.model}-b{config.batch or 'adaptive'}")

@@ -175,7 +175,8 @@ def _same_default(stated: str, code: str) -> bool:
 PAGES = {"README.md": "pipeline.train", "docs/getting-started.md": "pipeline.train", "docs/training.md": "pipeline.train",
          "docs/instruments.md": "pipeline.train", "docs/study.md": "pipeline.sweep", "docs/advisor.md": "pipeline.advise",
          "docs/serving.md": "pipeline.evaluate", "docs/scaling-out.md": "pipeline.train",
-         "docs/streaming.md": "pipeline.train", "docs/architecture.md": "pipeline.train", "docs/index.md": "pipeline.train"}
+         "docs/streaming.md": "pipeline.train", "docs/architecture.md": "pipeline.train", "docs/index.md": "pipeline.train",
+         "docs/adaptive_batch.md": "pipeline.train"}
 
 
 def _read(page: str) -> str:

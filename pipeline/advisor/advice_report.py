@@ -1,6 +1,7 @@
 """The advisor's artifact: advice from the probe's measurements, written as advice.json / advice.md / goodput.png.
 
-`build` turns pipeline.advisor.probe's measurements into advice with pipeline.advisor.goodput's formulas; `write` writes it.
+`build` turns pipeline.advisor.probe's measurements into advice with pipeline.training.goodput's formulas; `write`
+writes it.
 Its one reader is pipeline/advised_config.py (pipeline.train --advice, the sweep's prediction check).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 
-from pipeline.advisor import goodput
+from pipeline.training import goodput
 from pipeline.config import Config
 
 MAX_SPREAD = 4.0  # B_simple's interval hi / lo above which the noise scale counts as not determined
@@ -38,7 +39,7 @@ def phase_text(phase: dict) -> str:
 
 
 def build(measured: dict, config: Config, max_batch: int) -> dict:
-    """Advice from probe.probe()'s measurements (see pipeline/advisor/goodput.py for the formulas).
+    """Advice from probe.probe()'s measurements (see pipeline/training/goodput.py for the formulas).
 
     Returns:
         A dict with "status" ("recommended" or "undetermined"), "message" (one line), the measurements, and for

@@ -1,7 +1,7 @@
 """Recommends a batch size and learning rate from a short probe: `python -m pipeline.advise --max-batch 256`.
 
 The probe (pipeline/advisor/probe.py) trains a few hundred steps at --base-batch with --lr, measuring the gradient noise
-scale, and times training steps at a ladder of batch sizes up to --max-batch; pipeline/advisor/goodput.py turns that into
+scale, and times training steps at a ladder of batch sizes up to --max-batch; pipeline/training/goodput.py turns that into
 goodput by batch size; <out>/advice.json, advice.md and goodput.png hold the result, and one line is printed.
 `python -m pipeline.train --advice <out>/advice.json` then trains at the advised batch and learning rate.
 """
@@ -17,8 +17,10 @@ from pipeline import config as config_lib
 from pipeline import cli, flags, startup
 from pipeline.config import InputError
 
-# Config fields the advisor decides or does not use: the probe runs at --base-batch, in --out.
-NOT_FLAGS = ("batch", "batch_schedule", "advice", "run_dir", "resume", "overwrite", "export")
+# Config fields the advisor decides or does not use: the probe runs at --base-batch, in --out; its own --max-batch
+# replaces the adaptive batch's.
+NOT_FLAGS = ("batch", "batch_schedule", "advice", "run_dir", "resume", "overwrite", "export", "max_batch",
+             "batch_policy", "norm_test_theta")
 
 
 def _count(text: str) -> int:

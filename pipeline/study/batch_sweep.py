@@ -112,7 +112,7 @@ class Spec:
 
 
 def run_name(norm: str, batch: int, seed: int, replicas: int | None = None) -> str:
-    return f"{norm}-b{batch}" + (f"-r{replicas}" if replicas else "") + f"-s{seed}"
+    return f"{norm}-b{batch or 'adaptive'}" + (f"-r{replicas}" if replicas else "") + f"-s{seed}"
 
 
 def on_replicas(config: Config, replicas: int, gpus: int) -> Config:
@@ -138,7 +138,10 @@ def run_configs(config: Config, spec: Spec, num_train: int, gpus: int = 0) -> li
                                                          spec.seeds):
         if batch > num_train:
             raise InputError(f"--batch: {batch} is larger than the training split ({num_train} examples)")
-        run = budget.apply(dataclasses.replace(config, norm=norm, batch=batch, seed=seed), batch, num_train)
+        run = dataclasses.replace(config, norm=norm, batch=batch, seed=seed)
+        if batch == config_lib.ADAPTIVE:  # starts at the base batch; AdaScale scales the lr (docs/adaptive_batch.md)
+            run, batch = dataclasses.replace(run, lr_scaling="none"), config.base_batch
+        run = budget.apply(run, batch, num_train)
         if replicas:
             run = on_replicas(run, replicas, gpus)
         if spec.warmup_fraction is not None:
@@ -234,7 +237,17 @@ def _counts(example: str):
                       f"use distinct positive integers separated by commas, e.g. {example}")
 
 
-_batches, _replica_counts = _counts("8,16,32"), _counts("1,2,4")
+_replica_counts = _counts("1,2,4")
+# Batch sizes, and "adaptive" (config_lib.ADAPTIVE, 0): a run whose batch follows the noise scale, at --base-batch.
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    sizes = [config_lib.ADAPTIVE if item == "adaptive" else int(item) for item in _items(text)]
+    if any(size < 1 for size, item in zip(sizes, _items(text)) if item != "adaptive"):
+        raise ValueError(text)
+    return tuple(sorted(sizes))
+
+
+_batches = _flag_type(_batch_sizes, lambda v: len(set(v)) == len(v),
+                      "use distinct positive integers or adaptive separated by commas, e.g. 8,16,32,adaptive")
 _norms = _flag_type(_items, lambda v: set(v) <= set(config_lib.NORMS) and len(set(v)) == len(v),
                     f"use distinct names from {', '.join(config_lib.NORMS)} separated by commas, e.g. batch,group")
 _positive_int = _flag_type(int, lambda v: v >= 1, "must be a positive integer")
@@ -252,8 +265,8 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> tuple[str, ...]:
     preset = config_lib.batch_study()
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument("--batch", dest="batches", type=_batches, default=",".join(map(str, Spec.batches)),
-                       metavar="LIST", help="batch sizes, e.g. 8,16,32,64,128,256 (default: "
-                                            f"{','.join(map(str, DEFAULT_BATCHES))})")
+                       metavar="LIST", help="batch sizes, e.g. 8,16,32,64,128,256, and adaptive (a run of pipeline.train "
+                                            f"--batch adaptive) (default: {','.join(map(str, DEFAULT_BATCHES))})")
     sweep.add_argument("--norm", dest="norms", type=_norms, default="batch", metavar="LIST",
                        help=f"normalizations, each run at every batch size, from {', '.join(config_lib.NORMS)}")
     sweep.add_argument("--replicas", dest="replica_counts", type=_replica_counts, default=None, metavar="LIST",

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from pipeline.advisor import goodput
+from pipeline.training import goodput
 from pipeline.study import bootstrap
 from pipeline.study import fits as fits_lib
 

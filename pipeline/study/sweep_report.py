@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline import cli, run_timing, rundir, startup
 from pipeline.config import InputError
-from pipeline.study import bootstrap, claims
+from pipeline.study import adaptive_report, bootstrap, claims
 from pipeline.study import findings as findings_lib
 from pipeline.study import fits as fits_lib
 from pipeline.study import hparams, loss_line, prediction_check, sharpness, sharpness_plots, tuning
@@ -264,6 +264,8 @@ def markdown(report: dict, plot_files: dict[str, str]) -> str:
             lines.append(f"| {project} | {len(trials)} | {cells}")
     if report.get("prediction"):
         lines += ["", prediction_check.markdown(report["prediction"])]
+    if report.get("adaptive"):
+        lines += ["", adaptive_report.markdown(report["adaptive"], report["adaptive"]["plot"])]
     failed = [r for r in report["runs"] if r["status"] != "completed"]
     if failed:
         lines += ["", "## Runs not completed", ""] + [f"- {r['name']}: {r['status']} {r['reason']}" for r in failed]
@@ -281,7 +283,9 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     Raises:
       InputError: sweep_dir holds no runs.
     """
-    rows = [row for row in map(read_run, sorted(glob.glob(os.path.join(sweep_dir, "runs", "*")))) if row]
+    run_dirs = sorted(glob.glob(os.path.join(sweep_dir, "runs", "*")))
+    adaptive_dirs = [d for d in run_dirs if adaptive_report.is_adaptive(d)]  # beside the fixed batches, not in fits
+    rows = [row for row in map(read_run, [d for d in run_dirs if d not in adaptive_dirs]) if row]
     if not rows:
         raise InputError(f"sweep directory {sweep_dir} holds no runs (expected {os.path.join(sweep_dir, 'runs', '*')})")
     sweep = rundir.read_json(os.path.join(sweep_dir, "sweep.json")) or {"config": {}}
@@ -303,6 +307,9 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     report["answers"] = findings_lib.answers(report)
     report["findings"] = findings_lib.findings(report)
     report["prediction"] = prediction_check.for_sweep(sweep_dir, groups)
+    report["adaptive"] = adaptive_report.section(adaptive_dirs, groups)
+    if report["adaptive"]:
+        report["adaptive"]["plot"] = adaptive_report.plot(report["adaptive"], sweep_dir)
     report["plots"] = plots(report, rows, sweep_dir)
     report["sharpness"] = sharpness.study(rows)
     if report["sharpness"]["measured"]:

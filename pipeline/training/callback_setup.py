@@ -90,8 +90,26 @@ def _whole_split(config: Config, data):
     return tf.data.Dataset.from_tensor_slices(data.arrays("train")).batch(1024)
 
 
-def build(config, data, run_dir: str, schedule, strategy, topology, measuring: list) -> list:
+def adaptive_batch(config: Config, data, run_dir: str, topology, measuring: list):
+    """The controller of --batch adaptive (training/adaptive_batch.py), deciding from the gradient statistics in
+    `measuring`, on the grid from --base-batch up to --max-batch (or the training split)."""
+    from callbacks import GradientStatistics
+    from callbacks.replica_gradient_stats import ReplicaGradientStatistics
+    from pipeline.training import adaptive_batch, batch_policy
+
+    gradients = next(m for m in measuring if isinstance(m, (GradientStatistics, ReplicaGradientStatistics)))
+    largest = min(config.max_batch or data.num_train, data.num_train)
+    return adaptive_batch.AdaptiveBatch(
+        config.batch_policy, gradients, batch_policy.grid(config.base_batch, largest), base_batch=config.base_batch,
+        optimizer=config.optimizer, num_train=data.num_train, epochs=config.epochs,
+        run_dir=run_dir, instruments=measuring, theta=config.norm_test_theta)
+
+
+def build(config, data, run_dir: str, schedule, strategy, topology, measuring: list, phases=None) -> list:
     """The callback list, in order: the run's stops, the instruments `measuring`, then loggers and the checkpoint.
+
+    phases: the run's ((first_epoch, batch), ...), config.batch_phases by default; with --batch adaptive the
+    controller's list, which grows as it decides.
 
     Instruments come before the loggers, so that loggers see their values.
     A multi-worker run's other workers (not the chief) get only the callbacks that keep them in step; they write
@@ -104,7 +122,7 @@ def build(config, data, run_dir: str, schedule, strategy, topology, measuring: l
     from pipeline.training import checkpoint
     from pipeline.training import run_control as run
 
-    phases = config.batch_phases
+    phases = config.batch_phases if phases is None else phases
     result = [run.SetEpoch(data), run.StopOnNonFinite()]
     if config.max_steps:
         result.append(run.StopAtMaxSteps(config.max_steps, phases, data.num_train))

@@ -51,6 +51,9 @@ class Summary:
     wall_time_s: float = 0.0  # the last attempt's, from its start to this summary
     train_time_s: float = 0.0  # the last attempt's time inside the training epochs it finished
     instrument_time_s: float = 0.0  # the part of train_time_s spent measuring (gradient/BN statistics, dynamics)
+    # --batch adaptive, goodput policy: the last attempt's seconds timing the grid's batches before training (each
+    # traced there), outside train_time_s and the time to target.
+    batch_ladder_s: float = 0.0
     # What the instruments could not restore from the checkpoint when the run resumed, one line each.
     instruments_not_restored: list = dataclasses.field(default_factory=list)
     # These three are defined once, in pipeline/rundir.py (medians over the epochs after the first, measuring
@@ -93,12 +96,14 @@ def _fill_from_history(summary: Summary, history: list[dict], target: float, rea
         summary.time_to_target_s = run_timing.time_to_target(history, reached)
 
 
-def compiled_model(config: Config, data, steps_per_execution: int = 1, replica_norms: bool = False):
+def compiled_model(config: Config, data, steps_per_execution: int = 1, replica_norms: bool = False,
+                   adaptive: bool = False):
     """The run's model compiled with its optimizer, loss and accuracy metric; returns (model, lr schedule).
 
     Under a tf.distribute strategy, call it inside strategy.scope(). steps_per_execution: training steps per
     compiled call (speed.steps_per_execution); config.jit compiles them with XLA. replica_norms: the training step
     also reports the replica gradients' squared norms (callbacks/replica_norms.py; same update and weights).
+    adaptive: the schedule is an optim.AdaptiveSchedule, whose phases --batch adaptive sets during the run.
     """
     from models import Norm, build_model
     from pipeline.training import optim
@@ -110,7 +115,8 @@ def compiled_model(config: Config, data, steps_per_execution: int = 1, replica_n
         from callbacks.replica_norms import with_replica_norms
 
         model = with_replica_norms(model)
-    schedule = optim.learning_rate(config, [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases])
+    phases = [(epoch, data.num_train // batch) for epoch, batch in config.batch_phases]
+    schedule = optim.adaptive_learning_rate(config, phases[0][1]) if adaptive else optim.learning_rate(config, phases)
     model.compile(optimizer=optim.build_optimizer(config, schedule), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], steps_per_execution=steps_per_execution, jit_compile=config.jit)
     return model, schedule
@@ -146,22 +152,26 @@ def train(config: Config) -> Summary:
       InputError: the config, the data, the run directory or its checkpoint is unusable.
     """
     config = config_lib.validate(config)
-    batch_source = "--batch-schedule" if config.batch_schedule else "--batch"
+    adaptive = config.adaptive_batch
+    batch_source = "--batch-schedule" if config.batch_schedule else "--batch adaptive" if adaptive else "--batch"
     if config.advice:
         from pipeline import advised_config
 
         config, batch_source = advised_config.apply(config)
+    # config.json records --batch adaptive as given; the run itself starts at its first phase's batch.
+    recorded = config
     # With a batch schedule, --batch is the first phase's batch (the lr scaling rule refers to it).
     config = dataclasses.replace(config, batch=config.batch_phases[0][1])
+    recorded = recorded if adaptive else config
     if config.strategy == "multiworker" and not config.run_dir:
         raise InputError("--run-dir: a multiworker run needs one --run-dir, the same on every worker")
-    run_dir = config.run_dir or config_lib.default_run_dir(config, time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = config.run_dir or config_lib.default_run_dir(recorded, time.strftime("%Y%m%d-%H%M%S"))
     if config.resume and not config.run_dir:  # the most recent unfinished run of this config, next to new runs
-        run_dir = rundir.latest_resumable(config, os.path.dirname(run_dir))
-    config = dataclasses.replace(config, run_dir=run_dir)
+        run_dir = rundir.latest_resumable(recorded, os.path.dirname(run_dir))
+    config, recorded = (dataclasses.replace(c, run_dir=run_dir) for c in (config, recorded))
     chief = config.strategy != "multiworker" or distribute.is_chief(distribute.read_tf_config())
     # Only the chief checks and writes the run directory; another worker continues when told to (--resume).
-    continuing = rundir.check(config, run_dir) if chief else config.resume
+    continuing = rundir.check(recorded, run_dir) if chief else config.resume
     started = time.perf_counter()
 
     import keras
@@ -184,13 +194,15 @@ def train(config: Config) -> Summary:
                              "multiple of the replica count (it is the global batch)")
     parallel = {"strategy": topology.strategy, "replicas": topology.replicas, "workers": topology.workers,
                 "per_replica_batch": topology.per_replica_batch(config.batch),
-                "steps_per_execution": execution.steps_per_execution(config, data.num_train, topology.replicas),
+                # --batch adaptive: one step per call, whatever the batch's steps per epoch (validated: auto or 1).
+                "steps_per_execution": 1 if adaptive else execution.steps_per_execution(config, data.num_train,
+                                                                                        topology.replicas),
                 "intra_op_threads": threads}
     execution.set_precision(config)
     # With replicas, the gradient statistics come from the training step itself (callbacks/replica_norms.py).
     replica_norms = topology.replicas > 1 and config_lib.instrument_interval(config.grad_stats_every) != 0
     with strategy.scope():
-        model, schedule = compiled_model(config, data, parallel["steps_per_execution"], replica_norms)
+        model, schedule = compiled_model(config, data, parallel["steps_per_execution"], replica_norms, adaptive)
     checkpoints = os.path.join(run_dir, "checkpoints")
     restored = None
     if continuing:  # Another worker restores from a copy: restoring removes unfinished files from its folder.
@@ -198,13 +210,13 @@ def train(config: Config) -> Summary:
             restored = checkpoint.restore(model, checkpoints if chief else distribute.worker_folder(checkpoints))
     first_epoch = restored["epoch"] if restored else 0  # of this attempt: later history records are its own
     with interrupts.deferred():  # A signal from here on ends the run with its summary (checked in the try below).
-        attempts = rundir.create(config, run_dir, parallel) if chief else 1
+        attempts = rundir.create(recorded, run_dir, parallel) if chief else 1
         summary = Summary(status="completed", run_dir=run_dir, stage="setup", batch_source=batch_source,
                           attempts=attempts, **parallel)
     lost_worker = tf.errors.OpError if topology.workers > 1 else ()  # a collective failed: a worker is gone
     try:
         interrupts.check()
-        _fit(config, data, model, run_dir, restored, schedule, summary, strategy, topology)
+        _fit(config, data, model, run_dir, restored, schedule, summary, strategy, topology, adaptive)
         _finish(config, data, model, run_dir, summary, chief)
     except run_control.NonFiniteLoss as e:
         summary.status, summary.reason = "failed", str(e)
@@ -238,8 +250,9 @@ def _write_summary(summary: Summary, config: Config, started: float, first_epoch
 
 
 def _fit(config: Config, data, model, run_dir: str, restored: dict | None, schedule, summary: Summary, strategy,
-         topology) -> None:
-    """Trains from the restored checkpoint (if any) through the batch phases to config.epochs or max_steps."""
+         topology, adaptive: bool = False) -> None:
+    """Trains from the restored checkpoint (if any) through the batch phases to config.epochs or max_steps; with
+    `adaptive` (--batch adaptive) through the phases that training/adaptive_batch.py decides as it goes."""
     from pipeline.training import callback_setup
 
     bn_batch = config.batch if config.norm == "syncbatch" else topology.per_replica_batch(config.batch)
@@ -250,23 +263,35 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
     else:
         gradients_only = dataclasses.replace(config, bn_stats_every=0, dynamics=False, curvature_every=0)
         measuring = callback_setup.instruments(gradients_only, data, model, run_dir, replicas=topology.replicas)
+    controller = callback_setup.adaptive_batch(config, data, run_dir, topology, measuring) if adaptive else None
+    if controller:  # First: at an epoch's end it decides before the instruments log their values.
+        measuring.insert(0, controller)
     if config.target_accuracy and topology.workers == 1:
         measuring.append(callback_setup.target_check(config, data, run_dir, measuring))
+    phases = controller.phases if controller else config.batch_phases
     # Last: a signal whose KeyboardInterrupt was lost (pipeline/interrupts.py) ends the run after the batch.
-    callbacks = callback_setup.build(config, data, run_dir, schedule, strategy, topology, measuring)
+    callbacks = callback_setup.build(config, data, run_dir, schedule, strategy, topology, measuring, phases)
     callbacks.append(interrupts.callback())
     if topology.is_chief:  # the instruments go on from the state committed with the weights
         from pipeline.training import checkpoint
 
-        fit_ends = [first for first, _ in config.batch_phases[1:]] + [config.epochs]
+        folder = os.path.join(run_dir, "checkpoints")
+        if controller and restored:  # its phases first: they say which epochs ended a fit() call
+            checkpoint.restore_instruments([controller], folder, restored)
+        fit_ends = [first for first, _ in phases[1:]] + [config.epochs]
         ended = bool(restored) and (restored["epoch"] in fit_ends or 0 < config.max_steps <= restored["step"])
-        summary.instruments_not_restored = checkpoint.resume_instruments(
-            measuring, model, os.path.join(run_dir, "checkpoints"), restored, ended)
+        summary.instruments_not_restored = checkpoint.resume_instruments(measuring, model, folder, restored, ended)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     val = data.eval_dataset("val", config.batch)
     trained, steps = (restored["epoch"], restored["step"]) if restored else (0, 0)
     summary.stage = "training"
     if config.max_steps and steps >= config.max_steps:
+        return
+    if controller:
+        from pipeline.training import adaptive_batch
+
+        summary.batch_ladder_s = adaptive_batch.train_phases(config, data, model, controller, schedule, strategy,
+                                                             topology, callbacks, val, verbose, trained)
         return
     for i, (first_epoch, batch) in enumerate(config.batch_phases):
         last_epoch = config.batch_phases[i + 1][0] if i + 1 < len(config.batch_phases) else config.epochs

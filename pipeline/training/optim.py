@@ -57,8 +57,12 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_epochs = float(warmup_epochs)
         self._epochs = PhasedEpochs(self.phases)
 
+    def epoch(self, step):
+        """Fractional epoch at a step (tensor or number)."""
+        return self._epochs.epoch(step)
+
     def __call__(self, step):
-        epoch = self._epochs.epoch(step)
+        epoch = self.epoch(step)
         lr = self.decay(epoch * self.phases[0][1])
         if self.warmup_epochs > 0:
             # The +1 step keeps the first update from having a learning rate of exactly zero.
@@ -78,6 +82,41 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         config = dict(config)
         config["decay"] = keras.saving.deserialize_keras_object(config["decay"])
         return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="batchscope")
+class AdaptiveSchedule(EpochSchedule):
+    """The EpochSchedule of `--batch adaptive`, whose phases are decided during the run (training/adaptive_batch.py).
+
+    The phase in force lives in variables that the run sets before each fit() call (`set_phase`), so the compiled
+    step reads it: epoch(step) = first_epoch + (step - first_step) / steps_per_epoch, and
+    lr(step) = gain * EpochSchedule's lr at that epoch, gain being AdaScale's r of the phase's batch
+    (pipeline/training/goodput.py), fixed for the phase.
+    """
+
+    def __init__(self, decay, steps_per_epoch, warmup_epochs=0.0):
+        super().__init__(decay, [(0, steps_per_epoch)], warmup_epochs)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self._phase = {name: keras.Variable(value, dtype="float32", trainable=False, name=f"lr_phase_{name}")
+                       for name, value in (("first_step", 0.0), ("first_epoch", 0.0),
+                                           ("steps_per_epoch", float(steps_per_epoch)), ("gain", 1.0))}
+
+    def set_phase(self, first_step: int, first_epoch: int, steps_per_epoch: int, gain: float) -> None:
+        """Makes the phase that starts at `first_step` (batches trained) and `first_epoch` the one in force."""
+        for name, value in (("first_step", first_step), ("first_epoch", first_epoch),
+                            ("steps_per_epoch", steps_per_epoch), ("gain", gain)):
+            self._phase[name].assign(float(value))
+
+    def epoch(self, step):
+        step = keras.ops.cast(step, "float32")
+        return self._phase["first_epoch"] + (step - self._phase["first_step"]) / self._phase["steps_per_epoch"]
+
+    def __call__(self, step):
+        return self._phase["gain"] * super().__call__(step)
+
+    def get_config(self):
+        return {"decay": keras.saving.serialize_keras_object(self.decay), "steps_per_epoch": self.steps_per_epoch,
+                "warmup_epochs": self.warmup_epochs}
 
 
 def decay_schedule(config: Config, steps_per_epoch: int):
@@ -100,6 +139,11 @@ def decay_schedule(config: Config, steps_per_epoch: int):
     if config.schedule == "exponential":
         return schedules.ExponentialDecay(lr, steps_per_epoch, gamma)
     return schedules.CosineDecay(lr, decay_steps=epochs * steps_per_epoch)
+
+
+def adaptive_learning_rate(config: Config, steps_per_epoch: int) -> AdaptiveSchedule:
+    """The schedule of --batch adaptive, starting with steps_per_epoch batches of --base-batch per epoch."""
+    return AdaptiveSchedule(decay_schedule(config, steps_per_epoch), steps_per_epoch, config.warmup_epochs)
 
 
 def learning_rate(config: Config, phases: list[tuple[int, int]]) -> EpochSchedule:

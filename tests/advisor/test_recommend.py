@@ -14,7 +14,8 @@ import pytest
 from pipeline import config as config_lib
 from pipeline import advised_config
 from pipeline.advisor import advice_report as advice_lib
-from pipeline.advisor import goodput, probe
+from pipeline.advisor import probe
+from pipeline.training import goodput, step_times
 from pipeline.study import prediction_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -93,7 +94,7 @@ def test_out_of_memory_is_reported_and_caps_the_advice():
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[128,16,32,32]")
         return [0.01 + 0.0004 * batch] * 4
 
-    rows = probe.time_ladder(fake_steps, LADDER)
+    rows = step_times.time_ladder(fake_steps, LADDER)
     assert tried == [8, 16, 32, 64, 128]  # stops at the first failure
     assert [r["batch"] for r in rows] == [8, 16, 32, 64, 128]
     assert "error" not in rows[3] and rows[4]["error"].startswith("out of memory (ResourceExhaustedError: OOM")
@@ -103,8 +104,8 @@ def test_out_of_memory_is_reported_and_caps_the_advice():
             raise MemoryError()
         return [0.02, 0.01, 0.03]
 
-    rows = probe.time_ladder(host_memory, LADDER)
-    assert rows[0]["seconds_per_step"] == pytest.approx(np.quantile([0.02, 0.01, 0.03], probe.QUANTILE))
+    rows = step_times.time_ladder(host_memory, LADDER)
+    assert rows[0]["seconds_per_step"] == pytest.approx(np.quantile([0.02, 0.01, 0.03], step_times.QUANTILE))
     assert rows[-1] == {"batch": 32, "error": "out of memory (MemoryError: MemoryError)"}
 
     # With noise that favours large batches, the advice stays 10% under the largest batch that ran.

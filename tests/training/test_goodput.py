@@ -1,11 +1,11 @@
-"""The advisor's arithmetic: AdaptDL's efficiency, gain and goodput on numbers worked by hand; the step-time fit."""
+"""The goodput arithmetic (advisor and adaptive batch): AdaptDL's efficiency, gain and goodput on numbers worked by hand; the step-time fit."""
 
 import math
 
 import numpy as np
 import pytest
 
-from pipeline.advisor import goodput
+from pipeline.training import goodput
 
 # AdaptDL's GradParams at the initial batch M0 = 32: sqr = |G|^2 = 2.0, var = tr(Sigma) / M0 = 3.0,
 # so phi = B_simple = var * M0 / sqr = 48.
