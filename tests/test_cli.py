@@ -60,35 +60,26 @@ def test_bad_flags(index, refusals):
     assert_one_line_error(refusals["flags", index], *words)
 
 
-@pytest.mark.slow
-def test_bad_config_file(tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"batch": "big"}))
-    assert_one_line_error(run_train("--config", str(path)), "batch", "int")
-    path.write_text(json.dumps({"btach": 32}))
-    assert_one_line_error(run_train("--config", str(path)), "btach")
-    path.write_text("{not json")
-    assert_one_line_error(run_train("--config", str(path)), "--config", "JSON")
-
-
-@pytest.mark.slow
-def test_unwritable_run_dir(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("a file where a folder should be")
-    assert_one_line_error(run_train("--run-dir", str(blocker / "run")), "--run-dir")
-
-
-@pytest.mark.slow
-def test_finished_run_needs_resume_or_overwrite(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
-    assert_one_line_error(run_train("--run-dir", str(run_dir)), "--run-dir", "--overwrite")
+# (arguments given the folder of the files below, words the error line names) of a config file or run directory that
+# is refused.
+BAD_FILES = [
+    (lambda tmp: ["--config", f"{tmp}/config_big.json"], ["batch", "int"]),
+    (lambda tmp: ["--config", f"{tmp}/config_typo.json"], ["btach"]),
+    (lambda tmp: ["--config", f"{tmp}/config_broken.json"], ["--config", "JSON"]),
+    (lambda tmp: ["--run-dir", f"{tmp}/file/run"], ["--run-dir"]),  # a file where a folder should be
+    (lambda tmp: ["--run-dir", f"{tmp}/completed"], ["--run-dir", "--overwrite"]),
     # --overwrite replaces the run only once the new command is accepted.
-    assert_one_line_error(run_train("--run-dir", str(run_dir), "--overwrite", "--batch", "100000"), "--batch")
-    assert json.loads((run_dir / "summary.json").read_text()) == {"status": "completed"}
-    (run_dir / "summary.json").write_text(json.dumps({"status": "interrupted"}))
-    assert_one_line_error(run_train("--run-dir", str(run_dir)), "--run-dir", "--resume")
+    (lambda tmp: ["--run-dir", f"{tmp}/completed", "--overwrite", "--batch", "100000"], ["--batch"]),
+    (lambda tmp: ["--run-dir", f"{tmp}/interrupted"], ["--run-dir", "--resume"]),
+]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_FILES)), ids=[" ".join(words) for _, words in BAD_FILES])
+@pytest.mark.slow
+def test_bad_config_file_or_run_dir(index, refusals):
+    assert_one_line_error(refusals["files", index], *BAD_FILES[index][1])
+    assert json.loads((refusals["folder"] / "completed" / "summary.json").read_text()) == {"status": "completed"}
+    assert not os.path.exists(refusals["folder"] / "file" / "run")
 
 
 # (arguments given the folder of the data files below, words the error line names) of data that is refused.
@@ -110,7 +101,14 @@ BAD_DATA = [
 
 
 def _write_bad_data(tmp) -> None:
-    """The files BAD_DATA refers to, in the folder tmp."""
+    """The files BAD_FILES and BAD_DATA refer to, in the folder tmp."""
+    (tmp / "config_big.json").write_text(json.dumps({"batch": "big"}))
+    (tmp / "config_typo.json").write_text(json.dumps({"btach": 32}))
+    (tmp / "config_broken.json").write_text("{not json")
+    (tmp / "file").write_text("a file where a folder should be")
+    for status in ("completed", "interrupted"):
+        (tmp / status).mkdir()
+        (tmp / status / "summary.json").write_text(json.dumps({"status": status}))
     rng = np.random.default_rng(0)
     np.savez(tmp / "bad_keys.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(10))
     np.savez(tmp / "bad_labels.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(9, int),
@@ -137,13 +135,15 @@ def _write_bad_data(tmp) -> None:
 
 @pytest.fixture(scope="module")
 def refusals(tmp_path_factory):
-    """{("flags" | "data", index): the result of that case}: every case of BAD_FLAGS and BAD_DATA run by
-    `python -m pipeline.train` code in one process of its own (tests/train_cases.py), each case's stdout and stderr
-    captured apart at their file descriptors, so that a line from TensorFlow's C++ code would show too."""
+    """{("flags" | "files" | "data", index): the result of that case}: every case of BAD_FLAGS, BAD_FILES and
+    BAD_DATA run by `python -m pipeline.train` code in one process of its own (tests/train_cases.py), each case's
+    stdout and stderr captured apart at their file descriptors, so that a line from TensorFlow's C++ code would show
+    too."""
     tmp = tmp_path_factory.mktemp("refusals")
     _write_bad_data(tmp)
-    keys = [("flags", i) for i in range(len(BAD_FLAGS))] + [("data", i) for i in range(len(BAD_DATA))]
-    cases = [args for args, _ in BAD_FLAGS] + [
+    keys = [("flags", i) for i in range(len(BAD_FLAGS))] + [("files", i) for i in range(len(BAD_FILES))] + [
+        ("data", i) for i in range(len(BAD_DATA))]
+    cases = [args for args, _ in BAD_FLAGS] + [make_args(tmp) for make_args, _ in BAD_FILES] + [
         [*make_args(tmp), "--run-dir", str(tmp / f"runs{i}" / "run"), "--epochs", "1"]
         for i, (make_args, _) in enumerate(BAD_DATA)]
     (tmp / "cases.json").write_text(json.dumps(cases))
