@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the sweep's preset)")
     parser.add_argument("--target-accuracy", type=float, default=None, help="default: the sweep's preset")
     parser.add_argument("--batch", default=None, help="the sweep's batch sizes, comma-separated")
+    parser.add_argument("--note", default="", help="kept in the result file's settings: the conditions of this run "
+                        "(e.g. a machine shared with other jobs)")
     args = parser.parse_args(argv)
 
     from pipeline import train

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 
@@ -74,7 +75,8 @@ class Recorder:
         if not name or os.sep in name:
             raise ValueError(f"name: a plain file stem is needed, got {name!r}")
         self.name = name
-        self.command = " ".join(["python", *(sys.argv if argv is None else argv)])
+        # Quoted as a shell needs it, so that the command can be pasted (a --note of several words).
+        self.command = shlex.join(["python", *(sys.argv if argv is None else argv)])
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.load_before = _load()
 

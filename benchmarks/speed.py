@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=6, help="epochs per run; the first is not timed")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--note", default="", help="kept in the result file's settings: the conditions of this run "
+                        "(e.g. a machine shared with other jobs)")
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # one variant, in a child
     args = parser.parse_args(argv)
     if args.epochs < 2 or args.rounds < 1:

@@ -72,8 +72,8 @@ def fit_epochs(config, data, validation: bool) -> tuple[float, float, float]:
     keras.utils.set_random_seed(config.seed)
     steps_per_execution = execution.steps_per_execution(config, data.num_train)
     model, _ = fit_loop.compiled_model(config, data, steps_per_execution)
-    make, steps = data.fit_input(config.batch, seed=config.seed, first_epoch=0, epochs=config.epochs,
-                                 steps_per_execution=steps_per_execution)
+    fit_input = data.fit_input(config.batch, seed=config.seed, first_epoch=0, epochs=config.epochs,
+                               steps_per_execution=steps_per_execution)
     wall, cpu = [], []
 
     class Clock(keras.callbacks.Callback):
@@ -84,7 +84,8 @@ def fit_epochs(config, data, validation: bool) -> tuple[float, float, float]:
             wall.append(time.perf_counter() - self.wall)
             cpu.append(time.process_time() - self.cpu)
 
-    model.fit(make(), epochs=config.epochs, steps_per_epoch=steps, callbacks=[Clock()],
+    model.fit(fit_input.make(), epochs=config.epochs, steps_per_epoch=fit_input.steps_per_epoch,
+              callbacks=[*fit_input.callbacks, Clock()],
               shuffle=False,
               validation_data=data.eval_dataset("val", config.batch) if validation else None, verbose=0)
     return wall[0], statistics.mean(wall[1:]), statistics.mean(cpu[1:])
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=4, help="epochs per measurement; the first is not timed")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--note", default="", help="kept in the result file's settings: the conditions of this run "
+                        "(e.g. a machine shared with other jobs)")
     args = parser.parse_args(argv)
     if args.epochs < 2 or args.rounds < 1:
         parser.error("--epochs must be >= 2 and --rounds >= 1")

@@ -27,113 +27,142 @@ def assert_one_line_error(result, *words):
         assert word in lines[0], lines[0]
 
 
-@pytest.mark.parametrize(
-    "args, words",
-    [
-        (["--batch", "0"], ["--batch", "positive"]),
-        (["--batch", "-3"], ["--batch"]),
-        (["--batch", "2.5"], ["--batch", "integer"]),
-        (["--batch", "many"], ["--batch", "integer"]),
-        (["--model", "resnet7"], ["--model", "resnet20"]),
-        (["--replicas", "2"], ["--replicas", "--strategy mirrored"]),
-        (["--intra-op-threads", "-2"], ["--intra-op-threads", "automatic"]),
-        (["--replicas", "4", "--strategy", "mirrored", "--logical-cpus", "2"], ["--replicas", "--logical-cpus is 2"]),
-        (["--replicas", "4", "--strategy", "mirrored", "--batch", "30"], ["--batch", "4 replicas"]),
-        (["--norm", "instance"], ["--norm", "group"]),
-        (["--optimizer", "lbfgs"], ["--optimizer", "adam"]),
-        (["--schedule", "poly"], ["--schedule", "cosine"]),
-        (["--lr", "0"], ["--lr"]),
-        (["--lr", "-1"], ["--lr"]),
-        (["--lr", "nan"], ["--lr", "finite"]),
-        (["--lr", "inf"], ["--lr", "finite"]),
-        (["--epochs", "0"], ["--epochs"]),
-        (["--schedule", "multistep"], ["--milestones"]),
-        (["--batch-schedule", "32@5,64@2"], ["--batch-schedule"]),
-        (["--no-such-flag", "1"], ["no-such-flag"]),
-        (["--config", "/nonexistent/config.json"], ["--config", "/nonexistent/config.json"]),
-    ],
-)
+# (arguments, words the error line names) of flags that are refused.
+BAD_FLAGS = [
+    (["--batch", "0"], ["--batch", "positive"]),
+    (["--batch", "-3"], ["--batch"]),
+    (["--batch", "2.5"], ["--batch", "integer"]),
+    (["--batch", "many"], ["--batch", "integer"]),
+    (["--model", "resnet7"], ["--model", "resnet20"]),
+    (["--replicas", "2"], ["--replicas", "--strategy mirrored"]),
+    (["--intra-op-threads", "-2"], ["--intra-op-threads", "automatic"]),
+    (["--replicas", "4", "--strategy", "mirrored", "--logical-cpus", "2"], ["--replicas", "--logical-cpus is 2"]),
+    (["--replicas", "4", "--strategy", "mirrored", "--batch", "30"], ["--batch", "4 replicas"]),
+    (["--norm", "instance"], ["--norm", "group"]),
+    (["--optimizer", "lbfgs"], ["--optimizer", "adam"]),
+    (["--schedule", "poly"], ["--schedule", "cosine"]),
+    (["--lr", "0"], ["--lr"]),
+    (["--lr", "-1"], ["--lr"]),
+    (["--lr", "nan"], ["--lr", "finite"]),
+    (["--lr", "inf"], ["--lr", "finite"]),
+    (["--epochs", "0"], ["--epochs"]),
+    (["--schedule", "multistep"], ["--milestones"]),
+    (["--batch-schedule", "32@5,64@2"], ["--batch-schedule"]),
+    (["--no-such-flag", "1"], ["no-such-flag"]),
+    (["--config", "/nonexistent/config.json"], ["--config", "/nonexistent/config.json"]),
+]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_FLAGS)), ids=[" ".join(args) for args, _ in BAD_FLAGS])
 @pytest.mark.slow
-def test_bad_flags(args, words):
-    assert_one_line_error(run_train(*args), *words)
+def test_bad_flags(index, refusals):
+    args, words = BAD_FLAGS[index]
+    assert_one_line_error(refusals["flags", index], *words)
 
 
-@pytest.mark.slow
-def test_bad_config_file(tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"batch": "big"}))
-    assert_one_line_error(run_train("--config", str(path)), "batch", "int")
-    path.write_text(json.dumps({"btach": 32}))
-    assert_one_line_error(run_train("--config", str(path)), "btach")
-    path.write_text("{not json")
-    assert_one_line_error(run_train("--config", str(path)), "--config", "JSON")
-
-
-@pytest.mark.slow
-def test_unwritable_run_dir(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("a file where a folder should be")
-    assert_one_line_error(run_train("--run-dir", str(blocker / "run")), "--run-dir")
-
-
-@pytest.mark.slow
-def test_finished_run_needs_resume_or_overwrite(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
-    assert_one_line_error(run_train("--run-dir", str(run_dir)), "--run-dir", "--overwrite")
+# (arguments given the folder of the files below, words the error line names) of a config file or run directory that
+# is refused.
+BAD_FILES = [
+    (lambda tmp: ["--config", f"{tmp}/config_big.json"], ["batch", "int"]),
+    (lambda tmp: ["--config", f"{tmp}/config_typo.json"], ["btach"]),
+    (lambda tmp: ["--config", f"{tmp}/config_broken.json"], ["--config", "JSON"]),
+    (lambda tmp: ["--run-dir", f"{tmp}/file/run"], ["--run-dir"]),  # a file where a folder should be
+    (lambda tmp: ["--run-dir", f"{tmp}/completed"], ["--run-dir", "--overwrite"]),
     # --overwrite replaces the run only once the new command is accepted.
-    assert_one_line_error(run_train("--run-dir", str(run_dir), "--overwrite", "--batch", "100000"), "--batch")
-    assert json.loads((run_dir / "summary.json").read_text()) == {"status": "completed"}
-    (run_dir / "summary.json").write_text(json.dumps({"status": "interrupted"}))
-    assert_one_line_error(run_train("--run-dir", str(run_dir)), "--run-dir", "--resume")
+    (lambda tmp: ["--run-dir", f"{tmp}/completed", "--overwrite", "--batch", "100000"], ["--batch"]),
+    (lambda tmp: ["--run-dir", f"{tmp}/interrupted"], ["--run-dir", "--resume"]),
+]
 
 
-@pytest.mark.parametrize(
-    "make_args, words",
-    [
-        (lambda tmp: ["--batch", "100000"], ["--batch", "larger than the training split"]),
-        (lambda tmp: ["--batch-schedule", "32@0,5000@1", "--epochs", "2"], ["--batch", "5000"]),
-        # An empty version folder, as an interrupted `tfds build` leaves it: TFDS also warns about it through absl.
-        (lambda tmp: ["--dataset", "cifar10", "--data-dir", f"{tmp}/tfds"], ["--dataset", "cifar10", "prepared"]),
-        (lambda tmp: ["--dataset", "no_such_dataset_xyz"], ["--dataset", "no_such_dataset_xyz"]),
-        (lambda tmp: ["--dataset", f"npz:{tmp}/missing.npz"], ["missing.npz"]),
-        (lambda tmp: ["--dataset", f"npz:{tmp}/bad_keys.npz"], ["bad_keys.npz", "x_test"]),
-        (lambda tmp: ["--dataset", f"npz:{tmp}/bad_labels.npz"], ["bad_labels.npz"]),
-        (lambda tmp: ["--dataset", f"folder:{tmp}/corrupt"], ["broken.png"]),
-        (lambda tmp: ["--dataset", f"folder:{tmp}/empty_class"], ["b"]),
-        (lambda tmp: ["--dataset", f"npz:{tmp}/truncated.npz"], ["truncated.npz", "truncated"]),
-        (lambda tmp: ["--dataset", f"folder:{tmp}/one_class"], ["one_class", "1 class (a)", "at least 2"]),
-        (lambda tmp: ["--dataset", f"npz:{tmp}/one_label.npz"], ["one_label.npz", "only one class (0)"]),
-    ],
-)
+@pytest.mark.parametrize("index", range(len(BAD_FILES)), ids=[" ".join(words) for _, words in BAD_FILES])
 @pytest.mark.slow
-def test_bad_data(tmp_path, make_args, words):
+def test_bad_config_file_or_run_dir(index, refusals):
+    assert_one_line_error(refusals["files", index], *BAD_FILES[index][1])
+    assert json.loads((refusals["folder"] / "completed" / "summary.json").read_text()) == {"status": "completed"}
+    assert not os.path.exists(refusals["folder"] / "file" / "run")
+
+
+# (arguments given the folder of the data files below, words the error line names) of data that is refused.
+BAD_DATA = [
+    (lambda tmp: ["--batch", "100000"], ["--batch", "larger than the training split"]),
+    (lambda tmp: ["--batch-schedule", "32@0,5000@1", "--epochs", "2"], ["--batch", "5000"]),
+    # An empty version folder, as an interrupted `tfds build` leaves it: TFDS also warns about it through absl.
+    (lambda tmp: ["--dataset", "cifar10", "--data-dir", f"{tmp}/tfds"], ["--dataset", "cifar10", "prepared"]),
+    (lambda tmp: ["--dataset", "no_such_dataset_xyz"], ["--dataset", "no_such_dataset_xyz"]),
+    (lambda tmp: ["--dataset", f"npz:{tmp}/missing.npz"], ["missing.npz"]),
+    (lambda tmp: ["--dataset", f"npz:{tmp}/bad_keys.npz"], ["bad_keys.npz", "x_test"]),
+    (lambda tmp: ["--dataset", f"npz:{tmp}/bad_labels.npz"], ["bad_labels.npz"]),
+    (lambda tmp: ["--dataset", f"folder:{tmp}/corrupt"], ["broken.png"]),
+    (lambda tmp: ["--dataset", f"folder:{tmp}/empty_class"], ["b"]),
+    (lambda tmp: ["--dataset", f"npz:{tmp}/truncated.npz"], ["truncated.npz", "truncated"]),
+    (lambda tmp: ["--dataset", f"folder:{tmp}/one_class"], ["one_class", "1 class (a)", "at least 2"]),
+    (lambda tmp: ["--dataset", f"npz:{tmp}/one_label.npz"], ["one_label.npz", "only one class (0)"]),
+]
+
+
+def _write_bad_data(tmp) -> None:
+    """The files BAD_FILES and BAD_DATA refer to, in the folder tmp."""
+    (tmp / "config_big.json").write_text(json.dumps({"batch": "big"}))
+    (tmp / "config_typo.json").write_text(json.dumps({"btach": 32}))
+    (tmp / "config_broken.json").write_text("{not json")
+    (tmp / "file").write_text("a file where a folder should be")
+    for status in ("completed", "interrupted"):
+        (tmp / status).mkdir()
+        (tmp / status / "summary.json").write_text(json.dumps({"status": status}))
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "bad_keys.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(10))
-    np.savez(tmp_path / "bad_labels.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(9, int),
+    np.savez(tmp / "bad_keys.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(10))
+    np.savez(tmp / "bad_labels.npz", x_train=np.zeros((10, 4, 4)), y_train=np.zeros(9, int),
              x_test=np.zeros((5, 4, 4)), y_test=np.zeros(5, int))
-    np.savez(tmp_path / "one_label.npz", x_train=rng.random((40, 4, 4)), y_train=np.zeros(40, int),
+    np.savez(tmp / "one_label.npz", x_train=rng.random((40, 4, 4)), y_train=np.zeros(40, int),
              x_test=rng.random((10, 4, 4)), y_test=np.arange(10) % 2)
-    np.savez(tmp_path / "whole.npz", x_train=rng.random((40, 4, 4)), y_train=np.arange(40) % 2,
+    np.savez(tmp / "whole.npz", x_train=rng.random((40, 4, 4)), y_train=np.arange(40) % 2,
              x_test=rng.random((10, 4, 4)), y_test=np.arange(10) % 2)
-    whole = (tmp_path / "whole.npz").read_bytes()
-    (tmp_path / "truncated.npz").write_bytes(whole[: len(whole) // 2])  # as an interrupted copy leaves it
+    whole = (tmp / "whole.npz").read_bytes()
+    (tmp / "truncated.npz").write_bytes(whole[: len(whole) // 2])  # as an interrupted copy leaves it
     import tensorflow as tf
 
     for folder, classes in (("corrupt", ("a", "b")), ("empty_class", ("a", "b")), ("one_class", ("a",))):
         for name in classes:
-            os.makedirs(tmp_path / folder / name)
+            os.makedirs(tmp / folder / name)
             if folder == "empty_class" and name == "b":
                 continue
             for i in range(6):
                 image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-                (tmp_path / folder / name / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
-    (tmp_path / "corrupt" / "a" / "broken.png").write_bytes(b"this is not a png")
-    os.makedirs(tmp_path / "tfds" / "cifar10" / "3.0.2")
-    result = run_train(*make_args(tmp_path), "--run-dir", str(tmp_path / "runs" / "run"), "--epochs", "1")
-    assert_one_line_error(result, *words)
-    assert not os.path.exists(tmp_path / "runs")  # a rejected command creates nothing
+                (tmp / folder / name / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    (tmp / "corrupt" / "a" / "broken.png").write_bytes(b"this is not a png")
+    os.makedirs(tmp / "tfds" / "cifar10" / "3.0.2")
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    """{("flags" | "files" | "data", index): the result of that case}: every case of BAD_FLAGS, BAD_FILES and
+    BAD_DATA run by `python -m pipeline.train` code in one process of its own (tests/train_cases.py), each case's
+    stdout and stderr captured apart at their file descriptors, so that a line from TensorFlow's C++ code would show
+    too."""
+    tmp = tmp_path_factory.mktemp("refusals")
+    _write_bad_data(tmp)
+    keys = [("flags", i) for i in range(len(BAD_FLAGS))] + [("files", i) for i in range(len(BAD_FILES))] + [
+        ("data", i) for i in range(len(BAD_DATA))]
+    cases = [args for args, _ in BAD_FLAGS] + [make_args(tmp) for make_args, _ in BAD_FILES] + [
+        [*make_args(tmp), "--run-dir", str(tmp / f"runs{i}" / "run"), "--epochs", "1"]
+        for i, (make_args, _) in enumerate(BAD_DATA)]
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "BATCHSCOPE_TF_LOGS")}
+    env["PYTHONPATH"] = REPO
+    done = subprocess.run([sys.executable, os.path.join(REPO, "tests", "train_cases.py"),
+                           str(tmp / "cases.json"), str(tmp / "results.json")], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=900)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
+    results = json.loads((tmp / "results.json").read_text())
+    return {key: subprocess.CompletedProcess([], r["code"], r["stdout"], r["stderr"])
+            for key, r in zip(keys, results)} | {"folder": tmp}
+
+
+@pytest.mark.parametrize("index", range(len(BAD_DATA)), ids=[" ".join(words) for _, words in BAD_DATA])
+@pytest.mark.slow
+def test_bad_data(index, refusals):
+    assert_one_line_error(refusals["data", index], *BAD_DATA[index][1])
+    assert not os.path.exists(refusals["folder"] / f"runs{index}")  # a rejected command creates nothing
 
 
 @pytest.mark.slow

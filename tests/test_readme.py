@@ -9,6 +9,7 @@ import glob
 import importlib.util
 import os
 import re
+import subprocess
 
 import pytest
 
@@ -309,3 +310,53 @@ def test_the_flag_reference_has_a_row_for_every_config_field():
     train = page.split("## `python -m pipeline.sweep`")[0]
     for field in dataclasses.fields(config_lib.Config):
         assert f"| `--{field.name.replace('_', '-')}`" in train, field.name
+
+
+# [text](target) outside code: the target up to a space (a link title) or the closing parenthesis.
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub (and MkDocs' toc) gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip("# ").strip().lower())
+    return text.replace(" ", "-")
+
+
+def broken_links(text: str, repo: str = REPO) -> list[str]:
+    """The relative links of a markdown page at the repository root that do not resolve in a checkout: a file or
+    folder that is missing or ignored by git (a generated page exists only where it was built), or an anchor with no
+    heading of that page. Absolute URLs and mail links are not checked."""
+    prose = "\n".join(block for _, block, code in _blocks(text) if not code)
+    anchors = {_slug(line) for line in text.splitlines() if line.startswith("#")}
+    broken = []
+    for target in LINK.findall(re.sub(r"`[^`]*`", "", prose)):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        if not path:
+            if anchor not in anchors:
+                broken.append(target)
+            continue
+        full = os.path.normpath(os.path.join(repo, path))
+        ignored = os.path.isdir(os.path.join(repo, ".git")) and subprocess.run(
+            ["git", "-C", repo, "check-ignore", "-q", os.path.relpath(full, repo)]).returncode == 0
+        if not os.path.exists(full) or ignored or not full.startswith(repo):
+            broken.append(target)
+    return broken
+
+
+def test_every_relative_link_of_the_readme_resolves_in_a_checkout(readme):
+    assert len(LINK.findall(readme)) >= 10, "the README's links were not found: is the parsing broken?"
+    assert broken_links(readme) == []
+
+
+def test_the_link_check_catches_a_missing_file_a_generated_page_and_a_wrong_anchor(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("generated/\n")
+    (tmp_path / "generated").mkdir()
+    (tmp_path / "generated" / "page.md").write_text("built here, absent from a checkout")
+    (tmp_path / "kept.md").write_text("committed")
+    text = ("# Title\n\n## Set up\n\nSee [kept](kept.md), [kept, a section](kept.md#x), [set up](#set-up), "
+            "[the site](https://example.org/a.md), [gone](missing.md), [built](generated/page.md), "
+            "[no such section](#nowhere) and `[in code](missing-too.md)`.\n\n```\n[code](missing-three.md)\n```\n")
+    assert broken_links(text, str(tmp_path)) == ["missing.md", "generated/page.md", "#nowhere"]

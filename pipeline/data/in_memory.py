@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Callable
 
+import keras
 import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
@@ -88,6 +90,35 @@ def train_epoch(images, labels, batch_size: int, seed, epoch, augment: bool) -> 
     return dataset.map(lambda indices: gather(images, labels, indices), num_parallel_calls=tf.data.AUTOTUNE)
 
 
+class SelectEpoch(keras.callbacks.Callback):
+    """Sets data.epoch_variable to each epoch as it begins: what a dataset from train_dataset(epoch=None), given to
+    Model.fit with one iterator per epoch, yields (DataInfo.fit_input returns it with such a dataset).
+
+    Args:
+        data: the run's DataInfo.
+    """
+
+    def __init__(self, data: "DataInfo"):
+        super().__init__()
+        self.data = data
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.data.set_epoch(epoch)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitInput:
+    """The training input of one Model.fit call (DataInfo.fit_input).
+
+    make(input_context=None) builds the training batches; steps_per_epoch and callbacks go to fit as they are (the
+    callbacks before the run's own, so that the epoch is selected before anything else sees it begin).
+    """
+
+    make: Callable[..., tf.data.Dataset]
+    steps_per_epoch: int | None
+    callbacks: list
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class DataInfo:
     """What the model and the run know of the data, whether it is held in memory (Data) or streamed from files
@@ -111,7 +142,7 @@ class DataInfo:
     epoch_variable: tf.Variable = dataclasses.field(repr=False)
 
     def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch that datasets from train_dataset(epoch=None) yield when next iterated."""
+        """Selects the epoch that datasets from train_dataset(epoch=None) yield when next iterated (SelectEpoch)."""
         self.epoch_variable.assign(epoch)
 
     def train_dataset(self, batch_size: int, *, seed: int, augment: bool = True, epoch: int | None = None,
@@ -123,7 +154,7 @@ class DataInfo:
             seed: the run's seed; the order and augmentation depend only on (seed, epoch) (see the subclass).
             augment: apply the dataset's augmentation (self.augmentation); False gives plain shuffled batches.
             epoch: the epoch to yield; None reads self.epoch_variable each time an iterator is created, so one
-                dataset given to Model.fit yields epoch e when a callback calls set_epoch(e) in on_epoch_begin.
+                dataset given to Model.fit yields epoch e when SelectEpoch calls set_epoch(e) in on_epoch_begin.
             input_context: a tf.distribute.InputContext: this input pipeline's per-replica batches of its own
                 files (streamed data only; in-memory data is split by distribute.split_global_batches).
 
@@ -168,18 +199,22 @@ class DataInfo:
             block_length=self.num_train // batch_size * local, num_parallel_calls=2, deterministic=True)
         return self._counted(dataset, batch_size, epochs - first_epoch, input_context)
 
-    def fit_input(self, batch_size: int, *, seed: int, first_epoch: int, epochs: int, steps_per_execution: int):
-        """(make, steps_per_epoch) for one Model.fit over epochs first_epoch..epochs - 1: make(input_context=None)
-        builds its training batches, steps_per_epoch goes to fit.
+    def fit_input(self, batch_size: int, *, seed: int, first_epoch: int, epochs: int,
+                  steps_per_execution: int) -> FitInput:
+        """The training input of one Model.fit over epochs first_epoch..epochs - 1: the one place that chooses how
+        fit gets each epoch's batches, which depend only on (seed, epoch) so that a resumed run sees the same ones.
 
-        One iterator for the whole call (train_epochs) when the steps per compiled call divide an epoch; otherwise a
-        call would run across an epoch's end, so one dataset per epoch (train_dataset) and steps_per_epoch None.
+        One iterator for the whole call (train_epochs, with steps_per_epoch) when the steps per compiled call divide
+        an epoch: the epochs come one after another from that iterator. Otherwise a call would run across an epoch's
+        end, so fit creates one iterator per epoch (train_dataset(epoch=None), steps_per_epoch None), and the epoch it
+        reads is selected by the callback returned with it (SelectEpoch), which sets epoch_variable as each epoch
+        begins.
         """
         steps = self.num_train // batch_size
         if steps % steps_per_execution:
-            return functools.partial(self.train_dataset, batch_size, seed=seed), None
+            return FitInput(functools.partial(self.train_dataset, batch_size, seed=seed), None, [SelectEpoch(self)])
         whole = functools.partial(self.train_epochs, batch_size, seed=seed, first_epoch=first_epoch, epochs=epochs)
-        return whole, steps
+        return FitInput(whole, steps, [])
 
     def _counted(self, dataset: tf.data.Dataset, batch_size: int, epochs: int, input_context) -> tf.data.Dataset:
         """dataset, `epochs` epochs of training batches, with its number of steps made known, prefetched."""

@@ -245,11 +245,13 @@ def train_phases(config, data, model, controller, schedule, strategy, topology, 
         schedule.set_phase(first_step(first, controller.phases, data.num_train), first, data.num_train // batch,
                            controller.gains[i])
         controller.follow(batch)
-        make, steps = data.fit_input(batch, seed=config.seed, first_epoch=trained, epochs=config.epochs,
-                                     steps_per_execution=1)
-        train_data = distribute.distribute_train(strategy, topology, make, batch, sharded=config.input == "stream")
+        fit_input = data.fit_input(batch, seed=config.seed, first_epoch=trained, epochs=config.epochs,
+                                   steps_per_execution=1)
+        train_data = distribute.distribute_train(strategy, topology, fit_input.make, batch,
+                                                 sharded=config.input == "stream")
         model.fit(train_data, validation_data=val, shuffle=False, initial_epoch=trained, epochs=config.epochs,
-                  steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
+                  steps_per_epoch=fit_input.steps_per_epoch, callbacks=[*fit_input.callbacks, *callbacks],
+                  verbose=verbose)
         if not controller.changed:
             break
         trained = controller.phases[-1][0]

@@ -1,4 +1,4 @@
-"""The training run's callback list: data epoch and stops, replica BN statistics, instruments, logs, checkpoint."""
+"""The training run's callback list: stops, replica BN statistics, instruments, logs, checkpoint."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def build(config, data, run_dir: str, schedule, strategy, topology, measuring: l
     from pipeline.training import run_control as run
 
     phases = config.batch_phases if phases is None else phases
-    result = [run.SetEpoch(data), run.StopOnNonFinite()]
+    result = [run.StopOnNonFinite()]
     if config.max_steps:
         result.append(run.StopAtMaxSteps(config.max_steps, phases, data.num_train))
     if topology.replicas > 1:  # Before the checkpoint: one set of BN moving statistics on every replica.

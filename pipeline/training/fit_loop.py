@@ -298,14 +298,16 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
         if last_epoch <= trained:
             continue
         start = max(first_epoch, trained)
-        # One iterator for the whole call where it can (DataInfo.fit_input): the next epoch's input is prepared while
-        # this one trains.
-        make, steps = data.fit_input(batch, seed=config.seed, first_epoch=start, epochs=last_epoch,
-                                     steps_per_execution=summary.steps_per_execution)
-        train_data = distribute.distribute_train(strategy, topology, make, batch, sharded=config.input == "stream")
+        # DataInfo.fit_input chooses how each epoch's batches reach fit (one iterator for the whole call where it can,
+        # so that the next epoch's input is prepared while this one trains), with the callbacks that choice needs.
+        fit_input = data.fit_input(batch, seed=config.seed, first_epoch=start, epochs=last_epoch,
+                                   steps_per_execution=summary.steps_per_execution)
+        train_data = distribute.distribute_train(strategy, topology, fit_input.make, batch,
+                                                 sharded=config.input == "stream")
         # Our datasets shuffle themselves by (seed, epoch); shuffle=False also keeps Keras from warning about it.
         model.fit(train_data, validation_data=val, shuffle=False, initial_epoch=start, epochs=last_epoch,
-                  steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
+                  steps_per_epoch=fit_input.steps_per_epoch, callbacks=[*fit_input.callbacks, *callbacks],
+                  verbose=verbose)
         if model.stop_training:
             break
 

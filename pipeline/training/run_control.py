@@ -1,4 +1,4 @@
-"""The training run's own Keras callbacks: the data's epoch, stops at a non-finite loss or at max steps, history."""
+"""The training run's own Keras callbacks: stops at a non-finite loss or at max steps, history."""
 
 from __future__ import annotations
 
@@ -29,21 +29,6 @@ def first_step(epoch: int, batch_phases, num_train: int) -> int:
 def phase_batch(epoch: int, batch_phases) -> int:
     """The batch size of `epoch` in ((first_epoch, batch), ...)."""
     return [batch for first_epoch, batch in batch_phases if first_epoch <= epoch][-1]
-
-
-class SetEpoch(keras.callbacks.Callback):
-    """Selects each epoch's training data, which depends only on (seed, epoch), so a resumed run sees the same batches.
-
-    Args:
-        data: the run's pipeline.data.in_memory.Data.
-    """
-
-    def __init__(self, data):
-        super().__init__()
-        self.data = data
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.data.set_epoch(epoch)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -150,32 +150,35 @@ class Recorder(keras.Model):
 
 @pytest.mark.parametrize("one_iterator", [False, True])
 @pytest.mark.parametrize("initial_epoch", [0, 2])
-def test_one_dataset_in_fit_yields_each_epoch_as_set_by_a_callback(tmp_path, initial_epoch, one_iterator):
-    # one_iterator: pipeline.train's input, train_epochs with steps_per_epoch, which Keras iterates across epochs.
+def test_fit_input_gives_fit_each_epoch_of_seed_and_epoch(tmp_path, initial_epoch, one_iterator):
+    """DataInfo.fit_input, the one choice of how fit gets its epochs: one iterator over the call's epochs when the
+    steps per compiled call divide an epoch, else one dataset per epoch with SelectEpoch. Either way fit sees epoch e's
+    batches of train_dataset(epoch=e), from any initial epoch."""
     loaded = data.load(Config(dataset=colour_npz(tmp_path)))  # Augmented, so augmentation is checked too.
+    steps = loaded.num_train // 8
+    steps_per_execution = 1 if one_iterator else next(k for k in range(2, steps) if steps % k)
+    epochs = range(initial_epoch, initial_epoch + 3)
+    fit_input = loaded.fit_input(8, seed=4, first_epoch=initial_epoch, epochs=epochs[-1] + 1,
+                                 steps_per_execution=steps_per_execution)
+    assert fit_input.steps_per_epoch == (steps if one_iterator else None)
+    assert [type(c) for c in fit_input.callbacks] == ([] if one_iterator else [data.SelectEpoch])
     model = Recorder(8, loaded.input_shape)
     model.compile("sgd", "sparse_categorical_crossentropy", jit_compile=False)
     seen = collections.defaultdict(list)
 
-    class SetEpoch(keras.callbacks.Callback):
+    class Record(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            loaded.set_epoch(epoch)
             self.epoch = epoch
 
         def on_train_batch_end(self, batch, logs=None):
             seen[self.epoch].append(model.seen.numpy())
 
-    epochs = range(initial_epoch, initial_epoch + 3)
-    if one_iterator:
-        model.fit(loaded.train_epochs(8, seed=4, first_epoch=initial_epoch, epochs=epochs[-1] + 1),
-                  steps_per_epoch=loaded.num_train // 8, initial_epoch=initial_epoch, epochs=epochs[-1] + 1,
-                  callbacks=[SetEpoch()], verbose=0)
-    else:
-        model.fit(loaded.train_dataset(8, seed=4), initial_epoch=initial_epoch, epochs=epochs[-1] + 1,
-                  callbacks=[SetEpoch()], verbose=0)
+    loaded.set_epoch(7)  # whatever the variable held before: the input selects the epoch itself
+    model.fit(fit_input.make(), steps_per_epoch=fit_input.steps_per_epoch, initial_epoch=initial_epoch,
+              epochs=epochs[-1] + 1, callbacks=[*fit_input.callbacks, Record()], verbose=0)
     for epoch in epochs:
         expected = [x for x, _ in batches(loaded.train_dataset(8, seed=4, epoch=epoch))]
-        assert len(seen[epoch]) == len(expected) == loaded.num_train // 8
+        assert len(seen[epoch]) == len(expected) == steps
         assert all(np.array_equal(a, b) for a, b in zip(seen[epoch], expected))
     assert not np.array_equal(seen[epochs[0]][0], seen[epochs[1]][0])
 

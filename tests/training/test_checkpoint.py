@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline import train
 from pipeline.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,7 +83,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, reference):
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, reference, capsys):
     killed_dir = tmp_path / "killed"
     victim = start(killed_dir)
     deadline = time.time() + 600
@@ -97,10 +98,12 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, reference):
 
     # Without --resume the unfinished run is refused, not silently overwritten; --resume refuses a changed batch
     # and a changed number of epochs under the cosine schedule; neither touches config.json.
-    attempts = [(), ("--resume", "--batch", "32"), ("--resume", "--epochs", "9")]
-    refused = [subprocess.Popen(command(killed_dir, *extra), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for extra in attempts]
-    errors = [(p.wait(timeout=300), p.stderr.read()) for p in refused]
+    # The refusals come before any training: main() in this process, as the command line calls it.
+    errors = []
+    for extra in [(), ("--resume", "--batch", "32"), ("--resume", "--epochs", "9")]:
+        capsys.readouterr()
+        code = train.main([*FLAGS, "--run-dir", str(killed_dir), *extra])
+        errors.append((code, capsys.readouterr().err))
     assert all(code == 2 for code, _ in errors), errors
     assert all(stderr.count("\n") == 1 for _, stderr in errors), errors
     assert "--resume" in errors[0][1]
