@@ -10,11 +10,21 @@ seed and size), so resample r is one alternative validation set for all runs: pa
 A resample that crosses at no recorded check counts as crossing at the last one (a lower bound), and the interval's
 upper end is then unbounded if more than (1 - LEVEL) / 2 of them did.
 
-Across runs (run-to-run spread): per (norm, batch), draw r is the mean over the group's seeds drawn with
-replacement (Efron's bootstrap over runs), each seed at its own resample r; with one seed it is that run's
-resample r, which holds the validation noise only, and run-to-run spread is unknown. Fits (the S(B) fit and the
-power law of steps) are refitted to every draw r over the batches; their intervals are the LEVEL percentile
-intervals of the refitted values. So both the validation noise and the seeds' spread widen them.
+Across runs (run-to-run spread): the seeds' relative variance v of each quantity is pooled over the batch sizes of
+one series (one norm and replica count) by fits.replicate_spread, v = sum (n_b - 1) (s_b / m_b)^2 / sum (n_b - 1)
+(the variance of log x by the delta method), with dof = sum (n_b - 1). Per (norm, batch) with n_b seeds, draw r is
+
+    draw_r = mean over the seeds of their resample r x exp(t_r sqrt(v / n_b)),  t_r ~ Student-t(dof),
+
+a parametric bootstrap of the mean over seeds on the log scale (t_r is drawn once per group and draw, shared by steps,
+epochs and time). The two factors do not count one noise twice: resample r is an alternative validation set shared by
+all runs, which the seeds' spread (measured on the one split) cannot show, and the t factor is the spread of training
+itself. Pooling and Student-t keep few seeds honest: Efron's bootstrap over 2 seeds draws the same seed twice half the
+time (variance factor (n - 1) / n) and gives a batch whose 2 seeds happen to agree no spread at all, so its intervals
+cover the truth far less often than LEVEL (tests/study/test_bootstrap.py measures both). With one seed per batch size
+(dof 0) draw r is that run's resample r, which holds the validation noise only, and run-to-run spread is unknown.
+Fits (the S(B) fit and the power law of steps) are refitted to every draw r over the batches; their intervals are
+the LEVEL percentile intervals of the refitted values. So both the validation noise and the seeds' spread widen them.
 
 A winner (least time, fewest steps) is named only when its interval lies below the runner-up's without overlap.
 """
@@ -28,7 +38,7 @@ import numpy as np
 from pipeline import run_timing
 from pipeline.study import fits as fits_lib
 
-RESAMPLES = 1000  # bootstrap resamples of the validation examples and of the seeds
+RESAMPLES = 1000  # bootstrap resamples of the validation examples, and Student-t draws of the seeds' spread
 SEED = 0  # seed of the resampling, fixed so that a report rebuilt from the same runs is the same
 LEVEL = 0.95  # coverage of the percentile intervals
 CHUNK = 200  # resamples computed at once (a CHUNK x N matrix of counts)
@@ -103,37 +113,64 @@ def run_draws(record: dict | None, history: list[dict]) -> dict | None:
             "val_examples": int(correct.shape[1])}
 
 
-def group_draws(members: list[np.ndarray], rng) -> np.ndarray:
-    """Draw r of a group's mean: the mean over seeds drawn with replacement, each at its own resample r."""
-    stacked = np.stack(members)  # (seeds, RESAMPLES)
-    if len(members) == 1:
-        return stacked[0]
-    picks = rng.integers(0, len(members), size=(stacked.shape[1], len(members)))
-    return stacked[picks, np.arange(stacked.shape[1])[:, None]].mean(axis=1)
+def pooled_spread(values: list[list[float]]) -> dict | None:
+    """fits.replicate_spread of one quantity over a series' groups, from each group's values over its seeds.
+
+    Returns:
+      {"variance": v, "dof"} (module docstring), or None when no group has two seeds.
+    """
+    values = [[x for x in v if x is not None] for v in values]  # a run without a time to target has no time
+    return fits_lib.replicate_spread([{"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1
+                                       else None, "n": len(v)} for v in values if v])
+
+
+def group_draws(members: list[np.ndarray], spread: dict | None = None, t: np.ndarray | None = None) -> np.ndarray:
+    """Draw r of a group's mean (module docstring): the mean over its seeds of their resample r, times
+    exp(t_r sqrt(v / n_b)); without a pooled spread (one seed per batch size) the mean alone.
+
+    Args:
+      members: per seed, its draws (RESAMPLES,).
+      spread: pooled_spread of the group's series, or None.
+      t: (RESAMPLES,) Student-t draws on spread["dof"] degrees of freedom, when spread is given.
+    """
+    mean = np.stack(members).mean(axis=0)
+    if spread is None:
+        return mean
+    return mean * np.exp(t * math.sqrt(spread["variance"] / len(members)))
 
 
 def add_group_intervals(groups: list[dict], rows: list[dict]) -> dict:
     """Adds "target_interval" to every group whose runs that reached the target all have draws.
 
     group["target_interval"] = {key: [low, high or None] for TARGET_KEYS} | {"seeds": runs resampled,
-    "beyond_record": largest fraction among them}, or None. Returns {(norm, batch, replicas): {key: draws}} for
-    the fits.
+    "beyond_record": largest fraction among them, "seed_spread": {"relative_std": sqrt(v), "dof"} of the steps, or
+    None with one seed per batch size}, or None. The spread is pooled over the groups of one (norm, replicas).
+    Returns {(norm, batch, replicas): {key: draws}} for the fits.
     """
     rng = np.random.default_rng(SEED + 1)
-    draws = {}
+    series = {}
     for group in groups:
         members = [r for r in rows if (r["norm"], r["batch"], r["replicas"]) == (group["norm"], group["batch"],
                    group["replicas"]) and r["status"] == "completed" and r["steps_to_target"] is not None]
         group["target_interval"] = None
-        if not members or any(r.get("target_draws") is None for r in members):
-            continue
-        mine = {key: group_draws([r["target_draws"]["draws"][key] for r in members], rng) for key in TARGET_KEYS}
-        draws[(group["norm"], group["batch"], group["replicas"])] = mine
-        beyond = max(r["target_draws"]["beyond_record"] for r in members)
-        group["target_interval"] = {"seeds": len(members), "beyond_record": beyond}
-        for key in TARGET_KEYS:
-            low, high = percentile_interval(mine[key])
-            group["target_interval"][key] = [low, None if beyond > (1 - LEVEL) / 2 else high]
+        if members and all(r.get("target_draws") is not None for r in members):
+            series.setdefault((group["norm"], group["replicas"]), []).append((group, members))
+    draws = {}
+    for found in series.values():
+        spreads = {key: pooled_spread([[r[key] for r in members] for _, members in found]) for key in TARGET_KEYS}
+        for group, members in found:
+            dof = (spreads["steps_to_target"] or {}).get("dof")
+            t = rng.standard_t(dof, size=RESAMPLES) if dof else None
+            mine = {key: group_draws([r["target_draws"]["draws"][key] for r in members],
+                                     spreads[key] if t is not None else None, t) for key in TARGET_KEYS}
+            draws[(group["norm"], group["batch"], group["replicas"])] = mine
+            beyond = max(r["target_draws"]["beyond_record"] for r in members)
+            steps = spreads["steps_to_target"]
+            group["target_interval"] = {"seeds": len(members), "beyond_record": beyond, "seed_spread": {
+                "relative_std": math.sqrt(steps["variance"]), "dof": steps["dof"]} if steps else None}
+            for key in TARGET_KEYS:
+                low, high = percentile_interval(mine[key])
+                group["target_interval"][key] = [low, None if beyond > (1 - LEVEL) / 2 else high]
     return draws
 
 
@@ -209,4 +246,4 @@ def interval_text(interval, fmt: str = "{:.0f}") -> str:
 
 def run_to_run_known(groups: list[dict]) -> bool:
     """Whether some group has several seeds that reached the target, so that the intervals hold run-to-run spread."""
-    return any((g.get("target_interval") or {}).get("seeds", 0) > 1 for g in groups)
+    return any((g.get("target_interval") or {}).get("seed_spread") for g in groups)

@@ -74,11 +74,15 @@ def spread_note(report: dict) -> str:
     """What the bracketed intervals of the table hold, and whether run-to-run spread is known."""
     level = f"{bootstrap.LEVEL:.0%}"
     text = (f"[low, high]: {level} bootstrap interval of the mean over seeds ({bootstrap.RESAMPLES} resamples of the "
-            f"validation examples, seed {bootstrap.SEED}, and of the seeds; pipeline/study/bootstrap.py); \"unbounded\": "
-            "more than "
+            f"validation examples, seed {bootstrap.SEED}; pipeline/study/bootstrap.py); \"unbounded\": more than "
             f"{(1 - bootstrap.LEVEL) / 2:.1%} of the resamples crossed the target at no recorded check.")
     if report.get("run_to_run_known"):
-        return text + " The intervals include the run-to-run spread over seeds."
+        spreads = {g["norm"]: g["target_interval"]["seed_spread"] for g in report["groups"]
+                   if (g.get("target_interval") or {}).get("seed_spread")}
+        vary = "; ".join(f"{s['relative_std']:.0%} from seed to seed ({s['dof']} degrees of freedom)"
+                         + (f" with {norm} normalization" if len(spreads) > 1 else "") for norm, s in spreads.items())
+        return text + (" The intervals include the run-to-run spread over seeds: every draw also deviates by a "
+                       f"Student-t draw of the seeds' spread pooled over the batch sizes (steps to target vary {vary}).")
     return text + (" Run-to-run spread is unknown: one seed per batch size reached the target, so the intervals "
                    "hold only the validation set's sampling noise; rerun with --seeds 2 or more to measure it.")
 

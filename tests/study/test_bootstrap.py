@@ -220,3 +220,46 @@ def test_rerun_verdicts_pair_findings_by_topic_and_ignore_undetermined(censored_
     assert bench.classify("replicas", "BatchNorm: at global batch 64, test accuracy was 0.95 on 1 replica(s) and 0.90 "
                           "on 4; the difference -0.0500 is more than 2 standard errors of the difference") == \
         ("replicas: BatchNorm: accuracy at global batch 64", "accuracy lower on more replicas")
+
+
+def efron_over_seeds(members, rng):
+    """The former across-run draw, kept here as the baseline: the mean over seeds drawn with replacement."""
+    stacked = np.stack(members)
+    picks = rng.integers(0, len(members), size=(stacked.shape[1], len(members)))
+    return stacked[picks, np.arange(stacked.shape[1])[:, None]].mean(axis=1)
+
+
+def test_intervals_cover_the_true_curve_with_two_seeds(monkeypatch):
+    """Coverage against the truth: 150 synthetic sweeps of S(B) = 50 (1 + 50 / B) at batch 8 ... 128, 2 seeds each,
+    every run's steps S(B) x exp(0.2 N(0, 1)) (20% lognormal run-to-run spread, no validation noise, so the seeds'
+    spread is all there is to cover). The 95% intervals of B_crit and of batch 32's steps must hold the true B_crit
+    (50) and S(32) in about 95% of the sweeps (>= 90% asserted); the former bootstrap over the 2 seeds, on the same
+    sweeps, covers far less (about 75% and 55%): it gives a batch whose 2 seeds happen to agree no spread at all."""
+    s_min, b_crit, sigma, batches, seeds, sweeps = 50.0, 50.0, 0.2, (8, 16, 32, 64, 128), 2, 150
+    monkeypatch.setattr(bootstrap, "RESAMPLES", 200)  # 200 draws per fit keep 150 sweeps within seconds
+    rng = np.random.default_rng(3)
+    keys = bootstrap.TARGET_KEYS
+
+    def covers(interval, truth):
+        return interval[0] is not None and interval[0] <= truth and (interval[1] is None or truth <= interval[1])
+
+    hits = {"pooled Student-t": np.zeros(2), "bootstrap over seeds": np.zeros(2)}
+    for _ in range(sweeps):
+        steps = {b: s_min * (1 + b_crit / b) * np.exp(sigma * rng.standard_normal(seeds)) for b in batches}
+        rows = [{"norm": "batch", "batch": b, "replicas": 1, "status": "completed",
+                 **{key: float(s) for key in keys},
+                 "target_draws": {"draws": {key: np.full(200, s) for key in keys}, "beyond_record": 0.0}}
+                for b in batches for s in steps[b]]
+        groups = [{"norm": "batch", "batch": b, "replicas": 1} for b in batches]
+        draws = bootstrap.add_group_intervals(groups, rows)
+        assert groups[2]["target_interval"]["seed_spread"]["dof"] == len(batches) * (seeds - 1)
+        former = [efron_over_seeds([np.full(200, s) for s in steps[b]], rng) for b in batches]
+        for name, per_batch in (("pooled Student-t", [draws[("batch", b, 1)]["steps_to_target"] for b in batches]),
+                                ("bootstrap over seeds", former)):
+            fit = bootstrap.fit_intervals(list(batches), per_batch)
+            hits[name] += [covers(fit["b_crit"], b_crit),
+                           covers(bootstrap.percentile_interval(per_batch[2]), s_min * (1 + b_crit / 32))]
+    coverage = {name: (h / sweeps).round(3).tolist() for name, h in hits.items()}
+    print("coverage of [B_crit, S(32)] by the 95% intervals:", coverage)
+    assert min(coverage["pooled Student-t"]) >= 0.90
+    assert max(coverage["bootstrap over seeds"]) < 0.85

@@ -124,7 +124,8 @@ def test_report_numbers(sweep_dir):
     assert ("BatchNorm: which batch took the least time is not resolved: batch 32 and 64 are not distinguishable "
             "(68.4 s of training [") in text
     assert "BatchNorm: batch 128 took the fewest steps (1500 steps [" in text
-    assert "The intervals include the run-to-run spread over seeds." in claims.spread_note(report)
+    assert "The intervals include the run-to-run spread over seeds: every draw also deviates by a Student-t draw" \
+        in claims.spread_note(report)
     interval = report["fits"]["batch"]["steps_to_target_interval"]
     assert interval["b_crit"][0] < B_CRIT < interval["b_crit"][1]
     assert interval["s_min"][0] < S_MIN < interval["s_min"][1]
