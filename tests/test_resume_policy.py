@@ -27,6 +27,8 @@ CHANGED = {
     "grad_stats_precision": 0.25, "grad_stats_max_examples": 4096, "grad_stats_budget": 0.0, "bn_stats_samples": 512,
     # Measurement schedules leave the weights alone but decide what the run records, as grad/bn_stats_every do.
     "curvature_every": 10,
+    # --batch adaptive's decisions: where the batch may go and how it is chosen.
+    "max_batch": 512, "batch_policy": "norm-test", "norm_test_theta": 2.0,
 }
 ALLOWED = {"cache_dir": "cache", "intra_op_threads": 2, "verbose": 0, "run_dir": "elsewhere", "resume": False, "precise_bn_samples": 0, "export": False}
 
