@@ -54,7 +54,7 @@ between micro-batches and measurements. Decoupled weight decay (the optimizer's 
 loss, so it is not in |G|^2. Steps are batches trained (callbacks/steps.py; a resumed run continues its count).
 
 Speed: a measurement computes the gradients of M * b fresh examples, M times the forward and backward pass of a
-training step at b = B (see benchmarks/instrument_overhead.py and the README's Benchmarks).
+training step at b = B (see benchmarks/instrument_overhead.py and its result file).
 """
 
 import math

@@ -8,11 +8,11 @@ from pipeline import config as config_lib
 from pipeline.config import Config, InputError
 
 # Largest number of steps that --steps-per-execution auto runs per call. benchmarks/speed.py measures the
-# gain of N steps per call against 1; it levels off by N = 8 to 16 for the models here (README, "Speed").
+# gain of N steps per call against 1 (benchmarks/results/speed.json).
 AUTO_STEPS_MAX = 16
 # --intra-op-threads auto is 1 on machines without a GPU and with at most this many cores. On the 2-core VM where
 # the defaults were chosen, ResNet-20's ops (batch 32, 8x8 digits and 32x32 images) are too small to gain from
-# being split over both cores, and one thread per op, two ops at a time (inter-op), was faster (README, "Speed").
+# being split over both cores, and one thread per op, two ops at a time (inter-op), was faster (benchmarks/speed.py).
 # Larger machines were not measured, so they keep TensorFlow's default (one thread per core).
 AUTO_SINGLE_THREAD_CORES = 2
 
