@@ -25,12 +25,14 @@ class InputError(ValueError):
     """A bad flag, file or config value; entry points print it on one line and exit with code 2."""
 
 
-def _field(default, help: str, names: dict | None = None):
+def _field(default, help: str, names: dict | None = None, words_only: bool = False):
     """A Config field with its default and the help text of its flag (flags.py reads it from the metadata).
 
     names: words its flag also accepts for values, e.g. {"auto": -1}.
+    words_only: the values in names are given only as their words: the flag refuses the number itself (--batch 0 is
+      an error, not --batch adaptive).
     """
-    return dataclasses.field(default=default, metadata={"help": help, "names": names or {}})
+    return dataclasses.field(default=default, metadata={"help": help, "names": names or {}, "words_only": words_only})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,8 @@ class Config:
     # Optimization.
     batch: int = _field(32, "examples per step over all replicas, the global batch (per optimizer update: "
                         "batch * accumulate); adaptive: start at --base-batch and follow the measured noise scale "
-                        "(--batch-policy, docs/adaptive_batch.md)", names={"adaptive": ADAPTIVE})
+                        "(--batch-policy, docs/adaptive_batch.md)", names={"adaptive": ADAPTIVE},
+                        words_only=True)
     epochs: int = _field(30, "passes over the training split")
     max_steps: int = _field(0, "stop after this many steps (0: no limit); a sweep's step or example budget")
     optimizer: str = _field("sgd", "sgd | nesterov | adam | adamw")

@@ -39,17 +39,27 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=_value_type(type(default), field.metadata.get("names", {})),
+            parser.add_argument(flag, type=_value_type(type(default), field.metadata.get("names", {}),
+                                                       field.metadata.get("words_only", False)),
                                 default=argparse.SUPPRESS, metavar=type(default).__name__.upper(), help=help_text)
 
 
-def _value_type(kind: type, names: dict):
-    """kind itself, or a function that also accepts the words in names (e.g. "auto" for -1), for argparse's type."""
+def _value_type(kind: type, names: dict, words_only: bool = False):
+    """kind itself, or a function that also accepts the words in names (e.g. "auto" for -1), for argparse's type.
+
+    With words_only, a number equal to one of the names' values is refused: that value is written as its word.
+    """
     if not names:
         return kind
 
     def value(text: str):
-        return names[text] if text in names else kind(text)
+        if text in names:
+            return names[text]
+        number = kind(text)
+        if words_only and number in names.values():
+            kind_name = {int: "integer", float: "number"}.get(kind, kind.__name__)
+            raise argparse.ArgumentTypeError(f"got {text}; must be a positive {kind_name} or {' | '.join(names)}")
+        return number
 
     value.__name__ = kind.__name__  # argparse's "expected an integer, got 'x'" names the type
     return value
