@@ -24,6 +24,18 @@ is t +- t_{m-1, 0.975} s / sqrt(m), with s the sample standard deviation of the 
 tolerance r the probes are drawn in blocks of `min_probes` and stop after the first block at which the half-width
 t_{m-1, 0.975} s / sqrt(m) <= r |t| (or at the most probes): a sequential rule, so its coverage is that of the rule
 (tested against the exact trace, tests/callbacks/test_curvature.py), not the fixed-m t interval's.
+
+Deflation by the Lanczos basis (Gambhir, Stathopoulos & Orginos 2017, "Deflation as a method of variance reduction
+for estimating the trace of a matrix inverse"; Meyer et al. 2021, "Hutch++", with a random sketch in place of the
+Krylov basis): with Q the k orthonormal Lanczos vectors of the top eigenvalue's run and P = Q Q^T,
+
+    tr(H) = tr(Q^T H Q) + tr((I - P) H (I - P)),     tr(Q^T H Q) = sum_j alpha_j = sum_j q_j^T H q_j,
+
+so the first term is known exactly from products already made, and Hutchinson estimates only the second, with probes
+z' = (I - P) z: z'^T H z' is unbiased for it (given Q, which the probes do not depend on). Its variance,
+2 sum_{i != j} A_ij^2 for A = (I - P) H (I - P), lacks the top of the spectrum, which dominates a network Hessian's
+Frobenius norm, so fewer probes reach a relative tolerance (benchmarks/curvature_cost.py measures the probes and
+products with and without deflation at the same weights).
 """
 
 from __future__ import annotations
@@ -100,7 +112,8 @@ def top_eigenvalue(hvp, dimension: int, rng: np.random.Generator, tolerance: flo
         max_products: stop after this many products, unconverged.
 
     Returns:
-        {"value": theta, "residual": beta_j |s_j|, "products": j, "converged": bool}.
+        {"value": theta, "residual": beta_j |s_j|, "products": j, "converged": bool, "basis": the j orthonormal
+        Lanczos vectors (j, P), "restricted_trace": tr(Q^T H Q) = sum of the alphas}.
     """
     basis = np.empty((min(max_products, dimension), dimension))
     q = rng.standard_normal(dimension)
@@ -118,33 +131,40 @@ def top_eigenvalue(hvp, dimension: int, rng: np.random.Generator, tolerance: flo
         theta, residual = float(values[-1]), beta * abs(float(vectors[-1, -1]))
         # An invariant subspace (beta ~ 0, e.g. P products) makes theta exact up to rounding.
         if residual <= tolerance * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-30):
-            return {"value": theta, "residual": residual, "products": j + 1, "converged": True}
+            return {"value": theta, "residual": residual, "products": j + 1, "converged": True,
+                    "basis": basis[: j + 1], "restricted_trace": float(sum(alphas))}
         if j + 1 < len(basis):
             basis[j + 1] = w / beta
             betas.append(beta)
-    return {"value": theta, "residual": residual, "products": len(basis), "converged": dimension == len(basis)}
+    return {"value": theta, "residual": residual, "products": len(basis), "converged": dimension == len(basis),
+            "basis": basis, "restricted_trace": float(sum(alphas))}
 
 
 def hutchinson_trace(hvp, dimension: int, rng: np.random.Generator, probes: int, confidence: float = 0.95,
-                     relative_half_width: float | None = None, min_probes: int = 8) -> dict:
+                     relative_half_width: float | None = None, min_probes: int = 8, deflation=None) -> dict:
     """tr(H) by Hutchinson's estimator with at most `probes` Rademacher probes drawn from rng (module docstring).
 
     Args:
         relative_half_width: stop at the first block of min_probes probes whose interval's half-width is at most
             this fraction of |estimate|; None draws all `probes`.
         min_probes: the block size of the sequential rule (at least 2).
+        deflation: None, or (Q, tr(Q^T H Q)) with Q's rows orthonormal (top_eigenvalue's "basis" and
+            "restricted_trace"): the probes then estimate tr((I - P) H (I - P)) only (module docstring).
 
     Returns:
-        trace_interval of the probes' quadratic forms z^T H z.
+        trace_interval of the probes' quadratic forms z^T H z (z'^T H z' plus tr(Q^T H Q) with deflation).
     """
     if probes < 2:
         raise ValueError(f"trace_probes: needs at least 2 probes for an interval, got {probes}")
+    basis, exact = deflation if deflation is not None else (None, 0.0)
     block = max(2, min(min_probes, probes)) if relative_half_width else probes
     forms = []
     while len(forms) < probes:
         for _ in range(min(block, probes - len(forms))):
             z = rng.integers(0, 2, dimension) * 2.0 - 1.0
-            forms.append(float(z @ hvp(z)))
+            if basis is not None and len(basis):
+                z -= basis.T @ (basis @ z)
+            forms.append(exact + float(z @ hvp(z)))
         result = trace_interval(np.array(forms), confidence)
         if relative_half_width and result["hi"] - result["value"] <= relative_half_width * abs(result["value"]):
             break

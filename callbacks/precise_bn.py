@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 
 import keras
 import numpy as np
@@ -12,6 +13,10 @@ from callbacks.checked_io import check_positive_int
 from models.norm import virtual_batches
 
 logger = logging.getLogger(__name__)
+# model -> (input signature, [(level's layers, its compiled moments function)]): the functions read the weights as
+# variables, so a model whose weights change (the study's loss line sets new weights at every point) reuses them
+# instead of tracing one side model per level again at every call.
+_LEVEL_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def batch_norm_inputs(model: keras.Model) -> list[tuple[keras.layers.BatchNormalization, keras.KerasTensor]]:
@@ -218,9 +223,7 @@ def precise_bn(model: keras.Model, dataset, num_samples: int = 8192) -> dict[str
     batches = take_inputs(dataset, int(num_samples))
     samples = sum(int(tf.nest.flatten(x)[0].shape[0]) for x in batches)
     report = {}
-    for level in _levels(pairs):
-        layers = [layer for layer, _ in level]
-        moments = _moments_function(side_model(model, [tensor for _, tensor in level]), layers, batches[0])
+    for layers, moments in _level_functions(model, pairs, batches[0]):
         totals = [None] * len(layers)
         for x in batches:
             for i, (count, mean, m2) in enumerate(moments(x)):
@@ -242,12 +245,27 @@ def precise_bn(model: keras.Model, dataset, num_samples: int = 8192) -> dict[str
     return {layer.name: report[layer.name] for layer, _ in pairs}
 
 
-def _moments_function(side: keras.Model, layers: list, example_batch) -> tf.types.experimental.PolymorphicFunction:
-    """A compiled x -> [(count, mean, M2) per layer] of the inputs `side` computes in inference mode."""
+def _level_functions(model: keras.Model, pairs: list, example_batch) -> list[tuple[list, object]]:
+    """Per topological level, its BN layers and the compiled function of their inputs' moments; made once per model
+    and input signature (_LEVEL_FUNCTIONS)."""
     # Any batch size, so that a remainder batch does not trace the model a second time.
     signature = tf.nest.map_structure(
         lambda t: tf.TensorSpec([None, *t.shape[1:]], tf.as_dtype(t.dtype)), example_batch
     )
+    cached = _LEVEL_FUNCTIONS.get(model)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    functions = []
+    for level in _levels(pairs):
+        layers = [layer for layer, _ in level]
+        functions.append((layers, _moments_function(side_model(model, [tensor for _, tensor in level]), layers,
+                                                    signature)))
+    _LEVEL_FUNCTIONS[model] = (signature, functions)
+    return functions
+
+
+def _moments_function(side: keras.Model, layers: list, signature) -> tf.types.experimental.PolymorphicFunction:
+    """A compiled x -> [(count, mean, M2) per layer] of the inputs `side` computes in inference mode."""
 
     @tf.function(input_signature=[signature])
     def moments(x):

@@ -1,6 +1,7 @@
 """Tests for callbacks.precise_bn: exact population statistics, checked against a NumPy forward pass."""
 
 import logging
+import sys
 
 import keras
 import numpy as np
@@ -110,6 +111,27 @@ def test_moving_statistics_equal_population_statistics_of_inputs(examples):
     for before, after in zip(optimizer_before, model.optimizer.variables):
         np.testing.assert_array_equal(before, after.numpy())
     assert int(model.optimizer.iterations) == 0
+
+
+def test_a_second_call_after_new_weights_uses_the_new_weights_without_tracing_again(examples):
+    # The study's loss line calls precise_bn at every point of a line of weights on one model: the compiled level
+    # functions are kept per model, and must read the weights of the call, not those of the first one.
+    module = sys.modules[precise_bn.__module__]
+
+    model = small_cnn()
+    dataset = tf.data.Dataset.from_tensor_slices((examples, np.zeros(250, "int32"))).batch(64)
+    precise_bn(model, dataset, num_samples=250)
+    functions = [function for _, function in module._LEVEL_FUNCTIONS[model][1]]
+    rng = np.random.default_rng(7)
+    for weight in model.trainable_weights:
+        weight.assign(rng.normal(-0.2, 0.6, weight.shape).astype("float32"))
+    set_wrong_statistics(model)
+
+    precise_bn(model, dataset, num_samples=250)
+
+    assert_population_statistics(model, numpy_bn_inputs(model, examples))
+    assert [function for _, function in module._LEVEL_FUNCTIONS[model][1]] == functions
+    assert [function.experimental_get_tracing_count() for function in functions] == [1, 1, 1]
 
 
 def test_batch_size_does_not_change_the_statistics(examples):
