@@ -36,6 +36,10 @@ object of its own, not the one given to fit). The products run in a keras.Statel
 statistics, seed states and metric updates; the optimizer is never called. The probes and start vectors come from
 NumPy generators seeded with (seed, measurement number), so a measurement does not depend on anything else.
 
+Another callback may ask for a measurement at the current step with `measure_at_target()` (the pipeline's target
+check does, at the step the run first reaches its target accuracy): the record gets "at_target": true, and a
+measurement already made at that step is marked instead of repeated.
+
 Outputs: batch logs of the measured step and epoch logs (NaN in an epoch without a measurement) get LOG_KEYS;
 `out_path` gets one JSON line per measurement (RECORD_KEYS, non-finite values as null); `log_dir` gets TensorBoard
 scalars of LOG_KEYS under log_dir/curvature at the training step. Steps are batches trained (callbacks/steps.py);
@@ -62,7 +66,7 @@ from callbacks.timing import timed
 
 LOG_KEYS = ("curvature/max_eigenvalue", "curvature/trace", "curvature/trace_lo", "curvature/trace_hi",
             "curvature/stability_ratio")
-RECORD_KEYS = ("step", "epoch", "examples", *LOG_KEYS, "curvature/max_eigenvalue_residual",
+RECORD_KEYS = ("step", "epoch", "examples", "at_target", *LOG_KEYS, "curvature/max_eigenvalue_residual",
                "curvature/max_eigenvalue_converged", "curvature/trace_se", "curvature/trace_probes",
                "curvature/learning_rate", "curvature/momentum", "curvature/hessian_vector_products",
                "curvature/seconds")
@@ -192,7 +196,7 @@ class Curvature(keras.callbacks.Callback):
     # Measurement.
 
     @timed
-    def measure(self) -> dict:
+    def measure(self, at_target: bool = False) -> dict:
         """Measures at the current weights and step, records it everywhere, and returns the record."""
         started = time.perf_counter()
         products = self._products
@@ -205,7 +209,7 @@ class Curvature(keras.callbacks.Callback):
         learning_rate, momentum = self._step_settings()
         ratio = top["value"] * learning_rate / (2.0 * (1.0 + momentum)) if momentum is not None else math.nan
         record = {
-            "step": self._steps.step, "epoch": self._epoch, "examples": len(self.y),
+            "step": self._steps.step, "epoch": self._epoch, "examples": len(self.y), "at_target": at_target,
             "curvature/max_eigenvalue": top["value"], "curvature/trace": trace["value"],
             "curvature/trace_lo": trace["lo"], "curvature/trace_hi": trace["hi"],
             "curvature/stability_ratio": ratio, "curvature/max_eigenvalue_residual": top["residual"],
@@ -224,6 +228,16 @@ class Curvature(keras.callbacks.Callback):
             scalars = [(key, value) for key, value in self._latest().items() if math.isfinite(value)]
             self._writer.write(record["step"], scalars)
         return record
+
+    def measure_at_target(self) -> dict:
+        """Measures at the current step (or marks this step's measurement) as the one where the target was reached."""
+        if self.history and self.history[-1]["step"] == self._steps.step:
+            record = self.history[-1]
+            record["at_target"] = True
+            if self.out_path:  # the last line is this record: rewrite the file with it marked
+                write_atomic(self.out_path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in self.history))
+            return record
+        return self.measure(at_target=True)
 
     def _latest(self) -> dict:
         return {key: float(self.history[-1][key]) for key in LOG_KEYS}

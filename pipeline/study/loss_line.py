@@ -14,6 +14,7 @@ inference would use at theta(alpha). Without a recomputation (bn_examples 0) the
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -67,8 +68,8 @@ def sweep_line(sweep_dir: str, small: dict, large: dict, alphas=ALPHAS) -> dict 
     The cache (loss_line.json) is reused while it names the same two runs and their checkpoint files.
 
     Returns:
-        losses_along_line's result with "small" and "large" (run names and batches), or None when a run has no
-        checkpoint.
+        losses_along_line's result with "small" and "large" (run names and batches) and "seconds" (the time it took,
+        model building and data loading included), or None when a run has no checkpoint.
     """
     from pipeline.training import checkpoint
 
@@ -84,6 +85,7 @@ def sweep_line(sweep_dir: str, small: dict, large: dict, alphas=ALPHAS) -> dict 
     from pipeline.data import loading
     from pipeline.training import fit_loop
 
+    started = time.perf_counter()
     config = rundir.run_config(os.path.join(sweep_dir, "runs", small["name"]))
     data = loading.load(config)
     weights = []
@@ -98,6 +100,6 @@ def sweep_line(sweep_dir: str, small: dict, large: dict, alphas=ALPHAS) -> dict 
     result = losses_along_line(model, weights[0], weights[1], alphas, splits, bn_dataset,
                                min(BN_EXAMPLES, data.num_train))
     result.update(key=key, small={"name": small["name"], "batch": small["batch"]},
-                  large={"name": large["name"], "batch": large["batch"]})
+                  large={"name": large["name"], "batch": large["batch"]}, seconds=time.perf_counter() - started)
     rundir.write_json_atomic(os.path.join(sweep_dir, FILE), result)
     return result

@@ -1,7 +1,9 @@
 """Sharp and flat minima in a sweep: each run's curvature at its end beside its generalization gap, and the findings.
 
 Per run (a sweep with --curvature-every -1, or any N > 0): the last record of curvature.jsonl (callbacks.Curvature,
-measured when training ended, on the first 512 un-augmented training examples, BN in inference mode):
+measured when training ended, on the first 512 un-augmented training examples, BN in inference mode), and the record
+measured at the step the run first reached the target accuracy ("at_target"; the runs are then compared at one
+accuracy, as Keskar et al. compare solutions of similar training loss):
 lambda_max ("sharpness", Keskar et al. 2017), tr(H) with its 95% interval, and the stability ratio
 lambda_max x lr / (2 (1 + beta)) at the learning rate of that step; beside them the generalization gap (train - test
 accuracy, and test - train loss, both positive when the test set does worse) from summary.json, and lr / B with lr
@@ -31,7 +33,7 @@ from pipeline import rundir
 
 KEYS = ("max_eigenvalue", "trace", "trace_lo", "trace_hi", "stability_ratio")
 GROUP_KEYS = ("max_eigenvalue", "trace", "stability_ratio", "peak_stability_ratio", "generalization_gap", "loss_gap",
-              "lr_over_batch")
+              "lr_over_batch", "max_eigenvalue_at_target")
 EDGE = 0.9  # a stability ratio at or above this counts as at the edge (lambda_max within 10% of 2 (1 + beta) / lr)
 DINH = ("Sharpness is not invariant to reparametrization (Dinh et al. 2017): BatchNorm makes the weights before it "
         "scale-invariant, so a different weight scale changes lambda_max without changing the function; read it "
@@ -50,6 +52,10 @@ def run_fields(run_dir: str, row: dict, config: dict, summary: dict) -> dict:
     last = max(records, key=lambda r: r["step"]) if records else {}
     fields = {key: last.get(f"curvature/{key}") for key in KEYS}
     fields["curvature_step"], fields["curvature_examples"] = last.get("step"), last.get("examples")
+    at_target = next((r for r in records if r.get("at_target")), {})
+    fields["max_eigenvalue_at_target"] = at_target.get("curvature/max_eigenvalue")
+    fields["stability_ratio_at_target"] = at_target.get("curvature/stability_ratio")
+    fields["curvature_target_step"] = at_target.get("step")
     fields["curvature_seconds"] = sum(r.get("curvature/seconds") or 0.0 for r in records) or None
     fields["lr_scaling"] = config.get("lr_scaling")
     fields["lr_over_batch"] = row["lr"] / row["batch"] if row.get("lr") else None
@@ -130,12 +136,16 @@ def answers(rows: list[dict]) -> dict:
     scalings = {r.get("lr_scaling") for r in done}
     prediction = _prediction(scalings)
     result = {}
+    papers = {"up": "Keskar et al. 2017 (lr/B falls as B grows)",
+              "flat": "Jastrzebski et al. 2017 (lr/B sets the width; it is fixed)"}
     sharp = seed_slope(measured, "max_eigenvalue", log=True)
     result["sharpness"] = [_direction_answer(sharp, "lambda_max at the end of training",
-                                             lambda slope: f"a factor {2 ** slope:.3g}", prediction,
-                                             {"up": "Keskar et al. 2017 (lr/B falls as B grows)",
-                                              "flat": "Jastrzebski et al. 2017 (lr/B sets the width; it is fixed)"})
-                           + " " + DINH]
+                                             lambda slope: f"a factor {2 ** slope:.3g}", prediction, papers)]
+    if any(r.get("max_eigenvalue_at_target") is not None for r in measured):
+        at_target = seed_slope(measured, "max_eigenvalue_at_target", log=True)
+        result["sharpness"].append("At the step each run first reached the target accuracy: " + _direction_answer(
+            at_target, "lambda_max at the target", lambda slope: f"a factor {2 ** slope:.3g}", prediction, papers))
+    result["sharpness"][-1] += " " + DINH
     gap = seed_slope(done, "generalization_gap", log=False)
     result["generalization_gap"] = [_direction_answer(gap, "the train - test accuracy gap", lambda slope: f"{slope:+.3g}",
                                                       prediction,
@@ -221,21 +231,25 @@ def markdown(part: dict, line: dict | None, rows: list[dict]) -> list[str]:
         return ["## Sharpness", "", "Not measured: run the sweep with --curvature-every -1 (one measurement at the "
                 "end of each run; docs/study.md gives its cost).", ""]
     lines = ["## Sharpness and generalization gap (mean ± std over seeds)", "",
-             "| norm | B | lr/B | lambda_max | tr(H) | stability ratio | train - test acc | test - train loss |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| norm | B | lr/B | lambda_max | tr(H) | stability ratio | lambda_max at target | train - test acc "
+             "| test - train loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for g in part["groups"]:
         cells = [_cell(g[k]) for k in ("lr_over_batch", "max_eigenvalue", "trace", "stability_ratio",
-                                        "generalization_gap", "loss_gap")]
+                                        "max_eigenvalue_at_target", "generalization_gap", "loss_gap")]
         lines.append(f"| {g['norm']} | {g['batch']} | " + " | ".join(cells) + " |")
     examples = sorted({r["curvature_examples"] for r in rows if r.get("curvature_examples")})
-    lines += ["", f"At the end of each run, on the first {'/'.join(map(str, examples))} un-augmented training examples "
+    lines += ["", f"At the end of each run (and, in \"at target\", at the step it first reached the target accuracy; "
+              f"– where it did not), on the first {'/'.join(map(str, examples))} un-augmented training examples "
               "(the same for every run) with BN in inference mode (callbacks.Curvature); the stability ratio uses the "
               "lr of the last step; test - train loss is positive when the test set does worse. " + DINH, ""]
     cost = part.get("cost") or {}
     if cost.get("fraction") is not None:
+        line_s = (line or {}).get("seconds")
         lines += [f"Cost: the curvature measurements took {cost['curvature_s']:.0f} s of the {cost['wall_time_s']:.0f} s "
                   f"that {cost['runs']} runs took ({cost['fraction']:.0%}; the tracing of each run's product function "
-                  "included, the loss line not).", ""]
+                  "included)" + (f", and the loss line below {line_s:.0f} s more, when it was computed" if line_s else "")
+                  + ".", ""]
     for key, question in QUESTIONS.items():
         lines += [f"**{question}**", "", *[f"- {s}" for s in part["answers"][key]], ""]
     if line:

@@ -59,11 +59,14 @@ class TargetCheck(keras.callbacks.Callback):
         run_dir: where target.json is written when the target is reached.
         measuring: a function returning the seconds the run's instruments (this callback included) have spent
             measuring so far, left out of time_to_target_s.
+        when_reached: functions called with no argument right after the target is first reached and recorded (the
+            curvature instrument's measurement at the target), timed as instruments by themselves.
     """
 
-    def __init__(self, validation, target: float, every_n_steps: int, run_dir: str, measuring):
+    def __init__(self, validation, target: float, every_n_steps: int, run_dir: str, measuring, when_reached=()):
         super().__init__()
         self.validation, self.target, self.run_dir, self.measuring = validation, target, run_dir, measuring
+        self.when_reached = list(when_reached)
         self.every_n_steps = every_n_steps
         self._steps = Steps(every_n_steps)
         self._accuracy = keras.metrics.SparseCategoricalAccuracy()
@@ -113,6 +116,8 @@ class TargetCheck(keras.callbacks.Callback):
             self.record.add(self._steps.step, self._epoch, self._epoch_fraction(), seconds, self._correct)
             if accuracy >= self.target and not self.reached:
                 self._record(accuracy, seconds)
+                for function in self.when_reached:
+                    function()
 
     def on_epoch_end(self, epoch, logs=None):
         self.record.write()

@@ -212,6 +212,30 @@ def test_fit_with_callback_leaves_training_unchanged(tmp_path):
     assert list((tmp_path / "tb" / "curvature").iterdir())
 
 
+def test_a_measurement_at_the_target_is_marked_not_repeated_at_a_measured_step(tmp_path):
+    """measure_at_target() measures at the current step, or marks the measurement this step already has, in memory
+    and in out_path."""
+    x, y = _digits("mlp")
+    model = _model("mlp")
+    out = tmp_path / "c.jsonl"
+    callback = Curvature(x, y, every_n_steps=4, examples=32, trace_probes=2, max_products=10, out_path=str(out))
+
+    class Target(keras.callbacks.Callback):  # after the curvature callback, as the pipeline's target check
+        def __init__(self):
+            super().__init__()
+            self.step = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.step += 1
+            if self.step in (4, 6):
+                callback.measure_at_target()
+
+    model.fit(x[:320], y[:320], batch_size=32, epochs=1, verbose=0, callbacks=[callback, Target()])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["step"], r["at_target"]) for r in lines] == [(0, False), (4, True), (6, True), (8, False), (10, False)]
+    assert [(r["step"], r["at_target"]) for r in callback.history] == [(r["step"], r["at_target"]) for r in lines]
+
+
 def test_state_resumes_and_rewrites_records(tmp_path):
     x, y = _digits("mlp")
     out = tmp_path / "c.jsonl"
@@ -289,9 +313,10 @@ def test_mismatched_lengths_and_dataset_with_y_raise():
 
 
 def test_train_flag_writes_curvature_records(tmp_path, monkeypatch):
-    """pipeline.train --curvature-every: records at step 0, every N steps and at the end, in curvature.jsonl and
-    the epoch metrics, with the measuring time counted as instrument time. (With several steps per execution a
-    measurement falls on the end of the execution that passes a multiple of N; one step here.)"""
+    """pipeline.train --curvature-every: records at step 0, every N steps, at the step the run first reaches
+    --target-accuracy and at the end, in curvature.jsonl and the epoch metrics, with the measuring time counted as
+    instrument time. (With several steps per execution a measurement falls on the end of the execution that passes a
+    multiple of N; one step here.)"""
     import dataclasses
 
     from pipeline import config as config_lib
@@ -300,17 +325,22 @@ def test_train_flag_writes_curvature_records(tmp_path, monkeypatch):
 
     monkeypatch.setattr(callback_setup, "CURVATURE_EXAMPLES", 128)  # a quarter of the cost
     config = dataclasses.replace(config_lib.smoke(), run_dir=str(tmp_path / "run"), epochs=1, curvature_every=15,
-                                 grad_stats_every=0, bn_stats_every=0, dynamics=False, steps_per_execution="1")
+                                 grad_stats_every=0, bn_stats_every=0, dynamics=False, steps_per_execution="1",
+                                 target_accuracy=0.3)
     summary = train.train(config)
     assert summary.status == "completed", summary.reason
     steps = 1293 // 64  # one epoch of the digits' training split
+    reached = json.loads((tmp_path / "run" / "target.json").read_text())["step"]
+    assert 0 < reached < steps and reached == summary.steps_to_target
     records = [json.loads(line) for line in (tmp_path / "run" / "curvature.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 15, steps]
+    assert [r["step"] for r in records] == sorted({0, 15, reached, steps})
+    assert [r["step"] for r in records if r["at_target"]] == [reached]
     assert all(r["curvature/max_eigenvalue_converged"] and r["curvature/trace_lo"] <= r["curvature/trace"]
                <= r["curvature/trace_hi"] and r["examples"] == 128 for r in records)
+    # The epoch's logs hold its last measurement before it ended (the one at the end of training comes after).
     epoch = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert epoch["curvature/max_eigenvalue"] == pytest.approx(records[1]["curvature/max_eigenvalue"])
-    assert epoch["instrument_time_s"] >= sum(r["curvature/seconds"] for r in records[:2])
+    assert epoch["curvature/max_eigenvalue"] == pytest.approx(records[-2]["curvature/max_eigenvalue"])
+    assert epoch["instrument_time_s"] >= sum(r["curvature/seconds"] for r in records[:-1])
 
 
 def test_train_flag_rejects_negative_interval(cli_error):

@@ -44,6 +44,23 @@ def test_resolved_sharper_minima_agree_with_keskar_at_fixed_lr():
     assert answers["generalization_gap"][0].startswith("Yes: the train - test accuracy gap changes by +0.01")
     assert "Cannot be answered by this sweep: every run uses lr scaling none" in answers["lr_over_batch"][0]
     assert answers["edge_of_stability"][0].startswith("No: the highest measured lambda_max x lr / (2(1+beta)) is 0.5")
+    assert len(answers["sharpness"]) == 1  # no run measured at its target
+
+
+def test_sharpness_at_the_target_is_answered_beside_the_end():
+    # At the target lambda_max falls with B (factor 2^-0.5 per doubling), at the end it rises: two answers.
+    rows = _rows(slope=0.5, noise=0.01)
+    for row in rows:
+        row["max_eigenvalue_at_target"] = 100.0 * row["batch"] ** -0.5 * (1 + 0.01 * row["seed"])
+    end, at_target = sharpness.answers(rows)["sharpness"]
+    assert end.startswith("Yes: lambda_max at the end of training changes by a factor 1.41")
+    assert at_target.startswith("At the step each run first reached the target accuracy: No, the opposite: "
+                                "lambda_max at the target changes by a factor 0.707 per doubling of B")
+    assert "the data disagree with the paper" in at_target and at_target.endswith(sharpness.DINH)
+    groups = sharpness.groups(rows)
+    assert groups[0]["max_eigenvalue_at_target"]["n"] == 3
+    lines = sharpness.markdown({"measured": True, "groups": groups, "answers": sharpness.answers(rows)}, None, rows)
+    assert "| lambda_max at target |" in lines[2] and lines[4].count("|") == lines[2].count("|")
 
 
 def test_unresolved_direction_and_disagreement_with_linear_scaling():
@@ -109,8 +126,8 @@ def test_loss_line_matches_numpy_forward_pass(bn):
 
 @pytest.mark.slow
 def test_tiny_sweep_reports_sharpness_and_the_loss_line(tmp_path, monkeypatch):
-    """Two runs of a real sweep with --curvature-every -1: one measurement each, at the end; the report holds the
-    table, the four findings, sharpness.png and loss_line.png."""
+    """Two runs of a real sweep with --curvature-every -1: a measurement at the step each reaches the target and one at
+    the end; the report holds the table, the four findings, sharpness.png and loss_line.png."""
     from pipeline.training import callback_setup
 
     monkeypatch.setattr(callback_setup, "CURVATURE_EXAMPLES", 128)
@@ -121,8 +138,13 @@ def test_tiny_sweep_reports_sharpness_and_the_loss_line(tmp_path, monkeypatch):
     report = sweep.sweep(config, sweep.Spec(batches=(64, 128), seeds=(0,), budget=sweep.Budget("examples", 2000)),
                          out)
     for batch, steps in ((64, 31), (128, 15)):
-        records = rundir.read_jsonl(os.path.join(out, "runs", f"batch-b{batch}-s0", "curvature.jsonl"))
-        assert [r["step"] for r in records] == [steps]
+        run = os.path.join(out, "runs", f"batch-b{batch}-s0")
+        records = rundir.read_jsonl(os.path.join(run, "curvature.jsonl"))
+        reached = rundir.read_json(os.path.join(run, "target.json"))["step"]
+        assert [(r["step"], r["at_target"]) for r in records] == (
+            [(steps, True)] if reached == steps else [(reached, True), (steps, False)])
+        row = next(r for r in report["runs"] if r["name"] == f"batch-b{batch}-s0")
+        assert row["max_eigenvalue_at_target"] == records[0]["curvature/max_eigenvalue"]
     part = report["sharpness"]
     assert part["measured"] and [g["batch"] for g in part["groups"]] == [64, 128]
     assert all(r["max_eigenvalue"] > 0 and r["loss_gap"] is not None for r in report["runs"])
