@@ -32,8 +32,8 @@ import numpy as np
 from pipeline import rundir
 
 KEYS = ("max_eigenvalue", "trace", "trace_lo", "trace_hi", "stability_ratio")
-GROUP_KEYS = ("max_eigenvalue", "trace", "stability_ratio", "peak_stability_ratio", "generalization_gap", "loss_gap",
-              "lr_over_batch", "max_eigenvalue_at_target")
+GROUP_KEYS = ("max_eigenvalue", "trace", "stability_ratio", "max_stability_ratio", "peak_stability_ratio",
+              "generalization_gap", "loss_gap", "lr_over_batch", "max_eigenvalue_at_target")
 EDGE = 0.9  # a stability ratio at or above this counts as at the edge (lambda_max within 10% of 2 (1 + beta) / lr)
 DINH = ("Sharpness is not invariant to reparametrization (Dinh et al. 2017): BatchNorm makes the weights before it "
         "scale-invariant, so a different weight scale changes lambda_max without changing the function; read it "
@@ -228,21 +228,22 @@ def pick_line_runs(rows: list[dict]) -> tuple[dict, dict] | None:
 def markdown(part: dict, line: dict | None, rows: list[dict]) -> list[str]:
     """The report's section on sharpness: the per-batch table, the answers and the line's setting."""
     if not part.get("measured"):
-        return ["## Sharpness", "", "Not measured: run the sweep with --curvature-every -1 (one measurement at the "
-                "end of each run; docs/study.md gives its cost).", ""]
+        return ["## Sharpness", "", "Not measured: run the sweep with --curvature-every -1 (a measurement at each run's "
+                "target and at its end; docs/study.md gives its cost).", ""]
     lines = ["## Sharpness and generalization gap (mean ± std over seeds)", "",
-             "| norm | B | lr/B | lambda_max | tr(H) | stability ratio | lambda_max at target | train - test acc "
-             "| test - train loss |",
+             "| norm | B | lr/B | lambda_max | tr(H) | lambda_max at target | highest stability ratio "
+             "| train - test acc | test - train loss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for g in part["groups"]:
-        cells = [_cell(g[k]) for k in ("lr_over_batch", "max_eigenvalue", "trace", "stability_ratio",
-                                        "max_eigenvalue_at_target", "generalization_gap", "loss_gap")]
+        cells = [_cell(g[k]) for k in ("lr_over_batch", "max_eigenvalue", "trace", "max_eigenvalue_at_target",
+                                        "max_stability_ratio", "generalization_gap", "loss_gap")]
         lines.append(f"| {g['norm']} | {g['batch']} | " + " | ".join(cells) + " |")
     examples = sorted({r["curvature_examples"] for r in rows if r.get("curvature_examples")})
     lines += ["", f"At the end of each run (and, in \"at target\", at the step it first reached the target accuracy; "
               f"– where it did not), on the first {'/'.join(map(str, examples))} un-augmented training examples "
-              "(the same for every run) with BN in inference mode (callbacks.Curvature); the stability ratio uses the "
-              "lr of the last step; test - train loss is positive when the test set does worse. " + DINH, ""]
+              "(the same for every run) with BN in inference mode (callbacks.Curvature); the highest stability ratio is "
+              "over a run's measurements, each at the lr of its step (at the end of a schedule that decays to 0 it "
+              "is 0); test - train loss is positive when the test set does worse. " + DINH, ""]
     cost = part.get("cost") or {}
     if cost.get("fraction") is not None:
         line_s = (line or {}).get("seconds")
