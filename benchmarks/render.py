@@ -116,7 +116,10 @@ def _table(rows: list[dict]) -> list[str]:
 def render_record(record: dict) -> list[str]:
     """One result file as a page section: context, summary tables, settings and raw rounds."""
     machine, versions = record.get("machine", {}), record.get("versions", {})
-    commit = (record.get("commit") or "unknown")[:10] + (" (with uncommitted changes)" if record.get("dirty") else "")
+    changed = record.get("changed_files")
+    commit = (record.get("commit") or "unknown")[:10] + (
+        (f" (with uncommitted changes to {', '.join(changed)})" if changed else " (with uncommitted changes)")
+        if record.get("dirty") else "")
     load = f"load average {machine.get('load_before')} before, {machine.get('load_after')} after"
     lines = [
         f"### `{record['benchmark']}`",

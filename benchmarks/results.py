@@ -79,6 +79,11 @@ class Recorder:
         self.command = shlex.join(["python", *(sys.argv if argv is None else argv)])
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.load_before = _load()
+        # The code that ran: the commit and the changes to tracked files when the benchmark started (an edit made
+        # while it runs is not in the modules it has imported).
+        self.commit = _git("rev-parse", "HEAD") or None
+        self.changed = [line.split(maxsplit=1)[1] for line in
+                        _git("status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
 
     def write(self, rounds: list, summary: dict, settings: dict | None = None, directory: str | None = None) -> str:
         """Writes benchmarks/results/<name>.json (atomically) and returns its path.
@@ -94,8 +99,9 @@ class Recorder:
         record = {
             "benchmark": self.name,
             "command": self.command,
-            "commit": _git("rev-parse", "HEAD") or None,
-            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "commit": self.commit,
+            "dirty": bool(self.changed),
+            "changed_files": self.changed,
             "started": self.started.isoformat(timespec="seconds"),
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "system": platform.platform(),
