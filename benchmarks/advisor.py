@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
+from pipeline import rundir  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
         # The sweep would resume: it would skip the runs found there, made perhaps by another version of the code.
         parser.error(f"--out: {args.out} is not empty; give a new directory (the benchmark starts from scratch)")
     os.makedirs(args.out, exist_ok=True)
-    recorder = results.Recorder("advisor-" + config_lib.default_out(config, ""))  # e.g. advisor-digits-resnet20
+    recorder = results.Recorder("advisor-" + rundir.default_out(config, ""))  # e.g. advisor-digits-resnet20
     rows = []  # (measurement, value, goal, met) for the result file
 
     started = time.perf_counter()

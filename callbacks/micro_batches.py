@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from callbacks import timing
+from callbacks.timing import call, phase
 
 
 class MicroBatchGradients:
@@ -47,10 +47,10 @@ class MicroBatchGradients:
         m = int(tf.nest.flatten(data)[0].shape[0]) // self.b
         if self._traced is None:  # one trace for every M: the examples' dimension unknown
             specs = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), data)
-            with timing.phase(self.timer, "tracing") if self.timer else contextlib.nullcontext():
+            with phase(self.timer, "tracing") if self.timer else contextlib.nullcontext():
                 self._traced = self._function.get_concrete_function(specs, tf.TensorSpec([], tf.int64))
         arguments = (data, tf.constant(seed_offset, tf.int64))
-        outputs = timing.call(self.timer, self._traced, *arguments) if self.timer else self._traced(*arguments)
+        outputs = call(self.timer, self._traced, *arguments) if self.timer else self._traced(*arguments)
         gram, mean_sq, deviation_sq, mean, deviation = outputs
         trace = self.b / (m - 1) * deviation_sq.numpy().astype(np.float64)
         norm_sq = mean_sq.numpy().astype(np.float64) - trace / (m * self.b)

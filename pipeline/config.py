@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 
 MODEL_NAMES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "cnn", "mlp")
 NORMS = ("batch", "syncbatch", "ghost", "group", "layer", "none")
@@ -184,26 +183,6 @@ def batch_study() -> Config:
     return dataclasses.replace(Config(), epochs=12, lr=0.05, lr_scaling="linear", target_accuracy=0.98)
 
 
-# Automatic (-1) measurements of the gradient and BN statistics: in a run of its own, step 0 and the geometric
-# schedule of callbacks/schedule.py (steps 10, 20, 40, ...), dense where training changes fast, plus the last step.
-# A sweep gives every run MEASUREMENTS_PER_RUN measurements at the same fractions of its budget: the same number at
-# every batch size, where a fixed interval would leave the few steps of a large batch unmeasured (plus one at step
-# 0). Replica gradient statistics pool the steps between records, and take AUTO_INTERVAL steps in a run of its own.
-AUTO_INTERVAL = 100
-MEASUREMENTS_PER_RUN = 16
-
-
-def instrument_interval(every: int, total_steps: int | None = None) -> int | None:
-    """Steps between measurements for a grad_stats_every or bn_stats_every value: 0 off, None the geometric schedule.
-
-    -1 (automatic) is None (geometric) in a run of its own, and for a sweep's run of `total_steps` steps
-    MEASUREMENTS_PER_RUN measurements spread evenly over them: max(1, total_steps // MEASUREMENTS_PER_RUN).
-    """
-    if every != -1:
-        return every
-    return None if total_steps is None else max(1, total_steps // MEASUREMENTS_PER_RUN)
-
-
 @contextlib.contextmanager
 def as_flag_error(field: str):
     """Reports a library's ValueError about an argument taken from Config.<field> as an InputError naming its flag."""
@@ -279,11 +258,8 @@ def validate(config: Config) -> Config:
         milestones = c.milestone_epochs
     except ValueError:
         milestones = None
-    _check(
-        milestones is not None and list(milestones) == sorted(set(milestones)) and all(m > 0 for m in milestones),
-        "milestones",
-        f"got {c.milestones!r}; use increasing positive epochs separated by commas, e.g. 15,25",
-    )
+    _check(milestones is not None and list(milestones) == sorted(set(milestones)) and all(m > 0 for m in milestones),
+           "milestones", f"got {c.milestones!r}; use increasing positive epochs separated by commas, e.g. 15,25")
     _check(c.schedule != "multistep" or bool(milestones), "milestones", "schedule multistep needs --milestones, e.g. 15,25")
     _check(_finite(c.weight_decay) and c.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
     _check(c.accumulate >= 1, "accumulate", "must be a positive integer")
@@ -291,16 +267,10 @@ def validate(config: Config) -> Config:
         phases = c.batch_phases
     except ValueError:
         phases = None
-    _check(
-        phases is not None
-        and phases[0][0] == 0
-        and all(b >= 1 for _, b in phases)
-        and all(e1 < e2 for (e1, _), (e2, _) in zip(phases, phases[1:]))
-        and phases[-1][0] < c.epochs,
-        "batch_schedule",
-        f"got {c.batch_schedule!r}; use BATCH@EPOCH items with increasing epochs below --epochs, the first at 0, "
-        "e.g. 32@0,128@10",
-    )
+    increasing = phases is not None and all(e1 < e2 for (e1, _), (e2, _) in zip(phases, phases[1:]))
+    _check(increasing and phases[0][0] == 0 and all(b >= 1 for _, b in phases) and phases[-1][0] < c.epochs,
+           "batch_schedule", f"got {c.batch_schedule!r}; use BATCH@EPOCH items with increasing epochs below --epochs, "
+           "the first at 0, e.g. 32@0,128@10")
     _check(not (c.advice and c.batch_schedule), "advice", "cannot be combined with --batch-schedule")
     _check_adaptive(c)
     _check(c.precise_bn_samples >= 0, "precise_bn_samples", "must be >= 0 (0: off)")
@@ -373,15 +343,3 @@ def load_json(path: str) -> Config:
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
-
-
-def default_out(config: Config, folder: str) -> str:
-    """<folder>/<dataset>-<model>, the default output of a sweep or an advice (dataset name made file-safe)."""
-    name = config.dataset.rstrip("/").split("/")[-1]
-    safe_dataset = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-    return os.path.join(folder, f"{safe_dataset}-{config.model}")
-
-
-def default_run_dir(config: Config, now: str) -> str:
-    """runs/<time>-<model>-b<batch>, the place a run writes to when --run-dir is not given."""
-    return os.path.join("runs", f"{now}-{config.model}-b{config.batch or 'adaptive'}")

@@ -1,6 +1,7 @@
 """The run directory: checks before a run, and the one reader and writer of each of its files (config.json with
 versions and commit, the history metrics.jsonl, summary.json) and the one definition of each metric derived from
-them (time per step, examples per second, time to target, training and instrument time).
+them (time per step, examples per second, time to target, training and instrument time); where a run or a sweep
+writes by default.
 """
 
 from __future__ import annotations
@@ -309,3 +310,15 @@ def append_history(run_dir: str, record: dict) -> None:
     """Appends one epoch's record."""
     with open(os.path.join(run_dir, HISTORY), "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def default_out(config: Config, folder: str) -> str:
+    """<folder>/<dataset>-<model>, the default output of a sweep or an advice (dataset name made file-safe)."""
+    name = config.dataset.rstrip("/").split("/")[-1]
+    safe_dataset = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    return os.path.join(folder, f"{safe_dataset}-{config.model}")
+
+
+def default_run_dir(config: Config, now: str) -> str:
+    """runs/<time>-<model>-b<batch>, the place a run writes to when --run-dir is not given."""
+    return os.path.join("runs", f"{now}-{config.model}-b{config.batch or 'adaptive'}")

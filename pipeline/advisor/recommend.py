@@ -13,7 +13,6 @@ import os
 import sys
 import time
 
-from pipeline import config as config_lib
 from pipeline import cli, flags, startup
 from pipeline.config import InputError
 
@@ -67,9 +66,11 @@ def advise(config, probe_steps: int, max_batch: int, out: str) -> dict:
 def main(argv=None) -> int:
     """Parses flags, probes, prints the recommendation; bad input exits with code 2 and one line."""
     def command() -> int:
+        from pipeline import rundir
+
         config, args = flags.parse(argv, description=__doc__.splitlines()[0], extra=_add_flags)
         max_batch = args.max_batch or 8 * config.base_batch
-        out = args.out or config_lib.default_out(config, "advice")
+        out = args.out or rundir.default_out(config, "advice")
         startup.import_tensorflow()  # without its C++ start-up lines (pipeline/startup.py)
         advice = advise(config, args.probe_steps, max_batch, out)
         print(f"advice: {advice['message']} (details: {os.path.join(out, 'advice.md')})")

@@ -12,14 +12,10 @@ from typing import Callable
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.model_selection import train_test_split
 
-from pipeline.config import Config, InputError
+from pipeline.config import Config
 from pipeline.data import sources
-from pipeline.data.sources import SPLITS
 
-SPLIT_SEED = 1234  # Decides which examples are train, val and test; constant so that --seed never moves them.
-TEST_FRACTION = 0.2  # Share of all examples held out for test when a source has no test split.
 PAD = 4  # Pixels of zero padding on each side before the random crop (He et al. 2016, sec. 4.2).
 
 
@@ -280,7 +276,7 @@ class Data(DataInfo):
 
     def _split(self, split: str) -> tuple[tf.Tensor, tf.Tensor]:
         if split not in self.splits:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+            raise ValueError(f"split must be one of {', '.join(sources.SPLITS)}, got {split!r}")
         return self.splits[split]
 
 
@@ -292,8 +288,8 @@ def load(config: Config) -> Data:
     mnist, ...; read from config.data_dir, downloaded only with config.download), "folder:PATH" (one subfolder
     of PNG/JPEG images per class) and "npz:PATH" (arrays x_train, y_train, x_test, y_test, optional x_val,
     y_val and class_names). All splits are held in memory, which suits the small-image datasets this project
-    measures. Splits a source lacks are carved out with a stratified split under the constant SPLIT_SEED:
-    test is TEST_FRACTION of all examples, val is config.val_fraction of the rest.
+    measures. Splits a source lacks are carved out with a stratified split under the constant sources.SPLIT_SEED:
+    test is sources.TEST_FRACTION of all examples, val is config.val_fraction of the rest.
 
     Args:
         config: the run's Config; uses dataset, data_dir, download, val_fraction and augment.
@@ -315,11 +311,11 @@ def load(config: Config) -> Data:
         splits, class_names = sources.tfds_dataset(source, config)
     for split in ("test", "val"):
         if split not in splits:
-            fraction = TEST_FRACTION if split == "test" else config.val_fraction
-            splits["train"], splits[split] = hold_out(*splits["train"], fraction, source)
+            fraction = sources.TEST_FRACTION if split == "test" else config.val_fraction
+            splits["train"], splits[split] = sources.hold_out(*splits["train"], fraction, source)
     sources.check_classes(class_names, source, splits["train"][1])
     images = splits["train"][0]
-    mean, variance = _channel_stats(images)
+    mean, variance = sources.channel_stats(images)
     return Data(
         source=source,
         input_shape=tuple(int(d) for d in images.shape[1:]),
@@ -330,7 +326,7 @@ def load(config: Config) -> Data:
         num_test=len(splits["test"][1]),
         mean=mean,
         variance=variance,
-        augmentation=resolve_augmentation(config.augment, images.shape[1:]),
+        augmentation=sources.resolve_augmentation(config.augment, images.shape[1:]),
         epoch_variable=tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch"),
         splits={split: (tf.constant(x), tf.constant(y, tf.int32)) for split, (x, y) in splits.items()},
     )
@@ -348,38 +344,7 @@ def count(config: Config) -> tuple[int, int, int]:
         return data.num_train, data.num_val, data.num_test
     for split in ("test", "val"):
         if split not in sizes:
-            fraction = TEST_FRACTION if split == "test" else config.val_fraction
+            fraction = sources.TEST_FRACTION if split == "test" else config.val_fraction
             sizes[split] = math.ceil(fraction * sizes["train"])
             sizes["train"] -= sizes[split]
     return sizes["train"], sizes["val"], sizes["test"]
-
-
-def resolve_augmentation(augment: str, shape: tuple[int, ...]) -> str:
-    if augment == "auto":
-        height, width, channels = shape
-        return "crop-flip" if height >= 32 and width >= 32 and channels == 3 else "none"
-    return augment
-
-
-def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and population variance over (N, H, W), accumulated in float64 in chunks."""
-    mean = images.mean(axis=(0, 1, 2), dtype=np.float64)
-    squares = sum(
-        ((images[i : i + 4096] - mean) ** 2).sum(axis=(0, 1, 2)) for i in range(0, len(images), 4096)
-    )
-    return mean.astype(np.float32), (squares / (images.size // images.shape[-1])).astype(np.float32)
-
-
-def hold_out(images, labels, fraction: float, source: str):
-    """Splits off `fraction` of the examples, stratified by label where every class has enough examples."""
-    indices = np.arange(len(labels))
-    for stratify in (labels, None):  # sklearn refuses to stratify a class of one, or fewer held out than classes.
-        try:
-            keep, held = train_test_split(indices, test_size=fraction, random_state=SPLIT_SEED, stratify=stratify)
-            break
-        except ValueError:
-            continue
-    else:
-        raise InputError(f"--dataset: {source} has too few examples ({len(labels)}) to split {fraction:.0%} off")
-    keep, held = np.sort(keep), np.sort(held)
-    return (images[keep], labels[keep]), (images[held], labels[held])

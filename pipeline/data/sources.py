@@ -3,7 +3,8 @@
 The checks of a TFDS dataset and of a folder: (tfds_builder, class_files, read_image) serve pipeline/data/streamed.py too.
 
 Each returns ({split: (images, labels)}, class_names) with images (N, H, W, C) uint8 or float32 raw pixels and
-int32 labels; splits the source lacks are carved out by pipeline.data.in_memory.
+int32 labels; splits the source lacks are carved out with hold_out (stratified, under the constant SPLIT_SEED),
+as pipeline.data.in_memory and pipeline.data.streamed do; channel_stats and resolve_augmentation serve both too.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import zlib
 
 import numpy as np
 import tensorflow as tf
+from sklearn.model_selection import train_test_split
 
 from pipeline.config import Config, InputError
+
+SPLIT_SEED = 1234  # Decides which examples are train, val and test; constant so that --seed never moves them.
+TEST_FRACTION = 0.2  # Share of all examples held out for test when a source has no test split.
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 ACCEPTED = "digits, a TFDS image-classification name (cifar10, mnist, fashion_mnist, ...), folder:PATH or npz:PATH"
@@ -257,3 +262,35 @@ def _npz_split(x: np.ndarray, y: np.ndarray, split: str, path: str):
         raise InputError(f"{where}: y_{split} must hold integer class ids >= 0, got {y.dtype} from {y.min()}")
     x = x[..., np.newaxis] if x.ndim == 3 else x
     return (x if x.dtype == np.uint8 else x.astype(np.float32)), y.astype(np.int32)
+
+
+def hold_out(images, labels, fraction: float, source: str):
+    """Splits off `fraction` of the examples, stratified by label where every class has enough examples."""
+    indices = np.arange(len(labels))
+    for stratify in (labels, None):  # sklearn refuses to stratify a class of one, or fewer held out than classes.
+        try:
+            keep, held = train_test_split(indices, test_size=fraction, random_state=SPLIT_SEED, stratify=stratify)
+            break
+        except ValueError:
+            continue
+    else:
+        raise InputError(f"--dataset: {source} has too few examples ({len(labels)}) to split {fraction:.0%} off")
+    keep, held = np.sort(keep), np.sort(held)
+    return (images[keep], labels[keep]), (images[held], labels[held])
+
+
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and population variance over (N, H, W), accumulated in float64 in chunks."""
+    mean = images.mean(axis=(0, 1, 2), dtype=np.float64)
+    squares = sum(
+        ((images[i : i + 4096] - mean) ** 2).sum(axis=(0, 1, 2)) for i in range(0, len(images), 4096)
+    )
+    return mean.astype(np.float32), (squares / (images.size // images.shape[-1])).astype(np.float32)
+
+
+def resolve_augmentation(augment: str, shape: tuple[int, ...]) -> str:
+    """--augment auto: crop-flip for images of at least 32x32 with 3 channels, none otherwise."""
+    if augment == "auto":
+        height, width, channels = shape
+        return "crop-flip" if height >= 32 and width >= 32 and channels == 3 else "none"
+    return augment

@@ -153,7 +153,7 @@ def load(config: Config) -> StreamingData:
         num_test=counts["test"],
         mean=statistics[0],
         variance=statistics[1],
-        augmentation=data_lib.resolve_augmentation(config.augment, input_shape),
+        augmentation=sources.resolve_augmentation(config.augment, input_shape),
         epoch_variable=tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch"),
         read=read,
     )
@@ -173,7 +173,7 @@ def _tfds(name: str, config: Config):
     train = total
     for split in ("test", "val"):  # The sizes of pipeline.data.in_memory.count: ceil(fraction * n) held out.
         if split not in splits:
-            held = math.ceil((data_lib.TEST_FRACTION if split == "test" else config.val_fraction) * train)
+            held = math.ceil((sources.TEST_FRACTION if split == "test" else config.val_fraction) * train)
             splits[split] = f"train[{train - held}:{train}]"
             train -= held
     splits["train"] = "train" if train == total else f"train[:{train}]"
@@ -204,10 +204,10 @@ def _folder(path: str, config: Config):
     labels = np.concatenate([np.full(len(names), label, np.int32) for label, names in enumerate(classes.values())])
     splits = {"train": (files, labels)}
     for split in ("test", "val"):  # The same stratified hold-out as the in-memory path, on file names.
-        fraction = data_lib.TEST_FRACTION if split == "test" else config.val_fraction
-        splits["train"], splits[split] = data_lib.hold_out(*splits["train"], fraction, f"folder:{path}")
+        fraction = sources.TEST_FRACTION if split == "test" else config.val_fraction
+        splits["train"], splits[split] = sources.hold_out(*splits["train"], fraction, f"folder:{path}")
     # One fixed permutation, so that a shuffle buffer smaller than the split still sees every class.
-    order = np.random.default_rng(data_lib.SPLIT_SEED).permutation(len(splits["train"][1]))
+    order = np.random.default_rng(sources.SPLIT_SEED).permutation(len(splits["train"][1]))
     splits["train"] = (splits["train"][0][order], splits["train"][1][order])
     shape = sources.read_image(str(splits["train"][0][0])).shape
 

@@ -26,8 +26,8 @@ it, ceil(max_steps / (num_train // batch)), and stops at max_steps; the schedule
 those whole epochs, so the learning rate has not quite decayed to its end value at max_steps.
 
 Instruments: with automatic intervals (--grad-stats-every -1, --bn-stats-every -1), every run measures its
-gradient and BatchNorm statistics config.MEASUREMENTS_PER_RUN times, evenly over its budget
-(config.instrument_interval).
+gradient and BatchNorm statistics MEASUREMENTS_PER_RUN times, evenly over its budget
+(pipeline/training/callback_setup.py's instrument_interval).
 
 Learning rate: --lr (also spelled --base-lr) is the learning rate at --base-batch examples per step, scaled to each
 batch by --lr-scaling: linear, lr = base_lr * B / base_batch (Goyal et al. 2017), or sqrt, lr = base_lr *
@@ -51,7 +51,7 @@ from pipeline import cli, flags, rundir, startup
 from pipeline.config import Config, InputError
 from pipeline.study import runner, tuning
 from pipeline.study import sweep_report as report_lib
-from pipeline.training import execution
+from pipeline.training import callback_setup, execution
 
 WARMUP_FRACTION = 5 / 90  # share of each run's epochs spent warming up under a scaling rule (Goyal et al. 2017)
 # The default study: two seeds per batch size, so that the report shows run-to-run spread (with one seed it can only
@@ -148,8 +148,8 @@ def run_configs(config: Config, spec: Spec, num_train: int, gpus: int = 0) -> li
             run = dataclasses.replace(run, warmup_epochs=spec.warmup_fraction * run.epochs)
         total_steps = run.max_steps or run.epochs * (num_train // batch)
         run = dataclasses.replace(
-            run, grad_stats_every=config_lib.instrument_interval(run.grad_stats_every, total_steps),
-            bn_stats_every=config_lib.instrument_interval(run.bn_stats_every, total_steps))
+            run, grad_stats_every=callback_setup.instrument_interval(run.grad_stats_every, total_steps),
+            bn_stats_every=callback_setup.instrument_interval(run.bn_stats_every, total_steps))
         configs.append(config_lib.validate(run))
     return configs
 
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
         startup.import_tensorflow()
         execution.set_threads(config)  # before anything runs TensorFlow, for the runs made in this process
         spec = spec_from_flags(config, args, argv)
-        out = vars(args).get("out") or config_lib.default_out(config, "sweeps")
+        out = vars(args).get("out") or rundir.default_out(config, "sweeps")
         report = sweep(config, spec, out)
         if report:
             print(report_lib.headline(report))

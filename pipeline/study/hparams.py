@@ -10,7 +10,7 @@ def write_hparams(rows: list[dict], sweep_dir: str, metrics: list[str]) -> str:
     """TensorBoard HParams data, one session per run, under <sweep_dir>/tensorboard (rewritten each time).
 
     Args:
-      rows: the report's run rows (pipeline.study.sweep_report.read_run).
+      rows: the report's run rows (pipeline.study.run_row.read_run).
       sweep_dir: the sweep directory.
       metrics: the row keys written as each session's metrics (None values are left out).
     Returns:

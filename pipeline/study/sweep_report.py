@@ -2,7 +2,7 @@
 
 `python -m pipeline.report SWEEP_DIR` rebuilds it from the run directories alone (config.json, summary.json,
 the history, grad_stats.jsonl, bn_stats.json of each <SWEEP_DIR>/runs/*), as pipeline.sweep does at its end.
-This module reads the runs and renders; the statistics are in pipeline/study/fits.py and the sentences in
+pipeline/study/run_row.py reads each run; this module aggregates and renders; the statistics are in pipeline/study/fits.py and the sentences in
 pipeline/study/findings.py.
 
 Per run: steps, epochs and time to target come from summary.json (pipeline/training/target.py: validation accuracy
@@ -30,14 +30,13 @@ import sys
 
 import numpy as np
 
-from pipeline import cli, run_timing, rundir, startup
+from pipeline import cli, rundir, startup
 from pipeline.config import InputError
 from pipeline.study import adaptive_report, bootstrap, claims
 from pipeline.study import findings as findings_lib
 from pipeline.study import fits as fits_lib
-from pipeline.study import hparams, loss_line, prediction_check, sharpness, sharpness_plots, tuning
+from pipeline.study import hparams, loss_line, prediction_check, run_row, sharpness, sharpness_plots, tuning
 from pipeline.study.report_plots import plots
-from pipeline.training import target_record
 
 # (key in a run row, column title, number format) of the report's table, in order.
 COLUMNS = (
@@ -53,75 +52,10 @@ COLUMNS = (
     ("noise_scale", "B_simple near target", "{:.3g}"),
     ("bn_batch_var_error", "BN batch var error", "{:.3g}"),
 )
-TARGET_KEYS = ("steps_to_target", "epochs_to_target", "time_to_target_s")
+TARGET_KEYS = bootstrap.TARGET_KEYS
 METRICS = ("test_accuracy", "train_accuracy", "val_accuracy", "best_val_accuracy", "generalization_gap",
            "time_per_step_ms", "examples_per_sec", "wall_time_s", "grad_std", "noise_scale", "bn_batch_mean_error",
            "bn_batch_var_error", "bn_moving_mean_error", "bn_moving_var_error", "lr") + TARGET_KEYS
-BN_KEYS = ("batch_mean_error", "batch_var_error", "moving_mean_error", "moving_var_error")
-
-
-def read_run(run_dir: str) -> dict | None:
-    """One row of the report from a run directory, or None if the run has not written its config."""
-    recorded = rundir.read_config(run_dir)
-    if not recorded:
-        return None
-    config, summary = recorded["config"], rundir.read_summary(run_dir) or {}
-    batch = config["batch"] * config.get("accumulate", 1)
-    # The devices the run trained on (config.json's "parallel"; a run that never started: what its config asks).
-    replicas = recorded.get("parallel", {}).get("replicas") or max(1, config.get("replicas", 1))
-    per_replica = config["batch"] // replicas
-    row = {"name": os.path.basename(run_dir), "norm": config["norm"], "batch": batch, "seed": config["seed"],
-           "replicas": replicas, "per_replica_batch": per_replica,
-           "bn_batch": summary.get("bn_batch") or (config["batch"] if config["norm"] == "syncbatch" else per_replica),
-           "status": summary.get("status", "unfinished"), "reason": summary.get("reason", ""),
-           "lr": recorded.get("effective_lr", config["lr"]), "momentum": config.get("momentum"),
-           "warmup_epochs": config.get("warmup_epochs"), "target": config.get("target_accuracy") or None}
-    for key in ("test_accuracy", "train_accuracy", "val_accuracy", "steps", "epochs", "wall_time_s") + TARGET_KEYS:
-        row[key] = summary.get(key)
-    train, test = row["train_accuracy"], row["test_accuracy"]
-    row["generalization_gap"] = train - test if train is not None and test is not None else None
-    # A resumed run measures the steps after its checkpoint again; the last measurement of a step counts.
-    by_step = {r["step"]: r for r in rundir.read_jsonl(os.path.join(run_dir, "grad_stats.jsonl")) if "step" in r}
-    grad = [by_step[step] for step in sorted(by_step)]
-    bn_averages = (rundir.read_json(os.path.join(run_dir, "bn_stats.json")) or {}).get("averages", [])
-
-    history = rundir.read_history(run_dir)
-    row["best_val_accuracy"] = max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None)
-    # The same definitions as summary.json's (pipeline.rundir); a run without a history has only its summary.
-    seconds = run_timing.time_per_step(history) or summary.get("time_per_step_s")
-    row["time_per_step_ms"] = 1000 * seconds if seconds else None
-    row["examples_per_sec"] = run_timing.examples_per_sec(history) or summary.get("examples_per_sec")
-    # Validation noise of the target metrics: resampled first crossings (pipeline/study/bootstrap.py), not in report.json.
-    row["target_draws"] = (bootstrap.run_draws(target_record.read(run_dir), history)
-                           if row["status"] == "completed" and row["steps_to_target"] is not None else None)
-    row["target_interval"] = ({k: v for k, v in row["target_draws"].items() if k != "draws"}
-                              if row["target_draws"] else None)
-    # A completed run that never reached the target is censored: its steps and time to target exceed what it trained.
-    # (Without a history: the steps at the summary's time per step.)
-    trained = (run_timing.train_time(history) - run_timing.instrument_time(history) if history
-               else seconds * row["steps"] if seconds and row["steps"] else None)
-    row["censored_at"] = ({"steps_to_target": row["steps"], "time_to_target_s": trained}
-                          if row["status"] == "completed" and row["target"] and row["steps_to_target"] is None
-                          and row["steps"] else None)
-
-    # Over the run's measurements, which the sweep spreads over the same fractions of every run's budget.
-    stds = [r["grad/batch_std"] for r in grad if r.get("grad/batch_std") is not None]
-    row["grad_std"] = float(np.sqrt(np.mean(np.square(stds)))) if stds else None
-    steps_to_target = row["steps_to_target"]
-    near = fits_lib.pooled_noise_scale(grad, steps_to_target / 2, steps_to_target) if steps_to_target else None
-    row["noise_near_target"] = near
-    row["noise_scale"] = near["noise_scale"] if near else None
-    row["noise_growth"] = fits_lib.noise_growth(grad, row["steps"])["verdict"] if grad and row["steps"] else None
-    row["noise_curve"] = [{"examples": r["step"] * batch, "noise_scale": r.get("grad/noise_scale"),
-                           "lo": r.get("grad/noise_scale_lo"), "hi": r.get("grad/noise_scale_hi"),
-                           "lower_bound": bool(r.get("grad/noise_scale_is_lower_bound"))} for r in grad]
-    for key in BN_KEYS:
-        values = [m[key] for m in bn_averages if m.get(key) is not None]
-        row[f"bn_{key}"] = float(np.sqrt(np.mean(np.square(values)))) if values else None
-    row.update(sharpness.run_fields(run_dir, row, config, summary))
-    return row
-
-
 def _stats(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
@@ -285,7 +219,7 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     """
     run_dirs = sorted(glob.glob(os.path.join(sweep_dir, "runs", "*")))
     adaptive_dirs = [d for d in run_dirs if adaptive_report.is_adaptive(d)]  # beside the fixed batches, not in fits
-    rows = [row for row in map(read_run, [d for d in run_dirs if d not in adaptive_dirs]) if row]
+    rows = [row for row in map(run_row.read_run, [d for d in run_dirs if d not in adaptive_dirs]) if row]
     if not rows:
         raise InputError(f"sweep directory {sweep_dir} holds no runs (expected {os.path.join(sweep_dir, 'runs', '*')})")
     sweep = rundir.read_json(os.path.join(sweep_dir, "sweep.json")) or {"config": {}}

@@ -1,4 +1,5 @@
-"""The training run's callback list: stops, replica BN statistics, instruments, logs, checkpoint."""
+"""The training run's callback list: stops, replica BN statistics, instruments (and the steps between their
+measurements that a flag value means), logs, checkpoint."""
 
 from __future__ import annotations
 
@@ -13,9 +14,27 @@ from pipeline.training import distribute
 # against a 0.6 s epoch), so a tenth of the training set costs ~1% of an epoch; at most 1000 examples.
 DYNAMICS_FRACTION, DYNAMICS_MAX = 0.1, 1000
 # Training examples (the first, un-augmented) of the loss whose curvature callbacks.Curvature measures; a
-# measurement costs ~20-50 Hessian-vector products of these (callbacks/curvature.py's defaults), each about two
+# measurement costs ~12-25 Hessian-vector products of these (callbacks/curvature.py's defaults), each about two
 # training steps of 512 examples.
 CURVATURE_EXAMPLES = 512
+# Automatic (-1) measurements of the gradient and BN statistics: in a run of its own, step 0 and the geometric
+# schedule of callbacks/schedule.py (steps 10, 20, 40, ...), dense where training changes fast, plus the last step.
+# A sweep gives every run MEASUREMENTS_PER_RUN measurements at the same fractions of its budget: the same number at
+# every batch size, where a fixed interval would leave the few steps of a large batch unmeasured (plus one at step
+# 0). Replica gradient statistics pool the steps between records, and take AUTO_INTERVAL steps in a run of its own.
+AUTO_INTERVAL = 100
+MEASUREMENTS_PER_RUN = 16
+
+
+def instrument_interval(every: int, total_steps: int | None = None) -> int | None:
+    """Steps between measurements for a grad_stats_every or bn_stats_every value: 0 off, None the geometric schedule.
+
+    -1 (automatic) is None (geometric) in a run of its own, and for a sweep's run of `total_steps` steps
+    MEASUREMENTS_PER_RUN measurements spread evenly over them: max(1, total_steps // MEASUREMENTS_PER_RUN).
+    """
+    if every != -1:
+        return every
+    return None if total_steps is None else max(1, total_steps // MEASUREMENTS_PER_RUN)
 
 
 def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None = None, replicas: int = 1) -> list:
@@ -35,8 +54,8 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
     def draws(batch):
         return lambda step: data.draws(batch, seed=config.seed + 1, step=step)
 
-    grad_every = config_lib.instrument_interval(config.grad_stats_every)
-    bn_every = config_lib.instrument_interval(config.bn_stats_every)
+    grad_every = instrument_interval(config.grad_stats_every)
+    bn_every = instrument_interval(config.bn_stats_every)
     result = []
     out_path = os.path.join(run_dir, "grad_stats.jsonl")
     if grad_every != 0 and replicas > 1:  # None: the geometric schedule
@@ -44,7 +63,7 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
 
         with config_lib.as_flag_error("grad_stats_every"):
             # A record pools at least 2 steps (its interval comes from their scatter).
-            result.append(ReplicaGradientStatistics(replicas, max(2, grad_every or config_lib.AUTO_INTERVAL),
+            result.append(ReplicaGradientStatistics(replicas, max(2, grad_every or AUTO_INTERVAL),
                                                     batch_size=config.batch * config.accumulate,
                                                     population=data.num_train, log_dir=tensorboard_dir,
                                                     out_path=out_path))

@@ -250,3 +250,24 @@ def callback(directory: str, first_step, instruments=()):
                  instrument_states(instruments) if instruments else None)
 
     return EpochCheckpoint()
+
+
+# What a rerun with --resume does after an interruption at each stage (fit_loop.Summary.stage).
+STAGES = {
+    "setup": "it continues from the last checkpoint",
+    "training": "it continues from the last checkpoint",
+    "precise_bn": "it redoes precise BN, evaluation and export from the final checkpoint without training",
+    "evaluation": "it redoes precise BN, evaluation and export from the final checkpoint without training",
+    "export": "it redoes precise BN, evaluation and export from the final checkpoint without training; the "
+              "interrupted export stays a hidden folder that TF Serving never loads (the next export removes it)",
+}
+
+
+def interrupted_reason(stage: str, epochs: int, steps: int, directory: str) -> str:
+    """The reason of a run interrupted at `stage` after `epochs` (`steps`): where it stopped, what is done (the last
+    committed checkpoint in `directory`) and what a rerun will do."""
+    state = read_state(directory)
+    saved = f"checkpoint of epoch {state['epoch']}" if state else "no checkpoint yet"
+    done = f"{epochs} epochs ({steps} steps) trained, {saved}"
+    return (f"interrupted during {stage.replace('_', ' ')} ({done}); run the same command with --resume: "
+            f"{STAGES[stage]}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-from pipeline import config as config_lib
 from pipeline.config import Config, InputError
 
 # Largest number of steps that --steps-per-execution auto runs per call. benchmarks/speed.py measures the
@@ -47,9 +46,10 @@ def steps_per_execution(config: Config, num_train: int, replicas: int = 1) -> in
         return 1
     counts = [num_train // batch for _, batch in config.batch_phases]
     from callbacks import schedule  # here: the callbacks package imports Keras
+    from pipeline.training import callback_setup
 
     for flag in (config.grad_stats_every, config.bn_stats_every):
-        every = config_lib.instrument_interval(flag)
+        every = callback_setup.instrument_interval(flag)
         counts.append(schedule.FIRST if every is None else every)  # the geometric schedule's steps are multiples
     counts += [config.max_steps]
     common = 0

@@ -16,7 +16,7 @@ import time
 from pipeline import config as config_lib
 from pipeline import interrupts, run_timing, rundir
 from pipeline.config import Config, InputError
-from pipeline.training import distribute
+from pipeline.training import callback_setup, distribute
 
 
 @dataclasses.dataclass
@@ -122,25 +122,6 @@ def compiled_model(config: Config, data, steps_per_execution: int = 1, replica_n
     return model, schedule
 
 
-# What a rerun with --resume does after an interruption at each stage (Summary.stage).
-STAGES = {
-    "setup": "it continues from the last checkpoint",
-    "training": "it continues from the last checkpoint",
-    "precise_bn": "it redoes precise BN, evaluation and export from the final checkpoint without training",
-    "evaluation": "it redoes precise BN, evaluation and export from the final checkpoint without training",
-    "export": "it redoes precise BN, evaluation and export from the final checkpoint without training; the "
-              "interrupted export stays a hidden folder that TF Serving never loads (the next export removes it)",
-}
-
-
-def _interrupted(summary: Summary, checkpoint_state: dict | None) -> str:
-    """The reason of an interrupted run: where it stopped, what is done and what a rerun will do."""
-    saved = f"checkpoint of epoch {checkpoint_state['epoch']}" if checkpoint_state else "no checkpoint yet"
-    done = f"{summary.epochs} epochs ({summary.steps} steps) trained, {saved}"
-    return (f"interrupted during {summary.stage.replace('_', ' ')} ({done}); run the same command with --resume: "
-            f"{STAGES[summary.stage]}")
-
-
 def train(config: Config) -> Summary:
     """Runs one training job described by `config` and returns its summary (also in summary.json).
 
@@ -165,7 +146,7 @@ def train(config: Config) -> Summary:
     recorded = recorded if adaptive else config
     if config.strategy == "multiworker" and not config.run_dir:
         raise InputError("--run-dir: a multiworker run needs one --run-dir, the same on every worker")
-    run_dir = config.run_dir or config_lib.default_run_dir(recorded, time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = config.run_dir or rundir.default_run_dir(recorded, time.strftime("%Y%m%d-%H%M%S"))
     if config.resume and not config.run_dir:  # the most recent unfinished run of this config, next to new runs
         run_dir = rundir.latest_resumable(recorded, os.path.dirname(run_dir))
     config, recorded = (dataclasses.replace(c, run_dir=run_dir) for c in (config, recorded))
@@ -200,7 +181,7 @@ def train(config: Config) -> Summary:
                 "intra_op_threads": threads}
     execution.set_precision(config)
     # With replicas, the gradient statistics come from the training step itself (callbacks/replica_norms.py).
-    replica_norms = topology.replicas > 1 and config_lib.instrument_interval(config.grad_stats_every) != 0
+    replica_norms = topology.replicas > 1 and callback_setup.instrument_interval(config.grad_stats_every) != 0
     with strategy.scope():
         model, schedule = compiled_model(config, data, parallel["steps_per_execution"], replica_norms, adaptive)
     checkpoints = os.path.join(run_dir, "checkpoints")
@@ -244,7 +225,8 @@ def _write_summary(summary: Summary, config: Config, started: float, first_epoch
     _fill_from_history(summary, rundir.read_history(summary.run_dir), config.target_accuracy,
                        target_lib.read(summary.run_dir), config.accumulate, first_epoch)
     if summary.status == "interrupted":
-        summary.reason = _interrupted(summary, checkpoint.read_state(os.path.join(summary.run_dir, "checkpoints")))
+        summary.reason = checkpoint.interrupted_reason(summary.stage, summary.epochs, summary.steps,
+                                                       os.path.join(summary.run_dir, "checkpoints"))
     summary.wall_time_s = time.perf_counter() - started
     rundir.write_summary(summary.run_dir, dataclasses.asdict(summary))
 
@@ -253,7 +235,6 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
          topology, adaptive: bool = False) -> None:
     """Trains from the restored checkpoint (if any) through the batch phases to config.epochs or max_steps; with
     `adaptive` (--batch adaptive) through the phases that training/adaptive_batch.py decides as it goes."""
-    from pipeline.training import callback_setup
 
     bn_batch = config.batch if config.norm == "syncbatch" else topology.per_replica_batch(config.batch)
     # Under multiworker only the gradient statistics from the replicas measure (on fresh batches, BN statistics,

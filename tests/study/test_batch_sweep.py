@@ -13,7 +13,7 @@ import pytest
 from pipeline import config as config_lib
 from pipeline import flags, rundir
 from pipeline.study import batch_sweep as sweep, runner
-from pipeline.training import fit_loop, run_control
+from pipeline.training import callback_setup, fit_loop, run_control
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_TRAIN = 1293  # digits: 1797 examples - 20% test - 10% of the rest for validation
@@ -165,7 +165,7 @@ def test_linear_scaling_and_warmup_per_run(tmp_path, monkeypatch):
         assert c.effective_lr == pytest.approx(0.05 * c.batch / 32)
         assert c.warmup_epochs == pytest.approx(9 * 5 / 90) and c.epochs == 9
         # Automatic instrument intervals: the same number of measurements in every run.
-        assert c.grad_stats_every == c.bn_stats_every == 9 * (NUM_TRAIN // c.batch) // config_lib.MEASUREMENTS_PER_RUN
+        assert c.grad_stats_every == c.bn_stats_every == 9 * (NUM_TRAIN // c.batch) // callback_setup.MEASUREMENTS_PER_RUN
         assert c.run_dir == os.path.join(str(tmp_path), "runs", f"{c.norm}-b{c.batch}-s{c.seed}")
 
 

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from pipeline.study import run_row
 from pipeline.study import sweep_report as report_lib
 from target_records import write_record
 
@@ -71,7 +72,7 @@ def test_only_one_batch_reached(tmp_path):
                                    "sizes whose runs did not all reach the target (censored: their steps are known "
                                    "only from below; batch 64: 1 of 1 runs, steps to target above 2000 on average).")
     report_lib.build_report(str(tmp_path), tensorboard=False)  # rebuilt from report.json's runs: same curves
-    rows = [report_lib.read_run(str(tmp_path / "runs" / name)) for name in ("batch-b16-s0", "batch-b64-s0")]
+    rows = [run_row.read_run(str(tmp_path / "runs" / name)) for name in ("batch-b16-s0", "batch-b64-s0")]
     assert [p["lower_bound"] for p in rows[0]["noise_curve"]] == [False] * 16 + [True]  # the last: a bound
     assert os.path.getsize(tmp_path / "noise_scale.png") > 1000
     # The plot marks batch 64 as never reached and does not promise a fit it does not draw.

@@ -13,7 +13,7 @@ import pytest
 
 from callbacks import schedule
 from pipeline import config as config_lib
-from pipeline.training import execution
+from pipeline.training import callback_setup, execution
 
 
 @pytest.mark.parametrize("changes, expected", [
@@ -34,7 +34,7 @@ def test_auto_steps_per_execution_divides_every_exact_step(changes, expected):
     assert steps == expected
     if config.steps_per_execution == "auto":
         exact = [1293 // b for _, b in config.batch_phases] + [config.max_steps]
-        every = [config_lib.instrument_interval(f) for f in (config.grad_stats_every, config.bn_stats_every)]
+        every = [callback_setup.instrument_interval(f) for f in (config.grad_stats_every, config.bn_stats_every)]
         exact += [schedule.FIRST if e is None else e for e in every]  # None: the geometric schedule
         assert all(count % steps == 0 for count in exact)
 
