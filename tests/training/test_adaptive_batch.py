@@ -212,6 +212,38 @@ def test_resume_across_a_change_is_exact(adaptive_runs):
         json.load(open(os.path.join(reference.run_dir, "summary.json")))["test_accuracy"], abs=0)
 
 
+@pytest.mark.slow
+def test_mirrored_run_changes_its_global_batch_and_measures_at_the_batch_in_force(tmp_path):
+    """--batch adaptive with --strategy mirrored on 2 logical CPUs (a process of its own: the CPU is split before
+    TensorFlow sets up its devices). The norm test at theta 0.1 doubles 32 to 64 at the first decision; every global
+    batch splits evenly over the 2 replicas, each epoch trains 1293 // B steps of the batch in force, and the replica
+    gradient statistics after the change are those of the new batch."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "pipeline.train", "--batch", "adaptive", "--base-batch", str(BASE),
+               "--max-batch", "64", "--batch-policy", "norm-test", "--norm-test-theta", "0.1", "--strategy",
+               "mirrored", "--logical-cpus", "2", "--model", "cnn", "--epochs", "2", "--lr", "0.05", "--seed", "7",
+               "--precise-bn-samples", "0", "--bn-stats-every", "0", "--no-dynamics", "--no-export", "--verbose",
+               "0", "--run-dir", str(run_dir)]
+    env = {**os.environ, "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["status"] == "completed" and summary["replicas"] == 2
+    decisions = [json.loads(line) for line in open(run_dir / adaptive_batch.DECISIONS)]
+    assert [(d["old_batch"], d["new_batch"], d["changed"]) for d in decisions] == [(32, 64, True)]
+    history = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [int(r["batch_size"]) for r in history] == [32, 64]
+    assert [r["step"] for r in history] == [1293 // 32, 1293 // 32 + 1293 // 64]
+    records = [json.loads(line) for line in open(run_dir / "grad_stats.jsonl")]
+    after = [r for r in records if r["step"] > decisions[0]["step"]]
+    assert after and all(r["batch_size"] == 64 for r in after)
+    assert all(r["batch_size"] == 32 for r in records if r["step"] <= decisions[0]["step"])
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--batch", "adaptive", "--max-batch", "16"], "--max-batch"),
     (["--batch", "adaptive", "--batch-schedule", "32@0,64@2"], "--batch-schedule"),
