@@ -198,19 +198,17 @@ def _noise_growth(report, norm, prefix):
     fewest = report["groups"][0].get("replicas", 1)  # the batch-size study's runs
     runs = [r for r in report["runs"] if r["norm"] == norm and r.get("noise_growth") and r.get("replicas", 1) == fewest]
     counts = {v: sorted(r["batch"] for r in runs if r["noise_growth"] == v) for v in ("grew", "fell", "unclear")}
-    decided = len(counts["grew"]) + len(counts["fell"])
     detail = "; ".join(f"{v} at batch {', '.join(map(str, b))}" for v, b in counts.items() if b)
-    if not decided:
+    if not counts["grew"] + counts["fell"]:
         return [f"{prefix}not enough data: in no run did B_simple's intervals over the first and last quarter of the "
                 f"steps separate ({detail or 'no run had a measurement in both'})."]
-    if counts["grew"] and not counts["fell"]:
-        head = "Yes"
-    elif counts["fell"] and not counts["grew"]:
-        head = "No, it fell (opposite to McCandlish et al. 2018, who find that it grows)"
-    else:
-        head = "Mixed"
+    head = ("Mixed" if counts["grew"] and counts["fell"] else "Yes" if counts["grew"]
+            else "No, it fell (opposite to McCandlish et al. 2018, who find that it grows)")
+    missing = sum(r["noise_growth"] not in counts for r in runs)  # "not enough data": no interval in a quarter
     return [f"{prefix}{head}: B_simple pooled over the last quarter of each run's steps against the first quarter "
-            f"{detail} (grew or fell: the 95% intervals do not overlap)."]
+            f"{detail} (grew or fell: the last quarter's 95% interval lies above or below the first quarter's; "
+            "unclear: the two overlap)" + (f"; {missing} run(s) had no interval in one of the quarters." if missing
+                                          else ".")]
 
 
 def _bn_vs_gn(report):

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.study import run_row
+from pipeline.study import findings, run_row
 from pipeline.study import sweep_report as report_lib
 from target_records import write_record
 
@@ -118,6 +118,18 @@ def test_directions_opposite_to_the_literature(tmp_path):
     assert answers["noise_growth"][0].startswith("No, it fell (opposite to McCandlish et al. 2018, who find that it "
                                                  "grows): B_simple pooled over the last quarter")
     assert "fell at batch 8, 16, 32, 64" in answers["noise_growth"][0]
+    assert answers["noise_growth"][0].endswith("(grew or fell: the last quarter's 95% interval lies above or below the "
+                                               "first quarter's; unclear: the two overlap).")
+
+
+def test_noise_growth_names_each_verdict_and_counts_the_runs_without_both_quarters():
+    runs = [{"norm": "batch", "batch": b, "noise_growth": v}
+            for b, v in ((8, "unclear"), (16, "not enough data"), (64, "grew"), (128, "grew"), (128, "not enough data"))]
+    text, = findings._noise_growth({"groups": [{}], "runs": runs}, "batch", "")
+    assert text == ("Yes: B_simple pooled over the last quarter of each run's steps against the first quarter grew at "
+                    "batch 64, 128; unclear at batch 8 (grew or fell: the last quarter's 95% interval lies above or "
+                    "below the first quarter's; unclear: the two overlap); 2 run(s) had no interval in one of the "
+                    "quarters.")
 
 
 def test_not_enough_data(tmp_path):
