@@ -156,8 +156,7 @@ class Curvature(keras.callbacks.Callback):
         self._steps.set_step(state["step"])
         self._epoch = state["epoch"]
         self.history = [{k: math.nan if v is None else v for k, v in record.items()} for record in state["history"]]
-        if self.out_path:
-            write_atomic(self.out_path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in self.history))
+        self._rewrite()
         return []
 
     # Keras hooks.
@@ -234,10 +233,14 @@ class Curvature(keras.callbacks.Callback):
         if self.history and self.history[-1]["step"] == self._steps.step:
             record = self.history[-1]
             record["at_target"] = True
-            if self.out_path:  # the last line is this record: rewrite the file with it marked
-                write_atomic(self.out_path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in self.history))
+            self._rewrite()  # the last line is this record: the file gets it marked
             return record
         return self.measure(at_target=True)
+
+    def _rewrite(self) -> None:
+        """out_path holding exactly the records in memory, replaced atomically."""
+        if self.out_path:
+            write_atomic(self.out_path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in self.history))
 
     def _latest(self) -> dict:
         return {key: float(self.history[-1][key]) for key in LOG_KEYS}

@@ -17,7 +17,6 @@ from pipeline.study import bootstrap, sharpness
 from pipeline.study import fits as fits_lib
 from pipeline.training import target_record
 
-TARGET_KEYS = bootstrap.TARGET_KEYS
 BN_KEYS = ("batch_mean_error", "batch_var_error", "moving_mean_error", "moving_var_error")
 
 
@@ -37,7 +36,8 @@ def read_run(run_dir: str) -> dict | None:
            "status": summary.get("status", "unfinished"), "reason": summary.get("reason", ""),
            "lr": recorded.get("effective_lr", config["lr"]), "momentum": config.get("momentum"),
            "warmup_epochs": config.get("warmup_epochs"), "target": config.get("target_accuracy") or None}
-    for key in ("test_accuracy", "train_accuracy", "val_accuracy", "steps", "epochs", "wall_time_s") + TARGET_KEYS:
+    for key in ("test_accuracy", "train_accuracy", "val_accuracy", "steps", "epochs", "wall_time_s",
+                *bootstrap.TARGET_KEYS):
         row[key] = summary.get(key)
     train, test = row["train_accuracy"], row["test_accuracy"]
     row["generalization_gap"] = train - test if train is not None and test is not None else None

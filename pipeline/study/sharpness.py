@@ -54,7 +54,6 @@ def run_fields(run_dir: str, row: dict, config: dict, summary: dict) -> dict:
     fields["curvature_step"], fields["curvature_examples"] = last.get("step"), last.get("examples")
     at_target = next((r for r in records if r.get("at_target")), {})
     fields["max_eigenvalue_at_target"] = at_target.get("curvature/max_eigenvalue")
-    fields["stability_ratio_at_target"] = at_target.get("curvature/stability_ratio")
     fields["curvature_target_step"] = at_target.get("step")
     fields["curvature_seconds"] = sum(r.get("curvature/seconds") or 0.0 for r in records) or None
     fields["lr_scaling"] = config.get("lr_scaling")
