@@ -17,8 +17,11 @@ training clock (summary.json's time to target, tracing of each new batch size in
 step-time ladder before training, summary.json's batch_ladder_s) and the wall clock.
 When a goal is missed, the result says by how much and checks the goodput model's two terms against the run: the
 step time it predicted for each new batch (decisions' T_step fit) against the run's measured seconds per step there,
-and the B_simple it decided on against the next decision's measurement.
-Writes benchmarks/results/adaptive_batch.json (benchmarks/results.py).
+and the B_simple it decided on against the next decision's measurement. It also gives the ceiling of any schedule on
+this machine under the same model (`ceiling`): with the steady step times measured and the noise scale phi_k of each
+decision before the target, an oracle that trains each phase at its best batch against the best single batch.
+Writes benchmarks/results/adaptive_batch.json, or adaptive_batch-<dataset file's stem>.json for another dataset
+(benchmarks/results.py).
 """
 
 from __future__ import annotations
@@ -97,6 +100,16 @@ def model_check(run_dir: str, measured: dict[int, float]) -> list[dict]:
     return checks
 
 
+def phases(run_dir: str, target_step: int | None) -> list[float]:
+    """The phi of each decision up to the run's target step (all of them without one; at least the first)."""
+    from pipeline import rundir
+
+    decisions = [d for d in rundir.read_jsonl(os.path.join(run_dir, "batch_decisions.jsonl"))
+                 if d["noise_used"] is not None]
+    kept = [d["noise_used"] for d in decisions if target_step is None or d["step"] <= target_step]
+    return kept or [d["noise_used"] for d in decisions[:1]]
+
+
 def compare(report: dict, sweep_dir: str) -> dict:
     """The goals' ratios per seed and over the means, at steady speed; the training and wall clocks beside them."""
     from pipeline import rundir
@@ -142,7 +155,8 @@ def compare(report: dict, sweep_dir: str) -> dict:
             # the grid before training.
             "clock_ratio": ((run["time_to_target_s"] + summary.get("batch_ladder_s", 0.0)) / best["time_to_target_s"]
                             if best and run["time_to_target_s"] is not None else None),
-            "model_check": model_check(os.path.join(sweep_dir, "runs", run["name"]), table)})
+            "model_check": model_check(os.path.join(sweep_dir, "runs", run["name"]), table),
+            "ceiling": ceiling(phases(os.path.join(sweep_dir, "runs", run["name"]), run["steps_to_target"]), table)})
     times = [s["steady_time_to_target_s"] for s in per_seed if s["steady_time_to_target_s"] is not None]
     examples = [s["examples_to_target"] for s in per_seed if s["examples_to_target"] is not None]
     reached_all = len(times) == len(per_seed)
@@ -168,6 +182,27 @@ def compare(report: dict, sweep_dir: str) -> dict:
     return {"per_seed": per_seed, "summary": summary}
 
 
+def ceiling(phis: list[float], table: dict[int, float]) -> dict | None:
+    """What any batch schedule over `table`'s batches could gain over the best fixed one, by McCandlish et al. 2018
+    (eq. 2.11: a step at batch B makes the progress of 1 / (1 + phi / B) steps at an infinite batch):
+
+        time per unit of progress at B in phase k   c_k(B) = T(B) (1 + phi_k / B)
+        oracle schedule                             sum_k min_B c_k(B)
+        best fixed batch                            min_B sum_k c_k(B)
+
+    with T(B) the steady seconds per step measured and one equal unit of progress per phase (a decision's epoch).
+    Returns {"ratio": oracle / best fixed, "best_fixed", "oracle_batches"}, or None without a phi or two batches.
+    The ratio is the least time ratio a policy could reach if the model holds: near 1 when T(B) (1 + phi / B) is
+    flat over the batches, as when the step time grows in proportion to the batch."""
+    if not phis or len(table) < 2:
+        return None
+    cost = {b: [t * (1 + phi / b) for phi in phis] for b, t in table.items()}
+    best = min(cost, key=lambda b: sum(cost[b]))
+    oracle = sum(min(c[k] for c in cost.values()) for k in range(len(phis)))
+    return {"ratio": oracle / sum(cost[best]), "best_fixed": best,
+            "oracle_batches": [min(cost, key=lambda b: cost[b][k]) for k in range(len(phis))], "phis": phis}
+
+
 def diagnosis(report: dict, per_seed: list[dict]) -> dict:
     """Which term of the goodput model was wrong: the step time (the decisions' T_step fit against the steady step
     times measured in the sweep) and the statistical efficiency (the B_simple decided on against the B_crit that
@@ -191,6 +226,14 @@ def diagnosis(report: dict, per_seed: list[dict]) -> dict:
                      f"{result['b_simple_over_b_crit']:.1f}x the B_crit of the fixed runs' steps to target "
                      f"({b_crit:.0f}" + (f", 95% interval {interval[0]:.3g} to {interval[1]:.3g}" if interval else "")
                      + "), so the model overstated what larger batches save in steps")
+    ceilings = [s["ceiling"] for s in per_seed if s.get("ceiling")]
+    if ceilings:
+        result["ceiling_ratio_per_seed"] = [c["ratio"] for c in ceilings]
+        low = min(result["ceiling_ratio_per_seed"])
+        lines.append(f"ceiling: trained at the best batch for each decision's B_simple, a schedule would take at "
+                     f"least {low:.2f}x the time of the best fixed batch under the same model (per seed "
+                     + ", ".join(f"{c['ratio']:.2f}" for c in ceilings) + f"; goal {GOALS['time_ratio']})"
+                     + (", so no policy could meet the goal on these step times" if low > GOALS["time_ratio"] else ""))
     result["text"] = "; ".join(lines)
     return result
 
@@ -207,7 +250,9 @@ def main(argv=None) -> int:
     parser.add_argument("--target-accuracy", type=float, default=None, help="default: the batch study's (0.98)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --out (finished runs skipped)")
     args = parser.parse_args(argv)
-    recorder = results.Recorder("adaptive_batch")
+    # One result file per dataset: adaptive_batch.json for the digits, adaptive_batch-shapes.json for npz:.../shapes.npz.
+    stem = os.path.splitext(os.path.basename((args.dataset or "digits").split(":", 1)[-1]))[0]
+    recorder = results.Recorder("adaptive_batch" if stem == "digits" else f"adaptive_batch-{stem}")
 
     from pipeline import startup
     from pipeline.study import batch_sweep as sweep

@@ -17,7 +17,10 @@ the batch in force:
                 phase that the decision starts.
 
 phi is the pooled point estimate; when |G|^2 is not resolved it is B_simple's lower bound (the noise is at least
-that); with neither, the batch stays. The intervals are recorded with each decision, not used to decide.
+that); with neither, the batch stays. A lower bound can only grow the batch: goodput(B') / goodput(B) for B' > B
+rises with phi, so a larger batch that wins at the bound wins at the true phi too, while a smaller one that wins at
+the bound may lose there (a bound of 6 once sent a digits run from 64 back to 32). The intervals are recorded with
+each decision, not used to decide.
 """
 
 from __future__ import annotations
@@ -43,9 +46,13 @@ def noise_used(noise: dict | None) -> float | None:
         return None
     for key in ("noise_scale", "noise_scale_lo"):
         value = noise.get(key)
-        if value is not None and math.isfinite(value) and value > 0:
+        if _valid(value):
             return float(value)
     return None
+
+
+def _valid(value) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
 
 
 def decide(policy: str, batch: int, noise: dict | None, batches: list[int], *, base_batch: int, step_time=None,
@@ -72,7 +79,8 @@ def decide(policy: str, batch: int, noise: dict | None, batches: list[int], *, b
     result = {"new_batch": batch, "noise_used": phi, "predicted_gain": None, "goodput": {}, "reason": ""}
     if phi is None:
         return result | {"reason": "no noise-scale estimate since the last decision"}
-    neighbours = [b for b in batches if batch / 2 <= b <= 2 * batch]
+    bound = not _valid(noise.get("noise_scale"))  # phi is only B_simple's lower bound: no shrinking
+    neighbours = [b for b in batches if (batch if bound else batch / 2) <= b <= 2 * batch]
     if step_time is not None:
         here = float(goodput.goodput(batch, step_time, phi, base_batch))
         result["goodput"] = {b: float(goodput.goodput(b, step_time, phi, base_batch)) / here for b in neighbours}
@@ -84,7 +92,8 @@ def decide(policy: str, batch: int, noise: dict | None, batches: list[int], *, b
         result["predicted_gain"] = gain
         if gain > goodput.MIN_GAIN:
             return result | {"new_batch": best, "reason": f"goodput x{gain:.3f} at {best} (> x{goodput.MIN_GAIN})"}
-        return result | {"reason": f"best goodput x{gain:.3f}, not above x{goodput.MIN_GAIN}"}
+        only = " (B_simple only bounded below: no smaller batch considered)" if bound else ""
+        return result | {"reason": f"best goodput x{gain:.3f}, not above x{goodput.MIN_GAIN}{only}"}
     ratio = phi / (theta**2 * batch)  # tr(Sigma) / B over theta^2 |G|^2
     bigger = 2 * batch if 2 * batch in batches else None
     if result["goodput"] and bigger:

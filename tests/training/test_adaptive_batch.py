@@ -45,7 +45,8 @@ def test_goodput_decisions_follow_a_synthetic_noise_stream():
         if phi is None:
             expected.append(batch)
             continue
-        neighbours = np.array([b for b in batches if batch / 2 <= b <= 2 * batch])
+        bound = noise.get("noise_scale") is None or not np.isfinite(noise["noise_scale"])
+        neighbours = np.array([b for b in batches if (batch if bound else batch / 2) <= b <= 2 * batch])
         values = goodput_by_hand(neighbours, phi, alpha, beta) / goodput_by_hand(batch, phi, alpha, beta)
         best = int(neighbours[np.argmax(values)])
         batch = best if values.max() > 1.05 else batch
@@ -58,6 +59,27 @@ def test_goodput_decisions_follow_a_synthetic_noise_stream():
     # The goodput peak sqrt(alpha phi / beta) (141 at phi 200, 447 at 2000, 122 at 150) is followed one octave at a
     # time; at phi 2400 and B 256, 512 gains x1.061 (> 1.05), at phi 900 it would lose (x0.952).
     assert decided == [64, 128, 256, 256, 256, 512, 256]
+
+
+def test_a_lower_bound_grows_the_batch_but_never_shrinks_it():
+    alpha, beta = 0.010, 0.0001
+    step_time = batch_policy.goodput.StepTime(alpha, beta, 0.0)
+    batches = batch_policy.grid(BASE, 1000)
+    # At phi = 6 and B = 64, goodput(32) / goodput(64) = (32 / 0.0132 / 38) / (64 / 0.0164 / 70) = 1.144: a point
+    # estimate of 6 halves the batch, a lower bound of 6 (the true phi may be far larger) keeps it.
+    by_hand = goodput_by_hand(32, 6.0, alpha, beta) / goodput_by_hand(64, 6.0, alpha, beta)
+    assert by_hand == pytest.approx((32 / 0.0132 / 38) / (64 / 0.0164 / 70), rel=1e-12) and by_hand > 1.05
+    point = batch_policy.decide("goodput", 64, {"noise_scale": 6.0}, batches, base_batch=BASE, step_time=step_time)
+    assert point["new_batch"] == 32 and point["predicted_gain"] == pytest.approx(by_hand, rel=1e-12)
+    bound = batch_policy.decide("goodput", 64, {"noise_scale": None, "noise_scale_lo": 6.0}, batches,
+                                base_batch=BASE, step_time=step_time)
+    assert bound["new_batch"] == 64 and 32 not in bound["goodput"] and "bounded below" in bound["reason"]
+    # A bound high enough that the larger batch wins at it: the larger batch wins at any phi above, so it grows.
+    grow = goodput_by_hand(128, 2000.0, alpha, beta) / goodput_by_hand(64, 2000.0, alpha, beta)
+    assert grow > 1.05
+    bound = batch_policy.decide("goodput", 64, {"noise_scale": math.nan, "noise_scale_lo": 2000.0}, batches,
+                                base_batch=BASE, step_time=step_time)
+    assert bound["new_batch"] == 128 and bound["predicted_gain"] == pytest.approx(grow, rel=1e-12)
 
 
 def test_norm_test_doubles_while_the_batch_is_below_b_simple_over_theta_squared():
@@ -274,3 +296,25 @@ def test_timing_the_grid_leaves_the_model_and_optimizer_as_they_were():
     # The ladder built the optimizer and trained 2 x 8 steps; its variables are back at their fresh values.
     assert int(model.optimizer.iterations.numpy()) == 0
     assert all(not np.any(v.numpy()) for v in model.optimizer.variables if "momentum" in v.path)
+
+
+def test_the_benchmark_ceiling_is_the_best_schedule_over_the_best_fixed_batch_by_enumeration():
+    import itertools
+
+    from benchmarks.adaptive_batch import ceiling
+
+    table = {16: 0.0057, 32: 0.0097, 64: 0.0150, 128: 0.0304}  # steady seconds per step, step time ~ batch
+    phis = [6.0, 80.0, 700.0]
+    cost = lambda b, phi: table[b] * (1 + phi / b)  # noqa: E731 -- McCandlish et al.'s steps per unit of progress
+    schedules = {s: sum(cost(b, phi) for b, phi in zip(s, phis)) for s in itertools.product(table, repeat=3)}
+    fixed = {b: schedules[(b, b, b)] for b in table}
+    result = ceiling(phis, table)
+    assert result["ratio"] == pytest.approx(min(schedules.values()) / min(fixed.values()), rel=1e-12)
+    assert tuple(result["oracle_batches"]) == min(schedules, key=schedules.get)
+    assert result["best_fixed"] == min(fixed, key=fixed.get)
+    assert 0.9 < result["ratio"] < 1  # near 1: these step times leave a schedule little to gain
+    # A fixed cost per step (10 ms + 0.01 ms per example, a GPU's shape) leaves more: the best batch
+    # sqrt(alpha phi / beta) moves from 77 to 837, so an early small and a late large batch beat any single one.
+    gpu = ceiling([6.0, 700.0], {b: 0.010 + 1e-5 * b for b in (16, 32, 64, 128, 256, 512, 1024)})
+    assert gpu["oracle_batches"] == [64, 1024] and gpu["best_fixed"] == 512 and gpu["ratio"] < 0.9
+    assert ceiling([], table) is None and ceiling([50.0], {32: 0.01}) is None
