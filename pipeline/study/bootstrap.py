@@ -27,6 +27,13 @@ Fits (the S(B) fit and the power law of steps) are refitted to every draw r over
 the LEVEL percentile intervals of the refitted values. So both the validation noise and the seeds' spread widen them.
 
 A winner (least time, fewest steps) is named only when its interval lies below the runner-up's without overlap.
+
+Where a rerun lands: a confidence interval holds the true B_crit, not another sweep's estimate. Two independent
+estimates with equal errors differ by sqrt(2) times one's error, so a rerun's B_crit falls outside this sweep's 95%
+interval about 17% of the time even when both are right. The rerun interval is B_crit x the LEVEL percentile interval
+of b_i / b_j over all ordered pairs i != j of the draws (`rerun_factors`): the spread of the ratio of two independent
+estimates, on the log scale where B_crit's draws are about symmetric (tests/study/test_bootstrap.py checks, on
+simulated reruns, that it holds another sweep's estimate about LEVEL of the time).
 """
 
 from __future__ import annotations
@@ -174,13 +181,26 @@ def add_group_intervals(groups: list[dict], rows: list[dict]) -> dict:
     return draws
 
 
+def rerun_factors(values, level: float = LEVEL) -> list[float]:
+    """[low, high]: the level percentile interval of values_i / values_j over all ordered pairs i != j (module
+    docstring). A value <= 0 counts as 0 and an infinite one as unbounded; two alike give the ratio 1. The ends may be
+    0 (unbounded below) and inf (unbounded above)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log(np.maximum(np.asarray(values, np.float64), 0.0))
+        ratios = np.subtract.outer(logs, logs)[~np.eye(len(logs), dtype=bool)]
+    ratios[np.isnan(ratios)] = 0.0  # inf - inf, -inf - (-inf)
+    low, high = percentile_interval(ratios, level)
+    return [float(np.exp(low)), float(np.exp(high))]
+
+
 def fit_intervals(batches: list[int], draws: list[np.ndarray]) -> dict:
     """The S(B) fit and the power law of steps refitted to every draw over the batches; their percentile intervals.
 
     Returns:
       {"b_crit": [low, high or None], "s_min": [low, high], "slope": [low, high], "direction", "invalid": fraction
       of draws whose line gave S_min <= 0 (B_crit unbounded: taken as +inf), "draws", "onsets": the share of draws
-      per onset of diminishing returns (fits.diminishing_returns; key "None": no onset)}.
+      per onset of diminishing returns (fits.diminishing_returns; key "None": no onset), "b_crit_rerun_factors":
+      rerun_factors of the B_crit draws}.
     """
     stacked = np.stack(draws)  # (batches, RESAMPLES)
     b_crits, s_mins, slopes, onsets = [], [], [], []
@@ -196,17 +216,23 @@ def fit_intervals(batches: list[int], draws: list[np.ndarray]) -> dict:
             "s_min": list(percentile_interval(s_mins)), "slope": list(slope),
             "direction": "falls" if slope[1] < 0 else "rises" if slope[0] > 0 else "unclear",
             "invalid": float(np.mean(~np.isfinite(b_crits))), "draws": stacked.shape[1],
+            "b_crit_rerun_factors": rerun_factors(b_crits),
             "onsets": {str(onset): onsets.count(onset) / len(onsets) for onset in sorted(set(onsets), key=str)}}
 
 
-def fit_for_norm(groups: list[dict], norm: str, draws: dict) -> dict | None:
+def fit_for_norm(groups: list[dict], norm: str, draws: dict, b_crit: float | None = None) -> dict | None:
     """fit_intervals over the batches of `norm` that reached the target in every run, when each has draws (from
-    add_group_intervals) and there are fits.MIN_FIT_POINTS of them; else None."""
+    add_group_intervals) and there are fits.MIN_FIT_POINTS of them; else None. With the sweep's fitted `b_crit`
+    (> 0), also "b_crit_rerun": [low or None, high or None], where a rerun's B_crit would fall (module docstring)."""
     batches, _ = fits_lib.series(groups, norm, "steps_to_target", True)
     keys = [(norm, batch, groups[0]["replicas"]) for batch in batches]
     if len(batches) < fits_lib.MIN_FIT_POINTS or any(key not in draws for key in keys):
         return None
-    return fit_intervals(batches, [draws[key]["steps_to_target"] for key in keys])
+    result = fit_intervals(batches, [draws[key]["steps_to_target"] for key in keys])
+    if b_crit is not None and b_crit > 0:
+        low, high = (b_crit * f for f in result["b_crit_rerun_factors"])
+        result["b_crit_rerun"] = [low if low > 0 else None, high if math.isfinite(high) else None]
+    return result
 
 
 def winner(groups: list[dict], key: str, censored: list[dict] = ()) -> dict | None:

@@ -66,8 +66,16 @@ def fit_interval_text(report, fit) -> str:
               "the validation noise only: run-to-run spread is unknown with one seed")
     invalid = (f"; {resampled['invalid']:.0%} of the draws gave S_min <= 0, an unbounded B_crit"
                if resampled["invalid"] else "")
+    rerun = resampled.get("b_crit_rerun")
+    if rerun:
+        low = "0" if rerun[0] is None else f"{rerun[0]:.3g}"
+        high = "unbounded" if rerun[1] is None else f"{rerun[1]:.3g}"
+        rerun_text = (f"; a rerun of this sweep would give B_crit in [{low}, {high}] ({bootstrap.LEVEL:.0%}: the "
+                      "spread of two independent estimates' ratio, wider than the interval of the true B_crit)")
+    else:
+        rerun_text = ""
     return (f"; {bootstrap.LEVEL:.0%} bootstrap intervals S_min {bootstrap.interval_text(resampled['s_min'])} steps "
-            f"and B_crit {bootstrap.interval_text(resampled['b_crit'], '{:.3g}')} ({spread}{invalid}).")
+            f"and B_crit {bootstrap.interval_text(resampled['b_crit'], '{:.3g}')} ({spread}{invalid}){rerun_text}.")
 
 
 def spread_note(report: dict) -> str:

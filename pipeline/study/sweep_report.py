@@ -236,7 +236,9 @@ def build_report(sweep_dir: str, *, tensorboard: bool = True) -> dict:
     for norm, fit in report["fits"].items():
         fit["b_simple_interval"] = fits_lib.interval_union([r["noise_near_target"] for r in rows
                                                              if r["norm"] == norm and r["replicas"] == fewest])
-        fit["steps_to_target_interval"] = bootstrap.fit_for_norm(groups, norm, draws)
+        point = fit.get("steps_to_target") or {}
+        fit["steps_to_target_interval"] = bootstrap.fit_for_norm(
+            groups, norm, draws, point.get("b_crit") if point.get("determined") else None)
     report["replica_fits"] = fits_lib.per_device_batch(report["replica_groups"])
     report["answers"] = findings_lib.answers(report)
     report["findings"] = findings_lib.findings(report)
