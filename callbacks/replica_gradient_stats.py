@@ -6,10 +6,10 @@ two_batch_estimates turns each step's pair into tr(Sigma) and |G|^2 at that step
 app. A.1, as AdaptDL does; unbiased for the examples the step's batch is drawn from, see below). On one device,
 callbacks/gradient_stats.py measures on fresh batches instead.
 
-Records: every `every_n_steps` = K steps (the pipeline's automatic interval: 100), the mean of the per-step
-estimates t_k, n_k of tr(Sigma) and |G|^2 since the previous record is one measurement, in the record format of
-gradient_stats' docstring (grad_stats.jsonl, batch and epoch logs, TensorBoard), with "source": "replicas",
-"replicas": R, "micro_batch_size": b, "micro_batches": R K (the replica slices used), "steps_pooled": K,
+Records: every `every_n_steps` = K steps (the pipeline's automatic interval: 100, at most a quarter of an epoch), the
+mean of the per-step estimates t_k, n_k of tr(Sigma) and |G|^2 since the previous record is one measurement, in the
+record format of gradient_stats' docstring (grad_stats.jsonl, batch and epoch logs, TensorBoard), with "source":
+"replicas", "replicas": R, "micro_batch_size": b, "micro_batches": R K (the replica slices used), "steps_pooled": K,
 "degrees_of_freedom": V - 1, and no per-variable values (only totals are all-reduced). With w = `window` (default
 REPLICA_WINDOW = 0.2), at step s:
 

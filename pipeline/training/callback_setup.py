@@ -21,8 +21,9 @@ CURVATURE_EXAMPLES = 512
 # schedule of callbacks/schedule.py (steps 10, 20, 40, ...), dense where training changes fast, plus the last step.
 # A sweep gives every run MEASUREMENTS_PER_RUN measurements at the same fractions of its budget: the same number at
 # every batch size, where a fixed interval would leave the few steps of a large batch unmeasured (plus one at step
-# 0). Replica gradient statistics pool the steps between records, and take AUTO_INTERVAL steps in a run of its own
-# (with --batch adaptive at most a quarter of an epoch at the base batch, so that every decision has records).
+# 0). Replica gradient statistics pool the steps between records, and take AUTO_INTERVAL steps in a run of its own,
+# at most a quarter of an epoch (at the base batch with --batch adaptive), so that a short run has records and every
+# adaptive decision some.
 AUTO_INTERVAL = 100
 MEASUREMENTS_PER_RUN = 16
 
@@ -38,8 +39,7 @@ def instrument_interval(every: int, total_steps: int | None = None) -> int | Non
     return None if total_steps is None else max(1, total_steps // MEASUREMENTS_PER_RUN)
 
 
-def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None = None, replicas: int = 1,
-                adaptive: bool = False) -> list:
+def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None = None, replicas: int = 1) -> list:
     """The measuring callbacks that config turns on: gradient and BN statistics, learning dynamics, curvature.
 
     With several replicas the gradient statistics come from the training steps' replica gradients (the model must
@@ -48,8 +48,8 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
     on the examples an uninterrupted one does.
     BatchNormStatistics measures batches of bn_batch examples (default: the global batch), the examples that one
     BN layer normalizes over in training: a replica's slice with --norm batch, the global batch with syncbatch.
-    `adaptive` (--batch adaptive, whose config here holds the base batch) makes the replica statistics' automatic
-    interval at most a quarter of an epoch at the base batch, so that every epoch's decision has records.
+    The replica statistics' automatic interval is AUTO_INTERVAL steps, at most a quarter of an epoch at the first
+    batch of the run (the base batch with --batch adaptive).
     """
     import callbacks
 
@@ -66,8 +66,8 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
         from callbacks.replica_gradient_stats import ReplicaGradientStatistics
 
         every = grad_every or AUTO_INTERVAL
-        if grad_every is None and adaptive:  # --batch adaptive: records in every epoch, for the decision at its end
-            every = min(every, data.num_train // config.base_batch // 4)
+        if grad_every is None:  # records in every quarter epoch: a short run's curve, an adaptive decision's data
+            every = min(every, data.num_train // config.batch_phases[0][1] // 4)
         with config_lib.as_flag_error("grad_stats_every"):
             # A record pools at least 2 steps (its interval comes from their scatter).
             result.append(ReplicaGradientStatistics(replicas, max(2, every),

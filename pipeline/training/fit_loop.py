@@ -240,11 +240,10 @@ def _fit(config: Config, data, model, run_dir: str, restored: dict | None, sched
     # Under multiworker only the gradient statistics from the replicas measure (on fresh batches, BN statistics,
     # dynamics and curvature would run on the chief alone).
     if topology.workers == 1:
-        measuring = callback_setup.instruments(config, data, model, run_dir, bn_batch, topology.replicas, adaptive)
+        measuring = callback_setup.instruments(config, data, model, run_dir, bn_batch, topology.replicas)
     else:
         gradients_only = dataclasses.replace(config, bn_stats_every=0, dynamics=False, curvature_every=0)
-        measuring = callback_setup.instruments(gradients_only, data, model, run_dir, replicas=topology.replicas,
-                                               adaptive=adaptive)
+        measuring = callback_setup.instruments(gradients_only, data, model, run_dir, replicas=topology.replicas)
     controller = callback_setup.adaptive_batch(config, data, run_dir, topology, measuring) if adaptive else None
     if controller:  # First: at an epoch's end it decides before the instruments log their values.
         measuring.insert(0, controller)

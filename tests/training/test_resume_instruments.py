@@ -30,12 +30,13 @@ TRAIN = 1293  # digits training examples
 PHASES, EPOCHS, ACCUMULATE, EVERY = ((0, 32), (2, 64)), 3, 2, 7
 FLAGS = ["--model", "cnn", "--batch-schedule", "32@0,64@2", "--accumulate", str(ACCUMULATE), "--epochs", str(EPOCHS),
          "--seed", "3", "--deterministic", "--verbose", "2", "--precise-bn-samples", "128",
-         "--grad-stats-every", str(EVERY), "--bn-stats-every", str(EVERY), "--target-accuracy", "0.96"]
+         "--grad-stats-every", str(EVERY), "--bn-stats-every", str(EVERY), "--target-accuracy", "0.96",
+         "--curvature-every", "-1"]
 # Clock fields: the only ones allowed to differ from the uninterrupted run.
 CLOCK = {"epoch_time_s", "instrument_time_s", "instrument_phases_s", "examples_per_sec", "seconds_into_epoch",
-         "wall_time_s", "train_time_s", "time_per_step_s", "time_to_target_s"}
+         "wall_time_s", "train_time_s", "time_per_step_s", "time_to_target_s", "curvature/seconds"}
 FILES = ("grad_stats.jsonl", "bn_stats.json", "bn_stats.md", "dynamics/forgetting.json", "metrics.jsonl",
-         "target.json", "summary.json")
+         "target.json", "summary.json", "curvature.jsonl")
 
 
 def epoch_steps(epoch):
@@ -191,6 +192,12 @@ def test_records_at_the_documented_steps(reference):
     assert summary["steps_to_target"] == reached["step"]
     assert summary["epochs_to_target"] == epoch + reached["epoch_fraction"]
     assert 0 < reached["step"] < LAST  # reached inside the run, so that a resume crosses it
+    # Curvature (--curvature-every -1): at the step the target is first reached, and at the end of each fit() call
+    # (each batch phase), like the statistics above.
+    curvature = read(run_dir, "curvature.jsonl")
+    assert reached["step"] not in phase_ends
+    assert [(r["step"], r["at_target"]) for r in curvature] == sorted([(reached["step"], True)]
+                                                                      + [(step, False) for step in phase_ends])
 
 
 def test_signals_at_many_moments_leave_the_records_of_an_uninterrupted_run(tmp_path, reference):
