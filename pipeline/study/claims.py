@@ -71,7 +71,7 @@ def fit_interval_text(report, fit) -> str:
         low = "0" if rerun[0] is None else f"{rerun[0]:.3g}"
         high = "unbounded" if rerun[1] is None else f"{rerun[1]:.3g}"
         rerun_text = (f"; a rerun of this sweep would give B_crit in [{low}, {high}] ({bootstrap.LEVEL:.0%}: the "
-                      "spread of two independent estimates' ratio, wider than the interval of the true B_crit)")
+                      "spread of the ratio of two independent estimates)")
     else:
         rerun_text = ""
     return (f"; {bootstrap.LEVEL:.0%} bootstrap intervals S_min {bootstrap.interval_text(resampled['s_min'])} steps "

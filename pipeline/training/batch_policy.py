@@ -19,8 +19,7 @@ the batch in force:
 phi is the pooled point estimate; when |G|^2 is not resolved it is B_simple's lower bound (the noise is at least
 that); with neither, the batch stays. A lower bound can only grow the batch: goodput(B') / goodput(B) for B' > B
 rises with phi, so a larger batch that wins at the bound wins at the true phi too, while a smaller one that wins at
-the bound may lose there (a bound of 6 once sent a digits run from 64 back to 32). The intervals are recorded with
-each decision, not used to decide.
+the bound may lose there. The intervals are recorded with each decision, not used to decide.
 """
 
 from __future__ import annotations
