@@ -184,7 +184,8 @@ def compare(report: dict, sweep_dir: str) -> dict:
 
 def ceiling(phis: list[float], table: dict[int, float]) -> dict | None:
     """What any batch schedule over `table`'s batches could gain over the best fixed one, by McCandlish et al. 2018
-    (sec. 2.2: a step at batch B makes the progress of 1 / (1 + phi / B) steps at an infinite batch):
+    (sec. 2, a step at batch B makes the progress of 1 / (1 + phi / B) steps at an infinite batch; app. D models a
+    batch that varies during training the same way):
 
         time per unit of progress at B in phase k   c_k(B) = T(B) (1 + phi_k / B)
         oracle schedule                             sum_k min_B c_k(B)
