@@ -1,11 +1,12 @@
 """Does `--batch adaptive` reach the target sooner than the best fixed batch? A sweep of fixed batches plus adaptive.
 
 Usage: python benchmarks/adaptive_batch.py [--out /tmp/adaptive_bench] [--batch 16,32,64,128] [--seeds 3]
-                                           [--epochs 12] [--model resnet20] [--dataset digits] [--policy goodput]
+                                           [--base-batch 32] [--epochs 12] [--model resnet20] [--dataset digits] [--policy goodput]
                                            [--target-accuracy 0.98] [--resume]
 
 Runs pipeline.sweep's batch study (config.batch_study(): lr 0.05 at batch 32, linear scaling for the fixed batches)
-at the given batches plus `adaptive` (at --base-batch 32 with AdaScale's gain), one sweep over all seeds, side by
+at the given batches plus `adaptive` (from --base-batch, 32 by default, with AdaScale's gain; lr is scaled to the base
+batch, so the fixed runs keep theirs), one sweep over all seeds, side by
 side on the same machine, and compares per seed and over the seeds' means:
   goal 1: adaptive time to target <= 0.85 x the best fixed batch's (least mean time to target);
   goal 2: adaptive examples to target <= 1.2 x the fixed batch's with the fewest (mean);
@@ -20,8 +21,8 @@ step time it predicted for each new batch (decisions' T_step fit) against the ru
 and the B_simple it decided on against the next decision's measurement. It also gives the ceiling of any schedule on
 this machine under the same model (`ceiling`): with the steady step times measured and the noise scale phi_k of each
 decision before the target, an oracle that trains each phase at its best batch against the best single batch.
-Writes benchmarks/results/adaptive_batch.json, or adaptive_batch-<dataset file's stem>.json for another dataset
-(benchmarks/results.py).
+Writes benchmarks/results/adaptive_batch.json, with -<dataset file's stem> for another dataset and -base<B> for another
+base batch (`result_name`; benchmarks/results.py).
 """
 
 from __future__ import annotations
@@ -239,6 +240,15 @@ def diagnosis(report: dict, per_seed: list[dict]) -> dict:
     return result
 
 
+def result_name(dataset: str | None, base_batch: int | None) -> str:
+    """adaptive_batch for the digits at the study's base batch; -<dataset file's stem> for another dataset (shapes for
+    npz:.../shapes.npz) and -base<B> for another base batch are appended."""
+    stem = os.path.splitext(os.path.basename((dataset or "digits").split(":", 1)[-1]))[0]
+    name = "adaptive_batch" if stem == "digits" else f"adaptive_batch-{stem}"
+    default = config_lib.batch_study().base_batch
+    return name if base_batch in (None, default) else f"{name}-base{base_batch}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/adaptive_bench")
@@ -249,11 +259,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default=None, help="default: digits; e.g. npz:shapes.npz (benchmarks/shapes.py)")
     parser.add_argument("--policy", default="goodput", choices=("goodput", "norm-test"))
     parser.add_argument("--target-accuracy", type=float, default=None, help="default: the batch study's (0.98)")
+    parser.add_argument("--base-batch", type=int, default=None,
+                        help="the adaptive run's first batch (default: the batch study's 32); lr scales linearly to it, "
+                             "so the fixed runs keep their learning rates")
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --out (finished runs skipped)")
     args = parser.parse_args(argv)
-    # One result file per dataset: adaptive_batch.json for the digits, adaptive_batch-shapes.json for npz:.../shapes.npz.
-    stem = os.path.splitext(os.path.basename((args.dataset or "digits").split(":", 1)[-1]))[0]
-    recorder = results.Recorder("adaptive_batch" if stem == "digits" else f"adaptive_batch-{stem}")
+    recorder = results.Recorder(result_name(args.dataset, args.base_batch))
 
     from pipeline import startup
     from pipeline.study import batch_sweep as sweep
@@ -264,6 +275,12 @@ def main(argv=None) -> int:
                  "target_accuracy": args.target_accuracy}
     config = dataclasses.replace(config_lib.batch_study(), verbose=0, export=False, batch_policy=args.policy,
                                  **{k: v for k, v in overrides.items() if v is not None})
+    if args.base_batch is not None:
+        if args.base_batch < 1:
+            parser.error(f"--base-batch: must be a positive integer, got {args.base_batch}")
+        # lr is the learning rate at base_batch and the fixed runs scale it linearly: the same lr at every fixed batch.
+        config = dataclasses.replace(config, base_batch=args.base_batch,
+                                     lr=config.lr * args.base_batch / config.base_batch)
     config = config_lib.validate(config)
     execution.set_threads(config)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:

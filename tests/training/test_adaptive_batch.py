@@ -318,3 +318,12 @@ def test_the_benchmark_ceiling_is_the_best_schedule_over_the_best_fixed_batch_by
     gpu = ceiling([6.0, 700.0], {b: 0.010 + 1e-5 * b for b in (16, 32, 64, 128, 256, 512, 1024)})
     assert gpu["oracle_batches"] == [64, 1024] and gpu["best_fixed"] == 512 and gpu["ratio"] < 0.9
     assert ceiling([], table) is None and ceiling([50.0], {32: 0.01}) is None
+
+
+def test_the_benchmark_names_one_result_file_per_dataset_and_base_batch():
+    from benchmarks.adaptive_batch import result_name
+
+    assert result_name(None, None) == result_name("digits", 32) == "adaptive_batch"
+    assert result_name("npz:/data/shapes.npz", None) == "adaptive_batch-shapes"
+    assert result_name(None, 16) == "adaptive_batch-base16"
+    assert result_name("npz:shapes.npz", 64) == "adaptive_batch-shapes-base64"
