@@ -163,7 +163,7 @@ class Curvature(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self._products is None or self._products.model is not self.model:
-            self._products = hessian.HessianVectorProducts(self.model, self.x, self.y, self.batch_size)
+            self._products = hessian.HessianVectorProducts(self.model, self.x, self.y, self.batch_size, timer=self)
         if self.log_dir and self._writer is None:
             self._writer = EventWriter(os.path.join(self.log_dir, "curvature"))
 

@@ -113,6 +113,19 @@ def test_hessian_vector_products_equal_exact(measured, case):
                                    atol=1e-5 * np.abs(matrix @ vector).max())
 
 
+def test_measurements_file_their_tracing_and_execution_time():
+    callback = Curvature(*_digits("mlp"), examples=EXAMPLES, batch_size=128)
+    callback.set_model(_model("mlp"))
+    callback.on_train_begin()
+    first = callback.measure()
+    second = callback.measure()
+    phases = callback.phase_seconds
+    assert set(phases) == {"tracing", "execution", "other"} and phases["tracing"] > 0 and phases["execution"] > 0
+    # Every product's time is filed under a phase; the rest of the two measurements is "other".
+    total = first["curvature/seconds"] + second["curvature/seconds"]
+    assert sum(phases.values()) == pytest.approx(callback.seconds) and callback.seconds >= total
+
+
 @pytest.mark.slow
 def test_trace_interval_covers_exact_trace(measured):
     """The 95% interval covers tr(H) in >= 90% of 400 repeated estimates per trained case (32 Rademacher probes each),
