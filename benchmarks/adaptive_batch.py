@@ -14,8 +14,9 @@ side on the same machine, and compares per seed and over the seeds' means:
 Time to target at steady speed: each step up to the target at its batch's steady seconds per step, the least over
 all the sweep's epochs at that batch without measuring, leaving out each run's epoch that traced it
 (`steady_seconds_per_step`; the fixed runs' long phases give the speed of the adaptive run's short ones). Beside it, the
-training clock (summary.json's time to target, tracing of each new batch size included; for adaptive, plus the
-step-time ladder before training, summary.json's batch_ladder_s) and the wall clock.
+training clock (summary.json's time to target, tracing of each new batch size included; for adaptive, plus all the
+time its step-time ladder took, summary.json's batch_ladder_s, though the ladder's timing before a phase after the
+target is not part of reaching it) and the wall clock.
 When a goal is missed, the result says by how much and checks the goodput model's two terms against the run: the
 step time it predicted for each new batch (decisions' T_step fit) against the run's measured seconds per step there,
 and the B_simple it decided on against the next decision's measurement. It also gives the ceiling of any schedule on
@@ -152,8 +153,8 @@ def compare(report: dict, sweep_dir: str) -> dict:
             "best_fixed_time_to_target_s": best and best["time_to_target_s"],
             "best_fixed_wall_time_s": best and best["wall_time_s"],
             "time_ratio": steady_time / best["steady_time_to_target_s"] if best and steady_time is not None else None,
-            # The training clock, with the tracing of each new batch size and, for adaptive, the ladder that traced
-            # the grid before training.
+            # The training clock, with the tracing of each new batch size and, for adaptive, all of its ladder's time
+            # (the ladder traced the batches it timed).
             "clock_ratio": ((run["time_to_target_s"] + summary.get("batch_ladder_s", 0.0)) / best["time_to_target_s"]
                             if best and run["time_to_target_s"] is not None else None),
             "model_check": model_check(os.path.join(sweep_dir, "runs", run["name"]), table),

@@ -4,9 +4,12 @@ The run starts at --base-batch. At the end of every epoch but the last, `Adaptiv
 statistics for a measurement at that step (unless one was just taken), pools the measurements since the previous
 decision (callbacks.noise_estimates.pool; with replicas, the replica statistics' records), and lets
 pipeline/training/batch_policy.py decide the batch of the next epochs with its AdaScale learning-rate gain. The
-step-time model T_step(B) = alpha + beta B (goodput.fit_step_time) is fitted to the ladder timed at the start
-(`time_grid`, goodput policy only) with each batch's time replaced by the run's own once it trained at it (the
-fastest of its epochs, measuring left out).
+step-time model T_step(B) = alpha + beta B (goodput.fit_step_time) is fitted to the step times of a ladder (goodput
+policy only) with each batch's time replaced by the run's own once it trained at it (the fastest of its epochs,
+measuring left out). The ladder is timed as the run goes (`time_neighbours`): before each phase, the grid batches a
+decision at that phase's batch B may move to (B / 2, B, 2 B) that have no time yet, so a run times the batches it can
+reach rather than the whole grid (on 32x32 images the whole grid to 2048 took 124-154 s before training). A batch that
+runs out of memory ends the grid below it.
 
 A decision that changes the batch ends the fit() call after its epoch; pipeline/training/fit_loop.py starts the next
 at the new batch, the lr schedule's phase set to it (optim.AdaptiveSchedule). Data order stays a function of (seed,
@@ -68,7 +71,7 @@ class AdaptiveBatch(keras.callbacks.Callback):
         self.log_dir = os.path.join(run_dir, "tensorboard", "batch")
         self.phases = [(0, base_batch)]  # (first_epoch, batch): the run's batch phases, shared with its callbacks
         self.gains = [1.0]  # the lr gain of each phase
-        self.ladder, self.own = {}, {}  # {batch: seconds per step}: timed at the start, and the run's own
+        self.ladder, self.own = {}, {}  # {batch: seconds per step}: the ladder's, and the run's own
         self.decided_step = 0  # step of the last decision (the first pools the measurements after step 0)
         self.changed = False  # the last epoch's decision changed the batch (fit_loop starts the next fit)
         self._steps, self._writer = Steps(None), None
@@ -83,6 +86,20 @@ class AdaptiveBatch(keras.callbacks.Callback):
         self.gradients.batch_size = batch
         if hasattr(self.gradients, "step_examples"):
             self.gradients.step_examples = batch
+
+    def untimed_neighbours(self) -> list[int]:
+        """The grid batches a decision at the batch in force may move to (B / 2 to 2 B, B included) without a time."""
+        timed = {**self.ladder, **self.own}
+        return [b for b in self.batches if self.batch / 2 <= b <= 2 * self.batch and b not in timed]
+
+    def add_times(self, rows: list[dict]) -> None:
+        """Takes step_times.time_ladder's rows: their times join the ladder, and a batch that ran out of memory ends
+        the grid below it."""
+        for row in rows:
+            if "error" in row:
+                self.batches = [b for b in self.batches if b < row["batch"]]
+            else:
+                self.ladder[row["batch"]] = row["seconds_per_step"]
 
     def step_time(self):
         """T_step(B) fitted to the ladder, each batch's time replaced by the run's own; None below two batches."""
@@ -172,7 +189,7 @@ class AdaptiveBatch(keras.callbacks.Callback):
         size = os.path.getsize(self.out_path) if os.path.exists(self.out_path) else 0
         return {"phases": [list(p) for p in self.phases], "gains": list(self.gains),
                 "ladder": {str(b): s for b, s in self.ladder.items()}, "own": {str(b): s for b, s in self.own.items()},
-                "decided_step": self.decided_step, "out_bytes": size}
+                "batches": list(self.batches), "decided_step": self.decided_step, "out_bytes": size}
 
     def set_state(self, state: dict) -> list[str]:
         """Restores get_state's state; batch_decisions.jsonl loses the decisions made after it."""
@@ -181,6 +198,8 @@ class AdaptiveBatch(keras.callbacks.Callback):
         self.gains = list(state.get("gains", [1.0]))
         self.ladder = {int(b): s for b, s in state.get("ladder", {}).items()}
         self.own = {int(b): s for b, s in state.get("own", {}).items()}
+        if "batches" in state:  # the grid, cut below a batch that ran out of memory
+            self.batches = [int(b) for b in state["batches"]]
         self.decided_step = state.get("decided_step", 0)
         if os.path.exists(self.out_path):
             with open(self.out_path, "r+b") as f:
@@ -212,12 +231,28 @@ def time_grid(model, data, batches: list[int], seed: int, strategy) -> tuple[dic
     return {r["batch"]: r["seconds_per_step"] for r in rows if "error" not in r}, rows
 
 
+def time_neighbours(controller, model, data, seed: int, strategy) -> float:
+    """Times the batches controller.untimed_neighbours() names (time_grid) and gives them to the controller; returns
+    the seconds it took (0 when every neighbour had a time)."""
+    batches = controller.untimed_neighbours()
+    if not batches:
+        return 0.0
+    started = time.perf_counter()
+    _, rows = time_grid(model, data, batches, seed, strategy)
+    controller.add_times(rows)
+    seconds = time.perf_counter() - started
+    times = ", ".join(f"{r['batch']}: {1000 * r['seconds_per_step']:.1f} ms" for r in rows if "error" not in r)
+    print(f"adaptive batch: step times {times} ({seconds:.1f} s)"
+          + (f"; {rows[-1]['batch']}: {rows[-1]['error']}" if "error" in rows[-1] else ""), flush=True)
+    return seconds
+
+
 def train_phases(config, data, model, controller, schedule, strategy, topology, callbacks, val, verbose,
                   trained: int) -> float:
     """--batch adaptive: one fit() call per batch phase, each ended by the controller's decision to change the batch.
 
-    The goodput policy first times the grid's batches (time_grid, the model put back as it was), unless a resumed
-    run's controller holds those times; batches that ran out of memory leave the grid.
+    With the goodput policy, each phase first times the grid batches a decision at its batch may move to
+    (time_neighbours, the model put back as it was), unless the controller (restored on resume) holds their times.
 
     Args:
       config, data, model, schedule, strategy, topology: the run's (pipeline/training/fit_loop.py); schedule an
@@ -227,21 +262,14 @@ def train_phases(config, data, model, controller, schedule, strategy, topology, 
       trained: epochs finished before this attempt.
 
     Returns:
-      The seconds spent timing the grid (0 when it was not timed in this attempt).
+      The seconds spent timing batches in this attempt.
     """
     ladder_seconds = 0.0
-    if config.batch_policy == "goodput" and not controller.ladder:
-        started = time.perf_counter()
-        controller.ladder, rows = time_grid(model, data, controller.batches, config.seed, strategy)
-        ladder_seconds = time.perf_counter() - started
-        times = ", ".join(f"{b}: {1000 * s:.1f} ms" for b, s in controller.ladder.items())
-        print(f"adaptive batch: step times {times} ({ladder_seconds:.1f} s)"
-              + (f"; {rows[-1]['batch']}: {rows[-1]['error']}" if "error" in rows[-1] else ""), flush=True)
-    if controller.ladder:
-        controller.batches = [b for b in controller.batches if b in controller.ladder]
     while trained < config.epochs:
         i = max(k for k, (first, _) in enumerate(controller.phases) if first <= trained)
         first, batch = controller.phases[i]
+        if config.batch_policy == "goodput":
+            ladder_seconds += time_neighbours(controller, model, data, config.seed, strategy)
         schedule.set_phase(first_step(first, controller.phases, data.num_train), first, data.num_train // batch,
                            controller.gains[i])
         controller.follow(batch)

@@ -4,8 +4,8 @@ A decision is made at the end of every epoch but the last, from phi = B_simple =
 al. 2018, eq. 2.8) pooled over the gradient measurements since the previous decision, with M0 the base batch and B
 the batch in force:
 
-    grid        M0 2^k, k >= 0, up to the least of --max-batch, the training split and the largest batch the
-                step-time ladder ran without running out of memory; one decision moves at most one grid step
+    grid        M0 2^k, k >= 0, up to the least of --max-batch and the training split, and below the first batch
+                that ran out of memory when the step-time ladder timed it; one decision moves at most one grid step
                 (x2 or /2), which bounds the batch sizes the train step is traced for.
     goodput     (Pollux, Qiao et al. OSDI'21, sec. 3.1) goodput(B') = B' / T_step(B') (phi + M0) / (phi + B')
                 (pipeline/training/goodput.py); the argmax over the grid neighbours B' of B, taken only when

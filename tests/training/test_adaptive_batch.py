@@ -148,6 +148,39 @@ def test_controller_pools_since_the_last_decision_records_and_restores(tmp_path)
     assert controller.phases == [tuple(p) for p in state["phases"]]
 
 
+def test_the_ladder_times_only_the_batches_a_decision_can_reach(tmp_path, monkeypatch, capsys):
+    """Before each phase, the grid batches within a factor 2 of its batch that have no time are timed, and no other;
+    a batch that runs out of memory cuts the grid below it, which the state carries over a resume."""
+    gradients = types.SimpleNamespace(history=[], batch_size=BASE)
+    controller = adaptive_batch.AdaptiveBatch("goodput", gradients, batch_policy.grid(BASE, 512), base_batch=BASE,
+                                              optimizer="sgd", num_train=1280, epochs=10, run_dir=str(tmp_path))
+    timed = []
+
+    def time_grid(model, data, batches, seed, strategy):
+        timed.append(list(batches))
+        rows = [{"batch": b, "seconds_per_step": 1e-3 * b} for b in batches if b < 256]
+        return {}, rows + [{"batch": 256, "error": "out of memory (ResourceExhaustedError: OOM)"}] * (256 in batches)
+
+    monkeypatch.setattr(adaptive_batch, "time_grid", time_grid)
+    assert adaptive_batch.time_neighbours(controller, None, None, 0, None) > 0
+    assert timed == [[32, 64]] and controller.ladder == {32: 0.032, 64: 0.064}
+    assert adaptive_batch.time_neighbours(controller, None, None, 0, None) == 0.0  # nothing new at 32
+    controller.phases.append((2, 64))
+    controller.own[64] = 0.05  # the run's own time at 64 replaces the ladder's; 128 is new
+    adaptive_batch.time_neighbours(controller, None, None, 0, None)
+    assert timed[-1] == [128]
+    controller.phases.append((4, 128))
+    adaptive_batch.time_neighbours(controller, None, None, 0, None)
+    assert timed[-1] == [256] and controller.batches == [32, 64, 128]  # 256 ran out of memory: the grid ends at 128
+    assert "256: out of memory" in capsys.readouterr().out
+    state = json.loads(json.dumps(controller.get_state()))
+    resumed = adaptive_batch.AdaptiveBatch("goodput", gradients, batch_policy.grid(BASE, 512), base_batch=BASE,
+                                           optimizer="sgd", num_train=1280, epochs=10, run_dir=str(tmp_path))
+    resumed.set_state(state)
+    assert resumed.batches == [32, 64, 128] and resumed.untimed_neighbours() == []
+    assert adaptive_batch.time_neighbours(resumed, None, None, 0, None) == 0.0 and len(timed) == 3
+
+
 # A real run on the digits (1293 training examples): 40 steps per epoch at 32, decided by the norm test.
 RUN = dict(model="cnn", batch=config_lib.ADAPTIVE, base_batch=BASE, batch_policy="norm-test", epochs=3, lr=0.05,
            seed=7, deterministic=True, precise_bn_samples=256, grad_stats_every=-1, bn_stats_every=20, dynamics=False,
