@@ -86,10 +86,9 @@ def classify(question: str, sentence: str) -> tuple[str, str]:
     if text.startswith("the fit s(b)") or "leave out the batch sizes" in text or text.startswith("tuned per batch") \
             or text.startswith("the bn batch was") or question == "failed":
         return topic + text[:20], INFO
-    best = re.search(r"best test accuracy was [0-9.]+ at batch (\d+)", text)
-    if best:
-        decided = "not more than" not in text and "standard error of the difference" in text
-        return topic + "best accuracy", f"best accuracy at batch {best[1]}" if decided else "not determined"
+    best = re.match(r"batch (\d+) gave the best test accuracy", text)
+    if best or "the highest mean test accuracy" in text:
+        return topic + "best accuracy", f"best accuracy at batch {best[1]}" if best else "not determined"
     per_device = re.match(r"at global batch (\d+), test accuracy", text)
     if per_device:
         gap = re.search(r"the difference ([+-])[0-9.]+ is (more|not more) than", text)

@@ -170,28 +170,69 @@ def _noise_scale(fit, prefix):
         which = f"{fits_lib.Z:.0f}-standard-error interval"
     # A lower end of None: every draw gave an unbounded B_crit, which no bounded B_simple interval reaches.
     inside = low is not None and low <= interval["high"] and (high is None or high >= interval["low"])
+    paper = "(McCandlish et al. 2018 find B_crit close to B_simple at the target)."
+    rerun = (resampled or {}).get("b_crit_rerun")
+    if not inside and rerun:
+        # "No" says that another sweep would not find them overlapping either: where its B_crit would fall (the rerun
+        # interval, pipeline/study/bootstrap.py; None ends unbounded) must miss B_simple too.
+        r_low, r_high = rerun
+        where = f"where a rerun's B_crit would fall, {bootstrap.interval_text([r_low or 0.0, r_high], '{:.3g}')}"
+        if (r_low is None or r_low <= interval["high"]) and (r_high is None or r_high >= interval["low"]):
+            return [f"{prefix}Not clearly: {near}; the fitted B_crit = {plus_minus(b_crit, se)}, whose {which} does "
+                    f"not overlap it, but {where}, does, so a rerun may find them overlapping {paper}"]
+        which += f" does not overlap it, nor does {where}"
+    elif inside:
+        which += " overlaps it"
+    else:
+        which += " does not overlap it"
     return [f"{prefix}{'Yes' if inside else 'No'}: {near}; the fitted B_crit = {plus_minus(b_crit, se)}, whose "
-            f"{which} {'overlaps' if inside else 'does not overlap'} it "
-            "(McCandlish et al. 2018 find B_crit close to B_simple at the target)."]
+            f"{which} {paper}"]
 
 
 def _accuracy(report, mine, prefix):
-    best = max((g for g in mine if g["test_accuracy"]["mean"] is not None),
-               key=lambda g: g["test_accuracy"]["mean"], default=None)
-    if not best:
+    """The best batch by test accuracy, named only when it is above the runner-up by more than Z standard errors of
+    the difference (the seeds' variance pooled over the series, fits.difference_noise); and best against worst."""
+    measured = sorted((g for g in mine if g["test_accuracy"]["mean"] is not None),
+                      key=lambda g: -g["test_accuracy"]["mean"])
+    if not measured:
         return []
-    worst = min((g for g in mine if g["test_accuracy"]["mean"] is not None), key=lambda g: g["test_accuracy"]["mean"])
-    noise = fits_lib.difference_noise(best["test_accuracy"], worst["test_accuracy"], report["sweep"].get("num_test"))
-    gap = best["test_accuracy"]["mean"] - worst["test_accuracy"]["mean"]
-    verdict = ("" if noise is None else f"; best minus worst {gap:.4f} against a standard error of the difference of "
-               f"{noise:.4f} ({'more' if gap > fits_lib.Z * noise else 'not more'} than {fits_lib.Z:.0f} of them"
-               f"{claims.binomial_note(best['test_accuracy'], worst['test_accuracy'])})")
-    gaps = [g for g in mine if g["generalization_gap"]["mean"] is not None]
-    widest = max(gaps, key=lambda g: g["generalization_gap"]["mean"])
-    return [f"{prefix}the best test accuracy was {best['test_accuracy']['mean']:.4f} at batch {best['batch']} and the "
-            f"worst {worst['test_accuracy']['mean']:.4f} at batch {worst['batch']}{verdict}; the widest "
-            f"generalization gap (train - test) was {widest['generalization_gap']['mean']:+.4f} at batch "
-            f"{widest['batch']}."]
+    stats, num_test = [g["test_accuracy"] for g in measured], report["sweep"].get("num_test")
+    gaps = [g for g in measured if g["generalization_gap"]["mean"] is not None]
+    widest = max(gaps, key=lambda g: g["generalization_gap"]["mean"]) if gaps else None
+    tail = ("" if widest is None else f"; the widest generalization gap (train - test) was "
+            f"{widest['generalization_gap']['mean']:+.4f} at batch {widest['batch']}")
+    best = measured[0]
+    if len(measured) == 1:
+        return [f"{prefix}not enough data: test accuracy was {best['test_accuracy']['mean']:.4f} at batch "
+                f"{best['batch']}, the only batch size measured{tail}."]
+    pooled = fits_lib.pooled_variance(stats)
+    note = (f"; the seeds' variance pooled over {pooled['groups']} batch sizes, {pooled['dof']} degrees of freedom"
+            if pooled else claims.binomial_note(*stats))
+
+    def against(other):
+        noise = fits_lib.difference_noise(best["test_accuracy"], other["test_accuracy"], num_test, stats)
+        gap = best["test_accuracy"]["mean"] - other["test_accuracy"]["mean"]
+        return gap, noise, noise is not None and gap > fits_lib.Z * noise
+
+    runner, worst = measured[1], measured[-1]
+    gap, noise, resolved = against(runner)
+    b, r = best["test_accuracy"]["mean"], runner["test_accuracy"]["mean"]
+    if noise is None:
+        return [f"{prefix}not determined: the highest mean test accuracy was {b:.4f} at batch {best['batch']}, then "
+                f"{r:.4f} at batch {runner['batch']}, with no noise estimate{tail}."]
+    if resolved:
+        head = (f"batch {best['batch']} gave the best test accuracy, {b:.4f}, above the runner-up, batch "
+                f"{runner['batch']} ({r:.4f}), by {gap:.4f}: more than {fits_lib.Z:.0f} standard errors of the "
+                f"difference ({noise:.4f}{note})")
+    else:
+        head = (f"not determined: the highest mean test accuracy, {b:.4f} at batch {best['batch']}, is not "
+                f"distinguishable from batch {runner['batch']}'s {r:.4f} (difference {gap:.4f} against a standard "
+                f"error of {noise:.4f}{note}; naming a best batch needs {fits_lib.Z:.0f} of them)")
+    if worst is not runner:
+        spread, spread_noise, beyond = against(worst)
+        head += (f"; best minus worst (batch {worst['batch']}, {worst['test_accuracy']['mean']:.4f}) {spread:.4f}, "
+                 f"{'more' if beyond else 'not more'} than {fits_lib.Z:.0f} standard errors ({spread_noise:.4f})")
+    return [f"{prefix}{head}{tail}."]
 
 
 def _noise_growth(report, norm, prefix):
@@ -220,7 +261,9 @@ def _bn_vs_gn(report):
         return []
     b = common[0]
     bn, gn = measured["batch"][b], measured["group"][b]
-    noise = fits_lib.difference_noise(bn, gn, report["sweep"].get("num_test"))
+    pool = [g["test_accuracy"] for g in groups
+            if g["norm"] in ("batch", "group") and g["test_accuracy"]["mean"] is not None]
+    noise = fits_lib.difference_noise(bn, gn, report["sweep"].get("num_test"), pool)
     gap = gn["mean"] - bn["mean"]
     if noise is None:
         return [f"Not enough data: at the smallest batch ({b}) test accuracy was {bn['mean']:.4f} with BatchNorm and "
@@ -284,7 +327,8 @@ def _per_device_accuracy(report, mine, prefix):
             continue
         few, many = done[0], done[-1]
         gap = many["test_accuracy"]["mean"] - few["test_accuracy"]["mean"]
-        noise = fits_lib.difference_noise(few["test_accuracy"], many["test_accuracy"], report["sweep"].get("num_test"))
+        noise = fits_lib.difference_noise(few["test_accuracy"], many["test_accuracy"], report["sweep"].get("num_test"),
+                                          [g["test_accuracy"] for g in mine if g["test_accuracy"]["mean"] is not None])
         verdict = (" (no noise estimate)" if noise is None else
                    f"; the difference {gap:+.4f} is {'more' if abs(gap) > fits_lib.Z * noise else 'not more'} than "
                    f"{fits_lib.Z:.0f} standard errors of the difference (standard error {noise:.4f}"

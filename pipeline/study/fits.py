@@ -263,9 +263,17 @@ def per_device_batch(groups: list[dict]) -> dict:
     return result
 
 
-def difference_noise(a: dict, b: dict, num_test: int | None) -> float | None:
-    """Standard error of the difference of two mean accuracies: from the seeds (std / sqrt(n)) with several, else
-    the binomial standard error sqrt(p (1 - p) / N) of one run on N test examples."""
+def difference_noise(a: dict, b: dict, num_test: int | None, pool=()) -> float | None:
+    """Standard error of the difference of two mean accuracies.
+
+    With seeds, their variance pooled over the groups of `pool` (stats of the same series, a and b among them):
+    s^2 = sum (n_i - 1) s_i^2 / sum (n_i - 1) and SE = s sqrt(1 / n_a + 1 / n_b); a group's own std from two seeds
+    has one degree of freedom, and two seeds that happen to agree would give it none at all. Without a pool, each
+    mean's own std / sqrt(n). With one seed, the binomial standard error sqrt(p (1 - p) / N) of one run on N test
+    examples."""
+    pooled = pooled_variance(pool)
+    if pooled and a["std"] is not None and b["std"] is not None:
+        return math.sqrt(pooled["variance"] * (1 / a["n"] + 1 / b["n"]))
     errors = []
     for stat in (a, b):
         if stat["std"] is not None:
@@ -275,3 +283,13 @@ def difference_noise(a: dict, b: dict, num_test: int | None) -> float | None:
         else:
             return None
     return math.hypot(*errors)
+
+
+def pooled_variance(stats) -> dict | None:
+    """{"variance": sum (n_i - 1) s_i^2 / sum (n_i - 1), "dof": sum (n_i - 1), "groups"} over the stats (dicts with
+    "std" and "n") that have a std; None without any."""
+    known = [s for s in stats if s["std"] is not None and s["n"] > 1]
+    dof = sum(s["n"] - 1 for s in known)
+    if not dof:
+        return None
+    return {"variance": sum((s["n"] - 1) * s["std"] ** 2 for s in known) / dof, "dof": dof, "groups": len(known)}

@@ -171,7 +171,9 @@ def test_everything_agrees(tmp_path):
                                                    "standard error; run-to-run spread unknown with one seed)")
     assert answers["noise_scale"][0].startswith("Yes: B_simple near the target")
     assert answers["target"][0].startswith("5 batch sizes reached")
-    assert not any(s.startswith(("No", "Not enough data")) for s in report["findings"])
+    # Every batch's test accuracy is 0.95 on one seed: no best batch can be named.
+    assert answers["accuracy"][0].startswith("Not determined: the highest mean test accuracy, 0.9500 at batch ")
+    assert not any(s.startswith(("No:", "No,", "Not enough data")) for s in report["findings"])
 
 
 def write_replica_run(sweep_dir, norm, batch, replicas, *, bn_error, test_accuracy, status="completed"):
@@ -232,3 +234,59 @@ def test_replicas_not_enough_data(tmp_path):
     assert answers["replicas"][1] == ("Not enough data: at global batch 32, 1 replica count(s) completed; a "
                                       "comparison needs two.")
     assert answers["failed"] == ["Yes: 1 run(s) failed: batch-b32-r2-s0 (see each run's summary.json)."]
+
+
+def _group(batch, accuracies):
+    values = np.asarray(accuracies, float)
+    return {"batch": batch, "test_accuracy": {"mean": float(values.mean()), "n": len(values),
+                                              "std": float(values.std(ddof=1)) if len(values) > 1 else None},
+            "generalization_gap": {"mean": 0.01}}
+
+
+def test_the_best_accuracy_is_named_only_beyond_the_pooled_noise_of_the_runner_up():
+    report = {"sweep": {"num_test": 360}}
+    # Two seeds that agree exactly give batch 8 a std of 0; its own std and the runner-up's would make the 0.002
+    # lead 2.6 standard errors. The seeds' variance pooled over the five batch sizes (5 degrees of freedom) does not.
+    seeds = {8: [0.990, 0.990], 16: [0.9880, 0.9884], 32: [0.980, 0.988], 64: [0.975, 0.985], 128: [0.970, 0.982]}
+    groups = [_group(b, v) for b, v in seeds.items()]
+    pooled = sum(np.var(v, ddof=1) for v in seeds.values()) / 5  # n - 1 = 1 per batch size
+    se = math.sqrt(pooled * (1 / 2 + 1 / 2))
+    own = math.hypot(0.0, np.std(seeds[16], ddof=1) / math.sqrt(2))
+    assert 0.0018 > 2 * own and 0.0018 < 2 * se
+    assert findings.fits_lib.difference_noise(groups[0]["test_accuracy"], groups[1]["test_accuracy"], 360,
+                                              [g["test_accuracy"] for g in groups]) == pytest.approx(se)
+    text, = findings._accuracy(report, groups, "")
+    assert text.startswith("not determined: the highest mean test accuracy, 0.9900 at batch 8, is not "
+                           "distinguishable from batch 16's 0.9882")
+    assert f"against a standard error of {se:.4f}; the seeds' variance pooled over 5 batch sizes, 5 degrees" in text
+    assert "best minus worst (batch 128, 0.9760) 0.0140, more than 2 standard errors" in text
+    # Seeds that agree within 0.002 everywhere (pooled standard error of a difference 0.0014): a lead of 0.013 is
+    # beyond it, and batch 8 is named.
+    seeds = {8: [1.0, 0.998], 16: [0.985, 0.987], 32: [0.98, 0.982], 64: [0.975, 0.977], 128: [0.97, 0.972]}
+    text, = findings._accuracy(report, [_group(b, v) for b, v in seeds.items()], "")
+    assert text.startswith("batch 8 gave the best test accuracy, 0.9990, above the runner-up, batch 16 (0.9860), by "
+                           "0.0130: more than 2 standard errors of the difference (0.0014; the seeds' variance pooled")
+    # One seed each: the test set's binomial error, and run-to-run spread unknown.
+    text, = findings._accuracy(report, [_group(8, [0.99]), _group(16, [0.95])], "")
+    binomial = math.hypot(math.sqrt(0.99 * 0.01 / 360), math.sqrt(0.95 * 0.05 / 360))
+    assert text.startswith(f"batch 8 gave the best test accuracy, 0.9900, above the runner-up, batch 16 (0.9500), by "
+                           f"0.0400: more than 2 standard errors of the difference ({binomial:.4f}; binomial")
+
+
+def _noise_fit(b_crit_interval, rerun):
+    return {"steps_to_target": {"determined": True, "b_crit": 54.1, "b_crit_se": 11.7},
+            "b_simple_interval": {"low": 147.0, "high": 1250.0, "runs": 6, "unbounded": 0, "lower_bounds": []},
+            "steps_to_target_interval": {"b_crit": b_crit_interval, "b_crit_rerun": rerun}}
+
+
+def test_b_crit_against_b_simple_says_no_only_where_a_rerun_would_not_overlap_either():
+    # The fifth rerun of the default sweep: its interval misses B_simple's [147, 1250] and its rerun interval reaches it.
+    text, = findings._noise_scale(_noise_fit([27.4, 140.2], [17.5, 166.8]), "")
+    assert text.startswith("Not clearly: B_simple near the target")
+    assert "does not overlap it, but where a rerun's B_crit would fall, [17.5, 167], does" in text
+    text, = findings._noise_scale(_noise_fit([27.4, 120.0], [17.5, 140.0]), "")
+    assert text.startswith("No: ") and "does not overlap it, nor does where a rerun's B_crit would fall, [17.5, 140]" in text
+    text, = findings._noise_scale(_noise_fit([27.4, 150.0], [None, None]), "")
+    assert text.startswith("Yes: ") and "[27.4, 150] overlaps it (McCandlish" in text
+    # An unbounded rerun interval (B_crit's draws reach 0 and infinity) always reaches B_simple.
+    assert findings._noise_scale(_noise_fit([27.4, 120.0], [None, None]), "")[0].startswith("Not clearly")
