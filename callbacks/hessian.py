@@ -7,9 +7,10 @@ off), so L is one deterministic function of the trainable weights theta and H = 
 Hessian-vector product by double backprop (Pearlmutter 1994): H v = d/d theta (grad L(theta) . v), two reverse
 passes, one `tf.function`; the K examples go through in chunks of at most `batch_size`, each chunk's product
 weighted by its share of the K examples (so the mean-reduced loss of all K is differentiated). The function is traced
-without AutoGraph, which halved its first call on ResNet-20 (3.5 to 1.7 s, tracing included): the product is
-straight-line code, and Keras 3 does not convert a layer's call (a model with Python control flow on tensors cannot
-be fitted either), so AutoGraph only spent time looking.
+without AutoGraph, as the other instruments' functions are: the product is straight-line code, and Keras 3 does not
+convert a layer's call (a model with Python control flow on tensors cannot be fitted either). Its first call, tracing
+included, took 1.4-1.9 s in the runs of the default sweep with curvature (filed as the instrument's "tracing" phase);
+AutoGraph's share of it was not measurable there (the same runs' first measurements took as long with it).
 
 Top eigenvalue by Lanczos iteration with full reorthogonalization (Yao et al. 2020, "PyHessian", use power
 iteration; Lanczos needs fewer products for the same precision, Ghorbani et al. 2019): after j products with a
