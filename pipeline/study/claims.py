@@ -124,3 +124,8 @@ def binomial_note(*stats) -> str:
     if all(s["std"] is not None for s in stats):
         return ""
     return "; binomial over the test examples, one seed: run-to-run spread unknown"
+
+
+def stat_text(stat: dict, fmt: str = "{:.3g}") -> str:
+    """'0.95 ± 0.01': a mean over seeds with its standard deviation (the mean alone with one seed)."""
+    return fmt.format(stat["mean"]) + (f" ± {fmt.format(stat['std'])}" if stat["std"] is not None else "")

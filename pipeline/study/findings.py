@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.study import bootstrap, claims
+from pipeline.study import accuracy_findings, bootstrap, claims
 from pipeline.study import fits as fits_lib
 from pipeline.study import tuning
 from pipeline.study.fits import series
@@ -189,52 +189,6 @@ def _noise_scale(fit, prefix):
             f"{which} {paper}"]
 
 
-def _accuracy(report, mine, prefix):
-    """The best batch by test accuracy, named only when it is above the runner-up by more than Z standard errors of
-    the difference (the seeds' variance pooled over the series, fits.difference_noise); and best against worst."""
-    measured = sorted((g for g in mine if g["test_accuracy"]["mean"] is not None),
-                      key=lambda g: -g["test_accuracy"]["mean"])
-    if not measured:
-        return []
-    stats, num_test = [g["test_accuracy"] for g in measured], report["sweep"].get("num_test")
-    gaps = [g for g in measured if g["generalization_gap"]["mean"] is not None]
-    widest = max(gaps, key=lambda g: g["generalization_gap"]["mean"]) if gaps else None
-    tail = ("" if widest is None else f"; the widest generalization gap (train - test) was "
-            f"{widest['generalization_gap']['mean']:+.4f} at batch {widest['batch']}")
-    best = measured[0]
-    if len(measured) == 1:
-        return [f"{prefix}not enough data: test accuracy was {best['test_accuracy']['mean']:.4f} at batch "
-                f"{best['batch']}, the only batch size measured{tail}."]
-    pooled = fits_lib.pooled_variance(stats)
-    note = (f"; the seeds' variance pooled over {pooled['groups']} batch sizes, {pooled['dof']} degrees of freedom"
-            if pooled else claims.binomial_note(*stats))
-
-    def against(other):
-        noise = fits_lib.difference_noise(best["test_accuracy"], other["test_accuracy"], num_test, stats)
-        gap = best["test_accuracy"]["mean"] - other["test_accuracy"]["mean"]
-        return gap, noise, noise is not None and gap > fits_lib.Z * noise
-
-    runner, worst = measured[1], measured[-1]
-    gap, noise, resolved = against(runner)
-    b, r = best["test_accuracy"]["mean"], runner["test_accuracy"]["mean"]
-    if noise is None:
-        return [f"{prefix}not determined: the highest mean test accuracy was {b:.4f} at batch {best['batch']}, then "
-                f"{r:.4f} at batch {runner['batch']}, with no noise estimate{tail}."]
-    if resolved:
-        head = (f"batch {best['batch']} gave the best test accuracy, {b:.4f}, above the runner-up, batch "
-                f"{runner['batch']} ({r:.4f}), by {gap:.4f}: more than {fits_lib.Z:.0f} standard errors of the "
-                f"difference ({noise:.4f}{note})")
-    else:
-        head = (f"not determined: the highest mean test accuracy, {b:.4f} at batch {best['batch']}, is not "
-                f"distinguishable from batch {runner['batch']}'s {r:.4f} (difference {gap:.4f} against a standard "
-                f"error of {noise:.4f}{note}; naming a best batch needs {fits_lib.Z:.0f} of them)")
-    if worst is not runner:
-        spread, spread_noise, beyond = against(worst)
-        head += (f"; best minus worst (batch {worst['batch']}, {worst['test_accuracy']['mean']:.4f}) {spread:.4f}, "
-                 f"{'more' if beyond else 'not more'} than {fits_lib.Z:.0f} standard errors ({spread_noise:.4f})")
-    return [f"{prefix}{head}{tail}."]
-
-
 def _noise_growth(report, norm, prefix):
     fewest = report["groups"][0].get("replicas", 1)  # the batch-size study's runs
     runs = [r for r in report["runs"] if r["norm"] == norm and r.get("noise_growth") and r.get("replicas", 1) == fewest]
@@ -252,33 +206,6 @@ def _noise_growth(report, norm, prefix):
                                           else ".")]
 
 
-def _bn_vs_gn(report):
-    groups = report["groups"]
-    measured = {norm: {g["batch"]: g["test_accuracy"] for g in groups if g["norm"] == norm
-                       and g["test_accuracy"]["mean"] is not None} for norm in ("batch", "group")}
-    common = sorted(set(measured["batch"]) & set(measured["group"]))
-    if not common:
-        return []
-    b = common[0]
-    bn, gn = measured["batch"][b], measured["group"][b]
-    pool = [g["test_accuracy"] for g in groups
-            if g["norm"] in ("batch", "group") and g["test_accuracy"]["mean"] is not None]
-    noise = fits_lib.difference_noise(bn, gn, report["sweep"].get("num_test"), pool)
-    gap = gn["mean"] - bn["mean"]
-    if noise is None:
-        return [f"Not enough data: at the smallest batch ({b}) test accuracy was {bn['mean']:.4f} with BatchNorm and "
-                f"{gn['mean']:.4f} with GroupNorm, with no noise estimate."]
-    verdict = ("Yes: BatchNorm fell behind" if gap > fits_lib.Z * noise else
-               "No: BatchNorm was ahead of" if gap < -fits_lib.Z * noise else "No: BatchNorm was within noise of")
-    return [f"{verdict} GroupNorm at the smallest batch ({b}): test accuracy {bn['mean']:.4f} vs {gn['mean']:.4f} "
-            f"(standard error of the difference {noise:.4f}; a verdict needs {fits_lib.Z:.0f} of them"
-            f"{claims.binomial_note(bn, gn)})."]
-
-
-def _stat_text(stat: dict, fmt: str = "{:.3g}") -> str:
-    return fmt.format(stat["mean"]) + (f" ± {fmt.format(stat['std'])}" if stat["std"] is not None else "")
-
-
 def _per_device_bn(report, norm, mine, prefix):
     """BN's variance discrepancy against the per-device (BN) batch over the replica counts (He et al. 2016 and
     Goyal et al. 2017 normalize over the examples of one device)."""
@@ -287,8 +214,8 @@ def _per_device_bn(report, norm, mine, prefix):
                       key=lambda g: (g["batch"], g["replicas"]))
     if not measured:
         return []
-    values = ", ".join(f"{_stat_text(g['bn_batch_var_error'])} at BN batch {g['bn_batch']} (batch {g['batch']} on "
-                       f"{g['replicas']} replica{'s' if g['replicas'] > 1 else ''})" for g in measured)
+    values = ", ".join(f"{claims.stat_text(g['bn_batch_var_error'])} at BN batch {g['bn_batch']} (batch {g['batch']} "
+                       f"on {g['replicas']} replica{'s' if g['replicas'] > 1 else ''})" for g in measured)
     if len({g["replicas"] for g in measured}) < 2:
         return [f"{prefix}not enough data: BatchNorm's batch-vs-population variance discrepancy was {values}, at one "
                 "replica count; a comparison needs two."]
@@ -315,31 +242,6 @@ def _per_device_bn(report, norm, mine, prefix):
     return [prefix + verdict]
 
 
-def _per_device_accuracy(report, mine, prefix):
-    """Test accuracy on the fewest against the most replicas, per global batch, within its noise."""
-    out = []
-    for batch in sorted({g["batch"] for g in mine}):
-        done = sorted((g for g in mine if g["batch"] == batch and g["test_accuracy"]["mean"] is not None),
-                      key=lambda g: g["replicas"])
-        if len(done) < 2:
-            out.append(f"{prefix}not enough data: at global batch {batch}, {len(done)} replica count(s) completed; a "
-                       "comparison needs two.")
-            continue
-        few, many = done[0], done[-1]
-        gap = many["test_accuracy"]["mean"] - few["test_accuracy"]["mean"]
-        noise = fits_lib.difference_noise(few["test_accuracy"], many["test_accuracy"], report["sweep"].get("num_test"),
-                                          [g["test_accuracy"] for g in mine if g["test_accuracy"]["mean"] is not None])
-        verdict = (" (no noise estimate)" if noise is None else
-                   f"; the difference {gap:+.4f} is {'more' if abs(gap) > fits_lib.Z * noise else 'not more'} than "
-                   f"{fits_lib.Z:.0f} standard errors of the difference (standard error {noise:.4f}"
-                   f"{claims.binomial_note(few['test_accuracy'], many['test_accuracy'])})")
-        out.append(f"{prefix}at global batch {batch}, test accuracy was {_stat_text(few['test_accuracy'], '{:.4f}')} "
-                   f"on {few['replicas']} replica(s) ({few['per_replica_batch']} examples per device) and "
-                   f"{_stat_text(many['test_accuracy'], '{:.4f}')} on {many['replicas']} ({many['per_replica_batch']} "
-                   f"per device){verdict}.")
-    return out
-
-
 def answers(report: dict) -> dict[str, list[str]]:
     """Per question of QUESTIONS, the sentences that answer it from this sweep (empty where it does not apply)."""
     groups, target = report["groups"], report["target_accuracy"]
@@ -362,18 +264,19 @@ def answers(report: dict) -> dict[str, list[str]]:
         else:
             out["time_per_step"].append(f"{prefix}not enough data: time per step was measured at "
                                         f"{times['points'] if times else 0} batch size(s).")
-        out["accuracy"] += _accuracy(report, mine, prefix)
+        out["accuracy"] += accuracy_findings.accuracy(report, mine, prefix)
         out["noise_growth"] += _noise_growth(report, norm, prefix)
         if any(g["bn_batch_var_error"]["mean"] is not None for g in mine):
             out["bn"].append(prefix + power_law_answer(
                 fit["bn_batch_var_error"], "BatchNorm's batch-vs-population variance discrepancy", -0.5,
                 "the sampling noise of statistics over B examples"))
-    out["bn_vs_gn"] = _bn_vs_gn(report) if {"batch", "group"} <= set(report["fits"]) else []
+    out["bn_vs_gn"] = accuracy_findings.bn_vs_gn(report) if {"batch", "group"} <= set(report["fits"]) else []
     replica_groups = report.get("replica_groups") or []
     for norm in dict.fromkeys(g["norm"] for g in replica_groups):
         mine = [g for g in replica_groups if g["norm"] == norm]
         prefix = f"{NAMES.get(norm, norm)}: " if len(report["replica_fits"]) > 1 else ""
-        out["replicas"] += _per_device_bn(report, norm, mine, prefix) + _per_device_accuracy(report, mine, prefix)
+        out["replicas"] += (_per_device_bn(report, norm, mine, prefix)
+                            + accuracy_findings.per_device(report, mine, prefix))
     for norm, pairs in tuning.best_lrs(report["tuning"]).items():
         fit = fits_lib.fit_power_law(*zip(*pairs)) if len(pairs) > 1 else None
         if fit:

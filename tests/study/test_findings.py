@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.study import findings, run_row
+from pipeline.study import accuracy_findings, findings, run_row
 from pipeline.study import sweep_report as report_lib
 from target_records import write_record
 
@@ -253,9 +253,9 @@ def test_the_best_accuracy_is_named_only_beyond_the_pooled_noise_of_the_runner_u
     se = math.sqrt(pooled * (1 / 2 + 1 / 2))
     own = math.hypot(0.0, np.std(seeds[16], ddof=1) / math.sqrt(2))
     assert 0.0018 > 2 * own and 0.0018 < 2 * se
-    assert findings.fits_lib.difference_noise(groups[0]["test_accuracy"], groups[1]["test_accuracy"], 360,
+    assert accuracy_findings.fits_lib.difference_noise(groups[0]["test_accuracy"], groups[1]["test_accuracy"], 360,
                                               [g["test_accuracy"] for g in groups]) == pytest.approx(se)
-    text, = findings._accuracy(report, groups, "")
+    text, = accuracy_findings.accuracy(report, groups, "")
     assert text.startswith("not determined: the highest mean test accuracy, 0.9900 at batch 8, is not "
                            "distinguishable from batch 16's 0.9882")
     assert f"against a standard error of {se:.4f}; the seeds' variance pooled over 5 batch sizes, 5 degrees" in text
@@ -263,11 +263,11 @@ def test_the_best_accuracy_is_named_only_beyond_the_pooled_noise_of_the_runner_u
     # Seeds that agree within 0.002 everywhere (pooled standard error of a difference 0.0014): a lead of 0.013 is
     # beyond it, and batch 8 is named.
     seeds = {8: [1.0, 0.998], 16: [0.985, 0.987], 32: [0.98, 0.982], 64: [0.975, 0.977], 128: [0.97, 0.972]}
-    text, = findings._accuracy(report, [_group(b, v) for b, v in seeds.items()], "")
+    text, = accuracy_findings.accuracy(report, [_group(b, v) for b, v in seeds.items()], "")
     assert text.startswith("batch 8 gave the best test accuracy, 0.9990, above the runner-up, batch 16 (0.9860), by "
                            "0.0130: more than 2 standard errors of the difference (0.0014; the seeds' variance pooled")
     # One seed each: the test set's binomial error, and run-to-run spread unknown.
-    text, = findings._accuracy(report, [_group(8, [0.99]), _group(16, [0.95])], "")
+    text, = accuracy_findings.accuracy(report, [_group(8, [0.99]), _group(16, [0.95])], "")
     binomial = math.hypot(math.sqrt(0.99 * 0.01 / 360), math.sqrt(0.95 * 0.05 / 360))
     assert text.startswith(f"batch 8 gave the best test accuracy, 0.9900, above the runner-up, batch 16 (0.9500), by "
                            f"0.0400: more than 2 standard errors of the difference ({binomial:.4f}; binomial")
