@@ -181,6 +181,29 @@ def test_the_ladder_times_only_the_batches_a_decision_can_reach(tmp_path, monkey
     assert adaptive_batch.time_neighbours(resumed, None, None, 0, None) == 0.0 and len(timed) == 3
 
 
+def test_step_times_known_only_from_the_ladder_get_the_runs_overhead_per_step():
+    gradients = types.SimpleNamespace(history=[], batch_size=16)
+    controller = adaptive_batch.AdaptiveBatch("goodput", gradients, batch_policy.grid(16, 64), base_batch=16,
+                                              optimizer="sgd", num_train=1280, epochs=10, run_dir="unused")
+    controller.ladder = {16: 0.008, 32: 0.012, 64: 0.020}  # 4 ms + 0.25 ms per example
+    fit = controller.step_time()
+    assert (fit.alpha, fit.beta) == (pytest.approx(0.004, rel=1e-4), pytest.approx(0.00025, rel=1e-4))
+    # The run's own 12 ms at 16 is 4 ms over the ladder's: 32 and 64 get it too, so T = 8 ms + 0.25 ms per example
+    # (unadjusted, the points 12, 12, 20 would make the doubling from 16 free).
+    controller.own = {16: 0.012}
+    fit = controller.step_time()
+    assert (fit.alpha, fit.beta) == (pytest.approx(0.008, rel=1e-4), pytest.approx(0.00025, rel=1e-4))
+    # Two batches with both clocks: the median overhead, 3.5 ms, for 64; the own times stand where they are known.
+    controller.own = {16: 0.012, 32: 0.015}
+    expected = adaptive_batch.goodput.fit_step_time([16, 32, 64], [0.012, 0.015, 0.0235])
+    fit = controller.step_time()
+    assert (fit.alpha, fit.beta) == (pytest.approx(expected.alpha), pytest.approx(expected.beta))
+    # A run faster than its ladder (the ladder's warm-up): the overhead is negative, -2 ms.
+    controller.own = {16: 0.006}
+    fit = controller.step_time()
+    assert (fit.alpha, fit.beta) == (pytest.approx(0.002, rel=1e-4), pytest.approx(0.00025, rel=1e-4))
+
+
 # A real run on the digits (1293 training examples): 40 steps per epoch at 32, decided by the norm test.
 RUN = dict(model="cnn", batch=config_lib.ADAPTIVE, base_batch=BASE, batch_policy="norm-test", epochs=3, lr=0.05,
            seed=7, deterministic=True, precise_bn_samples=256, grad_stats_every=-1, bn_stats_every=20, dynamics=False,
