@@ -1,13 +1,13 @@
 """Does `--batch adaptive` reach the target sooner than the best fixed batch? A sweep of fixed batches plus adaptive.
 
 Usage: python benchmarks/adaptive_batch.py [--out /tmp/adaptive_bench] [--batch 16,32,64,128] [--seeds 3]
-                                           [--base-batch 32] [--epochs 12] [--model resnet20] [--dataset digits] [--policy goodput]
-                                           [--target-accuracy 0.98] [--resume]
+                                           [--base-batch 32] [--epochs 12] [--model resnet20] [--dataset digits]
+                                           [--policy goodput] [--target-accuracy 0.98] [--resume]
 
 Runs pipeline.sweep's batch study (config.batch_study(): lr 0.05 at batch 32, linear scaling for the fixed batches)
 at the given batches plus `adaptive` (from --base-batch, 32 by default, with AdaScale's gain; lr is scaled to the base
-batch, so the fixed runs keep theirs), one sweep over all seeds, side by
-side on the same machine, and compares per seed and over the seeds' means:
+batch, so the fixed runs keep theirs), one sweep over all seeds, side by side on the same machine, and compares per
+seed and over the seeds' means:
   goal 1: adaptive time to target <= 0.85 x the best fixed batch's (least mean time to target);
   goal 2: adaptive examples to target <= 1.2 x the fixed batch's with the fewest (mean);
   goal 3: on no seed is adaptive's time to target more than 1.1 x that seed's best fixed run.
@@ -261,8 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("--policy", default="goodput", choices=("goodput", "norm-test"))
     parser.add_argument("--target-accuracy", type=float, default=None, help="default: the batch study's (0.98)")
     parser.add_argument("--base-batch", type=int, default=None,
-                        help="the adaptive run's first batch (default: the batch study's 32); lr scales linearly to it, "
-                             "so the fixed runs keep their learning rates")
+                        help="the adaptive run's first batch (default: the batch study's 32); lr scales linearly to "
+                             "it, so the fixed runs keep their learning rates")
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --out (finished runs skipped)")
     args = parser.parse_args(argv)
     recorder = results.Recorder(result_name(args.dataset, args.base_batch))
