@@ -6,10 +6,10 @@ decision (callbacks.noise_estimates.pool; with replicas, the replica statistics'
 pipeline/training/batch_policy.py decide the batch of the next epochs with its AdaScale learning-rate gain. The
 step-time model T_step(B) = alpha + beta B (goodput.fit_step_time) is fitted to the step times of a ladder (goodput
 policy only) with each batch's time replaced by the run's own once it trained at it (the fastest of its epochs,
-measuring left out), and the run's overhead per step over the ladder added to the others (`AdaptiveBatch.step_time`). The ladder is timed as the run goes (`time_neighbours`): before each phase, the grid batches a
-decision at that phase's batch B may move to (B / 2, B, 2 B) that have no time yet, so a run times the batches it can
-reach rather than the whole grid (on 32x32 images the whole grid to 2048 took 124-154 s before training). A batch that
-runs out of memory ends the grid below it.
+measuring left out), and the run's overhead per step over the ladder added to the others (`AdaptiveBatch.step_time`).
+The ladder is timed as the run goes (`time_neighbours`): before each phase, the grid batches a decision at that
+phase's batch B may move to (B / 2, B, 2 B) that have no time yet, so a run times the batches it can reach, not the
+whole grid. A batch that runs out of memory ends the grid below it.
 
 A decision that changes the batch ends the fit() call after its epoch; pipeline/training/fit_loop.py starts the next
 at the new batch, the lr schedule's phase set to it (optim.AdaptiveSchedule). Data order stays a function of (seed,
@@ -106,11 +106,10 @@ class AdaptiveBatch(keras.callbacks.Callback):
         """T_step(B) fitted to the run's own step times where it trained, and elsewhere to the ladder's plus the
         run's overhead per step; None below two batches.
 
-        The run's own steps carry what the ladder's do not (the callbacks between steps, the first epoch's warm-up
-        at a new batch): on the digits at batch 16 the run's own 12.2 ms against the ladder's 8.0. Mixing the two
-        clocks unadjusted made a doubling look almost free (16 -> 32 predicted at 1.0-1.2x the step time where the
-        runs then measured 1.47x). The overhead is additive per step, the median of own - ladder over the batches
-        that have both, and is added to every batch known only from the ladder.
+        The run's own steps carry what the ladder's do not (the callbacks between steps, a new batch's first epoch),
+        so mixing the two clocks unadjusted makes the batches timed only by the ladder look cheap against the one the
+        run trains at, and a doubling look almost free. The overhead is taken as additive per step: the median of
+        own - ladder over the batches that have both, added to every batch known only from the ladder.
         """
         both = [b for b in self.own if b in self.ladder]
         overhead = statistics.median(self.own[b] - self.ladder[b] for b in both) if both else 0.0
