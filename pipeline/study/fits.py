@@ -110,11 +110,9 @@ def replicate_spread(stats: list[dict]) -> dict | None:
     Returns:
       {"variance": v, "dof": sum (n_b - 1)}.
     """
-    spread = [(s["n"] - 1, (s["std"] / s["mean"]) ** 2) for s in stats if s["std"] is not None and s["mean"]]
-    dof = sum(d for d, _ in spread)
-    if not dof:
-        return None
-    return {"variance": sum(d * v for d, v in spread) / dof, "dof": dof}
+    pooled = pooled_variance([{"std": s["std"] / s["mean"], "n": s["n"]}
+                              for s in stats if s["std"] is not None and s["mean"]])
+    return pooled and {"variance": pooled["variance"], "dof": pooled["dof"]}
 
 
 def fit_over_seeds(points: list[tuple[float, dict]]) -> dict | None:
