@@ -17,7 +17,8 @@ slope = sum w (x - xbar)(y - ybar) / sum w (x - xbar)^2, whose standard error fr
 sqrt(v / sum n (x - xbar)^2). The slope's standard error is the larger of that and the residuals' (the Birge ratio:
 the seeds' spread cannot make a fit more certain than its scatter about the line shows, nor a line through few
 points more certain than its seeds allow). With one seed per batch size only the residuals' error exists and the
-run-to-run spread is unknown ("replicate_se" None).
+run-to-run spread is unknown ("replicate_se" None). A quantity that may be 0 or negative (the generalization gap)
+is fitted the same way as value = a + slope ln B, with v the seeds' variance itself (pooled_variance).
 
 B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, eq. 2.8) pooled over a window of a run's measurements is
 callbacks.noise_estimates.pool (the one estimator: the ratio of the window's mean tr(Sigma) to its mean |G|^2,
@@ -73,23 +74,41 @@ def fit_power_law(batches, values, seeds=None, replicate=None) -> dict | None:
       replicate: replicate_spread() of the points' seeds, or None (one seed: run-to-run spread unknown).
 
     Returns:
-      {"slope", "slope_se", "residual_se", "replicate_se", "replicate_dof", "c", "points", "determined",
-      "direction"}, or None for fewer than 2 batch sizes or a non-positive value. slope_se (the larger of
-      residual_se and replicate_se) is None and direction "not determined" with fewer than MIN_FIT_POINTS points;
-      otherwise direction is "falls", "rises" or "unclear" (slope within Z standard errors of 0).
+      fit_line's result on (log B, log value) with "c" = exp(intercept), or None for fewer than 2 batch sizes or a
+      non-positive value.
     """
     batches, values = np.asarray(batches, float), np.asarray(values, float)
     if len(set(batches.tolist())) < 2 or np.any(values <= 0):
         return None
-    weights = np.ones_like(batches) if seeds is None else np.asarray(seeds, float)
-    x, y = np.log(batches), np.log(values)
+    result = fit_line(np.log(batches), np.log(values), seeds, replicate)
+    result["c"] = float(np.exp(result.pop("intercept")))
+    return result
+
+
+def fit_line(x, y, seeds=None, replicate=None) -> dict:
+    """y = intercept + slope * x by least squares weighted by the seeds n_b behind each point (module docstring:
+    the slope's standard error is the larger of the seeds' and the residuals').
+
+    Args:
+      x, y: the points (y: means over seeds), at least 2 distinct x.
+      seeds: seeds behind each y (default 1 each).
+      replicate: {"variance": v, "dof"}: the seeds' variance of one run's y, pooled over the points (so a mean of
+        n_b seeds has variance v / n_b), or None (one seed: run-to-run spread unknown).
+
+    Returns:
+      {"slope", "intercept", "slope_se", "residual_se", "replicate_se", "replicate_dof", "points", "determined",
+      "direction"}. slope_se is None and direction "not determined" with fewer than MIN_FIT_POINTS points;
+      otherwise direction is "falls", "rises" or "unclear" (slope within Z standard errors of 0).
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    weights = np.ones_like(x) if seeds is None else np.asarray(seeds, float)
     x_mean, y_mean = np.average(x, weights=weights), np.average(y, weights=weights)
     spread_x = np.sum(weights * (x - x_mean) ** 2)
     slope = float(np.sum(weights * (x - x_mean) * (y - y_mean)) / spread_x)
-    intercept = y_mean - slope * x_mean
-    result = {"slope": slope, "c": float(np.exp(intercept)), "points": len(batches), "slope_se": None,
-              "residual_se": None, "replicate_se": None, "replicate_dof": replicate["dof"] if replicate else 0,
-              "determined": len(batches) >= MIN_FIT_POINTS, "direction": "not determined"}
+    intercept = float(y_mean - slope * x_mean)
+    result = {"slope": slope, "intercept": intercept, "points": len(x), "slope_se": None, "residual_se": None,
+              "replicate_se": None, "replicate_dof": replicate["dof"] if replicate else 0,
+              "determined": len(x) >= MIN_FIT_POINTS, "direction": "not determined"}
     if replicate:
         result["replicate_se"] = float(math.sqrt(replicate["variance"] / spread_x))
     if result["determined"]:
@@ -115,12 +134,20 @@ def replicate_spread(stats: list[dict]) -> dict | None:
     return pooled and {"variance": pooled["variance"], "dof": pooled["dof"]}
 
 
-def fit_over_seeds(points: list[tuple[float, dict]]) -> dict | None:
-    """fit_power_law over (batch, statistics over seeds) points, weighted by their seeds and with their spread."""
+def fit_over_seeds(points: list[tuple[float, dict]], log: bool = True) -> dict | None:
+    """The line over (batch, statistics over seeds) points, weighted by their seeds and with their spread: a power
+    law (fit_power_law, relative spread) when log, else value = intercept + slope * ln B (fit_line, the seeds'
+    variance pooled as it is). None without points, or with fewer than 2 batch sizes."""
     if not points:
         return None
     batches, stats = zip(*points)
-    return fit_power_law(batches, [s["mean"] for s in stats], [s["n"] for s in stats], replicate_spread(stats))
+    means = [s["mean"] for s in stats]
+    seeds = [s["n"] for s in stats]
+    if log:
+        return fit_power_law(batches, means, seeds, replicate_spread(stats))
+    if len(set(batches)) < 2:
+        return None
+    return fit_line(np.log(np.asarray(batches, float)), means, seeds, pooled_variance(stats))
 
 
 def direction(slope: float, se: float) -> str:

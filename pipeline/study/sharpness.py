@@ -9,11 +9,14 @@ lambda_max x lr / (2 (1 + beta)) at the learning rate of that step; beside them 
 accuracy, and test - train loss, both positive when the test set does worse) from summary.json, and lr / B with lr
 the run's peak learning rate (Jastrzebski et al. 2017: lr / B, not B alone, sets the width of the minimum SGD finds).
 
-Directions with batch size are called per seed and then across seeds: for each seed, the least-squares slope of
-y on log2 B over its batch sizes (y = log2 lambda_max, the exponent of lambda_max ~ B^slope, so 2^slope is the
-factor per doubling of B; y = the gap itself); the direction is resolved when the mean slope over seeds lies beyond 2 standard errors (std over seeds /
-sqrt(seeds)) of zero, and "not enough data" with fewer than 2 seeds having 2 batch sizes. What the literature
-predicts depends on how lr follows B: with a fixed lr (lr / B falls as B grows) Keskar et al. 2017 predict sharper
+Directions with batch size are called per series (one norm and lr scaling) across seeds: the mean over seeds at
+each batch size is fitted against log B by weighted least squares (pipeline/study/fits.py, fit_over_seeds): log2
+lambda_max (its slope is the exponent of lambda_max ~ B^slope, 2^slope the factor per doubling of B), the gap itself
+(its slope the change per doubling). The slope's standard error is the larger of the seeds' spread, pooled over the
+batch sizes (two seeds at one batch size give their spread one degree of freedom; pooling over five gives five), and
+the residuals' scatter about the line; the direction is resolved beyond 2 standard errors of zero. "Not enough
+data" with fewer than 3 batch sizes, or without 2 seeds at some batch size (the run-to-run spread unknown).
+What the literature predicts depends on how lr follows B: with a fixed lr (lr / B falls as B grows) Keskar et al. 2017 predict sharper
 minima and a larger gap at large B; with linear scaling (lr / B constant) Jastrzebski et al. 2017 and Goyal et al.
 2017 predict alike minima and no gap growth; sqrt scaling lies between (lr / B still falls).
 
@@ -30,6 +33,7 @@ import os
 import numpy as np
 
 from pipeline import rundir
+from pipeline.study import claims, fits
 
 KEYS = ("max_eigenvalue", "trace", "trace_lo", "trace_hi", "stability_ratio")
 GROUP_KEYS = ("max_eigenvalue", "trace", "stability_ratio", "max_stability_ratio", "peak_stability_ratio",
@@ -81,27 +85,26 @@ def groups(rows: list[dict]) -> list[dict]:
     for row in rows:
         if row["status"] == "completed" and row.get("replicas", 1) == min(r.get("replicas", 1) for r in rows):
             by_key.setdefault((row["norm"], row["batch"], row.get("lr_scaling")), []).append(row)
-    return [{"norm": norm, "batch": batch, "lr_scaling": scaling, **{k: _stats(r[k] for r in members)
+    return [{"norm": norm, "batch": batch, "lr_scaling": scaling, **{k: _stats(r.get(k) for r in members)
                                                                      for k in GROUP_KEYS}}
             for (norm, batch, scaling), members in sorted(by_key.items(), key=lambda item: (item[0][0], item[0][1],
                                                                                       str(item[0][2])))]
 
 
-def seed_slope(rows: list[dict], key: str, log: bool, x_key: str = "batch") -> dict | None:
-    """Mean over seeds of each seed's slope of y (log2 y if log: the exponent of y ~ x^slope) on log2 x, its standard error and direction."""
-    slopes = []
-    for seed in sorted({r["seed"] for r in rows}):
-        points = [(r[x_key], r[key]) for r in rows if r["seed"] == seed and r[key] is not None and r[x_key]
-                  and (r[key] > 0 or not log)]
-        if len({x for x, _ in points}) >= 2:
-            x = np.log2([p[0] for p in points])
-            y = np.log2([p[1] for p in points]) if log else np.array([p[1] for p in points], float)
-            slopes.append(float(np.polyfit(x, y, 1)[0]))
-    if len(slopes) < 2:
-        return {"seeds": len(slopes), "slope": slopes[0] if slopes else None, "se": None, "direction": None}
-    mean, se = float(np.mean(slopes)), float(np.std(slopes, ddof=1) / math.sqrt(len(slopes)))
-    direction = "up" if mean > 2 * se else "down" if mean < -2 * se else "flat"
-    return {"seeds": len(slopes), "slope": mean, "se": se, "direction": direction}
+def series_fits(rows: list[dict], key: str, log: bool) -> list[tuple[tuple, dict | None, int]]:
+    """Per (norm, lr scaling) of the runs: the fit of `key` against B over its batch sizes (module docstring), and
+    the most seeds any batch size has.
+
+    Returns:
+      [((norm, lr scaling), fits.fit_over_seeds result or None, seeds)], in a fixed order.
+    """
+    by_series = {}
+    for group in groups(rows):
+        stat = group[key]
+        if stat["mean"] is not None and (stat["mean"] > 0 or not log):
+            by_series.setdefault((group["norm"], group["lr_scaling"]), []).append((group["batch"], stat))
+    return [(series, fits.fit_over_seeds(points, log), max(stat["n"] for _, stat in points))
+            for series, points in sorted(by_series.items(), key=lambda item: tuple(map(str, item[0])))]
 
 
 def _prediction(scalings: set) -> str | None:
@@ -111,21 +114,41 @@ def _prediction(scalings: set) -> str | None:
     return "flat" if scalings == {"linear"} else "up"
 
 
-def _direction_answer(fit: dict, quantity: str, per_doubling, prediction: str | None, papers: dict) -> str:
-    """Yes / No / Not enough data from seed_slope; per_doubling(slope) says the change per doubling of B."""
-    if fit["direction"] is None:
-        return (f"Not enough data: {quantity} needs at least 2 seeds with 2 or more batch sizes for a direction "
-                f"across seeds; this sweep has {fit['seeds']}.")
-    verdict = {"up": "Yes", "down": "No, the opposite", "flat": "No"}[fit["direction"]]
-    text = (f"{verdict}: {quantity} changes by {per_doubling(fit['slope'])} per doubling of B "
-            f"(slope {fit['slope']:.3g} ± {fit['se']:.2g} on log2 B over {fit['seeds']} seeds; ")
-    text += ("beyond 2 standard errors)." if fit["direction"] != "flat" else "within 2 standard errors of none).")
+def _direction_answer(fit: dict | None, seeds: int, quantity: str, per_doubling, log: bool,
+                      prediction: str | None, papers: dict) -> str:
+    """Yes / No / Not enough data from a series' fit; per_doubling(slope on log2 B) says the change per doubling."""
+    if fit is None or not fit["determined"]:
+        points = fit["points"] if fit else 0
+        return (f"Not enough data: a direction of {quantity} needs {fits.MIN_FIT_POINTS} batch sizes with a "
+                f"measurement; this sweep has {points}.")
+    if fit["replicate_se"] is None:
+        return (f"Not enough data: a direction of {quantity} across seeds needs 2 seeds at some batch size (the "
+                f"run-to-run spread); this sweep has {seeds}.")
+    # Slopes on ln B are exponents for a power law (the same on log2 B), and changes per e-fold of B otherwise.
+    scale = 1.0 if log else math.log(2.0)
+    slope, se = fit["slope"] * scale, fit["slope_se"] * scale
+    verdict = {"rises": "Yes", "falls": "No, the opposite", "unclear": "No"}[fit["direction"]]
+    text = (f"{verdict}: {quantity} changes by {per_doubling(slope)} per doubling of B (slope {slope:.3g} ± "
+            f"{se:.2g} on log2 B over {fit['points']} batch sizes; {claims.error_source(fit)}; ")
+    text += ("within 2 standard errors of none)." if fit["direction"] == "unclear" else "beyond 2 standard errors).")
     if prediction is not None:
         expected = {"up": "a growth with B", "flat": "no change with B"}[prediction]
-        agrees = fit["direction"] == prediction
+        observed = {"rises": "up", "falls": "down", "unclear": "flat"}[fit["direction"]]
         text += (f" {papers[prediction]} predict {expected} under this sweep's lr scaling; the data "
-                 f"{'agree' if agrees else 'disagree with the paper'}.")
+                 f"{'agree' if observed == prediction else 'disagree with the paper'}.")
     return text
+
+
+def _answers_for(rows: list[dict], key: str, quantity: str, per_doubling, log: bool, papers: dict) -> list[str]:
+    """One direction answer per (norm, lr scaling) series, named when the sweep has several."""
+    found = series_fits(rows, key, log)
+    if not found:
+        return [_direction_answer(None, 0, quantity, per_doubling, log, None, papers)]
+    out = []
+    for (norm, scaling), fit, seeds in found:
+        text = _direction_answer(fit, seeds, quantity, per_doubling, log, _prediction({scaling}), papers)
+        out.append(text if len(found) == 1 else f"{norm} norm, lr scaling {scaling}: {text}")
+    return out
 
 
 def answers(rows: list[dict]) -> dict:
@@ -137,19 +160,18 @@ def answers(rows: list[dict]) -> dict:
     result = {}
     papers = {"up": "Keskar et al. 2017 (lr/B falls as B grows)",
               "flat": "Jastrzebski et al. 2017 (lr/B sets the width; it is fixed)"}
-    sharp = seed_slope(measured, "max_eigenvalue", log=True)
-    result["sharpness"] = [_direction_answer(sharp, "lambda_max at the end of training",
-                                             lambda slope: f"a factor {2 ** slope:.3g}", prediction, papers)]
+    per_factor = lambda slope: f"a factor {2 ** slope:.3g}"  # noqa: E731
+    result["sharpness"] = _answers_for(measured, "max_eigenvalue", "lambda_max at the end of training", per_factor,
+                                       True, papers)
     if any(r.get("max_eigenvalue_at_target") is not None for r in measured):
-        at_target = seed_slope(measured, "max_eigenvalue_at_target", log=True)
-        result["sharpness"].append("At the step each run first reached the target accuracy: " + _direction_answer(
-            at_target, "lambda_max at the target", lambda slope: f"a factor {2 ** slope:.3g}", prediction, papers))
+        result["sharpness"] += ["At the step each run first reached the target accuracy: " + text for text in
+                                _answers_for(measured, "max_eigenvalue_at_target", "lambda_max at the target",
+                                             per_factor, True, papers)]
     result["sharpness"][-1] += " " + DINH
-    gap = seed_slope(done, "generalization_gap", log=False)
-    result["generalization_gap"] = [_direction_answer(gap, "the train - test accuracy gap", lambda slope: f"{slope:+.3g}",
-                                                      prediction,
-                                                      {"up": "Keskar et al. 2017 (lr/B falls as B grows)",
-                                                       "flat": "Goyal et al. 2017 (linear scaling)"})]
+    result["generalization_gap"] = _answers_for(done, "generalization_gap", "the train - test accuracy gap",
+                                                lambda slope: f"{slope:+.3g}", False,
+                                                {"up": "Keskar et al. 2017 (lr/B falls as B grows)",
+                                                 "flat": "Goyal et al. 2017 (linear scaling)"})
     if scalings >= {"linear", "none"}:
         result["lr_over_batch"] = [_predictor_answer(measured)]
     else:

@@ -61,6 +61,18 @@ def seed_stats(per_seed):
             "n": len(values)}
 
 
+def weighted_line(x, y, counts):
+    """(slope, intercept, sum n (x - xbar)^2, weighted residual sum of squares) of the line through (x, y) with
+    weights n, summed in loops."""
+    total = sum(counts)
+    x_bar = sum(n * xi for n, xi in zip(counts, x)) / total
+    y_bar = sum(n * yi for n, yi in zip(counts, y)) / total
+    sxx = sum(n * (xi - x_bar) ** 2 for n, xi in zip(counts, x))
+    slope = sum(n * (xi - x_bar) * (yi - y_bar) for n, xi, yi in zip(counts, x, y)) / sxx
+    intercept = y_bar - slope * x_bar
+    return slope, intercept, sxx, sum(n * (yi - intercept - slope * xi) ** 2 for n, xi, yi in zip(counts, x, y))
+
+
 def test_power_law_over_seeds_against_weighted_least_squares_written_out():
     """Unequal seeds per batch: the slope is the weighted least-squares slope (weights n_b) and its standard error
     the larger of the seeds' (pooled relative variance, summed in a loop) and the residuals', written out here."""
@@ -77,15 +89,7 @@ def test_power_law_over_seeds_against_weighted_least_squares_written_out():
             numerator += (len(v) - 1) * sample_var / m**2
             denominator += len(v) - 1
     relative_var = numerator / denominator
-    x = [math.log(b) for b in batches]
-    y = [math.log(m) for m in means]
-    total = sum(counts)
-    x_bar = sum(n * xi for n, xi in zip(counts, x)) / total
-    y_bar = sum(n * yi for n, yi in zip(counts, y)) / total
-    sxx = sum(n * (xi - x_bar) ** 2 for n, xi in zip(counts, x))
-    slope = sum(n * (xi - x_bar) * (yi - y_bar) for n, xi, yi in zip(counts, x, y)) / sxx
-    intercept = y_bar - slope * x_bar
-    rss = sum(n * (yi - intercept - slope * xi) ** 2 for n, xi, yi in zip(counts, x, y))
+    slope, _, sxx, rss = weighted_line([math.log(b) for b in batches], [math.log(m) for m in means], counts)
     replicate_se, residual_se = math.sqrt(relative_var / sxx), math.sqrt(rss / (len(batches) - 2) / sxx)
 
     assert fit["slope"] == pytest.approx(slope, rel=1e-12)
@@ -96,6 +100,25 @@ def test_power_law_over_seeds_against_weighted_least_squares_written_out():
     # One seed per batch size: the residuals' error alone, and no run-to-run spread.
     single = fits.fit_over_seeds([(b, seed_stats(v[:1])) for b, v in zip(batches, per_seed)])
     assert single["replicate_se"] is None and single["slope_se"] == single["residual_se"]
+
+
+def test_linear_fit_over_seeds_against_weighted_least_squares_written_out():
+    """A quantity that may be negative (a generalization gap) against ln B: weighted least squares with weights n_b,
+    the seeds' variance pooled as it is (not relative), written out here."""
+    rng = np.random.default_rng(5)
+    batches, counts = [8, 16, 32, 64], [2, 3, 2, 1]
+    per_seed = [list(-0.01 + 0.004 * math.log(b) + rng.normal(0, 0.003, n)) for b, n in zip(batches, counts)]
+    fit = fits.fit_over_seeds([(b, seed_stats(v)) for b, v in zip(batches, per_seed)], log=False)
+
+    means = [sum(v) / len(v) for v in per_seed]
+    pooled = sum(sum((x - m) ** 2 for x in v) for v, m in zip(per_seed, means)) / sum(n - 1 for n in counts)
+    slope, intercept, sxx, rss = weighted_line([math.log(b) for b in batches], means, counts)
+    assert fit["slope"] == pytest.approx(slope, rel=1e-12)
+    assert fit["intercept"] == pytest.approx(intercept, rel=1e-12)
+    assert fit["replicate_se"] == pytest.approx(math.sqrt(pooled / sxx), rel=1e-12)
+    assert fit["residual_se"] == pytest.approx(math.sqrt(rss / (len(batches) - 2) / sxx), rel=1e-12)
+    assert fit["replicate_dof"] == 4
+    assert fits.fit_over_seeds([(8, seed_stats([0.1, 0.2]))], log=False) is None  # one batch size: no line
 
 
 def test_power_law_interval_covers_the_true_slope_across_reruns():

@@ -74,6 +74,25 @@ def test_unresolved_direction_and_disagreement_with_linear_scaling():
     assert one_seed["sharpness"][0].startswith("Not enough data") and "this sweep has 1" in one_seed["sharpness"][0]
 
 
+def test_two_seeds_that_agree_on_the_slope_by_chance_do_not_resolve_a_direction():
+    """Each seed is off the law 10 B^0.1 by a factor 2 at alternate ends (seed 0 high at 16 and 128, seed 1 at 32
+    and 64): both seeds' own slopes are exactly 0.1, so the spread of the per-seed slopes is 0, but the seeds disagree
+    by 2x at every batch size. The seeds' spread pooled over the batch sizes (4 degrees of freedom) gives the slope
+    a standard error of ~0.21 (relative std ~0.47 of one run over sqrt(sum n (ln B - mean)^2) = sqrt(4.8)): 0.1 is
+    within 2 of them."""
+    rows = _rows(slope=0.1, noise=0.0, seeds=(0, 1))
+    for row in rows:
+        high = (row["batch"] in (16, 128)) == (row["seed"] == 0)
+        row["max_eigenvalue"] *= 2.0 if high else 1.0
+    text = sharpness.answers(rows)["sharpness"][0]
+    assert text.startswith("No: lambda_max at the end of training changes by a factor 1.07 per doubling of B")
+    assert "within 2 standard errors of none" in text and "4 degrees of freedom" in text
+    (series, fit, seeds), = sharpness.series_fits(rows, "max_eigenvalue", log=True)
+    relative = np.std([2.0, 1.0], ddof=1) / 1.5
+    assert fit["replicate_se"] == pytest.approx(relative / math.sqrt(2 * 1.25 * math.log(2) ** 2 * 4), rel=1e-9)
+    assert series == ("batch", "none") and seeds == 2
+
+
 def test_lr_over_batch_predictor_needs_both_scalings_and_edge_is_reached():
     # lambda_max = 1 / (lr / B) exactly in both halves: lr/B predicts it perfectly, B alone does not.
     rows = _rows(slope=0.0, noise=0.0, scaling="none") + _rows(slope=0.0, noise=0.0, scaling="linear", ratio=0.95)
