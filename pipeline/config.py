@@ -18,6 +18,7 @@ STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 BATCH_POLICIES = ("goodput", "norm-test")
 ADAPTIVE = 0  # the value of --batch adaptive
+INFERENCE_MIN_BATCH = 256  # the smallest batch of forward-only passes (Config.inference_batch)
 
 
 class InputError(ValueError):
@@ -142,6 +143,13 @@ class Config:
     def adaptive_batch(self) -> bool:
         """--batch adaptive: the batch starts at base_batch and is decided during the run (training/adaptive_batch.py)."""
         return self.batch == ADAPTIVE
+
+    @property
+    def inference_batch(self) -> int:
+        """Batch of the passes that only run the model forward (evaluation, target checks, precise BN, the study's
+        loss line): the training batch, at least INFERENCE_MIN_BATCH. A forward pass holds no gradients, and at a
+        small training batch its per-call overhead would dominate (precise BN makes one call per BN level and batch)."""
+        return max(self.batch or self.base_batch, INFERENCE_MIN_BATCH)
 
     @property
     def milestone_epochs(self) -> tuple[float, ...]:

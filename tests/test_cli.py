@@ -189,3 +189,13 @@ def test_intra_op_threads_takes_auto_as_its_config_does():
     assert flags.parse(["--intra-op-threads", "auto"], "")[0].intra_op_threads == -1  # Config's automatic
     assert flags.parse(["--intra-op-threads", "3"], "")[0].intra_op_threads == 3
     assert flags.parse([], "")[0].intra_op_threads == -1
+
+
+def test_forward_only_passes_batch_at_least_256_examples():
+    """Evaluation, target checks, precise BN and the loss line run in batches of the training batch or 256: at batch
+    8, precise BN's one call per BN level and batch would otherwise make 32x the calls."""
+    from pipeline import config as config_lib
+
+    assert config_lib.Config(batch=8).inference_batch == 256
+    assert config_lib.Config(batch=512).inference_batch == 512
+    assert config_lib.Config(batch=config_lib.ADAPTIVE, base_batch=1024).inference_batch == 1024

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from pipeline.config import Config
+from pipeline.config import INFERENCE_MIN_BATCH, Config
 from pipeline.training.step_times import any_batch, fit_step_seconds, time_ladder
 
 MEASURE_EVERY = 2  # steps between noise measurements in the probe's second half
@@ -131,7 +131,7 @@ def probe(config: Config, steps: int, max_batch: int, out_dir: str) -> dict:
                           batch_size=config.base_batch, population=data.num_train,
                           out_path=os.path.join(out_dir, "grad_stats.jsonl"))
     noise_seconds = time.perf_counter() - started  # start-up included: loading data, building the model
-    _, val_accuracy = model.evaluate(data.eval_dataset("val", max(config.base_batch, 256)), verbose=0)
+    _, val_accuracy = model.evaluate(data.eval_dataset("val", max(config.base_batch, INFERENCE_MIN_BATCH)), verbose=0)
     phase = {"steps": steps, "planned_steps": planned, "fraction_of_run": steps / planned,
              "loss_start": noise["loss_start"], "loss_end": noise["loss_end"], "val_accuracy": float(val_accuracy),
              "target_accuracy": config.target_accuracy or None}

@@ -94,7 +94,7 @@ def sweep_line(sweep_dir: str, small: dict, large: dict, alphas=ALPHAS) -> dict 
         model.optimizer.build(model.trainable_variables)
         model.load_weights(path)
         weights.append(model.get_weights())
-    batch = max(config.batch, 256)
+    batch = config.inference_batch
     splits = {"train": data.eval_dataset("train", batch), "test": data.eval_dataset("test", batch)}
     bn_dataset = data.train_dataset(batch, seed=config.seed, augment=False, epoch=0)
     result = losses_along_line(model, weights[0], weights[1], alphas, splits, bn_dataset,

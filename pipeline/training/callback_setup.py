@@ -188,5 +188,5 @@ def target_check(config, data, run_dir: str, measuring: list):
     every = target_lib.interval(data.num_train // config.batch, config.target_checks_per_epoch)
     # The curvature at the step the target is first reached: the study compares runs at equal accuracy too.
     at_target = [m.measure_at_target for m in measuring if isinstance(m, Curvature)]
-    return target_lib.TargetCheck(data.eval_dataset("val", max(config.batch, 256)), config.target_accuracy, every,
+    return target_lib.TargetCheck(data.eval_dataset("val", config.inference_batch), config.target_accuracy, every,
                                   run_dir, lambda: timing.seconds(measuring), when_reached=at_target)

@@ -308,7 +308,7 @@ def _finish(config: Config, data, model, run_dir: str, summary: Summary, chief: 
     has_batch_norm = bool(batch_norm_inputs(model))
     if has_batch_norm and config.precise_bn_samples:
         num = min(config.precise_bn_samples, data.num_train)
-        precise_bn(model, data.train_dataset(config.batch, seed=config.seed, augment=False, epoch=0), num)
+        precise_bn(model, data.train_dataset(config.inference_batch, seed=config.seed, augment=False, epoch=0), num)
         summary.bn_statistics = f"precise BN: population statistics over {num} training examples"
     elif has_batch_norm:
         summary.bn_statistics = "moving averages from training (--precise-bn-samples 0)"
@@ -322,7 +322,7 @@ def _finish(config: Config, data, model, run_dir: str, summary: Summary, chief: 
             summary.bn_statistics += f" ({scope}); one set for all {summary.replicas} replicas after training"
     _enter(summary, "evaluation")
     for split in ("train", "val", "test"):
-        loss, accuracy = model.evaluate(data.eval_dataset(split, max(config.batch, 256)), verbose=0)
+        loss, accuracy = model.evaluate(data.eval_dataset(split, config.inference_batch), verbose=0)
         setattr(summary, f"{split}_accuracy", float(accuracy))
         if split in ("train", "test"):
             setattr(summary, f"{split}_loss", float(loss))
