@@ -146,9 +146,8 @@ class Config:
 
     @property
     def inference_batch(self) -> int:
-        """Batch of the passes that only run the model forward (evaluation, target checks, precise BN, the study's
-        loss line): the training batch, at least INFERENCE_MIN_BATCH. A forward pass holds no gradients, and at a
-        small training batch its per-call overhead would dominate (precise BN makes one call per BN level and batch)."""
+        """Batch of forward-only passes (evaluation, target checks, precise BN, the loss line): no gradients to hold,
+        and at a small training batch the per-call overhead would dominate (precise BN calls per BN level and batch)."""
         return max(self.batch or self.base_batch, INFERENCE_MIN_BATCH)
 
     @property
@@ -170,16 +169,8 @@ class Config:
 
 def smoke() -> Config:
     """A run of a few seconds for tests: a small CNN, two epochs, instruments at every few steps."""
-    return dataclasses.replace(
-        Config(),
-        model="cnn",
-        epochs=2,
-        batch=64,
-        precise_bn_samples=256,
-        grad_stats_every=5,
-        bn_stats_every=5,
-        verbose=0,
-    )
+    return dataclasses.replace(Config(), model="cnn", epochs=2, batch=64, precise_bn_samples=256, grad_stats_every=5,
+                               bn_stats_every=5, verbose=0)
 
 
 def batch_study() -> Config:
