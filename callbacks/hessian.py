@@ -12,12 +12,9 @@ convert a layer's call (a model with Python control flow on tensors cannot be fi
 included, took 1.4-1.9 s in the runs of the default sweep with curvature (filed as the instrument's "tracing" phase);
 AutoGraph's share of it was not measurable there (the same runs' first measurements took as long with it).
 
-One trace per architecture in a process: the product takes the weights as arguments and evaluates a template model
-of the architecture at them (keras.StatelessScope maps the template's variables to the arguments), so the runs of a
-sweep, which train one after another in one process with a new model each, trace it once (`shared_product`). Two
-models share the template only when they are functional or Sequential Keras models (exact classes: a subclass may
-override call or compute_loss) whose configs agree once layer names are replaced by their positions (Keras names
-layers by a per-process counter) and whose compiled losses serialize alike.
+One trace per architecture in a process (callbacks/shared_traces.py): the product takes the weights as arguments and
+evaluates a template model of the architecture at them, so the runs of a sweep, which train one after another in one
+process with a new model each, trace it once.
 
 Top eigenvalue by Lanczos iteration with full reorthogonalization (Yao et al. 2020, "PyHessian", use power
 iteration; Lanczos needs fewer products for the same precision, Ghorbani et al. 2019): after j products with a
@@ -51,13 +48,11 @@ products with and without deflation at the same weights).
 
 from __future__ import annotations
 
-import collections
-import json
-
 import keras
 import numpy as np
 import tensorflow as tf
 
+from callbacks import shared_traces
 from callbacks.noise_estimates import quantile
 from callbacks.timing import call
 
@@ -85,13 +80,14 @@ class HessianVectorProducts:
             for start in range(0, count, batch_size)
         ]
         self.products = 0
-        self._function = shared_product(model)
+        self._function = shared_traces.shared(
+            model, "hessian_vector_product",
+            lambda template: tf.function(_Product(template), reduce_retracing=True, autograph=False))
 
     def __call__(self, vector: np.ndarray) -> np.ndarray:
         """H v in float64 (the product is computed in the variables' dtype)."""
         flat = tf.constant(vector, tf.float32)
-        trainable = [tf.convert_to_tensor(v.value) for v in self.model.trainable_variables]
-        non_trainable = [tf.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
+        trainable, non_trainable = shared_traces.weights(self.model)
         total = np.zeros(self.dimension)
         for x, y, weight in self.chunks:
             arguments = (x, y, flat, trainable, non_trainable)
@@ -99,52 +95,6 @@ class HessianVectorProducts:
             total += weight * product.numpy().astype(np.float64)
         self.products += 1
         return total
-
-
-# Architecture key -> the tf.function of its product (which holds the template model); the most recent SHARED_MAX.
-_SHARED: collections.OrderedDict = collections.OrderedDict()
-SHARED_MAX = 4
-
-
-def shared_product(model) -> tf.function:
-    """The traced product function for `model`'s architecture, made on the first model of it (module docstring).
-
-    The function is (x, y, flat vector, trainable values, non-trainable values) -> H v, flat, in float32.
-    """
-    key = _architecture_key(model)
-    if key is None:
-        return tf.function(_Product(model), reduce_retracing=True, autograph=False)
-    if key not in _SHARED:
-        _SHARED[key] = tf.function(_Product(model), reduce_retracing=True, autograph=False)
-        while len(_SHARED) > SHARED_MAX:
-            _SHARED.popitem(last=False)
-    _SHARED.move_to_end(key)
-    return _SHARED[key]
-
-
-def _architecture_key(model) -> str | None:
-    """The model's config and compiled loss as JSON, layer names replaced by their positions; None for a model
-    whose config does not define it (not exactly a functional or Sequential model, or no config)."""
-    kind = type(model)
-    if (kind.__module__, kind.__name__) not in (("keras.src.models.functional", "Functional"),
-                                                ("keras.src.models.sequential", "Sequential")):
-        return None
-    try:
-        described = [kind.__name__, model.get_config(), keras.saving.serialize_keras_object(model.loss)]
-    except (NotImplementedError, TypeError, ValueError):
-        return None
-    names = {layer.name: f"#layer{i}" for i, layer in enumerate(model._flatten_layers(include_self=True))}
-
-    def renamed(value):
-        if isinstance(value, str):
-            return names.get(value, value)
-        if isinstance(value, dict):
-            return {k: renamed(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [renamed(v) for v in value]
-        return value
-
-    return json.dumps(renamed(described), sort_keys=True, default=repr)
 
 
 class _Product:
@@ -160,7 +110,7 @@ class _Product:
         vector = [tf.cast(tf.reshape(p, v.shape), v.dtype) for p, v in zip(parts, trainable)]
         # One StatelessScope: the template's variables read as the given weights; BN moving statistics, seed states
         # and metric updates made in it are discarded.
-        mapping = [*zip(model.trainable_variables, trainable), *zip(model.non_trainable_variables, non_trainable)]
+        mapping = shared_traces.template_mapping(model, trainable, non_trainable)
         with tf.GradientTape() as outer:
             outer.watch(trainable)
             with tf.GradientTape() as inner:

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import logging
-import weakref
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from callbacks import shared_traces
 from callbacks.checked_io import check_positive_int
 from models.norm import virtual_batches
 
 logger = logging.getLogger(__name__)
-# model -> (input signature, [(level's layers, its compiled moments function)]): the functions read the weights as
-# variables, so a model whose weights change (the study's loss line sets new weights at every point) reuses them
-# instead of tracing one side model per level again at every call.
-_LEVEL_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def batch_norm_inputs(model: keras.Model) -> list[tuple[keras.layers.BatchNormalization, keras.KerasTensor]]:
@@ -223,10 +219,12 @@ def precise_bn(model: keras.Model, dataset, num_samples: int = 8192) -> dict[str
     batches = take_inputs(dataset, int(num_samples))
     samples = sum(int(tf.nest.flatten(x)[0].shape[0]) for x in batches)
     report = {}
-    for layers, moments in _level_functions(model, pairs, batches[0]):
+    for indices, moments in _level_functions(model, pairs, batches[0]):
+        layers = [pairs[i][0] for i in indices]
+        weights = shared_traces.weights(model)  # read per level: the upstream levels' new statistics
         totals = [None] * len(layers)
         for x in batches:
-            for i, (count, mean, m2) in enumerate(moments(x)):
+            for i, (count, mean, m2) in enumerate(moments(x, *weights)):
                 batch = int(count), mean.numpy().astype(np.float64), m2.numpy().astype(np.float64)
                 totals[i] = _merge(totals[i], batch)
         for layer, (count, mean, m2) in zip(layers, totals):
@@ -245,31 +243,37 @@ def precise_bn(model: keras.Model, dataset, num_samples: int = 8192) -> dict[str
     return {layer.name: report[layer.name] for layer, _ in pairs}
 
 
-def _level_functions(model: keras.Model, pairs: list, example_batch) -> list[tuple[list, object]]:
-    """Per topological level, its BN layers and the compiled function of their inputs' moments; made once per model
-    and input signature (_LEVEL_FUNCTIONS)."""
+def _level_functions(model: keras.Model, pairs: list, example_batch) -> list[tuple[list[int], object]]:
+    """Per topological level, the positions of its BN layers in `pairs` and the compiled function (x, trainable,
+    non-trainable weights) -> their inputs' moments; made once per architecture and input signature in a process
+    (callbacks/shared_traces.py), so the next model of the architecture (a sweep's next run, the study's loss line)
+    and new weights of this one trace nothing."""
     # Any batch size, so that a remainder batch does not trace the model a second time.
     signature = tf.nest.map_structure(
         lambda t: tf.TensorSpec([None, *t.shape[1:]], tf.as_dtype(t.dtype)), example_batch
     )
-    cached = _LEVEL_FUNCTIONS.get(model)
-    if cached is not None and cached[0] == signature:
-        return cached[1]
-    functions = []
-    for level in _levels(pairs):
-        layers = [layer for layer, _ in level]
-        functions.append((layers, _moments_function(side_model(model, [tensor for _, tensor in level]), layers,
-                                                    signature)))
-    _LEVEL_FUNCTIONS[model] = (signature, functions)
-    return functions
+
+    def make(template):
+        template_pairs = batch_norm_inputs(template)
+        position = {id(layer): i for i, (layer, _) in enumerate(template_pairs)}
+        return [([position[id(layer)] for layer, _ in level],
+                 _moments_function(template, side_model(template, [tensor for _, tensor in level]),
+                                   [layer for layer, _ in level], signature))
+                for level in _levels(template_pairs)]
+
+    return shared_traces.shared(model, f"precise_bn {signature}", make)
 
 
-def _moments_function(side: keras.Model, layers: list, signature) -> tf.types.experimental.PolymorphicFunction:
-    """A compiled x -> [(count, mean, M2) per layer] of the inputs `side` computes in inference mode."""
+def _moments_function(template: keras.Model, side: keras.Model, layers: list, signature):
+    """A compiled (x, trainable, non-trainable weights of the template) -> [(count, mean, M2) per layer] of the inputs
+    `side` (made of the template's layers) computes in inference mode at those weights."""
+    weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables]
+                    for variables in (template.trainable_variables, template.non_trainable_variables)]
 
-    @tf.function(input_signature=[signature])
-    def moments(x):
-        outputs = tf.nest.flatten(side(x, training=False))
+    @tf.function(input_signature=[signature, *weight_specs])
+    def moments(x, trainable, non_trainable):
+        with keras.StatelessScope(state_mapping=shared_traces.template_mapping(template, trainable, non_trainable)):
+            outputs = tf.nest.flatten(side(x, training=False))
         return [batch_moments(output, layer.axis) for output, layer in zip(outputs, layers)]
 
     return moments

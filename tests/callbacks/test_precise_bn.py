@@ -113,25 +113,34 @@ def test_moving_statistics_equal_population_statistics_of_inputs(examples):
     assert int(model.optimizer.iterations) == 0
 
 
-def test_a_second_call_after_new_weights_uses_the_new_weights_without_tracing_again(examples):
-    # The study's loss line calls precise_bn at every point of a line of weights on one model: the compiled level
-    # functions are kept per model, and must read the weights of the call, not those of the first one.
+def test_new_weights_and_a_new_model_of_the_architecture_trace_nothing_again(examples):
+    # The study's loss line calls precise_bn at every point of a line of weights on one model, and a sweep's runs call
+    # it on a new model of one architecture each: the compiled level functions are made once per architecture, and
+    # must read the weights of the call (of that model), not those of the first one.
     module = sys.modules[precise_bn.__module__]
-
     model = small_cnn()
     dataset = tf.data.Dataset.from_tensor_slices((examples, np.zeros(250, "int32"))).batch(64)
     precise_bn(model, dataset, num_samples=250)
-    functions = [function for _, function in module._LEVEL_FUNCTIONS[model][1]]
+    first = next(iter(dataset))[0]
+    functions = [function for _, function in module._level_functions(model, module.batch_norm_inputs(model), first)]
+    counts = [function.experimental_get_tracing_count() for function in functions]
+    assert len(functions) == 3 and min(counts) >= 1
     rng = np.random.default_rng(7)
     for weight in model.trainable_weights:
         weight.assign(rng.normal(-0.2, 0.6, weight.shape).astype("float32"))
     set_wrong_statistics(model)
-
     precise_bn(model, dataset, num_samples=250)
-
     assert_population_statistics(model, numpy_bn_inputs(model, examples))
-    assert [function for _, function in module._LEVEL_FUNCTIONS[model][1]] == functions
-    assert [function.experimental_get_tracing_count() for function in functions] == [1, 1, 1]
+
+    other = small_cnn()  # new layers, new initial weights
+    set_wrong_statistics(other)
+    precise_bn(other, dataset, num_samples=250)
+    assert_population_statistics(other, numpy_bn_inputs(other, examples))
+    assert [function for _, function in module._level_functions(other, module.batch_norm_inputs(other),
+                                                                 first)] == functions
+    assert [function.experimental_get_tracing_count() for function in functions] == counts
+    for name, (mean, _) in moving_statistics(other).items():
+        assert not np.allclose(mean, moving_statistics(model)[name][0], rtol=0.1)  # the two models differ
 
 
 def test_batch_size_does_not_change_the_statistics(examples):
