@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import callbacks.shared_traces as shared_traces
 from callbacks import bn_tables
 from callbacks import schedule as schedule_lib
 from callbacks import timing
@@ -143,7 +144,10 @@ class BatchNormStatistics(keras.callbacks.Callback):
                 self._batches = iter(self.dataset.repeat())
             sample = take_inputs(self.population, self.population_samples)
             self._sample = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *sample)
-            self._measure_function = self._compile(side_model(self.model, [tensor for _, tensor in pairs]))
+            specs = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), self._sample)
+            # One trace per architecture in a process (callbacks/shared_traces.py): a sweep's runs share it.
+            self._measure_function = shared_traces.shared(self.model, f"bn_statistics {specs}",
+                                                          lambda template: _measure_function(template, specs))
             if self._previous is None:  # else restored by set_state
                 self._previous = self._moving()
             self.history = {layer.name: self.history.get(layer.name, []) for layer in self._layers}
@@ -191,56 +195,6 @@ class BatchNormStatistics(keras.callbacks.Callback):
         if self._layers and self._steps.step == 0 and self._last_measured is None:
             self.measure()
 
-    def _compile(self, side: keras.Model):
-        layers = self._layers
-        specs = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), self._sample)
-
-        @tf.function(input_signature=[specs], autograph=False)
-        def inputs(x):
-            """The BN layers' inputs in training mode, traced once for any number of examples and called twice
-            below (the batch and the population sample), so that the model is traced once, not twice."""
-            trainable = [v.value for v in side.trainable_variables]
-            non_trainable = [v.value for v in side.non_trainable_variables]
-            # The updated moving statistics that a training call would assign are returned and dropped.
-            return side.stateless_call(trainable, non_trainable, x, training=True)[0]
-
-        # No autograph: the loop over layers is Python, unrolled once at tracing (autograph spent seconds on it).
-        @tf.function(autograph=False)
-        def measure(x, sample):
-            """Per layer [batch mean/var error, moving mean/var error, moving mean avg/min/max, moving variance
-            avg/min/max], and every layer's moving mean and variance, concatenated (one call: few ops, one transfer)."""
-            outputs, population = inputs(x), inputs(sample)
-            rows, means, variances = [], [], []
-            for output, whole, layer in zip(tf.nest.flatten(outputs), tf.nest.flatten(population), layers):
-                batch_mean, batch_variance = group_moments(output, layer.axis,
-                                                           getattr(layer, "virtual_batch_size", None))
-                mean, variance, mean_se2, variance_se2 = population_moments(whole, layer.axis)
-                moving_mean = tf.cast(layer.moving_mean.value, tf.float32)
-                moving_variance = tf.cast(layer.moving_variance.value, tf.float32)
-                scale = variance + layer.epsilon
-
-                def error(deviation_sq, noise_sq, units):
-                    return tf.sqrt(tf.maximum(tf.reduce_mean((deviation_sq - noise_sq) / units), 0.0))
-
-                def resolution(noise_sq, units):
-                    return tf.sqrt(tf.reduce_mean(noise_sq / units))
-
-                rows.append(tf.stack([
-                    error(tf.reduce_mean(tf.square(batch_mean - mean), 0), mean_se2, scale),
-                    error(tf.reduce_mean(tf.square(batch_variance - variance), 0), variance_se2, tf.square(scale)),
-                    error(tf.square(moving_mean - mean), mean_se2, scale),
-                    error(tf.square(moving_variance - variance), variance_se2, tf.square(scale)),
-                    tf.reduce_mean(moving_mean), tf.reduce_min(moving_mean), tf.reduce_max(moving_mean),
-                    tf.reduce_mean(moving_variance), tf.reduce_min(moving_variance), tf.reduce_max(moving_variance),
-                    resolution(mean_se2, scale), resolution(variance_se2, tf.square(scale)),
-                    resolution(mean_se2, scale), resolution(variance_se2, tf.square(scale)),
-                ]))
-                means.append(moving_mean)
-                variances.append(moving_variance)
-            return tf.stack(rows), tf.concat(means, 0), tf.concat(variances, 0)
-
-        return measure
-
     def _moving(self) -> tuple[np.ndarray, np.ndarray]:
         """Every layer's moving mean and variance, concatenated, in float64."""
         return tuple(np.concatenate([np.asarray(getattr(layer, name).numpy(), np.float64) for layer in self._layers])
@@ -260,7 +214,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
         step = self._steps.step
         element = next(iter(self.dataset(step)) if callable(self.dataset) else self._batches)
         x = element[0] if isinstance(element, (tuple, list)) else element
-        outputs = timing.call(self, self._measure_function, x, self._sample)
+        outputs = timing.call(self, self._measure_function, x, self._sample, *shared_traces.weights(self.model))
         values, mean, variance = (t.numpy() for t in outputs)
         mean, variance = mean.astype(np.float64), variance.astype(np.float64)
         # Drift: RMS change per channel since the previous measurement, per layer.
@@ -329,3 +283,59 @@ class BatchNormStatistics(keras.callbacks.Callback):
     def markdown(self) -> str:
         """The per-layer table of bn_stats.md (callbacks/bn_tables.py)."""
         return bn_tables.markdown(self.table(), self._steps.step, self.schedule)
+
+
+def _measure_function(template: keras.Model, specs):
+    """The compiled (batch x, population sample, trainable, non-trainable weights of the template) -> per layer
+    [batch mean/var error, moving mean/var error, moving mean avg/min/max, moving variance avg/min/max, the four
+    resolutions], and every layer's moving mean and variance, concatenated (one call: few ops, one transfer)."""
+    pairs = batch_norm_inputs(template)
+    layers = [layer for layer, _ in pairs]
+    side = side_model(template, [tensor for _, tensor in pairs])
+    weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables]
+                    for variables in (template.trainable_variables, template.non_trainable_variables)]
+
+    @tf.function(input_signature=[specs, *weight_specs], autograph=False)
+    def inputs(x, trainable, non_trainable):
+        """The BN layers' inputs in training mode, traced once for any number of examples and called twice below
+        (the batch and the population sample), so that the model is traced once, not twice. The updated moving
+        statistics that a training call assigns stay in the StatelessScope and are dropped."""
+        with keras.StatelessScope(state_mapping=shared_traces.template_mapping(template, trainable, non_trainable)):
+            return side(x, training=True)
+
+    # No autograph: the loop over layers is Python, unrolled once at tracing (autograph spent seconds on it).
+    @tf.function(autograph=False)
+    def measure(x, sample, trainable, non_trainable):
+        outputs, population = inputs(x, trainable, non_trainable), inputs(sample, trainable, non_trainable)
+        rows, means, variances = [], [], []
+        # The template's moving statistics read as the given weights' in this scope.
+        with keras.StatelessScope(state_mapping=shared_traces.template_mapping(template, trainable, non_trainable)):
+            for output, whole, layer in zip(tf.nest.flatten(outputs), tf.nest.flatten(population), layers):
+                batch_mean, batch_variance = group_moments(output, layer.axis,
+                                                           getattr(layer, "virtual_batch_size", None))
+                mean, variance, mean_se2, variance_se2 = population_moments(whole, layer.axis)
+                moving_mean = tf.cast(layer.moving_mean.value, tf.float32)
+                moving_variance = tf.cast(layer.moving_variance.value, tf.float32)
+                scale = variance + layer.epsilon
+
+                def error(deviation_sq, noise_sq, units):
+                    return tf.sqrt(tf.maximum(tf.reduce_mean((deviation_sq - noise_sq) / units), 0.0))
+
+                def resolution(noise_sq, units):
+                    return tf.sqrt(tf.reduce_mean(noise_sq / units))
+
+                rows.append(tf.stack([
+                    error(tf.reduce_mean(tf.square(batch_mean - mean), 0), mean_se2, scale),
+                    error(tf.reduce_mean(tf.square(batch_variance - variance), 0), variance_se2, tf.square(scale)),
+                    error(tf.square(moving_mean - mean), mean_se2, scale),
+                    error(tf.square(moving_variance - variance), variance_se2, tf.square(scale)),
+                    tf.reduce_mean(moving_mean), tf.reduce_min(moving_mean), tf.reduce_max(moving_mean),
+                    tf.reduce_mean(moving_variance), tf.reduce_min(moving_variance), tf.reduce_max(moving_variance),
+                    resolution(mean_se2, scale), resolution(variance_se2, tf.square(scale)),
+                    resolution(mean_se2, scale), resolution(variance_se2, tf.square(scale)),
+                ]))
+                means.append(moving_mean)
+                variances.append(moving_variance)
+        return tf.stack(rows), tf.concat(means, 0), tf.concat(variances, 0)
+
+    return measure

@@ -52,7 +52,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from callbacks import shared_traces
+import callbacks.shared_traces as shared_traces
 from callbacks.noise_estimates import quantile
 from callbacks.timing import call
 

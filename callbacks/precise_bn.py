@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from callbacks import shared_traces
+import callbacks.shared_traces as shared_traces
 from callbacks.checked_io import check_positive_int
 from models.norm import virtual_batches
 

@@ -139,6 +139,30 @@ def test_errors_match_numpy_and_leave_moving_statistics_alone(batch, sample):
     assert callback.history["ghost"][-1]["moving_mean_drift"] == 0.0
 
 
+def test_a_second_model_of_the_architecture_traces_nothing_and_measures_its_own_weights(batch, sample):
+    """A sweep's next run builds a new model of the same architecture: the measuring function traced for the first
+    (callbacks/shared_traces.py) must read the second model's weights and moving statistics, not the first's."""
+    population = tf.data.Dataset.from_tensor_slices(sample).batch(16)
+    rows = []
+    for shift in (0.0, 0.8):
+        model = small_model()
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.moving_mean.assign(layer.moving_mean.numpy() + shift)
+        callback = BatchNormStatistics(tf.data.Dataset.from_tensors((batch, np.zeros(10, "int32"))), every_n_steps=1,
+                                       population=population)
+        callback.set_model(model)
+        callback.on_train_begin()
+        model.optimizer.iterations.assign_add(1)
+        callback.on_train_batch_end(0, {})
+        expected = numpy_errors(model, batch, sample)
+        for name in ("bn", "ghost"):
+            np.testing.assert_allclose([callback.history[name][-1][key] for key in ERRORS], expected[name], rtol=1e-3)
+        rows.append([callback.history["bn"][-1][key] for key in ERRORS])
+    assert callback.phase_seconds.get("tracing", 0.0) == 0.0 and callback.phase_seconds["execution"] > 0
+    assert not np.allclose(rows[0], rows[1], rtol=0.05)  # the two models' errors differ: not the first's weights
+
+
 def test_fit_writes_tensorboard_and_tables(tmp_path, batch):
     model = small_model()
     x = np.concatenate([batch] * 4)
