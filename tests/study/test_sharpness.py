@@ -175,7 +175,8 @@ def test_tiny_sweep_reports_sharpness_and_the_loss_line(tmp_path, monkeypatch):
         text = f.read()
     for question in sharpness.QUESTIONS.values():
         assert question in text
-    assert "Not enough data: lambda_max at the end of training needs at least 2 seeds" in text
+    assert ("Not enough data: a direction of lambda_max at the end of training needs 3 batch sizes with a measurement; "
+            "this sweep has 2.") in text
     assert "Cost: the curvature measurements took" in text
     assert "![sharpness](sharpness.png)" in text and "![loss_line](loss_line.png)" in text
     assert os.path.getsize(os.path.join(out, "sharpness.png")) > 0 and os.path.getsize(os.path.join(out, "loss_line.png"))
