@@ -10,11 +10,13 @@ variable. A `tf.vectorized_map` version took ~10 s to trace for ResNet-20.
 """
 
 import contextlib
+import functools
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+import callbacks.shared_traces as shared_traces
 from callbacks.timing import call, phase
 
 
@@ -30,9 +32,6 @@ class MicroBatchGradients:
         self.model, self.b, self.timer = model, micro_batch_size, timer
         self.paths = [v.path for v in model.trainable_variables]
         self.sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
-        self._seed_states = [v.path.endswith("seed_generator_state") for v in model.non_trainable_variables]
-        # No autograph: the loop over micro-batches is an explicit tf.map_fn, the rest straight-line code.
-        self._function = tf.function(self._moments, autograph=False)
         self._traced = None
 
     def __call__(self, data, seed_offset, population=None):
@@ -45,11 +44,20 @@ class MicroBatchGradients:
             sqrt(diag(Sigma)), one array per variable (computed in the same call, converted only when asked for).
         """
         m = int(tf.nest.flatten(data)[0].shape[0]) // self.b
-        if self._traced is None:  # one trace for every M: the examples' dimension unknown
+        if self._traced is None:  # one trace for every M (the examples' dimension unknown) and every model of the
+            # architecture in this process (callbacks/shared_traces.py: a sweep's runs share it)
             specs = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), data)
-            with phase(self.timer, "tracing") if self.timer else contextlib.nullcontext():
-                self._traced = self._function.get_concrete_function(specs, tf.TensorSpec([], tf.int64))
-        arguments = (data, tf.constant(seed_offset, tf.int64))
+
+            def make(template):
+                weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables]
+                                for variables in (template.trainable_variables, template.non_trainable_variables)]
+                # No autograph: the loop over micro-batches is an explicit tf.map_fn, the rest straight-line code.
+                function = tf.function(functools.partial(_moments, template, self.b), autograph=False)
+                with phase(self.timer, "tracing") if self.timer else contextlib.nullcontext():
+                    return function.get_concrete_function(specs, tf.TensorSpec([], tf.int64), *weight_specs)
+
+            self._traced = shared_traces.shared(self.model, f"micro_batch_gradients {self.b} {specs}", make)
+        arguments = (data, tf.constant(seed_offset, tf.int64), *shared_traces.weights(self.model))
         outputs = call(self.timer, self._traced, *arguments) if self.timer else self._traced(*arguments)
         gram, mean_sq, deviation_sq, mean, deviation = outputs
         trace = self.b / (m - 1) * deviation_sq.numpy().astype(np.float64)
@@ -64,41 +72,43 @@ class MicroBatchGradients:
 
         return gram.numpy(), norm_sq, trace, per_parameter
 
-    def _moments(self, data, seed_offset):
-        model = self.model
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        split = lambda t: tf.reshape(t, [-1, self.b] + list(t.shape[1:]))  # noqa: E731
 
-        def micro_batch_gradient(inputs):
-            """The micro-batch's mean gradient, all variables flattened into one float32 vector."""
-            (xb, yb, *weights), offset = inputs
-            # Distinct dropout masks per micro-batch: shift the counter half of every seed-generator state.
-            states = [
-                value + tf.stack([tf.zeros_like(offset), offset]) if is_seed else value
-                for value, is_seed in zip(non_trainable, self._seed_states)
-            ]
-            mapping = [*zip(model.trainable_variables, trainable), *zip(model.non_trainable_variables, states)]
-            with tf.GradientTape() as tape:
-                tape.watch(trainable)
-                with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
-                    y_pred = model(xb, training=True)
-                    loss = model.compute_loss(xb, yb, y_pred, weights[0] if weights else None, training=True)
-            gradients = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in gradients], 0)
+def _moments(model, b: int, data, seed_offset, trainable, non_trainable):
+    """The micro-batch gradients' Gram matrix and moments (MicroBatchGradients) of `model` (a template, shared by
+    the models of its architecture) at the given weights."""
+    sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
+    seed_states = [v.path.endswith("seed_generator_state") for v in model.non_trainable_variables]
+    split = lambda t: tf.reshape(t, [-1, b] + list(t.shape[1:]))  # noqa: E731
 
-        parts = tf.nest.map_structure(split, data)
-        offsets = seed_offset + tf.range(tf.shape(tf.nest.flatten(parts)[0])[0], dtype=tf.int64)
-        gradients = tf.map_fn(micro_batch_gradient, (parts, offsets), parallel_iterations=2,
-                              fn_output_signature=tf.TensorSpec([sum(self.sizes)], tf.float32))
-        # On the flat (M, parameters) matrix: a few ops instead of a few per variable (the runtime's cost per op
-        # is what a small model's measurement spends most on).
-        mean = tf.reduce_mean(gradients, axis=0)
-        deviation = tf.reduce_sum(tf.square(gradients - mean), axis=0)
-        variable_of = tf.constant(np.repeat(np.arange(len(self.sizes), dtype=np.int32), self.sizes))
-        mean_sq = tf.math.unsorted_segment_sum(tf.square(mean), variable_of, len(self.sizes))
-        deviation_sq = tf.math.unsorted_segment_sum(deviation, variable_of, len(self.sizes))
-        # The Gram matrix in float64: tr(Sigma) is a difference of its entries, which float32 would round away
-        # when the noise is far below the signal.
-        flat = tf.cast(gradients, tf.float64)
-        return tf.matmul(flat, flat, transpose_b=True), mean_sq, deviation_sq, mean, deviation
+    def micro_batch_gradient(inputs):
+        """The micro-batch's mean gradient, all variables flattened into one float32 vector."""
+        (xb, yb, *weights), offset = inputs
+        # Distinct dropout masks per micro-batch: shift the counter half of every seed-generator state.
+        states = [
+            value + tf.stack([tf.zeros_like(offset), offset]) if is_seed else value
+            for value, is_seed in zip(non_trainable, seed_states)
+        ]
+        mapping = [*zip(model.trainable_variables, trainable), *zip(model.non_trainable_variables, states)]
+        with tf.GradientTape() as tape:
+            tape.watch(trainable)
+            with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
+                y_pred = model(xb, training=True)
+                loss = model.compute_loss(xb, yb, y_pred, weights[0] if weights else None, training=True)
+        gradients = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in gradients], 0)
+
+    parts = tf.nest.map_structure(split, data)
+    offsets = seed_offset + tf.range(tf.shape(tf.nest.flatten(parts)[0])[0], dtype=tf.int64)
+    gradients = tf.map_fn(micro_batch_gradient, (parts, offsets), parallel_iterations=2,
+                          fn_output_signature=tf.TensorSpec([sum(sizes)], tf.float32))
+    # On the flat (M, parameters) matrix: a few ops instead of a few per variable (the runtime's cost per op
+    # is what a small model's measurement spends most on).
+    mean = tf.reduce_mean(gradients, axis=0)
+    deviation = tf.reduce_sum(tf.square(gradients - mean), axis=0)
+    variable_of = tf.constant(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
+    mean_sq = tf.math.unsorted_segment_sum(tf.square(mean), variable_of, len(sizes))
+    deviation_sq = tf.math.unsorted_segment_sum(deviation, variable_of, len(sizes))
+    # The Gram matrix in float64: tr(Sigma) is a difference of its entries, which float32 would round away
+    # when the noise is far below the signal.
+    flat = tf.cast(gradients, tf.float64)
+    return tf.matmul(flat, flat, transpose_b=True), mean_sq, deviation_sq, mean, deviation

@@ -4,7 +4,9 @@ An instrument's @timed methods add up to its `seconds`. Inside them, `call(instr
 of its compiled functions and files the call's time under a phase:
 
 - "tracing": a call that traced the function (its tracing count rose) or ran a concrete function for the first time
-  (the runtime then instantiates and optimizes the graph): one-time costs, however many measurements follow;
+  in this process (the runtime then instantiates and optimizes the graph; a concrete function shared by the models
+  of one architecture, callbacks/shared_traces.py, is instantiated once): one-time costs, however many
+  measurements follow;
 - "execution": every other call of a compiled function, i.e. the measuring itself.
 
 The rest of a @timed method's time is "other" (drawing the examples, the records, TensorBoard). `phases(instruments)`
@@ -18,10 +20,12 @@ measurable per call, where op dispatch rather than arithmetic dominates. The tra
 import contextlib
 import functools
 import time
+import weakref
 
 import tensorflow as tf
 
 PHASES = ("tracing", "execution", "other")
+_INSTANTIATED = weakref.WeakSet()  # the concrete functions called so far in this process
 
 
 def timed(method):
@@ -51,13 +55,13 @@ def call(instrument, function, *args):
     """
     counts = getattr(function, "experimental_get_tracing_count", None)
     before = counts() if counts else None
-    first = counts is None and id(function) not in _called(instrument)
+    first = counts is None and function not in _INSTANTIATED
     started = time.perf_counter()
     with _without_rewrites():
         result = function(*args)
     elapsed = time.perf_counter() - started
     if counts is None:
-        _called(instrument).add(id(function))
+        _INSTANTIATED.add(function)
     _add(instrument, "tracing" if first or (counts and counts() > before) else "execution", elapsed)
     return result
 
@@ -110,7 +114,3 @@ def _add(instrument, phase, seconds):
 def _filed(instrument) -> float:
     own = instrument.__dict__.get("phase_seconds", {})
     return own.get("tracing", 0.0) + own.get("execution", 0.0)
-
-
-def _called(instrument) -> set:
-    return instrument.__dict__.setdefault("_concrete_functions_called", set())

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import callbacks.shared_traces as shared_traces
 from callbacks import epoch_logs, gradient_stats, noise_estimates
 
 
@@ -68,24 +69,32 @@ def _brute_force(per_example, ddof):
 
 
 def test_per_example_estimates_match_softmax_regression_brute_force():
+    # Two models of one architecture: the second reuses the first's traced function (callbacks/shared_traces.py, as
+    # a sweep's next run does) and must measure its own weights.
     x, y = _softmax_data(1024)
-    model = _softmax_regression(10, 3)
-    truth = _brute_force(_softmax_per_example_gradients(model, x, y), ddof=1)
-    # b = 1 on all N examples: tr(Sigma) is the sample covariance trace, and |G|^2 is |mean gradient|^2 debiased by
-    # tr(Sigma) / N, which is below 3% of it here, so it matches the mean gradient of the N examples within 5%.
-    stats = gradient_stats.estimate(model, x, y, micro_batch_size=1)
-    norm_sq, trace = truth["total"]
-    assert trace / len(x) < 0.03 * norm_sq
-    assert stats["grad/trace_cov"] == pytest.approx(trace, rel=1e-3)
-    assert stats["grad/norm_sq"] == pytest.approx(norm_sq, rel=0.05)
-    assert stats["grad/noise_scale"] == pytest.approx(trace / norm_sq, rel=0.05)
-    assert stats["grad/batch_std"] == pytest.approx(math.sqrt(trace / len(x)), rel=1e-3)
-    for path, values in stats["variables"].items():
-        mean_sq, variance = truth[path]
-        assert variance / len(x) < 0.03 * mean_sq
-        assert values["trace_cov"] == pytest.approx(variance, rel=1e-3)
-        assert values["norm_sq"] == pytest.approx(mean_sq, rel=0.05)
-        assert values["noise_scale"] == pytest.approx(variance / mean_sq, rel=0.05)
+    norms = []
+    first, second = _softmax_regression(10, 3), _softmax_regression(10, 3)
+    second.set_weights([3.0 * w for w in first.get_weights()])
+    for model in (first, second):
+        truth = _brute_force(_softmax_per_example_gradients(model, x, y), ddof=1)
+        # b = 1 on all N examples: tr(Sigma) is the sample covariance trace, and |G|^2 is |mean gradient|^2 debiased
+        # by tr(Sigma) / N, which is below 3% of it here, so it matches the mean gradient of the N examples within 5%.
+        stats = gradient_stats.estimate(model, x, y, micro_batch_size=1)
+        norm_sq, trace = truth["total"]
+        assert trace / len(x) < 0.03 * norm_sq
+        assert stats["grad/trace_cov"] == pytest.approx(trace, rel=1e-3)
+        assert stats["grad/norm_sq"] == pytest.approx(norm_sq, rel=0.05)
+        assert stats["grad/noise_scale"] == pytest.approx(trace / norm_sq, rel=0.05)
+        assert stats["grad/batch_std"] == pytest.approx(math.sqrt(trace / len(x)), rel=1e-3)
+        for path, values in stats["variables"].items():
+            mean_sq, variance = truth[path]
+            assert variance / len(x) < 0.03 * mean_sq
+            assert values["trace_cov"] == pytest.approx(variance, rel=1e-3)
+            assert values["norm_sq"] == pytest.approx(mean_sq, rel=0.05)
+            assert values["noise_scale"] == pytest.approx(variance / mean_sq, rel=0.05)
+        norms.append((norm_sq, trace))
+    assert abs(norms[0][1] - norms[1][1]) > 0.1 * norms[0][1]  # the traces differ far beyond the 1e-3 checked
+    assert _traced_functions(model, 1) == 1
 
 
 def test_micro_batch_estimates_match_softmax_regression_brute_force():
@@ -195,6 +204,14 @@ def _image_data(examples, seed=4):
     return x, y
 
 
+def _traced_functions(model, micro_batch_size) -> int:
+    """How many micro-batch gradient functions of this micro-batch size the process holds for `model`'s
+    architecture (callbacks/shared_traces.py)."""
+    key = shared_traces.architecture_key(model)
+    return sum(name.startswith(f"micro_batch_gradients {micro_batch_size} ") and architecture == key
+               for name, architecture in shared_traces._SHARED)
+
+
 @pytest.mark.parametrize("micro_batches, micro_batch_size, measurements", [(64, 4, 16), (4, 16, 64)])
 def test_mini_batch_gradient_std_matches_many_real_mini_batches(micro_batches, micro_batch_size, measurements):
     x, y = _image_data(1024)
@@ -221,7 +238,7 @@ def test_mini_batch_gradient_std_matches_many_real_mini_batches(micro_batches, m
     steps = index[: 32 * (measurements - 1)]
     model.fit(x[steps], y[steps], batch_size=32, callbacks=[callback], verbose=0)
     assert len(callback.history) == measurements  # step 0 and one per step
-    assert callback._gradients._function.experimental_get_tracing_count() == 1
+    assert _traced_functions(model, micro_batch_size) == 1  # one for every number of micro-batches
     trace = np.mean([record["grad/trace_cov"] for record in callback.history])
     for batch, std in measured.items():
         assert math.sqrt(trace / batch) == pytest.approx(std, rel=0.15), batch
@@ -314,7 +331,7 @@ def test_keys_reach_later_callbacks_csv_jsonl_and_tensorboard(tmp_path):
     for key in ("grad/noise_scale", "grad/noise_scale_smoothed", "grad/norm_sq"):
         assert (key in tags) == any(record.get(key) is not None for record in records), key
     assert f"grad_variables/{kernel}/snr" in tags
-    assert callback._gradients._function.experimental_get_tracing_count() == 1
+    assert _traced_functions(model, 16) == 1  # one for every number of micro-batches
 
 
 def test_epochs_without_a_new_measurement_report_none(tmp_path):

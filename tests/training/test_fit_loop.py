@@ -56,7 +56,8 @@ def test_smoke_run_completes_and_writes_everything(smoke_run):
     assert summary.instrument_time_s == pytest.approx(sum(l["instrument_time_s"] for l in lines))
     # What it is made of, per instrument and phase so far (callbacks.timing), adds up to the epochs' measuring time.
     phases = lines[-1]["instrument_phases_s"]
-    assert {"GradientStatistics", "BatchNormStatistics"} <= set(phases) and phases["GradientStatistics"]["tracing"] > 0
+    assert {"GradientStatistics", "BatchNormStatistics"} <= set(phases) and phases["GradientStatistics"]["execution"] > 0
+    # (Its tracing may be 0: a model of this architecture measured earlier in this process traced the function.)
     assert sum(sum(by_phase.values()) for by_phase in phases.values()) == pytest.approx(
         sum(l["instrument_time_s"] for l in lines))
     for l in lines[1:]:
