@@ -303,8 +303,9 @@ def _measure_function(template: keras.Model, specs):
         with keras.StatelessScope(state_mapping=shared_traces.template_mapping(template, trainable, non_trainable)):
             return side(x, training=True)
 
-    # No autograph: the loop over layers is Python, unrolled once at tracing (autograph spent seconds on it).
-    @tf.function(autograph=False)
+    # No autograph: the loop over layers is Python, unrolled once at tracing (autograph spent seconds on it). Any
+    # number of examples in the batch and the sample: one trace for every training batch size.
+    @tf.function(input_signature=[specs, specs, *weight_specs], autograph=False)
     def measure(x, sample, trainable, non_trainable):
         outputs, population = inputs(x, trainable, non_trainable), inputs(sample, trainable, non_trainable)
         rows, means, variances = [], [], []

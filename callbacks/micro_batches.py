@@ -3,8 +3,8 @@
 The model and its compiled loss run in one `keras.StatelessScope` (the mechanism of `Model.stateless_call`; one
 scope so that compute_loss also sees the layers' add_loss and regularization losses), which discards
 BatchNormalization moving statistics, dropout seed state and metric updates; the optimizer is never called.
-The micro-batches go through a `tf.map_fn` while loop, traced once for any number M of them (the examples' first
-dimension is left unknown in the trace), so that a measurement can choose M after a pilot without a new trace.
+The micro-batches go through a `tf.map_fn` while loop, traced once for any number M of them and any size b (the
+examples' first dimension and b are left unknown in the trace), so that a measurement can choose M after a pilot without a new trace.
 The statistics are computed on the flattened (M, parameters) gradient matrix, a few ops rather than a few per
 variable. A `tf.vectorized_map` version took ~10 s to trace for ResNet-20.
 """
@@ -52,12 +52,14 @@ class MicroBatchGradients:
                 weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables]
                                 for variables in (template.trainable_variables, template.non_trainable_variables)]
                 # No autograph: the loop over micro-batches is an explicit tf.map_fn, the rest straight-line code.
-                function = tf.function(functools.partial(_moments, template, self.b), autograph=False)
+                function = tf.function(functools.partial(_moments, template), autograph=False)
                 with phase(self.timer, "tracing") if self.timer else contextlib.nullcontext():
-                    return function.get_concrete_function(specs, tf.TensorSpec([], tf.int64), *weight_specs)
+                    return function.get_concrete_function(specs, tf.TensorSpec([], tf.int64),
+                                                          tf.TensorSpec([], tf.int32), *weight_specs)
 
-            self._traced = shared_traces.shared(self.model, f"micro_batch_gradients {self.b} {specs}", make)
-        arguments = (data, tf.constant(seed_offset, tf.int64), *shared_traces.weights(self.model))
+            self._traced = shared_traces.shared(self.model, f"micro_batch_gradients {specs}", make)
+        arguments = (data, tf.constant(seed_offset, tf.int64), tf.constant(self.b, tf.int32),
+                     *shared_traces.weights(self.model))
         outputs = call(self.timer, self._traced, *arguments) if self.timer else self._traced(*arguments)
         gram, mean_sq, deviation_sq, mean, deviation = outputs
         trace = self.b / (m - 1) * deviation_sq.numpy().astype(np.float64)
@@ -73,9 +75,10 @@ class MicroBatchGradients:
         return gram.numpy(), norm_sq, trace, per_parameter
 
 
-def _moments(model, b: int, data, seed_offset, trainable, non_trainable):
+def _moments(model, data, seed_offset, b, trainable, non_trainable):
     """The micro-batch gradients' Gram matrix and moments (MicroBatchGradients) of `model` (a template, shared by
-    the models of its architecture) at the given weights."""
+    the models of its architecture) at the given weights, for micro-batches of b examples (a tensor: one trace for
+    every b)."""
     sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
     seed_states = [v.path.endswith("seed_generator_state") for v in model.non_trainable_variables]
     split = lambda t: tf.reshape(t, [-1, b] + list(t.shape[1:]))  # noqa: E731
