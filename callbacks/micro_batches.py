@@ -4,7 +4,8 @@ The model and its compiled loss run in one `keras.StatelessScope` (the mechanism
 scope so that compute_loss also sees the layers' add_loss and regularization losses), which discards
 BatchNormalization moving statistics, dropout seed state and metric updates; the optimizer is never called.
 The micro-batches go through a `tf.map_fn` while loop, traced once for any number M of them and any size b (the
-examples' first dimension and b are left unknown in the trace), so that a measurement can choose M after a pilot without a new trace.
+examples' first dimension and b are left unknown in the trace), so that a measurement can choose M after a pilot
+without a new trace.
 The statistics are computed on the flattened (M, parameters) gradient matrix, a few ops rather than a few per
 variable. A `tf.vectorized_map` version took ~10 s to trace for ResNet-20.
 """

@@ -59,7 +59,8 @@ def architecture_key(model) -> str | None:
     if (kind.__module__, kind.__name__) not in _SHAREABLE:
         return None
     try:
-        described = [kind.__name__, model.get_config(), keras.saving.serialize_keras_object(getattr(model, "loss", None))]
+        loss = keras.saving.serialize_keras_object(getattr(model, "loss", None))
+        described = [kind.__name__, model.get_config(), loss]
     except (NotImplementedError, TypeError, ValueError):
         return None
     names = {layer.name: f"#layer{i}" for i, layer in enumerate(model._flatten_layers(include_self=True))}
