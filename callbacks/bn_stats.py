@@ -293,8 +293,7 @@ def _measure_function(template: keras.Model, specs):
     pairs = batch_norm_inputs(template)
     layers = [layer for layer, _ in pairs]
     side = side_model(template, [tensor for _, tensor in pairs])
-    weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables]
-                    for variables in (template.trainable_variables, template.non_trainable_variables)]
+    weight_specs = shared_traces.weight_specs(template)
 
     @tf.function(input_signature=[specs, *weight_specs], autograph=False)
     def inputs(x, trainable, non_trainable):

@@ -50,8 +50,7 @@ class MicroBatchGradients:
             specs = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), data)
 
             def make(template):
-                weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables]
-                                for variables in (template.trainable_variables, template.non_trainable_variables)]
+                weight_specs = shared_traces.weight_specs(template)
                 # No autograph: the loop over micro-batches is an explicit tf.map_fn, the rest straight-line code.
                 function = tf.function(functools.partial(_moments, template), autograph=False)
                 with phase(self.timer, "tracing") if self.timer else contextlib.nullcontext():
@@ -92,7 +91,7 @@ def _moments(model, data, seed_offset, b, trainable, non_trainable):
             value + tf.stack([tf.zeros_like(offset), offset]) if is_seed else value
             for value, is_seed in zip(non_trainable, seed_states)
         ]
-        mapping = [*zip(model.trainable_variables, trainable), *zip(model.non_trainable_variables, states)]
+        mapping = shared_traces.template_mapping(model, trainable, states)
         with tf.GradientTape() as tape:
             tape.watch(trainable)
             with keras.StatelessScope(state_mapping=mapping, collect_losses=True):

@@ -267,8 +267,7 @@ def _level_functions(model: keras.Model, pairs: list, example_batch) -> list[tup
 def _moments_function(template: keras.Model, side: keras.Model, layers: list, signature):
     """A compiled (x, trainable, non-trainable weights of the template) -> [(count, mean, M2) per layer] of the inputs
     `side` (made of the template's layers) computes in inference mode at those weights."""
-    weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables]
-                    for variables in (template.trainable_variables, template.non_trainable_variables)]
+    weight_specs = shared_traces.weight_specs(template)
 
     @tf.function(input_signature=[signature, *weight_specs])
     def moments(x, trainable, non_trainable):

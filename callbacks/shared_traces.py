@@ -47,6 +47,12 @@ def weights(model) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
             [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables])
 
 
+def weight_specs(template) -> list[list[tf.TensorSpec]]:
+    """The input signature of `weights(model)` for a model of `template`'s architecture."""
+    return [[tf.TensorSpec(v.shape, v.dtype) for v in variables]
+            for variables in (template.trainable_variables, template.non_trainable_variables)]
+
+
 def template_mapping(template, trainable, non_trainable) -> list:
     """The StatelessScope state mapping that makes `template`'s variables read as the given values."""
     return [*zip(template.trainable_variables, trainable), *zip(template.non_trainable_variables, non_trainable)]
