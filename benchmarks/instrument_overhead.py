@@ -4,14 +4,16 @@ Usage: python benchmarks/instrument_overhead.py [--model resnet20] [--dataset di
                                                 [--rounds 2]
        --dataset synthetic:32x32x3 trains on 2048 random images of that shape (CIFAR-sized, for timing only).
        python benchmarks/instrument_overhead.py --default-run [--rounds 2] [--grad-stats-every N]
-       runs the README's default run (`python -m pipeline.train --batch 32`, through train()) with the default
-       instruments and with --grad-stats-every 0 --bn-stats-every 0 --no-dynamics, alternating, and prints the wall
-       time ratio (tracing, precise BN, evaluation and export included) and the instruments' own timer as a share
-       of the training epochs, split per instrument and phase (tracing, execution, other: callbacks/timing.py).
+       runs the README's default run (`python -m pipeline.train --batch 32`) with the default instruments and with
+       --grad-stats-every 0 --bn-stats-every 0 --no-dynamics, each a fresh process, alternating in pairs after an
+       uncounted warm-up pair, and prints the median pair's wall time ratio (tracing, precise BN, evaluation and
+       export included) and the instruments' own timer as a share of the training epochs, split per instrument and
+       phase (tracing, execution, other: callbacks/timing.py).
 
-All variants train the same model on the same data in one process. Plain fit runs before the first variant and
-after every variant, so that each variant is compared with the plain runs next to it: these VMs drift by 10-20%
-over minutes, more than the effects measured. Columns:
+All variants train the same model on the same data in one process (so the instruments' traced functions, shared by
+the models of one architecture, callbacks/shared_traces.py, are traced by the first variant that uses each). Plain
+fit runs before the first variant and after every variant, so that each variant is compared with the plain runs next
+to it: these VMs drift by 10-20% over minutes, more than the effects measured. Columns:
   epoch s     mean epoch time over the epochs after the first, measurements included (the first epoch holds the
               one-time tracing of the train step, and of the instruments, which measure once at step 0);
   ratio       that mean over the mean of the plain runs just before and just after it, averaged over rounds
@@ -41,6 +43,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline import config as config_lib  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OFF = dict(grad_stats_every=0, bn_stats_every=0, dynamics=False)
 # name: (Config overrides, micro-batches per gradient measurement or None for the default of 1024 examples)
@@ -151,64 +155,93 @@ def main(argv=None) -> int:
 
 
 def default_run(rounds: int, grad_stats_every: int = -1) -> int:
-    """Wall time of the default run with and without the instruments, alternating, in one process; and whether each
-    gradient measurement after step 0 determined B_simple or bounded it from below."""
+    """Wall time of the default run with and without the instruments, each a fresh `python -m pipeline.train`
+    process, alternating, after one uncounted warm-up pair; and whether each gradient measurement after step 0
+    determined B_simple or bounded it from below.
+
+    Fresh processes, as a user runs it: in one process the runs after the first would find the instruments' traced
+    functions already made (callbacks/shared_traces.py shares them between models of one architecture) and show less
+    than a run pays. The ratio is taken pair by pair (the machine's drift over minutes falls mostly outside it) and
+    summarized by the median pair; the shares are each run's own clocks (summary.json, metrics.jsonl)."""
     import json
+    import subprocess
 
     from benchmarks import results
-    from pipeline import train
-
     from pipeline import rundir
 
     recorder = results.Recorder("instrument_overhead_default_run")
-    walls, shares, rows, said, parts = {"instruments": [], "off": []}, [], [], [], []
+    off_flags = ["--grad-stats-every", "0", "--bn-stats-every", "0", "--no-dynamics"]
+    on_flags = ["--grad-stats-every", str(grad_stats_every)]
+    pairs, shares, rows, said, parts, warmup = [], [], [], [], [], None
     with tempfile.TemporaryDirectory() as scratch:
-        for round_ in range(rounds):
-            for name, overrides in (("off", OFF), ("instruments", dict(grad_stats_every=grad_stats_every))):
+        for round_ in range(rounds + 1):  # round 0 warms the file cache and is not counted
+            pair = {}
+            for name, flags in (("off", off_flags), ("instruments", on_flags)):
                 run_dir = os.path.join(scratch, f"{name}-{round_}")
-                config = dataclasses.replace(config_lib.Config(), batch=32, verbose=0, **overrides, run_dir=run_dir)
+                command = [sys.executable, "-m", "pipeline.train", "--batch", "32", *flags, "--run-dir", run_dir]
                 started = time.perf_counter()
-                summary = train.train(config)
-                walls[name].append(time.perf_counter() - started)
-                row = {"variant": name, "wall_s": walls[name][-1], "train_s": summary.train_time_s,
-                       "measuring_s": summary.instrument_time_s, "test_accuracy": summary.test_accuracy}
-                if name == "instruments":
-                    shares.append(summary.instrument_time_s / summary.train_time_s)
-                    # The last epoch's record holds the whole run's split (callbacks.timing.phases).
-                    split = rundir.read_history(run_dir)[-1]["instrument_phases_s"]
-                    parts.append({f"{instrument}/{phase}": seconds / summary.train_time_s
-                                  for instrument, by_phase in split.items() for phase, seconds in by_phase.items()})
-                    row["instrument_phases_s"] = split
-                    with open(os.path.join(run_dir, "grad_stats.jsonl")) as f:
-                        records = [json.loads(line) for line in f]
-                    row["measurements"] = [
-                        {"step": r["step"], "examples": r["examples"], "noise_scale": r["grad/noise_scale"],
-                         "lo": r["grad/noise_scale_lo"], "hi": r["grad/noise_scale_hi"]} for r in records]
-                    said += ["determined" if r["grad/noise_scale"] is not None else
-                             "bounded" if r["grad/noise_scale_lo"] is not None else "nothing"
-                             for r in records if r["step"] > 0]
-                rows.append(row)
-                print(f"{name:12s} wall {walls[name][-1]:6.1f} s, training epochs {summary.train_time_s:6.1f} s, "
-                      f"measuring {summary.instrument_time_s:5.2f} s, test accuracy {summary.test_accuracy:.4f}",
-                      flush=True)
-    ratio = statistics.mean(walls["instruments"]) / statistics.mean(walls["off"])
-    share = statistics.mean(shares)
-    split = {key: statistics.mean(part[key] for part in parts) for key in parts[0]}
-    determined, bounded = said.count("determined"), said.count("bounded")
-    print(f"default run, {rounds} round(s): wall time with instruments / without = {ratio:.3f}x; instruments' own "
-          f"timer = {share:.1%} of the training epochs (tracing and the step-0 measurements included); "
-          f"of {len(said)} gradient measurements after step 0, {determined} determined B_simple and {bounded} "
-          f"bounded it")
-    print("the instruments' timer by instrument and phase, as a share of the training epochs:")
+                subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wall = time.perf_counter() - started
+                with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+                    summary = json.load(f)
+                row = {"round": round_, "variant": name, "wall_s": wall, "run_wall_s": summary["wall_time_s"],
+                       "train_s": summary["train_time_s"], "measuring_s": summary["instrument_time_s"],
+                       "test_accuracy": summary["test_accuracy"]}
+                pair[name] = row
+                print(f"round {round_}{' (warm-up)' if not round_ else ''} {name:12s} wall {wall:6.1f} s, training "
+                      f"epochs {row['train_s']:6.1f} s, measuring {row['measuring_s']:5.2f} s, test accuracy "
+                      f"{row['test_accuracy']:.4f}", flush=True)
+                if name != "instruments":
+                    continue
+                # The last epoch's record holds the whole run's split (callbacks.timing.phases).
+                row["instrument_phases_s"] = split = rundir.read_history(run_dir)[-1]["instrument_phases_s"]
+                with open(os.path.join(run_dir, "grad_stats.jsonl"), encoding="utf-8") as f:
+                    records = [json.loads(line) for line in f]
+                row["measurements"] = [
+                    {"step": r["step"], "examples": r["examples"], "noise_scale": r["grad/noise_scale"],
+                     "lo": r["grad/noise_scale_lo"], "hi": r["grad/noise_scale_hi"]} for r in records]
+                if not round_:
+                    continue
+                shares.append(row["measuring_s"] / row["train_s"])
+                parts.append({f"{instrument}/{phase}": seconds / row["train_s"]
+                              for instrument, by_phase in split.items() for phase, seconds in by_phase.items()})
+                said += [verdict(r) for r in records if r["step"] > 0]
+            pair["ratio"] = pair["instruments"]["wall_s"] / pair["off"]["wall_s"]
+            rows += [pair["off"], pair["instruments"]]
+            if round_:
+                pairs.append(pair["ratio"])
+            else:
+                warmup = pair["ratio"]
+    ratio, share = statistics.median(pairs), statistics.median(shares)
+    split = {key: statistics.median(part[key] for part in parts) for key in parts[0]}
+    determined, bounded, upper = said.count("determined"), said.count("bounded"), said.count("upper bound")
+    print(f"default run, {rounds} pair(s) of fresh processes: wall time with instruments / without = median "
+          f"{ratio:.3f}x (pairs {', '.join(f'{p:.3f}' for p in pairs)}; warm-up pair {warmup:.3f}); instruments' own "
+          f"timer = median {share:.1%} of the training epochs (tracing and the step-0 measurements included); of "
+          f"{len(said)} gradient measurements after step 0, {determined} determined B_simple, {bounded} bounded it "
+          f"from below, {upper} only from above")
+    print("the instruments' timer by instrument and phase, as a share of the training epochs (median over runs):")
     for key, value in sorted(split.items(), key=lambda item: -item[1]):
         print(f"  {key:40s} {value:6.1%}")
-    recorder.write(rounds=rows, summary={"wall_ratio": ratio, "measuring_share": share,
+    recorder.write(rounds=rows, summary={"wall_ratio": ratio, "wall_ratios": pairs, "warmup_wall_ratio": warmup,
+                                         "measuring_share": share, "measuring_shares": shares,
                                          "measuring_share_by_phase": split,
-                                         "said_something": determined + bounded, "determined": determined,
-                                         "bounded": bounded, "measurements_after_step_0": len(said),
+                                         "said_something": determined + bounded + upper, "determined": determined,
+                                         "bounded": bounded, "upper_bound_only": upper,
+                                         "measurements_after_step_0": len(said),
                                          "goals_met": ratio <= 1.10 and share <= 0.10 and "nothing" not in said},
-                   settings={"rounds": rounds, "grad_stats_every": grad_stats_every})
+                   settings={"rounds": rounds, "grad_stats_every": grad_stats_every, "processes": "fresh"})
     return 0
+
+
+def verdict(record: dict) -> str:
+    """What a gradient measurement says of B_simple: "determined" (a finite interval), "bounded" (from below),
+    "upper bound" (only an upper end: tr(Sigma) not resolved, |G|^2 resolved) or "nothing"."""
+    if record["grad/noise_scale"] is not None and record["grad/noise_scale_lo"] is not None:
+        return "determined"
+    if record["grad/noise_scale_lo"] is not None:
+        return "bounded"
+    return "upper bound" if record["grad/noise_scale_hi"] is not None else "nothing"
 
 
 def synthetic(spec: str, directory: str) -> str:
