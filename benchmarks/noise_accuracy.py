@@ -1,11 +1,13 @@
 """Accuracy of the gradient statistics on least squares, where the truth is exact at every measured step.
 
-Usage: python benchmarks/noise_accuracy.py [--every 5] [--epochs 5] [--budget 0]
+Usage: python benchmarks/noise_accuracy.py [--every 5] [--epochs 5] [--budget 0] [--max-examples M]
 
 Linear regression y = x . w* + noise on N = 4096 examples (16 features), trained by SGD (lr 0.02) at batch 64 with
 the mean squared error and measured by callbacks.GradientStatistics every --every steps with its defaults
 (--budget: its budget_fraction, 0 for none: at every 5 steps a tenth of the examples trained would hold every
-measurement to its pilot). Per-example gradients are 2 (x . w - y) x, so tr(Sigma), |G|^2 and B_simple of the
+measurement to its pilot; --max-examples: its max_examples, whose default exceeds the split, so that every
+measurement takes the whole split: below N = 4096, e.g. 4032, the measurements are sized by pilots, drawn without
+replacement, and |G|^2's error carries the finite-population factor). Per-example gradients are 2 (x . w - y) x, so tr(Sigma), |G|^2 and B_simple of the
 training split at the measured weights are exact (NumPy). Prints, and writes to benchmarks/results/noise_accuracy.json,
 the ratios of the reported values to the truth at steps 10, 30 and 300, and how often the 95% intervals hold the
 truth over the run. Goals (issue "every measurement says something"): |G|^2 and B_simple within 2x at those steps (or
@@ -43,8 +45,11 @@ def exact_statistics(w, x, y) -> dict:
     return {"trace_cov": trace, "norm_sq": norm_sq, "noise_scale": trace / norm_sq}
 
 
-def run(every: int = 5, epochs: int = 5, budget_fraction: float | None = None, seed: int = 0):
-    """Trains and measures; returns (the instrument's history, {step: exact_statistics at that step's weights})."""
+def run(every: int = 5, epochs: int = 5, budget_fraction: float | None = None, seed: int = 0,
+        max_examples: int | None = None):
+    """Trains and measures; returns (the instrument's history, {step: exact_statistics at that step's weights}).
+    max_examples: the instrument's (None: its default, more than the split, so every measurement takes the whole
+    split); below N, measurements are sized by their pilots."""
     import keras
     import tensorflow as tf
 
@@ -69,10 +74,17 @@ def run(every: int = 5, epochs: int = 5, budget_fraction: float | None = None, s
                               keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
     model.compile(keras.optimizers.SGD(LR), "mse")
     examples = tf.data.Dataset.from_tensor_slices((x, y))
-    stream = examples.shuffle(N, seed=seed + 1).batch(BATCH, drop_remainder=True)
-    instrument = gradient_stats.GradientStatistics(stream, every_n_steps=every, budget_fraction=budget_fraction,
+
+    def draws(step):
+        """The measurement's examples at `step`: one pass over the split in an order of (seed, step), as the
+        pipeline's instruments draw them, so that a measurement's examples are distinct (drawn without replacement)."""
+        order = examples.shuffle(N, seed=(seed + 1) * 1_000_003 + step, reshuffle_each_iteration=False)
+        return order.batch(BATCH, drop_remainder=True)
+
+    instrument = gradient_stats.GradientStatistics(draws, every_n_steps=every, budget_fraction=budget_fraction,
                                                    population=N, population_data=examples.batch(1024),
-                                                   seed=seed + 1, histograms=False)
+                                                   seed=seed + 1, histograms=False,
+                                                   **({"max_examples": max_examples} if max_examples else {}))
     truth = Truth()
     model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=True, callbacks=[instrument, truth], verbose=0)
     return instrument.history, truth.truth
@@ -92,11 +104,12 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--budget", type=float, default=0.0, help="budget_fraction (0: none)")
+    parser.add_argument("--max-examples", type=int, default=None, help="the instrument's max_examples")
     args = parser.parse_args(argv)
-    if args.every < 1 or args.epochs < 1 or args.budget < 0:
-        parser.error("--every and --epochs must be >= 1, --budget >= 0")
-    recorder = results.Recorder("noise_accuracy")
-    history, truth = run(args.every, args.epochs, args.budget or None)
+    if args.every < 1 or args.epochs < 1 or args.budget < 0 or (args.max_examples or BATCH) < BATCH * 3:
+        parser.error(f"--every and --epochs must be >= 1, --budget >= 0, --max-examples >= {3 * BATCH}")
+    recorder = results.Recorder("noise_accuracy" + (f"-max{args.max_examples}" if args.max_examples else ""))
+    history, truth = run(args.every, args.epochs, args.budget or None, max_examples=args.max_examples)
     rounds, summary = [], {"steps": {}, "coverage": {}}
     for record in history:
         exact = truth[record["step"]]

@@ -33,10 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import math
 import os
 import re
 import sys
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -156,6 +159,53 @@ def compare(reports: list[dict]) -> dict:
             "all_b_crit_inside_rerun_intervals": all(rerun_checks) if rerun_checks else None}
 
 
+def seeds_against_reruns(reports: list[dict]) -> dict | None:
+    """Do a sweep's seeds show the spread of a rerun? The variance of log(steps to target) between the reruns' means
+    of a (norm, batch) against the within-rerun variance of its seeds over n, pooled over the groups (a one-way
+    analysis of variance per group, the groups' sums added).
+
+    Within rerun k a group has n_k seeds with mean m_k and sample variance s_k^2. If the reruns differ only as their
+    seeds do, Var(m_k) = sigma^2 / n_k, estimated by the pooled s^2 = sum (n_k - 1) s_k^2 / sum (n_k - 1), and
+    F = [sum_k n_k (m_k - m)^2 / (K - 1)] / s^2 (m the seeds' grand mean) follows F(K - 1, sum (n_k - 1)). Adding the
+    groups' numerators and denominators (with their degrees of freedom) gives one F for the sweep. F well above 1
+    means something shared by one sweep's runs and not seen in its seeds (the same validation split is shared by
+    every rerun too, so its noise is in neither term) moves the reruns apart, and intervals built from the seeds'
+    spread are too narrow for a rerun.
+
+    Returns:
+      None with fewer than 2 reruns or no group with 2 seeds in a rerun; else {"f", "dof": [between, within],
+      "p_value" (the upper tail of F under no rerun effect), "groups": {"norm b<batch>": {"f", "between_var",
+      "within_var", "reruns"}}}.
+    """
+    from scipy import stats
+
+    groups = {}
+    for k, report in enumerate(reports):
+        for run in report["runs"]:
+            if run.get("status") == "completed" and run.get("steps_to_target"):
+                key = f"{run['norm']} b{run['batch']}"
+                groups.setdefault(key, {}).setdefault(k, []).append(math.log(run["steps_to_target"]))
+    between_ss = between_dof = within_ss = within_dof = 0.0
+    per_group = {}
+    for key, by_rerun in groups.items():
+        samples = [np.asarray(v) for v in by_rerun.values()]
+        if len(samples) < 2 or not any(len(v) > 1 for v in samples):
+            continue
+        grand = np.concatenate(samples).mean()
+        b_ss = sum(len(v) * (v.mean() - grand) ** 2 for v in samples)
+        w_ss = sum(((v - v.mean()) ** 2).sum() for v in samples)
+        b_dof, w_dof = len(samples) - 1, sum(len(v) - 1 for v in samples)
+        per_group[key] = {"f": (b_ss / b_dof) / (w_ss / w_dof) if w_ss > 0 else None, "between_var": b_ss / b_dof,
+                          "within_var": w_ss / w_dof, "reruns": len(samples)}
+        between_ss, between_dof, within_ss, within_dof = (between_ss + b_ss, between_dof + b_dof,
+                                                          within_ss + w_ss, within_dof + w_dof)
+    if not per_group or within_ss <= 0:
+        return None
+    f = (between_ss / between_dof) / (within_ss / within_dof)
+    return {"f": f, "dof": [between_dof, within_dof], "p_value": float(stats.f.sf(f, between_dof, within_dof)),
+            "groups": per_group}
+
+
 def finished(sweep_dir: str, expected: int) -> bool:
     """Whether sweep_dir holds at least `expected` runs and every one is finished (completed, or failed: a result)."""
     from pipeline import rundir
@@ -221,6 +271,7 @@ def main(argv=None) -> int:
         reports.append(report)
         print(f"rerun {rerun}: {rounds[-1]['wall_s']:.0f} s wall, {rounds[-1]['cpu_s']:.0f} s CPU", flush=True)
     summary = compare(reports) if len(reports) > 1 else {}
+    summary["seeds_against_reruns"] = spread = seeds_against_reruns(reports)
     summary["wall_s"] = [r["wall_s"] for r in rounds]
     summary["cpu_s"] = [r["cpu_s"] for r in rounds]
     for key, value in summary.get("findings", {}).items():
@@ -229,6 +280,9 @@ def main(argv=None) -> int:
     print(f"verdicts consistent: {summary.get('all_verdicts_consistent')}; each B_crit inside the others' intervals: "
           f"{summary.get('all_b_crit_inside')}; inside the others' rerun intervals: "
           f"{summary.get('all_b_crit_inside_rerun_intervals')}")
+    if spread:
+        print(f"steps to target, between reruns against within (one-way ANOVA of log steps pooled over the groups): "
+              f"F = {spread['f']:.2f} on {spread['dof'][0]:.0f}, {spread['dof'][1]:.0f} dof, p = {spread['p_value']:.3f}")
     settings = {"batches": list(batches), "seeds_per_rerun": seeds, "same_seeds": args.same_seeds,
                 "reruns": args.reruns, "config": config_lib.to_dict(config)}
     print(f"result: {recorder.write(rounds=rounds, summary=summary, settings=settings)}")

@@ -18,9 +18,11 @@ are reported (the pilot is discarded, so the reported interval has its nominal c
 pilot alone, which is independent of it). The cost of a measurement, pilot included, is at most max_examples and
 budget_fraction of the examples trained since the previous measurement; a cost of at most two pilots is spent on
 one measurement of that size, fixed in advance. M is at most the training split, N // b micro-batches: with
-`population_data` such a measurement takes the whole split once, in an order drawn from (seed, step)
-("whole_split" true), and when b divides N "exact_norm_sq" is true: |G|^2 is the population's own, its interval a
-point, and B_simple's interval is tr(Sigma)'s over it (without it the M b examples come from the stream). With
+`population_data`, a measurement of that size, or whose cost covers it (then without a pilot), takes the whole
+split once, in an order drawn from (seed, step) ("whole_split" true), and when b divides N "exact_norm_sq" is true:
+|G|^2 is the population's own, its interval a point, and B_simple's interval is tr(Sigma)'s over it (without it
+the M b examples come from the stream). Short of the whole split, |G|^2's error carries the finite-population
+factor 1 - M b / N (noise_estimates). With
 `micro_batches` given, every measurement has that size (no pilot).
 
 Smoothing: the `_smoothed` keys pool the measurements of a trailing window, those at steps >= (1 - window) * s at
@@ -179,9 +181,10 @@ class GradientStatistics(NoiseRecords):
         budget_fraction: A measurement (pilot included) takes at most this fraction of the examples trained since
             the previous one (at least the pilot), or None for no such limit. A step trains one batch of the
             dataset's size (with gradient accumulation, a fraction of batch_size).
-        population: Examples in the training split that the dataset draws from without replacement, for the
-            finite-population term of |G|^2 (noise_estimates) and the largest sample; None for an endless stream
-            or draws with replacement.
+        population: Examples in the training split that the dataset draws from without replacement (a
+            measurement's examples distinct, as one pass of the split per step gives them), for the
+            finite-population terms of |G|^2 and its error (noise_estimates) and the largest sample; None for an
+            endless stream, draws with replacement, augmented draws or a dataset object read across its epochs.
         population_data: The `population` examples themselves, a finite tf.data.Dataset of (x, y) or (x, y,
             sample_weight) batches, or None. With it, a measurement that needs the whole split takes all of it
             once, in micro-batches of an order drawn from (seed, step); when the split is a whole number of
@@ -262,7 +265,7 @@ class GradientStatistics(NoiseRecords):
         previous measurement, at least the pilot, at most max_micro_batches. A cost of at most two pilots is spent
         on one measurement of that size (pilot 0), a larger one on a pilot and a measurement afresh of the size the
         pilot asks for (noise_estimates.micro_batches_needed), at most `most`: the rest of the cost, and the
-        training split.
+        training split. A cost that covers the whole split (with population_data) takes it, without a pilot.
         """
         if self.micro_batches:
             return 0, self.micro_batches
@@ -271,7 +274,8 @@ class GradientStatistics(NoiseRecords):
             trained = (step - previous_step) * self.step_examples / self.micro_batch_size
             cost = min(cost, math.floor(self.budget_fraction * trained))
         cost = max(cost, self.pilot_micro_batches)
-        if cost <= 2 * self.pilot_micro_batches:
+        if cost <= 2 * self.pilot_micro_batches or (self.population_data is not None
+                                                    and cost >= self.sample_micro_batches):
             return 0, min(cost, self.sample_micro_batches)
         return self.pilot_micro_batches, min(cost - self.pilot_micro_batches, self.sample_micro_batches)
 

@@ -19,6 +19,14 @@ the examples are drawn with replacement or from a stream). Intervals (confidence
 
 - tr(Sigma) and |G|^2: the estimate +- t_{M-1} * s.e., the standard errors and their covariance by the
   delete-one jackknife over the M micro-batches (Efron and Stein 1981; for U-statistics it is conservative).
+  Drawn without replacement, a sample of n = M b of the N examples leaves |G|^2 less to vary: the estimate is
+  |gbar|^2 - (1 - f) tr(Sigma) / n with f = n / N, whose variance shrinks by the finite-population factor
+  (1 - f) to first order (the variance of the mean gradient gbar does), down to 0 when the sample is the whole
+  population. The jackknife assumes draws from an endless stream, so |G|^2's variance and its covariance with
+  tr(Sigma) are multiplied by (1 - f), the standard correction of a jackknife under sampling without replacement
+  (Wolter 2007, "Introduction to Variance Estimation", sec. 4.3.3). tr(Sigma)'s is not: it stays random at f = 1
+  (the split into micro-batches is), so its jackknife variance is kept, which is conservative.
+  tests/callbacks/test_noise_estimates.py checks both against the sampling distribution of repeated draws.
   tr(Sigma) >= 0, so its lower end is clipped at 0.
   |G|^2 >= 0, so its lower end is clipped at 0 too; an estimate |G|^2 <= 0 is not a value (NaN, see below).
 - B_simple: Fieller's interval for a ratio of two correlated estimates (Fieller 1954): all rho with
@@ -81,7 +89,8 @@ def gram_estimates(gram, micro_batch_size: int, population: int | None = None) -
         population: Examples N the micro-batches were drawn from without replacement, or None (infinite).
 
     Returns:
-        {"trace_cov", "norm_sq", "trace_cov_se", "norm_sq_se", "covariance", "degrees_of_freedom"}.
+        {"trace_cov", "norm_sq", "trace_cov_se", "norm_sq_se", "covariance", "degrees_of_freedom",
+        "sampling_fraction": f = M b / N (0 for an endless stream)}.
     """
     gram = np.asarray(gram, np.float64)
     m = gram.shape[0]
@@ -101,6 +110,9 @@ def gram_estimates(gram, micro_batch_size: int, population: int | None = None) -
     trace_out, norm_sq_out = estimates(squares - diagonal, total - 2 * rows + diagonal, m - 1)
     deviations = np.stack([trace_out - trace_out.mean(), norm_sq_out - norm_sq_out.mean()])
     covariance = (m - 1) / m * deviations @ deviations.T
+    fraction = min(m * micro_batch_size / population, 1.0) if population else 0.0
+    covariance[1, :] *= 1 - fraction  # the finite-population factor of |G|^2's variance (module docstring)
+    covariance[0, 1] = covariance[1, 0]
     return {
         "trace_cov": float(trace),
         "norm_sq": float(norm_sq),
@@ -108,6 +120,7 @@ def gram_estimates(gram, micro_batch_size: int, population: int | None = None) -
         "norm_sq_se": float(math.sqrt(covariance[1, 1])),
         "covariance": float(covariance[0, 1]),
         "degrees_of_freedom": m - 1,
+        "sampling_fraction": fraction,
     }
 
 
@@ -192,8 +205,11 @@ def micro_batches_needed(pilot: dict, pilot_micro_batches: int, relative_half_wi
     """Micro-batches M at which |G|^2's interval would reach +- relative_half_width * |G|^2, from a pilot.
 
     The variance of the |G|^2 U-statistic is a 1 / M term (the signal's scatter) plus a 1 / M^2 term (the noise's
-    own products), so its s.e. falls at least as 1 / sqrt(M): M = M_0 (q s.e._0 / (r |G|^2_0))^2 from the pilot's
-    M_0, estimate and jackknife s.e. (q: the pilot's t quantile, larger than the final one) is enough. The pilot's
+    own products), so its s.e. falls at least as 1 / sqrt(M); with the finite-population factor (module docstring)
+    its variance is v (1 - M b / N) / M, v = M_0 s.e._0^2 / (1 - f_0) from the pilot's M_0, estimate, s.e. and
+    sampling fraction f_0 = M_0 b / N. Solving q^2 v (1 - M b / N) / M = (r |G|^2_0)^2 for M gives
+    M = q^2 v / ((r |G|^2_0)^2 + q^2 v f_0 / M_0) (q: the pilot's t quantile, larger than the final one), which is
+    M_0 (q s.e._0 / (r |G|^2_0))^2 for an endless stream (f_0 = 0). The pilot's
     values decide only the size; the measurement that is reported is taken afresh, so its interval keeps its
     coverage (a stopping rule that reused the pilot would not).
 
@@ -208,7 +224,11 @@ def micro_batches_needed(pilot: dict, pilot_micro_batches: int, relative_half_wi
     if pilot["norm_sq"] <= 0:
         return math.inf
     q = quantile(pilot_micro_batches - 1, confidence)
-    return pilot_micro_batches * (q * pilot["norm_sq_se"] / (relative_half_width * pilot["norm_sq"])) ** 2
+    fraction = pilot.get("sampling_fraction", 0.0)
+    if fraction >= 1:  # the pilot was the whole population: |G|^2 is exact, no more micro-batches help
+        return float(pilot_micro_batches)
+    variance = q**2 * pilot_micro_batches * pilot["norm_sq_se"] ** 2 / (1 - fraction)
+    return variance / ((relative_half_width * pilot["norm_sq"]) ** 2 + variance * fraction / pilot_micro_batches)
 
 
 def _correlation(covariance, se_a, se_b):

@@ -75,11 +75,15 @@ def instruments(config: Config, data, model, run_dir: str, bn_batch: int | None 
                                                     population=data.num_train, log_dir=tensorboard_dir,
                                                     out_path=out_path))
     elif grad_every != 0:
+        # An augmented draw is a new example, not one of the split's N: no finite population (its factor would
+        # understate the noise), and at most one pass of the split per measurement, so that none repeats.
+        augmented = data.augmentation == "crop-flip"
+        most = min(config.grad_stats_max_examples, data.num_train) if augmented else config.grad_stats_max_examples
         with config_lib.as_flag_error("grad_stats_every"):
             result.append(callbacks.GradientStatistics(
                 draws(config.batch), every_n_steps=grad_every, batch_size=config.batch * config.accumulate,
-                relative_half_width=config.grad_stats_precision, max_examples=config.grad_stats_max_examples,
-                budget_fraction=config.grad_stats_budget or None, population=data.num_train,
+                relative_half_width=config.grad_stats_precision, max_examples=most,
+                budget_fraction=config.grad_stats_budget or None, population=None if augmented else data.num_train,
                 population_data=_whole_split(config, data), seed=config.seed + 1, log_dir=tensorboard_dir,
                 out_path=out_path))
     if bn_every != 0 and callbacks.batch_norm_inputs(model):

@@ -68,9 +68,10 @@ def digits_run(tmp_path_factory):
 def test_measures_every_10_steps_with_the_defaults(digits_run):
     history, truth = digits_run
     assert [r["step"] for r in history] == list(range(0, 401, 10)) == sorted(truth)
-    # Pilot-sized: 8 micro-batches of 32, then what the pilot asked for, at most the whole split (40 of 32).
-    assert {(r["pilot_micro_batches"], r["micro_batch_size"], r["population"]) for r in history} == {(8, 32, 1293)}
-    assert all(8 <= r["micro_batches"] <= 40 for r in history)
+    # No budget: the cost covers the whole split, so every measurement takes it (40 micro-batches of 32, 1280 of the
+    # 1293 examples: |G|^2 not exact, its error 1 - 1280 / 1293 of the jackknife's), without a pilot.
+    assert {(r["pilot_micro_batches"], r["micro_batch_size"], r["population"]) for r in history} == {(0, 32, 1293)}
+    assert all(r["micro_batches"] == 40 and r["whole_split"] and not r["exact_norm_sq"] for r in history)
     print("examples per measurement:", [r["examples"] for r in history])
 
 
