@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=0.0, help="budget_fraction (0: none)")
     parser.add_argument("--max-examples", type=int, default=None, help="the instrument's max_examples")
     args = parser.parse_args(argv)
-    if args.every < 1 or args.epochs < 1 or args.budget < 0 or (args.max_examples or BATCH) < BATCH * 3:
+    too_few = args.max_examples is not None and args.max_examples < 3 * BATCH  # three micro-batches at least
+    if args.every < 1 or args.epochs < 1 or args.budget < 0 or too_few:
         parser.error(f"--every and --epochs must be >= 1, --budget >= 0, --max-examples >= {3 * BATCH}")
     recorder = results.Recorder("noise_accuracy" + (f"-max{args.max_examples}" if args.max_examples else ""))
     history, truth = run(args.every, args.epochs, args.budget or None, max_examples=args.max_examples)
