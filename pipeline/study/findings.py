@@ -61,9 +61,9 @@ def power_law_answer(fit: dict | None, quantity: str, expected: float, because: 
                 f"{fits_lib.MIN_FIT_POINTS}.")
     text = f"{quantity} went as {slope_text(fit)}; {because} predicts B^{expected:.2f}"
     if fits_lib.agrees(fit, expected):
-        return f"Yes: {text}, within {fits_lib.Z:.0f} standard errors."
+        return f"Yes: {text}, within {fits_lib.band(fit)}."
     if fit["direction"] == "falls":
-        return f"No, not as predicted: {text}; the data fell, but more than {fits_lib.Z:.0f} standard errors away."
+        return f"No, not as predicted: {text}; the data fell, but more than {fits_lib.band(fit)} away."
     verb = "rose" if fit["direction"] == "rises" else "showed no clear direction"
     return f"No: {text}, but the data {verb} (opposite to the literature)."
 
@@ -231,11 +231,11 @@ def _per_device_bn(report, norm, mine, prefix):
     text = (f"BatchNorm's batch-vs-population variance discrepancy went as (BN batch)^{fit['slope']:.2f} ± "
             f"{fit['slope_se']:.2f} ({fit['points']} points, {claims.error_source(fit)}: {values})")
     if fits_lib.agrees(fit, -0.5):
-        verdict = (f"Yes: {text}; it grew as the batch per device shrank, within {fits_lib.Z:.0f} standard errors of "
-                   "the sampling-noise prediction (BN batch)^-0.50.")
+        verdict = (f"Yes: {text}; it grew as the batch per device shrank, within {fits_lib.band(fit)} of the "
+                   "sampling-noise prediction (BN batch)^-0.50.")
     elif fit["direction"] == "falls":
         verdict = (f"Yes, but not as predicted: {text}; it grew as the batch per device shrank, more than "
-                   f"{fits_lib.Z:.0f} standard errors away from (BN batch)^-0.50.")
+                   f"{fits_lib.band(fit)} away from (BN batch)^-0.50.")
     else:
         verdict = f"No: {text}; it {'fell' if fit['direction'] == 'rises' else 'showed no clear direction'} as " \
                   "the batch per device shrank, where sampling noise predicts (BN batch)^-0.50."
@@ -258,7 +258,7 @@ def answers(report: dict) -> dict[str, list[str]]:
         times = fit["time_per_step"]
         if times and times["determined"]:
             verdict = {"rises": "Yes", "falls": "No (it fell)",
-                       "unclear": "Not clearly (within 2 standard errors of flat)"}[times["direction"]]
+                       "unclear": f"Not clearly (flat within {fits_lib.band(times)})"}[times["direction"]]
             out["time_per_step"].append(f"{prefix}{verdict}: time per step went as {slope_text(times)}; B^1 would be "
                                         "proportional to the examples, B^0 a device with room to spare.")
         else:

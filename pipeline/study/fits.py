@@ -6,8 +6,11 @@ S = a + b / B with S_min = a and B_crit = b / a, so the fit is a least-squares l
 every batch size counts by its relative error. Power laws value = c B^slope are least-squares lines in log-log.
 Standard errors are the usual least-squares ones, sigma^2 (X^T X)^-1 with sigma^2 = RSS / (n - 2) from the
 residuals, so a fit needs n >= 3 points to have one (two points fit any line exactly); B_crit = b / a gets its
-error by the delta method. A direction ("falls", "rises") is called only when the slope is more than Z standard
-errors from 0; otherwise it is "unclear".
+error by the delta method. A direction ("falls", "rises") is called only when the slope's 95% interval, slope +- q
+standard errors with q the Student t quantile of the standard error's degrees of freedom (n - 2 for the residuals',
+the pooled seeds' for theirs: `slope_q`, `slope_dof`), excludes 0; otherwise it is "unclear". A standard error from
+two residual degrees of freedom is itself uncertain (q = 4.30, not 2): a fixed 2 would call directions that a rerun
+overturns.
 
 Run-to-run spread in a power law (gradient std, time per step, BN discrepancy against B): each point is the mean
 over n_b seeds, so log(mean) has variance v / n_b with v the seeds' relative variance, pooled over the batch sizes
@@ -32,8 +35,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import stats
 
-Z = 2.0  # standard errors for a direction or an interval (about 95% for a normal estimate)
+Z = 2.0  # standard errors for a difference or an interval of a normal estimate (about 95%)
+LEVEL = 0.95  # two-sided confidence of a slope's interval (its t quantile: slope_quantile)
 MIN_FIT_POINTS = 3  # points a fit needs to have a standard error
 
 
@@ -96,9 +101,10 @@ def fit_line(x, y, seeds=None, replicate=None) -> dict:
         n_b seeds has variance v / n_b), or None (one seed: run-to-run spread unknown).
 
     Returns:
-      {"slope", "intercept", "slope_se", "residual_se", "replicate_se", "replicate_dof", "points", "determined",
-      "direction"}. slope_se is None and direction "not determined" with fewer than MIN_FIT_POINTS points;
-      otherwise direction is "falls", "rises" or "unclear" (slope within Z standard errors of 0).
+      {"slope", "intercept", "slope_se", "residual_se", "replicate_se", "replicate_dof", "slope_dof", "slope_q",
+      "points", "determined", "direction"}. slope_se is None and direction "not determined" with fewer than
+      MIN_FIT_POINTS points; otherwise direction is "falls", "rises" or "unclear" (slope within slope_q standard
+      errors of 0; slope_q the t quantile of slope_dof, the degrees of freedom of the larger error).
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     weights = np.ones_like(x) if seeds is None else np.asarray(seeds, float)
@@ -107,7 +113,8 @@ def fit_line(x, y, seeds=None, replicate=None) -> dict:
     slope = float(np.sum(weights * (x - x_mean) * (y - y_mean)) / spread_x)
     intercept = float(y_mean - slope * x_mean)
     result = {"slope": slope, "intercept": intercept, "points": len(x), "slope_se": None, "residual_se": None,
-              "replicate_se": None, "replicate_dof": replicate["dof"] if replicate else 0,
+              "replicate_se": None, "replicate_dof": replicate["dof"] if replicate else 0, "slope_dof": None,
+              "slope_q": None,
               "determined": len(x) >= MIN_FIT_POINTS, "direction": "not determined"}
     if replicate:
         result["replicate_se"] = float(math.sqrt(replicate["variance"] / spread_x))
@@ -115,7 +122,10 @@ def fit_line(x, y, seeds=None, replicate=None) -> dict:
         residuals = y - (intercept + slope * x)
         result["residual_se"] = float(math.sqrt(np.sum(weights * residuals**2) / (len(x) - 2) / spread_x))
         result["slope_se"] = max(result["residual_se"], result["replicate_se"] or 0.0)
-        result["direction"] = direction(slope, result["slope_se"])
+        residual = result["replicate_se"] is None or result["residual_se"] >= result["replicate_se"]
+        result["slope_dof"] = len(x) - 2 if residual else result["replicate_dof"]
+        result["slope_q"] = slope_quantile(result["slope_dof"])
+        result["direction"] = direction(slope, result["slope_se"], result["slope_q"])
     return result
 
 
@@ -150,20 +160,30 @@ def fit_over_seeds(points: list[tuple[float, dict]], log: bool = True) -> dict |
     return fit_line(np.log(np.asarray(batches, float)), means, seeds, pooled_variance(stats))
 
 
-def direction(slope: float, se: float) -> str:
-    """"falls" or "rises" when the slope is more than Z standard errors from 0, else "unclear"."""
-    if slope + Z * se < 0:
+def slope_quantile(dof: float) -> float:
+    """The two-sided LEVEL Student t quantile on `dof` degrees of freedom (the normal one for infinite dof)."""
+    return float(stats.t.ppf(0.5 + LEVEL / 2, dof))
+
+
+def band(fit: dict) -> str:
+    """'3.2 standard errors, the 95% t quantile on 3 degrees of freedom': a determined slope's interval half-width."""
+    return f"{fit['slope_q']:.1f} standard errors, the 95% t quantile on {fit['slope_dof']} degrees of freedom"
+
+
+def direction(slope: float, se: float, q: float = Z) -> str:
+    """"falls" or "rises" when the slope is more than q standard errors from 0, else "unclear"."""
+    if slope + q * se < 0:
         return "falls"
-    if slope - Z * se > 0:
+    if slope - q * se > 0:
         return "rises"
     return "unclear"
 
 
 def agrees(fit: dict, expected: float) -> bool | None:
-    """Whether a determined power-law slope is within Z standard errors of `expected` (None if not determined)."""
+    """Whether a determined slope is within its slope_q standard errors of `expected` (None if not determined)."""
     if not fit or not fit["determined"]:
         return None
-    return abs(fit["slope"] - expected) <= Z * fit["slope_se"]
+    return abs(fit["slope"] - expected) <= fit["slope_q"] * fit["slope_se"]
 
 
 def diminishing_returns(batches, steps, threshold: float = 0.5) -> int | None:

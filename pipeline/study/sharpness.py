@@ -14,8 +14,9 @@ each batch size is fitted against log B by weighted least squares (pipeline/stud
 lambda_max (its slope is the exponent of lambda_max ~ B^slope, 2^slope the factor per doubling of B), the gap itself
 (its slope the change per doubling). The slope's standard error is the larger of the seeds' spread, pooled over the
 batch sizes (two seeds at one batch size give their spread one degree of freedom; pooling over five gives five), and
-the residuals' scatter about the line; the direction is resolved beyond 2 standard errors of zero. "Not enough
-data" with fewer than 3 batch sizes, or without 2 seeds at some batch size (the run-to-run spread unknown).
+the residuals' scatter about the line; the direction is resolved when the slope's 95% interval (the t quantile of that
+error's degrees of freedom) excludes zero. "Not enough data" with fewer than 3 batch sizes, or without 2 seeds at
+some batch size (the run-to-run spread unknown).
 What the literature predicts depends on how lr follows B: with a fixed lr (lr / B falls as B grows) Keskar et al. 2017 predict sharper
 minima and a larger gap at large B; with linear scaling (lr / B constant) Jastrzebski et al. 2017 and Goyal et al.
 2017 predict alike minima and no gap growth; sqrt scaling lies between (lr / B still falls).
@@ -130,7 +131,7 @@ def _direction_answer(fit: dict | None, seeds: int, quantity: str, per_doubling,
     verdict = {"rises": "Yes", "falls": "No, the opposite", "unclear": "No"}[fit["direction"]]
     text = (f"{verdict}: {quantity} changes by {per_doubling(slope)} per doubling of B (slope {slope:.3g} ± "
             f"{se:.2g} on log2 B over {fit['points']} batch sizes; {claims.error_source(fit)}; ")
-    text += ("within 2 standard errors of none)." if fit["direction"] == "unclear" else "beyond 2 standard errors).")
+    text += (f"within {fits.band(fit)}, of none)." if fit["direction"] == "unclear" else f"beyond {fits.band(fit)}).")
     if prediction is not None:
         expected = {"up": "a growth with B", "flat": "no change with B"}[prediction]
         observed = {"rises": "up", "falls": "down", "unclear": "flat"}[fit["direction"]]

@@ -180,3 +180,20 @@ def test_noise_growth_verdicts():
     assert fits.noise_growth(run((50, 52), (10, 11)), 100)["verdict"] == "fell"
     assert fits.noise_growth(run((10, 30), (15, 35), trace_se=6.0), 100)["verdict"] == "unclear"
     assert fits.noise_growth(run((10, 11), (50, 52))[2:], 100)["verdict"] == "not enough data"
+
+def test_a_slope_is_judged_by_the_t_quantile_of_its_errors_degrees_of_freedom():
+    """Rerun 7 of the rerun benchmark: BatchNorm's variance discrepancy at BN batch 8-64 (batch 128 was below the
+    population sample's resolution), two seeds each. The residual error (2 degrees of freedom) is larger than the
+    seeds'; the slope -0.533 lies 2.4 of it from the prediction -0.5: outside 2 standard errors, inside t_2 = 4.30,
+    the 95% interval of an error estimated from 2 degrees of freedom. The 7 other reruns said "Yes"."""
+    seeds = {8: (0.11596, 0.11191), 16: (0.08116, 0.08242), 32: (0.05526, 0.05405), 64: (0.03867, 0.03732)}
+    batches = list(seeds)
+    stats_ = [{"mean": np.mean(v), "std": np.std(v, ddof=1), "n": 2} for v in seeds.values()]
+    fit = fits.fit_over_seeds(list(zip(batches, stats_)))
+    x, y = np.log(batches), np.log([s["mean"] for s in stats_])
+    slope, intercept = np.polyfit(x, y, 1)
+    residual_se = math.sqrt(np.sum((y - intercept - slope * x) ** 2) / 2 / np.sum((x - x.mean()) ** 2))
+    assert fit["slope"] == pytest.approx(slope) and fit["slope_se"] == pytest.approx(residual_se)
+    assert fit["slope_dof"] == 2 and fit["slope_q"] == pytest.approx(4.3027, abs=1e-4)
+    assert 2 < abs(slope + 0.5) / residual_se < 4.3
+    assert fits.agrees(fit, -0.5) is True and fit["direction"] == "falls"

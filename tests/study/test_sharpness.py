@@ -8,6 +8,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from scipy import stats
 from sklearn.datasets import load_digits
 
 from pipeline import config as config_lib
@@ -40,7 +41,10 @@ def test_resolved_sharper_minima_agree_with_keskar_at_fixed_lr():
     answers = sharpness.answers(_rows(slope=0.5, noise=0.01, gap_slope=0.01))
     text = answers["sharpness"][0]
     assert text.startswith("Yes: lambda_max at the end of training changes by a factor 1.41 per doubling of B")
-    assert "beyond 2 standard errors" in text and "the data agree" in text and "Dinh et al. 2017" in text
+    (_, fit, _), = sharpness.series_fits(_rows(slope=0.5, noise=0.01, gap_slope=0.01), "max_eigenvalue", log=True)
+    q = stats.t.ppf(0.975, fit["slope_dof"])  # the slope's 95% interval: the t quantile of its error's dof
+    assert f"beyond {q:.1f} standard errors, the 95% t quantile on {fit['slope_dof']} degrees of freedom)" in text
+    assert "the data agree" in text and "Dinh et al. 2017" in text
     assert answers["generalization_gap"][0].startswith("Yes: the train - test accuracy gap changes by +0.01")
     assert "Cannot be answered by this sweep: every run uses lr scaling none" in answers["lr_over_batch"][0]
     assert answers["edge_of_stability"][0].startswith("No: the highest measured lambda_max x lr / (2(1+beta)) is 0.5")
@@ -64,9 +68,9 @@ def test_sharpness_at_the_target_is_answered_beside_the_end():
 
 
 def test_unresolved_direction_and_disagreement_with_linear_scaling():
-    # A slope of 0.05 under seed noise of 30%: not beyond 2 standard errors.
+    # A slope of 0.05 under seed noise of 30%: within its 95% interval of none.
     unresolved = sharpness.answers(_rows(slope=0.05, noise=0.3))["sharpness"][0]
-    assert unresolved.startswith("No: ") and "within 2 standard errors of none" in unresolved
+    assert unresolved.startswith("No: ") and "degrees of freedom, of none)." in unresolved
     # Linear scaling keeps lr/B fixed: Jastrzebski et al. predict alike minima, so a resolved rise disagrees.
     rising = sharpness.answers(_rows(slope=0.5, noise=0.01, scaling="linear"))["sharpness"][0]
     assert rising.startswith("Yes") and "disagree with the paper" in rising
@@ -79,14 +83,14 @@ def test_two_seeds_that_agree_on_the_slope_by_chance_do_not_resolve_a_direction(
     and 64): both seeds' own slopes are exactly 0.1, so the spread of the per-seed slopes is 0, but the seeds disagree
     by 2x at every batch size. The seeds' spread pooled over the batch sizes (4 degrees of freedom) gives the slope
     a standard error of ~0.21 (relative std ~0.47 of one run over sqrt(sum n (ln B - mean)^2) = sqrt(4.8)): 0.1 is
-    within 2 of them."""
+    within the 95% interval, t_4 = 2.78 of them."""
     rows = _rows(slope=0.1, noise=0.0, seeds=(0, 1))
     for row in rows:
         high = (row["batch"] in (16, 128)) == (row["seed"] == 0)
         row["max_eigenvalue"] *= 2.0 if high else 1.0
     text = sharpness.answers(rows)["sharpness"][0]
     assert text.startswith("No: lambda_max at the end of training changes by a factor 1.07 per doubling of B")
-    assert "within 2 standard errors of none" in text and "4 degrees of freedom" in text
+    assert "within 2.8 standard errors, the 95% t quantile on 4 degrees of freedom, of none)." in text
     (series, fit, seeds), = sharpness.series_fits(rows, "max_eigenvalue", log=True)
     relative = np.std([2.0, 1.0], ddof=1) / 1.5
     assert fit["replicate_se"] == pytest.approx(relative / math.sqrt(2 * 1.25 * math.log(2) ** 2 * 4), rel=1e-9)
