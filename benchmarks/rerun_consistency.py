@@ -24,7 +24,7 @@ whether the report says which differences it cannot resolve instead of naming a 
 --resume continues the reruns in --out; a rerun directory whose runs are all finished (at least batches x seeds run
 directories, each completed or failed) trains nothing: its report is rebuilt from the runs by this code
 (pipeline.study.sweep_report.build_report), so that a finished benchmark can be re-judged after the report changes.
-Writes benchmarks/results/rerun_consistency.json (benchmarks/results.py) with every rerun's verdicts, B_crit and its
+Writes benchmarks/results/rerun_consistency-<S>seeds.json (benchmarks/results.py) with every rerun's verdicts, B_crit and its
 interval, wall and CPU seconds.
 """
 
@@ -230,7 +230,6 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=None)
     parser.add_argument("--target-accuracy", type=float, default=None)
     args = parser.parse_args(argv)
-    recorder = results.Recorder("rerun_consistency")
 
     from pipeline import startup
     from pipeline.study import batch_sweep as sweep
@@ -245,6 +244,7 @@ def main(argv=None) -> int:
     execution.set_threads(config)
     batches = tuple(int(b) for b in args.batch.split(",")) if args.batch else sweep.DEFAULT_BATCHES
     seeds = args.seeds or sweep.DEFAULT_SEEDS
+    recorder = results.Recorder(f"rerun_consistency-{seeds}seeds")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:
         parser.error(f"--out: {args.out} is not empty; give a new directory, or --resume to continue it (a "
                      "finished rerun only gets its report rebuilt)")

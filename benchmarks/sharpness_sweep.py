@@ -2,8 +2,8 @@
 
 Usage: python benchmarks/sharpness_sweep.py [--out DIR] [-- SWEEP FLAGS...]
 
-Runs `pipeline.sweep` (the default sweep: ResNet-20 on the digits, batch 8 to 128, two seeds, linear lr scaling, a
-curvature measurement at each run's target and at its end), plus any sweep flags after `--`, into --out (a temporary
+Runs `pipeline.sweep` (the default sweep: ResNet-20 on the digits, batch 8 to 128, its default seeds, linear lr
+scaling, a curvature measurement at each run's target and at its end), plus any sweep flags after `--`, into --out (a temporary
 folder by default; an --out holding a finished sweep is reported again without training), timing the whole command,
 and writes to benchmarks/results/sharpness_sweep.json:
   sweep_s         the sweep's wall time, runs, report and loss line included;

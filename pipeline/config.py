@@ -174,7 +174,7 @@ def smoke() -> Config:
 
 
 def batch_study() -> Config:
-    """The runs of the default batch-size sweep on digits (pipeline.sweep: two seeds at batch 8 to 128).
+    """The runs of the default batch-size sweep on digits (pipeline.sweep: three seeds at batch 8 to 128).
 
     12 epochs per run; lr 0.05 at batch 32 for SGD with momentum 0.9, scaled linearly (0.4 at batch 256); target
     98% validation accuracy, which ResNet-20 reaches on digits in a few epochs, but not at every batch.

@@ -13,7 +13,7 @@ Ctrl-C or a crash continues where it stopped. The report (pipeline/study/sweep_r
 to <out> at the end: report.md, report.json, PNG plots and TensorBoard HParams data
 (`tensorboard --logdir <out>`).
 
-By default a sweep runs seeds 0 and 1 at batch 8, 16, 32, 64 and 128 (DEFAULT_SEEDS, DEFAULT_BATCHES), so that
+By default a sweep runs seeds 0, 1 and 2 at batch 8, 16, 32, 64 and 128 (DEFAULT_SEEDS, DEFAULT_BATCHES), so that
 its report shows run-to-run spread next to the validation set's sampling noise (pipeline/study/bootstrap.py).
 
 A sweep is a preset Config (config.batch_study(), or --config FILE.json) that every train flag overrides with its
@@ -54,11 +54,12 @@ from pipeline.study import sweep_report as report_lib
 from pipeline.training import callback_setup, execution
 
 WARMUP_FRACTION = 5 / 90  # share of each run's epochs spent warming up under a scaling rule (Goyal et al. 2017)
-# The default study: two seeds per batch size, so that the report shows run-to-run spread (with one seed it can only
-# say that the spread is unknown), at the five batch sizes that reach the default target on digits. Batch 256 never
-# reached 98% in 12 epochs there and adds a run per seed; --batch 8,16,32,64,128,256 puts it back.
+# The default study: three seeds per batch size, so that the report shows run-to-run spread (with one seed it can only
+# say that the spread is unknown) with two degrees of freedom per batch size, within a ten-minute budget on a 2-core
+# machine (docs/study.md has the measured times), at the five batch sizes that reach the default target on digits.
+# Batch 256 never reached 98% in 12 epochs there and adds a run per seed; --batch 8,16,32,64,128,256 puts it back.
 DEFAULT_BATCHES = (8, 16, 32, 64, 128)
-DEFAULT_SEEDS = 2
+DEFAULT_SEEDS = 3
 BUDGET_KINDS = ("epochs", "steps", "examples")
 
 

@@ -377,11 +377,11 @@ def test_a_run_in_its_own_process_reports_bad_input_in_one_line(tmp_path):
     assert str(error.value) == "--dataset: cannot read npz:/nonexistent.npz: No such file or directory"
 
 
-def test_default_study_runs_two_seeds():
-    """The default sweep has two seeds per batch size, so that its report shows run-to-run spread."""
+def test_default_study_runs_three_seeds():
+    """The default sweep has three seeds per batch size, so that its report shows run-to-run spread."""
     config, args = flags.parse([], description="", extra=sweep.add_sweep_flags, preset=config_lib.batch_study())
     spec = sweep.spec_from_flags(config, args, [])
-    assert spec.seeds == (0, 1) and spec.batches == (8, 16, 32, 64, 128)
+    assert spec.seeds == (0, 1, 2) and spec.batches == (8, 16, 32, 64, 128)
     _, args = flags.parse(["--seeds", "1"], description="", extra=sweep.add_sweep_flags,
                           preset=config_lib.batch_study())
     assert sweep.spec_from_flags(config, args, ["--seeds", "1"]).seeds == (0,)
