@@ -20,12 +20,13 @@ the examples are drawn with replacement or from a stream). Intervals (confidence
 - tr(Sigma) and |G|^2: the estimate +- t_{M-1} * s.e., the standard errors and their covariance by the
   delete-one jackknife over the M micro-batches (Efron and Stein 1981; for U-statistics it is conservative).
   Drawn without replacement, a sample of n = M b of the N examples leaves |G|^2 less to vary: the estimate is
-  |gbar|^2 - (1 - f) tr(Sigma) / n with f = n / N, whose variance shrinks by the finite-population factor
-  (1 - f) to first order (the variance of the mean gradient gbar does), down to 0 when the sample is the whole
-  population. The jackknife assumes draws from an endless stream, so |G|^2's variance and its covariance with
-  tr(Sigma) are multiplied by (1 - f), the standard correction of a jackknife under sampling without replacement
-  (Wolter 2007, "Introduction to Variance Estimation", sec. 4.3.3). tr(Sigma)'s is not: it stays random at f = 1
-  (the split into micro-batches is), so its jackknife variance is kept, which is conservative.
+  |gbar|^2 - (1 - f) tr(Sigma) / n with f = n / N, whose variance shrinks by the finite-population factor (1 - f) to
+  first order (the variance of the mean gradient gbar does), down to 0 when the sample is the whole population. The
+  jackknife assumes draws from an endless stream, so |G|^2's variance and its covariance with tr(Sigma) are
+  multiplied by (1 - f), the standard correction of a jackknife under sampling without replacement (Wolter 2007,
+  "Introduction to Variance Estimation", ch. 4: the delete-one factor (1 - f)(n - 1)/n for a mean). tr(Sigma)'s is
+  not: it stays random at f = 1 (the split into micro-batches is), so its jackknife variance is kept, which is
+  conservative.
   tests/callbacks/test_noise_estimates.py checks both against the sampling distribution of repeated draws.
   tr(Sigma) >= 0, so its lower end is clipped at 0.
   |G|^2 >= 0, so its lower end is clipped at 0 too; an estimate |G|^2 <= 0 is not a value (NaN, see below).
