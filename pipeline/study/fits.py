@@ -124,7 +124,7 @@ def fit_line(x, y, seeds=None, replicate=None) -> dict:
         result["slope_se"] = max(result["residual_se"], result["replicate_se"] or 0.0)
         residual = result["replicate_se"] is None or result["residual_se"] >= result["replicate_se"]
         result["slope_dof"] = len(x) - 2 if residual else result["replicate_dof"]
-        result["slope_q"] = slope_quantile(result["slope_dof"])
+        result["slope_q"] = t_quantile(result["slope_dof"])
         result["direction"] = direction(slope, result["slope_se"], result["slope_q"])
     return result
 
@@ -160,7 +160,7 @@ def fit_over_seeds(points: list[tuple[float, dict]], log: bool = True) -> dict |
     return fit_line(np.log(np.asarray(batches, float)), means, seeds, pooled_variance(stats))
 
 
-def slope_quantile(dof: float) -> float:
+def t_quantile(dof: float) -> float:
     """The two-sided LEVEL Student t quantile on `dof` degrees of freedom (the normal one for infinite dof)."""
     return float(stats.t.ppf(0.5 + LEVEL / 2, dof))
 
@@ -328,6 +328,19 @@ def difference_noise(a: dict, b: dict, num_test: int | None, pool=()) -> float |
         else:
             return None
     return math.hypot(*errors)
+
+
+def difference_quantile(a: dict, b: dict, pool=()) -> tuple[float, int | None]:
+    """(q, dof): the 95% two-sided quantile for difference_noise's error of a and b, as slopes have theirs: Student t
+    on the pooled variance's degrees of freedom where the error is the pool's, on the fewer seeds' n - 1 where it is
+    each mean's own; the normal 1.96 (dof None) for the test set's binomial error."""
+    both = a["std"] is not None and b["std"] is not None
+    pooled = pooled_variance(pool)
+    if both and pooled:
+        return t_quantile(pooled["dof"]), pooled["dof"]
+    if both:
+        return t_quantile(min(a["n"], b["n"]) - 1), min(a["n"], b["n"]) - 1
+    return t_quantile(math.inf), None
 
 
 def pooled_variance(stats) -> dict | None:

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from pipeline.study import accuracy_findings, findings, run_row
 from pipeline.study import sweep_report as report_lib
@@ -217,9 +218,9 @@ def test_replicas_bn_error_against_the_batch_per_device(tmp_path):
     assert "(3 points, residual standard error; run-to-run spread unknown with one seed: " \
         "0.0644 at BN batch 64 (batch 64 on 1 replica), 0.0858 at BN batch 32" in bn
     assert accuracy.startswith("BatchNorm: at global batch 64, test accuracy was 0.9500 on 1 replica(s) (64 examples "
-                               "per device) and 0.9000 on 4 (16 per device); the difference -0.0500 is more than 2")
+                               "per device) and 0.9000 on 4 (16 per device); the difference -0.0500 is more than 1.96")
     assert sync_bn.startswith("Synchronized BatchNorm: the BN batch was 64 examples at every replica count")
-    assert "the difference -0.0020 is not more than 2 standard errors" in sync_accuracy
+    assert "the difference -0.0020 is not more than 1.96 standard errors" in sync_accuracy  # binomial: normal
     assert os.path.getsize(tmp_path / "replicas.png") > 1000
 
 
@@ -259,18 +260,22 @@ def test_the_best_accuracy_is_named_only_beyond_the_pooled_noise_of_the_runner_u
     assert text.startswith("not determined: the highest mean test accuracy, 0.9900 at batch 8, is not "
                            "distinguishable from batch 16's 0.9882")
     assert f"against a standard error of {se:.4f}; the seeds' variance pooled over 5 batch sizes, 5 degrees" in text
-    assert "best minus worst (batch 128, 0.9760) 0.0140, more than 2 standard errors" in text
+    # Best minus worst is 2.5 of those errors: beyond 2, but inside the 95% interval of an error from 5 degrees of
+    # freedom, t_5 = 2.57.
+    assert 2 < 0.0140 / se < stats.t.ppf(0.975, 5)
+    assert "best minus worst (batch 128, 0.9760) 0.0140, not more than 2.57 standard errors" in text
     # Seeds that agree within 0.002 everywhere (pooled standard error of a difference 0.0014): a lead of 0.013 is
     # beyond it, and batch 8 is named.
     seeds = {8: [1.0, 0.998], 16: [0.985, 0.987], 32: [0.98, 0.982], 64: [0.975, 0.977], 128: [0.97, 0.972]}
     text, = accuracy_findings.accuracy(report, [_group(b, v) for b, v in seeds.items()], "")
     assert text.startswith("batch 8 gave the best test accuracy, 0.9990, above the runner-up, batch 16 (0.9860), by "
-                           "0.0130: more than 2 standard errors of the difference (0.0014; the seeds' variance pooled")
+                           "0.0130: more than 2.57 standard errors of the difference (0.0014; the seeds' variance "
+                           "pooled")
     # One seed each: the test set's binomial error, and run-to-run spread unknown.
     text, = accuracy_findings.accuracy(report, [_group(8, [0.99]), _group(16, [0.95])], "")
     binomial = math.hypot(math.sqrt(0.99 * 0.01 / 360), math.sqrt(0.95 * 0.05 / 360))
     assert text.startswith(f"batch 8 gave the best test accuracy, 0.9900, above the runner-up, batch 16 (0.9500), by "
-                           f"0.0400: more than 2 standard errors of the difference ({binomial:.4f}; binomial")
+                           f"0.0400: more than 1.96 standard errors of the difference ({binomial:.4f}; binomial")
 
 
 def _noise_fit(b_crit_interval, rerun):

@@ -202,5 +202,5 @@ def test_one_seed_compares_norms_within_binomial_noise(tmp_path):
     # One example apart on 360: the binomial standard errors sqrt(p (1 - p) / 360) combined are larger.
     noise = math.hypot(math.sqrt(358 / 360 * 2 / 360 / 360), math.sqrt(359 / 360 * 1 / 360 / 360))
     assert (f"No: BatchNorm was within noise of GroupNorm at the smallest batch (8): test accuracy 0.9944 vs 0.9972 "
-            f"(standard error of the difference {noise:.4f}; a verdict needs 2 of them; binomial over the test "
+            f"(standard error of the difference {noise:.4f}; a verdict needs 1.96 of them; binomial over the test "
             "examples, one seed: run-to-run spread unknown).") in report["findings"]
