@@ -331,16 +331,11 @@ def difference_noise(a: dict, b: dict, num_test: int | None, pool=()) -> float |
 
 
 def difference_quantile(a: dict, b: dict, pool=()) -> tuple[float, int | None]:
-    """(q, dof): the 95% two-sided quantile for difference_noise's error of a and b, as slopes have theirs: Student t
-    on the pooled variance's degrees of freedom where the error is the pool's, on the fewer seeds' n - 1 where it is
-    each mean's own; the normal 1.96 (dof None) for the test set's binomial error."""
-    both = a["std"] is not None and b["std"] is not None
+    """(q, dof) for difference_noise's error of a and b: the 95% t quantile of the pool's degrees of freedom (of the
+    fewer seeds' n - 1 without a pool), or the normal 1.96 (dof None) for the test set's binomial error."""
     pooled = pooled_variance(pool)
-    if both and pooled:
-        return t_quantile(pooled["dof"]), pooled["dof"]
-    if both:
-        return t_quantile(min(a["n"], b["n"]) - 1), min(a["n"], b["n"]) - 1
-    return t_quantile(math.inf), None
+    dof = None if a["std"] is None or b["std"] is None else pooled["dof"] if pooled else min(a["n"], b["n"]) - 1
+    return t_quantile(math.inf if dof is None else dof), dof
 
 
 def pooled_variance(stats) -> dict | None:
