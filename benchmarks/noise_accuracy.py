@@ -3,15 +3,16 @@
 Usage: python benchmarks/noise_accuracy.py [--every 5] [--epochs 5] [--budget 0] [--max-examples M]
 
 Linear regression y = x . w* + noise on N = 4096 examples (16 features), trained by SGD (lr 0.02) at batch 64 with
-the mean squared error and measured by callbacks.GradientStatistics every --every steps with its defaults
-(--budget: its budget_fraction, 0 for none: at every 5 steps a tenth of the examples trained would hold every
-measurement to its pilot; --max-examples: its max_examples, whose default exceeds the split, so that every
-measurement takes the whole split: below N = 4096, e.g. 4032, the measurements are sized by pilots, drawn without
-replacement, and |G|^2's error carries the finite-population factor). Per-example gradients are 2 (x . w - y) x, so tr(Sigma), |G|^2 and B_simple of the
-training split at the measured weights are exact (NumPy). Prints, and writes to benchmarks/results/noise_accuracy.json,
-the ratios of the reported values to the truth at steps 10, 30 and 300, and how often the 95% intervals hold the
-truth over the run. Goals (issue "every measurement says something"): |G|^2 and B_simple within 2x at those steps (or
-B_simple's lower bound at or above half the truth), the truth inside 90% of the intervals.
+the mean squared error and measured by callbacks.GradientStatistics every --every steps with its defaults (--budget:
+its budget_fraction, 0 for none: at every 5 steps a tenth of the examples trained would hold every measurement to
+its pilot; --max-examples: its max_examples, whose default exceeds the split, so that every measurement takes the
+whole split: below N = 4096, e.g. 4032, the measurements are sized by pilots, drawn without replacement, and |G|^2's
+error carries the finite-population factor). Per-example gradients are 2 (x . w - y) x, so tr(Sigma), |G|^2 and
+B_simple of the training split at the measured weights are exact (NumPy). Prints, and writes to
+benchmarks/results/noise_accuracy.json, the ratios of the reported values to the truth at steps 10, 30 and 300, and
+how often the 95% intervals hold the truth over the run. Goals (issue "every measurement says something"): |G|^2 and
+B_simple within 2x at those steps (or B_simple's lower bound at or above half the truth), the truth inside 90% of
+the intervals.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def run(every: int = 5, epochs: int = 5, budget_fraction: float | None = None, s
     instrument = gradient_stats.GradientStatistics(draws, every_n_steps=every, budget_fraction=budget_fraction,
                                                    population=N, population_data=examples.batch(1024),
                                                    seed=seed + 1, histograms=False,
-                                                   **({"max_examples": max_examples} if max_examples else {}))
+                                                   max_examples=max_examples or gradient_stats.MAX_EXAMPLES)
     truth = Truth()
     model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=True, callbacks=[instrument, truth], verbose=0)
     return instrument.history, truth.truth

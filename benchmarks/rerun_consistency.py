@@ -24,8 +24,8 @@ whether the report says which differences it cannot resolve instead of naming a 
 --resume continues the reruns in --out; a rerun directory whose runs are all finished (at least batches x seeds run
 directories, each completed or failed) trains nothing: its report is rebuilt from the runs by this code
 (pipeline.study.sweep_report.build_report), so that a finished benchmark can be re-judged after the report changes.
-Writes benchmarks/results/rerun_consistency-<S>seeds.json (benchmarks/results.py) with every rerun's verdicts, B_crit and its
-interval, wall and CPU seconds.
+Writes benchmarks/results/rerun_consistency-<S>seeds.json (benchmarks/results.py) with every rerun's verdicts, B_crit
+and its interval, wall and CPU seconds.
 """
 
 from __future__ import annotations
@@ -282,7 +282,8 @@ def main(argv=None) -> int:
           f"{summary.get('all_b_crit_inside_rerun_intervals')}")
     if spread:
         print(f"steps to target, between reruns against within (one-way ANOVA of log steps pooled over the groups): "
-              f"F = {spread['f']:.2f} on {spread['dof'][0]:.0f}, {spread['dof'][1]:.0f} dof, p = {spread['p_value']:.3f}")
+              f"F = {spread['f']:.2f} on {spread['dof'][0]:.0f}, {spread['dof'][1]:.0f} dof, "
+              f"p = {spread['p_value']:.3f}")
     settings = {"batches": list(batches), "seeds_per_rerun": seeds, "same_seeds": args.same_seeds,
                 "reruns": args.reruns, "config": config_lib.to_dict(config)}
     print(f"result: {recorder.write(rounds=rounds, summary=summary, settings=settings)}")

@@ -214,8 +214,7 @@ class BatchNormStatistics(keras.callbacks.Callback):
         step = self._steps.step
         element = next(iter(self.dataset(step)) if callable(self.dataset) else self._batches)
         x = element[0] if isinstance(element, (tuple, list)) else element
-        weights = shared_traces.weights(self.model)
-        outputs = timing.call(self, self._measure_function, x, self._sample, *weights)
+        outputs = timing.call(self, self._measure_function, x, self._sample, *shared_traces.weights(self.model))
         values, mean, variance = (t.numpy() for t in outputs)
         mean, variance = mean.astype(np.float64), variance.astype(np.float64)
         # Drift: RMS change per channel since the previous measurement, per layer.

@@ -38,7 +38,7 @@ import numpy as np
 from scipy import stats
 
 Z = 2.0  # standard errors for a difference or an interval of a normal estimate (about 95%)
-LEVEL = 0.95  # two-sided confidence of a slope's interval (its t quantile: slope_quantile)
+LEVEL = 0.95  # two-sided confidence of a slope's or a difference's interval (its t quantile: t_quantile)
 MIN_FIT_POINTS = 3  # points a fit needs to have a standard error
 
 
@@ -161,7 +161,8 @@ def fit_over_seeds(points: list[tuple[float, dict]], log: bool = True) -> dict |
 
 
 def t_quantile(dof: float) -> float:
-    """The two-sided LEVEL Student t quantile on `dof` degrees of freedom (the normal one for infinite dof)."""
+    """The two-sided LEVEL Student t quantile on `dof` degrees of freedom (the normal one for infinite dof): that of
+    callbacks.noise_estimates.quantile, written here because importing the callbacks package loads TensorFlow."""
     return float(stats.t.ppf(0.5 + LEVEL / 2, dof))
 
 
@@ -170,7 +171,7 @@ def band(fit: dict) -> str:
     return f"{fit['slope_q']:.1f} standard errors, the 95% t quantile on {fit['slope_dof']} degrees of freedom"
 
 
-def direction(slope: float, se: float, q: float = Z) -> str:
+def direction(slope: float, se: float, q: float) -> str:
     """"falls" or "rises" when the slope is more than q standard errors from 0, else "unclear"."""
     if slope + q * se < 0:
         return "falls"
